@@ -1,0 +1,1 @@
+"""Shared building blocks of the radiology and pathology apps: settings, labels, errors, files."""

@@ -1,0 +1,124 @@
+"""A local folder datastore that checks ids, images and labels before anything is written."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Collection
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+from filelock import FileLock
+from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastore
+
+from appcore.errors import not_found, unprocessable
+from appcore.validation import Geometry, check_image_id, check_upload_size, load_nifti, validate_label_volume
+
+logger = logging.getLogger(__name__)
+
+# Given a save request's parameters, the label values that request may contain.
+AllowedValues = Callable[[dict[str, Any]], Collection[int]]
+
+
+def _atomic_copy(src: str | Path, dest: str | Path) -> None:
+    """Copy through a temporary file in the destination folder and a rename (no half-written file)."""
+    dest = Path(dest)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    os.close(fd)
+    try:
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dest)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class CheckedLocalDatastore(LocalDatastore):
+    """``LocalDatastore`` whose writes are validated and atomic.
+
+    A label is refused (422) unless it is a readable NIfTI with the image's exact voxel grid and only
+    allowed class values; the label is then stored as uint8 NIfTI with the image's header, replacing
+    the previous one in one rename, so a refused or interrupted save leaves the earlier label intact.
+
+    Args:
+        datastore_path: the studies folder.
+        allowed_values: gives the class values a label may contain for a save request.
+        max_upload_mb: largest accepted image or label file.
+        **kwargs: passed to ``LocalDatastore``.
+    """
+
+    def __init__(
+        self, datastore_path: str, *, allowed_values: AllowedValues, max_upload_mb: int = 1024, **kwargs: Any
+    ) -> None:
+        super().__init__(datastore_path, **kwargs)
+        self._allowed_values = allowed_values
+        self._max_upload_mb = max_upload_mb
+
+    def _existing(self, image_id: str) -> Any:
+        check_image_id(image_id)
+        obj = self._datastore.objects.get(image_id)
+        if not obj:
+            raise not_found(f"Image {image_id!r} is not in the datastore; GET /datastore/?output=all lists the ids")
+        return obj
+
+    def get_image_uri(self, image_id: str) -> str:
+        self._existing(image_id)
+        return super().get_image_uri(image_id)
+
+    def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any]) -> str:
+        obj = self._existing(image_id)
+        check_image_id(label_tag)
+        check_upload_size(label_filename, self._max_upload_mb, "label")
+        label = load_nifti(label_filename, "label")
+        image_path = super().get_image_uri(image_id)
+        image_geometry = Geometry.of(nib.load(image_path))
+        allowed = self._allowed_values(label_info or {})
+        data = validate_label_volume(label, image_geometry, allowed)
+
+        # Store with the image's own header so the label lies exactly on the image grid.
+        header = nib.load(image_path).header.copy()
+        header.set_data_dtype("uint8")
+        out = nib.Nifti1Image(data, image_geometry.affine, header)
+        out.header.set_slope_inter(1, 0)
+
+        label_dir = Path(self._datastore.label_path(label_tag))
+        label_dir.mkdir(parents=True, exist_ok=True)
+        name = self._filename(image_id, ".nii.gz")
+        with tempfile.TemporaryDirectory(dir=label_dir, prefix=".incoming-") as staging:
+            staged = Path(staging) / name
+            nib.save(out, staged)
+            with FileLock(self._lock_file):
+                os.replace(staged, label_dir / name)
+                info = dict(label_info or {})
+                info["ts"] = int(time.time())
+                info["name"] = name
+                obj.labels[label_tag] = DataModel(info=info, ext=".nii.gz")
+                self._update_datastore_file(lock=False)
+        logger.info("Saved label %s/%s (%s values %s)", label_tag, name, data.shape, sorted(set(data.ravel().tolist())))
+        return image_id
+
+    def add_image(self, image_id: str, image_filename: str, image_info: dict[str, Any]) -> str:
+        if image_id:
+            check_image_id(image_id)
+        check_upload_size(image_filename, self._max_upload_mb, "image")
+        if str(image_filename).endswith((".nii", ".nii.gz")):
+            img = load_nifti(image_filename, "image")
+            if len(img.shape) < 3 or min(img.shape[:3]) < 1:
+                raise unprocessable(f"The image must be a 3D volume, got shape {img.shape}")
+        new_id, ext = self._to_id(os.path.basename(image_filename))
+        image_id = image_id or new_id
+        check_image_id(image_id)
+        name = self._filename(image_id, ext)
+        dest = Path(self._datastore.image_path()) / name
+        with FileLock(self._lock_file):
+            _atomic_copy(image_filename, dest)
+            info = dict(image_info or {})
+            info["ts"] = int(time.time())
+            info["name"] = name
+            self._datastore.objects[image_id] = ImageLabelModel(image=DataModel(info=info, ext=ext))
+            self._update_datastore_file(lock=False)
+        return image_id

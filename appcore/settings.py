@@ -1,0 +1,118 @@
+"""The app's ``--conf`` options, parsed once into a frozen, typed object with every default here."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, fields
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def _parse_bool(key: str, value: str) -> bool:
+    v = value.strip().lower()
+    if v in _TRUE:
+        return True
+    if v in _FALSE:
+        return False
+    raise ValueError(f"--conf {key}: expected true or false, got {value!r}")
+
+
+def _parse_int(key: str, value: str, minimum: int) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise ValueError(f"--conf {key}: expected an integer, got {value!r}") from None
+    if n < minimum:
+        raise ValueError(f"--conf {key}: must be at least {minimum}, got {n}")
+    return n
+
+
+def _parse_float(key: str, value: str, minimum: float) -> float:
+    try:
+        x = float(value)
+    except ValueError:
+        raise ValueError(f"--conf {key}: expected a number, got {value!r}") from None
+    if x < minimum:
+        raise ValueError(f"--conf {key}: must be at least {minimum}, got {x}")
+    return x
+
+
+@dataclass(frozen=True)
+class AppSettings:
+    """Options a user passes as ``--conf KEY VALUE`` to ``monailabel start_server``.
+
+    Args:
+        models: models to serve, in order; the first one drives active learning unless ``al_model``.
+        al_model: the model whose uncertainty ranks images for ``epistemic``.
+        mc_samples: Monte Carlo dropout passes per image when scoring uncertainty.
+        reservation_s: seconds an image handed out by a strategy stays reserved for that client.
+        max_epochs: default epochs of one ``/train`` run.
+        train_batch_size: default patches per training step.
+        val_split: share of labelled images held out for validation when at least 5 are labelled.
+        max_upload_mb: largest label or image upload accepted.
+        score_after_train: rescore the unlabelled images as soon as a training run finishes.
+        score_on_start: rescore stale images when the server starts.
+        sw_batch_size: sliding windows evaluated per forward pass at inference.
+    """
+
+    models: tuple[str, ...]
+    al_model: str
+    mc_samples: int = 8
+    reservation_s: float = 600.0
+    max_epochs: int = 20
+    train_batch_size: int = 4
+    val_split: float = 0.2
+    max_upload_mb: int = 1024
+    score_after_train: bool = True
+    score_on_start: bool = True
+    sw_batch_size: int = 2
+
+    @classmethod
+    def from_conf(cls, conf: Mapping[str, str], available: Iterable[str]) -> AppSettings:
+        """Validate ``conf`` (the ``--conf`` pairs) against the registered model names.
+
+        Raises:
+            ValueError: an unknown model, an unknown option or a malformed value; the message lists
+                the valid choices.
+        """
+        available = list(available)
+        raw = conf.get("models", "all").strip()
+        if raw in ("", "all"):
+            models = tuple(available)
+        else:
+            models = tuple(dict.fromkeys(m.strip() for m in raw.split(",") if m.strip()))
+            unknown = [m for m in models if m not in available]
+            if unknown:
+                raise ValueError(f"--conf models: unknown model(s) {unknown}; valid choices: {sorted(available)}")
+        if not models:
+            raise ValueError(f"--conf models: no model selected; valid choices: {sorted(available)}")
+
+        al_model = conf.get("al_model", models[0]).strip()
+        if al_model not in models:
+            raise ValueError(f"--conf al_model: {al_model!r} is not among the served models {list(models)}")
+
+        kwargs: dict[str, object] = {"models": models, "al_model": al_model}
+        known = {f.name for f in fields(cls)}
+        # Keys MONAI Label or its clients pass through --conf that are not ours to validate.
+        passthrough = {"preload", "server_mode", "use_pretrained_model", "skip_scoring", "skip_strategies"}
+        unknown_keys = sorted(set(conf) - known - passthrough)
+        if unknown_keys:
+            raise ValueError(f"Unknown --conf option(s) {unknown_keys}; valid options: {sorted(known)}")
+        for key, value in conf.items():
+            if key in ("models", "al_model") or key in passthrough:
+                continue
+            if key in ("mc_samples", "max_epochs", "train_batch_size", "sw_batch_size"):
+                kwargs[key] = _parse_int(key, value, 1)
+            elif key == "max_upload_mb":
+                kwargs[key] = _parse_int(key, value, 1)
+            elif key == "reservation_s":
+                kwargs[key] = _parse_float(key, value, 0.0)
+            elif key == "val_split":
+                split = _parse_float(key, value, 0.0)
+                if split >= 0.9:
+                    raise ValueError(f"--conf val_split: must be below 0.9, got {split}")
+                kwargs[key] = split
+            elif key in ("score_after_train", "score_on_start"):
+                kwargs[key] = _parse_bool(key, value)
+        return cls(**kwargs)  # type: ignore[arg-type]

@@ -1,0 +1,122 @@
+"""Checks at the boundary: image ids from requests and label volumes from uploads."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import re
+from collections.abc import Collection
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from appcore.errors import RequestError, bad_request, too_large, unprocessable
+
+_ID_FORBIDDEN = re.compile(r"[/\\\x00]")
+
+
+def check_image_id(image_id: object) -> str:
+    """Return ``image_id`` if it is a plain datastore id; refuse paths and traversal with a 400."""
+    if not isinstance(image_id, str) or not image_id.strip():
+        raise bad_request("An image id is required (the datastore id, for example 'hippocampus_001')")
+    if _ID_FORBIDDEN.search(image_id) or ".." in image_id or image_id.startswith("~"):
+        raise bad_request(
+            f"Image id {image_id!r} contains a path ('/', '\\\\', '..' or '~'); "
+            "send the datastore id as listed by GET /datastore, not a file path"
+        )
+    return image_id
+
+
+def check_upload_size(path: str | Path, max_mb: int, what: str) -> None:
+    size = os.path.getsize(path)
+    if size == 0:
+        raise unprocessable(f"The uploaded {what} is empty (0 bytes)")
+    if size > max_mb * 1024 * 1024:
+        raise too_large(f"The uploaded {what} is {size / 2**20:.1f} MB; the limit is {max_mb} MB (--conf max_upload_mb)")
+
+
+def load_nifti(path: str | Path, what: str) -> nib.Nifti1Image:
+    """Open and fully read a NIfTI file, turning any decoding error into a 422 that names ``what``."""
+    try:
+        if str(path).endswith((".nii", ".nii.gz")):
+            img = nib.load(str(path))
+        else:
+            # Uploads may arrive in a temporary file without the client's extension.
+            raw = Path(path).read_bytes()
+            if raw[:2] == b"\x1f\x8b":
+                raw = gzip.decompress(raw)
+            img = nib.Nifti1Image.from_bytes(raw)
+        img.get_fdata(dtype=np.float32)  # force a full read: a truncated gzip fails here, not later
+    except Exception as e:  # nibabel raises many unrelated types for corrupt files
+        raise unprocessable(f"The {what} is not a readable NIfTI file ({type(e).__name__}: {e})") from None
+    if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image):
+        raise unprocessable(f"The {what} must be NIfTI (.nii or .nii.gz), got {type(img).__name__}")
+    return img
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Voxel grid of a volume: spatial shape and voxel-to-world affine."""
+
+    shape: tuple[int, ...]
+    affine: np.ndarray
+
+    @classmethod
+    def of(cls, img: nib.spatialimages.SpatialImage) -> Geometry:
+        return cls(tuple(int(s) for s in img.shape[:3]), np.asarray(img.affine, dtype=np.float64))
+
+
+def _spatial_array(img: nib.spatialimages.SpatialImage, what: str) -> np.ndarray:
+    data = np.asanyarray(img.dataobj)
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise unprocessable(f"The {what} must be a 3D volume, got shape {tuple(data.shape)}")
+    return data
+
+
+def validate_label_volume(
+    label: nib.spatialimages.SpatialImage,
+    image: Geometry,
+    allowed: Collection[int],
+    *,
+    atol_mm: float = 1e-3,
+) -> np.ndarray:
+    """Check a label against its image and the allowed class values; return it as a uint8 array.
+
+    Raises:
+        RequestError: 422 with what was expected and what came, for a wrong shape, a different
+            voxel grid (affine), non-integer values or values outside ``allowed``.
+    """
+    data = _spatial_array(label, "label")
+    if tuple(data.shape) != image.shape:
+        raise unprocessable(f"Label shape {tuple(data.shape)} does not match the image shape {image.shape}")
+    if not np.allclose(np.asarray(label.affine), image.affine, atol=atol_mm):
+        raise unprocessable(
+            "Label geometry does not match the image: voxel-to-world affines differ "
+            f"(label spacing {np.round(nib.affines.voxel_sizes(label.affine), 4).tolist()}, "
+            f"image spacing {np.round(nib.affines.voxel_sizes(image.affine), 4).tolist()}; "
+            f"label origin {np.round(label.affine[:3, 3], 3).tolist()}, image origin {np.round(image.affine[:3, 3], 3).tolist()})"
+        )
+    if not np.all(np.isfinite(data)):
+        raise unprocessable("Label contains NaN or infinite values")
+    rounded = np.rint(data)
+    if not np.array_equal(rounded, data):
+        raise unprocessable("Label values must be integers (class ids); found fractional values")
+    values = {int(v) for v in np.unique(rounded)}
+    extra = sorted(values - set(allowed))
+    if extra:
+        raise unprocessable(f"Label contains values {extra} that are not class ids; allowed values: {sorted(allowed)}")
+    return rounded.astype(np.uint8)
+
+
+__all__ = [
+    "Geometry",
+    "RequestError",
+    "check_image_id",
+    "check_upload_size",
+    "load_nifti",
+    "validate_label_volume",
+]

@@ -1,0 +1,178 @@
+"""The radiology MONAI Label app: serving, fine-tuning and active learning for the registered models."""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections.abc import Collection
+from pathlib import Path
+from typing import Any
+
+from monailabel.config import settings as ml_settings
+from monailabel.interfaces.app import MONAILabelApp
+from monailabel.interfaces.datastore import Datastore
+
+from appcore.datastore import CheckedLocalDatastore
+from appcore.errors import bad_request, not_found
+from appcore.settings import AppSettings
+from appcore.validation import check_image_id, check_upload_size, load_nifti
+from radiology.infer import SegmentationInfer
+from radiology.registry import MODELS
+from radiology.spec import ModelSpec
+from radiology.train import SegmentationTrainer
+from radiology.uncertainty import MCDropoutScorer
+from strategies.ranked import RankedStrategy
+from strategies.reservations import ReservationBook
+from strategies.scores import ScoreStore
+from strategies.scoring import UncertaintyScoring
+
+logger = logging.getLogger(__name__)
+
+
+class RadiologyApp(MONAILabelApp):
+    """MONAI Label app serving the models of ``radiology.registry.MODELS`` chosen by ``--conf models``.
+
+    Weights: a model serves ``<app_dir>/model/<name>.pt`` once a training run has published it, and
+    its shipped weights (``radiology/weights``) before that.
+    """
+
+    def __init__(self, app_dir: str, studies: str, conf: dict[str, str]) -> None:
+        self.settings = AppSettings.from_conf(conf or {}, MODELS)
+        self.specs: dict[str, ModelSpec] = {name: MODELS[name] for name in self.settings.models}
+        self.model_dir = Path(app_dir) / "model"
+        self.book = ReservationBook(self.settings.reservation_s)
+        super().__init__(
+            app_dir=app_dir,
+            studies=studies,
+            conf=conf,
+            name="Radiology (active learning)",
+            description="3D segmentation of CT and MR with active learning",
+            version="0.1.0",
+        )
+        # Scoring is triggered where it is needed (start, after training, on request), not on every
+        # next-sample call, which in MONAI Label spawns a process each time.
+        self._auto_update_scoring = False
+
+    # -- weights ---------------------------------------------------------------------------------
+    def served_path(self, name: str) -> Path:
+        return self.model_dir / f"{name}.pt"
+
+    def weight_paths(self, name: str) -> list[str]:
+        shipped = self.specs[name].shipped_weights_path
+        paths = [str(shipped)] if shipped else []
+        return [*paths, str(self.served_path(name))]
+
+    # -- datastore -------------------------------------------------------------------------------
+    def allowed_label_values(self, params: dict[str, Any]) -> Collection[int]:
+        model = params.get("model")
+        if model:
+            if model not in self.specs:
+                raise not_found(f"Unknown model {model!r} in label parameters; served models: {sorted(self.specs)}")
+            return self.specs[model].labels.allowed_values
+        return frozenset().union(*(s.labels.allowed_values for s in self.specs.values()))
+
+    def init_datastore(self) -> Datastore:
+        if self.studies.startswith(("http://", "https://")):
+            return super().init_datastore()
+        if not os.path.isdir(self.studies):
+            raise FileNotFoundError(f"Studies folder {self.studies!r} does not exist; pass --studies DIR")
+        return CheckedLocalDatastore(
+            self.studies,
+            allowed_values=self.allowed_label_values,
+            max_upload_mb=self.settings.max_upload_mb,
+            extensions=ml_settings.MONAI_LABEL_DATASTORE_FILE_EXT,
+            auto_reload=ml_settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
+            read_only=ml_settings.MONAI_LABEL_DATASTORE_READ_ONLY,
+        )
+
+    # -- tasks -----------------------------------------------------------------------------------
+    def init_infers(self) -> dict[str, Any]:
+        return {
+            name: SegmentationInfer(spec, self.weight_paths(name), sw_batch_size=self.settings.sw_batch_size)
+            for name, spec in self.specs.items()
+        }
+
+    def init_trainers(self) -> dict[str, Any]:
+        return {
+            name: SegmentationTrainer(
+                spec,
+                str(self.model_dir / name),
+                str(self.served_path(name)),
+                max_epochs=self.settings.max_epochs,
+                train_batch_size=self.settings.train_batch_size,
+                val_split=self.settings.val_split,
+            )
+            for name, spec in self.specs.items()
+        }
+
+    def score_store(self) -> ScoreStore:
+        return ScoreStore(self.model_dir / f"scores_{self.settings.al_model}.json")
+
+    def init_strategies(self) -> dict[str, Any]:
+        store = self.score_store()
+        return {
+            "random": RankedStrategy("Random unlabelled image, never one another client holds", book=self.book),
+            "epistemic": RankedStrategy(
+                f"Most uncertain unlabelled images under '{self.settings.al_model}' (MC dropout entropy)",
+                book=self.book,
+                scores=store.values,
+            ),
+        }
+
+    def init_scoring_methods(self) -> dict[str, Any]:
+        name = self.settings.al_model
+        spec, paths, samples = self.specs[name], self.weight_paths(name), self.settings.mc_samples
+        return {
+            "epistemic": UncertaintyScoring(
+                f"MC dropout predictive entropy under '{name}' ({samples} passes); rescores only stale images",
+                scorer=lambda: MCDropoutScorer(spec, paths, samples=samples),
+                store=self.score_store(),
+                key="entropy",
+            )
+        }
+
+    # -- request checks --------------------------------------------------------------------------
+    @staticmethod
+    def _is_server_upload(path: str) -> bool:
+        """Temporary files the MONAI Label endpoints write uploads and sessions to."""
+        parent = Path(path).resolve().parent
+        roots = [Path(tempfile.gettempdir()).resolve()]
+        if ml_settings.MONAI_LABEL_SESSION_PATH:
+            roots.append(Path(ml_settings.MONAI_LABEL_SESSION_PATH).resolve())
+        return any(parent == root or root in parent.parents for root in roots)
+
+    def infer(self, request: dict[str, Any], datastore: Datastore | None = None) -> dict[str, Any]:
+        model = request.get("model")
+        if model not in self._infers:
+            raise not_found(f"Unknown model {model!r}; served models: {sorted(self._infers)}")
+        image = request.get("image")
+        if isinstance(image, str) and os.path.isabs(image) and os.path.exists(image):
+            if not self._is_server_upload(image):
+                raise bad_request("Image must be a datastore id or an uploaded file, not a server path")
+            check_upload_size(image, self.settings.max_upload_mb, "image")
+            if image.endswith((".nii", ".nii.gz")):
+                load_nifti(image, "uploaded image")
+        else:
+            check_image_id(image)
+            (datastore or self.datastore()).get_image_uri(image)  # 404 for an unknown id
+        return super().infer(request, datastore)
+
+    def bundle_path(self, model: str | None) -> str | None:
+        # MONAI Label asks this before it starts a training process: the place to refuse an unknown
+        # model with a 404 instead of a background task that fails later.
+        if model is not None and model not in self._trainers:
+            raise not_found(f"Unknown model {model!r}; trainable models: {sorted(self._trainers)}")
+        return None
+
+    def train(self, request: dict[str, Any]) -> dict[str, Any]:
+        result = super().train(request)
+        if self.settings.score_after_train and request.get("model") == self.settings.al_model:
+            result = dict(result or {})
+            result["scoring"] = self.scoring({"method": "epistemic"})
+        return result
+
+    def on_init_complete(self) -> None:
+        super().on_init_complete()
+        if self.settings.score_on_start and self._scoring_methods:
+            self.async_scoring("epistemic")

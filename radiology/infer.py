@@ -1,0 +1,118 @@
+"""Inference for a registered segmentation model, answering on the input image's own voxel grid."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import torch
+from monai.inferers import Inferer, SlidingWindowInferer
+from monai.transforms import AsDiscreted, Compose, Invertd, SqueezeDimd
+from monailabel.interfaces.tasks.infer_v2 import InferType
+from monailabel.tasks.infer.basic_infer import BasicInferTask
+
+from appcore.errors import unprocessable
+from radiology.spec import ModelSpec
+from radiology.transforms import preprocess
+
+logger = logging.getLogger(__name__)
+
+
+def restore_nifti_header(pred: np.ndarray, source: str) -> nib.Nifti1Image:
+    """Wrap ``pred`` (a label on ``source``'s voxel grid) in ``source``'s header and affine."""
+    src = nib.load(source)
+    if tuple(pred.shape) != tuple(src.shape[:3]):
+        raise RuntimeError(f"Prediction shape {pred.shape} differs from the image shape {src.shape[:3]}")
+    header = src.header.copy()
+    header.set_data_dtype(np.uint8)
+    out = nib.Nifti1Image(pred.astype(np.uint8), src.affine, header)
+    out.header.set_slope_inter(1, 0)
+    return out
+
+
+class SegmentationInfer(BasicInferTask):
+    """Sliding-window segmentation with the model's pre-processing undone exactly on the output.
+
+    The pre-processing objects are created once and reused, so that ``Invertd`` can replay each
+    recorded step (orientation, resampling) backwards; the label is written with the input file's
+    header, so shape, spacing, origin and orientation match it voxel for voxel.
+
+    Args:
+        spec: the model.
+        paths: candidate weight files, oldest first; the last one that exists is served, so a
+            freshly published training result wins over the shipped weights.
+        sw_batch_size: sliding windows per forward pass.
+    """
+
+    def __init__(self, spec: ModelSpec, paths: list[str], *, sw_batch_size: int = 2) -> None:
+        super().__init__(
+            path=paths,
+            network=spec.network(),
+            type=InferType.SEGMENTATION,
+            labels=spec.labels.name_to_id(),
+            dimension=3,
+            description=spec.description,
+            load_strict=True,
+        )
+        self.spec = spec
+        self._sw_batch_size = sw_batch_size
+        self._pre = preprocess(spec, with_label=False)
+        self._invert = Invertd(keys="pred", transform=Compose(self._pre), orig_keys="image", nearest_interp=True)
+
+    def is_valid(self) -> bool:
+        # An untrained model is listed too: clients can save labels for it and start its training.
+        return True
+
+    def info(self) -> dict[str, Any]:
+        info = super().info()
+        info["trained"] = self.get_path() is not None
+        info["modality"] = self.spec.modality
+        info["spacing"] = list(self.spec.spacing)
+        info["colors"] = {label.name: label.hex_color for label in self.spec.labels}
+        return info
+
+    def pre_transforms(self, data: Any = None) -> list:
+        return self._pre
+
+    def inferer(self, data: Any = None) -> Inferer:
+        return SlidingWindowInferer(
+            roi_size=self.spec.roi_size, sw_batch_size=self._sw_batch_size, overlap=0.25, mode="gaussian"
+        )
+
+    def run_inferer(self, data: dict[str, Any], convert_to_batch: bool = True, device: str = "cuda") -> dict:
+        image = data[self.input_key]
+        if self.get_path() is None:
+            # Untrained: answer with an empty label on the right grid instead of random noise.
+            data[self.output_label_key] = torch.zeros((self.spec.num_classes, *image.shape[1:]), dtype=torch.float32)
+            data["untrained"] = True
+            return data
+        network = self._get_network(device, data)
+        use_amp = device.startswith("cuda")
+        with torch.no_grad(), torch.autocast("cuda", enabled=use_amp):
+            logits = self.inferer(data)(image[None].to(device), network)
+        data[self.output_label_key] = logits[0].float().cpu()
+        return data
+
+    def post_transforms(self, data: Any = None) -> list:
+        return [
+            AsDiscreted(keys=self.output_label_key, argmax=True),
+            self._invert,
+            SqueezeDimd(keys=self.output_label_key, dim=0),
+        ]
+
+    def writer(self, data: dict[str, Any], extension: Any = None, dtype: Any = None) -> tuple[str, dict]:
+        pred = np.asarray(torch.as_tensor(data[self.output_label_key]).cpu().numpy(), dtype=np.uint8)
+        source = str(data.get("image_path", ""))
+        try:
+            img = restore_nifti_header(pred, source)
+        except nib.filebasedimages.ImageFileError as e:
+            raise unprocessable(f"Cannot write the label on the grid of {source!r}: {e}") from None
+        out = tempfile.NamedTemporaryFile(suffix=".nii.gz", delete=False).name
+        nib.save(img, out)
+        result: dict[str, Any] = {"model_trained": not data.get("untrained", False)}
+        if data.get("untrained"):
+            result["message"] = f"Model '{self.spec.name}' has no trained weights yet: save labels and POST /train"
+        return out, result

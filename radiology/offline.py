@@ -1,0 +1,151 @@
+"""Train a model's shipped weights from an MSD-layout folder: ``python -m radiology.offline --help``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.data import CacheDataset, DataLoader
+from monai.inferers import sliding_window_inference
+from monai.losses import DiceCELoss
+from monai.transforms import Compose
+from monai.utils import set_determinism
+
+from radiology.registry import MODELS
+from radiology.spec import ModelSpec
+from radiology.splits import Case, msd_cases, split_cases
+from radiology.transforms import training_transforms, validation_transforms
+from radiology.weights import save_weights_atomically
+
+logger = logging.getLogger(__name__)
+
+
+def dice_per_class(pred: np.ndarray, truth: np.ndarray, class_ids: tuple[int, ...]) -> dict[int, float]:
+    """Dice of each class; a class absent from both volumes counts as 1.0 (nothing to find, nothing found)."""
+    scores = {}
+    for c in class_ids:
+        p, t = pred == c, truth == c
+        denom = int(p.sum()) + int(t.sum())
+        scores[c] = 1.0 if denom == 0 else 2.0 * float(np.logical_and(p, t).sum()) / denom
+    return scores
+
+
+def _records(cases: list[Case]) -> list[dict[str, str]]:
+    return [{"image": str(c.image), "label": str(c.label)} for c in cases]
+
+
+@torch.inference_mode()
+def validate(spec: ModelSpec, model: torch.nn.Module, dataset: CacheDataset, device: torch.device) -> dict[int, float]:
+    """Mean Dice per class over ``dataset`` in the model's pre-processed space."""
+    model.eval()
+    totals = {c: 0.0 for c in spec.labels.ids}
+    for item in dataset:
+        image = item["image"][None].to(device)
+        logits = sliding_window_inference(image, spec.roi_size, 4, model, overlap=0.25, mode="gaussian")
+        pred = logits.argmax(1)[0].cpu().numpy()
+        truth = item["label"][0].cpu().numpy().round().astype(np.int64)
+        for c, d in dice_per_class(pred, truth, spec.labels.ids).items():
+            totals[c] += d
+    return {c: v / len(dataset) for c, v in totals.items()}
+
+
+def train(
+    spec: ModelSpec,
+    train_cases: list[Case],
+    val_cases: list[Case],
+    *,
+    out: Path,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    val_every: int,
+) -> dict:
+    """Train from scratch, keep the best validation checkpoint in ``out``; returns the history."""
+    set_determinism(seed)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    train_ds = CacheDataset(_records(train_cases), Compose(training_transforms(spec)), progress=False)
+    val_ds = CacheDataset(_records(val_cases), Compose(validation_transforms(spec)), progress=False)
+    loader = DataLoader(train_ds, batch_size=batch_size, shuffle=True, num_workers=0)
+
+    model = spec.network().to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-5)
+    steps = epochs * math.ceil(len(train_ds) * spec.samples_per_image / batch_size)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.05)
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    use_amp = device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+
+    history: dict = {"epochs": [], "best": None}
+    best = -1.0
+    for epoch in range(1, epochs + 1):
+        model.train()
+        start, total, n = time.perf_counter(), 0.0, 0
+        for batch in loader:
+            image, label = batch["image"].to(device), batch["label"].to(device)
+            optimizer.zero_grad(set_to_none=True)
+            with torch.autocast(device.type, enabled=use_amp):
+                loss = loss_fn(model(image), label)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            total, n = total + float(loss), n + 1
+        record = {"epoch": epoch, "loss": total / max(n, 1), "seconds": round(time.perf_counter() - start, 1)}
+        if epoch % val_every == 0 or epoch == epochs:
+            dice = validate(spec, model, val_ds, device)
+            record["val_dice"] = {spec.labels.labels[i].name: round(d, 4) for i, d in enumerate(dice.values())}
+            mean = float(np.mean(list(dice.values())))
+            record["val_mean_dice"] = round(mean, 4)
+            if mean > best:
+                best = mean
+                save_weights_atomically(model.state_dict(), out)
+                history["best"] = record
+        history["epochs"].append(record)
+        logger.info(json.dumps(record))
+    return history
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("model", choices=sorted(MODELS), help="registered model name")
+    parser.add_argument("--data", type=Path, required=True, help="MSD-layout folder (dataset.json, imagesTr, labelsTr)")
+    parser.add_argument("--out", type=Path, required=True, help="where to write the weights (.pt)")
+    parser.add_argument("--epochs", type=int, default=150)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--val-every", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    torch.set_num_threads(args.threads)
+
+    spec = MODELS[args.model]
+    split = split_cases(msd_cases(args.data))
+    logger.info("split: %s", {k: len(v) for k, v in split.items()})
+    history = train(
+        spec,
+        split["train"],
+        split["val"],
+        out=args.out,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        val_every=args.val_every,
+    )
+    history["split"] = {k: [c.id for c in v] for k, v in split.items()}
+    history["args"] = {k: str(v) for k, v in vars(args).items()}
+    args.out.with_suffix(".history.json").write_text(json.dumps(history, indent=1))
+
+
+if __name__ == "__main__":
+    main()

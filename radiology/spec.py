@@ -1,0 +1,99 @@
+"""The description of one segmentation model: labels, geometry, intensity handling and network."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from monai.networks.nets import UNet
+
+from appcore.labels import LabelSet
+
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+
+
+@dataclass(frozen=True)
+class CTWindow:
+    """Clip Hounsfield units to ``[low, high]`` and scale them to ``[0, 1]``."""
+
+    low: float
+    high: float
+
+    def __post_init__(self) -> None:
+        if self.high <= self.low:
+            raise ValueError(f"CT window needs low < high, got [{self.low}, {self.high}]")
+
+
+@dataclass(frozen=True)
+class ZScore:
+    """Normalise each image to zero mean and unit variance (MR, whose intensities have no unit)."""
+
+    nonzero: bool = False
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything infer, training, validation and scoring need to agree on, defined once per model.
+
+    Args:
+        name: the model's name in ``/info``, ``/infer/<name>`` and ``--conf models``.
+        description: one line shown to clients.
+        labels: the model's classes.
+        modality: DICOM modality of the images it is meant for (``"CT"``, ``"MR"``).
+        spacing: target voxel spacing in mm, in RAS order; images are resampled to it and back.
+        roi_size: training patch and sliding-window size, in voxels at ``spacing``.
+        intensity: how raw intensities become network input.
+        channels: feature maps per UNet level.
+        strides: downsampling per UNet level (one fewer than ``channels``).
+        dropout: dropout probability; needed for Monte Carlo dropout uncertainty.
+        shipped_weights: file name in ``radiology/weights`` of trained weights, or ``None`` if the
+            model starts untrained.
+        learning_rate: AdamW learning rate for fine-tuning in the server.
+        samples_per_image: random patches drawn per labelled volume and training step.
+    """
+
+    name: str
+    description: str
+    labels: LabelSet
+    modality: str
+    spacing: tuple[float, float, float]
+    roi_size: tuple[int, int, int]
+    intensity: CTWindow | ZScore
+    channels: tuple[int, ...] = (16, 32, 64, 128)
+    strides: tuple[int, ...] = (2, 2, 2)
+    dropout: float = 0.1
+    shipped_weights: str | None = None
+    learning_rate: float = 1e-3
+    samples_per_image: int = 2
+
+    def __post_init__(self) -> None:
+        if len(self.strides) != len(self.channels) - 1:
+            raise ValueError(f"{self.name}: need len(strides) == len(channels) - 1")
+        factor = 1
+        for s in self.strides:
+            factor *= s
+        if any(r % factor for r in self.roi_size):
+            raise ValueError(f"{self.name}: roi_size {self.roi_size} must be divisible by {factor}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"{self.name}: dropout must be in [0, 1), got {self.dropout}")
+
+    @property
+    def num_classes(self) -> int:
+        return self.labels.num_classes
+
+    @property
+    def shipped_weights_path(self) -> Path | None:
+        return WEIGHTS_DIR / self.shipped_weights if self.shipped_weights else None
+
+    def network(self) -> torch.nn.Module:
+        """A fresh, untrained network for this model."""
+        return UNet(
+            spatial_dims=3,
+            in_channels=1,
+            out_channels=self.num_classes,
+            channels=self.channels,
+            strides=self.strides,
+            num_res_units=2,
+            dropout=self.dropout,
+        )

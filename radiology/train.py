@@ -1,0 +1,171 @@
+"""Fine-tuning a registered model in the server on the labels clinicians saved."""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import torch
+from ignite.engine import Events
+from monai.handlers import from_engine
+from monai.inferers import SlidingWindowInferer
+from monai.losses import DiceCELoss
+from monai.transforms import AsDiscreted, EnsureTyped
+from monailabel.interfaces.datastore import Datastore
+from monailabel.tasks.train.basic_train import BasicTrainTask, Context
+
+from radiology.spec import ModelSpec
+from radiology.transforms import augment, preprocess
+from radiology.weights import load_state_dict, save_weights_atomically
+
+logger = logging.getLogger(__name__)
+
+
+def labels_fit(label_path: str, allowed: frozenset[int]) -> bool:
+    """Whether a saved label only holds values of this model (several models may share a datastore)."""
+    values = np.unique(np.asanyarray(nib.load(label_path).dataobj))
+    return {int(v) for v in values} <= allowed
+
+
+class SegmentationTrainer(BasicTrainTask):
+    """Fine-tunes from the served weights and publishes the best epoch only when the run completes.
+
+    A run that fails, is stopped (``DELETE /train``) or is killed never touches the served file:
+    checkpoints go to the run folder, and publishing is one atomic rename after the final epoch.
+
+    Args:
+        spec: the model.
+        model_dir: folder for this model's run outputs (checkpoints, stats, TensorBoard events).
+        served_path: the weights file the infer task serves; written only on a completed run.
+        max_epochs: default epochs per run (a request's ``max_epochs`` wins).
+        train_batch_size: default patches per step.
+        val_split: share of labelled images kept for validation when at least 5 exist.
+    """
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        model_dir: str,
+        served_path: str,
+        *,
+        max_epochs: int = 20,
+        train_batch_size: int = 4,
+        val_split: float = 0.2,
+    ) -> None:
+        shipped = spec.shipped_weights_path
+        super().__init__(
+            model_dir=model_dir,
+            description=f"Fine-tune {spec.name} on the saved final labels",
+            amp=torch.cuda.is_available(),
+            load_path=str(shipped) if shipped and shipped.exists() else None,
+            publish_path=None,  # published atomically on completion instead, see _publish
+            config={
+                "max_epochs": max_epochs,
+                "train_batch_size": train_batch_size,
+                "val_split": val_split,
+                "dataset": ["CacheDataset", "Dataset"],
+                "dataloader": ["ThreadDataLoader", "DataLoader"],
+                "tracking": ["None"],
+                "multi_gpu": False,
+            },
+            labels=spec.labels.name_to_id(),
+            tracking=None,
+            n_saved=1,
+            train_save_interval=10**6,
+        )
+        self.spec = spec
+        self.served_path = Path(served_path)
+
+    # -- what to train -------------------------------------------------------------------------
+    def network(self, context: Context) -> torch.nn.Module:
+        return self.spec.network()
+
+    def optimizer(self, context: Context) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(context.network.parameters(), lr=self.spec.learning_rate, weight_decay=1e-5)
+
+    def loss_function(self, context: Context) -> torch.nn.Module:
+        return DiceCELoss(to_onehot_y=True, softmax=True)
+
+    def lr_scheduler_handler(self, context: Context) -> None:
+        return None
+
+    def train_pre_transforms(self, context: Context) -> list:
+        return [*preprocess(self.spec, with_label=True), *augment(self.spec), EnsureTyped(keys=("image", "label"))]
+
+    def val_pre_transforms(self, context: Context) -> list:
+        return preprocess(self.spec, with_label=True)
+
+    def _onehot(self) -> list:
+        n = self.spec.num_classes
+        return [
+            EnsureTyped(keys=("pred", "label")),
+            AsDiscreted(keys=("pred", "label"), argmax=(True, False), to_onehot=(n, n)),
+        ]
+
+    def train_post_transforms(self, context: Context) -> list:
+        return self._onehot()
+
+    def val_post_transforms(self, context: Context) -> list:
+        return self._onehot()
+
+    def val_inferer(self, context: Context) -> SlidingWindowInferer:
+        return SlidingWindowInferer(roi_size=self.spec.roi_size, sw_batch_size=2, overlap=0.25, mode="gaussian")
+
+    # -- which data --------------------------------------------------------------------------
+    def pre_process(self, request: dict, datastore: Datastore) -> list[dict]:
+        allowed = self.spec.labels.allowed_values
+        datalist = [d for d in datastore.datalist() if labels_fit(d["label"], allowed)]
+        if not datalist:
+            raise ValueError(
+                f"No 'final' labels with values in {sorted(allowed)} to train '{self.spec.name}' on; "
+                "save at least one label (PUT /datastore/label) first"
+            )
+        return datalist
+
+    def partition_datalist(self, context: Context, shuffle: bool = False) -> tuple[list, list]:
+        datalist = context.datalist
+        split = float(context.request.get("val_split", 0.0))
+        n_val = math.floor(len(datalist) * split) if len(datalist) >= 5 else 0
+        # Deterministic: the last images (by id) validate, so reruns compare like with like.
+        datalist = sorted(datalist, key=lambda d: d["image"])
+        train, val = (datalist[:-n_val], datalist[-n_val:]) if n_val else (datalist, [])
+        logger.info("Training %s on %d images, validating on %d", self.spec.name, len(train), len(val))
+        return train, val
+
+    # -- where from and where to -------------------------------------------------------------
+    def load_path(self, output_dir: str, pretrained: bool = True) -> str | None:
+        """Start from what is served now: the last published weights, else the shipped ones."""
+        if self.served_path.exists():
+            return str(self.served_path)
+        return self._load_path if pretrained else None
+
+    def train(self, rank: int, world_size: int, request: dict, datalist: list) -> dict:
+        # A stale best checkpoint from an earlier (perhaps stopped) run must not be published.
+        stale = Path(self._model_dir) / request["name"] / self._key_metric_filename
+        stale.unlink(missing_ok=True)
+        return super().train(rank, world_size, request, datalist)
+
+    def finalize(self, context: Context) -> None:
+        super().finalize(context)
+        context.trainer.add_event_handler(Events.COMPLETED, lambda _: self._publish(context))
+
+    def _publish(self, context: Context) -> None:
+        best = Path(context.output_dir) / self._key_metric_filename
+        if not best.exists():
+            logger.warning("Training completed without a checkpoint at %s; served weights unchanged", best)
+            return
+        state = load_state_dict(best)
+        if not all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point()):
+            logger.error("Best checkpoint holds NaN or Inf weights; served weights unchanged")
+            return
+        save_weights_atomically(state, self.served_path)
+        logger.info("Published %s -> %s", best, self.served_path)
+
+    def stats(self) -> dict[str, Any]:
+        stats = super().stats()
+        stats["served_weights"] = str(self.served_path) if self.served_path.exists() else None
+        return stats

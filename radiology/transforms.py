@@ -1,0 +1,96 @@
+"""The pre-processing of a model, written once and shared by infer, training, validation and scoring."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from monai.transforms import (
+    EnsureChannelFirstd,
+    EnsureTyped,
+    LoadImaged,
+    MapTransform,
+    NormalizeIntensityd,
+    Orientationd,
+    RandAffined,
+    RandCropByPosNegLabeld,
+    RandScaleIntensityd,
+    RandShiftIntensityd,
+    ScaleIntensityRanged,
+    Spacingd,
+    SpatialPadd,
+)
+
+from radiology.spec import CTWindow, ModelSpec, ZScore
+
+
+def intensity_transform(spec: ModelSpec, key: str = "image") -> MapTransform:
+    """The intensity step of ``spec`` (a CT window or a z-score)."""
+    if isinstance(spec.intensity, CTWindow):
+        return ScaleIntensityRanged(
+            keys=key, a_min=spec.intensity.low, a_max=spec.intensity.high, b_min=0.0, b_max=1.0, clip=True
+        )
+    if isinstance(spec.intensity, ZScore):
+        return NormalizeIntensityd(keys=key, nonzero=spec.intensity.nonzero)
+    raise TypeError(f"Unsupported intensity setting {spec.intensity!r}")
+
+
+def preprocess(spec: ModelSpec, *, with_label: bool, load: bool = True) -> list[MapTransform]:
+    """Load, reorient to RAS, resample to the model's spacing and normalise intensities.
+
+    Args:
+        spec: the model.
+        with_label: also load and resample ``"label"`` (nearest neighbour).
+        load: start with ``LoadImaged``; ``False`` when the caller already holds arrays.
+    """
+    keys: Sequence[str] = ("image", "label") if with_label else ("image",)
+    modes: Sequence[str] = ("bilinear", "nearest") if with_label else ("bilinear",)
+    steps: list[MapTransform] = []
+    if load:
+        steps.append(LoadImaged(keys=keys, image_only=True))
+    steps += [
+        EnsureChannelFirstd(keys=keys),
+        EnsureTyped(keys=keys, dtype="float32", track_meta=True),
+        Orientationd(keys=keys, axcodes="RAS"),
+        Spacingd(keys=keys, pixdim=spec.spacing, mode=modes),
+        intensity_transform(spec),
+    ]
+    return steps
+
+
+def augment(spec: ModelSpec) -> list[MapTransform]:
+    """Training-only steps: pad to the patch size, sample patches around labels, mild augmentation.
+
+    Left-right and anterior-posterior flips are left out on purpose: several models here have
+    labels whose meaning depends on side or direction (left kidney, anterior hippocampus).
+    """
+    keys = ("image", "label")
+    return [
+        SpatialPadd(keys=keys, spatial_size=spec.roi_size),
+        RandCropByPosNegLabeld(
+            keys=keys,
+            label_key="label",
+            spatial_size=spec.roi_size,
+            pos=2,
+            neg=1,
+            num_samples=spec.samples_per_image,
+            allow_smaller=True,
+        ),
+        RandAffined(
+            keys=keys,
+            prob=0.25,
+            rotate_range=(0.15, 0.15, 0.15),
+            scale_range=(0.1, 0.1, 0.1),
+            mode=("bilinear", "nearest"),
+            padding_mode="border",
+        ),
+        RandScaleIntensityd(keys="image", factors=0.1, prob=0.5),
+        RandShiftIntensityd(keys="image", offsets=0.1, prob=0.5),
+    ]
+
+
+def training_transforms(spec: ModelSpec) -> list[MapTransform]:
+    return preprocess(spec, with_label=True) + augment(spec)
+
+
+def validation_transforms(spec: ModelSpec) -> list[MapTransform]:
+    return preprocess(spec, with_label=True)

@@ -1,0 +1,1 @@
+"""Active-learning strategies and uncertainty scoring shared by the radiology and pathology apps."""

@@ -1,0 +1,72 @@
+"""MONAI Label strategies (``random``, ``epistemic``) as thin adapters over the pure selection logic."""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from monailabel.interfaces.datastore import Datastore
+from monailabel.interfaces.tasks.strategy import Strategy
+
+from appcore.errors import bad_request
+from strategies.reservations import ReservationBook
+from strategies.selection import top_k
+
+logger = logging.getLogger(__name__)
+
+ScoreSource = Callable[[], Mapping[str, float]]
+
+
+def request_k(request: Mapping[str, Any], default: int) -> int:
+    raw = request.get("k", default)
+    try:
+        k = int(raw)
+    except (TypeError, ValueError):
+        raise bad_request(f"'k' must be a positive integer, got {raw!r}") from None
+    if k < 1:
+        raise bad_request(f"'k' must be a positive integer, got {k}")
+    return k
+
+
+class RankedStrategy(Strategy):
+    """Hands out the ``k`` most uncertain unlabelled images that nobody holds, and reserves them.
+
+    The answer's ``id`` is the first pick (what MONAI Label clients open); ``ids`` has all ``k``.
+    Images with a ``final`` label are never candidates. Without scores (``scores=None``) the
+    order is random, which makes this the ``random`` strategy.
+
+    Args:
+        description: shown in ``/info``.
+        book: reservations shared by every strategy of the app.
+        scores: returns the current ``{image_id: score}``; higher is picked first.
+        rng: random source for ties and unscored images.
+        default_k: batch size when a request gives no ``k``.
+    """
+
+    def __init__(
+        self,
+        description: str,
+        *,
+        book: ReservationBook,
+        scores: ScoreSource | None = None,
+        rng: random.Random | None = None,
+        default_k: int = 1,
+    ) -> None:
+        super().__init__(description)
+        self._book = book
+        self._scores = scores
+        self._rng = rng or random.Random()
+        self._default_k = default_k
+
+    def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any] | None:
+        k = request_k(request, self._default_k)
+        client = str(request.get("client_id") or "anonymous")
+        candidates = sorted(datastore.get_unlabeled_images("final"))
+        scores = dict(self._scores()) if self._scores else {}
+        chosen = self._book.pick(candidates, lambda free: top_k(free, scores, k, self._rng), client)
+        if not chosen:
+            logger.info("No unlabelled image is free (%d candidates, all reserved or none)", len(candidates))
+            return None
+        return {"id": chosen[0], "ids": chosen, "scores": {c: scores.get(c) for c in chosen}}

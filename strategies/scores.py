@@ -1,0 +1,68 @@
+"""Uncertainty scores per image, kept in a JSON file that the scoring process replaces atomically."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import threading
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Score:
+    """One image's uncertainty under one model version.
+
+    Args:
+        value: the ranking score (higher is more uncertain).
+        model_version: identifies the weights that produced it; a score from other weights is stale.
+        ts: when it was computed (seconds since the epoch).
+        extra: further measures computed on the same passes (for example ``bald``).
+    """
+
+    value: float
+    model_version: str
+    ts: float
+    extra: dict[str, float]
+
+
+class ScoreStore:
+    """A small JSON file ``{image_id: Score}``; readers never see a half-written file."""
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+        self._lock = threading.Lock()
+        self._cache: tuple[int, dict[str, Score]] | None = None
+
+    def load(self) -> dict[str, Score]:
+        with self._lock:
+            try:
+                mtime = self.path.stat().st_mtime_ns
+            except FileNotFoundError:
+                return {}
+            if self._cache and self._cache[0] == mtime:
+                return dict(self._cache[1])
+            raw = json.loads(self.path.read_text())
+            scores = {k: Score(**v) for k, v in raw.items()}
+            self._cache = (mtime, scores)
+            return dict(scores)
+
+    def values(self, model_version: str | None = None) -> dict[str, float]:
+        """Ranking values, only those computed by ``model_version`` when it is given."""
+        return {
+            k: s.value for k, s in self.load().items() if model_version is None or s.model_version == model_version
+        }
+
+    def update(self, new: dict[str, Score]) -> None:
+        scores = self.load()
+        scores.update(new)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump({k: asdict(v) for k, v in scores.items()}, f, indent=1)
+            os.replace(tmp, self.path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise

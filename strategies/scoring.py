@@ -1,0 +1,63 @@
+"""A MONAI Label scoring method that refreshes stale uncertainty scores of unlabelled images."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from monailabel.interfaces.datastore import Datastore
+from monailabel.interfaces.tasks.scoring import ScoringMethod
+
+from strategies.scores import Score, ScoreStore
+
+logger = logging.getLogger(__name__)
+
+
+class Scorer(Protocol):
+    """Computes the uncertainty of one image under the currently served model."""
+
+    def version(self) -> str: ...
+
+    def score(self, image_path: str) -> dict[str, float]: ...
+
+
+class UncertaintyScoring(ScoringMethod):
+    """Scores every unlabelled image whose score is missing or older than the served weights.
+
+    Args:
+        description: shown in ``/info``.
+        scorer: makes the scorer (lazily: loading weights is an explicit step, not construction).
+        store: where scores live.
+        key: which of the scorer's measures ranks images (``"entropy"``, ``"bald"``).
+    """
+
+    def __init__(self, description: str, *, scorer: Callable[[], Scorer], store: ScoreStore, key: str) -> None:
+        super().__init__(description)
+        self._make_scorer = scorer
+        self.store = store
+        self.key = key
+
+    def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any]:
+        start = time.perf_counter()
+        scorer = self._make_scorer()
+        version = scorer.version()
+        existing = self.store.load()
+        images = sorted(datastore.get_unlabeled_images("final"))
+        stale = [i for i in images if i not in existing or existing[i].model_version != version]
+        logger.info("Scoring %d of %d unlabelled images with model version %s", len(stale), len(images), version)
+        for image in stale:
+            measures = scorer.score(datastore.get_image_uri(image))
+            value = measures[self.key]
+            extra = {k: v for k, v in measures.items() if k != self.key}
+            # Saved per image so a stopped run keeps what it finished.
+            self.store.update({image: Score(value=value, model_version=version, ts=time.time(), extra=extra)})
+        seconds = time.perf_counter() - start
+        return {
+            "scored": len(stale),
+            "unchanged": len(images) - len(stale),
+            "model_version": version,
+            "seconds": round(seconds, 3),
+            "seconds_per_image": round(seconds / len(stale), 3) if stale else None,
+        }

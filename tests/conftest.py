@@ -1,0 +1,44 @@
+"""Shared fixtures: the real data folder, phantom volumes and small helpers."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("SHARED_DATA", ROOT.parent / "shared" / "data"))
+HIPPO = SHARED / "hippocampus_mr"
+TOTALSEG = SHARED / "totalseg_ct"
+SPLEEN = SHARED / "spleen_ct"
+
+requires_shared = pytest.mark.skipif(
+    not (HIPPO / "dataset.json").exists(), reason=f"real data folder {SHARED} is absent"
+)
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def write_nifti(path: Path, data: np.ndarray, affine: np.ndarray | None = None) -> Path:
+    nib.save(nib.Nifti1Image(data, np.eye(4) if affine is None else affine), str(path))
+    return path
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    denom = int(a.sum()) + int(b.sum())
+    return 1.0 if denom == 0 else 2.0 * float(np.logical_and(a, b).sum()) / denom
+
+
+@pytest.fixture
+def oblique_affine() -> np.ndarray:
+    """LPS-oriented, anisotropic, rotated by 10 degrees about z, with an offset origin."""
+    theta = np.deg2rad(10)
+    rot = np.array([[np.cos(theta), -np.sin(theta), 0], [np.sin(theta), np.cos(theta), 0], [0, 0, 1]])
+    affine = np.eye(4)
+    affine[:3, :3] = rot @ np.diag([-1.2, -0.9, 2.5])
+    affine[:3, 3] = [40.0, -25.0, 12.5]
+    return affine

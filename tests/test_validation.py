@@ -1,0 +1,95 @@
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from appcore.errors import RequestError
+from appcore.validation import Geometry, check_image_id, check_upload_size, load_nifti, validate_label_volume
+from tests.conftest import write_nifti
+
+
+@pytest.mark.parametrize("good", ["hippocampus_001", "case.1", "a-b_c", "spleen 2"])
+def test_plain_ids_pass(good: str) -> None:
+    assert check_image_id(good) == good
+
+
+@pytest.mark.parametrize("bad", ["", "  ", "../x", "..", "a/b", "/etc/passwd", "a\\b", "~root", "a\x00b", None, 3])
+def test_path_ids_refused(bad: object) -> None:
+    with pytest.raises(RequestError, match="(?i)image id") as e:
+        check_image_id(bad)
+    assert e.value.status_code == 400
+
+
+GEOM = Geometry(shape=(8, 9, 10), affine=np.diag([1.5, 1.5, 3.0, 1.0]))
+
+
+def _label(data: np.ndarray, affine: np.ndarray = GEOM.affine) -> nib.Nifti1Image:
+    return nib.Nifti1Image(data, affine)
+
+
+@pytest.mark.parametrize(
+    ("data", "affine", "match"),
+    [
+        (np.zeros((8, 9, 11), np.uint8), GEOM.affine, r"Label shape \(8, 9, 11\) does not match the image shape \(8, 9, 10\)"),
+        (np.zeros((8, 9, 10), np.uint8), np.diag([1.0, 1.5, 3.0, 1.0]), "voxel-to-world affines differ"),
+        (np.full((8, 9, 10), 0.5, np.float32), GEOM.affine, "must be integers"),
+        (np.full((8, 9, 10), 7, np.uint8), GEOM.affine, r"values \[7\] that are not class ids; allowed values: \[0, 1, 2\]"),
+        (np.zeros((8, 9), np.uint8), GEOM.affine, "must be a 3D volume"),
+        (np.full((8, 9, 10), np.nan, np.float32), GEOM.affine, "NaN"),
+    ],
+)
+def test_bad_labels_refused(data: np.ndarray, affine: np.ndarray, match: str) -> None:
+    with pytest.raises(RequestError, match=match) as e:
+        validate_label_volume(_label(data, affine), GEOM, {0, 1, 2})
+    assert e.value.status_code == 422
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        np.ones((8, 9, 10), np.uint8),
+        np.full((8, 9, 10), 2.0, np.float32),  # float labels with integral values (two shared cases)
+        np.ones((8, 9, 10, 1), np.int16),  # 4D with a singleton channel
+    ],
+)
+def test_good_labels_become_uint8(data: np.ndarray) -> None:
+    out = validate_label_volume(_label(data), GEOM, {0, 1, 2})
+    assert out.dtype == np.uint8 and out.shape == GEOM.shape
+
+
+def test_load_nifti_errors(tmp_path: Path) -> None:
+    good = write_nifti(tmp_path / "good.nii.gz", np.ones((4, 4, 4), np.float32))
+    assert load_nifti(good, "image").shape == (4, 4, 4)
+
+    truncated = tmp_path / "trunc.nii.gz"
+    truncated.write_bytes(good.read_bytes()[:60])
+    garbage = tmp_path / "garbage.nii.gz"
+    garbage.write_bytes(b"not an image")
+    for path in (truncated, garbage):
+        with pytest.raises(RequestError, match="not a readable NIfTI") as e:
+            load_nifti(path, "label")
+        assert e.value.status_code == 422
+
+
+def test_load_nifti_without_extension(tmp_path: Path) -> None:
+    raw = nib.Nifti1Image(np.ones((3, 3, 3), np.uint8), np.eye(4)).to_bytes()
+    path = tmp_path / "tmpupload"
+    path.write_bytes(gzip.compress(raw))
+    assert load_nifti(path, "label").shape == (3, 3, 3)
+
+
+def test_upload_size(tmp_path: Path) -> None:
+    empty = tmp_path / "e"
+    empty.write_bytes(b"")
+    with pytest.raises(RequestError, match="empty") as e:
+        check_upload_size(empty, 1, "label")
+    assert e.value.status_code == 422
+    big = tmp_path / "b"
+    big.write_bytes(b"x" * (2 * 1024 * 1024))
+    with pytest.raises(RequestError, match="limit is 1 MB") as e:
+        check_upload_size(big, 1, "label")
+    assert e.value.status_code == 413
