@@ -23,13 +23,13 @@ ORGANS_CT = ModelSpec(
     modality="CT",
     # 2 x 2 x 3 mm keeps a whole abdomen within a few sliding windows on a 2-core CPU.
     spacing=(2.0, 2.0, 3.0),
-    roi_size=(96, 96, 64),
+    roi_size=(64, 64, 48),
     # Soft-tissue abdominal window.
     intensity=CTWindow(low=-175.0, high=250.0),
-    channels=(16, 32, 64, 128, 256),
-    strides=(2, 2, 2, 2),
+    channels=(16, 32, 64, 128),
+    strides=(2, 2, 2),
     dropout=0.1,
     shipped_weights=None,
-    learning_rate=1e-3,
-    samples_per_image=2,
+    learning_rate=3e-3,
+    samples_per_image=4,
 )

@@ -12,7 +12,7 @@ from monai.transforms import (
     NormalizeIntensityd,
     Orientationd,
     RandAffined,
-    RandCropByPosNegLabeld,
+    RandCropByLabelClassesd,
     RandScaleIntensityd,
     RandShiftIntensityd,
     ScaleIntensityRanged,
@@ -58,7 +58,7 @@ def preprocess(spec: ModelSpec, *, with_label: bool, load: bool = True) -> list[
 
 
 def augment(spec: ModelSpec) -> list[MapTransform]:
-    """Training-only steps: pad to the patch size, sample patches around labels, mild augmentation.
+    """Training-only steps: pad to the patch size, sample patches around each class, mild augmentation.
 
     Left-right and anterior-posterior flips are left out on purpose: several models here have
     labels whose meaning depends on side or direction (left kidney, anterior hippocampus).
@@ -66,14 +66,16 @@ def augment(spec: ModelSpec) -> list[MapTransform]:
     keys = ("image", "label")
     return [
         SpatialPadd(keys=keys, spatial_size=spec.roi_size),
-        RandCropByPosNegLabeld(
+        # Patches centred on each class (background included) equally often, so small organs are
+        # seen as often as the liver; classes absent from a volume are skipped.
+        RandCropByLabelClassesd(
             keys=keys,
             label_key="label",
             spatial_size=spec.roi_size,
-            pos=2,
-            neg=1,
+            num_classes=spec.num_classes,
             num_samples=spec.samples_per_image,
             allow_smaller=True,
+            warn=False,
         ),
         RandAffined(
             keys=keys,

@@ -1,0 +1,90 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from appcore.datastore import CheckedLocalDatastore
+from appcore.errors import RequestError
+from tests.conftest import write_nifti
+
+
+@pytest.fixture
+def store(tmp_path: Path, oblique_affine: np.ndarray) -> CheckedLocalDatastore:
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    write_nifti(studies / "case1.nii.gz", np.random.default_rng(0).normal(size=(10, 12, 8)).astype(np.float32), oblique_affine)
+    return CheckedLocalDatastore(str(studies), allowed_values=lambda params: {0, 1, 2}, max_upload_mb=1)
+
+
+def _label_file(path: Path, data: np.ndarray, affine: np.ndarray) -> str:
+    return str(write_nifti(path, data, affine))
+
+
+def test_good_label_is_saved_on_the_image_grid(store: CheckedLocalDatastore, tmp_path: Path, oblique_affine) -> None:
+    data = np.zeros((10, 12, 8), np.float32)
+    data[2:5, 3:6, 1:4] = 2
+    store.save_label("case1", _label_file(tmp_path / "l.nii.gz", data, oblique_affine), "final", {})
+    saved = nib.load(store.get_label_uri("case1", "final"))
+    assert saved.get_data_dtype() == np.uint8
+    np.testing.assert_allclose(saved.affine, oblique_affine, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(saved.dataobj), data.astype(np.uint8))
+    assert store.get_unlabeled_images("final") == []
+
+
+@pytest.mark.parametrize(
+    ("make", "status", "match"),
+    [
+        (lambda p, a: _label_file(p, np.zeros((10, 12, 9), np.uint8), a), 422, "does not match the image shape"),
+        (lambda p, a: _label_file(p, np.zeros((10, 12, 8), np.uint8), np.eye(4)), 422, "affines differ"),
+        (lambda p, a: _label_file(p, np.full((10, 12, 8), 5, np.uint8), a), 422, r"values \[5\]"),
+        (lambda p, a: (p.write_bytes(b"\x1f\x8b garbage"), str(p))[1], 422, "not a readable NIfTI"),
+        (lambda p, a: (p.write_bytes(b""), str(p))[1], 422, "empty"),
+        (lambda p, a: (p.write_bytes(b"0" * (2 * 2**20)), str(p))[1], 413, "limit is 1 MB"),
+    ],
+)
+def test_bad_label_is_refused_and_the_previous_one_survives(
+    store: CheckedLocalDatastore, tmp_path: Path, oblique_affine, make, status: int, match: str
+) -> None:
+    first = np.ones((10, 12, 8), np.uint8)
+    store.save_label("case1", _label_file(tmp_path / "first.nii.gz", first, oblique_affine), "final", {})
+    before = Path(store.get_label_uri("case1", "final")).read_bytes()
+
+    with pytest.raises(RequestError, match=match) as e:
+        store.save_label("case1", make(tmp_path / "bad.nii.gz", oblique_affine), "final", {})
+    assert e.value.status_code == status
+    assert Path(store.get_label_uri("case1", "final")).read_bytes() == before
+    leftovers = [p.name for p in Path(store.get_label_uri("case1", "final")).parent.iterdir() if p.name.startswith(".")]
+    assert leftovers == []
+
+
+@pytest.mark.parametrize(("image_id", "status"), [("../case1", 400), ("a/b", 400), ("missing", 404)])
+def test_bad_ids(store: CheckedLocalDatastore, tmp_path: Path, oblique_affine, image_id: str, status: int) -> None:
+    label = _label_file(tmp_path / "l.nii.gz", np.zeros((10, 12, 8), np.uint8), oblique_affine)
+    with pytest.raises(RequestError) as e:
+        store.save_label(image_id, label, "final", {})
+    assert e.value.status_code == status
+    with pytest.raises(RequestError) as e:
+        store.get_image_uri(image_id)
+    assert e.value.status_code == status
+
+
+def test_label_tag_cannot_escape(store: CheckedLocalDatastore, tmp_path: Path, oblique_affine) -> None:
+    label = _label_file(tmp_path / "l.nii.gz", np.zeros((10, 12, 8), np.uint8), oblique_affine)
+    with pytest.raises(RequestError, match="contains a path"):
+        store.save_label("case1", label, "../../evil", {})
+
+
+def test_add_image_checks(store: CheckedLocalDatastore, tmp_path: Path) -> None:
+    good = write_nifti(tmp_path / "new.nii.gz", np.zeros((4, 4, 4), np.float32))
+    assert store.add_image("", str(good), {}) == "new"
+    assert Path(store.get_image_uri("new")).exists()
+    with pytest.raises(RequestError, match="contains a path"):
+        store.add_image("../outside", str(good), {})
+    corrupt = tmp_path / "bad.nii.gz"
+    corrupt.write_bytes(b"\x1f\x8b\x08 nope")
+    with pytest.raises(RequestError, match="not a readable NIfTI"):
+        store.add_image("bad", str(corrupt), {})
+    assert not (Path(store.get_image_uri("new")).parent / "bad.nii.gz").exists()

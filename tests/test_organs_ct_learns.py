@@ -1,0 +1,38 @@
+"""organs_ct starts untrained; after brief training on one real CT it finds that CT's organs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from radiology.label_mapping import load_class_map, remap_by_name
+from radiology.registry import MODELS
+from tests.apps import make_app
+from tests.conftest import TOTALSEG, dice, requires_shared
+
+pytestmark = [requires_shared, pytest.mark.slow]
+
+EPOCHS = int(os.environ.get("ORGANS_CT_TEST_EPOCHS", "40"))
+
+
+def test_training_on_one_real_ct_makes_predictions_overlap_its_labels(tmp_path: Path) -> None:
+    app = make_app(tmp_path, "organs_ct", labelled=1)  # example_ct_sm with TotalSegmentator labels
+    untrained = app.infer({"model": "organs_ct", "image": "example_ct_sm", "device": "cpu"})
+    assert untrained["params"]["model_trained"] is False
+    assert not np.asarray(nib.load(untrained["file"]).dataobj).any(), "untrained answers an empty label"
+
+    app.train({"model": "organs_ct", "max_epochs": EPOCHS, "train_batch_size": 4, "device": "cpu"})
+    result = app.infer({"model": "organs_ct", "image": "example_ct_sm", "device": "cpu"})
+    pred = np.asarray(nib.load(result["file"]).dataobj)
+
+    truth_img = nib.load(TOTALSEG / "example_seg.nii.gz")
+    truth = remap_by_name(np.asarray(truth_img.dataobj), load_class_map(TOTALSEG / "class_map.json"), MODELS["organs_ct"].labels)
+    labels = MODELS["organs_ct"].labels
+    scores = {lab.name: dice(pred == lab.id, truth == lab.id) for lab in labels if (truth == lab.id).any()}
+    print("Dice after", EPOCHS, "epochs:", {k: round(v, 3) for k, v in scores.items()})
+    assert scores["liver"] > 0.6, scores
+    assert np.mean(list(scores.values())) > 0.3, scores

@@ -1,0 +1,179 @@
+"""The real ``monailabel start_server`` process on ten real hippocampus cases, driven over HTTP."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import nibabel as nib
+import numpy as np
+import pytest
+
+from tests.conftest import HIPPO, ROOT, requires_shared
+
+pytestmark = [requires_shared, pytest.mark.slow]
+
+CASES = sorted((HIPPO / "imagesTr").glob("*.nii.gz"))[:10]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[httpx.Client, Path, Path]]:
+    root = tmp_path_factory.mktemp("loop")
+    studies, app_dir = root / "studies", root / "app"
+    studies.mkdir()
+    shutil.copytree(ROOT / "apps" / "radiology", app_dir, ignore=shutil.ignore_patterns("model", "logs", "__pycache__"))
+    for case in CASES:
+        shutil.copyfile(case, studies / case.name)
+    port = _free_port()
+    launcher = Path(sys.executable).parent / "monailabel"
+    cmd = [str(launcher)] if launcher.exists() else [sys.executable, "-m", "monailabel.main"]
+    cmd += ["start_server", "--app", str(app_dir), "--studies", str(studies), "--host", "127.0.0.1", "--port", str(port)]
+    cmd += ["--conf", "models", "hippocampus", "--conf", "reservation_s", "600", "--conf", "max_epochs", "1"]
+    env = {**os.environ, "MONAILABEL_PYEXE": sys.executable, "MONAI_LABEL_TRACKING_ENABLED": "false"}
+    log = (root / "server.log").open("w")
+    proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert proc.poll() is None, (root / "server.log").read_text()[-3000:]
+            try:
+                if client.get("/info/").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "server did not answer /info within 180 s"
+            time.sleep(1)
+        yield client, studies, app_dir
+    finally:
+        client.close()
+        os.killpg(proc.pid, 15)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+        log.close()
+
+
+def _wait_idle(client: httpx.Client, path: str, timeout: float = 300) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        r = client.get(path, params={"check_if_running": True})
+        if r.status_code == 404:  # nothing running
+            break
+        time.sleep(1)
+    else:
+        raise AssertionError(f"{path} still running after {timeout} s")
+    status = client.get(path).json()
+    return status
+
+
+def _label_bytes(case: Path) -> bytes:
+    return (HIPPO / "labelsTr" / case.name).read_bytes()
+
+
+def test_active_learning_loop_over_http(server: tuple[httpx.Client, Path, Path]) -> None:
+    client, studies, app_dir = server
+    info = client.get("/info/").json()
+    assert "hippocampus" in info["models"] and {"random", "epistemic"} <= set(info["strategies"])
+
+    # 1. infer on a real case: a label on the image's own grid
+    image_id = CASES[0].name.split(".")[0]
+    r = client.post(f"/infer/hippocampus?image={image_id}&output=image")
+    assert r.status_code == 200, r.text
+    pred_path = studies.parent / "pred.nii.gz"
+    pred_path.write_bytes(r.content)
+    pred, src = nib.load(pred_path), nib.load(CASES[0])
+    assert pred.shape == src.shape and np.allclose(pred.affine, src.affine)
+
+    # 2. save the true labels of three cases
+    for case in CASES[:3]:
+        r = client.put(
+            "/datastore/label",
+            params={"image": case.name.split(".")[0], "tag": "final"},
+            files={"label": (case.name, _label_bytes(case))},
+        )
+        assert r.status_code == 200, r.text
+    assert len(list((studies / "labels" / "final").glob("*.nii.gz"))) == 3
+
+    # 3. train; the run publishes new served weights and rescoring follows
+    served = app_dir / "model" / "hippocampus.pt"
+    assert not served.exists()
+    r = client.post("/train/hippocampus", json={"max_epochs": 1, "train_batch_size": 2})
+    assert r.status_code == 200, r.text
+    status = _wait_idle(client, "/train/")
+    assert status["status"] == "DONE", status
+    assert served.exists()
+
+    # 4. the next infer serves the new weights without a restart
+    r = client.post("/infer/hippocampus", params={"image": CASES[4].name.split(".")[0], "output": "json"})
+    assert r.status_code == 200 and r.json()["model_trained"] is True
+
+    # 5. scores exist for the unlabelled images, computed under the new weights
+    scores = json.loads((app_dir / "model" / "scores_hippocampus.json").read_text())
+    unlabelled = {c.name.split(".")[0] for c in CASES[3:]}
+    assert unlabelled <= set(scores)
+    version = {s["model_version"] for k, s in scores.items() if k in unlabelled}
+    assert len(version) == 1 and version.pop().startswith("hippocampus.pt:")
+
+    # 6. next sample: never a labelled image, never the same image to two clients
+    def ask(client_id: str) -> dict:
+        return client.post("/activelearning/epistemic", json={"client_id": client_id}).json()
+
+    with ThreadPoolExecutor(4) as pool:
+        picks = list(pool.map(ask, ["a", "b", "c", "d"]))
+    ids = [p["id"] for p in picks]
+    assert len(set(ids)) == 4 and set(ids) <= unlabelled
+    batch = client.post("/activelearning/random", json={"client_id": "e", "k": 3}).json()
+    assert len(batch["ids"]) == 3 and not set(batch["ids"]) & set(ids)
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "kwargs", "status"),
+    [
+        ("post", "/infer/unknown_model?image=hippocampus_001", {}, 404),
+        ("post", "/infer/hippocampus?image=..%2F..%2Fetc%2Fpasswd", {}, 400),
+        ("post", "/infer/hippocampus?image=%2Fetc%2Fpasswd", {}, 400),
+        ("post", "/infer/hippocampus?image=no_such_case", {}, 404),
+        ("post", "/train/unknown_model", {"json": {}}, 404),
+        ("put", "/datastore/label?image=hippocampus_001&tag=final", {"files": {"label": ("x.nii.gz", b"")}}, 422),
+        ("put", "/datastore/label?image=hippocampus_001&tag=final", {"files": {"label": ("x.nii.gz", b"\x1f\x8bjunk")}}, 422),
+        ("put", "/datastore/label?image=..%2Fx&tag=final", {"files": {"label": ("x.nii.gz", b"x")}}, 400),
+        ("post", "/activelearning/random", {"json": {"k": "many"}}, 400),
+    ],
+)
+def test_bad_requests_get_clear_4xx(server, method: str, path: str, kwargs: dict, status: int) -> None:
+    client, _, _ = server
+    r = getattr(client, method)(path, **kwargs)
+    assert r.status_code == status, r.text
+    assert r.json()["detail"]
+    assert client.get("/info/").status_code == 200, "the server keeps running"
+
+
+def test_wrong_shape_label_leaves_the_saved_one_intact(server) -> None:
+    client, studies, _ = server
+    case = CASES[5]
+    image_id = case.name.split(".")[0]
+    r = client.put("/datastore/label", params={"image": image_id, "tag": "final"}, files={"label": (case.name, _label_bytes(case))})
+    assert r.status_code == 200
+    saved = studies / "labels" / "final" / case.name
+    before = saved.read_bytes()
+    other = next(c for c in sorted((HIPPO / "labelsTr").glob("*.nii.gz")) if nib.load(c).shape != nib.load(case).shape)
+    r = client.put("/datastore/label", params={"image": image_id, "tag": "final"}, files={"label": (case.name, other.read_bytes())})
+    assert r.status_code == 422 and "does not match the image shape" in r.json()["detail"]
+    assert saved.read_bytes() == before
