@@ -34,7 +34,9 @@ def check_upload_size(path: str | Path, max_mb: int, what: str) -> None:
     if size == 0:
         raise unprocessable(f"The uploaded {what} is empty (0 bytes)")
     if size > max_mb * 1024 * 1024:
-        raise too_large(f"The uploaded {what} is {size / 2**20:.1f} MB; the limit is {max_mb} MB (--conf max_upload_mb)")
+        raise too_large(
+            f"The uploaded {what} is {size / 2**20:.1f} MB; the limit is {max_mb} MB (--conf max_upload_mb)"
+        )
 
 
 def load_nifti(path: str | Path, what: str) -> nib.Nifti1Image:
@@ -98,7 +100,8 @@ def validate_label_volume(
             "Label geometry does not match the image: voxel-to-world affines differ "
             f"(label spacing {np.round(nib.affines.voxel_sizes(label.affine), 4).tolist()}, "
             f"image spacing {np.round(nib.affines.voxel_sizes(image.affine), 4).tolist()}; "
-            f"label origin {np.round(label.affine[:3, 3], 3).tolist()}, image origin {np.round(image.affine[:3, 3], 3).tolist()})"
+            f"label origin {np.round(label.affine[:3, 3], 3).tolist()}, "
+            f"image origin {np.round(image.affine[:3, 3], 3).tolist()})"
         )
     if not np.all(np.isfinite(data)):
         raise unprocessable("Label contains NaN or infinite values")

@@ -27,7 +27,9 @@ def prepare(source: Path, dest: Path) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--source", type=Path, required=True, help="MSD-layout folder, e.g. ../shared/data/hippocampus_mr")
+    parser.add_argument(
+        "--source", type=Path, required=True, help="MSD-layout folder, e.g. ../shared/data/hippocampus_mr"
+    )
     parser.add_argument("--dest", type=Path, required=True, help="studies folder to create")
     args = parser.parse_args(argv)
     if not (args.source / "dataset.json").is_file():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
 from typing import Any
 
@@ -110,7 +111,8 @@ class SegmentationInfer(BasicInferTask):
             img = restore_nifti_header(pred, source)
         except nib.filebasedimages.ImageFileError as e:
             raise unprocessable(f"Cannot write the label on the grid of {source!r}: {e}") from None
-        out = tempfile.NamedTemporaryFile(suffix=".nii.gz", delete=False).name
+        fd, out = tempfile.mkstemp(suffix=".nii.gz")
+        os.close(fd)
         nib.save(img, out)
         result: dict[str, Any] = {"model_trained": not data.get("untrained", False)}
         if data.get("untrained"):

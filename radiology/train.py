@@ -11,7 +11,6 @@ import nibabel as nib
 import numpy as np
 import torch
 from ignite.engine import Events
-from monai.handlers import from_engine
 from monai.inferers import SlidingWindowInferer
 from monai.losses import DiceCELoss
 from monai.transforms import AsDiscreted, EnsureTyped

@@ -41,9 +41,7 @@ class ReservationBook:
         with self._lock:
             self._held.pop(image, None)
 
-    def pick(
-        self, candidates: Sequence[str], choose: Callable[[list[str]], list[str]], client_id: str
-    ) -> list[str]:
+    def pick(self, candidates: Sequence[str], choose: Callable[[list[str]], list[str]], client_id: str) -> list[str]:
         """Reserve and return ``choose(free candidates)`` for ``client_id``."""
         with self._lock:
             now = self._clock()

@@ -50,9 +50,7 @@ class ScoreStore:
 
     def values(self, model_version: str | None = None) -> dict[str, float]:
         """Ranking values, only those computed by ``model_version`` when it is given."""
-        return {
-            k: s.value for k, s in self.load().items() if model_version is None or s.model_version == model_version
-        }
+        return {k: s.value for k, s in self.load().items() if model_version is None or s.model_version == model_version}
 
     def update(self, new: dict[str, Score]) -> None:
         scores = self.load()

@@ -15,7 +15,9 @@ from tests.conftest import write_nifti
 def store(tmp_path: Path, oblique_affine: np.ndarray) -> CheckedLocalDatastore:
     studies = tmp_path / "studies"
     studies.mkdir()
-    write_nifti(studies / "case1.nii.gz", np.random.default_rng(0).normal(size=(10, 12, 8)).astype(np.float32), oblique_affine)
+    write_nifti(
+        studies / "case1.nii.gz", np.random.default_rng(0).normal(size=(10, 12, 8)).astype(np.float32), oblique_affine
+    )
     return CheckedLocalDatastore(str(studies), allowed_values=lambda params: {0, 1, 2}, max_upload_mb=1)
 
 

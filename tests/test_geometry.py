@@ -56,7 +56,9 @@ def _assert_same_grid(out: nib.Nifti1Image, src: nib.Nifti1Image) -> None:
         ("organs_ct", (0.8, 0.8, 5.0), 0.9),  # thick CT slices resampled to 2 x 2 x 3 mm and back
     ],
 )
-def test_phantom_round_trip(tmp_path: Path, oblique_affine: np.ndarray, model: str, zooms: tuple, min_dice: float) -> None:
+def test_phantom_round_trip(
+    tmp_path: Path, oblique_affine: np.ndarray, model: str, zooms: tuple, min_dice: float
+) -> None:
     affine = oblique_affine.copy()
     direction = affine[:3, :3] / np.linalg.norm(affine[:3, :3], axis=0)
     affine[:3, :3] = direction @ np.diag(zooms)

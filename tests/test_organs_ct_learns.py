@@ -30,7 +30,9 @@ def test_training_on_one_real_ct_makes_predictions_overlap_its_labels(tmp_path: 
     pred = np.asarray(nib.load(result["file"]).dataobj)
 
     truth_img = nib.load(TOTALSEG / "example_seg.nii.gz")
-    truth = remap_by_name(np.asarray(truth_img.dataobj), load_class_map(TOTALSEG / "class_map.json"), MODELS["organs_ct"].labels)
+    truth = remap_by_name(
+        np.asarray(truth_img.dataobj), load_class_map(TOTALSEG / "class_map.json"), MODELS["organs_ct"].labels
+    )
     labels = MODELS["organs_ct"].labels
     scores = {lab.name: dice(pred == lab.id, truth == lab.id) for lab in labels if (truth == lab.id).any()}
     print("Dice after", EPOCHS, "epochs:", {k: round(v, 3) for k, v in scores.items()})

@@ -42,7 +42,17 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[httpx.Cli
     port = _free_port()
     launcher = Path(sys.executable).parent / "monailabel"
     cmd = [str(launcher)] if launcher.exists() else [sys.executable, "-m", "monailabel.main"]
-    cmd += ["start_server", "--app", str(app_dir), "--studies", str(studies), "--host", "127.0.0.1", "--port", str(port)]
+    cmd += [
+        "start_server",
+        "--app",
+        str(app_dir),
+        "--studies",
+        str(studies),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
     cmd += ["--conf", "models", "hippocampus", "--conf", "reservation_s", "600", "--conf", "max_epochs", "1"]
     env = {**os.environ, "MONAILABEL_PYEXE": sys.executable, "MONAI_LABEL_TRACKING_ENABLED": "false"}
     log = (root / "server.log").open("w")
@@ -152,7 +162,12 @@ def test_active_learning_loop_over_http(server: tuple[httpx.Client, Path, Path])
         ("post", "/infer/hippocampus?image=no_such_case", {}, 404),
         ("post", "/train/unknown_model", {"json": {}}, 404),
         ("put", "/datastore/label?image=hippocampus_001&tag=final", {"files": {"label": ("x.nii.gz", b"")}}, 422),
-        ("put", "/datastore/label?image=hippocampus_001&tag=final", {"files": {"label": ("x.nii.gz", b"\x1f\x8bjunk")}}, 422),
+        (
+            "put",
+            "/datastore/label?image=hippocampus_001&tag=final",
+            {"files": {"label": ("x.nii.gz", b"\x1f\x8bjunk")}},
+            422,
+        ),
         ("put", "/datastore/label?image=..%2Fx&tag=final", {"files": {"label": ("x.nii.gz", b"x")}}, 400),
         ("post", "/activelearning/random", {"json": {"k": "many"}}, 400),
     ],
@@ -169,11 +184,15 @@ def test_wrong_shape_label_leaves_the_saved_one_intact(server) -> None:
     client, studies, _ = server
     case = CASES[5]
     image_id = case.name.split(".")[0]
-    r = client.put("/datastore/label", params={"image": image_id, "tag": "final"}, files={"label": (case.name, _label_bytes(case))})
+    r = client.put(
+        "/datastore/label", params={"image": image_id, "tag": "final"}, files={"label": (case.name, _label_bytes(case))}
+    )
     assert r.status_code == 200
     saved = studies / "labels" / "final" / case.name
     before = saved.read_bytes()
     other = next(c for c in sorted((HIPPO / "labelsTr").glob("*.nii.gz")) if nib.load(c).shape != nib.load(case).shape)
-    r = client.put("/datastore/label", params={"image": image_id, "tag": "final"}, files={"label": (case.name, other.read_bytes())})
+    r = client.put(
+        "/datastore/label", params={"image": image_id, "tag": "final"}, files={"label": (case.name, other.read_bytes())}
+    )
     assert r.status_code == 422 and "does not match the image shape" in r.json()["detail"]
     assert saved.read_bytes() == before

@@ -34,10 +34,18 @@ def _label(data: np.ndarray, affine: np.ndarray = GEOM.affine) -> nib.Nifti1Imag
 @pytest.mark.parametrize(
     ("data", "affine", "match"),
     [
-        (np.zeros((8, 9, 11), np.uint8), GEOM.affine, r"Label shape \(8, 9, 11\) does not match the image shape \(8, 9, 10\)"),
+        (
+            np.zeros((8, 9, 11), np.uint8),
+            GEOM.affine,
+            r"Label shape \(8, 9, 11\) does not match the image shape \(8, 9, 10\)",
+        ),
         (np.zeros((8, 9, 10), np.uint8), np.diag([1.0, 1.5, 3.0, 1.0]), "voxel-to-world affines differ"),
         (np.full((8, 9, 10), 0.5, np.float32), GEOM.affine, "must be integers"),
-        (np.full((8, 9, 10), 7, np.uint8), GEOM.affine, r"values \[7\] that are not class ids; allowed values: \[0, 1, 2\]"),
+        (
+            np.full((8, 9, 10), 7, np.uint8),
+            GEOM.affine,
+            r"values \[7\] that are not class ids; allowed values: \[0, 1, 2\]",
+        ),
         (np.zeros((8, 9), np.uint8), GEOM.affine, "must be a 3D volume"),
         (np.full((8, 9, 10), np.nan, np.float32), GEOM.affine, "NaN"),
     ],
