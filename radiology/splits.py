@@ -15,16 +15,20 @@ class Case:
 
 
 def msd_cases(root: Path) -> list[Case]:
-    """The labelled cases of an MSD folder (``dataset.json`` with a ``training`` list), sorted by id."""
+    """The labelled cases of an MSD folder, sorted by id.
+
+    Uses ``dataset.json``'s ``training`` list when present; otherwise pairs ``imagesTr/X`` with
+    ``labelsTr/X`` by file name, so a folder of new cases needs no manifest.
+    """
     manifest = root / "dataset.json"
-    if not manifest.is_file():
-        raise FileNotFoundError(f"No dataset.json in {root}; expected the MSD layout (imagesTr/, labelsTr/)")
-    entries = json.loads(manifest.read_text())["training"]
-    cases = []
-    for entry in entries:
-        image = (root / entry["image"]).resolve()
-        label = (root / entry["label"]).resolve()
-        cases.append(Case(id=image.name.split(".")[0], image=image, label=label))
+    if manifest.is_file():
+        pairs = [(root / e["image"], root / e["label"]) for e in json.loads(manifest.read_text())["training"]]
+    elif (root / "imagesTr").is_dir() and (root / "labelsTr").is_dir():
+        pairs = [(p, root / "labelsTr" / p.name) for p in sorted((root / "imagesTr").glob("*.nii*"))]
+        pairs = [(i, lab) for i, lab in pairs if lab.exists()]
+    else:
+        raise FileNotFoundError(f"{root} has neither dataset.json nor imagesTr/ and labelsTr/ (the MSD layout)")
+    cases = [Case(id=i.name.split(".")[0], image=i.resolve(), label=lab.resolve()) for i, lab in pairs]
     return sorted(cases, key=lambda c: c.id)
 
 

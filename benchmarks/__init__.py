@@ -1,0 +1,1 @@
+"""Benchmarks that print tables; results and the commands that made them are in RESULTS.md."""

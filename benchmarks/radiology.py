@@ -1,0 +1,205 @@
+"""Speed and memory of the radiology app on real volumes: ``python -m benchmarks.radiology --help``.
+
+Prints one Markdown table: start-up to ``/info``, infer latency per model over HTTP, training
+seconds per epoch, epistemic scoring seconds per image, and peak resident memory. Medians over
+repeats. ``organs_ct`` ships untrained (its infer would skip the network), so the benchmark gives it
+freshly initialised weights: the cost of a forward pass does not depend on the weight values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+import torch
+
+from radiology.registry import MODELS
+from radiology.splits import msd_cases, split_cases
+from radiology.uncertainty import MCDropoutScorer
+from radiology.weights import save_weights_atomically
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class PeakRSS:
+    """Samples the resident memory of a process and all its children every 50 ms."""
+
+    def __init__(self, pid: int) -> None:
+        self.proc = psutil.Process(pid)
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                procs = [self.proc, *self.proc.children(recursive=True)]
+                self.peak = max(self.peak, sum(p.memory_info().rss for p in procs if p.is_running()))
+            except psutil.Error:
+                pass
+            time.sleep(0.05)
+
+    def __enter__(self) -> PeakRSS:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _median(xs: list[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
+def _server(app_dir: Path, studies: Path, models: str, port: int, log: Path) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(app_dir), "--studies", str(studies)]
+    cmd += ["--host", "127.0.0.1", "--port", str(port), "--conf", "models", models, "--conf", "score_on_start", "false"]
+    env = {**os.environ, "MONAI_LABEL_TRACKING_ENABLED": "false"}
+    return subprocess.Popen(cmd, cwd=log.parent, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+
+
+def run(shared: Path, repeats: int, hippo_cases: int) -> list[tuple[str, str, float, str]]:
+    rows: list[tuple[str, str, float, str]] = []
+    work = Path(tempfile.mkdtemp(prefix="bench-radiology-"))
+    studies, app_dir = work / "studies", work / "app"
+    studies.mkdir()
+    shutil.copytree(ROOT / "apps" / "radiology", app_dir, ignore=shutil.ignore_patterns("model", "logs", "__pycache__"))
+    hippo = split_cases(msd_cases(shared / "hippocampus_mr"))["test"][:hippo_cases]
+    cts = [shared / "totalseg_ct" / "example_ct.nii.gz", shared / "spleen_ct" / "imagesTr" / "spleen_2.nii.gz"]
+    for src in [c.image for c in hippo] + cts:
+        shutil.copyfile(src, studies / src.name)
+    torch.manual_seed(0)
+    save_weights_atomically(MODELS["organs_ct"].network().state_dict(), app_dir / "model" / "organs_ct.pt")
+
+    # Start-up and infer over HTTP, with the server's memory watched.
+    startups, peak = [], 0
+    infer_times: dict[str, list[float]] = {"hippocampus": [], "organs_ct": []}
+    for r in range(repeats):
+        port = _free_port()
+        t0 = time.perf_counter()
+        proc = _server(app_dir, studies, "hippocampus,organs_ct", port, work / f"server{r}.log")
+        with PeakRSS(proc.pid) as mem, httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=600) as client:
+            while True:
+                try:
+                    if client.get("/info/").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    time.sleep(0.05)
+            startups.append(time.perf_counter() - t0)
+            for model, images in (("hippocampus", [c.image for c in hippo]), ("organs_ct", cts)):
+                for image in images:
+                    t = time.perf_counter()
+                    resp = client.post(f"/infer/{model}", params={"image": image.name.split(".")[0], "output": "image"})
+                    resp.raise_for_status()
+                    if r > 0 or image != images[0]:  # the very first call also loads the network
+                        infer_times[model].append(time.perf_counter() - t)
+        proc.terminate()
+        proc.wait(timeout=60)
+        peak = max(peak, mem.peak)
+    rows.append(("server start-up to /info", "s", _median(startups), f"median of {repeats}"))
+    rows.append(
+        (
+            "infer hippocampus (HTTP, MR ~35x50x35)",
+            "s",
+            _median(infer_times["hippocampus"]),
+            f"median of {len(infer_times['hippocampus'])}",
+        )
+    )
+    rows.append(
+        (
+            "infer organs_ct (HTTP, CT 122x101x112 @3mm and 164x166x26)",
+            "s",
+            _median(infer_times["organs_ct"]),
+            f"median of {len(infer_times['organs_ct'])}",
+        )
+    )
+    rows.append(("server peak RSS (start-up + infers)", "MB", peak / 2**20, "process tree"))
+
+    # Epistemic scoring, in-process, as the scoring task runs it.
+    for model, images in (("hippocampus", [c.image for c in hippo]), ("organs_ct", cts)):
+        weights = MODELS[model].shipped_weights_path if model == "hippocampus" else app_dir / "model" / "organs_ct.pt"
+        scorer = MCDropoutScorer(MODELS[model], [str(weights)], samples=8)
+        scorer.score(str(images[0]))  # load weights
+        times = []
+        for _ in range(repeats):
+            for image in images:
+                t = time.perf_counter()
+                scorer.score(str(image))
+                times.append(time.perf_counter() - t)
+        rows.append((f"epistemic scoring {model} (8 MC passes)", "s/image", _median(times), f"median of {len(times)}"))
+
+    # Training: seconds per epoch in a training process started the way the server starts it.
+    for model, images, labels in (("hippocampus", [c.image for c in hippo], [c.label for c in hippo]),):
+        epoch_times, train_peak = [], 0
+        for _ in range(repeats):
+            code = (
+                "import sys,time,shutil,tempfile; from pathlib import Path;"
+                "from radiology.app import RadiologyApp;"
+                f"imgs={[str(i) for i in images]!r}; labs={[str(lab) for lab in labels]!r};"
+                "root=Path(tempfile.mkdtemp()); s=root/'studies'; s.mkdir();"
+                "[shutil.copyfile(i, s/Path(i).name) for i in imgs];"
+                f"conf={{'models':'{model}','score_after_train':'false','score_on_start':'false'}};"
+                "app=RadiologyApp(str(root/'app'), str(s), conf);"
+                "[app.datastore().save_label(Path(i).name.split('.')[0], l, 'final', {}) for i,l in zip(imgs,labs)];"
+                "t=time.perf_counter(); app.train({'model':'"
+                + model
+                + "','max_epochs':3,'train_batch_size':4,'val_split':0.0});"
+                "print('EPOCH_SECONDS', (time.perf_counter()-t)/3)"
+            )
+            proc = subprocess.Popen(
+                [sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+            )
+            with PeakRSS(proc.pid) as mem:
+                out, _ = proc.communicate()
+            train_peak = max(train_peak, mem.peak)
+            epoch_times += [float(line.split()[1]) for line in out.splitlines() if line.startswith("EPOCH_SECONDS")]
+        rows.append(
+            (
+                f"training {model}, {len(images)} labelled volumes, batch 4",
+                "s/epoch",
+                _median(epoch_times),
+                f"median of {len(epoch_times)} runs of 3 epochs (incl. set-up)",
+            )
+        )
+        rows.append((f"training {model} peak RSS", "MB", train_peak / 2**20, "process tree"))
+    shutil.rmtree(work, ignore_errors=True)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--shared", type=Path, default=ROOT.parent / "shared" / "data")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--hippo-cases", type=int, default=10)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(os.cpu_count() or 1)
+    load = os.getloadavg()
+    rows = run(args.shared, args.repeats, args.hippo_cases)
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU only (no CUDA device)"
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, {device}; load average before: {load[0]:.2f}")
+    print("| measure | unit | value | note |\n|---|---|---|---|")
+    for name, unit, value, note in rows:
+        print(f"| {name} | {unit} | {value:.2f} | {note} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,71 @@
+"""Held-out Dice of a model through the server's own infer path: ``python -m radiology.evaluate --help``.
+
+Each case goes through ``SegmentationInfer`` exactly as ``/infer`` runs it, and Dice is computed on
+the image's original voxel grid against the reference label.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+
+from radiology.infer import SegmentationInfer
+from radiology.offline import dice_per_class
+from radiology.registry import MODELS
+from radiology.splits import Case, msd_cases, split_cases
+
+
+def evaluate(model: str, weights: Path, cases: list[Case]) -> dict:
+    spec = MODELS[model]
+    task = SegmentationInfer(spec, [str(weights)])
+    per_case = {}
+    for case in cases:
+        out, _ = task({"image": str(case.image), "device": "cuda" if torch.cuda.is_available() else "cpu"})
+        pred = np.asarray(nib.load(out).dataobj)
+        truth = np.rint(np.asarray(nib.load(case.label).dataobj)).astype(np.int64)
+        Path(out).unlink(missing_ok=True)
+        per_case[case.id] = {
+            spec.labels.labels[i].name: d for i, d in enumerate(dice_per_class(pred, truth, spec.labels.ids).values())
+        }
+    names = [label.name for label in spec.labels]
+    mean = {n: float(np.mean([c[n] for c in per_case.values()])) for n in names}
+    return {
+        "cases": len(per_case),
+        "mean_dice": mean,
+        "mean_of_classes": float(np.mean(list(mean.values()))),
+        "per_case": per_case,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("model", choices=sorted(MODELS))
+    parser.add_argument("--data", type=Path, required=True, help="MSD-layout folder")
+    parser.add_argument("--weights", type=Path, required=True)
+    parser.add_argument(
+        "--split",
+        default="test",
+        choices=["train", "val", "test", "all"],
+        help="which part of the fixed split to score ('all' for a folder of unseen cases)",
+    )
+    parser.add_argument("--json", type=Path, help="also write the full result here")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    cases = msd_cases(args.data)
+    if args.split != "all":
+        cases = split_cases(cases)[args.split]
+    result = evaluate(args.model, args.weights, cases)
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1))
+    summary = {k: v for k, v in result.items() if k != "per_case"}
+    print(json.dumps(summary, indent=1))
+
+
+if __name__ == "__main__":
+    main()
