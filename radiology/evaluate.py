@@ -57,6 +57,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", type=Path, help="also write the full result here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    logging.getLogger("monailabel").setLevel(logging.WARNING)
     cases = msd_cases(args.data)
     if args.split != "all":
         cases = split_cases(cases)[args.split]

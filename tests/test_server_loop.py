@@ -196,3 +196,21 @@ def test_wrong_shape_label_leaves_the_saved_one_intact(server) -> None:
     )
     assert r.status_code == 422 and "does not match the image shape" in r.json()["detail"]
     assert saved.read_bytes() == before
+
+
+def test_stopped_training_leaves_the_served_weights_alone(server) -> None:
+    client, _, app_dir = server
+    served = app_dir / "model" / "hippocampus.pt"
+    assert served.exists(), "runs after test_active_learning_loop_over_http, which publishes weights"
+    before = served.read_bytes()
+    r = client.post("/train/hippocampus", json={"max_epochs": 500, "train_batch_size": 2})
+    assert r.status_code == 200, r.text
+    deadline = time.monotonic() + 120
+    while not any("Epoch: 1/500" in line for line in client.get("/train/").json().get("details", [])):
+        assert time.monotonic() < deadline, "training did not reach its first epoch"
+        time.sleep(0.5)
+    r = client.delete("/train/")
+    assert r.status_code == 200 and r.json()["status"] == "STOPPED"
+    _wait_idle(client, "/train/", timeout=30)
+    assert served.read_bytes() == before
+    assert client.post("/infer/hippocampus", params={"image": CASES[6].name.split(".")[0]}).status_code == 200
