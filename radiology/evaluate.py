@@ -26,7 +26,8 @@ def evaluate(model: str, weights: Path, cases: list[Case]) -> dict:
     task = SegmentationInfer(spec, [str(weights)])
     per_case = {}
     for case in cases:
-        out, _ = task({"image": str(case.image), "device": "cuda" if torch.cuda.is_available() else "cpu"})
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        out, _ = task({"image": str(case.image), "device": device, "logging": "WARNING"})
         pred = np.asarray(nib.load(out).dataobj)
         truth = np.rint(np.asarray(nib.load(case.label).dataobj)).astype(np.int64)
         Path(out).unlink(missing_ok=True)

@@ -9,7 +9,6 @@ import torch
 from monai.networks.nets import UNet
 
 from appcore.labels import LabelSet
-from radiology.networks import ProbabilityEnsemble
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 
@@ -52,7 +51,6 @@ class ModelSpec:
             model starts untrained.
         learning_rate: AdamW learning rate for fine-tuning in the server.
         samples_per_image: random patches drawn per labelled volume and training step.
-        members: independently trained UNets whose probabilities are averaged (1: a plain UNet).
     """
 
     name: str
@@ -68,7 +66,6 @@ class ModelSpec:
     shipped_weights: str | None = None
     learning_rate: float = 1e-3
     samples_per_image: int = 2
-    members: int = 1
 
     def __post_init__(self) -> None:
         if len(self.strides) != len(self.channels) - 1:
@@ -78,8 +75,6 @@ class ModelSpec:
             factor *= s
         if any(r % factor for r in self.roi_size):
             raise ValueError(f"{self.name}: roi_size {self.roi_size} must be divisible by {factor}")
-        if self.members < 1:
-            raise ValueError(f"{self.name}: members must be at least 1, got {self.members}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"{self.name}: dropout must be in [0, 1), got {self.dropout}")
 
@@ -93,12 +88,6 @@ class ModelSpec:
 
     def network(self) -> torch.nn.Module:
         """A fresh, untrained network for this model."""
-        if self.members > 1:
-            return ProbabilityEnsemble([self.member_network() for _ in range(self.members)])
-        return self.member_network()
-
-    def member_network(self) -> torch.nn.Module:
-        """One UNet of the model (the whole network unless ``members > 1``)."""
         return UNet(
             spatial_dims=3,
             in_channels=1,

@@ -16,7 +16,7 @@ from tests.conftest import TOTALSEG, dice, requires_shared
 
 pytestmark = [requires_shared, pytest.mark.slow]
 
-EPOCHS = int(os.environ.get("ORGANS_CT_TEST_EPOCHS", "40"))
+EPOCHS = int(os.environ.get("ORGANS_CT_TEST_EPOCHS", "150"))
 
 
 def test_training_on_one_real_ct_makes_predictions_overlap_its_labels(tmp_path: Path) -> None:
@@ -36,5 +36,9 @@ def test_training_on_one_real_ct_makes_predictions_overlap_its_labels(tmp_path: 
     labels = MODELS["organs_ct"].labels
     scores = {lab.name: dice(pred == lab.id, truth == lab.id) for lab in labels if (truth == lab.id).any()}
     print("Dice after", EPOCHS, "epochs:", {k: round(v, 3) for k, v in scores.items()})
-    assert scores["liver"] > 0.6, scores
-    assert np.mean(list(scores.values())) > 0.3, scores
+    # Measured on this machine after 150 epochs (about 160 s): liver 0.87, spleen 0.72, stomach 0.61,
+    # kidneys 0.26 and 0.36; small organs (gallbladder, pancreas, aorta) need longer. Margins allow
+    # for run-to-run variation.
+    assert scores["liver"] > 0.7, scores
+    assert scores["spleen"] > 0.4, scores
+    assert sum(d > 0.2 for d in scores.values()) >= 3, scores
