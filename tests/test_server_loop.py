@@ -81,16 +81,14 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[httpx.Cli
 
 
 def _wait_idle(client: httpx.Client, path: str, timeout: float = 300) -> dict:
+    """Poll the latest background task until it has ended (a new task is SUBMITTED before RUNNING)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        r = client.get(path, params={"check_if_running": True})
-        if r.status_code == 404:  # nothing running
-            break
-        time.sleep(1)
-    else:
-        raise AssertionError(f"{path} still running after {timeout} s")
-    status = client.get(path).json()
-    return status
+        status = client.get(path).json()
+        if status.get("status") in ("DONE", "ERROR", "STOPPED"):
+            return status
+        time.sleep(0.5)
+    raise AssertionError(f"{path} still running after {timeout} s")
 
 
 def _label_bytes(case: Path) -> bytes:
@@ -211,6 +209,6 @@ def test_stopped_training_leaves_the_served_weights_alone(server) -> None:
         time.sleep(0.5)
     r = client.delete("/train/")
     assert r.status_code == 200 and r.json()["status"] == "STOPPED"
-    _wait_idle(client, "/train/", timeout=30)
+    assert _wait_idle(client, "/train/", timeout=30)["status"] == "STOPPED"
     assert served.read_bytes() == before
     assert client.post("/infer/hippocampus", params={"image": CASES[6].name.split(".")[0]}).status_code == 200
