@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -124,11 +125,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--val-every", type=int, default=5)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--channels", help="override the model's UNet channels, e.g. 24,48,96,192 (for experiments)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
 
     spec = MODELS[args.model]
+    if args.channels:
+        spec = dataclasses.replace(spec, channels=tuple(int(c) for c in args.channels.split(",")))
     split = split_cases(msd_cases(args.data))
     logger.info("split: %s", {k: len(v) for k, v in split.items()})
     history = train(
