@@ -168,6 +168,8 @@ def test_active_learning_loop_over_http(server: tuple[httpx.Client, Path, Path])
         ),
         ("put", "/datastore/label?image=..%2Fx&tag=final", {"files": {"label": ("x.nii.gz", b"x")}}, 400),
         ("post", "/activelearning/random", {"json": {"k": "many"}}, 400),
+        ("post", "/infer/hippocampus", {"files": {"file": ("scan.nii.gz", b"\x1f\x8bnot a volume")}}, 422),
+        ("put", "/datastore/?image=..%2Fescape", {"files": {"file": ("x.nii.gz", b"x")}}, 400),
     ],
 )
 def test_bad_requests_get_clear_4xx(server, method: str, path: str, kwargs: dict, status: int) -> None:
