@@ -74,13 +74,13 @@ class CheckedLocalDatastore(LocalDatastore):
         check_image_id(label_tag)
         check_upload_size(label_filename, self._max_upload_mb, "label")
         label = load_nifti(label_filename, "label")
-        image_path = super().get_image_uri(image_id)
-        image_geometry = Geometry.of(nib.load(image_path))
+        image = nib.load(super().get_image_uri(image_id))
+        image_geometry = Geometry.of(image)
         allowed = self._allowed_values(label_info or {})
         data = validate_label_volume(label, image_geometry, allowed)
 
         # Store with the image's own header so the label lies exactly on the image grid.
-        header = nib.load(image_path).header.copy()
+        header = image.header.copy()
         header.set_data_dtype("uint8")
         out = nib.Nifti1Image(data, image_geometry.affine, header)
         out.header.set_slope_inter(1, 0)

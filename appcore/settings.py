@@ -102,7 +102,7 @@ class AppSettings:
         for key, value in conf.items():
             if key in ("models", "al_model") or key in passthrough:
                 continue
-            if key in ("mc_samples", "max_epochs", "train_batch_size", "sw_batch_size") or key == "max_upload_mb":
+            if key in ("mc_samples", "max_epochs", "train_batch_size", "sw_batch_size", "max_upload_mb"):
                 kwargs[key] = _parse_int(key, value, 1)
             elif key == "reservation_s":
                 kwargs[key] = _parse_float(key, value, 0.0)

@@ -25,12 +25,14 @@ import httpx
 import psutil
 import torch
 
+from radiology.app import RadiologyApp
 from radiology.registry import MODELS
 from radiology.splits import msd_cases, split_cases
 from radiology.uncertainty import MCDropoutScorer
 from radiology.weights import save_weights_atomically
 
 ROOT = Path(__file__).resolve().parents[1]
+TRAIN_EPOCHS = 3
 
 
 class PeakRSS:
@@ -147,42 +149,46 @@ def run(shared: Path, repeats: int, hippo_cases: int) -> list[tuple[str, str, fl
                 times.append(time.perf_counter() - t)
         rows.append((f"epistemic scoring {model} (8 MC passes)", "s/image", _median(times), f"median of {len(times)}"))
 
-    # Training: seconds per epoch in a training process started the way the server starts it.
-    for model, images, labels in (("hippocampus", [c.image for c in hippo], [c.label for c in hippo]),):
-        epoch_times, train_peak = [], 0
-        for _ in range(repeats):
-            code = (
-                "import sys,time,shutil,tempfile; from pathlib import Path;"
-                "from radiology.app import RadiologyApp;"
-                f"imgs={[str(i) for i in images]!r}; labs={[str(lab) for lab in labels]!r};"
-                "root=Path(tempfile.mkdtemp()); s=root/'studies'; s.mkdir();"
-                "[shutil.copyfile(i, s/Path(i).name) for i in imgs];"
-                f"conf={{'models':'{model}','score_after_train':'false','score_on_start':'false'}};"
-                "app=RadiologyApp(str(root/'app'), str(s), conf);"
-                "[app.datastore().save_label(Path(i).name.split('.')[0], l, 'final', {}) for i,l in zip(imgs,labs)];"
-                "t=time.perf_counter(); app.train({'model':'"
-                + model
-                + "','max_epochs':3,'train_batch_size':4,'val_split':0.0});"
-                "print('EPOCH_SECONDS', (time.perf_counter()-t)/3)"
-            )
-            proc = subprocess.Popen(
-                [sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
-            )
-            with PeakRSS(proc.pid) as mem:
-                out, _ = proc.communicate()
-            train_peak = max(train_peak, mem.peak)
-            epoch_times += [float(line.split()[1]) for line in out.splitlines() if line.startswith("EPOCH_SECONDS")]
-        rows.append(
-            (
-                f"training {model}, {len(images)} labelled volumes, batch 4",
-                "s/epoch",
-                _median(epoch_times),
-                f"median of {len(epoch_times)} runs of 3 epochs (incl. set-up)",
-            )
+    # Training: seconds per epoch, each run in a fresh process (as the server runs training).
+    images, labels = [c.image for c in hippo], [c.label for c in hippo]
+    epoch_times, train_peak = [], 0
+    for _ in range(repeats):
+        cmd = [sys.executable, "-m", "benchmarks.radiology", "--train-child", "hippocampus"]
+        cmd += [arg for pair in zip(images, labels, strict=True) for arg in map(str, pair)]
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        with PeakRSS(proc.pid) as mem:
+            out, _ = proc.communicate()
+        train_peak = max(train_peak, mem.peak)
+        epoch_times += [float(line.split()[1]) for line in out.splitlines() if line.startswith("EPOCH_SECONDS")]
+    rows.append(
+        (
+            f"training hippocampus, {len(images)} labelled volumes, batch 4",
+            "s/epoch",
+            _median(epoch_times),
+            f"median of {len(epoch_times)} runs of {TRAIN_EPOCHS} epochs (incl. set-up)",
         )
-        rows.append((f"training {model} peak RSS", "MB", train_peak / 2**20, "process tree"))
+    )
+    rows.append(("training hippocampus peak RSS", "MB", train_peak / 2**20, "process tree"))
     shutil.rmtree(work, ignore_errors=True)
     return rows
+
+
+def train_child(model: str, pairs: list[str]) -> None:
+    """Child process: an app over copies of the image/label pairs, timed through ``app.train``."""
+    root = Path(tempfile.mkdtemp(prefix="bench-train-"))
+    studies = root / "studies"
+    studies.mkdir()
+    images, labels = [Path(p) for p in pairs[0::2]], pairs[1::2]
+    for image in images:
+        shutil.copyfile(image, studies / image.name)
+    conf = {"models": model, "score_after_train": "false", "score_on_start": "false"}
+    app = RadiologyApp(str(root / "app"), str(studies), conf)
+    for image, label in zip(images, labels, strict=True):
+        app.datastore().save_label(image.name.split(".")[0], label, "final", {})
+    start = time.perf_counter()
+    app.train({"model": model, "max_epochs": TRAIN_EPOCHS, "train_batch_size": 4, "val_split": 0.0})
+    print("EPOCH_SECONDS", (time.perf_counter() - start) / TRAIN_EPOCHS)
+    shutil.rmtree(root, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -190,7 +196,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--shared", type=Path, default=ROOT.parent / "shared" / "data")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--hippo-cases", type=int, default=10)
+    parser.add_argument("--train-child", nargs="+", metavar=("MODEL", "PATHS"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.train_child:
+        train_child(args.train_child[0], args.train_child[1:])
+        return
     torch.set_num_threads(os.cpu_count() or 1)
     load = os.getloadavg()
     rows = run(args.shared, args.repeats, args.hippo_cases)

@@ -24,9 +24,9 @@ from radiology.splits import Case, msd_cases, split_cases
 def evaluate(model: str, weights: Path, cases: list[Case]) -> dict:
     spec = MODELS[model]
     task = SegmentationInfer(spec, [str(weights)])
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     per_case = {}
     for case in cases:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
         out, _ = task({"image": str(case.image), "device": device, "logging": "WARNING"})
         pred = np.asarray(nib.load(out).dataobj)
         truth = np.rint(np.asarray(nib.load(case.label).dataobj)).astype(np.int64)
