@@ -8,6 +8,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from monai.utils import set_determinism
 
 from radiology.label_mapping import load_class_map, remap_by_name
 from radiology.registry import MODELS
@@ -16,7 +17,7 @@ from tests.conftest import TOTALSEG, dice, requires_shared
 
 pytestmark = [requires_shared, pytest.mark.slow]
 
-EPOCHS = int(os.environ.get("ORGANS_CT_TEST_EPOCHS", "150"))
+EPOCHS = int(os.environ.get("ORGANS_CT_TEST_EPOCHS", "250"))
 
 
 def test_training_on_one_real_ct_makes_predictions_overlap_its_labels(tmp_path: Path) -> None:
@@ -25,6 +26,8 @@ def test_training_on_one_real_ct_makes_predictions_overlap_its_labels(tmp_path: 
     assert untrained["params"]["model_trained"] is False
     assert not np.asarray(nib.load(untrained["file"]).dataobj).any(), "untrained answers an empty label"
 
+    # Seeded: 150 unseeded epochs passed twice and once left the spleen at 0 (liver 0.68).
+    set_determinism(seed=0)
     app.train({"model": "organs_ct", "max_epochs": EPOCHS, "train_batch_size": 4, "device": "cpu"})
     result = app.infer({"model": "organs_ct", "image": "example_ct_sm", "device": "cpu"})
     pred = np.asarray(nib.load(result["file"]).dataobj)
@@ -36,9 +39,9 @@ def test_training_on_one_real_ct_makes_predictions_overlap_its_labels(tmp_path: 
     labels = MODELS["organs_ct"].labels
     scores = {lab.name: dice(pred == lab.id, truth == lab.id) for lab in labels if (truth == lab.id).any()}
     print("Dice after", EPOCHS, "epochs:", {k: round(v, 3) for k, v in scores.items()})
-    # Measured on this machine after 150 epochs (about 160 s): liver 0.87, spleen 0.72, stomach 0.61,
-    # kidneys 0.26 and 0.36; small organs (gallbladder, pancreas, aorta) need longer. Margins allow
-    # for run-to-run variation.
+    # Measured on this machine (seed 0, 250 epochs, about 345 s): liver 0.93, spleen 0.93, stomach
+    # 0.81, kidneys 0.73 and 0.71, pancreas 0.48, gallbladder 0.09, aorta 0.02. Margins allow for
+    # other CPUs, where the seeded run is not bit-for-bit the same.
     assert scores["liver"] > 0.7, scores
     assert scores["spleen"] > 0.4, scores
     assert sum(d > 0.2 for d in scores.values()) >= 3, scores
