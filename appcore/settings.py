@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields
 
+MAX_TTA_SAMPLES = 6  # the test-time augmentations radiology.uncertainty defines
+
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
@@ -46,6 +48,8 @@ class AppSettings:
         models: models to serve, in order; the first one drives active learning unless ``al_model``.
         al_model: the model whose uncertainty ranks images for ``epistemic``.
         mc_samples: Monte Carlo dropout passes per image when scoring uncertainty.
+        tta_samples: test-time augmentations per image when scoring (``tta`` and the embedding used
+            by ``diversity``; 0 turns both off).
         reservation_s: seconds an image handed out by a strategy stays reserved for that client.
         max_epochs: default epochs of one ``/train`` run.
         train_batch_size: default patches per training step.
@@ -59,6 +63,7 @@ class AppSettings:
     models: tuple[str, ...]
     al_model: str
     mc_samples: int = 8
+    tta_samples: int = 4
     reservation_s: float = 600.0
     max_epochs: int = 20
     train_batch_size: int = 4
@@ -104,6 +109,10 @@ class AppSettings:
                 continue
             if key in ("mc_samples", "max_epochs", "train_batch_size", "sw_batch_size", "max_upload_mb"):
                 kwargs[key] = _parse_int(key, value, 1)
+            elif key == "tta_samples":
+                kwargs[key] = _parse_int(key, value, 0)
+                if kwargs[key] > MAX_TTA_SAMPLES:
+                    raise ValueError(f"--conf tta_samples: at most {MAX_TTA_SAMPLES}, got {kwargs[key]}")
             elif key == "reservation_s":
                 kwargs[key] = _parse_float(key, value, 0.0)
             elif key == "val_split":

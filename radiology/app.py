@@ -22,7 +22,7 @@ from radiology.registry import MODELS
 from radiology.spec import ModelSpec
 from radiology.train import SegmentationTrainer
 from radiology.uncertainty import MCDropoutScorer
-from strategies.ranked import RankedStrategy
+from strategies.ranked import DiverseStrategy, RankedStrategy
 from strategies.reservations import ReservationBook
 from strategies.scores import ScoreStore
 from strategies.scoring import UncertaintyScoring
@@ -109,24 +109,42 @@ class RadiologyApp(MONAILabelApp):
     def score_store(self) -> ScoreStore:
         return ScoreStore(self.model_dir / f"scores_{self.settings.al_model}.json")
 
+    # Strategy name -> (stored measure, what it ranks by). One scoring pass stores them all.
+    RANKED_STRATEGIES = {
+        "epistemic": (None, "MC dropout predictive entropy"),
+        "bald": ("bald", "BALD: mutual information between prediction and weights (MC dropout)"),
+        "tta": ("tta", "disagreement across test-time augmentations"),
+    }
+
     def init_strategies(self) -> dict[str, Any]:
-        store = self.score_store()
-        return {
-            "random": RankedStrategy("Random unlabelled image, never one another client holds", book=self.book),
-            "epistemic": RankedStrategy(
-                f"Most uncertain unlabelled images under '{self.settings.al_model}' (MC dropout entropy)",
-                book=self.book,
-                scores=store.values,
-            ),
+        store, model = self.score_store(), self.settings.al_model
+        strategies: dict[str, Any] = {
+            "random": RankedStrategy("Random unlabelled image, never one another client holds", book=self.book)
         }
+        for name, (key, what) in self.RANKED_STRATEGIES.items():
+            strategies[name] = RankedStrategy(
+                f"Most uncertain unlabelled images under '{model}' ({what})",
+                book=self.book,
+                scores=lambda key=key: store.measure(key),
+            )
+        strategies["diversity"] = DiverseStrategy(
+            f"A batch of k uncertain images unlike each other and the labelled ones under '{model}' "
+            "(predictive entropy x distance in the network's feature space)",
+            book=self.book,
+            scores=lambda: store.measure(None),
+            embeddings=store.embeddings,
+        )
+        return strategies
 
     def init_scoring_methods(self) -> dict[str, Any]:
-        name = self.settings.al_model
-        spec, paths, samples = self.specs[name], self.weight_paths(name), self.settings.mc_samples
+        name, s = self.settings.al_model, self.settings
+        spec, paths = self.specs[name], self.weight_paths(name)
         return {
             "epistemic": UncertaintyScoring(
-                f"MC dropout predictive entropy under '{name}' ({samples} passes); rescores only stale images",
-                scorer=lambda: MCDropoutScorer(spec, paths, samples=samples),
+                f"Uncertainty under '{name}': MC dropout entropy and BALD ({s.mc_samples} passes), test-time "
+                f"augmentation disagreement and feature embedding ({s.tta_samples} augmentations); "
+                "rescores only stale images",
+                scorer=lambda: MCDropoutScorer(spec, paths, samples=s.mc_samples, tta_samples=s.tta_samples),
                 store=self.score_store(),
                 key="entropy",
             )

@@ -1,14 +1,22 @@
-"""Monte Carlo dropout uncertainty of a volume: predictive entropy and BALD (mutual information)."""
+"""Uncertainty of a volume under a model: Monte Carlo dropout (predictive entropy, BALD), test-time
+augmentation disagreement, and a feature embedding for diversity-aware selection.
+
+One scoring pass computes every measure, so each strategy reuses the same stored scores.
+"""
 
 from __future__ import annotations
 
 import math
 import os
 from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from monai.inferers import sliding_window_inference
+from monai.networks.layers import SkipConnection
 from monai.transforms import Compose
 
 from radiology.spec import ModelSpec
@@ -16,14 +24,80 @@ from radiology.transforms import preprocess
 from radiology.weights import load_state_dict
 
 _EPS = 1e-8
+_DROPOUT = (torch.nn.Dropout, torch.nn.Dropout2d, torch.nn.Dropout3d)
 
 
 def enable_dropout_only(network: torch.nn.Module) -> None:
     """Eval mode everywhere except dropout layers, which keep sampling masks."""
     network.eval()
     for module in network.modules():
-        if isinstance(module, torch.nn.Dropout | torch.nn.Dropout2d | torch.nn.Dropout3d):
+        if isinstance(module, _DROPOUT):
             module.train()
+
+
+@contextmanager
+def dropout_off(network: torch.nn.Module):
+    """Temporarily switch dropout layers to eval mode (deterministic passes)."""
+    layers = [m for m in network.modules() if isinstance(m, _DROPOUT)]
+    modes = [m.training for m in layers]
+    for m in layers:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m, mode in zip(layers, modes, strict=True):
+            m.train(mode)
+
+
+@dataclass(frozen=True)
+class Augment:
+    """A test-time augmentation: ``forward`` changes the input, ``inverse`` maps the output back."""
+
+    name: str
+    forward: Callable[[torch.Tensor], torch.Tensor]
+    inverse: Callable[[torch.Tensor], torch.Tensor]
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+def _roll(shift: int) -> Augment:
+    dims = (2, 3, 4)
+    return Augment(
+        f"roll{shift:+d}",
+        lambda x: torch.roll(x, (shift,) * 3, dims),
+        lambda y: torch.roll(y, (-shift,) * 3, dims),
+    )
+
+
+def _gain(factor: float) -> Augment:
+    return Augment(f"gain{factor}", lambda x: x * factor, _identity)
+
+
+# Mild, label-preserving changes of the kind seen in training (intensity scaling, small shifts).
+# Flips are left out on purpose: several labels here depend on side or direction.
+TTA_AUGMENTS: tuple[Augment, ...] = (
+    Augment("identity", _identity, _identity),
+    _roll(2),
+    _gain(1.1),
+    _roll(-2),
+    _gain(0.9),
+    Augment("offset+0.1", lambda x: x + 0.1, _identity),
+)
+
+
+def bottleneck(network: torch.nn.Module) -> torch.nn.Module | None:
+    """The deepest layer of a MONAI UNet (inside its innermost skip connection), or ``None``."""
+    skips = [m for m in network.modules() if isinstance(m, SkipConnection)]
+    return skips[-1].submodule if skips else None
+
+
+def _mutual_information(p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean probabilities and expected entropy over the first axis of ``p`` ``[S, B, C, ...]``."""
+    mean = p.mean(0)
+    expected_entropy = -(p * torch.log(p + _EPS)).sum(2).mean(0).unsqueeze(1)
+    return mean, expected_entropy
 
 
 def mc_window(network: torch.nn.Module, samples: int) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -36,9 +110,38 @@ def mc_window(network: torch.nn.Module, samples: int) -> Callable[[torch.Tensor]
         b = x.shape[0]
         logits = network(x.repeat(samples, *([1] * (x.dim() - 1))))
         p = torch.softmax(logits.float(), dim=1).reshape(samples, b, *logits.shape[1:])
-        mean = p.mean(0)
-        expected_entropy = -(p * torch.log(p + _EPS)).sum(2).mean(0, keepdim=False).unsqueeze(1)
-        return torch.cat([mean, expected_entropy], dim=1)
+        return torch.cat(_mutual_information(p), dim=1)
+
+    return predict
+
+
+def tta_window(
+    network: torch.nn.Module, augments: tuple[Augment, ...], features: list[torch.Tensor] | None = None
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A window predictor over test-time augmentations, dropout off, one batched pass.
+
+    Returns ``[mean class probabilities..., expected entropy]`` across the augmentations. When
+    ``features`` is a list, the UNet bottleneck of the un-augmented input, averaged over space, is
+    appended to it once per window (the image's embedding for diversity).
+    """
+    layer = bottleneck(network) if features is not None else None
+
+    def predict(x: torch.Tensor) -> torch.Tensor:
+        b = x.shape[0]
+        captured: list[torch.Tensor] = []
+        hook = layer.register_forward_hook(lambda _m, _i, out: captured.append(out)) if layer else None
+        try:
+            with dropout_off(network):
+                logits = network(torch.cat([a.forward(x) for a in augments], dim=0))
+        finally:
+            if hook:
+                hook.remove()
+        if captured and features is not None:
+            # The identity augmentation comes first: its ``b`` rows are the plain input.
+            features.append(captured[0][:b].float().flatten(2).mean(2).mean(0))
+        chunks = logits.float().split(b, dim=0)
+        p = torch.stack([torch.softmax(a.inverse(c), dim=1) for a, c in zip(augments, chunks, strict=True)])
+        return torch.cat(_mutual_information(p), dim=1)
 
     return predict
 
@@ -48,6 +151,8 @@ def uncertainty_from_outputs(out: torch.Tensor, num_classes: int) -> dict[str, f
 
     Averaged over the voxels where any foreground class has at least 5% mean probability, so a
     small structure is not drowned by confident background; the whole volume if there are none.
+    With ``tta_window`` outputs appended (``[2C + 2, ...]``), ``tta`` is the mutual information
+    between the prediction and the augmentation, over the same voxels.
     """
     mean, expected_entropy = out[:num_classes], out[num_classes]
     predictive = -(mean * torch.log(mean + _EPS)).sum(0)
@@ -56,11 +161,16 @@ def uncertainty_from_outputs(out: torch.Tensor, num_classes: int) -> dict[str, f
     if not bool(region.any()):
         region = torch.ones_like(region)
     norm = math.log(num_classes)
-    return {
+    scores = {
         "entropy": float(predictive[region].mean() / norm),
         "bald": float(bald[region].mean() / norm),
         "foreground_fraction": float(region.float().mean()),
     }
+    if out.shape[0] >= 2 * (num_classes + 1):
+        tta_mean, tta_expected = out[num_classes + 1 : 2 * num_classes + 1], out[2 * num_classes + 1]
+        tta_predictive = -(tta_mean * torch.log(tta_mean + _EPS)).sum(0)
+        scores["tta"] = float((tta_predictive - tta_expected).clamp_min(0)[region].mean() / norm)
+    return scores
 
 
 class MCDropoutScorer:
@@ -70,13 +180,25 @@ class MCDropoutScorer:
         spec: the model.
         weight_paths: candidates oldest first, as for the infer task; the last existing one is used.
         samples: dropout passes per image.
+        tta_samples: test-time augmentations per image (0 turns ``tta`` and the embedding off).
         device: ``"cuda"`` or ``"cpu"``; CUDA runs with mixed precision.
     """
 
-    def __init__(self, spec: ModelSpec, weight_paths: list[str], *, samples: int = 8, device: str | None = None):
+    def __init__(
+        self,
+        spec: ModelSpec,
+        weight_paths: list[str],
+        *,
+        samples: int = 8,
+        tta_samples: int = 4,
+        device: str | None = None,
+    ):
+        if not 0 <= tta_samples <= len(TTA_AUGMENTS):
+            raise ValueError(f"tta_samples must be between 0 and {len(TTA_AUGMENTS)}, got {tta_samples}")
         self.spec = spec
         self.weight_paths = [Path(p) for p in weight_paths]
         self.samples = samples
+        self.augments = TTA_AUGMENTS[:tta_samples]
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self._network: torch.nn.Module | None = None
         self._pre = Compose(preprocess(spec, with_label=False))
@@ -98,14 +220,40 @@ class MCDropoutScorer:
             path = self.weights()
             if path is not None:
                 network.load_state_dict(load_state_dict(path))
-            enable_dropout_only(network)
-            self._network = network.to(self.device)
+            self.use_network(network)
         return self._network
 
+    def use_network(self, network: torch.nn.Module) -> None:
+        """Score with ``network`` (already holding its weights) instead of loading from disk."""
+        enable_dropout_only(network)
+        self._network = network.to(self.device)
+
+    def score(self, image_path: str) -> dict[str, Any]:
+        image = self._pre({"image": image_path})["image"]
+        return self.score_tensor(image)
+
     @torch.no_grad()
-    def score(self, image_path: str) -> dict[str, float]:
-        image = self._pre({"image": image_path})["image"][None].to(self.device)
-        predictor = mc_window(self.network(), self.samples)
+    def score_tensor(self, image: torch.Tensor) -> dict[str, Any]:
+        """Measures of one pre-processed image ``[1, H, W, D]``.
+
+        Returns ``entropy``, ``bald``, ``foreground_fraction`` and, with test-time augmentation,
+        ``tta`` and ``embedding`` (the mean bottleneck features, a list of floats).
+        """
+        x = image[None].to(self.device)
+        network = self.network()
+        enable_dropout_only(network)
+        features: list[torch.Tensor] = []
+        mc = mc_window(network, self.samples)
+        if self.augments:
+            tta = tta_window(network, self.augments, features)
+
+            def predictor(w: torch.Tensor) -> torch.Tensor:
+                return torch.cat([mc(w), tta(w)], dim=1)
+        else:
+            predictor = mc
         with torch.autocast("cuda", enabled=self.device.type == "cuda"):
-            out = sliding_window_inference(image, self.spec.roi_size, 1, predictor, overlap=0.25, mode="gaussian")
-        return uncertainty_from_outputs(out[0].float(), self.spec.num_classes)
+            out = sliding_window_inference(x, self.spec.roi_size, 1, predictor, overlap=0.25, mode="gaussian")
+        measures: dict[str, Any] = uncertainty_from_outputs(out[0].float(), self.spec.num_classes)
+        if features:
+            measures["embedding"] = [round(float(v), 4) for v in torch.stack(features).mean(0).cpu()]
+        return measures

@@ -1,10 +1,10 @@
-"""MONAI Label strategies (``random``, ``epistemic``) as thin adapters over the pure selection logic."""
+"""MONAI Label strategies as thin adapters over the pure selection logic (``strategies.selection``)."""
 
 from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from monailabel.interfaces.datastore import Datastore
@@ -12,11 +12,12 @@ from monailabel.interfaces.tasks.strategy import Strategy
 
 from appcore.errors import bad_request
 from strategies.reservations import ReservationBook
-from strategies.selection import top_k
+from strategies.selection import diverse_top_k, top_k
 
 logger = logging.getLogger(__name__)
 
 ScoreSource = Callable[[], Mapping[str, float]]
+EmbeddingSource = Callable[[], Mapping[str, Sequence[float]]]
 
 
 def request_k(request: Mapping[str, Any], default: int) -> int:
@@ -65,8 +66,32 @@ class RankedStrategy(Strategy):
         client = str(request.get("client_id") or "anonymous")
         candidates = sorted(datastore.get_unlabeled_images("final"))
         scores = dict(self._scores()) if self._scores else {}
-        chosen = self._book.pick(candidates, lambda free: top_k(free, scores, k, self._rng), client)
+        chosen = self._book.pick(candidates, lambda free: self.choose(free, scores, k, datastore), client)
         if not chosen:
             logger.info("No unlabelled image is free (%d candidates, all reserved or none)", len(candidates))
             return None
         return {"id": chosen[0], "ids": chosen, "scores": {c: scores.get(c) for c in chosen}}
+
+    def choose(self, free: list[str], scores: Mapping[str, float], k: int, datastore: Datastore) -> list[str]:
+        """The ``k`` images to hand out among the ``free`` ones (called under the reservation lock)."""
+        return top_k(free, scores, k, self._rng)
+
+
+class DiverseStrategy(RankedStrategy):
+    """A batch of ``k`` images that are uncertain and unlike each other and the labelled images.
+
+    Uses the feature embeddings stored by scoring (``strategies.selection.diverse_top_k``); with
+    ``k`` 1 and nothing labelled yet it picks the most uncertain image, like ``epistemic``.
+
+    Args:
+        embeddings: returns ``{image_id: vector}`` for scored images.
+        Others as for ``RankedStrategy``.
+    """
+
+    def __init__(self, description: str, *, embeddings: EmbeddingSource, **kwargs: Any) -> None:
+        super().__init__(description, **kwargs)
+        self._embeddings = embeddings
+
+    def choose(self, free: list[str], scores: Mapping[str, float], k: int, datastore: Datastore) -> list[str]:
+        covered = datastore.get_labeled_images("final")
+        return diverse_top_k(free, scores, self._embeddings(), k, self._rng, covered=covered)

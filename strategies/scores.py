@@ -8,6 +8,7 @@ import tempfile
 import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -18,13 +19,21 @@ class Score:
         value: the ranking score (higher is more uncertain).
         model_version: identifies the weights that produced it; a score from other weights is stale.
         ts: when it was computed (seconds since the epoch).
-        extra: further measures computed on the same passes (for example ``bald``).
+        extra: further measures computed on the same passes (for example ``bald``, ``tta``, and
+            ``embedding``, a list of floats).
     """
 
     value: float
     model_version: str
     ts: float
-    extra: dict[str, float]
+    extra: dict[str, Any]
+
+    def measure(self, key: str | None) -> float | None:
+        """The ranking value (``key`` ``None``) or one of the extra measures, ``None`` if absent."""
+        if key is None:
+            return self.value
+        v = self.extra.get(key)
+        return float(v) if isinstance(v, int | float) else None
 
 
 class ScoreStore:
@@ -51,6 +60,15 @@ class ScoreStore:
     def values(self, model_version: str | None = None) -> dict[str, float]:
         """Ranking values, only those computed by ``model_version`` when it is given."""
         return {k: s.value for k, s in self.load().items() if model_version is None or s.model_version == model_version}
+
+    def measure(self, key: str | None) -> dict[str, float]:
+        """One measure of every scored image (the ranking value when ``key`` is ``None``)."""
+        out = {k: s.measure(key) for k, s in self.load().items()}
+        return {k: v for k, v in out.items() if v is not None}
+
+    def embeddings(self) -> dict[str, list[float]]:
+        """The feature vector of every image scored with one."""
+        return {k: s.extra["embedding"] for k, s in self.load().items() if isinstance(s.extra.get("embedding"), list)}
 
     def update(self, new: dict[str, Score]) -> None:
         scores = self.load()

@@ -20,7 +20,7 @@ class Scorer(Protocol):
 
     def version(self) -> str: ...
 
-    def score(self, image_path: str) -> dict[str, float]: ...
+    def score(self, image_path: str) -> dict[str, Any]: ...
 
 
 class UncertaintyScoring(ScoringMethod):
@@ -30,14 +30,19 @@ class UncertaintyScoring(ScoringMethod):
         description: shown in ``/info``.
         scorer: makes the scorer (lazily: loading weights is an explicit step, not construction).
         store: where scores live.
-        key: which of the scorer's measures ranks images (``"entropy"``, ``"bald"``).
+        key: which of the scorer's measures is the stored ranking value (``"entropy"``); the other
+            measures (``bald``, ``tta``, ``embedding``) are stored beside it for other strategies.
+        flush_every: scores written to the store at once; a stopped run keeps what it flushed.
     """
 
-    def __init__(self, description: str, *, scorer: Callable[[], Scorer], store: ScoreStore, key: str) -> None:
+    def __init__(
+        self, description: str, *, scorer: Callable[[], Scorer], store: ScoreStore, key: str, flush_every: int = 10
+    ) -> None:
         super().__init__(description)
         self._make_scorer = scorer
         self.store = store
         self.key = key
+        self.flush_every = flush_every
 
     def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any]:
         start = time.perf_counter()
@@ -47,12 +52,17 @@ class UncertaintyScoring(ScoringMethod):
         images = sorted(datastore.get_unlabeled_images("final"))
         stale = [i for i in images if i not in existing or existing[i].model_version != version]
         logger.info("Scoring %d of %d unlabelled images with model version %s", len(stale), len(images), version)
+        pending: dict[str, Score] = {}
         for image in stale:
             measures = scorer.score(datastore.get_image_uri(image))
             value = measures[self.key]
             extra = {k: v for k, v in measures.items() if k != self.key}
-            # Saved per image so a stopped run keeps what it finished.
-            self.store.update({image: Score(value=value, model_version=version, ts=time.time(), extra=extra)})
+            pending[image] = Score(value=value, model_version=version, ts=time.time(), extra=extra)
+            if len(pending) >= self.flush_every:
+                self.store.update(pending)
+                pending = {}
+        if pending:
+            self.store.update(pending)
         seconds = time.perf_counter() - start
         return {
             "scored": len(stale),

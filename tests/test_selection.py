@@ -7,7 +7,7 @@ from collections import Counter
 import pytest
 
 from strategies.reservations import ReservationBook
-from strategies.selection import rank, top_k
+from strategies.selection import diverse_top_k, rank, top_k
 
 
 @pytest.mark.parametrize(
@@ -98,3 +98,43 @@ def test_concurrent_callers_never_share_an_image() -> None:
     handed = [img for r in results for img in r]
     assert len(handed) == 40 and len(set(handed)) == 40
     assert sum(1 for r in results if not r) == 16 * 3 - 40
+
+
+# Embeddings for diversity: "a1"/"a2"/"a3" are near-duplicates, "b" and "c" point elsewhere.
+EMB = {
+    "a1": [1.0, 0.0, 0.0],
+    "a2": [0.99, 0.01, 0.0],
+    "a3": [0.98, 0.0, 0.02],
+    "b": [0.0, 1.0, 0.0],
+    "c": [0.0, 0.0, 1.0],
+}
+UNC = {"a1": 0.9, "a2": 0.89, "a3": 0.88, "b": 0.5, "c": 0.4}
+
+
+@pytest.mark.parametrize(
+    ("candidates", "k", "covered", "expected"),
+    [
+        # top-k by uncertainty would be a1, a2, a3: diversity takes one of the cluster and moves on
+        (list(EMB), 3, (), ["a1", "b", "c"]),
+        (list(EMB), 1, (), ["a1"]),
+        # the cluster is already represented by a labelled image: start elsewhere
+        (["a1", "a2", "b", "c"], 2, ("a3",), ["b", "c"]),
+        ([], 2, (), []),
+    ],
+)
+def test_diverse_top_k(candidates: list, k: int, covered: tuple, expected: list) -> None:
+    assert diverse_top_k(candidates, UNC, EMB, k, random.Random(0), covered=covered) == expected
+
+
+def test_diverse_top_k_unscored_last_and_k_honoured() -> None:
+    picked = diverse_top_k(["x", "a1", "y", "b"], UNC, EMB, 4, random.Random(0))
+    assert picked[:2] == ["a1", "b"] and set(picked[2:]) == {"x", "y"}
+    assert len(diverse_top_k(list(EMB), UNC, EMB, 2, random.Random(0))) == 2
+    with pytest.raises(ValueError):
+        diverse_top_k(list(EMB), UNC, EMB, 0, random.Random(0))
+
+
+def test_diverse_top_k_prefers_uncertain_when_equally_far() -> None:
+    emb = {"p": [1.0, 0.0], "q": [0.0, 1.0], "r": [-1.0, 0.0], "s": [0.0, -1.0]}
+    unc = {"p": 0.1, "q": 0.2, "r": 0.9, "s": 0.3}
+    assert diverse_top_k(list(emb), unc, emb, 1, random.Random(0)) == ["r"]

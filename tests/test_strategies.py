@@ -3,10 +3,12 @@ from __future__ import annotations
 import random
 import threading
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from appcore.errors import RequestError
+from radiology.app import RadiologyApp
 from strategies.ranked import RankedStrategy
 from strategies.reservations import ReservationBook
 from strategies.scores import Score, ScoreStore
@@ -20,6 +22,10 @@ class FakeDatastore:
     def get_unlabeled_images(self, tag: str = "final") -> list[str]:
         assert tag == "final"
         return [i for i in self.images if i not in self.labelled]
+
+    def get_labeled_images(self, tag: str = "final") -> list[str]:
+        assert tag == "final"
+        return [i for i in self.images if i in self.labelled]
 
     def get_image_uri(self, image_id: str) -> str:
         return f"/data/{image_id}.nii.gz"
@@ -127,3 +133,105 @@ def test_score_store_roundtrip_and_filter(tmp_path: Path) -> None:
     assert store.values() == {"a": 0.5, "b": 0.7}
     assert store.values("v2") == {"b": 0.7}
     assert not list((tmp_path / "sub").glob("*.tmp")), "no temporary file is left behind"
+
+
+def test_score_store_measures_and_embeddings(tmp_path: Path) -> None:
+    store = ScoreStore(tmp_path / "s.json")
+    store.update(
+        {
+            "a": Score(0.5, "v1", 1.0, {"bald": 0.2, "tta": 0.3, "embedding": [1.0, 0.0]}),
+            "b": Score(0.7, "v1", 1.0, {"bald": 0.1}),
+        }
+    )
+    assert store.measure(None) == {"a": 0.5, "b": 0.7}
+    assert store.measure("bald") == {"a": 0.2, "b": 0.1}
+    assert store.measure("tta") == {"a": 0.3}, "an image without the measure is unscored for that strategy"
+    assert store.embeddings() == {"a": [1.0, 0.0]}
+
+
+def test_scoring_flushes_in_batches_and_keeps_extra_measures(tmp_path: Path) -> None:
+    store = ScoreStore(tmp_path / "scores.json")
+    ds = FakeDatastore([f"i{n}" for n in range(7)], labelled=set())
+    writes: list[int] = []
+    original = store.update
+    store.update = lambda new: (writes.append(len(new)), original(new))  # type: ignore[method-assign]
+    UncertaintyScoring("t", scorer=lambda: CountingScorer("v1"), store=store, key="entropy", flush_every=3)({}, ds)
+    assert writes == [3, 3, 1] and len(store.load()) == 7
+
+
+def _app_strategies(store: ScoreStore) -> dict:
+    """The strategies exactly as the radiology app builds them, over ``store``."""
+    host = SimpleNamespace(
+        score_store=lambda: store,
+        settings=SimpleNamespace(al_model="m"),
+        book=ReservationBook(600),
+        RANKED_STRATEGIES=RadiologyApp.RANKED_STRATEGIES,
+    )
+    return RadiologyApp.init_strategies(host)  # type: ignore[arg-type]
+
+
+def _populated_store(tmp_path: Path, images: list[str]) -> ScoreStore:
+    rng = random.Random(3)
+    store = ScoreStore(tmp_path / "scores.json")
+    store.update(
+        {
+            i: Score(
+                rng.random(), "v1", 0.0, {"bald": rng.random(), "tta": rng.random(), "embedding": [rng.random()] * 3}
+            )
+            for i in images
+        }
+    )
+    return store
+
+
+STRATEGY_NAMES = ["random", "epistemic", "bald", "tta", "diversity"]
+
+
+def test_app_offers_every_strategy(tmp_path: Path) -> None:
+    assert sorted(_app_strategies(ScoreStore(tmp_path / "s.json"))) == sorted(STRATEGY_NAMES)
+
+
+@pytest.mark.parametrize("name", STRATEGY_NAMES)
+def test_every_strategy_honours_k_skips_labelled_and_never_double_serves(tmp_path: Path, name: str) -> None:
+    images = [f"i{n:02d}" for n in range(40)]
+    ds = FakeDatastore(images, labelled=set(images[:10]))
+    strategy = _app_strategies(_populated_store(tmp_path, images))[name]
+    got: list[list[str]] = []
+    barrier = threading.Barrier(8)
+
+    def ask(n: int) -> None:
+        barrier.wait()
+        got.append(strategy({"client_id": f"annotator{n}", "k": 3}, ds)["ids"])
+
+    threads = [threading.Thread(target=ask, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    flat = [i for ids in got for i in ids]
+    assert all(len(ids) == 3 for ids in got), "k is honoured"
+    assert len(set(flat)) == 24, "no image goes to two annotators within the reservation window"
+    assert not set(flat) & set(images[:10]), "labelled images are never candidates"
+    rest = strategy({"client_id": "late", "k": 100}, ds)["ids"]
+    assert sorted(rest) == sorted(set(images[10:]) - set(flat)), "a large k gets every free image, once"
+
+
+@pytest.mark.parametrize(("name", "key"), [("epistemic", None), ("bald", "bald"), ("tta", "tta")])
+def test_ranked_strategies_follow_their_measure(tmp_path: Path, name: str, key: str | None) -> None:
+    images = [f"i{n:02d}" for n in range(20)]
+    store = _populated_store(tmp_path, images)
+    ds = FakeDatastore(images, labelled=set())
+    expected = sorted(images, key=lambda i: -store.measure(key)[i])[:4]
+    assert _app_strategies(store)[name]({"client_id": "u", "k": 4}, ds)["ids"] == expected
+
+
+def test_diversity_strategy_spreads_a_batch(tmp_path: Path) -> None:
+    store = ScoreStore(tmp_path / "s.json")
+    emb = {"a1": [1.0, 0.0, 0.0], "a2": [0.99, 0.01, 0.0], "b": [0.0, 1.0, 0.0], "c": [0.0, 0.0, 1.0]}
+    unc = {"a1": 0.9, "a2": 0.89, "b": 0.5, "c": 0.4}
+    store.update({i: Score(unc[i], "v1", 0.0, {"embedding": e}) for i, e in emb.items()})
+    ds = FakeDatastore(list(emb), labelled=set())
+    assert _app_strategies(store)["epistemic"]({"k": 3}, ds)["ids"] == ["a1", "a2", "b"]
+    assert _app_strategies(store)["diversity"]({"k": 3}, ds)["ids"] == ["a1", "b", "c"], "one of the near-twins"
+    ds.labelled = {"a1"}
+    assert _app_strategies(store)["diversity"]({"k": 1}, ds)["ids"] == ["b"], "a1 labelled covers a2"

@@ -5,7 +5,15 @@ import math
 import pytest
 import torch
 
-from radiology.uncertainty import enable_dropout_only, mc_window, uncertainty_from_outputs
+from radiology.uncertainty import (
+    TTA_AUGMENTS,
+    bottleneck,
+    dropout_off,
+    enable_dropout_only,
+    mc_window,
+    tta_window,
+    uncertainty_from_outputs,
+)
 
 
 def _outputs(probs: torch.Tensor, expected_entropy: torch.Tensor) -> torch.Tensor:
@@ -52,3 +60,70 @@ def test_dropout_only_sampling() -> None:
     assert net[2].training and not net[1].training and not net[0].training
     x = torch.randn(1, 1, 4, 4, 4)
     assert not torch.equal(net(x), net(x)), "dropout must sample different masks"
+
+
+def test_tta_of_an_augmentation_invariant_network_is_zero() -> None:
+    # A network that ignores its input (constant output) cannot disagree with itself.
+    const = torch.nn.Conv3d(1, 3, 1)
+    torch.nn.init.zeros_(const.weight)
+    out = tta_window(const, TTA_AUGMENTS[:4])(torch.randn(1, 1, 6, 6, 6))
+    assert out.shape == (1, 4, 6, 6, 6)
+    mean, expected_entropy = out[0, :3], out[0, 3]
+    assert torch.allclose(mean, torch.softmax(const.bias.detach(), 0).view(3, 1, 1, 1).expand_as(mean))
+    s = uncertainty_from_outputs(torch.cat([mc_window(const, 2)(torch.zeros(1, 1, 6, 6, 6))[0], out[0]]), 3)
+    assert s["tta"] == pytest.approx(0.0, abs=1e-6)
+    assert expected_entropy.min() > 0
+
+
+def test_tta_sees_disagreement_of_an_intensity_sensitive_network() -> None:
+    net = torch.nn.Conv3d(1, 2, 1)
+    with torch.no_grad():
+        net.weight.copy_(torch.tensor([[[[[0.0]]]], [[[[40.0]]]]]))
+        net.bias.zero_()
+    x = torch.full((1, 1, 4, 4, 4), 0.02)  # near the decision boundary: gain and offset flip it
+    mc = mc_window(net, samples=2)(x)
+    s = uncertainty_from_outputs(torch.cat([mc, tta_window(net, TTA_AUGMENTS)(x)], dim=1)[0], 2)
+    assert s["tta"] > 0.05 and s["bald"] == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("augment", TTA_AUGMENTS, ids=lambda a: a.name)
+def test_augment_inverse_restores_the_grid(augment) -> None:
+    y = torch.arange(2 * 3 * 5 * 6 * 7, dtype=torch.float32).view(2, 3, 5, 6, 7)
+    if augment.name.startswith("roll"):
+        assert torch.equal(augment.inverse(augment.forward(y)), y)
+    else:
+        assert torch.equal(augment.inverse(y), y), "intensity changes leave the output grid alone"
+
+
+def test_dropout_off_restores_modes() -> None:
+    net = torch.nn.Sequential(torch.nn.Conv3d(1, 2, 1), torch.nn.Dropout(0.5))
+    enable_dropout_only(net)
+    with dropout_off(net):
+        assert not net[1].training
+    assert net[1].training
+
+
+def test_scorer_measures_on_a_unet(tmp_path) -> None:
+    from radiology.registry import MODELS
+    from radiology.uncertainty import MCDropoutScorer
+
+    spec = MODELS["hippocampus"]
+    network = spec.network()
+    assert bottleneck(network) is not None
+    scorer = MCDropoutScorer(spec, [], samples=2, tta_samples=2)
+    scorer.use_network(network)
+    m = scorer.score_tensor(torch.randn(1, 40, 50, 40))
+    assert {"entropy", "bald", "tta", "foreground_fraction", "embedding"} <= set(m)
+    assert len(m["embedding"]) == spec.channels[-1]
+    assert all(0.0 <= m[k] <= 1.0 for k in ("entropy", "bald", "tta"))
+    plain = MCDropoutScorer(spec, [], samples=2, tta_samples=0)
+    plain.use_network(network)
+    assert "tta" not in plain.score_tensor(torch.randn(1, 40, 50, 40))
+    with pytest.raises(ValueError, match="tta_samples"):
+        MCDropoutScorer(spec, [], tta_samples=len(TTA_AUGMENTS) + 1)
+
+
+def test_settings_bound_matches_the_augmentations() -> None:
+    from appcore.settings import MAX_TTA_SAMPLES
+
+    assert len(TTA_AUGMENTS) == MAX_TTA_SAMPLES
