@@ -14,7 +14,9 @@ from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.datastore import Datastore
 
 from appcore.datastore import CheckedLocalDatastore
-from appcore.errors import bad_request, not_found
+from appcore.dicom.datastore import open_dicomweb_datastore
+from appcore.errors import bad_request, not_found, unprocessable
+from appcore.labels import LabelSet
 from appcore.settings import AppSettings
 from appcore.validation import check_image_id, check_upload_size, load_nifti
 from radiology.infer import SegmentationInfer
@@ -72,9 +74,29 @@ class RadiologyApp(MONAILabelApp):
             return self.specs[model].labels.allowed_values
         return frozenset().union(*(s.labels.allowed_values for s in self.specs.values()))
 
+    def dicom_labels(self, params: dict[str, Any], modality: str) -> tuple[str, LabelSet]:
+        """The model whose labels describe a DICOM SEG: the one the request names, else the one of the modality."""
+        model = params.get("model")
+        if model:
+            self.allowed_label_values(params)  # 404 for an unknown model
+            return model, self.specs[model].labels
+        matching = [name for name, spec in self.specs.items() if spec.modality == modality]
+        if len(matching) != 1:
+            raise unprocessable(
+                f"Cannot tell which model's labels a {modality or 'unknown'} series' label holds; "
+                f'name it in the save parameters, one of {sorted(self.specs)}: {{"model": "..."}}'
+            )
+        return matching[0], self.specs[matching[0]].labels
+
     def init_datastore(self) -> Datastore:
         if self.studies.startswith(("http://", "https://")):
-            return super().init_datastore()
+            return open_dicomweb_datastore(
+                self.studies,
+                modalities=tuple(sorted({spec.modality for spec in self.specs.values()})),
+                allowed_values=self.allowed_label_values,
+                labels_for=self.dicom_labels,
+                max_upload_mb=self.settings.max_upload_mb,
+            )
         if not os.path.isdir(self.studies):
             raise FileNotFoundError(f"Studies folder {self.studies!r} does not exist; pass --studies DIR")
         return CheckedLocalDatastore(
