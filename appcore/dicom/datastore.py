@@ -1,0 +1,345 @@
+"""A MONAI Label datastore backed by a DICOMweb PACS: series in, DICOM SEG out, a local cache between."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import pydicom
+from monailabel.datastore.utils.convert import binary_to_image
+from monailabel.interfaces.datastore import DefaultLabelTag
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
+
+from appcore.datastore import AllowedValues, CheckedLocalDatastore
+from appcore.dicom.client import DicomWebClient, OrthancAdmin, PacsUnavailable
+from appcore.dicom.seg import label_to_seg, seg_to_label
+from appcore.dicom.series import SeriesRefused, load_series
+from appcore.errors import bad_request, not_found, unprocessable
+from appcore.labels import LabelSet
+from appcore.validation import Geometry, check_image_id, check_upload_size, load_nifti, validate_label_volume
+
+logger = logging.getLogger(__name__)
+
+# Given a save request's parameters and the series' modality: the model name and its labels.
+LabelsFor = Callable[[dict[str, Any], str], tuple[str, LabelSet]]
+
+
+class _TTL:
+    """A value recomputed when older than ``ttl_s``; a failed refresh raises and keeps nothing stale."""
+
+    def __init__(self, ttl_s: float, compute: Callable[[], Any]) -> None:
+        self._ttl_s, self._compute = ttl_s, compute
+        self._value: Any = None
+        self._at = -float("inf")
+        self._lock = threading.Lock()
+
+    def get(self) -> Any:
+        with self._lock:
+            if time.monotonic() - self._at > self._ttl_s:
+                self._value = self._compute()
+                self._at = time.monotonic()
+            return self._value
+
+    def invalidate(self) -> None:
+        with self._lock:
+            self._at = -float("inf")
+
+
+class DicomWebDatastore(CheckedLocalDatastore):
+    """Images are the PACS's series of the served modalities; a ``final`` label is a DICOM SEG there.
+
+    A series is fetched in the transfer syntax the PACS stored (no server-side transcoding needed),
+    decoded locally and checked: a series that is not one regular grid (gantry tilt, uneven or
+    missing slices, mixed orientation or size) is refused with a 422 naming it, never resampled
+    silently. Fetched volumes and saved labels are cached as NIfTI in ``cache_path``.
+
+    Saving a ``final`` label writes a binary SEG (highdicom) over the source instances, with one
+    segment per label of the model (name, SNOMED CT code where known, colour), stores it with
+    STOW-RS and then deletes the SEGs saved earlier for the series (Orthanc's REST API; on another
+    PACS the earlier versions stay and the newest one is read). An unreachable PACS gives a 503 that
+    names it; the next request tries again.
+
+    Args:
+        client: DICOMweb client of the PACS.
+        cache_path: local folder for decoded volumes, source headers and label copies.
+        modalities: modalities whose series are images (the served models' modalities).
+        allowed_values: label values a save request may contain (see ``CheckedLocalDatastore``).
+        labels_for: the model and labels that describe a save request's segments.
+        orthanc: Orthanc REST access for deleting replaced SEGs, or ``None``.
+        max_upload_mb: largest accepted label upload.
+        list_ttl_s: how long a series listing is reused before the PACS is asked again.
+    """
+
+    def __init__(
+        self,
+        client: DicomWebClient,
+        cache_path: str | Path,
+        *,
+        modalities: tuple[str, ...],
+        allowed_values: AllowedValues,
+        labels_for: LabelsFor,
+        orthanc: OrthancAdmin | None = None,
+        max_upload_mb: int = 1024,
+        list_ttl_s: float = 5.0,
+    ) -> None:
+        Path(cache_path).mkdir(parents=True, exist_ok=True)
+        super().__init__(str(cache_path), allowed_values=allowed_values, max_upload_mb=max_upload_mb, auto_reload=False)
+        self._client = client
+        self._modalities = modalities
+        self._labels_for = labels_for
+        self._orthanc = orthanc
+        self._series = _TTL(list_ttl_s, self._search_series)
+        self._segs = _TTL(list_ttl_s, self._search_segs)
+        self._seg_refs: dict[str, tuple[str, str]] = {}  # SEG series uid -> (referenced series uid, model)
+        self._fetch_locks: dict[str, threading.Lock] = {}
+        self._locks_lock = threading.Lock()
+
+    # -- the PACS ----------------------------------------------------------------------------------
+    def name(self) -> str:
+        return self._client.url
+
+    def description(self) -> str:
+        return f"DICOMweb PACS at {self._client.url} ({', '.join(self._modalities)} series)"
+
+    def _search_series(self) -> dict[str, Dataset]:
+        found = {}
+        for modality in self._modalities:
+            for ds in self._client.search_series({"Modality": modality}):
+                found[str(ds.SeriesInstanceUID)] = ds
+        return found
+
+    def _search_segs(self) -> dict[str, list[tuple[str, str]]]:
+        """``{source series uid: [(SEG study uid, SEG series uid), ...]}`` for every SEG in the PACS."""
+        by_source: dict[str, list[tuple[str, str]]] = {}
+        for ds in self._client.search_series({"Modality": "SEG"}):
+            study, seg_series = str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID)
+            if seg_series not in self._seg_refs:
+                meta = self._client.series_metadata(study, seg_series)
+                refs = meta[0].get("ReferencedSeriesSequence") if meta else None
+                if not refs:
+                    logger.warning("SEG series %s references no series; ignored", seg_series)
+                    continue
+                self._seg_refs[seg_series] = (
+                    str(refs[0].SeriesInstanceUID),
+                    str(meta[0].get("ManufacturerModelName", "")),
+                )
+            by_source.setdefault(self._seg_refs[seg_series][0], []).append((study, seg_series))
+        return by_source
+
+    def _series_meta(self, image_id: str) -> Dataset:
+        check_image_id(image_id)
+        meta = self._series.get().get(image_id)
+        if meta is None:
+            self._series.invalidate()
+            meta = self._series.get().get(image_id)
+        if meta is None:
+            raise not_found(
+                f"Series {image_id!r} is not in the PACS at {self._client.url} as a "
+                f"{'/'.join(self._modalities)} series; GET /datastore/?output=all lists the ids"
+            )
+        return meta
+
+    def list_images(self) -> list[str]:
+        return sorted(self._series.get())
+
+    def get_labeled_images(self, label_tag: str | None = None, labels: list[str] | None = None) -> list[str]:
+        if label_tag not in (None, DefaultLabelTag.FINAL, DefaultLabelTag.FINAL.value):
+            return super().get_labeled_images(label_tag, labels)
+        series = self._series.get()
+        return sorted(uid for uid in self._segs.get() if uid in series)
+
+    def get_unlabeled_images(self, label_tag: str | None = None, labels: list[str] | None = None) -> list[str]:
+        labelled = set(self.get_labeled_images(label_tag, labels))
+        return [uid for uid in self.list_images() if uid not in labelled]
+
+    # -- images ------------------------------------------------------------------------------------
+    def _lock_for(self, image_id: str) -> threading.Lock:
+        with self._locks_lock:
+            return self._fetch_locks.setdefault(image_id, threading.Lock())
+
+    def _headers_dir(self, image_id: str) -> Path:
+        return Path(self._datastore_path) / "headers" / image_id
+
+    def get_image_uri(self, image_id: str) -> str:
+        check_image_id(image_id)
+        with self._lock_for(image_id):
+            obj = self._datastore.objects.get(image_id)
+            if obj and Path(CheckedLocalDatastore.get_image_uri(self, image_id)).exists():
+                return CheckedLocalDatastore.get_image_uri(self, image_id)
+            return self._fetch(image_id)
+
+    def _fetch(self, image_id: str) -> str:
+        meta = self._series_meta(image_id)
+        study_uid = str(meta.StudyInstanceUID)
+        started = time.perf_counter()
+        datasets = self._client.retrieve_series(study_uid, image_id)
+        try:
+            volume = load_series(datasets, image_id)
+        except SeriesRefused as e:
+            raise unprocessable(str(e)) from None
+        headers = self._headers_dir(image_id)
+        headers.mkdir(parents=True, exist_ok=True)
+        for index, uid in enumerate(volume.sop_instance_uids):
+            ds = next(d for d in datasets if str(d.SOPInstanceUID) == uid)
+            if "PixelData" in ds:
+                del ds.PixelData
+            ds.save_as(headers / f"{index:05d}.dcm", write_like_original=False)
+        info = {
+            "SeriesInstanceUID": image_id,
+            "StudyInstanceUID": study_uid,
+            "Modality": volume.modality,
+            "PatientID": str(meta.get("PatientID", "")),
+            "SeriesDescription": str(meta.get("SeriesDescription", "")),
+            "slices": len(volume.sop_instance_uids),
+        }
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / f"{image_id}.nii.gz"
+            nib.save(volume.to_nifti(), path)
+            CheckedLocalDatastore.add_image(self, image_id, str(path), info)
+        logger.info("Fetched series %s (%d slices) in %.2f s", image_id, len(datasets), time.perf_counter() - started)
+        return CheckedLocalDatastore.get_image_uri(self, image_id)
+
+    def source_headers(self, image_id: str) -> list[Dataset]:
+        """The series' instances without pixel data, in slice order (as fetched)."""
+        self.get_image_uri(image_id)
+        return [pydicom.dcmread(p) for p in sorted(self._headers_dir(image_id).glob("*.dcm"))]
+
+    def add_image(self, image_id: str, image_filename: str, image_info: dict[str, Any]) -> str:
+        raise bad_request(f"Images come from the PACS at {self._client.url}; store the series there (STOW-RS)")
+
+    def remove_image(self, image_id: str) -> None:
+        raise bad_request(f"Images come from the PACS at {self._client.url}; remove the series there")
+
+    # -- labels ------------------------------------------------------------------------------------
+    def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any]) -> str:
+        image_uri = self.get_image_uri(image_id)
+        check_image_id(label_tag)
+        if str(label_filename).endswith(".bin"):  # OHIF sends a raw label buffer on the image's grid
+            label_filename = binary_to_image(image_uri, label_filename)
+        if label_tag != DefaultLabelTag.FINAL.value:
+            return super().save_label(image_id, label_filename, label_tag, label_info)
+
+        info = dict(label_info or {})
+        modality = str(self.get_image_info(image_id).get("Modality", ""))
+        model, labels = self._labels_for(info, modality)
+        check_upload_size(label_filename, self._max_upload_mb, "label")
+        image = nib.load(image_uri)
+        data = validate_label_volume(load_nifti(label_filename, "label"), Geometry.of(image), labels.allowed_values)
+
+        earlier = self._segs.get().get(image_id, [])
+        seg_uid = generate_uid()
+        seg = label_to_seg(
+            np.asarray(data),
+            self.source_headers(image_id),
+            labels,
+            model=model,
+            series_uid=seg_uid,
+            sop_uid=generate_uid(),
+        )
+        started = time.perf_counter()
+        self._client.store([seg])
+        self._segs.invalidate()
+        self._seg_refs[seg_uid] = (image_id, model)
+        for _, old in earlier:
+            if self._orthanc is not None and old != seg_uid:
+                self._orthanc.delete_series(old)
+                self._seg_refs.pop(old, None)
+        logger.info(
+            "Stored SEG %s for series %s (replaced %d) in %.2f s",
+            seg_uid,
+            image_id,
+            len(earlier),
+            time.perf_counter() - started,
+        )
+        info.update({"model": model, "SegSeriesInstanceUID": seg_uid})
+        return super().save_label(image_id, label_filename, label_tag, info)
+
+    def datalist(self, full_path: bool = True) -> list[dict[str, Any]]:
+        """Every series with a SEG in the PACS, as image and label NIfTI (SEGs made elsewhere included)."""
+        for image_id, segs in self._segs.get().items():
+            if image_id not in self._series.get():
+                continue
+            study, seg_series = segs[-1]
+            local = self._datastore.objects.get(image_id)
+            cached = local.labels.get(DefaultLabelTag.FINAL.value) if local else None
+            if cached and cached.info.get("SegSeriesInstanceUID") in {s for _, s in segs}:
+                continue
+            try:
+                self._cache_seg(image_id, study, seg_series)
+            except (SeriesRefused, ValueError) as e:
+                logger.warning("SEG %s of series %s is not used for training: %s", seg_series, image_id, e)
+        # Labels cached locally whose SEG was deleted in the PACS are not training data any more.
+        labelled = set(self.get_labeled_images())
+        return [d for d in super().datalist(full_path) if Path(d["image"]).name.removesuffix(".nii.gz") in labelled]
+
+    def _cache_seg(self, image_id: str, study: str, seg_series: str) -> None:
+        image = nib.load(self.get_image_uri(image_id))
+        sop_uids = [str(h.SOPInstanceUID) for h in self.source_headers(image_id)]
+        model = self._seg_refs.get(seg_series, ("", ""))[1]
+        info = {"model": model} if model else {}
+        model, labels = self._labels_for(info, str(self.get_image_info(image_id).get("Modality", "")))
+        segs = self._client.retrieve_series(study, seg_series)
+        if not segs:
+            return
+        data = seg_to_label(segs[0], sop_uids, labels)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "label.nii.gz"
+            nib.save(nib.Nifti1Image(data, image.affine), path)
+            super().save_label(
+                image_id, str(path), DefaultLabelTag.FINAL.value, {"model": model, "SegSeriesInstanceUID": seg_series}
+            )
+
+
+__all__ = ["DicomWebDatastore", "LabelsFor", "PacsUnavailable"]
+
+
+def open_dicomweb_datastore(
+    url: str,
+    *,
+    modalities: tuple[str, ...],
+    allowed_values: AllowedValues,
+    labels_for: LabelsFor,
+    max_upload_mb: int = 1024,
+    cache_root: str | Path | None = None,
+    connect_timeout: float = 3.0,
+) -> DicomWebDatastore:
+    """Connect to the PACS at ``url`` and fail fast, with a message that names it, if it does not answer.
+
+    The cache lives in ``cache_root/<hash of url>`` (default: MONAI Label's DICOMweb cache setting,
+    else ``~/.cache/monailabel/dicom``). Credentials come from MONAI Label's DICOMweb settings.
+    """
+    import hashlib
+
+    import requests
+    from monailabel.config import settings
+
+    session = requests.Session()
+    if settings.MONAI_LABEL_DICOMWEB_USERNAME and settings.MONAI_LABEL_DICOMWEB_PASSWORD:
+        session.auth = (settings.MONAI_LABEL_DICOMWEB_USERNAME, settings.MONAI_LABEL_DICOMWEB_PASSWORD)
+    client = DicomWebClient(url, connect_timeout=connect_timeout, session=session)
+    try:
+        client.ping()
+    except PacsUnavailable as e:
+        raise RuntimeError(
+            f"Cannot use the PACS given by --studies {url}: {e.detail}. Start it (make pacs) or fix the URL."
+        ) from None
+    root = Path(
+        cache_root or settings.MONAI_LABEL_DICOMWEB_CACHE_PATH.strip() or Path.home() / ".cache/monailabel/dicom"
+    )
+    return DicomWebDatastore(
+        client,
+        root / hashlib.sha256(client.url.encode()).hexdigest()[:16],
+        modalities=modalities,
+        allowed_values=allowed_values,
+        labels_for=labels_for,
+        orthanc=OrthancAdmin.for_dicomweb(client.url),
+        max_upload_mb=max_upload_mb,
+    )
