@@ -9,8 +9,12 @@ MODELS ?= hippocampus,organs_ct
 HOST ?= 127.0.0.1
 PORT ?= 8000
 STAMP := $(VENV)/.installed
+PACS_PORT ?= 8042
+# Debian packages for the PACS and browser tests (tests/test_pacs*.py, tests/e2e): installed once.
+SYSDEPS := $(VENV)/.sysdeps
+SYSDEPS_PKGS := orthanc orthanc-dicomweb chromium
 
-.PHONY: venv serve test lint demo bench clean
+.PHONY: venv serve test lint demo bench clean pacs sysdeps
 
 # Idempotent: reinstalls only when a requirements file or pyproject.toml changed.
 venv: $(STAMP)
@@ -36,9 +40,20 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-test: $(STAMP)
+test: $(STAMP) $(SYSDEPS)
 	$(VENV)/bin/ruff check .
 	MONAI_LABEL_TRACKING_ENABLED=false $(VPY) -m pytest -ra --durations=15
+
+sysdeps: $(SYSDEPS)
+$(SYSDEPS): | $(STAMP)
+	@if dpkg -s $(SYSDEPS_PKGS) >/dev/null 2>&1; then echo "system packages present: $(SYSDEPS_PKGS)"; \
+	else apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSDEPS_PKGS); fi
+	touch $(SYSDEPS)
+
+# Orthanc on 127.0.0.1:$(PACS_PORT) (DICOMweb at /dicom-web), storage in pacs/storage, loaded with the
+# real series of $(SHARED)/dicom and three hippocampus cases as MR series. Runs in the foreground.
+pacs: $(STAMP) $(SYSDEPS)
+	$(VPY) -m appcore.dicom.pacs --storage pacs/storage --port $(PACS_PORT) --shared $(SHARED)
 
 bench: $(STAMP)
 	$(VPY) -m benchmarks.radiology --shared $(SHARED)
