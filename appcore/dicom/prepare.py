@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import hashlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -9,7 +11,7 @@ import nibabel as nib
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
@@ -17,8 +19,12 @@ _SOP_CLASS = {"CT": CT_IMAGE_STORAGE, "MR": MR_IMAGE_STORAGE}
 
 
 def stable_uid(*parts: str) -> str:
-    """A UID that depends only on ``parts`` (``2.25.<hash>``): loading twice gives the same UIDs."""
-    return generate_uid(prefix=None, entropy_srcs=["active-label-server", *parts])
+    """A UID that depends only on ``parts`` (``2.25.<hash>``): loading twice gives the same UIDs.
+
+    (pydicom's ``generate_uid(prefix=None, entropy_srcs=...)`` ignores the sources and is random.)
+    """
+    digest = hashlib.sha256("\x00".join(["active-label-server", *parts]).encode()).digest()
+    return f"2.25.{int.from_bytes(digest[:16], 'big')}"
 
 
 def fill_missing_uids(datasets: Sequence[Dataset], name: str) -> list[Dataset]:
@@ -30,7 +36,7 @@ def fill_missing_uids(datasets: Sequence[Dataset], name: str) -> list[Dataset]:
     out = []
     study_uid, series_uid = stable_uid(name, "study"), stable_uid(name, "series")
     for index, ds in enumerate(datasets):
-        ds = ds.copy()
+        ds = copy.deepcopy(ds)
         key = str(ds.get("InstanceNumber") or f"#{index}")
         if not ds.get("StudyInstanceUID"):
             ds.StudyInstanceUID = study_uid
