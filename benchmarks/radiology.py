@@ -20,6 +20,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import psutil
@@ -62,21 +63,61 @@ class PeakRSS:
         self._thread.join()
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def _median(xs: list[float]) -> float:
+def median(xs: list[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
 
 
-def _server(app_dir: Path, studies: Path, models: str, port: int, log: Path) -> subprocess.Popen:
+def start_server(
+    app_dir: Path, studies: Path, port: int, log: Path, conf: dict[str, str], env: dict[str, str] | None = None
+) -> subprocess.Popen:
+    """``monailabel start_server`` for ``app_dir`` on ``port``, its output in ``log`` (whose folder is the cwd)."""
     cmd = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(app_dir), "--studies", str(studies)]
-    cmd += ["--host", "127.0.0.1", "--port", str(port), "--conf", "models", models, "--conf", "score_on_start", "false"]
-    env = {**os.environ, "MONAI_LABEL_TRACKING_ENABLED": "false"}
+    cmd += ["--host", "127.0.0.1", "--port", str(port)]
+    for key, value in conf.items():
+        cmd += ["--conf", key, value]
+    env = {**os.environ, "MONAI_LABEL_TRACKING_ENABLED": "false", **(env or {})}
     return subprocess.Popen(cmd, cwd=log.parent, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+
+
+def wait_for_info(client: httpx.Client, proc: subprocess.Popen, log: Path, timeout: float = 300.0) -> None:
+    """Poll ``/info/`` until it answers 200; raise with the log's tail if the server exits or times out."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"Server exited with {proc.returncode}; log {log}:\n{log.read_text()[-3000:]}")
+        try:
+            if client.get("/info/").status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.05)
+    raise TimeoutError(f"/info/ did not answer within {timeout} s; log {log}")
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def copy_project_app(dest: Path, organs_ct_seed: int = 0) -> Path:
+    """This project's app folder at ``dest``, with freshly initialised ``organs_ct`` weights (it ships untrained)."""
+    shutil.copytree(ROOT / "apps" / "radiology", dest, ignore=shutil.ignore_patterns("model", "logs", "__pycache__"))
+    torch.manual_seed(organs_ct_seed)
+    save_weights_atomically(MODELS["organs_ct"].network().state_dict(), dest / "model" / "organs_ct.pt")
+    return dest
+
+
+SERVER_CONF = {"models": "hippocampus,organs_ct", "score_on_start": "false"}
 
 
 def run(shared: Path, repeats: int, hippo_cases: int) -> list[tuple[str, str, float, str]]:
@@ -84,28 +125,21 @@ def run(shared: Path, repeats: int, hippo_cases: int) -> list[tuple[str, str, fl
     work = Path(tempfile.mkdtemp(prefix="bench-radiology-"))
     studies, app_dir = work / "studies", work / "app"
     studies.mkdir()
-    shutil.copytree(ROOT / "apps" / "radiology", app_dir, ignore=shutil.ignore_patterns("model", "logs", "__pycache__"))
     hippo = split_cases(msd_cases(shared / "hippocampus_mr"))["test"][:hippo_cases]
     cts = [shared / "totalseg_ct" / "example_ct.nii.gz", shared / "spleen_ct" / "imagesTr" / "spleen_2.nii.gz"]
     for src in [c.image for c in hippo] + cts:
         shutil.copyfile(src, studies / src.name)
-    torch.manual_seed(0)
-    save_weights_atomically(MODELS["organs_ct"].network().state_dict(), app_dir / "model" / "organs_ct.pt")
+    copy_project_app(app_dir)
 
     # Start-up and infer over HTTP, with the server's memory watched.
     startups, peak = [], 0
     infer_times: dict[str, list[float]] = {"hippocampus": [], "organs_ct": []}
     for r in range(repeats):
-        port = _free_port()
+        port, log = free_port(), work / f"server{r}.log"
         t0 = time.perf_counter()
-        proc = _server(app_dir, studies, "hippocampus,organs_ct", port, work / f"server{r}.log")
+        proc = start_server(app_dir, studies, port, log, SERVER_CONF)
         with PeakRSS(proc.pid) as mem, httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=600) as client:
-            while True:
-                try:
-                    if client.get("/info/").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    time.sleep(0.05)
+            wait_for_info(client, proc, log)
             startups.append(time.perf_counter() - t0)
             for model, images in (("hippocampus", [c.image for c in hippo]), ("organs_ct", cts)):
                 for image in images:
@@ -114,15 +148,14 @@ def run(shared: Path, repeats: int, hippo_cases: int) -> list[tuple[str, str, fl
                     resp.raise_for_status()
                     if r > 0 or image != images[0]:  # the very first call also loads the network
                         infer_times[model].append(time.perf_counter() - t)
-        proc.terminate()
-        proc.wait(timeout=60)
+        stop_server(proc)
         peak = max(peak, mem.peak)
-    rows.append(("server start-up to /info", "s", _median(startups), f"median of {repeats}"))
+    rows.append(("server start-up to /info", "s", median(startups), f"median of {repeats}"))
     rows.append(
         (
             "infer hippocampus (HTTP, MR ~35x50x35)",
             "s",
-            _median(infer_times["hippocampus"]),
+            median(infer_times["hippocampus"]),
             f"median of {len(infer_times['hippocampus'])}",
         )
     )
@@ -130,7 +163,7 @@ def run(shared: Path, repeats: int, hippo_cases: int) -> list[tuple[str, str, fl
         (
             "infer organs_ct (HTTP, CT 122x101x112 @3mm and 164x166x26)",
             "s",
-            _median(infer_times["organs_ct"]),
+            median(infer_times["organs_ct"]),
             f"median of {len(infer_times['organs_ct'])}",
         )
     )
@@ -147,7 +180,7 @@ def run(shared: Path, repeats: int, hippo_cases: int) -> list[tuple[str, str, fl
                 t = time.perf_counter()
                 scorer.score(str(image))
                 times.append(time.perf_counter() - t)
-        rows.append((f"epistemic scoring {model} (8 MC passes)", "s/image", _median(times), f"median of {len(times)}"))
+        rows.append((f"epistemic scoring {model} (8 MC passes)", "s/image", median(times), f"median of {len(times)}"))
 
     # Training: seconds per epoch, each run in a fresh process (as the server runs training).
     images, labels = [c.image for c in hippo], [c.label for c in hippo]
@@ -164,7 +197,7 @@ def run(shared: Path, repeats: int, hippo_cases: int) -> list[tuple[str, str, fl
         (
             f"training hippocampus, {len(images)} labelled volumes, batch 4",
             "s/epoch",
-            _median(epoch_times),
+            median(epoch_times),
             f"median of {len(epoch_times)} runs of {TRAIN_EPOCHS} epochs (incl. set-up)",
         )
     )
@@ -173,8 +206,11 @@ def run(shared: Path, repeats: int, hippo_cases: int) -> list[tuple[str, str, fl
     return rows
 
 
-def train_child(model: str, pairs: list[str]) -> None:
-    """Child process: an app over copies of the image/label pairs, timed through ``app.train``."""
+def train_child(model: str, pairs: list[str], request: dict[str, Any] | None = None) -> None:
+    """Child process: an app over copies of the image/label pairs, timed through ``app.train``.
+
+    ``request`` adds to or overrides the training request (``max_epochs`` defaults to ``TRAIN_EPOCHS``).
+    """
     root = Path(tempfile.mkdtemp(prefix="bench-train-"))
     studies = root / "studies"
     studies.mkdir()
@@ -185,9 +221,10 @@ def train_child(model: str, pairs: list[str]) -> None:
     app = RadiologyApp(str(root / "app"), str(studies), conf)
     for image, label in zip(images, labels, strict=True):
         app.datastore().save_label(image.name.split(".")[0], label, "final", {})
+    request = {"model": model, "max_epochs": TRAIN_EPOCHS, "train_batch_size": 4, "val_split": 0.0, **(request or {})}
     start = time.perf_counter()
-    app.train({"model": model, "max_epochs": TRAIN_EPOCHS, "train_batch_size": 4, "val_split": 0.0})
-    print("EPOCH_SECONDS", (time.perf_counter() - start) / TRAIN_EPOCHS)
+    app.train(request)
+    print("EPOCH_SECONDS", (time.perf_counter() - start) / request["max_epochs"])
     shutil.rmtree(root, ignore_errors=True)
 
 
