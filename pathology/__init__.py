@@ -1,0 +1,1 @@
+"""The pathology MONAI Label app: nuclei instance segmentation on H&E tiles and whole-slide images."""

@@ -1,0 +1,132 @@
+"""Next-patch strategies for slides: ``wsi_random`` and ``wsi_uncertain`` (MONAI Label adapters)."""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from monailabel.interfaces.datastore import Datastore
+from monailabel.interfaces.tasks.strategy import Strategy
+
+from appcore.errors import bad_request, not_found
+from appcore.validation import check_image_id
+from pathology.predict import predict_maps
+from pathology.spec import NucleiSpec
+from pathology.wsi import RegionSource, SlideSource, open_source
+from strategies.patches import Box, most_uncertain, patch_grid, random_patch
+
+logger = logging.getLogger(__name__)
+
+# Side of the windows probed inside a patch to score it, and how many per patch at most.
+PROBE = 256
+PROBES_PER_PATCH = 4
+# Mean brightness above which a probe is glass, not tissue (nothing to label there).
+GLASS = 220.0
+
+
+def _pair(request: dict[str, Any], key: str, default: tuple[int, int]) -> tuple[int, int]:
+    raw = request.get(key) or default
+    try:
+        a, b = (int(v) for v in raw)
+    except (TypeError, ValueError):
+        raise bad_request(f"'{key}' must be two integers [w, h], got {raw!r}") from None
+    if a < 1 or b < 1:
+        raise bad_request(f"'{key}' must be positive, got {[a, b]}")
+    return a, b
+
+
+def _image(request: dict[str, Any], datastore: Datastore, rng: random.Random) -> str:
+    image = request.get("image")
+    if image:
+        check_image_id(image)
+        if image not in datastore.list_images():
+            raise not_found(f"Image {image!r} is not in the datastore")
+        return str(image)
+    candidates = sorted(datastore.get_unlabeled_images("final")) or sorted(datastore.list_images())
+    if not candidates:
+        raise not_found("The datastore holds no images")
+    return rng.choice(candidates)
+
+
+class _PatchStrategy(Strategy):
+    """Picks an image (the request's, else a random unlabelled one) and a patch of it as ``bbox``."""
+
+    def __init__(self, description: str, rng: random.Random | None = None) -> None:
+        super().__init__(description)
+        self._rng = rng or random.Random()
+
+    def pick(self, source: RegionSource, patch: tuple[int, int], image: str) -> Box:
+        raise NotImplementedError
+
+    def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any]:
+        image = _image(request, datastore, self._rng)
+        patch = _pair(request, "patch_size", (1024, 1024))
+        source = open_source(datastore.get_image_uri(image))
+        try:
+            box = self.pick(source, patch, image)
+        finally:
+            if isinstance(source, SlideSource):
+                source.close()
+        return {"id": image, "bbox": list(box), "size": list(source.dimensions)}
+
+
+class WSIRandom(_PatchStrategy):
+    """A random patch wholly inside the image; a slide smaller than the patch is returned whole."""
+
+    def __init__(self, rng: random.Random | None = None) -> None:
+        super().__init__("Random patch of a slide (the whole slide when it is smaller than the patch)", rng)
+
+    def pick(self, source: RegionSource, patch: tuple[int, int], image: str) -> Box:
+        return random_patch(source.dimensions, patch, self._rng)
+
+
+def patch_uncertainty(foreground: np.ndarray) -> float:
+    """Mean binary entropy (bits) of the foreground probability: 0 when sure, 1 when p = 0.5 everywhere."""
+    p = np.clip(foreground.astype(np.float64), 1e-6, 1 - 1e-6)
+    return float(np.mean(-(p * np.log2(p) + (1 - p) * np.log2(1 - p))))
+
+
+class WSIUncertain(_PatchStrategy):
+    """The patch of a slide where the nuclei network is least sure which pixels are nuclei.
+
+    Patches tile the slide; each is scored by the mean foreground entropy over up to four
+    ``PROBE``-sized windows spread over it (glass windows are skipped), and the highest wins.
+
+    Args:
+        spec: the network's settings.
+        network: returns the served network (``None`` while untrained: then a random patch).
+    """
+
+    def __init__(self, spec: NucleiSpec, network: Callable[[], torch.nn.Module | None], rng=None) -> None:  # noqa: ANN001
+        super().__init__("Most uncertain patch of a slide under the nuclei network (foreground entropy)", rng)
+        self._spec, self._network = spec, network
+        self._lock = threading.Lock()
+
+    def score(self, source: RegionSource, box: Box, network: torch.nn.Module) -> float:
+        x, y, w, h = box
+        pw, ph = min(PROBE, w), min(PROBE, h)
+        xs = sorted({x, x + w - pw}) if w > pw else [x]
+        ys = sorted({y, y + h - ph}) if h > ph else [y]
+        scores = []
+        for py in ys:
+            for px in xs[:PROBES_PER_PATCH]:
+                rgb = source.read(px, py, pw, ph)
+                if rgb.mean() > GLASS:
+                    continue
+                scores.append(patch_uncertainty(predict_maps(network, self._spec, rgb).foreground))
+        return float(np.mean(scores)) if scores else 0.0
+
+    def pick(self, source: RegionSource, patch: tuple[int, int], image: str) -> Box:
+        network = self._network()
+        boxes = patch_grid(source.dimensions, patch)
+        if network is None:
+            return random_patch(source.dimensions, patch, self._rng)
+        with self._lock:
+            scores = {b: self.score(source, b, network) for b in boxes}
+        logger.info("wsi_uncertain %s: %d patches, top score %.3f", image, len(boxes), max(scores.values()))
+        return most_uncertain(boxes, scores, self._rng)

@@ -1,0 +1,174 @@
+"""The pathology MONAI Label app: nuclei on tiles and slides for QuPath and Digital Slide Archive."""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from monailabel.config import settings as ml_settings
+from monailabel.interfaces.app import MONAILabelApp
+from monailabel.interfaces.datastore import Datastore
+from monailabel.utils.others.pathology import create_asap_annotations_xml, create_dsa_annotations_json
+
+from appcore.errors import bad_request, not_found
+from appcore.settings import AppSettings
+from appcore.validation import check_image_id, check_upload_size
+from pathology.activelearning import WSIRandom, WSIUncertain
+from pathology.datastore import PathologyDatastore
+from pathology.infer import NucleiInfer
+from pathology.registry import MODELS
+from pathology.train import NucleiTrainer
+from pathology.wsi import SlideSource, check_region, open_source
+
+logger = logging.getLogger(__name__)
+
+OUTPUTS = ("json", "asap", "dsa")
+
+
+class PathologyApp(MONAILabelApp):
+    """MONAI Label app serving ``pathology.registry.MODELS`` chosen by ``--conf models``.
+
+    Weights: ``<app_dir>/model/nuclei.pt`` once a training run has published it, the shipped
+    ``pathology/weights/nuclei.pt`` before that; ``nuclei`` and ``nuclick`` share them.
+    """
+
+    def __init__(self, app_dir: str, studies: str, conf: dict[str, str]) -> None:
+        self.settings = AppSettings.from_conf(conf or {}, MODELS)
+        self.models = {name: MODELS[name] for name in self.settings.models}
+        self.model_dir = Path(app_dir) / "model"
+        super().__init__(
+            app_dir=app_dir,
+            studies=studies,
+            conf=conf,
+            name="Pathology (nuclei)",
+            description="Nuclei instance segmentation and interactive nuclei on H&E tiles and slides",
+            version="0.1.0",
+        )
+        self._auto_update_scoring = False
+
+    # -- weights ---------------------------------------------------------------------------------
+    @property
+    def served_path(self) -> Path:
+        return self.model_dir / "nuclei.pt"
+
+    def weight_paths(self, name: str) -> list[str]:
+        return [str(self.models[name].spec.shipped_weights_path), str(self.served_path)]
+
+    # -- datastore -------------------------------------------------------------------------------
+    def init_datastore(self) -> Datastore:
+        if not os.path.isdir(self.studies):
+            raise FileNotFoundError(f"Studies folder {self.studies!r} does not exist; pass --studies DIR")
+        return PathologyDatastore(
+            self.studies,
+            max_upload_mb=self.settings.max_upload_mb,
+            auto_reload=ml_settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
+            read_only=ml_settings.MONAI_LABEL_DATASTORE_READ_ONLY,
+        )
+
+    # -- tasks -----------------------------------------------------------------------------------
+    def init_infers(self) -> dict[str, Any]:
+        return {
+            name: NucleiInfer(m.spec, self.weight_paths(name), name=name, nuclick=m.nuclick)
+            for name, m in self.models.items()
+        }
+
+    def init_trainers(self) -> dict[str, Any]:
+        # One trainer object for the shared network, listed under every served model name.
+        spec = next(iter(self.models.values())).spec
+        trainer = NucleiTrainer(
+            spec,
+            self.served_path,
+            spec.shipped_weights_path,
+            self.model_dir / "nuclei_train_stats.json",
+            max_epochs=self.settings.max_epochs,
+            batch_size=self.settings.train_batch_size,
+        )
+        return dict.fromkeys(self.models, trainer)
+
+    def init_strategies(self) -> dict[str, Any]:
+        first = next(iter(self.models))
+        return {
+            "wsi_random": WSIRandom(),
+            "wsi_uncertain": WSIUncertain(self.models[first].spec, lambda: self._infers[first].network()),
+        }
+
+    def init_scoring_methods(self) -> dict[str, Any]:
+        return {}
+
+    # -- request checks --------------------------------------------------------------------------
+    @staticmethod
+    def _is_server_upload(path: str) -> bool:
+        parent = Path(path).resolve().parent
+        roots = [Path(tempfile.gettempdir()).resolve()]
+        if ml_settings.MONAI_LABEL_SESSION_PATH:
+            roots.append(Path(ml_settings.MONAI_LABEL_SESSION_PATH).resolve())
+        return any(parent == root or root in parent.parents for root in roots)
+
+    def _image_path(self, request: dict[str, Any], datastore: Datastore | None) -> str:
+        model = request.get("model")
+        if model not in self._infers:
+            raise not_found(f"Unknown model {model!r}; served models: {sorted(self._infers)}")
+        image = request.get("image")
+        if isinstance(image, str) and os.path.isabs(image) and os.path.exists(image):
+            if not self._is_server_upload(image):
+                raise bad_request("Image must be a datastore id or an uploaded file, not a server path")
+            check_upload_size(image, self.settings.max_upload_mb, "image")
+            return image
+        check_image_id(image)
+        return (datastore or self.datastore()).get_image_uri(image)  # 404 for an unknown id
+
+    def infer(self, request: dict[str, Any], datastore: Datastore | None = None) -> dict[str, Any]:
+        self._image_path(request, datastore)
+        return super().infer(request, datastore)
+
+    def infer_wsi(self, request: dict[str, Any], datastore: Datastore | None = None) -> dict[str, Any]:
+        """Tiled inference over a region (or the whole image), answered as JSON, ASAP XML or DSA JSON."""
+        start = time.perf_counter()
+        path = self._image_path(request, datastore)
+        output = request.get("output") or "dsa"
+        if output not in OUTPUTS:
+            raise bad_request(f"output must be one of {list(OUTPUTS)}, got {output!r}")
+        task: NucleiInfer = self._infers[request["model"]]
+        source = open_source(path)
+        try:
+            region = check_region(request.get("location"), request.get("size"), source.dimensions)
+            result = task.annotate(source, region, request, with_mask=False)
+        finally:
+            if isinstance(source, SlideSource):
+                source.close()
+        seconds = time.perf_counter() - start
+        tile_json = task.result_json(result, region, seconds)
+        res_json = {
+            "name": f"MONAILabel Annotations - {task.name} for {list(region)}",
+            "description": task.description,
+            "model": task.name,
+            "location": list(region[:2]),
+            "size": list(region[2:]),
+            "count": tile_json["count"],
+            "tiles": result.tiles,
+            "model_trained": tile_json["model_trained"],
+            "annotations": [tile_json],
+            "latencies": {
+                "total": round(seconds, 3),
+                "tsum": round(seconds, 3),
+                "pre": 0.0,
+                "post": 0.0,
+                "infer": round(seconds, 3),
+            },
+        }
+        res_file = None
+        if output == "asap":
+            res_file, _ = create_asap_annotations_xml(res_json, loglevel="WARNING")
+        elif output == "dsa":
+            res_file, _ = create_dsa_annotations_json(res_json, loglevel="WARNING")
+        logger.info("wsi infer %s %s: %d nuclei in %.2f s", task.name, list(region), len(result.polygons), seconds)
+        return {"file": res_file, "params": res_json}
+
+    def bundle_path(self, model: str | None) -> str | None:
+        if model is not None and model not in self._trainers:
+            raise not_found(f"Unknown model {model!r}; trainable models: {sorted(self._trainers)}")
+        return None

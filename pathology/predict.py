@@ -1,0 +1,52 @@
+"""Running the nuclei network on an RGB array of any size and turning its maps into instances."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from pathology.data import to_input
+from pathology.postprocess import instances_from_maps
+from pathology.spec import NucleiSpec
+
+
+@dataclass(frozen=True)
+class Maps:
+    """Per-pixel network output for one image: foreground probability and normalised distance."""
+
+    foreground: np.ndarray
+    distance: np.ndarray
+
+
+@torch.inference_mode()
+def predict_maps(network: torch.nn.Module, spec: NucleiSpec, rgb: np.ndarray, *, device: str = "cpu") -> Maps:
+    """The network's maps for ``rgb`` (H, W, 3 uint8), padded by reflection to the UNet's divisor."""
+    h, w = rgb.shape[:2]
+    d = spec.divisor
+    ph, pw = (-h) % d, (-w) % d
+    x = to_input(rgb)
+    if ph or pw:
+        mode = "reflect" if h > ph and w > pw else "edge"
+        x = np.pad(x, ((0, 0), (0, ph), (0, pw)), mode=mode)
+    network.eval()
+    out = torch.sigmoid(network(torch.from_numpy(x)[None].to(device)))[0, :, :h, :w].float().cpu().numpy()
+    return Maps(out[0], out[1])
+
+
+def instances(spec: NucleiSpec, maps: Maps) -> np.ndarray:
+    return instances_from_maps(
+        maps.foreground,
+        maps.distance,
+        fg_threshold=spec.fg_threshold,
+        seed_threshold=spec.seed_threshold,
+        min_area=spec.min_area,
+    )
+
+
+def predict_instances(
+    network: torch.nn.Module, spec: NucleiSpec, rgb: np.ndarray, *, device: str = "cpu"
+) -> np.ndarray:
+    """Instance mask (int32, 0 background, 1..N) of ``rgb``."""
+    return instances(spec, predict_maps(network, spec, rgb, device=device))

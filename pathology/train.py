@@ -1,0 +1,129 @@
+"""Fine-tuning the nuclei network in the server on the labels saved through ``/datastore/label``."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from monailabel.interfaces.datastore import Datastore
+from monailabel.interfaces.tasks.train import TrainTask
+
+from pathology.data import read_instances
+from pathology.postprocess import rasterize
+from pathology.spec import NucleiSpec
+from pathology.training import Example, train_steps
+from pathology.weights import load_network, save_weights_atomically
+from pathology.wsi import SlideSource, open_source, read_tile
+
+logger = logging.getLogger(__name__)
+
+# Context read around the outlined nuclei of a slide label.
+SLIDE_MARGIN = 32
+
+
+def example_from_label(image_path: str, label_path: str) -> Example:
+    """Image and label as a training example: a tile with its mask, or the outlined area of a slide."""
+    if label_path.endswith(".png"):
+        return Example.of(read_tile(image_path), read_instances(label_path))
+    doc = json.loads(Path(label_path).read_text())
+    polygons = doc["polygons"]
+    source = open_source(image_path)
+    try:
+        width, height = source.dimensions
+        pts = np.concatenate([np.asarray(p) for p in polygons])
+        x0, y0 = (max(int(v) - SLIDE_MARGIN, 0) for v in pts.min(axis=0))
+        x1, y1 = int(min(pts[:, 0].max() + SLIDE_MARGIN, width)), int(min(pts[:, 1].max() + SLIDE_MARGIN, height))
+        rgb = source.read(x0, y0, x1 - x0, y1 - y0)
+    finally:
+        if isinstance(source, SlideSource):
+            source.close()
+    return Example.of(rgb, rasterize(polygons, rgb.shape[:2], offset=(x0, y0)))
+
+
+class NucleiTrainer(TrainTask):
+    """Fine-tunes from the served weights; publishes only a completed run, in one atomic rename.
+
+    Args:
+        spec: the network.
+        served_path: the weights file the infer tasks serve (written only when a run completes).
+        shipped_path: weights to start from before any run has published.
+        stats_path: where the last run's summary is written.
+        max_epochs: default passes per run (a request's ``max_epochs`` wins); one pass is one
+            step per labelled image.
+        batch_size: default crops per step.
+        learning_rate: peak AdamW learning rate of the one-cycle schedule.
+    """
+
+    def __init__(
+        self,
+        spec: NucleiSpec,
+        served_path: str | Path,
+        shipped_path: str | Path | None,
+        stats_path: str | Path,
+        *,
+        max_epochs: int = 20,
+        batch_size: int = 4,
+        learning_rate: float = 5e-4,
+    ) -> None:
+        super().__init__("Fine-tune the nuclei network on the saved final labels")
+        self.spec = spec
+        self.served_path = Path(served_path)
+        self.shipped_path = Path(shipped_path) if shipped_path else None
+        self.stats_path = Path(stats_path)
+        self._max_epochs, self._batch_size, self._lr = max_epochs, batch_size, learning_rate
+
+    def config(self) -> dict[str, Any]:
+        return {"max_epochs": self._max_epochs, "train_batch_size": self._batch_size}
+
+    def start_path(self) -> Path | None:
+        if self.served_path.exists():
+            return self.served_path
+        return self.shipped_path if self.shipped_path and self.shipped_path.exists() else None
+
+    def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any]:
+        records = datastore.datalist()
+        if not records:
+            raise ValueError("No 'final' labels to train on; save at least one label (PUT /datastore/label) first")
+        examples = [example_from_label(r["image"], r["label"]) for r in records]
+        epochs = int(request.get("max_epochs", self._max_epochs))
+        batch = int(request.get("train_batch_size", self._batch_size))
+        steps = max(1, epochs * len(examples))
+        start = self.start_path()
+        device = "cuda" if torch.cuda.is_available() and request.get("device", "cuda") != "cpu" else "cpu"
+        network = load_network(self.spec, start, device) if start else self.spec.network().to(device)
+        began = time.perf_counter()
+        losses = train_steps(
+            network,
+            self.spec,
+            examples,
+            steps=steps,
+            batch_size=batch,
+            lr=self._lr,
+            seed=int(time.time()),
+            device=device,
+        )
+        state = network.state_dict()
+        if not all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point()):
+            raise RuntimeError("Training produced NaN or Inf weights; served weights unchanged")
+        save_weights_atomically(state, self.served_path)
+        stats = {
+            "images": len(examples),
+            "steps": steps,
+            "epoch": epochs,
+            "loss": round(float(np.mean(losses[-max(1, len(examples)) :])), 4),
+            "started_from": str(start) if start else None,
+            "published": str(self.served_path),
+            "seconds": round(time.perf_counter() - began, 1),
+        }
+        self.stats_path.parent.mkdir(parents=True, exist_ok=True)
+        self.stats_path.write_text(json.dumps(stats, indent=1))
+        logger.info("Published %s after %d steps on %d images", self.served_path, steps, len(examples))
+        return stats
+
+    def stats(self) -> dict[str, Any]:
+        return json.loads(self.stats_path.read_text()) if self.stats_path.exists() else {}
