@@ -56,8 +56,9 @@ class DicomWebClient:
 
     def _request(self, method: str, path: str, what: str, **kwargs: Any) -> requests.Response:
         url = f"{self.url}/{path.lstrip('/')}"
+        kwargs.setdefault("timeout", self._timeout)
         try:
-            response = self._session.request(method, url, timeout=self._timeout, **kwargs)
+            response = self._session.request(method, url, **kwargs)
         except requests.RequestException as e:
             raise PacsUnavailable(f"PACS at {self.url} did not answer while {what} ({type(e).__name__}: {e})") from e
         if response.status_code >= 500:
@@ -75,9 +76,21 @@ class DicomWebClient:
         response.raise_for_status()
         return response.json()
 
-    def ping(self) -> None:
-        """Raise ``PacsUnavailable`` unless the PACS answers a QIDO-RS query."""
-        self._json("studies", "checking that it answers", {"limit": 1})
+    def ping(self, timeout: float = 5.0) -> None:
+        """Raise ``PacsUnavailable`` unless a DICOMweb server answers a QIDO-RS query within ``timeout`` s."""
+        what = "checking that it answers"
+        response = self._request(
+            "GET",
+            "studies",
+            what,
+            params={"limit": 1},
+            headers={"Accept": "application/dicom+json"},
+            timeout=(self._timeout[0], timeout),
+        )
+        if response.status_code not in (200, 204):
+            raise PacsUnavailable(
+                f"{self.url} is not a DICOMweb server: QIDO-RS /studies answered HTTP {response.status_code}"
+            )
 
     def search_series(self, filters: dict[str, Any] | None = None) -> list[Dataset]:
         rows = self._json("series", "searching for series", {**(filters or {}), "includefield": "all"})

@@ -21,7 +21,7 @@ from pydicom.uid import generate_uid
 from appcore.datastore import AllowedValues, CheckedLocalDatastore
 from appcore.dicom.client import DicomWebClient, OrthancAdmin, PacsUnavailable
 from appcore.dicom.seg import label_to_seg, seg_to_label
-from appcore.dicom.series import SeriesRefused, load_series
+from appcore.dicom.series import SeriesRefused, load_series, series_geometry
 from appcore.errors import bad_request, not_found, unprocessable
 from appcore.labels import LabelSet
 from appcore.validation import Geometry, check_image_id, check_upload_size, load_nifti, validate_label_volume
@@ -99,6 +99,7 @@ class DicomWebDatastore(CheckedLocalDatastore):
         self._series = _TTL(list_ttl_s, self._search_series)
         self._segs = _TTL(list_ttl_s, self._search_segs)
         self._seg_refs: dict[str, tuple[str, str]] = {}  # SEG series uid -> (referenced series uid, model)
+        self._refusals: dict[str, str | None] = {}
         self._fetch_locks: dict[str, threading.Lock] = {}
         self._locks_lock = threading.Lock()
 
@@ -157,8 +158,28 @@ class DicomWebDatastore(CheckedLocalDatastore):
         return sorted(uid for uid in self._segs.get() if uid in series)
 
     def get_unlabeled_images(self, label_tag: str | None = None, labels: list[str] | None = None) -> list[str]:
+        """Series without a SEG, minus those that cannot be loaded (never handed out as a next sample)."""
         labelled = set(self.get_labeled_images(label_tag, labels))
-        return [uid for uid in self.list_images() if uid not in labelled]
+        return [uid for uid in self.list_images() if uid not in labelled and self.refusal(uid) is None]
+
+    def refusal(self, image_id: str) -> str | None:
+        """Why the series cannot be loaded, from its metadata alone (remembered), or ``None``."""
+        if image_id not in self._refusals:
+            study = str(self._series_meta(image_id).StudyInstanceUID)
+            try:
+                series_geometry(self._client.series_metadata(study, image_id), image_id)
+                self._refusals[image_id] = None
+            except SeriesRefused as e:
+                self._refusals[image_id] = str(e)
+                logger.warning("%s", e)
+        return self._refusals[image_id]
+
+    def status(self) -> dict[str, Any]:
+        """Counts for ``/info``; while the PACS is unreachable, says so instead of failing ``/info``."""
+        try:
+            return super().status()
+        except PacsUnavailable as e:
+            return {"total": 0, "completed": 0, "label_tags": {}, "error": e.detail}
 
     # -- images ------------------------------------------------------------------------------------
     def _lock_for(self, image_id: str) -> threading.Lock:
@@ -184,6 +205,7 @@ class DicomWebDatastore(CheckedLocalDatastore):
         try:
             volume = load_series(datasets, image_id)
         except SeriesRefused as e:
+            self._refusals[image_id] = str(e)
             raise unprocessable(str(e)) from None
         headers = self._headers_dir(image_id)
         headers.mkdir(parents=True, exist_ok=True)

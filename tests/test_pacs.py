@@ -1,0 +1,262 @@
+"""The radiology server against a real Orthanc over DICOMweb: listing, infer, DICOM SEG write-back, faults."""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+
+from appcore.dicom.client import DicomWebClient
+from appcore.dicom.seg import dicom_lab_to_rgb, seg_to_label
+from appcore.dicom.series import load_series
+from radiology.label_mapping import load_class_map, remap_by_name
+from radiology.registry import MODELS
+from tests.conftest import HIPPO, SHARED, TOTALSEG, dice, requires_shared
+from tests.e2e.servers import (
+    LoadedPacs,
+    Server,
+    free_port,
+    loaded_orthanc,
+    monailabel_server,
+    requires_dicom_data,
+    requires_orthanc,
+)
+
+pytestmark = [requires_shared, requires_dicom_data, requires_orthanc, pytest.mark.slow]
+
+MR_CASES = ("hippocampus_001", "hippocampus_003")
+
+
+@pytest.fixture(scope="module")
+def pacs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LoadedPacs]:
+    with loaded_orthanc(tmp_path_factory.mktemp("orthanc"), MR_CASES) as loaded:
+        yield loaded
+
+
+@pytest.fixture(scope="module")
+def server(pacs: LoadedPacs, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    conf = {"models": "organs_ct,hippocampus", "score_on_start": "false", "max_epochs": "1", "reservation_s": "1"}
+    with monailabel_server(tmp_path_factory.mktemp("server"), pacs.orthanc.dicomweb_url, conf) as running:
+        yield running
+
+
+def _segs(pacs: LoadedPacs, source_uid: str) -> list[pydicom.Dataset]:
+    """Every SEG instance in Orthanc that references ``source_uid``."""
+    client, found = pacs.client, []
+    for series in client.search_series({"Modality": "SEG"}):
+        for ds in client.retrieve_series(str(series.StudyInstanceUID), str(series.SeriesInstanceUID)):
+            if ds.ReferencedSeriesSequence[0].SeriesInstanceUID == source_uid:
+                found.append(ds)
+    return found
+
+
+def _volume(pacs: LoadedPacs, name: str):
+    uid = pacs.series[name]
+    study = str(pacs.client.search_series({"SeriesInstanceUID": uid})[0].StudyInstanceUID)
+    return load_series(pacs.client.retrieve_series(study, uid), uid)
+
+
+def _put_label(server: Server, image: str, data: np.ndarray, affine: np.ndarray, model: str, tmp: Path):
+    path = tmp / "label.nii.gz"
+    nib.save(nib.Nifti1Image(data.astype(np.uint8), affine), path)
+    return server.http.put(
+        "/datastore/label",
+        params={"image": image, "tag": "final"},
+        data={"params": f'{{"model": "{model}"}}'},
+        files={"label": ("label.nii.gz", path.read_bytes())},
+    )
+
+
+def test_server_lists_the_ct_and_mr_series(server: Server, pacs: LoadedPacs) -> None:
+    info = server.http.get("/info/").json()
+    assert {"organs_ct", "hippocampus"} <= set(info["models"])
+    assert info["datastore"]["total"] == 2 + len(MR_CASES)  # ct_abdomen, ct_head_ge, the MR cases
+
+
+def test_ct_infer_answers_on_the_decoded_jpeg2000_grid(server: Server, pacs: LoadedPacs, tmp_path: Path) -> None:
+    r = server.http.post(f"/infer/organs_ct?image={pacs.series['ct_abdomen']}&output=image")
+    assert r.status_code == 200, r.text
+    (tmp_path / "pred.nii.gz").write_bytes(r.content)
+    pred = nib.load(tmp_path / "pred.nii.gz")
+    assert pred.shape == (512, 512, 20)
+    assert np.allclose(pred.affine, _volume(pacs, "ct_abdomen").affine, atol=1e-3)
+
+
+def test_mr_infer_segments_the_hippocampus(server: Server, pacs: LoadedPacs, tmp_path: Path) -> None:
+    case = MR_CASES[0]
+    r = server.http.post(f"/infer/hippocampus?image={pacs.series[case]}&output=image")
+    assert r.status_code == 200, r.text
+    (tmp_path / "pred.nii.gz").write_bytes(r.content)
+    pred, truth = nib.load(tmp_path / "pred.nii.gz"), nib.load(HIPPO / "labelsTr" / f"{case}.nii.gz")
+    assert np.allclose(pred.affine, truth.affine) and pred.shape == truth.shape
+    assert dice(np.asarray(pred.dataobj) > 0, np.asarray(truth.dataobj) > 0) > 0.7
+
+
+def test_gantry_tilted_series_is_refused_naming_it(server: Server, pacs: LoadedPacs) -> None:
+    uid = pacs.series["ct_head_ge"]
+    r = server.http.post(f"/infer/organs_ct?image={uid}")
+    assert r.status_code == 422
+    assert uid in r.json()["detail"] and "gantry tilt" in r.json()["detail"]
+    # ... and it is never handed out for labelling
+    picks = {server.http.post("/activelearning/random", json={"client_id": f"c{i}"}).json().get("id") for i in range(6)}
+    assert uid not in picks
+
+
+def test_saving_a_ct_label_stores_a_coded_seg_and_saving_again_replaces_it(
+    server: Server, pacs: LoadedPacs, tmp_path: Path
+) -> None:
+    uid, labels = pacs.series["ct_abdomen"], MODELS["organs_ct"].labels
+    volume = _volume(pacs, "ct_abdomen")
+    reference = nib.load(SHARED / "dicom" / "ct_abdomen_labels_totalseg.nii.gz")
+    # The reference stores rows in the other order; bring it onto the series' grid, then onto our ids.
+    flipped = np.asarray(reference.dataobj)[:, ::-1, :]
+    assert np.allclose(reference.affine @ [0, 511, 0, 1], volume.affine @ [0, 0, 0, 1])
+    truth = remap_by_name(flipped, load_class_map(TOTALSEG / "class_map.json"), labels)
+    assert {1, 5, 6, 7} <= set(np.unique(truth).tolist())  # spleen, liver, stomach, pancreas
+
+    started = time.perf_counter()
+    r = _put_label(server, uid, truth, volume.affine, "organs_ct", tmp_path)
+    assert r.status_code == 200, r.text
+    assert time.perf_counter() - started < 30
+    (seg,) = _segs(pacs, uid)
+    assert seg.Modality == "SEG" and seg.StudyInstanceUID == str(
+        pacs.client.search_series({"SeriesInstanceUID": uid})[0].StudyInstanceUID
+    )
+    refs = seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence
+    assert {str(r.ReferencedSOPInstanceUID) for r in refs} == set(volume.sop_instance_uids)
+    segments = {s.SegmentLabel: s for s in seg.SegmentSequence}
+    assert list(segments) == [lab.name for lab in labels]
+    liver = segments["liver"]
+    assert liver.SegmentedPropertyTypeCodeSequence[0].CodeValue == labels.by_name("liver").snomed == "10200004"
+    assert liver.SegmentedPropertyTypeCodeSequence[0].CodingSchemeDesignator == "SCT"
+    assert dicom_lab_to_rgb(liver.RecommendedDisplayCIELabValue) == pytest.approx(labels.by_name("liver").color, abs=1)
+    assert np.array_equal(seg_to_label(seg, volume.sop_instance_uids, labels), truth)
+
+    # Save a corrected label: the PACS then holds that one SEG only.
+    corrected = np.where(truth == 6, 0, truth)
+    assert _put_label(server, uid, corrected, volume.affine, "organs_ct", tmp_path).status_code == 200
+    (seg2,) = _segs(pacs, uid)
+    assert seg2.SeriesInstanceUID != seg.SeriesInstanceUID
+    assert np.array_equal(seg_to_label(seg2, volume.sop_instance_uids, labels), corrected)
+
+
+@pytest.mark.parametrize(
+    ("mutate", "status", "match"),
+    [
+        (lambda d, a: (d[:, :, :10], a), 422, "shape"),
+        (lambda d, a: (np.full_like(d, 9), a), 422, "9"),
+        (lambda d, a: (d, np.diag([2.0, 2.0, 2.0, 1.0])), 422, "affine|grid"),
+    ],
+)
+def test_a_bad_label_is_refused_and_the_saved_seg_stays(
+    server: Server, pacs: LoadedPacs, tmp_path: Path, mutate, status: int, match: str
+) -> None:
+    uid = pacs.series["ct_abdomen"]
+    before = [s.SeriesInstanceUID for s in _segs(pacs, uid)]
+    volume = _volume(pacs, "ct_abdomen")
+    data, affine = mutate(np.zeros(volume.data.shape, np.uint8), volume.affine)
+    r = _put_label(server, uid, data, affine, "organs_ct", tmp_path)
+    assert r.status_code == status, r.text
+    assert pytest.importorskip("re").search(match, r.json()["detail"])
+    assert [s.SeriesInstanceUID for s in _segs(pacs, uid)] == before
+
+
+def test_slicer_client_flow(server: Server, pacs: LoadedPacs, tmp_path: Path) -> None:
+    """What the 3D Slicer module does, through the same client class: info, next sample, infer, save, train."""
+    from monailabel.client import MONAILabelClient
+
+    time.sleep(1.5)  # reservations of the earlier tests (reservation_s 1) have lapsed
+
+    client = MONAILabelClient(server.url, tmpdir=str(tmp_path), client_id="slicer")
+    info = client.info()
+    assert "hippocampus" in info["models"] and "random" in info["strategies"]
+    mr = {pacs.series[c] for c in MR_CASES}
+    sample = client.next_sample("random", {"client_id": "slicer"})
+    assert sample["id"] in mr  # ct_abdomen has a SEG now and ct_head_ge is refused: only MR is left
+    image_id = sample["id"]
+    label_file, params = client.infer("hippocampus", image_id, {})
+    assert Path(label_file).exists() and nib.load(label_file).shape[2] == len(_segs_source_slices(pacs, image_id))
+    saved = client.save_label(image_id, label_file, tag="final", params={"model": "hippocampus"})
+    assert saved["image"] == image_id
+    (seg,) = _segs(pacs, image_id)
+    assert [s.SegmentLabel for s in seg.SegmentSequence] == ["anterior", "posterior"]
+    assert client.next_sample("random", {"client_id": "slicer"}).get("id") in mr - {image_id}
+
+    client.train_start("hippocampus", {"max_epochs": 1, "train_batch_size": 2})
+    deadline = time.monotonic() + 240
+    while (status := client.train_status()).get("status") not in ("DONE", "ERROR", "STOPPED"):
+        assert time.monotonic() < deadline, "training did not finish in 240 s"
+        time.sleep(1)
+    assert status["status"] == "DONE", status
+
+
+def _segs_source_slices(pacs: LoadedPacs, uid: str) -> list:
+    study = str(pacs.client.search_series({"SeriesInstanceUID": uid})[0].StudyInstanceUID)
+    return pacs.client.search_instances(study, uid)
+
+
+def test_pacs_going_away_gives_503_and_the_server_recovers(server: Server, pacs: LoadedPacs, tmp_path: Path) -> None:
+    uid = pacs.series[MR_CASES[1]]
+    pacs.orthanc.stop()
+    try:
+        time.sleep(5.5)  # the server reuses a series listing for 5 s
+        started = time.perf_counter()
+        r = server.http.post("/activelearning/random", json={"client_id": "down"})
+        assert r.status_code == 503 and pacs.orthanc.dicomweb_url in r.json()["detail"], r.text
+        assert time.perf_counter() - started < 15
+        info = server.http.get("/info/")
+        assert info.status_code == 200, info.text  # /info still answers, and says what is wrong
+        assert "did not answer" in info.json()["datastore"]["error"]
+        image = nib.load(HIPPO / "imagesTr" / f"{MR_CASES[1]}.nii.gz")
+        r = _put_label(server, uid, np.zeros(image.shape, np.uint8), image.affine, "hippocampus", tmp_path)
+        assert r.status_code == 503, r.text  # not saved, and said so; the client still has its label
+    finally:
+        pacs.orthanc.start()
+    time.sleep(6)  # let the server's short listing cache expire
+    assert server.http.get("/info/").json()["datastore"]["total"] == 2 + len(MR_CASES)
+    r = server.http.post("/activelearning/random", json={"client_id": "back"})
+    unlabelled = {u for name, u in pacs.series.items() if name != "ct_head_ge" and not _segs(pacs, u)}
+    assert r.status_code == 200 and r.json()["id"] in unlabelled, r.text
+    r = server.http.post(f"/infer/hippocampus?image={uid}&output=image")
+    assert r.status_code == 200, r.text
+    assert not _segs(pacs, uid)  # the save refused while the PACS was away left nothing behind
+
+
+@pytest.fixture
+def silent_port() -> Iterator[int]:
+    """A port that accepts connections and never answers (a hung PACS)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(8)
+        yield s.getsockname()[1]
+
+
+@pytest.mark.parametrize(
+    ("kind", "match"),
+    [("closed", "did not answer"), ("silent", "did not answer.*Timeout"), ("not_dicomweb", "not a DICOMweb server")],
+)
+def test_unreachable_pacs_at_start_fails_within_seconds(
+    kind: str, match: str, silent_port: int, pacs: LoadedPacs, tmp_path: Path
+) -> None:
+    from radiology.app import RadiologyApp
+
+    url = {
+        "closed": f"http://127.0.0.1:{free_port()}/dicom-web",
+        "silent": f"http://127.0.0.1:{silent_port}/dicom-web",
+        "not_dicomweb": f"{pacs.orthanc.url}/no-such-root",
+    }[kind]
+    started = time.perf_counter()
+    with pytest.raises(RuntimeError, match=rf"Cannot use the PACS given by --studies {url}: .*{match}.*make pacs"):
+        RadiologyApp(str(tmp_path), url, {"models": "organs_ct", "score_on_start": "false"})
+    assert time.perf_counter() - started < 10
+
+
+def test_dicomweb_client_refuses_a_non_http_url() -> None:
+    with pytest.raises(ValueError, match="must start with http"):
+        DicomWebClient("127.0.0.1:8042/dicom-web")
