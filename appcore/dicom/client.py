@@ -102,7 +102,8 @@ class DicomWebClient:
 
     def series_metadata(self, study_uid: str, series_uid: str) -> list[Dataset]:
         rows = self._json(f"studies/{study_uid}/series/{series_uid}/metadata", f"reading metadata of {series_uid}")
-        return [Dataset.from_json(row) for row in rows]
+        # Bulk data (pixels) is left out of metadata on purpose; its elements stay empty.
+        return [Dataset.from_json(row, bulk_data_uri_handler=_no_bulk_data) for row in rows]
 
     def retrieve_series(self, study_uid: str, series_uid: str) -> list[Dataset]:
         """All instances of a series as pydicom datasets, in the transfer syntax the PACS stored."""
@@ -139,6 +140,10 @@ class DicomWebClient:
         failed = answer.get("FailedSOPSequence")
         if failed:
             raise PacsUnavailable(f"PACS at {self.url} refused {len(failed)} instance(s) of the upload")
+
+
+def _no_bulk_data(tag: str, vr: str, uri: str) -> None:
+    return None
 
 
 def _parts(response: requests.Response) -> Iterator[bytes]:
