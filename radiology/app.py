@@ -15,6 +15,7 @@ from monailabel.interfaces.datastore import Datastore
 
 from appcore.datastore import CheckedLocalDatastore
 from appcore.dicom.datastore import open_dicomweb_datastore
+from appcore.dicom.ohif import serve_ohif_config
 from appcore.errors import bad_request, not_found, unprocessable
 from appcore.labels import LabelSet
 from appcore.settings import AppSettings
@@ -90,6 +91,7 @@ class RadiologyApp(MONAILabelApp):
 
     def init_datastore(self) -> Datastore:
         if self.studies.startswith(("http://", "https://")):
+            serve_ohif_config()
             return open_dicomweb_datastore(
                 self.studies,
                 modalities=tuple(sorted({spec.modality for spec in self.specs.values()})),
