@@ -15,7 +15,7 @@ from monailabel.interfaces.datastore import Datastore
 
 from appcore.datastore import CheckedLocalDatastore
 from appcore.dicom.datastore import open_dicomweb_datastore
-from appcore.dicom.ohif import serve_ohif_config
+from appcore.dicom.ohif import as_requested_format, serve_ohif_config
 from appcore.errors import bad_request, not_found, unprocessable
 from appcore.labels import LabelSet
 from appcore.settings import AppSettings
@@ -198,7 +198,7 @@ class RadiologyApp(MONAILabelApp):
         else:
             check_image_id(image)
             (datastore or self.datastore()).get_image_uri(image)  # 404 for an unknown id
-        return super().infer(request, datastore)
+        return as_requested_format(super().infer(request, datastore), request)  # NRRD for OHIF
 
     def bundle_path(self, model: str | None) -> str | None:
         # MONAI Label asks this before it starts a training process: the place to refuse an unknown

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
+import tempfile
 from pathlib import Path
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -37,3 +40,31 @@ def serve_ohif_config(config: Path = CONFIG) -> bool:
     routes.insert(0, Route("/ohif/app-config.js", app_config, methods=["GET"]))
     logger.info("OHIF at /ohif/ uses %s", config)
     return True
+
+
+def as_requested_format(result: dict[str, Any], request: dict[str, Any]) -> dict[str, Any]:
+    """Rewrite an infer result's NIfTI label as NRRD when the request asks for ``result_extension: .nrrd``.
+
+    OHIF's MONAI Label extension reads only NRRD (raw, uint8); the voxel order is kept ([column, row,
+    slice] as the series was decoded), with the grid in LPS as NRRD viewers expect.
+    """
+    label = result.get("file") if isinstance(result, dict) else None
+    if request.get("result_extension") != ".nrrd" or not label or not str(label).endswith((".nii", ".nii.gz")):
+        return result
+    import nibabel as nib
+    import nrrd
+    import numpy as np
+
+    img = nib.load(label)
+    lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ img.affine
+    header = {
+        "space": "left-posterior-superior",
+        "space directions": lps[:3, :3].T,
+        "space origin": lps[:3, 3],
+        "encoding": "gzip" if request.get("result_compress") else "raw",
+    }
+    fd, out = tempfile.mkstemp(suffix=".nrrd")
+    os.close(fd)
+    nrrd.write(out, np.asarray(img.dataobj).astype(np.uint8), header, index_order="F")
+    Path(label).unlink(missing_ok=True)
+    return {**result, "file": out, "label": out if result.get("label") == label else result.get("label")}

@@ -1,0 +1,177 @@
+"""OHIF in headless Chromium against the DICOMweb-backed server and a real Orthanc, end to end.
+
+Study list, a study opened in the MONAI Label mode, auto-segmentation shown in the viewport (a
+screenshot is kept in ``tests/e2e/artifacts/``), the label saved as a DICOM SEG in Orthanc, and
+"Next Sample" opening another study. Playwright drives the system's ``/usr/bin/chromium``; its
+own browser download is never used.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from PIL import Image
+
+from appcore.dicom.prepare import stable_uid
+from tests.conftest import ROOT, requires_shared
+from tests.e2e.servers import (
+    LoadedPacs,
+    Server,
+    loaded_orthanc,
+    monailabel_server,
+    requires_dicom_data,
+    requires_orthanc,
+)
+
+playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (requirements-dev.txt)")
+
+CHROMIUM = Path("/usr/bin/chromium")
+ARTIFACTS = ROOT / "tests" / "e2e" / "artifacts"
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+MR_CASES = ("hippocampus_001", "hippocampus_003")
+
+pytestmark = [
+    requires_shared,
+    requires_dicom_data,
+    requires_orthanc,
+    pytest.mark.slow,
+    pytest.mark.skipif(not CHROMIUM.exists(), reason=f"{CHROMIUM} is absent (make test installs chromium)"),
+]
+
+
+def ohif_label_colour(name: str) -> tuple[int, int, int]:
+    """The colour OHIF's MONAI Label extension gives a label missing from its anatomy colour table.
+
+    The extension colours segments by name only (its ``getLabelColor``: a fixed table of anatomy
+    names, else this hash of the name); it does not read colours from the server.
+    """
+    h = len(name) * 4 + sum(map(ord, name))
+    return (2 * h % 256, 3 * h % 256, 5 * h % 256)
+
+
+def colour_pixels(png: bytes, rgb: tuple[int, int, int], tolerance: float = 0.06) -> int:
+    """Pixels of the colour's hue at any brightness (outlines and fills are drawn shaded)."""
+    pixels = np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(float)
+    brightness = pixels.max(axis=-1, keepdims=True)
+    target = np.array(rgb, dtype=float) / max(rgb)
+    close = np.abs(pixels / np.maximum(brightness, 1) - target).max(axis=-1) <= tolerance
+    return int((close & (brightness[..., 0] > 60)).sum())
+
+
+@pytest.fixture(scope="module")
+def pacs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LoadedPacs]:
+    with loaded_orthanc(tmp_path_factory.mktemp("orthanc"), MR_CASES) as loaded:
+        yield loaded
+
+
+@pytest.fixture(scope="module")
+def server(pacs: LoadedPacs, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    conf = {"models": "organs_ct,hippocampus", "score_on_start": "false", "reservation_s": "1"}
+    with monailabel_server(tmp_path_factory.mktemp("server"), pacs.orthanc.dicomweb_url, conf) as running:
+        yield running
+
+
+@pytest.fixture
+def page(server: Server) -> Iterator[object]:
+    shutil.rmtree(ARTIFACTS, ignore_errors=True)
+    ARTIFACTS.mkdir(parents=True)
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+        context = browser.new_context(viewport={"width": 1400, "height": 900})
+        # Where the extension finds the server (it defaults to port 8000 of the page's host).
+        context.add_cookies([{"name": "MONAILABEL_SERVER_URL", "value": f"{server.url}/", "url": server.url}])
+        page = context.new_page()
+        page.set_default_timeout(60_000)
+        console: list[str] = []
+        page.on("console", lambda m: console.append(f"{m.type}: {m.text}"))
+        page.on("dialog", lambda d: d.accept())  # "This action will reload current page" on next sample
+        try:
+            yield page
+        finally:
+            (ARTIFACTS / "console.log").write_text("\n".join(console))
+            page.screenshot(path=str(ARTIFACTS / "last.png"))
+            browser.close()
+
+
+def test_label_in_ohif_over_dicomweb(page, server: Server, pacs: LoadedPacs) -> None:
+    first = pacs.series["hippocampus_001"]
+    first_study = stable_uid("hippocampus_001", "study")
+
+    # 1. The study list shows the PACS's studies (through the server's DICOMweb proxy).
+    page.goto(f"{server.url}/ohif/", wait_until="domcontentloaded")
+    for patient in ("ct_abdomen", *MR_CASES):
+        page.get_by_text(patient, exact=True).first.wait_for()
+    page.screenshot(path=str(ARTIFACTS / "1-study-list.png"))
+
+    # 2. Open one in the MONAI Label mode.
+    page.get_by_text("hippocampus_001", exact=True).first.click()
+    page.get_by_role("button", name="MONAI Label").first.click()
+    page.wait_for_url(f"**/ohif/monai-label?StudyInstanceUIDs={first_study}*")
+    page.locator("#monailabelServerURL").wait_for()
+    canvases = page.locator(".cornerstone-canvas")
+    canvases.first.wait_for()
+    page.wait_for_timeout(3000)  # let the volume finish loading
+    before = [canvases.nth(i).screenshot() for i in range(canvases.count())]
+    # The anterior segment's teal (8, 140, 148); the posterior one's navy is too close to the viewer's
+    # own dark blues to count on.
+    anterior = ohif_label_colour("anterior")
+    assert sum(colour_pixels(png, anterior) for png in before) < 10
+
+    # 3. Connect and run auto-segmentation with the hippocampus model.
+    page.locator(".settingsTable button.actionButton").click()
+    page.locator("#tab-2 ~ .tab-content select.selectBox").select_option("hippocampus")
+    with page.expect_response(lambda r: "/infer/hippocampus" in r.url, timeout=120_000) as answer:
+        page.locator('button[title="Run Segmentation"]').click()
+    assert answer.value.status == 200
+    page.get_by_text("Running Segmentation - Successful").wait_for()
+    page.wait_for_timeout(2000)
+    page.screenshot(path=str(ARTIFACTS / "2-segmentation.png"))
+    after = [canvases.nth(i).screenshot() for i in range(canvases.count())]
+    assert len(after) == 3  # axial, sagittal, coronal
+    assert sum(colour_pixels(png, anterior) for png in after) > 100
+
+    # 4. Save the label. The extension in the monailabel 0.8.5 wheel has no save control (its
+    #    client's save_label is never called), so send what that client would send: the label as a
+    #    raw uint8 buffer on the image grid ("label.bin"), to the same endpoint.
+    infer = server.http.post(f"/infer/hippocampus?image={first}&output=image")
+    assert infer.status_code == 200, infer.text
+    pred = nib.Nifti1Image.from_bytes(gzip.decompress(infer.content))
+    raw = np.asarray(pred.dataobj, dtype=np.uint8).tobytes(order="F")
+    label_info = [{"name": "anterior", "idx": 1}, {"name": "posterior", "idx": 2}]
+    r = server.http.put(
+        "/datastore/label",
+        params={"image": first},
+        data={"params": json.dumps({"label_info": label_info})},
+        files={"label": ("label.bin", raw)},
+    )
+    assert r.status_code == 200, r.text
+    segs = [s for s in pacs.client.search_series({"Modality": "SEG"}) if s.StudyInstanceUID == first_study]
+    assert len(segs) == 1
+    (seg,) = pacs.client.retrieve_series(first_study, str(segs[0].SeriesInstanceUID))
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == first
+    assert [s.SegmentLabel for s in seg.SegmentSequence] == ["anterior", "posterior"]
+
+    # 5. Next sample opens another study, never the one just labelled.
+    page.get_by_text("Active Learning", exact=True).click()
+    page.get_by_role("button", name="Next Sample").click()
+    page.get_by_role("button", name="OK").click()
+    page.wait_for_url(lambda url: "StudyInstanceUIDs=" in url and first_study not in url)
+    others = {stable_uid(name, "study") for name in ("ct_abdomen", MR_CASES[1])}
+    assert page.url.split("StudyInstanceUIDs=")[1].split("&")[0] in others
+    page.locator(".cornerstone-canvas").first.wait_for()
+    page.wait_for_timeout(2000)
+    page.screenshot(path=str(ARTIFACTS / "3-next-sample.png"))
