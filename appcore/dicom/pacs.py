@@ -145,6 +145,10 @@ def load(client: DicomWebClient, series: dict[str, list[Dataset]]) -> dict[str, 
     return uids
 
 
+def _exit_on_signal(signum: int, frame: object) -> None:
+    raise SystemExit(f"stopped by signal {signum}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--storage", type=Path, default=Path("pacs/storage"))
@@ -153,6 +157,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-load", action="store_true", help="start Orthanc without loading the real series")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # Orthanc runs in its own session; stop it on SIGTERM as on Ctrl-C, never leave it orphaned.
+    signal.signal(signal.SIGTERM, _exit_on_signal)
 
     with Orthanc(args.storage, args.port) as orthanc:
         if not args.no_load:
