@@ -175,3 +175,30 @@ def test_seg_refuses_values_the_model_does_not_have() -> None:
     label = np.full((12, 10, 8), 9, np.uint8)
     with pytest.raises(ValueError, match=r"Label values \[9\] are not labels of 'hippocampus'"):
         label_to_seg(label, series, MODELS["hippocampus"].labels, model="hippocampus", series_uid="1.2", sop_uid="1.3")
+
+
+@pytest.mark.parametrize(
+    ("request_", "expect_nrrd"),
+    [({"result_extension": ".nrrd"}, True), ({}, False), ({"result_extension": ".nii.gz"}, False)],
+)
+def test_infer_result_becomes_nrrd_only_when_asked(tmp_path, request_: dict, expect_nrrd: bool) -> None:
+    import nrrd
+
+    from appcore.dicom.ohif import as_requested_format
+
+    data = np.random.default_rng(1).integers(0, 3, (7, 5, 4)).astype(np.uint8)
+    affine = np.diag([-0.9, 0.9, 2.0, 1.0])
+    affine[:3, 3] = [10.0, -5.0, 3.0]
+    label = str(tmp_path / "pred.nii.gz")
+    nib.save(nib.Nifti1Image(data, affine), label)
+    result = as_requested_format({"file": label, "label": label, "params": {}}, request_)
+    assert result["file"].endswith(".nrrd") is expect_nrrd
+    assert result["label"] == result["file"]
+    if expect_nrrd:
+        values, header = nrrd.read(result["file"], index_order="F")
+        assert np.array_equal(values, data) and header["encoding"] == "raw"
+        lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine
+        assert np.allclose(header["space directions"], lps[:3, :3].T)
+        assert np.allclose(header["space origin"], lps[:3, 3])
+    else:
+        assert result["file"] == label
