@@ -1,0 +1,411 @@
+"""Simulated active learning on real labelled data: how many labels does each strategy need?
+
+    python -m benchmarks.active_learning --pool DIR --test DIR --strategy random,epistemic,bald \\
+        --initial 4 --per-round 4 --rounds 6 --seed 0,1,2 --out benchmarks/results/active_learning
+
+Each (strategy, seed) run starts from the same ``--initial`` randomly drawn labelled cases of the
+pool and the same model trained on them (one per seed). Each round the strategy picks
+``--per-round`` unlabelled cases with the project's own selection code and scoring pass
+(``strategies.selection``, ``radiology.uncertainty``), their true labels are revealed, the model
+is fine-tuned for ``--steps-per-round`` steps on everything labelled so far, and Dice on the test
+folder is recorded. ``full_pool`` is the reference: a model trained from scratch on the whole pool
+for the same total number of steps. The summary says, per strategy, the labelled cases needed to
+reach 95% of the reference's Dice, against random's number.
+
+Runs are written one file each under ``OUT/runs/`` and skipped when present, so an interrupted
+benchmark resumes; ``--plot-only`` rebuilds ``curves.csv``, ``summary.md`` and ``learning_curves.png``.
+``DIR`` is an MSD-layout folder (``imagesTr/`` and ``labelsTr/``, or ``dataset.json``); make the
+fixed pool/test split of a dataset with ``python -m benchmarks.al_split``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import logging
+import random
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.losses import DiceCELoss
+from monai.transforms import Compose
+from monai.utils import set_determinism
+
+from radiology.offline import validate
+from radiology.registry import MODELS
+from radiology.spec import ModelSpec
+from radiology.splits import Case, msd_cases
+from radiology.transforms import augment, preprocess
+from radiology.uncertainty import MCDropoutScorer
+from strategies.selection import diverse_top_k, top_k
+
+logger = logging.getLogger(__name__)
+
+STRATEGIES = ("random", "epistemic", "bald", "tta", "diversity")
+REFERENCE = "full_pool"
+# Which stored measure ranks for each strategy (None: the predictive entropy, the ranking value).
+MEASURE = {"epistemic": "entropy", "bald": "bald", "tta": "tta", "diversity": "entropy"}
+TARGET_FRACTION = 0.95
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """What one simulated run does; stored with every run so results say how they were made."""
+
+    model: str
+    channels: tuple[int, ...]
+    initial: int
+    per_round: int
+    rounds: int
+    initial_steps: int
+    steps_per_round: int
+    batch_size: int
+    lr: float
+    mc_samples: int
+    tta_samples: int
+
+    def spec(self) -> ModelSpec:
+        return dataclasses.replace(MODELS[self.model], channels=self.channels)
+
+
+class Data:
+    """Pre-processed pool and test volumes, loaded once and kept in memory."""
+
+    def __init__(self, spec: ModelSpec, pool: list[Case], test: list[Case]) -> None:
+        load = Compose(preprocess(spec, with_label=True))
+        self.pool = {c.id: load({"image": str(c.image), "label": str(c.label)}) for c in pool}
+        self.test = [load({"image": str(c.image), "label": str(c.label)}) for c in test]
+        self.augment = Compose(augment(spec))
+
+    def batch(self, ids: Sequence[str], size: int, rng: random.Random) -> dict[str, torch.Tensor]:
+        items = []
+        for case in rng.choices(list(ids), k=size):
+            out = self.augment(dict(self.pool[case]))
+            items.append(out[0] if isinstance(out, list) else out)
+        return {k: torch.stack([torch.as_tensor(i[k]) for i in items]) for k in ("image", "label")}
+
+
+class Learner:
+    """The model, its optimiser and the training steps of one run."""
+
+    def __init__(self, spec: ModelSpec, lr: float, device: torch.device) -> None:
+        self.spec, self.device = spec, device
+        self.network = spec.network().to(device)
+        self.optimizer = torch.optim.AdamW(self.network.parameters(), lr=lr, weight_decay=1e-5)
+        self.loss = DiceCELoss(to_onehot_y=True, softmax=True)
+
+    def state(self) -> dict:
+        return {"network": self.network.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def load(self, state: dict) -> None:
+        self.network.load_state_dict(state["network"])
+        self.optimizer.load_state_dict(state["optimizer"])
+
+    def train(self, data: Data, ids: Sequence[str], steps: int, batch_size: int, rng: random.Random) -> float:
+        start = time.perf_counter()
+        self.network.train()
+        amp = self.device.type == "cuda"
+        for _ in range(steps):
+            batch = data.batch(ids, batch_size, rng)
+            self.optimizer.zero_grad(set_to_none=True)
+            with torch.autocast(self.device.type, enabled=amp):
+                loss = self.loss(self.network(batch["image"].to(self.device)), batch["label"].to(self.device))
+            loss.backward()
+            self.optimizer.step()
+        return time.perf_counter() - start
+
+    def dice(self, data: Data) -> dict[str, float]:
+        per_class = validate(self.spec, self.network, data.test, self.device)
+        names = {lab.id: lab.name for lab in self.spec.labels}
+        return {names[c]: d for c, d in per_class.items()}
+
+
+def choose(
+    strategy: str,
+    unlabelled: list[str],
+    labelled: list[str],
+    measures: dict[str, dict],
+    k: int,
+    rng: random.Random,
+) -> list[str]:
+    """The server's selection functions, applied to this round's measures."""
+    if strategy == "random":
+        return top_k(unlabelled, {}, k, rng)
+    scores = {i: m[MEASURE[strategy]] for i, m in measures.items() if MEASURE[strategy] in m}
+    if strategy == "diversity":
+        embeddings = {i: m["embedding"] for i, m in measures.items() if "embedding" in m}
+        return diverse_top_k(unlabelled, scores, embeddings, k, rng, covered=labelled)
+    return top_k(unlabelled, scores, k, rng)
+
+
+def initial_state(out: Path, schedule: Schedule, data: Data, seed: int, device: torch.device) -> tuple[list, dict]:
+    """The seed's first labelled cases and the model trained on them (cached under ``out``)."""
+    path = out / "runs" / f"initial_seed{seed}.pt"
+    ids = sorted(data.pool)
+    initial = sorted(random.Random(seed).sample(ids, schedule.initial))
+    if path.exists():
+        saved = torch.load(path, map_location=device, weights_only=False)
+        if saved["initial"] == initial and saved["schedule"] == dataclasses.asdict(schedule):
+            return initial, saved["state"]
+    set_determinism(seed)
+    learner = Learner(schedule.spec(), schedule.lr, device)
+    seconds = learner.train(data, initial, schedule.initial_steps, schedule.batch_size, random.Random(seed))
+    logger.info("seed %d: initial model on %d cases in %.0f s", seed, len(initial), seconds)
+    state = learner.state()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"initial": initial, "schedule": dataclasses.asdict(schedule), "state": state}, path)
+    return initial, state
+
+
+def run_strategy(
+    strategy: str, schedule: Schedule, data: Data, seed: int, initial: list[str], state: dict, device: torch.device
+) -> list[dict]:
+    """One simulated labelling campaign; a row per round (round 0 is the initial model)."""
+    spec = schedule.spec()
+    set_determinism(seed + 1000)
+    learner = Learner(spec, schedule.lr, device)
+    learner.load(state)
+    rng = random.Random(f"{strategy}-{seed}")
+    scorer = MCDropoutScorer(
+        spec, [], samples=schedule.mc_samples, tta_samples=schedule.tta_samples, device=str(device)
+    )
+    labelled = list(initial)
+    measures: dict[str, dict] = {}  # kept across rounds, like the server's score store
+    rows = []
+    for rnd in range(schedule.rounds + 1):
+        picked, train_s, score_s = [], 0.0, 0.0
+        if rnd > 0:
+            unlabelled = sorted(set(data.pool) - set(labelled))
+            if strategy != "random":
+                start = time.perf_counter()
+                scorer.use_network(learner.network)
+                for case in unlabelled:
+                    measures[case] = scorer.score_tensor(data.pool[case]["image"])
+                score_s = time.perf_counter() - start
+            picked = choose(strategy, unlabelled, labelled, measures, schedule.per_round, rng)
+            labelled += picked
+            train_s = learner.train(data, labelled, schedule.steps_per_round, schedule.batch_size, rng)
+        dice = learner.dice(data)
+        rows.append(row(strategy, seed, rnd, len(labelled), dice, train_s, score_s, picked))
+        logger.info("%s seed %d round %d: %d labelled, Dice %.4f", strategy, seed, rnd, len(labelled), rows[-1]["dice"])
+    return rows
+
+
+def run_reference(schedule: Schedule, data: Data, seed: int, device: torch.device) -> list[dict]:
+    """A model trained from scratch on the whole pool for the same total steps as a campaign."""
+    set_determinism(seed)
+    learner = Learner(schedule.spec(), schedule.lr, device)
+    steps = schedule.initial_steps + schedule.rounds * schedule.steps_per_round
+    seconds = learner.train(data, sorted(data.pool), steps, schedule.batch_size, random.Random(seed))
+    return [row(REFERENCE, seed, schedule.rounds, len(data.pool), learner.dice(data), seconds, 0.0, [])]
+
+
+def row(strategy, seed, rnd, n, dice: dict[str, float], train_s, score_s, picked) -> dict:
+    return {
+        "strategy": strategy,
+        "seed": seed,
+        "round": rnd,
+        "labelled": n,
+        "dice": round(float(np.mean(list(dice.values()))), 4),
+        **{f"dice_{k}": round(v, 4) for k, v in dice.items()},
+        "train_s": round(train_s, 1),
+        "score_s": round(score_s, 1),
+        "picked": ";".join(picked),
+    }
+
+
+# -- results -----------------------------------------------------------------------------------
+
+
+def read_runs(out: Path) -> list[dict]:
+    rows = []
+    for path in sorted((out / "runs").glob("*.json")):
+        rows += json.loads(path.read_text())["rows"]
+    return rows
+
+
+def labels_needed(curve: dict[int, float], target: float) -> int | None:
+    """The fewest labelled cases at which ``curve`` (labelled -> Dice) reaches ``target``."""
+    reached = [n for n, d in sorted(curve.items()) if d >= target]
+    return reached[0] if reached else None
+
+
+def summarise(rows: list[dict]) -> tuple[str, dict]:
+    """A markdown table: per strategy, mean Dice by labelled count and the labels needed for 95%."""
+    ref = [r["dice"] for r in rows if r["strategy"] == REFERENCE]
+    if not ref:
+        return "No reference run yet.\n", {}
+    reference = float(np.mean(ref))
+    target = TARGET_FRACTION * reference
+    curves: dict[str, dict[int, list[float]]] = {}
+    for r in rows:
+        if r["strategy"] != REFERENCE:
+            curves.setdefault(r["strategy"], {}).setdefault(int(r["labelled"]), []).append(float(r["dice"]))
+    seeds = {s: len({r["seed"] for r in rows if r["strategy"] == s}) for s in curves}
+    counts = sorted({n for c in curves.values() for n in c})
+    needed = {s: labels_needed({n: float(np.mean(v)) for n, v in c.items()}, target) for s, c in curves.items()}
+    per_seed = {}
+    for s in curves:
+        found = []
+        for seed in sorted({r["seed"] for r in rows if r["strategy"] == s}):
+            curve = {int(r["labelled"]): float(r["dice"]) for r in rows if r["strategy"] == s and r["seed"] == seed}
+            found.append(labels_needed(curve, target))
+        per_seed[s] = found
+    lines = [
+        f"Reference (`{REFERENCE}`, {len(ref)} seeds, whole pool): mean Dice {reference:.4f}; "
+        f"target {TARGET_FRACTION:.0%} of it = {target:.4f}.",
+        "",
+        "| strategy | seeds | " + " | ".join(f"{n} labelled" for n in counts) + " | labels to target (mean curve) "
+        "| per seed | vs random |",
+        "|---|---|" + "---|" * len(counts) + "---|---|---|",
+    ]
+    random_needed = needed.get("random")
+    for s in sorted(curves, key=lambda s: (s != "random", s)):
+        cells = []
+        for n in counts:
+            v = curves[s].get(n)
+            cells.append(f"{np.mean(v):.4f} ± {np.std(v):.4f}" if v else "")
+        got = needed[s]
+        ratio = f"{got / random_needed:.2f}x" if got and random_needed else "n/a"
+        seed_cells = ", ".join(str(x) if x else f">{max(counts)}" for x in per_seed[s])
+        lines.append(
+            f"| {s} | {seeds[s]} | " + " | ".join(cells) + f" | {got or f'>{max(counts)}'} | {seed_cells} | {ratio} |"
+        )
+    return "\n".join(lines) + "\n", {"reference": reference, "target": target, "needed": needed}
+
+
+def plot(rows: list[dict], path: Path, target: float | None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    for s in [s for s in STRATEGIES if any(r["strategy"] == s for r in rows)]:
+        by_n: dict[int, list[float]] = {}
+        for r in rows:
+            if r["strategy"] == s:
+                by_n.setdefault(int(r["labelled"]), []).append(float(r["dice"]))
+        ns = sorted(by_n)
+        mean = np.array([np.mean(by_n[n]) for n in ns])
+        ax.plot(ns, mean, marker="o", ms=3, label=f"{s} ({len(by_n[ns[0]])} seeds)")
+        ax.fill_between(ns, [min(by_n[n]) for n in ns], [max(by_n[n]) for n in ns], alpha=0.15)
+    if target is not None:
+        ax.axhline(target, color="k", ls="--", lw=1, label=f"{TARGET_FRACTION:.0%} of whole-pool Dice")
+    ax.set_xlabel("labelled cases")
+    ax.set_ylabel("mean Dice on the test folder")
+    ax.set_title("Simulated active learning (band: min-max over seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_results(out: Path) -> str:
+    rows = read_runs(out)
+    if not rows:
+        raise SystemExit(f"No runs under {out / 'runs'} yet")
+    fields = sorted({k for r in rows for k in r}, key=lambda k: (k != "strategy", k != "seed", k))
+    with open(out / "curves.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    table, info = summarise(rows)
+    (out / "summary.md").write_text(table)
+    plot(rows, out / "learning_curves.png", info.get("target"))
+    return table
+
+
+def _csv_list(text: str, cast=str) -> list:
+    return [cast(t.strip()) for t in text.split(",") if t.strip()]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pool", type=Path, help="MSD-layout folder of labelled cases to pick from")
+    parser.add_argument("--test", type=Path, help="MSD-layout folder of cases to measure Dice on")
+    parser.add_argument("--strategy", default=",".join(STRATEGIES), help=f"comma list of {', '.join(STRATEGIES)}")
+    parser.add_argument("--initial", type=int, default=4, help="labelled cases at the start")
+    parser.add_argument("--per-round", type=int, default=4, help="cases the strategy picks per round")
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--seed", default="0,1,2", help="comma list of seeds")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/active_learning"))
+    parser.add_argument("--model", default="hippocampus", choices=sorted(MODELS))
+    parser.add_argument("--channels", help="UNet channels for the simulation (default: the model's)")
+    parser.add_argument("--initial-steps", type=int, default=150)
+    parser.add_argument("--steps-per-round", type=int, default=60)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--lr", type=float, help="learning rate (default: the model's)")
+    parser.add_argument("--mc-samples", type=int, default=8)
+    parser.add_argument("--tta-samples", type=int, default=4)
+    parser.add_argument("--no-reference", action="store_true", help="skip the whole-pool reference runs")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--plot-only", action="store_true", help="only rebuild csv, summary and plot from runs/")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.plot_only:
+        print(write_results(args.out))
+        return
+    if not (args.pool and args.test):
+        parser.error("--pool and --test are required (unless --plot-only)")
+    strategies = _csv_list(args.strategy)
+    unknown = sorted(set(strategies) - set(STRATEGIES))
+    if unknown:
+        parser.error(f"unknown strategies {unknown}; choose from {list(STRATEGIES)}")
+    torch.set_num_threads(args.threads)
+    spec = MODELS[args.model]
+    schedule = Schedule(
+        model=args.model,
+        channels=tuple(_csv_list(args.channels, int)) if args.channels else spec.channels,
+        initial=args.initial,
+        per_round=args.per_round,
+        rounds=args.rounds,
+        initial_steps=args.initial_steps,
+        steps_per_round=args.steps_per_round,
+        batch_size=args.batch_size,
+        lr=args.lr or spec.learning_rate,
+        mc_samples=args.mc_samples,
+        tta_samples=args.tta_samples,
+    )
+    pool, test = msd_cases(args.pool), msd_cases(args.test)
+    overlap = {c.id for c in pool} & {c.id for c in test}
+    if overlap:
+        raise SystemExit(f"--pool and --test share cases {sorted(overlap)[:5]}...: the test folder must be held out")
+    need = schedule.initial + schedule.per_round * schedule.rounds
+    if need > len(pool):
+        raise SystemExit(f"the schedule labels {need} cases but the pool has {len(pool)}")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    start = time.perf_counter()
+    data = Data(schedule.spec(), pool, test)
+    logger.info("loaded %d pool and %d test cases in %.0f s", len(pool), len(test), time.perf_counter() - start)
+    # As it reads back from JSON (tuples become lists), so a finished run is recognised and skipped.
+    meta = json.loads(
+        json.dumps({"schedule": dataclasses.asdict(schedule), "pool": str(args.pool), "test": str(args.test)})
+    )
+    for seed in _csv_list(args.seed, int):
+        jobs = ([] if args.no_reference else [REFERENCE]) + strategies
+        for name in jobs:
+            path = args.out / "runs" / f"{name}_seed{seed}.json"
+            if path.exists() and json.loads(path.read_text())["meta"] == meta:
+                continue
+            began = time.perf_counter()
+            if name == REFERENCE:
+                rows = run_reference(schedule, data, seed, device)
+            else:
+                initial, state = initial_state(args.out, schedule, data, seed, device)
+                rows = run_strategy(name, schedule, data, seed, initial, state, device)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            payload = {"meta": meta, "seconds": round(time.perf_counter() - began, 1), "rows": rows}
+            path.write_text(json.dumps(payload, indent=1))
+            print(write_results(args.out), flush=True)
+
+
+if __name__ == "__main__":
+    main()
