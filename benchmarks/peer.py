@@ -48,7 +48,7 @@ from benchmarks.radiology import (
 
 SAMPLE_SOURCE = Path(sys.prefix) / "monailabel" / "sample-apps" / "radiology"
 SAMPLE_MODEL = "segmentation_spleen"
-SAMPLE, OURS = "sample", "ours"
+SAMPLE, OURS, BEFORE = "sample", "ours", "before"
 # Which model of each app answers which kind of volume.
 INFER_MODELS = {SAMPLE: {"CT": SAMPLE_MODEL, "MR": SAMPLE_MODEL}, OURS: {"CT": "organs_ct", "MR": "hippocampus"}}
 # The sample's epistemic config (``lib/configs/segmentation_spleen.py``): its default 5 samples, dropout 0.2.
@@ -222,9 +222,17 @@ class ServerFigures:
 
 
 def _serve_once(
-    who: str, app_dir: Path, studies: Path, volumes: Mapping[str, list[Path]], figures: ServerFigures, log: Path
+    who: str,
+    app_dir: Path,
+    studies: Path,
+    volumes: Mapping[str, list[Path]],
+    figures: ServerFigures,
+    log: Path,
+    pythonpath: Path | None = None,
 ) -> None:
     conf, env = (sample_conf(), sample_env()) if who == SAMPLE else (SERVER_CONF, {})
+    if pythonpath is not None:  # this project's code from another tree (``--before``)
+        env = {**env, "PYTHONPATH": str(pythonpath)}
     port = free_port()
     t0 = time.perf_counter()
     proc = start_server(app_dir, studies, port, log, conf, env)
@@ -234,7 +242,7 @@ def _serve_once(
             figures.startup.append(time.perf_counter() - t0)
             first = True
             for kind, paths in volumes.items():
-                model = INFER_MODELS[who][kind]
+                model = INFER_MODELS[SAMPLE if who == SAMPLE else OURS][kind]
                 for path in paths:
                     if first:  # the first call also builds the network: warm up, untimed
                         client.post(f"/infer/{model}", params={"image": _image_id(path)}).raise_for_status()
@@ -392,10 +400,53 @@ def prepare_volumes(shared: Path, work: Path, mr_cases: int, big_ct: bool) -> Vo
     return Volumes(ct=ct, mr=mr, train_pairs=pairs)
 
 
-def run(shared: Path, repeats: int, mr_cases: int, big_ct: bool, parts: set[str]) -> tuple[list[Row], list[str]]:
+def serve_rows(s: ServerFigures, o: ServerFigures, vols: Volumes) -> list[Row]:
+    """Start-up, infer per CT volume and over the MR volumes, and peak memory: sample ``s`` against ours ``o``."""
+    n = len(s.startup)
+    rows = [Row("start-up to /info answering", "s", median(s.startup), median(o.startup), f"median of {n}")]
+    for path in vols.ct:
+        geo = f"geometry = input: sample {s.geometry_ok[path.name]}, ours {o.geometry_ok[path.name]}"
+        rows.append(
+            Row(
+                f"infer CT {path.name} ({_shape(path)}): organs_ct vs {SAMPLE_MODEL}",
+                "s",
+                median(s.infer[path.name]),
+                median(o.infer[path.name]),
+                f"median of {n}; {geo}",
+            )
+        )
+    mr_s = [t for p in vols.mr for t in s.infer[p.name]]
+    mr_o = [t for p in vols.mr for t in o.infer[p.name]]
+    geo_s, geo_o = all(s.geometry_ok[p.name] for p in vols.mr), all(o.geometry_ok[p.name] for p in vols.mr)
+    rows.append(
+        Row(
+            f"infer MR, {len(vols.mr)} hippocampus_mr test cases: hippocampus vs {SAMPLE_MODEL}",
+            "s",
+            median(mr_s),
+            median(mr_o),
+            f"median of {len(mr_o)}; geometry = input: sample {geo_s}, ours {geo_o}",
+        )
+    )
+    rows.append(
+        Row(
+            "server peak RSS (start-up + all infers)",
+            "MB",
+            s.peak_rss / 2**20,
+            o.peak_rss / 2**20,
+            "process tree, max over runs; ours serves 2 models, the sample 1",
+        )
+    )
+    return rows
+
+
+def run(
+    shared: Path, repeats: int, mr_cases: int, big_ct: bool, parts: set[str], before: Path | None = None
+) -> tuple[list[tuple[str, list[Row]]], list[str]]:
+    """Every part asked for; the tables (title, rows) and notes on the machine's load."""
     work = Path(tempfile.mkdtemp(prefix="peer-"))
     notes: list[str] = []
     rows: list[Row] = []
+    tables: list[tuple[str, list[Row]]] = []
     vols = prepare_volumes(shared, work, mr_cases, big_ct)
     studies = work / "studies"
     studies.mkdir()
@@ -404,48 +455,19 @@ def run(shared: Path, repeats: int, mr_cases: int, big_ct: bool, parts: set[str]
     apps = {SAMPLE: copy_sample_app(work / "sample"), OURS: copy_project_app(work / "ours")}
 
     if "serve" in parts:
-        figs = {SAMPLE: ServerFigures(), OURS: ServerFigures()}
+        trees: dict[str, Path | None] = {SAMPLE: None, OURS: None}
+        if before is not None:
+            trees = {SAMPLE: None, BEFORE: before, OURS: None}
+        figs = {who: ServerFigures() for who in trees}
         load0 = _load()
         for r in range(repeats):
-            for who in (SAMPLE, OURS):
-                _serve_once(who, apps[who], studies, {"CT": vols.ct, "MR": vols.mr}, figs[who], work / f"{who}{r}.log")
+            for who, tree in trees.items():
+                app = apps[SAMPLE if who == SAMPLE else OURS]
+                _serve_once(who, app, studies, {"CT": vols.ct, "MR": vols.mr}, figs[who], work / f"{who}{r}.log", tree)
         notes.append(f"servers: load {load0:.2f} before, {_load():.2f} after")
-        s, o = figs[SAMPLE], figs[OURS]
-        rows.append(
-            Row("start-up to /info answering", "s", median(s.startup), median(o.startup), f"median of {repeats}")
-        )
-        for path in vols.ct:
-            geo = f"geometry = input: sample {s.geometry_ok[path.name]}, ours {o.geometry_ok[path.name]}"
-            rows.append(
-                Row(
-                    f"infer CT {path.name} ({_shape(path)}): organs_ct vs {SAMPLE_MODEL}",
-                    "s",
-                    median(s.infer[path.name]),
-                    median(o.infer[path.name]),
-                    f"median of {repeats}; {geo}",
-                )
-            )
-        mr_s = [t for p in vols.mr for t in s.infer[p.name]]
-        mr_o = [t for p in vols.mr for t in o.infer[p.name]]
-        geo_s, geo_o = all(s.geometry_ok[p.name] for p in vols.mr), all(o.geometry_ok[p.name] for p in vols.mr)
-        rows.append(
-            Row(
-                f"infer MR, {len(vols.mr)} hippocampus_mr test cases: hippocampus vs {SAMPLE_MODEL}",
-                "s",
-                median(mr_s),
-                median(mr_o),
-                f"median of {len(mr_o)}; geometry = input: sample {geo_s}, ours {geo_o}",
-            )
-        )
-        rows.append(
-            Row(
-                "server peak RSS (start-up + all infers)",
-                "MB",
-                s.peak_rss / 2**20,
-                o.peak_rss / 2**20,
-                "process tree, max over runs; ours serves 2 models, the sample 1",
-            )
-        )
+        if before is not None:
+            tables.append((f"this project before the change ({before})", serve_rows(figs[SAMPLE], figs[BEFORE], vols)))
+        rows = serve_rows(figs[SAMPLE], figs[OURS], vols)
 
     if "train" in parts:
         pair_args = [str(p) for pair in vols.train_pairs for p in pair]
@@ -520,7 +542,7 @@ def run(shared: Path, repeats: int, mr_cases: int, big_ct: bool, parts: set[str]
             )
         )
     shutil.rmtree(work, ignore_errors=True)
-    return rows, notes
+    return [*tables, ("this project", rows)], notes
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -530,6 +552,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--mr-cases", type=int, default=5)
     parser.add_argument("--big-ct", action="store_true", help="also infer totalseg_ct/example_ct (122x101x112 @3mm)")
     parser.add_argument("--parts", default="serve,train,score", help="comma-separated: serve, train, score")
+    parser.add_argument(
+        "--before",
+        type=Path,
+        help="also serve this project's code from this folder (e.g. `git archive` of an earlier commit), in turns",
+    )
     # Child processes (internal).
     parser.add_argument("--sample-train-child", nargs="+", help=argparse.SUPPRESS)
     parser.add_argument("--ours-train-child", nargs="+", help=argparse.SUPPRESS)
@@ -560,11 +587,12 @@ def main(argv: list[str] | None = None) -> None:
     if unknown:
         parser.error(f"--parts: unknown {sorted(unknown)}; valid: serve, train, score")
     load = _load()
-    rows, notes = run(args.shared, args.repeats, args.mr_cases, args.big_ct, parts)
+    tables, notes = run(args.shared, args.repeats, args.mr_cases, args.big_ct, parts, args.before)
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no CUDA device (CPU only)"
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, {device}; load average before: {load:.2f}")
     print("; ".join(notes))
-    print(format_table(rows))
+    for title, rows in tables:
+        print(f"\n{title}:\n{format_table(rows)}")
     print("sample app workarounds:")
     for w in WORKAROUNDS:
         print(f"- {w.how()}: {w.finding}")
