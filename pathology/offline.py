@@ -49,7 +49,14 @@ def _train(args: argparse.Namespace) -> None:
     network = spec.network()
     start = time.perf_counter()
     losses = train_steps(
-        network, spec, examples, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed
+        network,
+        spec,
+        examples,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        time_budget_s=args.minutes * 60 if args.minutes else None,
     )
     save_weights_atomically(network.state_dict(), args.out)
     history = {
@@ -88,6 +95,7 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("--batch-size", type=int, default=8)
     t.add_argument("--lr", type=float, default=3e-3)
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--minutes", type=float, help="wall-clock budget; the LR schedule anneals within it")
     t.add_argument("--patch", type=int, default=NUCLEI.patch, help="training crop size (multiple of 16)")
     e = sub.add_parser("evaluate", help="Dice and AJI per tile (default: the held-out tiles)")
     e.add_argument("--data", type=Path, required=True)

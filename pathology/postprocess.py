@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 from skimage.draw import polygon as fill_polygon
-from skimage.measure import approximate_polygon, find_contours
+from skimage.measure import find_contours
 from skimage.segmentation import watershed
 
 Polygon = list[list[float]]
@@ -47,7 +47,22 @@ def relabel(labels: np.ndarray) -> np.ndarray:
     return lut[labels]
 
 
-def instance_polygons(labels: np.ndarray, *, tolerance: float = 0.5) -> dict[int, Polygon]:
+def drop_collinear(ring: np.ndarray) -> np.ndarray:
+    """The vertices of an open ring where its direction changes (straight runs become one edge).
+
+    A vectorised stand-in for Douglas-Peucker at zero tolerance: ``skimage``'s ``approximate_polygon``
+    costs about 7 ms per nucleus, which made polygons the slowest step of a 1024 x 1024 region.
+    """
+    if len(ring) < 4:
+        return ring
+    before = ring - np.roll(ring, 1, axis=0)
+    after = np.roll(ring, -1, axis=0) - ring
+    cross = before[:, 0] * after[:, 1] - before[:, 1] * after[:, 0]
+    keep = np.abs(cross) > 1e-9
+    return ring[keep] if keep.sum() >= 3 else ring
+
+
+def instance_polygons(labels: np.ndarray) -> dict[int, Polygon]:
     """The outer contour of each instance as ``[[x, y], ...]`` (pixel-corner coordinates, not closed).
 
     Each nucleus is traced on its own bounding-box crop, so the cost grows with the nuclei's area,
@@ -62,16 +77,15 @@ def instance_polygons(labels: np.ndarray, *, tolerance: float = 0.5) -> dict[int
         if not contours:
             continue
         contour = max(contours, key=len)
-        if tolerance > 0:
-            contour = approximate_polygon(contour, tolerance)
         # find_contours closes the ring by repeating the first point; clients expect it open.
         if len(contour) > 1 and np.allclose(contour[0], contour[-1]):
             contour = contour[:-1]
+        contour = drop_collinear(contour)
         if len(contour) < 3:
             continue
         y0, x0 = sl[0].start - 1, sl[1].start - 1
-        pts = [[round(float(c[1] + x0) + 0.5, 2), round(float(c[0] + y0) + 0.5, 2)] for c in contour]
-        out[i] = pts
+        xy = np.round(contour[:, ::-1] + (x0 + 0.5, y0 + 0.5), 2)
+        out[i] = xy.tolist()
     return out
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -65,6 +66,13 @@ def loss_fn(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return bce + soft_dice + 2.0 * mse
 
 
+def lr_at(progress: float, peak: float, warmup: float = 0.05) -> float:
+    """Linear warm-up to ``peak`` over the first ``warmup`` share, then cosine decay to zero."""
+    if progress < warmup:
+        return peak * (progress + 1e-3) / warmup
+    return peak * 0.5 * (1 + math.cos(math.pi * min(1.0, (progress - warmup) / (1 - warmup))))
+
+
 def train_steps(
     network: torch.nn.Module,
     spec: NucleiSpec,
@@ -77,9 +85,12 @@ def train_steps(
     device: str = "cpu",
     on_step: Callable[[int, float], bool | None] | None = None,
     log_every: int = 50,
+    time_budget_s: float | None = None,
 ) -> list[float]:
-    """Train ``network`` in place for ``steps`` steps (AdamW, one-cycle LR); returns the loss per step.
+    """Train ``network`` in place (AdamW, warm-up then cosine LR); returns the loss per step.
 
+    Progress is the larger of ``step / steps`` and, with ``time_budget_s``, the elapsed share of that
+    budget: on a shared CPU the schedule then still anneals to zero when time, not steps, runs out.
     ``on_step(step, loss)`` returning ``True`` stops early (a stop request from the server).
     """
     if not examples:
@@ -88,10 +99,17 @@ def train_steps(
     torch.manual_seed(seed)
     network.to(device).train()
     optimizer = torch.optim.AdamW(network.parameters(), lr=lr, weight_decay=1e-4)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
     losses: list[float] = []
     start = time.perf_counter()
     for step in range(1, steps + 1):
+        progress = (step - 1) / steps
+        if time_budget_s:
+            progress = max(progress, (time.perf_counter() - start) / time_budget_s)
+        if progress >= 1.0:
+            logger.info("time budget spent after %d steps", step - 1)
+            break
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(progress, lr)
         batch = [random_crop(examples[int(rng.integers(len(examples)))], spec.patch, rng) for _ in range(batch_size)]
         x = torch.from_numpy(np.stack([b[0] for b in batch])).to(device)
         t = torch.from_numpy(np.stack([b[1] for b in batch])).to(device)
@@ -99,7 +117,6 @@ def train_steps(
         loss = loss_fn(network(x), t)
         loss.backward()
         optimizer.step()
-        scheduler.step()
         losses.append(float(loss))
         if step % log_every == 0 or step == steps:
             recent = float(np.mean(losses[-log_every:]))

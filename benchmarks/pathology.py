@@ -1,0 +1,90 @@
+"""Speed of the pathology app on CPU: ``python -m benchmarks.pathology --help`` prints a Markdown table.
+
+Times go through the app object's own ``infer`` and ``infer_wsi`` (what the HTTP endpoints call),
+in-process, on the real slide and a real held-out tile, after one warm-up call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from monailabel.config import settings as ml_settings
+from PIL import Image
+
+from pathology.app import PathologyApp
+from pathology.data import read_rgb
+from pathology.postprocess import instance_polygons
+from pathology.predict import instances, predict_maps
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _median_time(fn, repeats: int) -> tuple[float, object]:  # noqa: ANN001
+    fn()  # warm-up: weights loaded, allocator primed
+    times, out = [], None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--shared", type=Path, default=ROOT.parent / "shared" / "data")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    ml_settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD = False  # no file watcher on a temporary folder
+    slide = args.shared / "pathology" / "wsi" / "CMU-1-Small-Region.svs"
+    tile = args.shared / "pathology" / "nuclei_cpm15" / "images" / "image09.png"  # held out
+
+    with tempfile.TemporaryDirectory() as tmp:
+        studies, app_dir = Path(tmp) / "studies", Path(tmp) / "app"
+        studies.mkdir()
+        app_dir.mkdir()
+        shutil.copyfile(slide, studies / "cmu.svs")
+        crop = read_rgb(tile)[:512, :512]
+        Image.fromarray(crop).save(studies / "tile512.png")
+        app = PathologyApp(str(app_dir), str(studies), {"models": "nuclei"})
+        task = app._infers["nuclei"]
+        network = task.network()
+
+        load = os.getloadavg()[0]
+        rows = []
+        t, res = _median_time(lambda: app.infer({"model": "nuclei", "image": "tile512"}), args.repeats)
+        rows.append(("infer 512x512 tile (instance mask PNG + polygons)", t, res["params"]["count"]))
+        maps_t, maps = _median_time(lambda: predict_maps(network, task.spec, crop), args.repeats)
+        inst_t, labels = _median_time(lambda: instances(task.spec, maps), args.repeats)
+        poly_t, _ = _median_time(lambda: instance_polygons(labels), args.repeats)
+        rows += [("  of which network", maps_t, None), ("  of which watershed", inst_t, None)]
+        rows.append(("  of which polygons", poly_t, None))
+        for size, tile_size in ((1024, 1024), (1024, 512)):
+            req = {"model": "nuclei", "image": "cmu", "location": [600, 900], "size": [size, size]}
+            req |= {"tile_size": [tile_size, tile_size], "output": "asap"}
+            t, res = _median_time(lambda r=req: app.infer_wsi(dict(r)), args.repeats)
+            rows.append((f"wsi {size}x{size} region, tiles {tile_size}, ASAP XML", t, res["params"]["count"]))
+        req = {"model": "nuclei", "image": "cmu", "location": [0, 0], "size": [0, 0], "output": "dsa"}
+        t, res = _median_time(lambda: app.infer_wsi(dict(req)), 1)
+        rows.append(("wsi whole slide 2220x2967, tiles 1024, DSA JSON", t, res["params"]["count"]))
+
+    print(f"load average before the run: {load:.2f}; torch threads: {args.threads}; median of {args.repeats}")
+    print()
+    print("| measure | seconds | nuclei |")
+    print("|---|---|---|")
+    for name, seconds, count in rows:
+        print(f"| {name} | {seconds:.2f} | {'' if count is None else count} |")
+
+
+if __name__ == "__main__":
+    np.seterr(all="ignore")
+    main()

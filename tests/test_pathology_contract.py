@@ -1,0 +1,105 @@
+"""Contract of the shipped nuclei weights and of each registered model, in-process on real data."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pathology.app import PathologyApp
+from pathology.data import HELD_OUT, cpm_tiles
+from pathology.metrics import aji, dice
+from pathology.predict import predict_instances
+from pathology.registry import MODELS
+from pathology.spec import NUCLEI
+from pathology.weights import load_network
+from radiology.weights import load_state_dict
+from tests.conftest import SHARED
+
+CPM = SHARED / "pathology" / "nuclei_cpm15"
+SLIDE = SHARED / "pathology" / "wsi" / "CMU-1-Small-Region.svs"
+requires_pathology = pytest.mark.skipif(not (CPM / "images").exists(), reason=f"real tiles {CPM} are absent")
+
+# Measured on this held-out tile with the shipped weights (model card): Dice 0.xx, AJI 0.xx.
+CONTRACT_TILE, MIN_DICE, MIN_AJI = "image04", 0.75, 0.50
+
+
+def test_shipped_weights_are_small_and_load() -> None:
+    path = NUCLEI.shipped_weights_path
+    assert path.exists(), "pathology/weights/nuclei.pt is missing: train it with python -m pathology.offline train"
+    assert path.stat().st_size <= 25 * 2**20
+    load_network(NUCLEI, path)
+
+
+@requires_pathology
+def test_shipped_weights_on_a_held_out_tile() -> None:
+    assert CONTRACT_TILE in HELD_OUT
+    tile = cpm_tiles(CPM, (CONTRACT_TILE,))[0]
+    pred = predict_instances(load_network(NUCLEI, NUCLEI.shipped_weights_path), NUCLEI, tile.image)
+    assert pred.shape == tile.mask.shape
+    assert dice(pred, tile.mask) >= MIN_DICE
+    assert aji(pred, tile.mask) >= MIN_AJI
+
+
+@requires_pathology
+@pytest.mark.parametrize("model", sorted(MODELS))
+def test_model_contract(tmp_path: Path, model: str) -> None:
+    studies, app_dir = tmp_path / "studies", tmp_path / "app"
+    studies.mkdir()
+    tile = cpm_tiles(CPM, ("image04",))[0]
+    Image.fromarray(tile.image[:192, :192]).save(studies / "tile.png")
+    app = PathologyApp(str(app_dir), str(studies), {"models": model, "max_epochs": "1", "train_batch_size": "2"})
+
+    info = app.info()
+    assert model in info["models"] and model in info["trainers"]
+    assert info["models"][model]["nuclick"] is MODELS[model].nuclick
+
+    request = {"model": model, "image": "tile"}
+    if MODELS[model].nuclick:
+        ys, xs = np.nonzero(tile.mask[:192, :192] == np.bincount(tile.mask[:192, :192].ravel())[1:].argmax() + 1)
+        request["foreground"] = [[int(xs.mean()), int(ys.mean())]]
+    result = app.infer(request)
+    mask = np.asarray(Image.open(result["file"]))
+    assert mask.shape == (192, 192) and mask.dtype == np.uint16
+    assert result["params"]["count"] == len(np.unique(mask)) - 1 >= 1
+    if MODELS[model].nuclick:
+        assert result["params"]["count"] == 1
+
+    label = tmp_path / "label.png"
+    Image.fromarray(tile.mask[:192, :192].astype(np.uint16)).save(label)
+    app.datastore().save_label("tile", str(label), "final", {})
+    assert not app.served_path.exists()
+    stats = app.train({"model": model, "max_epochs": 1, "train_batch_size": 2, "device": "cpu"})
+    assert stats["steps"] == 1 and app.served_path.exists(), "a completed run publishes its weights"
+    app.infer(request)
+    served = app._infers[model].network().state_dict()
+    published = load_state_dict(app.served_path)
+    for key, value in served.items():
+        assert torch.equal(value.cpu(), published[key]), f"infer does not serve the new weights ({key})"
+
+
+def test_train_without_labels_says_what_to_do(tmp_path: Path) -> None:
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(studies / "t.png")
+    app = PathologyApp(str(tmp_path / "app"), str(studies), {"models": "nuclei"})
+    with pytest.raises(ValueError, match="save at least one label"):
+        app._trainers["nuclei"]({"max_epochs": 1}, app.datastore())
+
+
+@pytest.mark.skipif(not SLIDE.exists(), reason=f"real slide {SLIDE} is absent")
+def test_slide_label_becomes_a_training_example(tmp_path: Path) -> None:
+    from pathology.train import example_from_label
+
+    label = tmp_path / "l.json"
+    label.write_text('{"polygons": [[[100, 100], [120, 100], [120, 118], [100, 118]]]}')
+    studies = tmp_path / "s"
+    studies.mkdir()
+    shutil.copyfile(SLIDE, studies / "s.svs")
+    ex = example_from_label(str(studies / "s.svs"), str(label))
+    assert ex.input.shape[1:] == (18 + 64, 20 + 64)
+    assert ex.target[0].sum() == 20 * 18
