@@ -18,7 +18,7 @@ from PIL import Image
 from appcore.errors import bad_request
 from pathology.annotations import monai_annotation
 from pathology.nuclick import clicked_nuclei, parse_clicks
-from pathology.postprocess import instance_polygons
+from pathology.postprocess import instance_polygons, polygon_area
 from pathology.predict import instances, predict_maps
 from pathology.spec import NUCLEUS, NucleiSpec
 from pathology.weights import load_network
@@ -168,12 +168,19 @@ class NucleiInfer(InferTask):
         self, source: RegionSource, region: tuple[int, int, int, int], request: dict[str, Any], *, with_mask: bool
     ) -> TiledResult:
         """Nuclei of ``region`` (polygons in image coordinates; the region's mask if ``with_mask``)."""
+        if _int(request, "level", 0, 0) != 0:
+            raise bad_request("Only level 0 (full resolution) is served; send level 0 and level-0 coordinates")
         if self.nuclick:
             return self._clicked(source, region, request)
         tile = _int(request, "tile_size", self._tile, 64)
-        return run_tiled(
+        result = run_tiled(
             source, region, self._segment(self.network()), tile=tile, margin=self._margin, with_mask=with_mask
         )
+        # QuPath sends min_poly_area (pixels); the mask keeps every nucleus, the polygons honour it.
+        min_area = _int(request, "min_poly_area", 0, 0)
+        if min_area:
+            result.polygons = [p for p in result.polygons if polygon_area(p) >= min_area]
+        return result
 
     def result_json(self, result: TiledResult, region: tuple[int, int, int, int], seconds: float) -> dict[str, Any]:
         trained = self.get_path() is not None

@@ -89,6 +89,13 @@ def instance_polygons(labels: np.ndarray) -> dict[int, Polygon]:
     return out
 
 
+def polygon_area(poly: Polygon) -> float:
+    """Area enclosed by an open ring (shoelace formula), in square pixels."""
+    pts = np.asarray(poly, dtype=np.float64)
+    x, y = pts[:, 0], pts[:, 1]
+    return 0.5 * abs(float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))))
+
+
 def rasterize(polygons: list[Polygon], shape: tuple[int, int], *, offset: tuple[float, float] = (0, 0)) -> np.ndarray:
     """An instance mask (int32) with polygon ``k`` filled as id ``k + 1``; later polygons win overlaps.
 

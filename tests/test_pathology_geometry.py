@@ -10,7 +10,7 @@ from appcore.errors import RequestError
 from pathology.data import normalised_distance
 from pathology.metrics import aji
 from pathology.nuclick import clicked_nuclei
-from pathology.postprocess import instance_polygons, instances_from_maps, rasterize
+from pathology.postprocess import instance_polygons, instances_from_maps, polygon_area, rasterize
 from pathology.wsi import ArraySource, check_region, run_tiled, tile_boxes
 
 
@@ -29,6 +29,14 @@ def test_polygons_round_trip_through_rasterize() -> None:
     assert sorted(polys) == [1, 2, 3]
     back = rasterize([polys[i] for i in sorted(polys)], mask.shape)
     assert aji(back, mask) > 0.9
+
+
+@pytest.mark.parametrize(
+    ("poly", "area"),
+    [([[0, 0], [4, 0], [4, 3], [0, 3]], 12.0), ([[0, 0], [4, 0], [0, 4]], 8.0), ([[0, 0], [1, 1], [2, 2]], 0.0)],
+)
+def test_polygon_area(poly: list, area: float) -> None:
+    assert polygon_area(poly) == pytest.approx(area)
 
 
 def test_watershed_splits_touching_nuclei() -> None:
