@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import tempfile
+from collections.abc import Sequence
 from typing import Any
 
 import nibabel as nib
@@ -20,6 +22,40 @@ from radiology.spec import ModelSpec
 from radiology.transforms import preprocess
 
 logger = logging.getLogger(__name__)
+
+OVERLAP = 0.25
+
+
+def windows_along(size: int, window: int, overlap: float) -> int:
+    """How many windows MONAI's sliding window places along an axis of ``size`` voxels.
+
+    The image is first padded to at least ``window``; windows then start every
+    ``int(window * (1 - overlap))`` voxels until one reaches the end (``monai.inferers.utils``).
+    """
+    if size <= window:
+        return 1
+    interval = max(1, int(window * (1 - overlap)))
+    return math.ceil((size - window) / interval) + 1
+
+
+def infer_window(
+    shape: Sequence[int], roi: Sequence[int], *, overlap: float, max_scale: float, multiple: int
+) -> tuple[int, ...]:
+    """The sliding-window size that needs the fewest voxels of network input to cover ``shape``.
+
+    Per axis, candidates run from the training patch ``roi`` up to ``max_scale`` times it, in steps
+    of ``multiple`` (the network's downsampling factor); each costs (windows along the axis) x (its
+    size), and the cheapest wins, the smaller on a tie. The cost of a window set is the product of
+    the axes' costs, so choosing per axis is exact. An axis no longer than the patch keeps the patch,
+    so small volumes (every hippocampus crop) run exactly as before. Example: a 65 x 66 x 43 CT at
+    ``organs_ct`` spacing takes one 72 x 72 x 48 window instead of four 64 x 64 x 48 ones.
+    """
+    out = []
+    for size, r in zip(shape, roi, strict=True):
+        cap = max(r, int(r * max_scale) // multiple * multiple)
+        candidates = range(r, cap + 1, multiple)
+        out.append(min(candidates, key=lambda w: (windows_along(size, w, overlap) * w, w)))
+    return tuple(out)
 
 
 def restore_nifti_header(pred: np.ndarray, source: str) -> nib.Nifti1Image:
@@ -79,9 +115,17 @@ class SegmentationInfer(BasicInferTask):
         return self._pre
 
     def inferer(self, data: Any = None) -> Inferer:
-        return SlidingWindowInferer(
-            roi_size=self.spec.roi_size, sw_batch_size=self._sw_batch_size, overlap=0.25, mode="gaussian"
-        )
+        roi: tuple[int, ...] = self.spec.roi_size
+        if data is not None and self.input_key in data:
+            shape = tuple(data[self.input_key].shape[1:])
+            roi = infer_window(
+                shape,
+                roi,
+                overlap=OVERLAP,
+                max_scale=self.spec.max_window_scale,
+                multiple=self.spec.size_multiple,
+            )
+        return SlidingWindowInferer(roi_size=roi, sw_batch_size=self._sw_batch_size, overlap=OVERLAP, mode="gaussian")
 
     def run_inferer(self, data: dict[str, Any], convert_to_batch: bool = True, device: str = "cuda") -> dict:
         image = data[self.input_key]
@@ -92,7 +136,7 @@ class SegmentationInfer(BasicInferTask):
             return data
         network = self._get_network(device, data)
         use_amp = device.startswith("cuda")
-        with torch.no_grad(), torch.autocast("cuda", enabled=use_amp):
+        with torch.inference_mode(), torch.autocast("cuda", enabled=use_amp):
             logits = self.inferer(data)(image[None].to(device), network)
         data[self.output_label_key] = logits[0].float().cpu()
         return data

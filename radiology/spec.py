@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,6 +52,9 @@ class ModelSpec:
             model starts untrained.
         learning_rate: AdamW learning rate for fine-tuning in the server.
         samples_per_image: random patches drawn per labelled volume and training step.
+        max_window_scale: at inference, a sliding window may grow up to this many times ``roi_size``
+            per axis when that covers the volume with fewer windows (less work for the same overlap);
+            1 keeps the training patch size. See ``radiology.infer.infer_window``.
     """
 
     name: str
@@ -66,17 +70,23 @@ class ModelSpec:
     shipped_weights: str | None = None
     learning_rate: float = 1e-3
     samples_per_image: int = 2
+    max_window_scale: float = 1.5
 
     def __post_init__(self) -> None:
         if len(self.strides) != len(self.channels) - 1:
             raise ValueError(f"{self.name}: need len(strides) == len(channels) - 1")
-        factor = 1
-        for s in self.strides:
-            factor *= s
+        factor = self.size_multiple
         if any(r % factor for r in self.roi_size):
             raise ValueError(f"{self.name}: roi_size {self.roi_size} must be divisible by {factor}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"{self.name}: dropout must be in [0, 1), got {self.dropout}")
+        if self.max_window_scale < 1.0:
+            raise ValueError(f"{self.name}: max_window_scale must be at least 1, got {self.max_window_scale}")
+
+    @property
+    def size_multiple(self) -> int:
+        """Every network input side must be a multiple of this (the product of the strides)."""
+        return math.prod(self.strides)
 
     @property
     def num_classes(self) -> int:
