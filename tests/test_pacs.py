@@ -167,18 +167,25 @@ def test_a_bad_label_is_refused_and_the_saved_seg_stays(
     assert [s.SeriesInstanceUID for s in _segs(pacs, uid)] == before
 
 
-def test_slicer_client_flow(server: Server, pacs: LoadedPacs, tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def mr_server(pacs: LoadedPacs, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """A second server on the same PACS serving the MR model only: it lists the MR series only."""
+    conf = {"models": "hippocampus", "score_on_start": "false", "max_epochs": "1"}
+    with monailabel_server(tmp_path_factory.mktemp("mr_server"), pacs.orthanc.dicomweb_url, conf) as running:
+        yield running
+
+
+def test_slicer_client_flow(mr_server: Server, pacs: LoadedPacs, tmp_path: Path) -> None:
     """What the 3D Slicer module does, through the same client class: info, next sample, infer, save, train."""
     from monailabel.client import MONAILabelClient
 
-    time.sleep(1.5)  # reservations of the earlier tests (reservation_s 1) have lapsed
-
-    client = MONAILabelClient(server.url, tmpdir=str(tmp_path), client_id="slicer")
+    client = MONAILabelClient(mr_server.url, tmpdir=str(tmp_path), client_id="slicer")
     info = client.info()
-    assert "hippocampus" in info["models"] and "random" in info["strategies"]
-    mr = {pacs.series[c] for c in MR_CASES}
+    assert list(info["models"]) == ["hippocampus"] and "random" in info["strategies"]
+    assert info["datastore"]["total"] == len(MR_CASES)
+    mr = {pacs.series[c] for c in MR_CASES if not _segs(pacs, pacs.series[c])}
     sample = client.next_sample("random", {"client_id": "slicer"})
-    assert sample["id"] in mr  # ct_abdomen has a SEG now and ct_head_ge is refused: only MR is left
+    assert sample["id"] in mr and sample["Modality"] == "MR"
     image_id = sample["id"]
     label_file, params = client.infer("hippocampus", image_id, {})
     assert Path(label_file).exists() and nib.load(label_file).shape[2] == len(_segs_source_slices(pacs, image_id))
@@ -203,6 +210,7 @@ def _segs_source_slices(pacs: LoadedPacs, uid: str) -> list:
 
 def test_pacs_going_away_gives_503_and_the_server_recovers(server: Server, pacs: LoadedPacs, tmp_path: Path) -> None:
     uid = pacs.series[MR_CASES[1]]
+    segs_before = sorted(str(s.SeriesInstanceUID) for s in _segs(pacs, uid))
     pacs.orthanc.stop()
     try:
         time.sleep(5.5)  # the server reuses a series listing for 5 s
@@ -220,12 +228,13 @@ def test_pacs_going_away_gives_503_and_the_server_recovers(server: Server, pacs:
         pacs.orthanc.start()
     time.sleep(6)  # let the server's short listing cache expire
     assert server.http.get("/info/").json()["datastore"]["total"] == 2 + len(MR_CASES)
-    r = server.http.post("/activelearning/random", json={"client_id": "back"})
     unlabelled = {u for name, u in pacs.series.items() if name != "ct_head_ge" and not _segs(pacs, u)}
-    assert r.status_code == 200 and r.json()["id"] in unlabelled, r.text
+    r = server.http.post("/activelearning/random", json={"client_id": "back"})
+    assert r.status_code == 200 and r.json().get("id") in (unlabelled or {None}), r.text
     r = server.http.post(f"/infer/hippocampus?image={uid}&output=image")
     assert r.status_code == 200, r.text
-    assert not _segs(pacs, uid)  # the save refused while the PACS was away left nothing behind
+    # The save refused while the PACS was away changed nothing there.
+    assert sorted(str(s.SeriesInstanceUID) for s in _segs(pacs, uid)) == segs_before
 
 
 @pytest.fixture
