@@ -175,3 +175,5 @@ def test_label_in_ohif_over_dicomweb(page, server: Server, pacs: LoadedPacs) -> 
     page.locator(".cornerstone-canvas").first.wait_for()
     page.wait_for_timeout(2000)
     page.screenshot(path=str(ARTIFACTS / "3-next-sample.png"))
+    # The viewer's study browser, read through the proxy, now shows the labelled study with its SEG.
+    page.get_by_text("MR\\SEG", exact=True).wait_for()
