@@ -143,6 +143,7 @@ def test_saving_a_ct_label_stores_a_coded_seg_and_saving_again_replaces_it(
     assert _put_label(server, uid, corrected, volume.affine, "organs_ct", tmp_path).status_code == 200
     (seg2,) = _segs(pacs, uid)
     assert seg2.SeriesInstanceUID != seg.SeriesInstanceUID
+    assert "dcmqi" not in server.log.read_text().lower()  # MONAI Label's run-time dcmqi download is never reached
     assert np.array_equal(seg_to_label(seg2, volume.sop_instance_uids, labels), corrected)
 
 
