@@ -95,3 +95,10 @@ def test_pool_and_test_must_not_overlap(tmp_path: Path) -> None:
         (tmp_path / "d" / sub / "case_1.nii.gz").write_bytes(b"")
     with pytest.raises(SystemExit, match="share cases"):
         main(["--pool", str(tmp_path / "d"), "--test", str(tmp_path / "d"), "--out", str(tmp_path / "o")])
+
+
+def test_next_sample_benchmark_answers_every_strategy() -> None:
+    from benchmarks.strategies import STRATEGY_NAMES, next_sample_table
+
+    table = next_sample_table(images=60, repeats=1)  # 45 picks, all reserved
+    assert [line.split("|")[1].strip() for line in table.splitlines()[4:]] == list(STRATEGY_NAMES)
