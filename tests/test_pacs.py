@@ -176,7 +176,7 @@ def mr_server(pacs: LoadedPacs, tmp_path_factory: pytest.TempPathFactory) -> Ite
         yield running
 
 
-def test_slicer_client_flow(mr_server: Server, pacs: LoadedPacs, tmp_path: Path) -> None:
+def test_slicer_client_flow(mr_server: Server, server: Server, pacs: LoadedPacs, tmp_path: Path) -> None:
     """What the 3D Slicer module does, through the same client class: info, next sample, infer, save, train."""
     from monailabel.client import MONAILabelClient
 
@@ -195,6 +195,13 @@ def test_slicer_client_flow(mr_server: Server, pacs: LoadedPacs, tmp_path: Path)
     (seg,) = _segs(pacs, image_id)
     assert [s.SegmentLabel for s in seg.SegmentSequence] == ["anterior", "posterior"]
     assert client.next_sample("random", {"client_id": "slicer"}).get("id") in mr - {image_id}
+
+    # Another server on the same PACS (its own cache) reads that label back from the SEG.
+    r = server.http.get("/datastore/label", params={"label": image_id, "tag": "final"})
+    assert r.status_code == 200, r.text
+    (tmp_path / "back.nii.gz").write_bytes(r.content)
+    back, sent = nib.load(tmp_path / "back.nii.gz"), nib.load(label_file)
+    assert np.array_equal(np.asarray(back.dataobj), np.asarray(sent.dataobj))
 
     client.train_start("hippocampus", {"max_epochs": 1, "train_batch_size": 2})
     deadline = time.monotonic() + 240

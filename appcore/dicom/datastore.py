@@ -284,20 +284,34 @@ class DicomWebDatastore(CheckedLocalDatastore):
         info.update({"model": model, "SegSeriesInstanceUID": seg_uid})
         return super().save_label(image_id, label_filename, label_tag, info)
 
+    def _sync_final(self, image_id: str) -> None:
+        """Make the cached ``final`` label of a series the one its SEG in the PACS holds (saved anywhere)."""
+        segs = self._segs.get().get(image_id)
+        if not segs:  # maybe saved elsewhere since the listing: ask the PACS again before answering "none"
+            self._segs.invalidate()
+            segs = self._segs.get().get(image_id)
+        if not segs or image_id not in self._series.get():
+            return
+        local = self._datastore.objects.get(image_id)
+        cached = local.labels.get(DefaultLabelTag.FINAL.value) if local else None
+        if cached and cached.info.get("SegSeriesInstanceUID") in {s for _, s in segs}:
+            return
+        study, seg_series = segs[-1]
+        try:
+            self._cache_seg(image_id, study, seg_series)
+        except (SeriesRefused, ValueError) as e:
+            logger.warning("SEG %s of series %s cannot be read as a label: %s", seg_series, image_id, e)
+
+    def get_label_uri(self, label_id: str, label_tag: str, image_id: str = "") -> str:
+        if label_tag == DefaultLabelTag.FINAL.value:
+            check_image_id(label_id)
+            self._sync_final(label_id)
+        return super().get_label_uri(label_id, label_tag)
+
     def datalist(self, full_path: bool = True) -> list[dict[str, Any]]:
         """Every series with a SEG in the PACS, as image and label NIfTI (SEGs made elsewhere included)."""
-        for image_id, segs in self._segs.get().items():
-            if image_id not in self._series.get():
-                continue
-            study, seg_series = segs[-1]
-            local = self._datastore.objects.get(image_id)
-            cached = local.labels.get(DefaultLabelTag.FINAL.value) if local else None
-            if cached and cached.info.get("SegSeriesInstanceUID") in {s for _, s in segs}:
-                continue
-            try:
-                self._cache_seg(image_id, study, seg_series)
-            except (SeriesRefused, ValueError) as e:
-                logger.warning("SEG %s of series %s is not used for training: %s", seg_series, image_id, e)
+        for image_id in list(self._segs.get()):
+            self._sync_final(image_id)
         # Labels cached locally whose SEG was deleted in the PACS are not training data any more.
         labelled = set(self.get_labeled_images())
         return [d for d in super().datalist(full_path) if Path(d["image"]).name.removesuffix(".nii.gz") in labelled]
