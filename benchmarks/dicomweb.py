@@ -69,8 +69,7 @@ def run(shared: Path, repeats: int) -> list[tuple[str, float, float, float, int]
                 infer.append(t2 - t1)
                 save.append(t3 - t2)
                 # The next repeat must see the series unlabelled again: remove the SEG it just stored.
-                for seg_uid in {s for _, s in datastore._segs.get().get(uids[name], [])}:
-                    datastore._orthanc.delete_series(seg_uid)
+                datastore.remove_label(uids[name], "final")
             rows.append(
                 (name, statistics.median(fetch), statistics.median(infer), statistics.median(save), len(series[name]))
             )

@@ -146,6 +146,12 @@ def test_saving_a_ct_label_stores_a_coded_seg_and_saving_again_replaces_it(
     assert "dcmqi" not in server.log.read_text().lower()  # MONAI Label's run-time dcmqi download is never reached
     assert np.array_equal(seg_to_label(seg2, volume.sop_instance_uids, labels), corrected)
 
+    # Removing the final label deletes its SEG; the series is offered for labelling again.
+    assert server.http.delete("/datastore/label", params={"id": uid, "tag": "final"}).status_code == 200
+    assert not _segs(pacs, uid)
+    assert _put_label(server, uid, corrected, volume.affine, "organs_ct", tmp_path).status_code == 200
+    assert len(_segs(pacs, uid)) == 1
+
 
 @pytest.mark.parametrize(
     ("mutate", "status", "match"),

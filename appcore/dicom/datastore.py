@@ -308,6 +308,21 @@ class DicomWebDatastore(CheckedLocalDatastore):
             self._sync_final(label_id)
         return super().get_label_uri(label_id, label_tag)
 
+    def remove_label(self, label_id: str, label_tag: str) -> None:
+        """Remove a label; for ``final`` that deletes the series' SEGs in the PACS (Orthanc only)."""
+        check_image_id(label_id)
+        if label_tag == DefaultLabelTag.FINAL.value:
+            if self._orthanc is None:
+                raise bad_request(
+                    f"The PACS at {self._client.url} has no delete this server can use; delete the SEG there"
+                )
+            for _, seg_series in self._segs.get().get(label_id, []):
+                self._orthanc.delete_series(seg_series)
+                self._seg_refs.pop(seg_series, None)
+            self._segs.invalidate()
+        if self._datastore.label(label_id, label_tag):
+            super().remove_label(label_id, label_tag)
+
     def datalist(self, full_path: bool = True) -> list[dict[str, Any]]:
         """Every series with a SEG in the PACS, as image and label NIfTI (SEGs made elsewhere included)."""
         for image_id in list(self._segs.get()):
