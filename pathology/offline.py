@@ -15,7 +15,7 @@ import torch
 
 from pathology.data import HELD_OUT, Tile, cpm_tiles, split_tiles
 from pathology.metrics import aji, dice
-from pathology.predict import predict_instances
+from pathology.predict import instances, predict_instances, predict_maps
 from pathology.spec import NUCLEI, NucleiSpec
 from pathology.training import Example, train_steps
 from pathology.weights import load_network, save_weights_atomically
@@ -85,6 +85,23 @@ def _evaluate(args: argparse.Namespace) -> None:
     print(f"| **mean** | **{rows['mean']['dice']:.3f}** | **{rows['mean']['aji']:.3f}** | |")
 
 
+def _tune(args: argparse.Namespace) -> None:
+    """Post-processing thresholds by mean AJI on the training tiles only (held-out tiles never seen)."""
+    network = load_network(NUCLEI, args.weights)
+    train, _ = split_tiles(cpm_tiles(args.data))
+    maps = {t.id: predict_maps(network, NUCLEI, t.image) for t in train}
+    print("| fg_threshold | seed_threshold | min_area | mean Dice | mean AJI |")
+    print("|---|---|---|---|---|")
+    for fg in (0.4, 0.5, 0.6):
+        for seed in (0.3, 0.4, 0.5, 0.6, 0.7):
+            for min_area in (12, 30):
+                spec = dataclasses.replace(NUCLEI, fg_threshold=fg, seed_threshold=seed, min_area=min_area)
+                preds = {t.id: instances(spec, maps[t.id]) for t in train}
+                d = np.mean([dice(preds[t.id], t.mask) for t in train])
+                a = np.mean([aji(preds[t.id], t.mask) for t in train])
+                print(f"| {fg} | {seed} | {min_area} | {d:.4f} | {a:.4f} |")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -101,12 +118,15 @@ def main(argv: list[str] | None = None) -> None:
     e.add_argument("--data", type=Path, required=True)
     e.add_argument("--weights", type=Path, default=NUCLEI.shipped_weights_path)
     e.add_argument("--tiles", help="comma-separated tile ids instead of the held-out ones")
-    for p in (t, e):
+    u = sub.add_parser("tune", help="post-processing thresholds by AJI on the training tiles")
+    u.add_argument("--data", type=Path, required=True)
+    u.add_argument("--weights", type=Path, default=NUCLEI.shipped_weights_path)
+    for p in (t, e, u):
         p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
-    (_train if args.command == "train" else _evaluate)(args)
+    {"train": _train, "evaluate": _evaluate, "tune": _tune}[args.command](args)
 
 
 if __name__ == "__main__":

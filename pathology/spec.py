@@ -39,8 +39,8 @@ class NucleiSpec:
     strides: tuple[int, ...] = (2, 2, 2, 2)
     num_res_units: int = 1
     patch: int = 256
-    fg_threshold: float = 0.5
-    seed_threshold: float = 0.5
+    fg_threshold: float = 0.6
+    seed_threshold: float = 0.4
     min_area: int = 12
     shipped_weights: str = "nuclei.pt"
 

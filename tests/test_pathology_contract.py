@@ -24,8 +24,8 @@ CPM = SHARED / "pathology" / "nuclei_cpm15"
 SLIDE = SHARED / "pathology" / "wsi" / "CMU-1-Small-Region.svs"
 requires_pathology = pytest.mark.skipif(not (CPM / "images").exists(), reason=f"real tiles {CPM} are absent")
 
-# Measured on this held-out tile with the shipped weights (model card): Dice 0.xx, AJI 0.xx.
-CONTRACT_TILE, MIN_DICE, MIN_AJI = "image04", 0.75, 0.50
+# Measured on this held-out tile with the shipped weights (model card): Dice 0.894, AJI 0.677.
+CONTRACT_TILE, MIN_DICE, MIN_AJI = "image04", 0.87, 0.65
 
 
 def test_shipped_weights_are_small_and_load() -> None:
@@ -103,3 +103,35 @@ def test_slide_label_becomes_a_training_example(tmp_path: Path) -> None:
     ex = example_from_label(str(studies / "s.svs"), str(label))
     assert ex.input.shape[1:] == (18 + 64, 20 + 64)
     assert ex.target[0].sum() == 20 * 18
+
+
+@pytest.mark.skipif(not SLIDE.exists(), reason=f"real slide {SLIDE} is absent")
+def test_small_tiles_on_the_real_slide_neither_duplicate_nor_cut_nuclei() -> None:
+    """A 384 x 384 slide region read as one tile and as nine 128-pixel tiles finds the same nuclei."""
+    import openslide
+
+    from pathology.postprocess import rasterize
+    from pathology.predict import instances, predict_maps
+    from pathology.wsi import SlideSource, run_tiled
+
+    network = load_network(NUCLEI, NUCLEI.shipped_weights_path)
+    source = SlideSource(openslide.OpenSlide(str(SLIDE)))
+    region = (700, 1000, 384, 384)
+
+    def segment(rgb: np.ndarray) -> np.ndarray:
+        return instances(NUCLEI, predict_maps(network, NUCLEI, rgb))
+
+    try:
+        whole = run_tiled(source, region, segment, tile=384, margin=64, with_mask=True)
+        tiled = run_tiled(source, region, segment, tile=128, margin=64, with_mask=True)
+    finally:
+        source.close()
+    assert tiled.tiles == 9 and len(whole.polygons) > 30
+    # No duplicates: the polygons of the tiled run hardly overlap each other.
+    cover = np.zeros((384, 384), np.int32)
+    for poly in tiled.polygons:
+        cover += rasterize([poly], (384, 384), offset=region[:2]) > 0
+    assert (cover > 1).sum() < 0.01 * (cover > 0).sum()
+    # Nothing cut: as many nuclei as in one piece, with the same pixels (AJI between the two runs).
+    assert abs(len(tiled.polygons) - len(whole.polygons)) <= max(2, 0.05 * len(whole.polygons))
+    assert aji(tiled.mask, whole.mask) > 0.85
