@@ -135,3 +135,18 @@ def test_small_tiles_on_the_real_slide_neither_duplicate_nor_cut_nuclei() -> Non
     # Nothing cut: as many nuclei as in one piece, with the same pixels (AJI between the two runs).
     assert abs(len(tiled.polygons) - len(whole.polygons)) <= max(2, 0.05 * len(whole.polygons))
     assert aji(tiled.mask, whole.mask) > 0.85
+
+
+@requires_pathology
+@pytest.mark.parametrize("tile_id", ["image04", "image09"])
+def test_polygons_give_back_the_mask(tile_id: str) -> None:
+    """The polygons the server sends lose nothing: filled again they are the instance mask (holes aside)."""
+    from pathology.postprocess import instance_polygons, rasterize
+
+    mask = cpm_tiles(CPM, (tile_id,))[0].mask
+    polys = instance_polygons(mask)
+    assert len(polys) == mask.max()
+    back = rasterize([polys[i] for i in sorted(polys)], mask.shape)
+    lut = np.zeros(mask.max() + 1, np.int32)
+    lut[sorted(polys)] = np.arange(1, len(polys) + 1)
+    assert (back != lut[mask]).sum() <= 0.001 * (mask > 0).sum()
