@@ -12,7 +12,9 @@ import shutil
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -27,7 +29,7 @@ from pathology.predict import instances, predict_maps
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _median_time(fn, repeats: int) -> tuple[float, object]:  # noqa: ANN001
+def _median_time(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
     fn()  # warm-up: weights loaded, allocator primed
     times, out = [], None
     for _ in range(repeats):

@@ -102,7 +102,9 @@ class WSIUncertain(_PatchStrategy):
         network: returns the served network (``None`` while untrained: then a random patch).
     """
 
-    def __init__(self, spec: NucleiSpec, network: Callable[[], torch.nn.Module | None], rng=None) -> None:  # noqa: ANN001
+    def __init__(
+        self, spec: NucleiSpec, network: Callable[[], torch.nn.Module | None], rng: random.Random | None = None
+    ) -> None:
         super().__init__("Most uncertain patch of a slide under the nuclei network (foreground entropy)", rng)
         self._spec, self._network = spec, network
         self._lock = threading.Lock()

@@ -8,6 +8,7 @@ refused or interrupted save leaves the previous label as it was.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -27,7 +28,7 @@ from appcore.validation import check_image_id, check_upload_size
 from pathology.annotations import Polygon, Shape, parse_asap_xml, parse_json
 from pathology.postprocess import rasterize
 from pathology.spec import NUCLEUS
-from pathology.wsi import ArraySource, SlideSource, open_source
+from pathology.wsi import SlideSource, open_source
 
 logger = logging.getLogger(__name__)
 
@@ -160,8 +161,6 @@ class PathologyDatastore(CheckedLocalDatastore):
             raise unprocessable(f"{int(mask.max())} nuclei do not fit a 16-bit mask")
         if mask.min() < 0:
             raise unprocessable("Mask values must be non-negative instance ids")
-        import io
-
         buf = io.BytesIO()
         Image.fromarray(mask.astype(np.uint16)).save(buf, format="PNG")
         return buf.getvalue()
@@ -187,6 +186,3 @@ class PathologyDatastore(CheckedLocalDatastore):
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
-
-
-__all__ = ["ArraySource", "PathologyDatastore", "check_shapes"]

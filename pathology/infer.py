@@ -7,6 +7,7 @@ import os
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -126,7 +127,7 @@ class NucleiInfer(InferTask):
         return info
 
     # -- inference -------------------------------------------------------------------------------
-    def _segment(self, network: torch.nn.Module | None):  # noqa: ANN202
+    def _segment(self, network: torch.nn.Module | None) -> Callable[[np.ndarray], np.ndarray]:
         def segment(rgb: np.ndarray) -> np.ndarray:
             if network is None:
                 return np.zeros(rgb.shape[:2], dtype=np.int32)

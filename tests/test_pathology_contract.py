@@ -150,3 +150,15 @@ def test_polygons_give_back_the_mask(tile_id: str) -> None:
     lut = np.zeros(mask.max() + 1, np.int32)
     lut[sorted(polys)] = np.arange(1, len(polys) + 1)
     assert (back != lut[mask]).sum() <= 0.001 * (mask > 0).sum()
+
+
+def test_qupath_readme_matches_the_registry(tmp_path: Path) -> None:
+    from pathology.spec import NUCLEUS
+    from tests.conftest import ROOT
+
+    text = (ROOT / "viewers_config" / "qupath" / "README.md").read_text()
+    (tmp_path / "s").mkdir()
+    app = PathologyApp(str(tmp_path / "a"), str(tmp_path / "s"), {})
+    for name in [*MODELS, *app._strategies, NUCLEUS.name, NUCLEUS.hex_color]:
+        assert name in text, f"{name!r} missing from the QuPath README"
+    assert f'{{"{NUCLEUS.name}": {NUCLEUS.id}}}' in text

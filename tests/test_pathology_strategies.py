@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from appcore.errors import RequestError
@@ -94,13 +95,11 @@ def test_wsi_random_refuses_bad_requests(store: PathologyDatastore, request_: di
 class _TissueIsUncertain:
     """A stand-in network: foreground probability 0.5 on dark pixels (tissue), 0 on glass."""
 
-    def __call__(self, x):  # noqa: ANN001, ANN204
-        import torch
-
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
         dark = (x.mean(dim=1, keepdim=True) < 0.5).float()
         return torch.cat([torch.where(dark > 0, 0.0, -20.0), torch.zeros_like(dark)], dim=1)
 
-    def eval(self):  # noqa: ANN201
+    def eval(self) -> _TissueIsUncertain:
         return self
 
 
