@@ -22,11 +22,12 @@ from strategies.patches import Box, most_uncertain, patch_grid, random_patch
 
 logger = logging.getLogger(__name__)
 
-# Side of the windows probed inside a patch to score it, and how many per patch at most.
+# Side of the windows probed at the corners of a patch to score it.
 PROBE = 256
-PROBES_PER_PATCH = 4
 # Mean brightness above which a probe is glass, not tissue (nothing to label there).
 GLASS = 220.0
+# Patches scored per request at most; a large slide is sampled so that an answer takes seconds.
+MAX_CANDIDATES = 64
 
 
 def _pair(request: dict[str, Any], key: str, default: tuple[int, int]) -> tuple[int, int]:
@@ -94,8 +95,9 @@ def patch_uncertainty(foreground: np.ndarray) -> float:
 class WSIUncertain(_PatchStrategy):
     """The patch of a slide where the nuclei network is least sure which pixels are nuclei.
 
-    Patches tile the slide; each is scored by the mean foreground entropy over up to four
-    ``PROBE``-sized windows spread over it (glass windows are skipped), and the highest wins.
+    Patches tile the slide (at most ``MAX_CANDIDATES`` of them, sampled at random on a large slide);
+    each is scored by the mean foreground entropy over up to four ``PROBE``-sized windows at its
+    corners (glass windows are skipped), and the highest wins.
 
     Args:
         spec: the network's settings.
@@ -116,7 +118,7 @@ class WSIUncertain(_PatchStrategy):
         ys = sorted({y, y + h - ph}) if h > ph else [y]
         scores = []
         for py in ys:
-            for px in xs[:PROBES_PER_PATCH]:
+            for px in xs:
                 rgb = source.read(px, py, pw, ph)
                 if rgb.mean() > GLASS:
                     continue
@@ -126,6 +128,8 @@ class WSIUncertain(_PatchStrategy):
     def pick(self, source: RegionSource, patch: tuple[int, int], image: str) -> Box:
         network = self._network()
         boxes = patch_grid(source.dimensions, patch)
+        if len(boxes) > MAX_CANDIDATES:
+            boxes = self._rng.sample(boxes, MAX_CANDIDATES)
         if network is None:
             return random_patch(source.dimensions, patch, self._rng)
         with self._lock:

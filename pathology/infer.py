@@ -140,6 +140,11 @@ class NucleiInfer(InferTask):
         bg = parse_clicks(request.get("background"), "background")
         x0, y0, w, h = region
         inside = [(x, y) for x, y in fg if x0 <= x < x0 + w and y0 <= y < y0 + h]
+        if not inside:
+            raise bad_request(
+                f"'{self.name}' needs at least one foreground click [x, y] inside the region {list(region)}; "
+                f"got foreground {fg}"
+            )
         mask = np.zeros((h, w), dtype=np.int32)
         network = self.network()
         polygons: list = []
