@@ -440,7 +440,13 @@ def serve_rows(s: ServerFigures, o: ServerFigures, vols: Volumes) -> list[Row]:
 
 
 def run(
-    shared: Path, repeats: int, mr_cases: int, big_ct: bool, parts: set[str], before: Path | None = None
+    shared: Path,
+    repeats: int,
+    mr_cases: int,
+    big_ct: bool,
+    parts: set[str],
+    before: Path | None = None,
+    score_volumes: int | None = None,
 ) -> tuple[list[tuple[str, list[Row]]], list[str]]:
     """Every part asked for; the tables (title, rows) and notes on the machine's load."""
     work = Path(tempfile.mkdtemp(prefix="peer-"))
@@ -519,7 +525,7 @@ def run(
         )
 
     if "score" in parts:
-        images = [str(p) for p in vols.ct]
+        images = [str(p) for p in vols.ct[:score_volumes]]
         contenders = {
             SAMPLE: ["--sample-score-child", str(apps[SAMPLE]), *images],
             OURS: ["--ours-score-child", *images],
@@ -552,6 +558,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--mr-cases", type=int, default=5)
     parser.add_argument("--big-ct", action="store_true", help="also infer totalseg_ct/example_ct (122x101x112 @3mm)")
     parser.add_argument("--parts", default="serve,train,score", help="comma-separated: serve, train, score")
+    parser.add_argument("--score-volumes", type=int, help="score only the first N CT volumes (spleen_2 first)")
     parser.add_argument(
         "--before",
         type=Path,
@@ -587,7 +594,7 @@ def main(argv: list[str] | None = None) -> None:
     if unknown:
         parser.error(f"--parts: unknown {sorted(unknown)}; valid: serve, train, score")
     load = _load()
-    tables, notes = run(args.shared, args.repeats, args.mr_cases, args.big_ct, parts, args.before)
+    tables, notes = run(args.shared, args.repeats, args.mr_cases, args.big_ct, parts, args.before, args.score_volumes)
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no CUDA device (CPU only)"
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, {device}; load average before: {load:.2f}")
     print("; ".join(notes))
