@@ -243,6 +243,19 @@ def test_next_patch_as_qupath_asks(server: tuple[httpx.Client, Path]) -> None:
             404,
         ),
         (
+            "post",
+            "/infer/wsi/nuclei",
+            {"params": {"image": "CMU-1-Small-Region"}, "json": {**qupath_body([0, 0], [64, 64]), "level": 1}},
+            400,
+        ),
+        (
+            "post",
+            "/infer/wsi/nuclick",
+            {"params": {"image": "CMU-1-Small-Region"}, "json": qupath_body([0, 0], [256, 256])},
+            400,
+        ),
+        ("post", "/infer/nuclei", {"files": {"file": ("tile.png", b"not a png at all")}}, 422),
+        (
             "put",
             "/datastore/image",
             {"params": {"image": "notes"}, "files": {"file": ("notes.png", b"plain text")}},
