@@ -81,7 +81,8 @@ class DiverseStrategy(RankedStrategy):
     """A batch of ``k`` images that are uncertain and unlike each other and the labelled images.
 
     Uses the feature embeddings stored by scoring (``strategies.selection.diverse_top_k``); with
-    ``k`` 1 and nothing labelled yet it picks the most uncertain image, like ``epistemic``.
+    ``k`` 1 and nothing labelled yet it picks the most uncertain image, like ``epistemic``. Images
+    other annotators hold count as covered too, so concurrent annotators get unlike images.
 
     Args:
         embeddings: returns ``{image_id: vector}`` for scored images.
@@ -93,5 +94,6 @@ class DiverseStrategy(RankedStrategy):
         self._embeddings = embeddings
 
     def choose(self, free: list[str], scores: Mapping[str, float], k: int, datastore: Datastore) -> list[str]:
-        covered = datastore.get_labeled_images("final")
+        held = set(datastore.get_unlabeled_images("final")) - set(free)
+        covered = [*datastore.get_labeled_images("final"), *sorted(held)]
         return diverse_top_k(free, scores, self._embeddings(), k, self._rng, covered=covered)

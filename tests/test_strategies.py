@@ -235,3 +235,7 @@ def test_diversity_strategy_spreads_a_batch(tmp_path: Path) -> None:
     assert _app_strategies(store)["diversity"]({"k": 3}, ds)["ids"] == ["a1", "b", "c"], "one of the near-twins"
     ds.labelled = {"a1"}
     assert _app_strategies(store)["diversity"]({"k": 1}, ds)["ids"] == ["b"], "a1 labelled covers a2"
+    ds.labelled = set()
+    diversity = _app_strategies(store)["diversity"]
+    assert diversity({"client_id": "u1", "k": 1}, ds)["ids"] == ["a1"]
+    assert diversity({"client_id": "u2", "k": 1}, ds)["ids"] == ["b"], "a1, held by u1, covers its near-twin"
