@@ -19,6 +19,7 @@ from monai.inferers import sliding_window_inference
 from monai.networks.layers import SkipConnection
 from monai.transforms import Compose
 
+from radiology.infer import OVERLAP, infer_window
 from radiology.spec import ModelSpec
 from radiology.transforms import preprocess
 from radiology.weights import load_state_dict
@@ -252,7 +253,15 @@ class MCDropoutScorer:
         else:
             predictor = mc
         with torch.autocast("cuda", enabled=self.device.type == "cuda"):
-            out = sliding_window_inference(x, self.spec.roi_size, 1, predictor, overlap=0.25, mode="gaussian")
+            # The same per-volume window as /infer: fewer, larger windows than the training patch.
+            roi = infer_window(
+                tuple(x.shape[2:]),
+                self.spec.roi_size,
+                overlap=OVERLAP,
+                max_scale=self.spec.max_window_scale,
+                multiple=self.spec.size_multiple,
+            )
+            out = sliding_window_inference(x, roi, 1, predictor, overlap=OVERLAP, mode="gaussian")
         measures: dict[str, Any] = uncertainty_from_outputs(out[0].float(), self.spec.num_classes)
         if features:
             measures["embedding"] = [round(float(v), 4) for v in torch.stack(features).mean(0).cpu()]
