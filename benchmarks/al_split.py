@@ -2,9 +2,9 @@
 
     python -m benchmarks.al_split --source ../shared/data/hippocampus_mr --out work/al_hippocampus
 
-Writes ``OUT/pool`` (the training and validation cases of ``radiology.splits``) and ``OUT/test``
-(its test cases, the ones the model card reports on; ``--pool-size`` thins the pool), each with ``imagesTr/`` and ``labelsTr/`` of
-symbolic links to the source files. Nothing is copied.
+Writes ``OUT/pool`` (the training and validation cases of ``radiology.splits``; ``--pool-size``
+thins it) and ``OUT/test`` (its test cases, the ones the model card reports on), each with
+``imagesTr/`` and ``labelsTr/`` of symbolic links to the source files. Nothing is copied.
 """
 
 from __future__ import annotations
