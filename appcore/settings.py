@@ -71,7 +71,7 @@ class AppSettings:
     max_upload_mb: int = 1024
     score_after_train: bool = True
     score_on_start: bool = True
-    sw_batch_size: int = 2
+    sw_batch_size: int = 1
 
     @classmethod
     def from_conf(cls, conf: Mapping[str, str], available: Iterable[str]) -> AppSettings:
