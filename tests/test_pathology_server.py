@@ -12,11 +12,7 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import shutil
-import socket
-import subprocess
-import sys
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
@@ -27,7 +23,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import ROOT, SHARED
+from tests.conftest import SHARED
+from tests.servers import monailabel_server
 
 SLIDE = SHARED / "pathology" / "wsi" / "CMU-1-Small-Region.svs"
 TILE = SHARED / "pathology" / "nuclei_cpm15" / "images" / "image04.png"
@@ -38,59 +35,16 @@ pytestmark = [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[httpx.Client, Path]]:
     root = tmp_path_factory.mktemp("pathology")
-    studies, app_dir = root / "studies", root / "app"
+    studies = root / "studies"
     studies.mkdir()
-    shutil.copytree(ROOT / "apps" / "pathology", app_dir, ignore=shutil.ignore_patterns("model", "logs", "__pycache__"))
     shutil.copyfile(SLIDE, studies / "CMU-1-Small-Region.svs")
     shutil.copyfile(TILE, studies / "image04.png")
-    port = _free_port()
-    launcher = Path(sys.executable).parent / "monailabel"
-    cmd = [str(launcher)] if launcher.exists() else [sys.executable, "-m", "monailabel.main"]
-    cmd += [
-        "start_server",
-        "--app",
-        str(app_dir),
-        "--studies",
-        str(studies),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-    ]
-    cmd += ["--conf", "max_epochs", "1", "--conf", "train_batch_size", "2"]
-    env = {**os.environ, "MONAILABEL_PYEXE": sys.executable, "MONAI_LABEL_TRACKING_ENABLED": "false"}
-    log = (root / "server.log").open("w")
-    proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120)
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert proc.poll() is None, (root / "server.log").read_text()[-3000:]
-            try:
-                if client.get("/info/").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "server did not answer /info within 180 s"
-            time.sleep(1)
-        yield client, root
-    finally:
-        client.close()
-        os.killpg(proc.pid, 15)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
-        log.close()
+    conf = {"max_epochs": "1", "train_batch_size": "2"}
+    with monailabel_server(root, str(studies), conf, app="pathology") as running:
+        yield running.http, root
 
 
 def qupath_body(location: list[int], size: list[int], fg: list[list[int]] | None = None) -> dict:

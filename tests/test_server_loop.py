@@ -3,11 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -18,66 +14,24 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from tests.conftest import HIPPO, ROOT, requires_shared
+from tests.conftest import HIPPO, requires_shared
+from tests.servers import monailabel_server
 
 pytestmark = [requires_shared, pytest.mark.slow]
 
 CASES = sorted((HIPPO / "imagesTr").glob("*.nii.gz"))[:10]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[httpx.Client, Path, Path]]:
     root = tmp_path_factory.mktemp("loop")
-    studies, app_dir = root / "studies", root / "app"
+    studies = root / "studies"
     studies.mkdir()
-    shutil.copytree(ROOT / "apps" / "radiology", app_dir, ignore=shutil.ignore_patterns("model", "logs", "__pycache__"))
     for case in CASES:
         shutil.copyfile(case, studies / case.name)
-    port = _free_port()
-    launcher = Path(sys.executable).parent / "monailabel"
-    cmd = [str(launcher)] if launcher.exists() else [sys.executable, "-m", "monailabel.main"]
-    cmd += [
-        "start_server",
-        "--app",
-        str(app_dir),
-        "--studies",
-        str(studies),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-    ]
-    cmd += ["--conf", "models", "hippocampus", "--conf", "reservation_s", "600", "--conf", "max_epochs", "1"]
-    env = {**os.environ, "MONAILABEL_PYEXE": sys.executable, "MONAI_LABEL_TRACKING_ENABLED": "false"}
-    log = (root / "server.log").open("w")
-    proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120)
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert proc.poll() is None, (root / "server.log").read_text()[-3000:]
-            try:
-                if client.get("/info/").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "server did not answer /info within 180 s"
-            time.sleep(1)
-        yield client, studies, app_dir
-    finally:
-        client.close()
-        os.killpg(proc.pid, 15)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
-        log.close()
+    conf = {"models": "hippocampus", "reservation_s": "600", "max_epochs": "1"}
+    with monailabel_server(root, str(studies), conf) as running:
+        yield running.http, studies, root / "app"
 
 
 def _wait_idle(client: httpx.Client, path: str, timeout: float = 300) -> dict:

@@ -1,0 +1,84 @@
+"""A real ``monailabel start_server`` process for the tests that drive an app over HTTP."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from tests.conftest import ROOT
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass(frozen=True)
+class Server:
+    http: httpx.Client
+    url: str
+    log: Path
+    process: subprocess.Popen
+
+
+@contextmanager
+def monailabel_server(
+    root: Path,
+    studies: str,
+    conf: Mapping[str, str],
+    *,
+    app: str = "radiology",
+    env: Mapping[str, str] | None = None,
+    timeout: float = 180,
+    http_timeout: float = 120,
+) -> Iterator[Server]:
+    """``monailabel start_server`` on a copy of ``apps/<app>`` in ``root/app``, on a free port.
+
+    Waits until ``/info/`` answers (failing with the server log if the process dies first) and
+    stops the whole process group on exit.
+    """
+    app_dir = root / "app"
+    shutil.copytree(ROOT / "apps" / app, app_dir, ignore=shutil.ignore_patterns("model", "logs", "__pycache__"))
+    port = free_port()
+    launcher = Path(sys.executable).parent / "monailabel"
+    cmd = [str(launcher)] if launcher.exists() else [sys.executable, "-m", "monailabel.main"]
+    cmd += ["start_server", "--app", str(app_dir), "--studies", studies, "--host", "127.0.0.1", "--port", str(port)]
+    for key, value in conf.items():
+        cmd += ["--conf", key, value]
+    env = {**os.environ, "MONAILABEL_PYEXE": sys.executable, "MONAI_LABEL_TRACKING_ENABLED": "false", **(env or {})}
+    log_path = root / "server.log"
+    log = log_path.open("w")
+    proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    http = httpx.Client(base_url=url, timeout=http_timeout)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            assert proc.poll() is None, log_path.read_text()[-3000:]
+            try:
+                if http.get("/info/").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, f"server did not answer /info within {timeout} s"
+            time.sleep(0.5)
+        yield Server(http, url, log_path, proc)
+    finally:
+        http.close()
+        os.killpg(proc.pid, 15)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+        log.close()
