@@ -23,6 +23,7 @@ from pathlib import Path
 
 from appcore.dicom.client import DicomWebClient
 from appcore.dicom.pacs import Orthanc, hippocampus_series, load, real_series
+from benchmarks.radiology import free_port
 from radiology.app import RadiologyApp
 from radiology.registry import MODELS
 from radiology.weights import save_weights_atomically
@@ -30,20 +31,12 @@ from radiology.weights import save_weights_atomically
 CASES = (("ct_abdomen", "organs_ct"), ("hippocampus_001", "hippocampus"))
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run(shared: Path, repeats: int) -> list[tuple[str, float, float, float, int]]:
     from monailabel.config import settings
     from monailabel.datastore.local import LocalDatastore
 
     rows = []
-    with tempfile.TemporaryDirectory() as tmp, Orthanc(Path(tmp) / "orthanc", _free_port()) as orthanc:
+    with tempfile.TemporaryDirectory() as tmp, Orthanc(Path(tmp) / "orthanc", free_port()) as orthanc:
         client = DicomWebClient(orthanc.dicomweb_url)
         series = real_series(shared)
         series = {"ct_abdomen": series["ct_abdomen"], **hippocampus_series(shared, ("hippocampus_001",))}
