@@ -36,6 +36,7 @@ from monai.losses import DiceCELoss
 from monai.transforms import Compose
 from monai.utils import set_determinism
 
+from radiology.app import RadiologyApp
 from radiology.offline import validate
 from radiology.registry import MODELS
 from radiology.spec import ModelSpec
@@ -48,8 +49,10 @@ logger = logging.getLogger(__name__)
 
 STRATEGIES = ("random", "epistemic", "bald", "tta", "diversity")
 REFERENCE = "full_pool"
-# Which stored measure ranks for each strategy (None: the predictive entropy, the ranking value).
-MEASURE = {"epistemic": "entropy", "bald": "bald", "tta": "tta", "diversity": "entropy"}
+# Which measure ranks for each strategy: the server's own table (None there is the stored ranking
+# value, the predictive entropy, which also weighs the diversity strategy's picks).
+MEASURE = {name: key or "entropy" for name, (key, _) in RadiologyApp.RANKED_STRATEGIES.items()}
+MEASURE["diversity"] = "entropy"
 TARGET_FRACTION = 0.95
 
 
