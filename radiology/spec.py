@@ -54,7 +54,11 @@ class ModelSpec:
         samples_per_image: random patches drawn per labelled volume and training step.
         max_window_scale: at inference, a sliding window may grow up to this many times ``roi_size``
             per axis when that covers the volume with fewer windows (less work for the same overlap);
-            1 keeps the training patch size. See ``radiology.infer.infer_window``.
+            1 keeps the training patch size. See ``radiology.windows.infer_window``.
+        flip_axes: RAS axes (0 left-right, 1 posterior-anterior, 2 inferior-superior) along which
+            training may mirror patches. Only axes whose mirroring keeps every label's meaning:
+            none for ``organs_ct`` (left and right kidney), left-right for the hippocampus (its
+            anterior part stays anterior).
     """
 
     name: str
@@ -71,6 +75,7 @@ class ModelSpec:
     learning_rate: float = 1e-3
     samples_per_image: int = 2
     max_window_scale: float = 1.5
+    flip_axes: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if len(self.strides) != len(self.channels) - 1:
@@ -82,6 +87,8 @@ class ModelSpec:
             raise ValueError(f"{self.name}: dropout must be in [0, 1), got {self.dropout}")
         if self.max_window_scale < 1.0:
             raise ValueError(f"{self.name}: max_window_scale must be at least 1, got {self.max_window_scale}")
+        if any(a not in (0, 1, 2) for a in self.flip_axes) or len(set(self.flip_axes)) != len(self.flip_axes):
+            raise ValueError(f"{self.name}: flip_axes must be distinct axes among 0, 1, 2, got {self.flip_axes}")
 
     @property
     def size_multiple(self) -> int:

@@ -19,10 +19,10 @@ from monai.inferers import sliding_window_inference
 from monai.networks.layers import SkipConnection
 from monai.transforms import Compose
 
-from radiology.infer import OVERLAP, infer_window
 from radiology.spec import ModelSpec
 from radiology.transforms import preprocess
 from radiology.weights import load_state_dict
+from radiology.windows import OVERLAP, infer_window
 
 _EPS = 1e-8
 _DROPOUT = (torch.nn.Dropout, torch.nn.Dropout2d, torch.nn.Dropout3d)

@@ -1,4 +1,4 @@
-"""The inference window chosen per volume (``radiology.infer.infer_window``), checked against MONAI's own tiling."""
+"""The inference window chosen per volume (``radiology.windows.infer_window``), checked against MONAI's own tiling."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 from monai.data.utils import dense_patch_slices
 from monai.inferers.utils import _get_scan_interval
 
-from radiology.infer import OVERLAP, infer_window, windows_along
 from radiology.registry import MODELS
+from radiology.windows import OVERLAP, infer_window, windows_along
 
 
 def monai_windows(shape: tuple[int, ...], window: tuple[int, ...], overlap: float) -> int:
