@@ -29,6 +29,7 @@ from strategies.ranked import DiverseStrategy, RankedStrategy
 from strategies.reservations import ReservationBook
 from strategies.scores import ScoreStore
 from strategies.scoring import UncertaintyScoring
+from strategies.selection import RANKED_STRATEGIES
 
 logger = logging.getLogger(__name__)
 
@@ -133,12 +134,7 @@ class RadiologyApp(MONAILabelApp):
     def score_store(self) -> ScoreStore:
         return ScoreStore(self.model_dir / f"scores_{self.settings.al_model}.json")
 
-    # Strategy name -> (stored measure, what it ranks by). One scoring pass stores them all.
-    RANKED_STRATEGIES = {
-        "epistemic": (None, "MC dropout predictive entropy"),
-        "bald": ("bald", "BALD: mutual information between prediction and weights (MC dropout)"),
-        "tta": ("tta", "disagreement across test-time augmentations"),
-    }
+    RANKED_STRATEGIES = RANKED_STRATEGIES
 
     def init_strategies(self) -> dict[str, Any]:
         store, model = self.score_store(), self.settings.al_model

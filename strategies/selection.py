@@ -7,6 +7,14 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+# Strategy name -> (stored measure, what it ranks by); ``None`` is the default measure (predictive
+# entropy). One scoring pass stores them all. The server and the simulation both read this table.
+RANKED_STRATEGIES: dict[str, tuple[str | None, str]] = {
+    "epistemic": (None, "MC dropout predictive entropy"),
+    "bald": ("bald", "BALD: mutual information between prediction and weights (MC dropout)"),
+    "tta": ("tta", "disagreement across test-time augmentations"),
+}
+
 
 def rank(candidates: Sequence[str], scores: Mapping[str, float], rng: random.Random) -> list[str]:
     """Candidates by descending score, ties in random order; unscored ones last, shuffled.
