@@ -36,14 +36,13 @@ from monai.losses import DiceCELoss
 from monai.transforms import Compose
 from monai.utils import set_determinism
 
-from radiology.app import RadiologyApp
 from radiology.offline import validate
 from radiology.registry import MODELS
 from radiology.spec import ModelSpec
 from radiology.splits import Case, msd_cases
 from radiology.transforms import augment, preprocess
 from radiology.uncertainty import MCDropoutScorer
-from strategies.selection import diverse_top_k, top_k
+from strategies.selection import RANKED_STRATEGIES, diverse_top_k, top_k
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +50,7 @@ STRATEGIES = ("random", "epistemic", "bald", "tta", "diversity")
 REFERENCE = "full_pool"
 # Which measure ranks for each strategy: the server's own table (None there is the stored ranking
 # value, the predictive entropy, which also weighs the diversity strategy's picks).
-MEASURE = {name: key or "entropy" for name, (key, _) in RadiologyApp.RANKED_STRATEGIES.items()}
+MEASURE = {name: key or "entropy" for name, (key, _) in RANKED_STRATEGIES.items()}
 MEASURE["diversity"] = "entropy"
 TARGET_FRACTION = 0.95
 
@@ -116,7 +115,8 @@ class Learner:
         for _ in range(steps):
             batch = data.batch(ids, batch_size, rng)
             self.optimizer.zero_grad(set_to_none=True)
-            with torch.autocast(self.device.type, enabled=amp):
+            # bfloat16 on CUDA: float16 would need a gradient scaler to keep small gradients.
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=amp):
                 loss = self.loss(self.network(batch["image"].to(self.device)), batch["label"].to(self.device))
             loss.backward()
             self.optimizer.step()

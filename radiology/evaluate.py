@@ -7,6 +7,7 @@ the image's original voxel grid against the reference label.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -21,8 +22,10 @@ from radiology.registry import MODELS
 from radiology.splits import Case, msd_cases, split_cases
 
 
-def evaluate(model: str, weights: Path, cases: list[Case]) -> dict:
+def evaluate(model: str, weights: Path, cases: list[Case], channels: tuple[int, ...] | None = None) -> dict:
     spec = MODELS[model]
+    if channels:
+        spec = dataclasses.replace(spec, channels=channels)
     task = SegmentationInfer(spec, [str(weights)])
     device = "cuda" if torch.cuda.is_available() else "cpu"
     per_case = {}
@@ -56,13 +59,15 @@ def main(argv: list[str] | None = None) -> None:
         help="which part of the fixed split to score ('all' for a folder of unseen cases)",
     )
     parser.add_argument("--json", type=Path, help="also write the full result here")
+    parser.add_argument("--channels", help="UNet channels of the weights, if not the model's (experiments)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("monailabel").setLevel(logging.WARNING)
     cases = msd_cases(args.data)
     if args.split != "all":
         cases = split_cases(cases)[args.split]
-    result = evaluate(args.model, args.weights, cases)
+    channels = tuple(int(c) for c in args.channels.split(",")) if args.channels else None
+    result = evaluate(args.model, args.weights, cases, channels)
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
     summary = {k: v for k, v in result.items() if k != "per_case"}

@@ -68,13 +68,22 @@ def train(
     lr: float,
     seed: int,
     val_every: int,
+    workers: int = 0,
+    deadline: float | None = None,
 ) -> dict:
-    """Train from scratch, keep the best validation checkpoint in ``out``; returns the history."""
+    """Train from scratch, keep the best validation checkpoint in ``out``; returns the history.
+
+    ``workers`` loader processes run the random augmentation (0: in this process). ``deadline``
+    (a ``time.monotonic()`` value) ends training after the epoch that passes it, with a last
+    validation; the history then says ``stopped_early``.
+    """
     set_determinism(seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     train_ds = CacheDataset(_records(train_cases), Compose(training_transforms(spec)), progress=False)
     val_ds = CacheDataset(_records(val_cases), Compose(validation_transforms(spec)), progress=False)
-    loader = DataLoader(train_ds, batch_size=batch_size, shuffle=True, num_workers=0)
+    loader = DataLoader(
+        train_ds, batch_size=batch_size, shuffle=True, num_workers=workers, persistent_workers=workers > 0
+    )
 
     model = spec.network().to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-5)
@@ -84,7 +93,7 @@ def train(
     use_amp = device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
 
-    history: dict = {"epochs": [], "best": None}
+    history: dict = {"epochs": [], "best": None, "device": str(device), "stopped_early": False}
     best = -1.0
     for epoch in range(1, epochs + 1):
         model.train()
@@ -99,8 +108,9 @@ def train(
             scaler.update()
             scheduler.step()
             total, n = total + float(loss), n + 1
-        record = {"epoch": epoch, "loss": total / max(n, 1), "seconds": round(time.perf_counter() - start, 1)}
-        if epoch % val_every == 0 or epoch == epochs:
+        record = {"epoch": epoch, "loss": total / max(n, 1), "seconds": round(time.perf_counter() - start, 2)}
+        out_of_time = deadline is not None and time.monotonic() > deadline and epoch < epochs
+        if epoch % val_every == 0 or epoch == epochs or out_of_time:
             dice = validate(spec, model, val_ds, device)
             record["val_dice"] = {spec.labels.labels[i].name: round(d, 4) for i, d in enumerate(dice.values())}
             mean = float(np.mean(list(dice.values())))
@@ -111,6 +121,10 @@ def train(
                 history["best"] = record
         history["epochs"].append(record)
         logger.info(json.dumps(record))
+        if out_of_time:
+            history["stopped_early"] = True
+            logger.warning("deadline passed: stopped after epoch %d of %d", epoch, epochs)
+            break
     return history
 
 
@@ -126,6 +140,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--val-every", type=int, default=5)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--channels", help="override the model's UNet channels, e.g. 24,48,96,192 (for experiments)")
+    parser.add_argument(
+        "--flip-axes", help="override the model's mirroring axes, e.g. 0 or '' for none (for experiments)"
+    )
+    parser.add_argument("--samples-per-image", type=int, help="override the patches drawn per volume and epoch")
+    parser.add_argument("--workers", type=int, default=0, help="loader processes for augmentation")
+    parser.add_argument("--deadline-minutes", type=float, help="stop after the epoch that passes this many minutes")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
@@ -133,6 +153,11 @@ def main(argv: list[str] | None = None) -> None:
     spec = MODELS[args.model]
     if args.channels:
         spec = dataclasses.replace(spec, channels=tuple(int(c) for c in args.channels.split(",")))
+    if args.flip_axes is not None:
+        spec = dataclasses.replace(spec, flip_axes=tuple(int(a) for a in args.flip_axes.split(",") if a.strip()))
+    if args.samples_per_image is not None:
+        spec = dataclasses.replace(spec, samples_per_image=args.samples_per_image)
+    deadline = time.monotonic() + 60 * args.deadline_minutes if args.deadline_minutes else None
     split = split_cases(msd_cases(args.data))
     logger.info("split: %s", {k: len(v) for k, v in split.items()})
     history = train(
@@ -145,7 +170,14 @@ def main(argv: list[str] | None = None) -> None:
         lr=args.lr,
         seed=args.seed,
         val_every=args.val_every,
+        workers=args.workers,
+        deadline=deadline,
     )
+    history["spec"] = {
+        "channels": spec.channels,
+        "flip_axes": spec.flip_axes,
+        "samples_per_image": spec.samples_per_image,
+    }
     history["split"] = {k: [c.id for c in v] for k, v in split.items()}
     history["args"] = {k: str(v) for k, v in vars(args).items()}
     args.out.with_suffix(".history.json").write_text(json.dumps(history, indent=1))

@@ -13,6 +13,7 @@ from monai.transforms import (
     Orientationd,
     RandAffined,
     RandCropByLabelClassesd,
+    RandFlipd,
     RandScaleIntensityd,
     RandShiftIntensityd,
     ScaleIntensityRanged,
@@ -60,8 +61,8 @@ def preprocess(spec: ModelSpec, *, with_label: bool, load: bool = True) -> list[
 def augment(spec: ModelSpec) -> list[MapTransform]:
     """Training-only steps: pad to the patch size, sample patches around each class, mild augmentation.
 
-    Left-right and anterior-posterior flips are left out on purpose: several models here have
-    labels whose meaning depends on side or direction (left kidney, anterior hippocampus).
+    Mirroring happens only along ``spec.flip_axes``: several models here have labels whose meaning
+    depends on side or direction (left kidney, anterior hippocampus).
     """
     keys = ("image", "label")
     return [
@@ -85,6 +86,7 @@ def augment(spec: ModelSpec) -> list[MapTransform]:
             mode=("bilinear", "nearest"),
             padding_mode="border",
         ),
+        *(RandFlipd(keys=keys, prob=0.5, spatial_axis=axis) for axis in spec.flip_axes),
         RandScaleIntensityd(keys="image", factors=0.1, prob=0.5),
         RandShiftIntensityd(keys="image", offsets=0.1, prob=0.5),
     ]

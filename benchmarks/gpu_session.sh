@@ -1,0 +1,113 @@
+#!/usr/bin/env bash
+# What ran on a lent GPU machine (the session's `device` tool), kept so the figures in
+# benchmarks/RESULTS.md can be traced and rerun. That machine's python3 holds a CUDA torch but no
+# monai or nibabel (they travel as wheels in .whl/) and nothing of ../shared (the data travels in
+# .gpudata/). Both folders are git-ignored; `benchmarks/gpu_session.sh pack` fills them here.
+#
+#   benchmarks/gpu_session.sh pack         # here: wheels and data into .whl/ and .gpudata/
+#   benchmarks/gpu_session.sh run SECONDS  # there: GPU figures, then hippocampus recipes and the
+#                                          # AL simulation in parallel, all within about SECONDS
+#   benchmarks/gpu_session.sh long SECONDS EPOCHS  # there: the shipped network with and without
+#                                          # left-right mirroring, EPOCHS each, 6 loader workers
+#
+# The recipes' epoch counts come from a 3-epoch calibration of all four at once, sized to fill 65%
+# of the time left (the AL simulation shares the GPU and CPUs with them); each also stops after
+# the epoch that passes the end, which leaves a minute to pack the results. The one with the best validation Dice is brought back (its epoch
+# count is in its history); the test split is scored afterwards, on the CPU, for that one only.
+# Results go to $OUT (the device tool brings back at most 8 files: one tarball and the weights).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+phase=${1:?pack or run}
+OUT=${OUT:-/tmp/gpu_out}
+D=${GPU_DATA:-.gpudata}
+W=/tmp/gpu_work
+mkdir -p "$OUT" "$W"
+
+setup() {
+    if [ -d .whl ]; then
+        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+        export PYTHONPATH=/tmp/site:$PWD
+    else
+        export PYTHONPATH=$PWD
+    fi
+    export PYTHONUNBUFFERED=1 MONAI_LABEL_TRACKING_ENABLED=false
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv 2>/dev/null || echo "no nvidia-smi"
+    python3 -c "import torch, monai, numpy, nibabel; print('torch', torch.__version__, 'monai', monai.__version__, 'numpy', numpy.__version__, 'cuda', torch.cuda.is_available())" || exit 1
+    echo "cpus: $(nproc)"
+}
+
+recipe() { # name epochs minutes extra-args...
+    local name=$1 epochs=$2 minutes=$3
+    shift 3
+    python3 -m radiology.offline hippocampus --data $D/hippocampus_mr --out "$W/$name.pt" --epochs "$epochs" \
+        --batch-size 4 --lr 2e-3 --val-every 10 --workers "${WORKERS:-2}" --threads 2 --seed 0 --deadline-minutes "$minutes" "$@" \
+        >"$W/$name.log" 2>&1
+}
+
+case $phase in
+pack)
+    mkdir -p .whl $D/totalseg_ct
+    grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >>.git/info/exclude
+    grep -qx '/.gpudata/' .git/info/exclude 2>/dev/null || echo '/.gpudata/' >>.git/info/exclude
+    python3 -m pip download -q --no-deps --only-binary=:all: -d .whl monai==1.5.2 nibabel==5.3.2
+    cp -r ../shared/data/hippocampus_mr ../shared/data/spleen_ct $D/
+    cp ../shared/data/totalseg_ct/example_ct_sm.nii.gz ../shared/data/totalseg_ct/example_ct.nii.gz $D/totalseg_ct/
+    du -sh .whl $D
+    ;;
+run)
+    end=$(($(date +%s) + ${2:?seconds for the whole run} - 60))
+    setup
+    echo "== GPU figures (alone on the machine)"
+    timeout 150 python3 -m benchmarks.gpu --shared $D --json "$W/gpu_figures.json" >"$W/gpu_figures.log" 2>&1
+    grep -v -i warn "$W/gpu_figures.log" | tail -12
+    cp "$W/gpu_figures.log" "$OUT/"
+    echo "== calibration: the four recipes at once, 3 epochs"
+    recipe calib_base 3 3 --flip-axes '' &
+    recipe calib_flip 3 3 --flip-axes 0 &
+    recipe calib_wide 3 3 --flip-axes 0 --channels 24,48,96,192 &
+    recipe calib_flip_s2 3 3 --flip-axes 0 --samples-per-image 2 &
+    wait
+    minutes=$(python3 -c "print(round(($end - $(date +%s)) / 60, 2))")
+    declare -A epochs
+    for r in base flip wide flip_s2; do
+        sec=$(python3 -c "import json; e=json.load(open('$W/calib_$r.history.json'))['epochs']; print(max(x['seconds'] for x in e[1:]))") || {
+            tail -5 "$W/calib_$r.log"
+            exit 1
+        }
+        epochs[$r]=$(python3 -c "print(max(10, int(0.65 * $minutes * 60 / $sec) // 10 * 10))")
+        echo "calibration $r: $sec s/epoch with four recipes at once -> ${epochs[$r]} epochs"
+    done
+    echo "== hippocampus recipes and the AL simulation, in parallel, about $minutes min"
+    recipe base "${epochs[base]}" "$minutes" --flip-axes '' &
+    recipe flip "${epochs[flip]}" "$minutes" --flip-axes 0 &
+    recipe wide "${epochs[wide]}" "$minutes" --flip-axes 0 --channels 24,48,96,192 &
+    recipe flip_s2 "${epochs[flip_s2]}" "$minutes" --flip-axes 0 --samples-per-image 2 &
+    python3 -m benchmarks.al_split --source $D/hippocampus_mr --out /tmp/al_hippocampus --pool-size "${AL_POOL:-80}" >"$W/al_split.log" 2>&1
+    for s in 0 1 2; do
+        timeout "$(python3 -c "print(int($minutes * 60))")" python3 -m benchmarks.active_learning \
+            --pool /tmp/al_hippocampus/pool --test /tmp/al_hippocampus/test \
+            --strategy random,epistemic,bald,tta,diversity --initial 4 --per-round 4 --rounds 5 --seed $s \
+            --initial-steps 300 --steps-per-round 100 --lr 2e-3 --mc-samples 8 --tta-samples 4 \
+            --threads 1 --out "$W/al" >"$W/al_$s.log" 2>&1 &
+    done
+    wait
+    python3 benchmarks/gpu_pick.py "$W" "$OUT"
+    ls "$W/al/runs" 2>/dev/null | tr '\n' ' '
+    tar -C "$W" -czf "$OUT/gpu_session.tgz" --exclude='*.pt' . && ls -la "$OUT"
+    ;;
+long)
+    end=$(($(date +%s) + ${2:?seconds for the whole run} - 45))
+    setup
+    minutes=$(python3 -c "print(round(($end - $(date +%s)) / 60, 2))")
+    WORKERS=6 recipe base "${3:?epochs}" "$minutes" --flip-axes '' &
+    WORKERS=6 recipe flip "$3" "$minutes" --flip-axes 0 &
+    wait
+    python3 benchmarks/gpu_pick.py "$W" "$OUT"
+    cp "$W"/base.pt "$W"/flip.pt "$OUT/"
+    tar -C "$W" -czf "$OUT/gpu_long.tgz" --exclude='*.pt' . && ls -la "$OUT"
+    ;;
+*)
+    echo "unknown phase $phase" >&2
+    exit 2
+    ;;
+esac

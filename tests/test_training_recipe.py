@@ -1,0 +1,104 @@
+"""The offline training recipe: mirroring only where labels allow it, the deadline, and server-free imports."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from monai.transforms import RandFlipd
+
+from radiology.offline import train
+from radiology.registry import MODELS
+from radiology.splits import Case
+from radiology.transforms import augment
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize(
+    ("flip_axes", "ok"),
+    [((), True), ((0,), True), ((0, 2), True), ((3,), False), ((0, 0), False), ((-1,), False)],
+)
+def test_flip_axes_are_checked(flip_axes: tuple[int, ...], ok: bool) -> None:
+    spec = MODELS["hippocampus"]
+    if ok:
+        assert dataclasses.replace(spec, flip_axes=flip_axes).flip_axes == flip_axes
+    else:
+        with pytest.raises(ValueError, match="flip_axes"):
+            dataclasses.replace(spec, flip_axes=flip_axes)
+
+
+@pytest.mark.parametrize("flip_axes", [(), (0,), (0, 2)])
+def test_augment_mirrors_only_along_the_spec_axes(flip_axes: tuple[int, ...]) -> None:
+    spec = dataclasses.replace(MODELS["hippocampus"], flip_axes=flip_axes)
+    flips = [t for t in augment(spec) if isinstance(t, RandFlipd)]
+    assert [f.flipper.spatial_axis for f in flips] == list(flip_axes)
+
+
+@pytest.mark.parametrize(
+    ("model", "forbidden", "why"),
+    [
+        ("organs_ct", 0, "left and right kidney swap under a left-right mirror"),
+        ("hippocampus", 1, "anterior and posterior swap under an anterior-posterior mirror"),
+    ],
+)
+def test_registered_models_never_mirror_a_side_dependent_axis(model: str, forbidden: int, why: str) -> None:
+    assert forbidden not in MODELS[model].flip_axes, why
+
+
+def _phantom_cases(folder: Path, n: int) -> list[Case]:
+    """Tiny synthetic MR-like volumes with a two-part structure (mechanics only, not accuracy)."""
+    rng = np.random.default_rng(0)
+    cases = []
+    for i in range(n):
+        label = np.zeros((36, 50, 36), np.uint8)
+        label[12:24, 10:25, 12:24] = 1
+        label[12:24, 25:40, 12:24] = 2
+        image = (label * 100.0 + rng.normal(0, 10, label.shape)).astype(np.float32)
+        affine = np.diag([1.0, 1.0, 1.0, 1.0])
+        img, lab = folder / f"img_{i}.nii.gz", folder / f"lab_{i}.nii.gz"
+        nib.save(nib.Nifti1Image(image, affine), img)
+        nib.save(nib.Nifti1Image(label, affine), lab)
+        cases.append(Case(id=f"c{i}", image=img, label=lab))
+    return cases
+
+
+def test_deadline_stops_after_the_epoch_with_a_validation_and_weights(tmp_path: Path) -> None:
+    cases = _phantom_cases(tmp_path, 3)
+    out = tmp_path / "w.pt"
+    history = train(
+        MODELS["hippocampus"],
+        cases[:2],
+        cases[2:],
+        out=out,
+        epochs=50,
+        batch_size=2,
+        lr=1e-3,
+        seed=0,
+        val_every=10,
+        deadline=time.monotonic() - 1.0,  # already passed: one epoch, then stop
+    )
+    assert history["stopped_early"] is True
+    assert [e["epoch"] for e in history["epochs"]] == [1]
+    assert "val_mean_dice" in history["epochs"][0]
+    assert out.exists() and history["best"]["epoch"] == 1
+
+
+def test_gpu_and_simulation_code_imports_without_the_server() -> None:
+    """The GPU machine has no monailabel: scoring, windows, offline training and the benchmarks must not need it."""
+    code = (
+        "import sys, json; "
+        "import radiology.uncertainty, radiology.windows, radiology.offline; "
+        "import benchmarks.gpu, benchmarks.active_learning; "
+        "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] == 'monailabel')))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == []
