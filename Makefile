@@ -8,7 +8,9 @@ STUDIES ?= demo_studies/hippocampus_mr
 MODELS ?= hippocampus,organs_ct
 HOST ?= 127.0.0.1
 PORT ?= 8000
-STAMP := $(VENV)/.installed
+# torch build: `cuda` where an NVIDIA driver answers, else `cpu` (requirements-torch-*.txt say why).
+TORCH ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo cuda || echo cpu)
+STAMP := $(VENV)/.installed-$(TORCH)
 PACS_PORT ?= 8042
 # Debian packages for the PACS and browser tests (tests/test_pacs*.py, tests/e2e): installed once.
 SYSDEPS := $(VENV)/.sysdeps
@@ -18,9 +20,12 @@ SYSDEPS_PKGS := orthanc orthanc-dicomweb chromium
 
 # Idempotent: reinstalls only when a requirements file or pyproject.toml changed.
 venv: $(STAMP)
-$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
+$(STAMP): requirements.txt requirements-dev.txt requirements-torch-$(TORCH).txt pyproject.toml
 	test -x $(VPY) || $(PY) -m venv $(VENV)
-	$(VPY) -m pip install --quiet -r requirements-dev.txt
+	rm -f $(VENV)/.installed-*
+	$(VPY) -m pip install --quiet -r requirements-torch-$(TORCH).txt -r requirements-dev.txt
+	# A torchvision left from a CUDA install does not import beside the CPU torch (and breaks `import monai`).
+	if [ "$(TORCH)" = cpu ]; then $(VPY) -m pip uninstall --quiet -y torchvision; fi
 	# monailabel's own metadata pulls sam2 (whose build downloads a CUDA torch) and mlflow: see requirements.txt
 	$(VPY) -m pip install --quiet --no-deps monailabel==0.8.5
 	$(VPY) -m pip install --quiet --no-deps -e .
