@@ -111,6 +111,13 @@ WORKAROUNDS: tuple[Workaround, ...] = (
         "`Spacingd`; `monailabel==0.8.5` is installed with `--no-deps` because its metadata pulls sam2 and mlflow",
         action="the harness checks `monailabel==0.8.5`, `monai==1.5.2`, `pydicom==2.4.4` before it starts",
     ),
+    Workaround(
+        "its infer tasks import `monailabel.transform.post`, which imports torchvision; the only torchvision that "
+        "imports here sits beside the CUDA build of torch (2.14.1), about 290 MB more resident memory per process "
+        "and 5 GB more disk than the CPU build this project installs on machines without an NVIDIA driver",
+        action="the harness runs the sample app with `--sample-python`, an environment made by "
+        "`make venv VENV=../venv-cuda TORCH=cuda`, and checks that it imports torchvision",
+    ),
 )
 
 # Versions the sample app needs (see the last workaround); checked, never changed, by the harness.
@@ -137,6 +144,36 @@ def check_pins(installed: Callable[[str], str] = version) -> None:
     wrong = {name: installed(name) for name in PINS if installed(name) != PINS[name]}
     if wrong:
         raise RuntimeError(f"The sample app needs {PINS}; installed: {wrong}. See README 'Versions that matter'")
+
+
+def torch_versions(python: str) -> str:
+    """``torch X, torchvision Y`` (or ``none``) as the environment of ``python`` has them."""
+    code = (
+        "import importlib.metadata as m\n"
+        "def v(n):\n"
+        "    try:\n"
+        "        return m.version(n)\n"
+        "    except m.PackageNotFoundError:\n"
+        "        return 'none'\n"
+        "print(f\"torch {v('torch')}, torchvision {v('torchvision')}\")"
+    )
+    result = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=120)
+    return result.stdout.strip() or f"unknown: {result.stderr.strip()[-200:]}"
+
+
+def check_sample_python(python: str) -> None:
+    """Raise, saying what to do, if the sample app cannot import in ``python``'s environment."""
+    result = subprocess.run(
+        [python, "-c", "import torchvision, monailabel.transform.post"], capture_output=True, text=True, timeout=300
+    )
+    if result.returncode != 0:
+        raise RuntimeError(
+            f"The sample app cannot run with {python}: MONAI Label's `transform.post`, which its infer tasks use, "
+            "imports torchvision, and this environment's torchvision does not import "
+            f"({result.stderr.strip().splitlines()[-1] if result.stderr.strip() else 'no output'}). "
+            "Make an environment with the CUDA torch (`make venv VENV=../venv-cuda TORCH=cuda`) and pass "
+            "`--sample-python ../venv-cuda/bin/python`."
+        )
 
 
 def copy_sample_app(dest: Path, source: Path = SAMPLE_SOURCE) -> Path:
@@ -229,13 +266,14 @@ def _serve_once(
     figures: ServerFigures,
     log: Path,
     pythonpath: Path | None = None,
+    python: str = sys.executable,
 ) -> None:
     conf, env = (sample_conf(), sample_env()) if who == SAMPLE else (SERVER_CONF, {})
     if pythonpath is not None:  # this project's code from another tree (``--before``)
         env = {**env, "PYTHONPATH": str(pythonpath)}
     port = free_port()
     t0 = time.perf_counter()
-    proc = start_server(app_dir, studies, port, log, conf, env)
+    proc = start_server(app_dir, studies, port, log, conf, env, python)
     try:
         with PeakRSS(proc.pid) as mem, httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=1800) as client:
             wait_for_info(client, proc, log)
@@ -344,9 +382,9 @@ def ours_score_child(images: list[str]) -> None:
     shutil.rmtree(root, ignore_errors=True)
 
 
-def _run_child(args: list[str], env: Mapping[str, str]) -> tuple[str, float]:
+def _run_child(args: list[str], env: Mapping[str, str], python: str = sys.executable) -> tuple[str, float]:
     """Run ``python -m benchmarks.peer <args>``; its stdout and the peak memory of its process tree."""
-    cmd = [sys.executable, "-m", "benchmarks.peer", *args]
+    cmd = [python, "-m", "benchmarks.peer", *args]
     # No datastore file watcher: the children delete their folders while it would still be watching.
     env = {**os.environ, **env, "MONAI_LABEL_DATASTORE_AUTO_RELOAD": "false"}
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
@@ -447,6 +485,7 @@ def run(
     parts: set[str],
     before: Path | None = None,
     score_volumes: int | None = None,
+    sample_python: str = sys.executable,
 ) -> tuple[list[tuple[str, list[Row]]], list[str]]:
     """Every part asked for; the tables (title, rows) and notes on the machine's load."""
     work = Path(tempfile.mkdtemp(prefix="peer-"))
@@ -469,7 +508,10 @@ def run(
         for r in range(repeats):
             for who, tree in trees.items():
                 app = apps[SAMPLE if who == SAMPLE else OURS]
-                _serve_once(who, app, studies, {"CT": vols.ct, "MR": vols.mr}, figs[who], work / f"{who}{r}.log", tree)
+                python = sample_python if who == SAMPLE else sys.executable
+                _serve_once(
+                    who, app, studies, {"CT": vols.ct, "MR": vols.mr}, figs[who], work / f"{who}{r}.log", tree, python
+                )
         notes.append(f"servers: load {load0:.2f} before, {_load():.2f} after")
         if before is not None:
             tables.append((f"this project before the change ({before})", serve_rows(figs[SAMPLE], figs[BEFORE], vols)))
@@ -487,7 +529,8 @@ def run(
         load0 = _load()
         for _ in range(repeats):
             for who, args in contenders.items():
-                out, peak = _run_child([*args, "--epochs", str(TRAIN_EPOCHS)], sample_env())
+                python = sample_python if who == SAMPLE else sys.executable
+                out, peak = _run_child([*args, "--epochs", str(TRAIN_EPOCHS)], sample_env(), python)
                 epochs[who] += child_value(out, "EPOCH_SECONDS")
                 peaks[who] = max(peaks[who], peak)
         notes.append(f"training: load {load0:.2f} before, {_load():.2f} after")
@@ -534,7 +577,7 @@ def run(
         load0 = _load()
         for _ in range(repeats):
             for who, args in contenders.items():
-                out, _ = _run_child(args, sample_env())
+                out, _ = _run_child(args, sample_env(), sample_python if who == SAMPLE else sys.executable)
                 secs[who] += child_value(out, "SECONDS_PER_IMAGE")
         notes.append(f"scoring: load {load0:.2f} before, {_load():.2f} after")
         rows.append(
@@ -564,6 +607,12 @@ def main(argv: list[str] | None = None) -> None:
         type=Path,
         help="also serve this project's code from this folder (e.g. `git archive` of an earlier commit), in turns",
     )
+    parser.add_argument(
+        "--sample-python",
+        default=sys.executable,
+        help="interpreter of the environment the sample app runs in (it needs torchvision, hence the CUDA torch: "
+        "`make venv VENV=DIR TORCH=cuda`); default: this one",
+    )
     # Child processes (internal).
     parser.add_argument("--sample-train-child", nargs="+", help=argparse.SUPPRESS)
     parser.add_argument("--ours-train-child", nargs="+", help=argparse.SUPPRESS)
@@ -589,14 +638,26 @@ def main(argv: list[str] | None = None) -> None:
         return
 
     check_pins()
+    check_sample_python(args.sample_python)
     parts = {p.strip() for p in args.parts.split(",") if p.strip()}
     unknown = parts - {"serve", "train", "score"}
     if unknown:
         parser.error(f"--parts: unknown {sorted(unknown)}; valid: serve, train, score")
     load = _load()
-    tables, notes = run(args.shared, args.repeats, args.mr_cases, args.big_ct, parts, args.before, args.score_volumes)
+    tables, notes = run(
+        args.shared,
+        args.repeats,
+        args.mr_cases,
+        args.big_ct,
+        parts,
+        before=args.before,
+        score_volumes=args.score_volumes,
+        sample_python=args.sample_python,
+    )
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no CUDA device (CPU only)"
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, {device}; load average before: {load:.2f}")
+    print(f"sample app: {args.sample_python} ({torch_versions(args.sample_python)})")
+    print(f"this project: {sys.executable} ({torch_versions(sys.executable)})")
     print("; ".join(notes))
     for title, rows in tables:
         print(f"\n{title}:\n{format_table(rows)}")

@@ -74,10 +74,19 @@ def median(xs: list[float]) -> float:
 
 
 def start_server(
-    app_dir: Path, studies: Path, port: int, log: Path, conf: dict[str, str], env: dict[str, str] | None = None
+    app_dir: Path,
+    studies: Path,
+    port: int,
+    log: Path,
+    conf: dict[str, str],
+    env: dict[str, str] | None = None,
+    python: str = sys.executable,
 ) -> subprocess.Popen:
-    """``monailabel start_server`` for ``app_dir`` on ``port``, its output in ``log`` (whose folder is the cwd)."""
-    cmd = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(app_dir), "--studies", str(studies)]
+    """``monailabel start_server`` for ``app_dir`` on ``port``, its output in ``log`` (whose folder is the cwd).
+
+    ``python`` is the interpreter (and so the environment) the server runs in.
+    """
+    cmd = [python, "-m", "monailabel.main", "start_server", "--app", str(app_dir), "--studies", str(studies)]
     cmd += ["--host", "127.0.0.1", "--port", str(port)]
     for key, value in conf.items():
         cmd += ["--conf", key, value]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import sys
+from importlib.metadata import version
 from pathlib import Path
 
 import nibabel as nib
@@ -16,6 +18,7 @@ from benchmarks.peer import (
     WORKAROUNDS,
     Row,
     check_pins,
+    check_sample_python,
     child_value,
     copy_sample_app,
     format_table,
@@ -23,6 +26,7 @@ from benchmarks.peer import (
     same_geometry,
     sample_conf,
     sample_env,
+    torch_versions,
 )
 from benchmarks.radiology import median
 
@@ -136,3 +140,23 @@ def test_same_geometry(tmp_path: Path, shape: tuple[int, ...], shift: float, exp
     out = tmp_path / "out.nii.gz"
     nib.save(nib.Nifti1Image(np.zeros(shape, np.uint8), moved), out)
     assert same_geometry(out, src) is expected
+
+
+def _fake_python(tmp_path: Path, code: int) -> str:
+    script = tmp_path / f"python{code}"
+    script.write_text(f"#!/bin/sh\nexit {code}\n")
+    script.chmod(0o755)
+    return str(script)
+
+
+def test_check_sample_python_says_how_to_make_one(tmp_path: Path) -> None:
+    with pytest.raises(RuntimeError, match=r"--sample-python .*venv-cuda"):
+        check_sample_python(_fake_python(tmp_path, 1))
+
+
+def test_check_sample_python_accepts_an_environment_that_imports(tmp_path: Path) -> None:
+    check_sample_python(_fake_python(tmp_path, 0))
+
+
+def test_torch_versions_names_this_environment() -> None:
+    assert torch_versions(sys.executable).startswith(f"torch {version('torch')}, torchvision ")
