@@ -34,6 +34,7 @@ from monai.inferers import sliding_window_inference
 from monai.losses import DiceCELoss
 from monai.transforms import Compose
 
+from radiology.offline import amp_step
 from radiology.registry import MODELS
 from radiology.spec import ModelSpec
 from radiology.splits import msd_cases, split_cases
@@ -109,12 +110,7 @@ def train_step_seconds(spec: ModelSpec, image: Path, label: Path, device: torch.
     batch_label = torch.stack([p["label"] for p in patches[:2]]).as_tensor().to(device)
 
     def step() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, enabled=use_amp):
-            loss = loss_fn(network(batch_image), batch_label)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
+        amp_step(network, optimizer, scaler, loss_fn, batch_image, batch_label)
 
     for _ in range(5):
         step()

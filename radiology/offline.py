@@ -42,6 +42,24 @@ def _records(cases: list[Case]) -> list[dict[str, str]]:
     return [{"image": str(c.image), "label": str(c.label)} for c in cases]
 
 
+def amp_step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    loss_fn: torch.nn.Module,
+    image: torch.Tensor,
+    label: torch.Tensor,
+) -> torch.Tensor:
+    """One optimiser step, under autocast and ``scaler`` on CUDA (both off on the CPU); returns the loss."""
+    optimizer.zero_grad(set_to_none=True)
+    with torch.autocast(image.device.type, enabled=image.device.type == "cuda"):
+        loss = loss_fn(model(image), label)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    return loss
+
+
 @torch.inference_mode()
 def validate(spec: ModelSpec, model: torch.nn.Module, dataset: CacheDataset, device: torch.device) -> dict[int, float]:
     """Mean Dice per class over ``dataset`` in the model's pre-processed space."""
@@ -99,13 +117,7 @@ def train(
         model.train()
         start, total, n = time.perf_counter(), 0.0, 0
         for batch in loader:
-            image, label = batch["image"].to(device), batch["label"].to(device)
-            optimizer.zero_grad(set_to_none=True)
-            with torch.autocast(device.type, enabled=use_amp):
-                loss = loss_fn(model(image), label)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
+            loss = amp_step(model, optimizer, scaler, loss_fn, batch["image"].to(device), batch["label"].to(device))
             scheduler.step()
             total, n = total + float(loss), n + 1
         record = {"epoch": epoch, "loss": total / max(n, 1), "seconds": round(time.perf_counter() - start, 2)}
