@@ -189,7 +189,14 @@ def run(shared: Path, repeats: int, hippo_cases: int) -> list[tuple[str, str, fl
                 t = time.perf_counter()
                 scorer.score(str(image))
                 times.append(time.perf_counter() - t)
-        rows.append((f"epistemic scoring {model} (8 MC passes)", "s/image", median(times), f"median of {len(times)}"))
+        rows.append(
+            (
+                f"epistemic scoring {model} (8 MC passes + 4 TTA, embedding)",
+                "s/image",
+                median(times),
+                f"median of {len(times)}",
+            )
+        )
 
     # Training: seconds per epoch, each run in a fresh process (as the server runs training).
     images, labels = [c.image for c in hippo], [c.label for c in hippo]
