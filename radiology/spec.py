@@ -56,9 +56,11 @@ class ModelSpec:
             per axis when that covers the volume with fewer windows (less work for the same overlap);
             1 keeps the training patch size. See ``radiology.windows.infer_window``.
         flip_axes: RAS axes (0 left-right, 1 posterior-anterior, 2 inferior-superior) along which
-            training may mirror patches. Only axes whose mirroring keeps every label's meaning:
-            none for ``organs_ct`` (left and right kidney), left-right for the hippocampus (its
-            anterior part stays anterior).
+            training mirrors patches (each with probability 0.5). Only axes whose mirroring keeps
+            every label's meaning may be listed: never left-right for ``organs_ct`` (left and right
+            kidney), never anterior-posterior for the hippocampus. Empty for both registered models:
+            left-right mirroring of the hippocampus was tried on a GPU and did not help
+            (``benchmarks/RESULTS.md``).
     """
 
     name: str
