@@ -1,7 +1,8 @@
 """GPU figures of this project's own compute paths, in one process: ``python -m benchmarks.gpu --shared DIR``.
 
 Needs no server (and so no ``monailabel``): it runs the code the server calls, on the first CUDA
-device with mixed precision, on real volumes from ``DIR`` (the layout of ``../shared/data``):
+device with mixed precision (``--device cpu``: the same figures on the CPU, in float32), on real
+volumes from ``DIR`` (the layout of ``../shared/data``):
 
 - ``hippocampus`` infer: pre-processing from the file on disk (load, RAS, 1 mm, z-score) plus the
   sliding window the server uses (``radiology.windows.infer_window``, Gaussian blending), shipped
