@@ -489,6 +489,10 @@ def run(
 ) -> tuple[list[tuple[str, list[Row]]], list[str]]:
     """Every part asked for; the tables (title, rows) and notes on the machine's load."""
     work = Path(tempfile.mkdtemp(prefix="peer-"))
+
+    def python_of(who: str) -> str:
+        return sample_python if who == SAMPLE else sys.executable
+
     notes: list[str] = []
     rows: list[Row] = []
     tables: list[tuple[str, list[Row]]] = []
@@ -508,9 +512,15 @@ def run(
         for r in range(repeats):
             for who, tree in trees.items():
                 app = apps[SAMPLE if who == SAMPLE else OURS]
-                python = sample_python if who == SAMPLE else sys.executable
                 _serve_once(
-                    who, app, studies, {"CT": vols.ct, "MR": vols.mr}, figs[who], work / f"{who}{r}.log", tree, python
+                    who,
+                    app,
+                    studies,
+                    {"CT": vols.ct, "MR": vols.mr},
+                    figs[who],
+                    work / f"{who}{r}.log",
+                    tree,
+                    python_of(who),
                 )
         notes.append(f"servers: load {load0:.2f} before, {_load():.2f} after")
         if before is not None:
@@ -529,8 +539,7 @@ def run(
         load0 = _load()
         for _ in range(repeats):
             for who, args in contenders.items():
-                python = sample_python if who == SAMPLE else sys.executable
-                out, peak = _run_child([*args, "--epochs", str(TRAIN_EPOCHS)], sample_env(), python)
+                out, peak = _run_child([*args, "--epochs", str(TRAIN_EPOCHS)], sample_env(), python_of(who))
                 epochs[who] += child_value(out, "EPOCH_SECONDS")
                 peaks[who] = max(peaks[who], peak)
         notes.append(f"training: load {load0:.2f} before, {_load():.2f} after")
@@ -577,7 +586,7 @@ def run(
         load0 = _load()
         for _ in range(repeats):
             for who, args in contenders.items():
-                out, _ = _run_child(args, sample_env(), sample_python if who == SAMPLE else sys.executable)
+                out, _ = _run_child(args, sample_env(), python_of(who))
                 secs[who] += child_value(out, "SECONDS_PER_IMAGE")
         notes.append(f"scoring: load {load0:.2f} before, {_load():.2f} after")
         rows.append(

@@ -134,14 +134,12 @@ class RadiologyApp(MONAILabelApp):
     def score_store(self) -> ScoreStore:
         return ScoreStore(self.model_dir / f"scores_{self.settings.al_model}.json")
 
-    RANKED_STRATEGIES = RANKED_STRATEGIES
-
     def init_strategies(self) -> dict[str, Any]:
         store, model = self.score_store(), self.settings.al_model
         strategies: dict[str, Any] = {
             "random": RankedStrategy("Random unlabelled image, never one another client holds", book=self.book)
         }
-        for name, (key, what) in self.RANKED_STRATEGIES.items():
+        for name, (key, what) in RANKED_STRATEGIES.items():
             strategies[name] = RankedStrategy(
                 f"Most uncertain unlabelled images under '{model}' ({what})",
                 book=self.book,

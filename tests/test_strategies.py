@@ -165,7 +165,6 @@ def _app_strategies(store: ScoreStore) -> dict:
         score_store=lambda: store,
         settings=SimpleNamespace(al_model="m"),
         book=ReservationBook(600),
-        RANKED_STRATEGIES=RadiologyApp.RANKED_STRATEGIES,
     )
     return RadiologyApp.init_strategies(host)  # type: ignore[arg-type]
 
