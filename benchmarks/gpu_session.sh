@@ -12,8 +12,9 @@
 #
 # The recipes' epoch counts come from a 3-epoch calibration of all four at once, sized to fill 65%
 # of the time left (the AL simulation shares the GPU and CPUs with them); each also stops after
-# the epoch that passes the end, which leaves a minute to pack the results. The one with the best validation Dice is brought back (its epoch
-# count is in its history); the test split is scored afterwards, on the CPU, for that one only.
+# the epoch that passes the end, which leaves a minute to pack the results. The one with the best
+# validation Dice is brought back (its epoch count is in its history); the test split is scored
+# afterwards, on the CPU, for that one only.
 # Results go to $OUT (the device tool brings back at most 8 files: one tarball and the weights).
 set -uo pipefail
 cd "$(dirname "$0")/.."
