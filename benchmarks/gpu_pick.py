@@ -8,11 +8,12 @@ The test split plays no part in the choice.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
 
-RECIPES = ("base", "flip", "wide", "flip_s2")
+RECIPES = tuple(os.environ.get("RECIPES", "base,flip,wide,flip_s2").split(","))
 
 
 def main() -> None:
@@ -25,11 +26,12 @@ def main() -> None:
             continue
         data = json.loads(path.read_text())
         top = data["best"] or {}
-        last = data["epochs"][-1]
+        last = (data.get("epochs") or data["steps"])[-1]
         best[name] = top.get("val_mean_dice", -1.0)
         print(
             f"{name}: best epoch {top.get('epoch')} val {top.get('val_mean_dice')} {top.get('val_dice')}; "
-            f"ran {last['epoch']} epochs, stopped early {data['stopped_early']}, last epoch {last['seconds']} s"
+            f"ran {last['epoch']} epochs, stopped early {data.get('stopped_early')}, last record {last['seconds']} s, "
+            f"last val {last.get('val_mean_dice')}"
         )
     if best:
         name = max(best, key=best.__getitem__)

@@ -9,6 +9,10 @@
 #                                          # AL simulation in parallel, all within about SECONDS
 #   benchmarks/gpu_session.sh long SECONDS EPOCHS  # there: the shipped network with and without
 #                                          # left-right mirroring, EPOCHS each, 6 loader workers
+#   benchmarks/gpu_session.sh batched SECONDS      # there: six hippocampus recipes at once with
+#                                          # radiology.offline --batched (volumes and augmentation
+#                                          # on the GPU), each filling the time; STEPS=N instead
+#                                          # runs N steps each (a dry run, also on a CPU)
 #
 # The recipes' epoch counts come from a 3-epoch calibration of all four at once, sized to fill 65%
 # of the time left (the AL simulation shares the GPU and CPUs with them); each also stops after
@@ -106,6 +110,36 @@ long)
     python3 benchmarks/gpu_pick.py "$W" "$OUT"
     cp "$W"/base.pt "$W"/flip.pt "$OUT/"
     tar -C "$W" -czf "$OUT/gpu_long.tgz" --exclude='*.pt' . && ls -la "$OUT"
+    ;;
+batched)
+    end=$(($(date +%s) + ${2:?seconds for the whole run} - 40))
+    setup
+    strong='p_spatial=0.8,rotate=0.5,scale=0.75:1.3,translate=6,p_gamma=0.4,p_noise=0.2'
+    batched() { # name extra-args...
+        local name=$1 plan
+        shift
+        if [ -n "${STEPS:-}" ]; then
+            plan="--steps $STEPS"
+        else
+            plan="--minutes $(python3 -c "print(round(($end - $(date +%s)) / 60, 2))")"
+        fi
+        # shellcheck disable=SC2086 # $plan is two words
+        python3 -m radiology.offline hippocampus --data $D/hippocampus_mr --out "$W/$name.pt" --batched $plan \
+            --batch-size 16 --lr 2e-3 --val-every "${VAL_EVERY:-250}" --threads 1 "$@" >"$W/$name.log" 2>&1
+    }
+    batched b_base --seed 0 --flip-axes '' &
+    batched b_base_s1 --seed 1 --flip-axes '' &
+    batched b_strong --seed 0 --flip-axes '' --augment "$strong" &
+    batched b_flip --seed 0 --flip-axes 0 &
+    batched b_wide --seed 0 --flip-axes '' --channels 24,48,96,192 &
+    batched b_wide_strong --seed 0 --flip-axes '' --channels 24,48,96,192 --augment "$strong" &
+    wait
+    grep -h -o '"seconds_per_step.*' "$W"/b_*.log
+    for r in b_base b_base_s1 b_strong b_flip b_wide b_wide_strong; do
+        [ -f "$W/$r.pt" ] && cp "$W/$r.pt" "$OUT/" || { echo "$r failed:"; tail -5 "$W/$r.log"; }
+    done
+    RECIPES=b_base,b_base_s1,b_strong,b_flip,b_wide,b_wide_strong python3 benchmarks/gpu_pick.py "$W" /tmp
+    tar -C "$W" -czf "$OUT/gpu_batched.tgz" --exclude='*.pt' . && ls -la "$OUT"
     ;;
 *)
     echo "unknown phase $phase" >&2

@@ -19,6 +19,7 @@ from monai.losses import DiceCELoss
 from monai.transforms import Compose
 from monai.utils import set_determinism
 
+from radiology.batch_augment import BatchAugment, pad_to
 from radiology.registry import MODELS
 from radiology.spec import ModelSpec
 from radiology.splits import Case, msd_cases, split_cases
@@ -26,6 +27,8 @@ from radiology.transforms import training_transforms, validation_transforms
 from radiology.weights import save_weights_atomically
 
 logger = logging.getLogger(__name__)
+
+_CALIBRATION_STEPS = 25
 
 
 def dice_per_class(pred: np.ndarray, truth: np.ndarray, class_ids: tuple[int, ...]) -> dict[int, float]:
@@ -140,6 +143,122 @@ def train(
     return history
 
 
+def train_batched(
+    spec: ModelSpec,
+    train_cases: list[Case],
+    val_cases: list[Case],
+    *,
+    out: Path,
+    steps: int | None,
+    minutes: float | None,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    val_every: int,
+    augment: BatchAugment,
+) -> dict:
+    """Train from scratch with whole volumes kept on the device and augmented a batch at a time.
+
+    For models whose every training volume fits in ``spec.roi_size`` (the hippocampus crops): the
+    pre-processed volumes are padded into one tensor on the GPU, and ``augment`` changes a whole
+    batch with a few tensor operations, so the network, not per-sample CPU transforms, sets the
+    pace. Either ``steps`` is given, or ``minutes``: then the first ``_CALIBRATION_STEPS`` steps are
+    timed and the remaining steps sized to fill the time (validation included). The learning rate
+    follows one cycle over all steps. ``val_every`` counts steps; the best validation checkpoint
+    goes to ``out``, as in ``train``.
+    """
+    if (steps is None) == (minutes is None):
+        raise ValueError("give exactly one of steps and minutes")
+    if not train_cases or not val_cases:
+        raise ValueError(
+            f"need at least one training and one validation case, got {len(train_cases)} and {len(val_cases)}"
+        )
+    started = time.monotonic()
+    set_determinism(seed)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    load = Compose(validation_transforms(spec))
+    items = [load(r) for r in _records(train_cases)]
+    images = pad_to([i["image"].as_tensor() for i in items], spec.roi_size).to(device)
+    labels = pad_to([i["label"].as_tensor().round() for i in items], spec.roi_size).to(device)
+    del items
+    val_ds = CacheDataset(_records(val_cases), load, progress=False)
+    generator = torch.Generator(device=device).manual_seed(seed)
+
+    model = spec.network().to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-5)
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")
+
+    def step_once() -> torch.Tensor:
+        index = torch.randint(len(images), (batch_size,), device=device, generator=generator)
+        image, label = augment(images[index], labels[index], generator)
+        # The loss stays on the device: reading it every step would wait for the GPU each time.
+        return amp_step(model, optimizer, scaler, loss_fn, image, label).detach()
+
+    history: dict = {"steps": [], "best": None, "device": str(device), "volumes": len(images)}
+    if steps is None:
+        # Calibrate at a low, constant learning rate (a warm-up), then plan the cycle.
+        for group in optimizer.param_groups:
+            group["lr"] = lr / 25
+        model.train()
+        for _ in range(_CALIBRATION_STEPS // 5):
+            step_once()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        tick = time.monotonic()
+        for _ in range(_CALIBRATION_STEPS):
+            step_once()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        per_step = (time.monotonic() - tick) / _CALIBRATION_STEPS
+        left = 60 * minutes - (time.monotonic() - started)
+        # Validation of the whole validation set costs about as much as 50 steps per volume at most.
+        checks = max(1, 1 + int(left / per_step) // val_every)
+        steps = max(val_every, int((left - checks * len(val_ds) * 2 * per_step) / per_step))
+        history["calibration"] = {"seconds_per_step": round(per_step, 5), "planned_steps": steps}
+        logger.info(json.dumps(history["calibration"]))
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.05)
+
+    best, total, tick = -1.0, torch.zeros((), device=device), time.perf_counter()
+    for step in range(1, steps + 1):
+        model.train()
+        total += step_once()
+        scheduler.step()
+        if step % val_every == 0 or step == steps:
+            done = step % val_every or val_every
+            dice = validate(spec, model, val_ds, device)
+            mean = float(np.mean(list(dice.values())))
+            record = {
+                "step": step,
+                "epoch": round(step * batch_size / len(images), 1),
+                "loss": float(total) / done,
+                "seconds": round(time.perf_counter() - tick, 2),
+                "val_dice": {spec.labels.labels[i].name: round(d, 4) for i, d in enumerate(dice.values())},
+                "val_mean_dice": round(mean, 4),
+            }
+            if mean > best:
+                best = mean
+                save_weights_atomically(model.state_dict(), out)
+                history["best"] = record
+            history["steps"].append(record)
+            logger.info(json.dumps(record))
+            total, tick = torch.zeros((), device=device), time.perf_counter()
+    save_weights_atomically(model.state_dict(), out.with_suffix(".last.pt"))
+    return history
+
+
+def parse_augment(text: str, *, flip_axes: tuple[int, ...]) -> BatchAugment:
+    """``BatchAugment`` with ``flip_axes`` and the ``name=value`` pairs of ``text`` (ranges as ``low:high``)."""
+    fields = {f.name for f in dataclasses.fields(BatchAugment)} - {"flip_axes"}
+    changes: dict = {}
+    for pair in filter(None, (p.strip() for p in text.split(","))):
+        name, sep, value = pair.partition("=")
+        if not sep or name not in fields:
+            raise ValueError(f"--augment: expected name=value with a name among {sorted(fields)}, got {pair!r}")
+        changes[name] = tuple(float(v) for v in value.split(":")) if ":" in value else float(value)
+    return BatchAugment(flip_axes=flip_axes, **changes)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("model", choices=sorted(MODELS), help="registered model name")
@@ -158,6 +277,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--samples-per-image", type=int, help="override the patches drawn per volume and epoch")
     parser.add_argument("--workers", type=int, default=0, help="loader processes for augmentation")
     parser.add_argument("--deadline-minutes", type=float, help="stop after the epoch that passes this many minutes")
+    batched = parser.add_argument_group(
+        "batched training", "whole volumes on the device, augmented a batch at a time (radiology.batch_augment)"
+    )
+    batched.add_argument("--batched", action="store_true", help="use it (every volume must fit in the patch)")
+    batched.add_argument("--steps", type=int, help="optimiser steps (instead of --epochs)")
+    batched.add_argument("--minutes", type=float, help="or: as many steps as fit in this time, measured")
+    batched.add_argument(
+        "--augment",
+        default="",
+        help="override BatchAugment settings, e.g. 'p_spatial=0.7,rotate=0.5,scale=0.8:1.25'",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
@@ -172,19 +302,36 @@ def main(argv: list[str] | None = None) -> None:
     deadline = time.monotonic() + 60 * args.deadline_minutes if args.deadline_minutes else None
     split = split_cases(msd_cases(args.data))
     logger.info("split: %s", {k: len(v) for k, v in split.items()})
-    history = train(
-        spec,
-        split["train"],
-        split["val"],
-        out=args.out,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        seed=args.seed,
-        val_every=args.val_every,
-        workers=args.workers,
-        deadline=deadline,
-    )
+    if args.batched:
+        augment = parse_augment(args.augment, flip_axes=spec.flip_axes)
+        history = train_batched(
+            spec,
+            split["train"],
+            split["val"],
+            out=args.out,
+            steps=args.steps,
+            minutes=args.minutes,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            seed=args.seed,
+            val_every=args.val_every,
+            augment=augment,
+        )
+        history["augment"] = dataclasses.asdict(augment)
+    else:
+        history = train(
+            spec,
+            split["train"],
+            split["val"],
+            out=args.out,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            seed=args.seed,
+            val_every=args.val_every,
+            workers=args.workers,
+            deadline=deadline,
+        )
     history["spec"] = {
         "channels": spec.channels,
         "flip_axes": spec.flip_axes,
