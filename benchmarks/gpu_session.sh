@@ -141,6 +141,20 @@ batched)
     RECIPES=b_base,b_base_s1,b_strong,b_flip,b_wide,b_wide_strong python3 benchmarks/gpu_pick.py "$W" /tmp
     tar -C "$W" -czf "$OUT/gpu_batched.tgz" --exclude='*.pt' . && ls -la "$OUT"
     ;;
+final)
+    # The recipe chosen by validation in the batched phase (b_strong), alone on the GPU, trained on
+    # the training and validation cases together; its last weights are the candidate.
+    end=$(($(date +%s) + ${2:?seconds for the whole run} - 25))
+    setup
+    plan="--minutes $(python3 -c "print(round(($end - $(date +%s)) / 60, 2))")"
+    [ -n "${STEPS:-}" ] && plan="--steps $STEPS"
+    # shellcheck disable=SC2086 # $plan is two words
+    python3 -m radiology.offline hippocampus --data $D/hippocampus_mr --out "$W/final.pt" --batched --include-val $plan \
+        --batch-size 16 --lr 2e-3 --val-every 500 --threads 2 --seed 0 --flip-axes '' \
+        --augment 'p_spatial=0.8,rotate=0.5,scale=0.75:1.3,translate=6,p_gamma=0.4,p_noise=0.2' >"$W/final.log" 2>&1
+    tail -3 "$W/final.log"
+    cp "$W/final.last.pt" "$W/final.history.json" "$W/final.log" "$OUT/"
+    ;;
 *)
     echo "unknown phase $phase" >&2
     exit 2

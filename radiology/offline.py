@@ -288,6 +288,12 @@ def main(argv: list[str] | None = None) -> None:
         default="",
         help="override BatchAugment settings, e.g. 'p_spatial=0.7,rotate=0.5,scale=0.8:1.25'",
     )
+    parser.add_argument(
+        "--include-val",
+        action="store_true",
+        help="train on the validation cases too (a final model): validation Dice is then not held out, "
+        "so use the last weights (<out>.last.pt with --batched), not the best-by-validation ones",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
@@ -301,6 +307,8 @@ def main(argv: list[str] | None = None) -> None:
         spec = dataclasses.replace(spec, samples_per_image=args.samples_per_image)
     deadline = time.monotonic() + 60 * args.deadline_minutes if args.deadline_minutes else None
     split = split_cases(msd_cases(args.data))
+    if args.include_val:
+        split["train"] = split["train"] + split["val"]
     logger.info("split: %s", {k: len(v) for k, v in split.items()})
     if args.batched:
         augment = parse_augment(args.augment, flip_axes=spec.flip_axes)

@@ -277,6 +277,26 @@ def test_the_command_line_writes_weights_and_a_history(tmp_path: Path) -> None:
         + ["--batch-size", "2", "--threads", "2", "--augment", "p_spatial=1,scale=0.9:1.1", "--flip-axes", "0"]
     )
     history = json.loads(out.with_suffix(".history.json").read_text())
+    assert history["volumes"] == 9 and len(history["split"]["train"]) == 9
     assert history["augment"]["p_spatial"] == 1.0 and history["augment"]["scale"] == [0.9, 1.1]
     assert history["augment"]["flip_axes"] == [0]
     assert out.exists()
+
+
+def test_include_val_trains_on_the_validation_cases_too(tmp_path: Path) -> None:
+    data = tmp_path / "msd"
+    (data / "imagesTr").mkdir(parents=True)
+    (data / "labelsTr").mkdir()
+    for case in _phantom_cases(tmp_path, 12):
+        case.image.rename(data / "imagesTr" / f"hippocampus_{case.id}.nii.gz")
+        case.label.rename(data / "labelsTr" / f"hippocampus_{case.id}.nii.gz")
+    out = tmp_path / "final.pt"
+    offline_main(
+        ["hippocampus", "--data", str(data), "--out", str(out), "--batched", "--steps", "1", "--val-every", "1"]
+        + ["--batch-size", "2", "--threads", "2", "--include-val"]
+    )
+    history = json.loads(out.with_suffix(".history.json").read_text())
+    assert history["volumes"] == 10
+    assert set(history["split"]["val"]) <= set(history["split"]["train"])
+    assert not set(history["split"]["test"]) & set(history["split"]["train"])
+    assert out.with_suffix(".last.pt").exists()
