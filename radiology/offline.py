@@ -212,7 +212,8 @@ def train_batched(
             torch.cuda.synchronize()
         per_step = (time.monotonic() - tick) / _CALIBRATION_STEPS
         left = 60 * minutes - (time.monotonic() - started)
-        # Validation of the whole validation set costs about as much as 50 steps per volume at most.
+        # Leave room for the validations: one volume's forward pass costs well under one training
+        # step of a batch (forward and backward), so two steps per validation volume is ample.
         checks = max(1, 1 + int(left / per_step) // val_every)
         steps = max(val_every, int((left - checks * len(val_ds) * 2 * per_step) / per_step))
         history["calibration"] = {"seconds_per_step": round(per_step, 5), "planned_steps": steps}
@@ -255,7 +256,10 @@ def parse_augment(text: str, *, flip_axes: tuple[int, ...]) -> BatchAugment:
         name, sep, value = pair.partition("=")
         if not sep or name not in fields:
             raise ValueError(f"--augment: expected name=value with a name among {sorted(fields)}, got {pair!r}")
-        changes[name] = tuple(float(v) for v in value.split(":")) if ":" in value else float(value)
+        try:
+            changes[name] = tuple(float(v) for v in value.split(":")) if ":" in value else float(value)
+        except ValueError:
+            raise ValueError(f"--augment: {pair!r}: the value must be a number or a range low:high") from None
     return BatchAugment(flip_axes=flip_axes, **changes)
 
 
@@ -295,6 +299,16 @@ def main(argv: list[str] | None = None) -> None:
         "so use the last weights (<out>.last.pt with --batched), not the best-by-validation ones",
     )
     args = parser.parse_args(argv)
+    if args.batched and (args.steps is None) == (args.minutes is None):
+        parser.error("--batched needs exactly one of --steps and --minutes")
+    if not args.batched and (args.steps is not None or args.minutes is not None or args.augment):
+        parser.error("--steps, --minutes and --augment apply to --batched training only")
+    if args.include_val and not args.batched:
+        parser.error("--include-val needs --batched: only it writes the last weights, which a final model keeps")
+    try:
+        augment = parse_augment(args.augment, flip_axes=()) if args.batched else None
+    except ValueError as error:
+        parser.error(str(error))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
 
@@ -310,8 +324,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.include_val:
         split["train"] = split["train"] + split["val"]
     logger.info("split: %s", {k: len(v) for k, v in split.items()})
-    if args.batched:
-        augment = parse_augment(args.augment, flip_axes=spec.flip_axes)
+    if augment is not None:
+        augment = dataclasses.replace(augment, flip_axes=spec.flip_axes)
         history = train_batched(
             spec,
             split["train"],

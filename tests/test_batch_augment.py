@@ -155,10 +155,40 @@ def test_parse_augment(text: str, expected: BatchAugment) -> None:
     assert parse_augment(text, flip_axes=(0,)) == expected
 
 
-@pytest.mark.parametrize("text", ["flip_axes=1", "spin=3", "p_spatial"])
-def test_parse_augment_refuses_unknown_settings(text: str) -> None:
-    with pytest.raises(ValueError, match="expected name=value"):
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ("flip_axes=1", "expected name=value"),
+        ("spin=3", "expected name=value"),
+        ("p_spatial", "expected name=value"),
+        ("rotate=a lot", "must be a number or a range"),
+        ("scale=0.8:", "must be a number or a range"),
+        ("p_noise=2", "p_noise must be a probability"),
+    ],
+)
+def test_parse_augment_refuses_what_it_cannot_use(text: str, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
         parse_augment(text, flip_axes=())
+
+
+@pytest.mark.parametrize(
+    ("args", "match"),
+    [
+        (["--batched"], "exactly one of --steps and --minutes"),
+        (["--batched", "--steps", "2", "--minutes", "1"], "exactly one of --steps and --minutes"),
+        (["--steps", "2"], "apply to --batched training only"),
+        (["--augment", "rotate=0.1"], "apply to --batched training only"),
+        (["--include-val"], "--include-val needs --batched"),
+        (["--batched", "--steps", "2", "--augment", "spin=3"], "expected name=value"),
+    ],
+)
+def test_the_command_line_refuses_inconsistent_options(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], match: str
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        offline_main(["hippocampus", "--data", str(tmp_path), "--out", str(tmp_path / "w.pt"), *args])
+    assert exit_info.value.code == 2
+    assert match in capsys.readouterr().err
 
 
 def _phantom_cases(folder: Path, n: int, shape: tuple[int, int, int] = (36, 50, 36)) -> list[Case]:
