@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 import torch
 
+from radiology.splits import Case
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("SHARED_DATA", ROOT.parent / "shared" / "data"))
 HIPPO = SHARED / "hippocampus_mr"
@@ -31,6 +33,21 @@ def write_nifti(path: Path, data: np.ndarray, affine: np.ndarray | None = None) 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
     denom = int(a.sum()) + int(b.sum())
     return 1.0 if denom == 0 else 2.0 * float(np.logical_and(a, b).sum()) / denom
+
+
+def phantom_cases(folder: Path, n: int, shape: tuple[int, int, int] = (36, 50, 36)) -> list[Case]:
+    """Tiny synthetic MR-like volumes with a two-part structure (mechanics only, not accuracy)."""
+    rng = np.random.default_rng(0)
+    cases = []
+    for i in range(n):
+        label = np.zeros(shape, np.uint8)
+        label[12:24, 10:25, 12:24] = 1
+        label[12:24, 25:40, 12:24] = 2
+        image = (label * 100.0 + rng.normal(0, 10, label.shape)).astype(np.float32)
+        img = write_nifti(folder / f"img_{i}.nii.gz", image)
+        lab = write_nifti(folder / f"lab_{i}.nii.gz", label)
+        cases.append(Case(id=f"c{i}", image=img, label=lab))
+    return cases
 
 
 @pytest.fixture

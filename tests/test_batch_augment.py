@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import nibabel as nib
-import numpy as np
 import pytest
 import torch
 
@@ -15,6 +13,7 @@ from radiology.offline import main as offline_main
 from radiology.offline import parse_augment, train_batched
 from radiology.registry import MODELS
 from radiology.splits import Case
+from tests.conftest import dice, phantom_cases
 
 NO_INTENSITY = {"p_gamma": 0.0, "p_gain": 0.0, "p_shift": 0.0, "p_noise": 0.0}
 SHAPE = (20, 28, 16)  # not cubic: a rotation built in normalised coordinates would shear it
@@ -27,8 +26,8 @@ def _sphere(radius: float, centre: tuple[float, float, float] | None = None) -> 
     return (distance <= radius).to(torch.int64)[None]
 
 
-def _dice(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float(2 * (a.bool() & b.bool()).sum() / (a.bool().sum() + b.bool().sum()))
+def _mask_dice(a: torch.Tensor, b: torch.Tensor) -> float:
+    return dice(a.bool().numpy(), b.bool().numpy())
 
 
 def _batch(n: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,7 +53,7 @@ def test_image_and_label_move_together_and_labels_keep_their_ids() -> None:
     for i in range(len(image)):
         for c in (1, 2):
             # Each image channel was a class mask: resampled bilinearly it must still lie on the label.
-            assert _dice(out_image[i, c - 1] > 0.5, out_label[i, 0] == c) > 0.9
+            assert _mask_dice(out_image[i, c - 1] > 0.5, out_label[i, 0] == c) > 0.9
 
 
 def test_rotation_is_in_voxels_so_a_centred_sphere_stays_a_sphere() -> None:
@@ -64,7 +63,7 @@ def test_rotation_is_in_voxels_so_a_centred_sphere_stays_a_sphere() -> None:
     for i in range(len(out)):
         # Nearest-neighbour resampling of a voxelised sphere costs a few percent; a rotation built in
         # normalised coordinates shears this volume into an ellipsoid (Dice 0.79 with these draws).
-        assert _dice(out[i], sphere[i]) > 0.9
+        assert _mask_dice(out[i], sphere[i]) > 0.9
 
 
 @pytest.mark.parametrize(("zoom", "smaller"), [((1.3, 1.3), True), ((0.75, 0.75), False)])
@@ -191,58 +190,45 @@ def test_the_command_line_refuses_inconsistent_options(
     assert match in capsys.readouterr().err
 
 
-def _phantom_cases(folder: Path, n: int, shape: tuple[int, int, int] = (36, 50, 36)) -> list[Case]:
-    """Tiny synthetic MR-like volumes with a two-part structure (mechanics only, not accuracy)."""
-    rng = np.random.default_rng(0)
-    cases = []
-    for i in range(n):
-        label = np.zeros(shape, np.uint8)
-        label[12:24, 10:25, 12:24] = 1
-        label[12:24, 25:40, 12:24] = 2
-        image = (label * 100.0 + rng.normal(0, 10, label.shape)).astype(np.float32)
-        img, lab = folder / f"img_{i}.nii.gz", folder / f"lab_{i}.nii.gz"
-        nib.save(nib.Nifti1Image(image, np.eye(4)), img)
-        nib.save(nib.Nifti1Image(label, np.eye(4)), lab)
-        cases.append(Case(id=f"c{i}", image=img, label=lab))
-    return cases
+def _train(tmp_path: Path, train_cases: list[Case], val_cases: list[Case], **settings: object) -> dict:
+    """``train_batched`` on the hippocampus spec with tiny settings; ``settings`` override them."""
+    arguments: dict = {
+        "out": tmp_path / "w.pt",
+        "steps": 2,
+        "minutes": None,
+        "batch_size": 2,
+        "lr": 1e-3,
+        "seed": 0,
+        "val_every": 1,
+        "augment": BatchAugment(),
+    }
+    return train_batched(MODELS["hippocampus"], train_cases, val_cases, **{**arguments, **settings})
+
+
+def _msd_folder(tmp_path: Path, n: int) -> Path:
+    """``n`` phantom cases in the MSD layout (no dataset.json), as ``radiology.offline`` reads them."""
+    data = tmp_path / "msd"
+    (data / "imagesTr").mkdir(parents=True)
+    (data / "labelsTr").mkdir()
+    for case in phantom_cases(tmp_path, n):
+        case.image.rename(data / "imagesTr" / f"hippocampus_{case.id}.nii.gz")
+        case.label.rename(data / "labelsTr" / f"hippocampus_{case.id}.nii.gz")
+    return data
 
 
 def test_batched_training_keeps_the_best_and_the_last_weights(tmp_path: Path) -> None:
-    cases = _phantom_cases(tmp_path, 3)
+    cases = phantom_cases(tmp_path, 3)
     out = tmp_path / "w.pt"
-    history = train_batched(
-        MODELS["hippocampus"],
-        cases[:2],
-        cases[2:],
-        out=out,
-        steps=4,
-        minutes=None,
-        batch_size=2,
-        lr=1e-3,
-        seed=0,
-        val_every=2,
-        augment=BatchAugment(),
-    )
+    history = _train(tmp_path, cases[:2], cases[2:], out=out, steps=4, val_every=2)
     assert [r["step"] for r in history["steps"]] == [2, 4]
     assert history["volumes"] == 2 and history["best"]["step"] in (2, 4)
     assert out.exists() and out.with_suffix(".last.pt").exists()
 
 
 def test_batched_training_sizes_its_steps_to_the_time_given(tmp_path: Path) -> None:
-    cases = _phantom_cases(tmp_path, 3)
-    history = train_batched(
-        MODELS["hippocampus"],
-        cases[:2],
-        cases[2:],
-        out=tmp_path / "w.pt",
-        steps=None,
-        minutes=0.01,  # already spent on loading and calibration: the smallest plan, one validation
-        batch_size=2,
-        lr=1e-3,
-        seed=0,
-        val_every=3,
-        augment=BatchAugment(),
-    )
+    cases = phantom_cases(tmp_path, 3)
+    # 0.01 minutes are already spent on loading and calibration: the smallest plan, one validation.
+    history = _train(tmp_path, cases[:2], cases[2:], steps=None, minutes=0.01, val_every=3)
     assert history["calibration"]["planned_steps"] == 3
     assert [r["step"] for r in history["steps"]] == [3]
 
@@ -259,48 +245,19 @@ def test_batched_training_sizes_its_steps_to_the_time_given(tmp_path: Path) -> N
 def test_batched_training_refuses_what_it_cannot_do(
     tmp_path: Path, steps: int | None, minutes: float | None, volumes: tuple[int, int], match: str
 ) -> None:
-    cases = _phantom_cases(tmp_path, 2)
+    cases = phantom_cases(tmp_path, 2)
     with pytest.raises(ValueError, match=match):
-        train_batched(
-            MODELS["hippocampus"],
-            cases[: volumes[0]],
-            cases[1 : 1 + volumes[1]],
-            out=tmp_path / "w.pt",
-            steps=steps,
-            minutes=minutes,
-            batch_size=2,
-            lr=1e-3,
-            seed=0,
-            val_every=1,
-            augment=BatchAugment(),
-        )
+        _train(tmp_path, cases[: volumes[0]], cases[1 : 1 + volumes[1]], steps=steps, minutes=minutes)
 
 
 def test_volumes_larger_than_the_patch_are_refused(tmp_path: Path) -> None:
-    cases = _phantom_cases(tmp_path, 2, shape=(36, 70, 36))  # 70 > the hippocampus patch's 64
+    cases = phantom_cases(tmp_path, 2, shape=(36, 70, 36))  # 70 > the hippocampus patch's 64
     with pytest.raises(ValueError, match="larger than the patch"):
-        train_batched(
-            MODELS["hippocampus"],
-            cases[:1],
-            cases[1:],
-            out=tmp_path / "w.pt",
-            steps=2,
-            minutes=None,
-            batch_size=2,
-            lr=1e-3,
-            seed=0,
-            val_every=1,
-            augment=BatchAugment(),
-        )
+        _train(tmp_path, cases[:1], cases[1:])
 
 
 def test_the_command_line_writes_weights_and_a_history(tmp_path: Path) -> None:
-    data = tmp_path / "msd"
-    (data / "imagesTr").mkdir(parents=True)
-    (data / "labelsTr").mkdir()
-    for case in _phantom_cases(tmp_path, 12):  # the fixed split: 2 test, 1 validation, 9 training
-        case.image.rename(data / "imagesTr" / f"hippocampus_{case.id}.nii.gz")
-        case.label.rename(data / "labelsTr" / f"hippocampus_{case.id}.nii.gz")
+    data = _msd_folder(tmp_path, 12)  # the fixed split: 2 test, 1 validation, 9 training
     out = tmp_path / "cli.pt"
     offline_main(
         ["hippocampus", "--data", str(data), "--out", str(out), "--batched", "--steps", "2", "--val-every", "2"]
@@ -314,12 +271,7 @@ def test_the_command_line_writes_weights_and_a_history(tmp_path: Path) -> None:
 
 
 def test_include_val_trains_on_the_validation_cases_too(tmp_path: Path) -> None:
-    data = tmp_path / "msd"
-    (data / "imagesTr").mkdir(parents=True)
-    (data / "labelsTr").mkdir()
-    for case in _phantom_cases(tmp_path, 12):
-        case.image.rename(data / "imagesTr" / f"hippocampus_{case.id}.nii.gz")
-        case.label.rename(data / "labelsTr" / f"hippocampus_{case.id}.nii.gz")
+    data = _msd_folder(tmp_path, 12)
     out = tmp_path / "final.pt"
     offline_main(
         ["hippocampus", "--data", str(data), "--out", str(out), "--batched", "--steps", "1", "--val-every", "1"]

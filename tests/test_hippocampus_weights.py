@@ -8,15 +8,13 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-import pytest
 
 from radiology.hippocampus import HIPPOCAMPUS
 from radiology.infer import SegmentationInfer
 from radiology.offline import dice_per_class
 from radiology.splits import msd_cases, split_cases
+from tests.conftest import HIPPO, ROOT, requires_shared
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data" / "hippocampus_mr"
 CARD = ROOT / "radiology" / "cards" / "hippocampus.md"
 
 # The first five test-split cases; measured with the shipped weights (model card): mean of the two
@@ -34,9 +32,9 @@ def test_shipped_weights_are_small_and_match_the_model_card() -> None:
     assert hashlib.sha256(path.read_bytes()).hexdigest() == card.group(1), "weights changed: update the model card"
 
 
-@pytest.mark.skipif(not DATA.exists(), reason=f"real hippocampus MR {DATA} is absent")
+@requires_shared
 def test_shipped_weights_on_held_out_cases(tmp_path: Path) -> None:
-    cases = split_cases(msd_cases(DATA))["test"][:FIRST_TEST_CASES]
+    cases = split_cases(msd_cases(HIPPO))["test"][:FIRST_TEST_CASES]
     task = SegmentationInfer(HIPPOCAMPUS, [str(HIPPOCAMPUS.shipped_weights_path)])
     means = []
     for case in cases:

@@ -9,17 +9,13 @@ import sys
 import time
 from pathlib import Path
 
-import nibabel as nib
-import numpy as np
 import pytest
 from monai.transforms import RandFlipd
 
 from radiology.offline import train
 from radiology.registry import MODELS
-from radiology.splits import Case
 from radiology.transforms import augment
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.conftest import ROOT, phantom_cases
 
 
 @pytest.mark.parametrize(
@@ -53,25 +49,8 @@ def test_registered_models_never_mirror_a_side_dependent_axis(model: str, forbid
     assert forbidden not in MODELS[model].flip_axes, why
 
 
-def _phantom_cases(folder: Path, n: int) -> list[Case]:
-    """Tiny synthetic MR-like volumes with a two-part structure (mechanics only, not accuracy)."""
-    rng = np.random.default_rng(0)
-    cases = []
-    for i in range(n):
-        label = np.zeros((36, 50, 36), np.uint8)
-        label[12:24, 10:25, 12:24] = 1
-        label[12:24, 25:40, 12:24] = 2
-        image = (label * 100.0 + rng.normal(0, 10, label.shape)).astype(np.float32)
-        affine = np.diag([1.0, 1.0, 1.0, 1.0])
-        img, lab = folder / f"img_{i}.nii.gz", folder / f"lab_{i}.nii.gz"
-        nib.save(nib.Nifti1Image(image, affine), img)
-        nib.save(nib.Nifti1Image(label, affine), lab)
-        cases.append(Case(id=f"c{i}", image=img, label=lab))
-    return cases
-
-
 def test_deadline_stops_after_the_epoch_with_a_validation_and_weights(tmp_path: Path) -> None:
-    cases = _phantom_cases(tmp_path, 3)
+    cases = phantom_cases(tmp_path, 3)
     out = tmp_path / "w.pt"
     history = train(
         MODELS["hippocampus"],
