@@ -305,10 +305,6 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--steps, --minutes and --augment apply to --batched training only")
     if args.include_val and not args.batched:
         parser.error("--include-val needs --batched: only it writes the last weights, which a final model keeps")
-    try:
-        augment = parse_augment(args.augment, flip_axes=()) if args.batched else None
-    except ValueError as error:
-        parser.error(str(error))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
 
@@ -319,25 +315,27 @@ def main(argv: list[str] | None = None) -> None:
         spec = dataclasses.replace(spec, flip_axes=tuple(int(a) for a in args.flip_axes.split(",") if a.strip()))
     if args.samples_per_image is not None:
         spec = dataclasses.replace(spec, samples_per_image=args.samples_per_image)
+    augment = None
+    if args.batched:
+        try:
+            augment = parse_augment(args.augment, flip_axes=spec.flip_axes)
+        except ValueError as error:
+            parser.error(str(error))
     deadline = time.monotonic() + 60 * args.deadline_minutes if args.deadline_minutes else None
     split = split_cases(msd_cases(args.data))
     if args.include_val:
         split["train"] = split["train"] + split["val"]
     logger.info("split: %s", {k: len(v) for k, v in split.items()})
+    common = {
+        "out": args.out,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "seed": args.seed,
+        "val_every": args.val_every,
+    }
     if augment is not None:
-        augment = dataclasses.replace(augment, flip_axes=spec.flip_axes)
         history = train_batched(
-            spec,
-            split["train"],
-            split["val"],
-            out=args.out,
-            steps=args.steps,
-            minutes=args.minutes,
-            batch_size=args.batch_size,
-            lr=args.lr,
-            seed=args.seed,
-            val_every=args.val_every,
-            augment=augment,
+            spec, split["train"], split["val"], steps=args.steps, minutes=args.minutes, augment=augment, **common
         )
         history["augment"] = dataclasses.asdict(augment)
     else:
@@ -345,14 +343,10 @@ def main(argv: list[str] | None = None) -> None:
             spec,
             split["train"],
             split["val"],
-            out=args.out,
             epochs=args.epochs,
-            batch_size=args.batch_size,
-            lr=args.lr,
-            seed=args.seed,
-            val_every=args.val_every,
             workers=args.workers,
             deadline=deadline,
+            **common,
         )
     history["spec"] = {
         "channels": spec.channels,
