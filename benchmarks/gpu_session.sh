@@ -26,6 +26,8 @@ phase=${1:?pack or run}
 OUT=${OUT:-/tmp/gpu_out}
 D=${GPU_DATA:-.gpudata}
 W=/tmp/gpu_work
+# The "stronger" batched augmentation of the batched phase, which the final phase retrains.
+STRONG='p_spatial=0.8,rotate=0.5,scale=0.75:1.3,translate=6,p_gamma=0.4,p_noise=0.2'
 mkdir -p "$OUT" "$W"
 
 setup() {
@@ -114,7 +116,6 @@ long)
 batched)
     end=$(($(date +%s) + ${2:?seconds for the whole run} - 40))
     setup
-    strong='p_spatial=0.8,rotate=0.5,scale=0.75:1.3,translate=6,p_gamma=0.4,p_noise=0.2'
     batched() { # name extra-args...
         local name=$1 plan
         shift
@@ -129,16 +130,17 @@ batched)
     }
     batched b_base --seed 0 --flip-axes '' &
     batched b_base_s1 --seed 1 --flip-axes '' &
-    batched b_strong --seed 0 --flip-axes '' --augment "$strong" &
+    batched b_strong --seed 0 --flip-axes '' --augment "$STRONG" &
     batched b_flip --seed 0 --flip-axes 0 &
     batched b_wide --seed 0 --flip-axes '' --channels 24,48,96,192 &
-    batched b_wide_strong --seed 0 --flip-axes '' --channels 24,48,96,192 --augment "$strong" &
+    batched b_wide_strong --seed 0 --flip-axes '' --channels 24,48,96,192 --augment "$STRONG" &
     wait
     grep -h -o '"seconds_per_step.*' "$W"/b_*.log
-    for r in b_base b_base_s1 b_strong b_flip b_wide b_wide_strong; do
+    recipes="b_base b_base_s1 b_strong b_flip b_wide b_wide_strong"
+    for r in $recipes; do
         [ -f "$W/$r.pt" ] && cp "$W/$r.pt" "$OUT/" || { echo "$r failed:"; tail -5 "$W/$r.log"; }
     done
-    RECIPES=b_base,b_base_s1,b_strong,b_flip,b_wide,b_wide_strong python3 benchmarks/gpu_pick.py "$W" /tmp
+    RECIPES=${recipes// /,} python3 benchmarks/gpu_pick.py "$W" /tmp
     tar -C "$W" -czf "$OUT/gpu_batched.tgz" --exclude='*.pt' . && ls -la "$OUT"
     ;;
 final)
@@ -151,7 +153,7 @@ final)
     # shellcheck disable=SC2086 # $plan is two words
     python3 -m radiology.offline hippocampus --data $D/hippocampus_mr --out "$W/final.pt" --batched --include-val $plan \
         --batch-size 16 --lr 2e-3 --val-every 500 --threads 2 --seed 0 --flip-axes '' \
-        --augment 'p_spatial=0.8,rotate=0.5,scale=0.75:1.3,translate=6,p_gamma=0.4,p_noise=0.2' >"$W/final.log" 2>&1
+        --augment "$STRONG" >"$W/final.log" 2>&1
     tail -3 "$W/final.log"
     cp "$W/final.last.pt" "$W/final.history.json" "$W/final.log" "$OUT/"
     ;;
