@@ -58,6 +58,9 @@ class AppSettings:
         score_after_train: rescore the unlabelled images as soon as a training run finishes.
         score_on_start: rescore stale images when the server starts.
         sw_batch_size: sliding windows evaluated per forward pass at inference.
+        cpu_bf16: run infer and scoring networks in bfloat16 on CPUs that compute it natively (AMX
+            or AVX512-BF16; ``appcore.precision``); ``false`` keeps float32 everywhere. No effect on
+            older CPUs or on CUDA, which always uses mixed precision.
     """
 
     models: tuple[str, ...]
@@ -72,6 +75,7 @@ class AppSettings:
     score_after_train: bool = True
     score_on_start: bool = True
     sw_batch_size: int = 1
+    cpu_bf16: bool = True
 
     @classmethod
     def from_conf(cls, conf: Mapping[str, str], available: Iterable[str]) -> AppSettings:
@@ -120,6 +124,6 @@ class AppSettings:
                 if split >= 0.9:
                     raise ValueError(f"--conf val_split: must be below 0.9, got {split}")
                 kwargs[key] = split
-            elif key in ("score_after_train", "score_on_start"):
+            elif key in ("score_after_train", "score_on_start", "cpu_bf16"):
                 kwargs[key] = _parse_bool(key, value)
         return cls(**kwargs)  # type: ignore[arg-type]

@@ -114,7 +114,12 @@ class RadiologyApp(MONAILabelApp):
     # -- tasks -----------------------------------------------------------------------------------
     def init_infers(self) -> dict[str, Any]:
         return {
-            name: SegmentationInfer(spec, self.weight_paths(name), sw_batch_size=self.settings.sw_batch_size)
+            name: SegmentationInfer(
+                spec,
+                self.weight_paths(name),
+                sw_batch_size=self.settings.sw_batch_size,
+                cpu_bf16=self.settings.cpu_bf16,
+            )
             for name, spec in self.specs.items()
         }
 
@@ -162,7 +167,9 @@ class RadiologyApp(MONAILabelApp):
                 f"Uncertainty under '{name}': MC dropout entropy and BALD ({s.mc_samples} passes), test-time "
                 f"augmentation disagreement and feature embedding ({s.tta_samples} augmentations); "
                 "rescores only stale images",
-                scorer=lambda: MCDropoutScorer(spec, paths, samples=s.mc_samples, tta_samples=s.tta_samples),
+                scorer=lambda: MCDropoutScorer(
+                    spec, paths, samples=s.mc_samples, tta_samples=s.tta_samples, cpu_bf16=s.cpu_bf16
+                ),
                 store=self.score_store(),
                 key="entropy",
             )

@@ -22,11 +22,13 @@ from radiology.registry import MODELS
 from radiology.splits import Case, msd_cases, split_cases
 
 
-def evaluate(model: str, weights: Path, cases: list[Case], channels: tuple[int, ...] | None = None) -> dict:
+def evaluate(
+    model: str, weights: Path, cases: list[Case], channels: tuple[int, ...] | None = None, *, cpu_bf16: bool = True
+) -> dict:
     spec = MODELS[model]
     if channels:
         spec = dataclasses.replace(spec, channels=channels)
-    task = SegmentationInfer(spec, [str(weights)])
+    task = SegmentationInfer(spec, [str(weights)], cpu_bf16=cpu_bf16)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     per_case = {}
     for case in cases:
@@ -60,6 +62,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--json", type=Path, help="also write the full result here")
     parser.add_argument("--channels", help="UNet channels of the weights, if not the model's (experiments)")
+    parser.add_argument(
+        "--float32",
+        action="store_true",
+        help="on the CPU, keep float32 even where bfloat16 is native (as --conf cpu_bf16 false)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("monailabel").setLevel(logging.WARNING)
@@ -67,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.split != "all":
         cases = split_cases(cases)[args.split]
     channels = tuple(int(c) for c in args.channels.split(",")) if args.channels else None
-    result = evaluate(args.model, args.weights, cases, channels)
+    result = evaluate(args.model, args.weights, cases, channels, cpu_bf16=not args.float32)
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
     summary = {k: v for k, v in result.items() if k != "per_case"}

@@ -16,6 +16,7 @@ from monailabel.interfaces.tasks.infer_v2 import InferType
 from monailabel.tasks.infer.basic_infer import BasicInferTask
 
 from appcore.errors import unprocessable
+from appcore.precision import autocast
 from radiology.spec import ModelSpec
 from radiology.transforms import preprocess
 from radiology.windows import OVERLAP, infer_window
@@ -47,9 +48,11 @@ class SegmentationInfer(BasicInferTask):
         paths: candidate weight files, oldest first; the last one that exists is served, so a
             freshly published training result wins over the shipped weights.
         sw_batch_size: sliding windows per forward pass.
+        cpu_bf16: on the CPU, run the network in bfloat16 where the CPU computes it natively
+            (``appcore.precision``); CUDA always runs with mixed precision.
     """
 
-    def __init__(self, spec: ModelSpec, paths: list[str], *, sw_batch_size: int = 2) -> None:
+    def __init__(self, spec: ModelSpec, paths: list[str], *, sw_batch_size: int = 2, cpu_bf16: bool = True) -> None:
         super().__init__(
             path=paths,
             network=spec.network(),
@@ -61,6 +64,7 @@ class SegmentationInfer(BasicInferTask):
         )
         self.spec = spec
         self._sw_batch_size = sw_batch_size
+        self._cpu_bf16 = cpu_bf16
         self._pre = preprocess(spec, with_label=False)
         self._invert = Invertd(keys="pred", transform=Compose(self._pre), orig_keys="image", nearest_interp=True)
 
@@ -100,8 +104,7 @@ class SegmentationInfer(BasicInferTask):
             data["untrained"] = True
             return data
         network = self._get_network(device, data)
-        use_amp = device.startswith("cuda")
-        with torch.inference_mode(), torch.autocast("cuda", enabled=use_amp):
+        with torch.inference_mode(), autocast(device, cpu_bf16=self._cpu_bf16):
             logits = self.inferer(data)(image[None].to(device), network)
         data[self.output_label_key] = logits[0].float().cpu()
         return data

@@ -9,16 +9,19 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from monai.inferers import sliding_window_inference
 from monai.networks.layers import SkipConnection
 from monai.transforms import Compose
 
+from appcore.precision import autocast
 from radiology.spec import ModelSpec
 from radiology.transforms import preprocess
 from radiology.weights import load_state_dict
@@ -48,6 +51,44 @@ def dropout_off(network: torch.nn.Module):
     finally:
         for m, mode in zip(layers, modes, strict=True):
             m.train(mode)
+
+
+_MASK_LEVELS = 1 << 16  # dropout probabilities are rounded to multiples of 1/65536
+
+
+def _numpy_dropout(
+    module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor, rng: np.random.Generator
+) -> torch.Tensor:
+    """Forward hook on an eval-mode dropout layer: apply a mask drawn from ``rng`` (inverted dropout)."""
+    x = inputs[0]
+    # Element-wise for Dropout; one draw per sample and channel for Dropout2d/3d.
+    shape = x.shape if type(module) is torch.nn.Dropout else (*x.shape[:2], *([1] * (x.dim() - 2)))
+    drop_below = round(module.p * _MASK_LEVELS)
+    drop = torch.from_numpy(rng.integers(0, _MASK_LEVELS, size=shape, dtype=np.uint16) < drop_below)
+    return x.masked_fill(drop.to(x.device), 0).mul_(1.0 / (1.0 - module.p))
+
+
+@contextmanager
+def numpy_dropout(network: torch.nn.Module, rng: np.random.Generator):
+    """Dropout layers in training mode draw their masks from ``rng`` (NumPy's PCG64) instead of torch.
+
+    On the CPU torch's ``bernoulli_`` runs on one thread at about 16 ns per element, and the masks
+    were 40% of a hippocampus volume's scoring time; NumPy's bounded integers are about ten times
+    faster. Each layer is switched to eval mode (where its own forward is the identity) and a forward
+    hook applies the mask; both are undone on exit. Layers with ``p`` 0 or in eval mode are untouched.
+    """
+    layers = [m for m in network.modules() if isinstance(m, _DROPOUT) and m.training and 0 < m.p < 1]
+    hooks = []
+    try:
+        for m in layers:
+            m.eval()
+            hooks.append(m.register_forward_hook(partial(_numpy_dropout, rng=rng)))
+        yield
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for m in layers:
+            m.train()
 
 
 @dataclass(frozen=True)
@@ -101,15 +142,19 @@ def _mutual_information(p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return mean, expected_entropy
 
 
-def mc_window(network: torch.nn.Module, samples: int) -> Callable[[torch.Tensor], torch.Tensor]:
+def mc_window(
+    network: torch.nn.Module, samples: int, rng: np.random.Generator | None = None
+) -> Callable[[torch.Tensor], torch.Tensor]:
     """A window predictor returning ``[mean class probabilities..., expected entropy]`` as channels.
 
     All ``samples`` passes run as one batch, which is much faster than a loop on CPU and GPU alike.
+    With ``rng``, dropout masks come from it (``numpy_dropout``, for the CPU) instead of torch.
     """
 
     def predict(x: torch.Tensor) -> torch.Tensor:
         b = x.shape[0]
-        logits = network(x.repeat(samples, *([1] * (x.dim() - 1))))
+        with numpy_dropout(network, rng) if rng is not None else nullcontext():
+            logits = network(x.repeat(samples, *([1] * (x.dim() - 1))))
         p = torch.softmax(logits.float(), dim=1).reshape(samples, b, *logits.shape[1:])
         return torch.cat(_mutual_information(p), dim=1)
 
@@ -183,6 +228,8 @@ class MCDropoutScorer:
         samples: dropout passes per image.
         tta_samples: test-time augmentations per image (0 turns ``tta`` and the embedding off).
         device: ``"cuda"`` or ``"cpu"``; CUDA runs with mixed precision.
+        cpu_bf16: on the CPU, run the network in bfloat16 where the CPU computes it natively
+            (``appcore.precision``); probabilities and measures are computed in float32.
     """
 
     def __init__(
@@ -193,6 +240,7 @@ class MCDropoutScorer:
         samples: int = 8,
         tta_samples: int = 4,
         device: str | None = None,
+        cpu_bf16: bool = True,
     ):
         if not 0 <= tta_samples <= len(TTA_AUGMENTS):
             raise ValueError(f"tta_samples must be between 0 and {len(TTA_AUGMENTS)}, got {tta_samples}")
@@ -201,6 +249,7 @@ class MCDropoutScorer:
         self.samples = samples
         self.augments = TTA_AUGMENTS[:tta_samples]
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.cpu_bf16 = cpu_bf16
         self._network: torch.nn.Module | None = None
         self._pre = Compose(preprocess(spec, with_label=False))
 
@@ -244,7 +293,10 @@ class MCDropoutScorer:
         network = self.network()
         enable_dropout_only(network)
         features: list[torch.Tensor] = []
-        mc = mc_window(network, self.samples)
+        # On the CPU, dropout masks from NumPy, seeded from torch's generator (torch.manual_seed
+        # still makes a scoring reproducible); on CUDA torch's own dropout is fast.
+        rng = np.random.default_rng(int(torch.randint(2**62, ()))) if self.device.type == "cpu" else None
+        mc = mc_window(network, self.samples, rng)
         if self.augments:
             tta = tta_window(network, self.augments, features)
 
@@ -252,7 +304,7 @@ class MCDropoutScorer:
                 return torch.cat([mc(w), tta(w)], dim=1)
         else:
             predictor = mc
-        with torch.autocast("cuda", enabled=self.device.type == "cuda"):
+        with autocast(self.device, cpu_bf16=self.cpu_bf16):
             # The same per-volume window as /infer: fewer, larger windows than the training patch.
             roi = infer_window(
                 tuple(x.shape[2:]),

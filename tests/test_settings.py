@@ -26,7 +26,8 @@ def test_models_parsed(conf: dict, models: tuple, al_model: str) -> None:
 
 def test_defaults_and_values() -> None:
     s = AppSettings.from_conf({"mc_samples": "4", "reservation_s": "30", "score_on_start": "false"}, AVAILABLE)
-    assert (s.mc_samples, s.reservation_s, s.score_on_start) == (4, 30.0, False)
+    assert (s.mc_samples, s.reservation_s, s.score_on_start, s.cpu_bf16) == (4, 30.0, False, True)
+    assert AppSettings.from_conf({"cpu_bf16": "off"}, AVAILABLE).cpu_bf16 is False
     assert s.max_epochs == AppSettings.__dataclass_fields__["max_epochs"].default
     with pytest.raises(AttributeError):
         s.mc_samples = 3  # type: ignore[misc]
@@ -43,6 +44,7 @@ def test_defaults_and_values() -> None:
         ({"reservation_s": "-1"}, "reservation_s: must be at least 0"),
         ({"val_split": "0.95"}, "val_split: must be below 0.9"),
         ({"score_on_start": "maybe"}, "expected true or false"),
+        ({"cpu_bf16": "bf16"}, "cpu_bf16: expected true or false"),
         ({"epochs": "3"}, r"Unknown --conf option\(s\) \['epochs'\]"),
     ],
 )

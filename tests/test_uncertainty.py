@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -11,6 +12,7 @@ from radiology.uncertainty import (
     dropout_off,
     enable_dropout_only,
     mc_window,
+    numpy_dropout,
     tta_window,
     uncertainty_from_outputs,
 )
@@ -127,3 +129,50 @@ def test_settings_bound_matches_the_augmentations() -> None:
     from appcore.settings import MAX_TTA_SAMPLES
 
     assert len(TTA_AUGMENTS) == MAX_TTA_SAMPLES
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_numpy_dropout_drops_p_and_rescales(p: float) -> None:
+    layer = torch.nn.Dropout(p).train()
+    x = torch.ones(4, 8, 32, 32, 32)
+    with numpy_dropout(layer, np.random.default_rng(0)):
+        y = layer(x)
+    scaled = 1 / (1 - p)
+    assert torch.unique(y).tolist() == pytest.approx([0.0, scaled])
+    assert float((y == 0).float().mean()) == pytest.approx(p, abs=0.003)
+    assert float(y.mean()) == pytest.approx(1.0, abs=0.01)  # inverted dropout keeps the mean
+
+
+def test_numpy_dropout_masks_whole_channels_for_dropout3d() -> None:
+    layer = torch.nn.Dropout3d(0.5).train()
+    with numpy_dropout(layer, np.random.default_rng(1)):
+        y = layer(torch.ones(2, 64, 3, 3, 3))
+    per_channel = y.flatten(2)
+    assert torch.all(per_channel == per_channel[..., :1])  # each channel all kept or all dropped
+    assert 0 < int((per_channel[..., 0] == 0).sum()) < 128
+
+
+def test_numpy_dropout_is_reproducible_and_restores_the_network() -> None:
+    net = torch.nn.Sequential(torch.nn.Conv3d(1, 4, 1), torch.nn.Dropout(0.3), torch.nn.Dropout(0.3))
+    enable_dropout_only(net)
+    x = torch.randn(2, 1, 6, 6, 6)
+    outs = []
+    for seed in (7, 7, 8):
+        with numpy_dropout(net, np.random.default_rng(seed)):
+            outs.append(net(x))
+    assert torch.equal(outs[0], outs[1]) and not torch.equal(outs[0], outs[2])
+    assert all(m.training and not m._forward_hooks for m in net[1:])
+    with pytest.raises(RuntimeError), numpy_dropout(net, np.random.default_rng(0)):
+        raise RuntimeError("a failing pass")
+    assert all(m.training and not m._forward_hooks for m in net[1:])
+    with dropout_off(net), numpy_dropout(net, np.random.default_rng(0)):  # eval-mode layers stay off
+        assert torch.equal(net(x), net[0](x))
+
+
+def test_mc_window_with_numpy_masks_samples_different_passes() -> None:
+    net = torch.nn.Sequential(torch.nn.Conv3d(1, 3, 1), torch.nn.Dropout(0.5))
+    enable_dropout_only(net)
+    out = mc_window(net, samples=8, rng=np.random.default_rng(0))(torch.randn(1, 1, 4, 4, 4))
+    mean, expected_entropy = out[:, :3], out[:, 3]
+    predictive = -(mean * torch.log(mean)).sum(1)
+    assert float((predictive - expected_entropy).mean()) > 0.01  # the passes disagree: BALD > 0
