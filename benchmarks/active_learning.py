@@ -70,6 +70,7 @@ class Schedule:
     lr: float
     mc_samples: int
     tta_samples: int
+    cpu_bf16: bool = True  # scoring in bfloat16 on a CPU with native units, as the app does
 
     def spec(self) -> ModelSpec:
         return dataclasses.replace(MODELS[self.model], channels=self.channels)
@@ -175,7 +176,12 @@ def run_strategy(
     learner.load(state)
     rng = random.Random(f"{strategy}-{seed}")
     scorer = MCDropoutScorer(
-        spec, [], samples=schedule.mc_samples, tta_samples=schedule.tta_samples, device=str(device)
+        spec,
+        [],
+        samples=schedule.mc_samples,
+        tta_samples=schedule.tta_samples,
+        device=str(device),
+        cpu_bf16=schedule.cpu_bf16,
     )
     labelled = list(initial)
     measures: dict[str, dict] = {}  # kept across rounds, like the server's score store
@@ -347,6 +353,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lr", type=float, help="learning rate (default: the model's)")
     parser.add_argument("--mc-samples", type=int, default=8)
     parser.add_argument("--tta-samples", type=int, default=4)
+    parser.add_argument(
+        "--float32",
+        action="store_true",
+        help="score in float32 on the CPU even where bfloat16 is native (the runs recorded before 2026-11-27 08:00)",
+    )
     parser.add_argument("--no-reference", action="store_true", help="skip the whole-pool reference runs")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--plot-only", action="store_true", help="only rebuild csv, summary and plot from runs/")
@@ -376,6 +387,7 @@ def main(argv: list[str] | None = None) -> None:
         lr=args.lr or spec.learning_rate,
         mc_samples=args.mc_samples,
         tta_samples=args.tta_samples,
+        cpu_bf16=not args.float32,
     )
     pool, test = msd_cases(args.pool), msd_cases(args.test)
     overlap = {c.id for c in pool} & {c.id for c in test}
