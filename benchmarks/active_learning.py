@@ -36,6 +36,7 @@ from monai.losses import DiceCELoss
 from monai.transforms import Compose
 from monai.utils import set_determinism
 
+from appcore.precision import cpu_has_native_bf16
 from radiology.offline import validate
 from radiology.registry import MODELS
 from radiology.spec import ModelSpec
@@ -70,7 +71,7 @@ class Schedule:
     lr: float
     mc_samples: int
     tta_samples: int
-    cpu_bf16: bool = True  # scoring in bfloat16 on a CPU with native units, as the app does
+    cpu_bf16: bool = True  # training and scoring in bfloat16 on a CPU with native units
 
     def spec(self) -> ModelSpec:
         return dataclasses.replace(MODELS[self.model], channels=self.channels)
@@ -96,8 +97,11 @@ class Data:
 class Learner:
     """The model, its optimiser and the training steps of one run."""
 
-    def __init__(self, spec: ModelSpec, lr: float, device: torch.device) -> None:
+    def __init__(self, spec: ModelSpec, lr: float, device: torch.device, cpu_bf16: bool) -> None:
         self.spec, self.device = spec, device
+        # bfloat16 on CUDA (float16 would need a gradient scaler to keep small gradients), and on a
+        # CPU with native bfloat16 units unless the schedule says float32.
+        self.amp = device.type == "cuda" or (device.type == "cpu" and cpu_bf16 and cpu_has_native_bf16())
         self.network = spec.network().to(device)
         self.optimizer = torch.optim.AdamW(self.network.parameters(), lr=lr, weight_decay=1e-5)
         self.loss = DiceCELoss(to_onehot_y=True, softmax=True)
@@ -112,12 +116,10 @@ class Learner:
     def train(self, data: Data, ids: Sequence[str], steps: int, batch_size: int, rng: random.Random) -> float:
         start = time.perf_counter()
         self.network.train()
-        amp = self.device.type == "cuda"
         for _ in range(steps):
             batch = data.batch(ids, batch_size, rng)
             self.optimizer.zero_grad(set_to_none=True)
-            # bfloat16 on CUDA: float16 would need a gradient scaler to keep small gradients.
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=amp):
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
                 loss = self.loss(self.network(batch["image"].to(self.device)), batch["label"].to(self.device))
             loss.backward()
             self.optimizer.step()
@@ -157,7 +159,7 @@ def initial_state(out: Path, schedule: Schedule, data: Data, seed: int, device: 
         if saved["initial"] == initial and saved["schedule"] == dataclasses.asdict(schedule):
             return initial, saved["state"]
     set_determinism(seed)
-    learner = Learner(schedule.spec(), schedule.lr, device)
+    learner = Learner(schedule.spec(), schedule.lr, device, schedule.cpu_bf16)
     seconds = learner.train(data, initial, schedule.initial_steps, schedule.batch_size, random.Random(seed))
     logger.info("seed %d: initial model on %d cases in %.0f s", seed, len(initial), seconds)
     state = learner.state()
@@ -172,7 +174,7 @@ def run_strategy(
     """One simulated labelling campaign; a row per round (round 0 is the initial model)."""
     spec = schedule.spec()
     set_determinism(seed + 1000)
-    learner = Learner(spec, schedule.lr, device)
+    learner = Learner(spec, schedule.lr, device, schedule.cpu_bf16)
     learner.load(state)
     rng = random.Random(f"{strategy}-{seed}")
     scorer = MCDropoutScorer(
@@ -208,7 +210,7 @@ def run_strategy(
 def run_reference(schedule: Schedule, data: Data, seed: int, device: torch.device) -> list[dict]:
     """A model trained from scratch on the whole pool for the same total steps as a campaign."""
     set_determinism(seed)
-    learner = Learner(schedule.spec(), schedule.lr, device)
+    learner = Learner(schedule.spec(), schedule.lr, device, schedule.cpu_bf16)
     steps = schedule.initial_steps + schedule.rounds * schedule.steps_per_round
     seconds = learner.train(data, sorted(data.pool), steps, schedule.batch_size, random.Random(seed))
     return [row(REFERENCE, seed, schedule.rounds, len(data.pool), learner.dice(data), seconds, 0.0, [])]
@@ -356,7 +358,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--float32",
         action="store_true",
-        help="score in float32 on the CPU even where bfloat16 is native (the runs recorded before 2026-11-27 08:00)",
+        help="train and score in float32 on the CPU even where bfloat16 is native (as the runs recorded "
+        "before 2026-11-27 08:00 did)",
     )
     parser.add_argument("--no-reference", action="store_true", help="skip the whole-pool reference runs")
     parser.add_argument("--threads", type=int, default=2)
