@@ -35,6 +35,20 @@ def autocast(device: torch.device | str, *, cpu_bf16: bool = True) -> contextlib
     kind = torch.device(device).type
     if kind == "cuda":
         return torch.autocast("cuda")
-    if kind == "cpu" and cpu_bf16 and cpu_has_native_bf16():
+    if _native_cpu_bf16(kind, cpu_bf16):
         return torch.autocast("cpu", dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def training_autocast(device: torch.device | str, *, cpu_bf16: bool = True) -> contextlib.AbstractContextManager:
+    """The autocast context for training steps without a gradient scaler: bfloat16 on CUDA (float16
+    would need a scaler to keep small gradients) and, as ``autocast``, on a CPU that computes it
+    natively when ``cpu_bf16``; else full float32."""
+    kind = torch.device(device).type
+    if kind == "cuda" or _native_cpu_bf16(kind, cpu_bf16):
+        return torch.autocast(kind, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _native_cpu_bf16(kind: str, cpu_bf16: bool) -> bool:
+    return kind == "cpu" and cpu_bf16 and cpu_has_native_bf16()

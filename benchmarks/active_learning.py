@@ -36,7 +36,7 @@ from monai.losses import DiceCELoss
 from monai.transforms import Compose
 from monai.utils import set_determinism
 
-from appcore.precision import cpu_has_native_bf16
+from appcore.precision import training_autocast
 from radiology.offline import validate
 from radiology.registry import MODELS
 from radiology.spec import ModelSpec
@@ -98,10 +98,7 @@ class Learner:
     """The model, its optimiser and the training steps of one run."""
 
     def __init__(self, spec: ModelSpec, lr: float, device: torch.device, cpu_bf16: bool) -> None:
-        self.spec, self.device = spec, device
-        # bfloat16 on CUDA (float16 would need a gradient scaler to keep small gradients), and on a
-        # CPU with native bfloat16 units unless the schedule says float32.
-        self.amp = device.type == "cuda" or (device.type == "cpu" and cpu_bf16 and cpu_has_native_bf16())
+        self.spec, self.device, self.cpu_bf16 = spec, device, cpu_bf16
         self.network = spec.network().to(device)
         self.optimizer = torch.optim.AdamW(self.network.parameters(), lr=lr, weight_decay=1e-5)
         self.loss = DiceCELoss(to_onehot_y=True, softmax=True)
@@ -119,7 +116,7 @@ class Learner:
         for _ in range(steps):
             batch = data.batch(ids, batch_size, rng)
             self.optimizer.zero_grad(set_to_none=True)
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            with training_autocast(self.device, cpu_bf16=self.cpu_bf16):
                 loss = self.loss(self.network(batch["image"].to(self.device)), batch["label"].to(self.device))
             loss.backward()
             self.optimizer.step()

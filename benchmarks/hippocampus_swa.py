@@ -16,18 +16,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from monai.data import CacheDataset
 from monai.losses import DiceCELoss
-from monai.transforms import Compose
 from monai.utils import set_determinism
 from torch.optim.swa_utils import AveragedModel
 
-from appcore.precision import autocast
-from radiology.batch_augment import pad_to
-from radiology.offline import _records, parse_augment, validate
+from appcore.precision import training_autocast
+from radiology.offline import batched_data, parse_augment, validate
 from radiology.registry import MODELS
 from radiology.splits import msd_cases, split_cases
-from radiology.transforms import validation_transforms
 from radiology.weights import load_state_dict, save_weights_atomically
 
 # The shipped weights' augmentation (model card, "Training").
@@ -50,11 +46,7 @@ def main(argv: list[str] | None = None) -> None:
     spec = MODELS["hippocampus"]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     parts = split_cases(msd_cases(args.data))
-    load = Compose(validation_transforms(spec))
-    items = [load(r) for r in _records(parts["train"])]
-    images = pad_to([i["image"].as_tensor() for i in items], spec.roi_size).to(device)
-    labels = pad_to([i["label"].as_tensor().round() for i in items], spec.roi_size).to(device)
-    val_ds = CacheDataset(_records(parts["val"]), load, progress=False)
+    images, labels, val_ds = batched_data(spec, parts["train"], parts["val"], device)
     augment = parse_augment(SHIPPED_AUGMENT, flip_axes=spec.flip_axes)
     generator = torch.Generator(device=device).manual_seed(args.seed)
 
@@ -75,8 +67,7 @@ def main(argv: list[str] | None = None) -> None:
         index = torch.randint(len(images), (args.batch_size,), device=device, generator=generator)
         image, label = augment(images[index], labels[index], generator)
         optimizer.zero_grad(set_to_none=True)
-        # bfloat16 where the CPU has it natively: no gradient scaler needed (unlike float16 on CUDA).
-        with autocast(device) if device.type == "cpu" else torch.autocast("cuda", dtype=torch.bfloat16):
+        with training_autocast(device):
             loss = loss_fn(model(image), label)
         loss.backward()
         optimizer.step()

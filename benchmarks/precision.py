@@ -21,6 +21,7 @@ import argparse
 import os
 import platform
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -109,13 +110,17 @@ def main(argv: list[str] | None = None) -> None:
     ]
     # organs_ct ships untrained: freshly initialised weights cost the same forward pass.
     torch.manual_seed(0)
-    ct_weights = Path(os.environ.get("TMPDIR", "/tmp")) / "precision_organs_ct.pt"
+    scratch = tempfile.TemporaryDirectory(prefix="precision-")  # removed at exit, also after an error
+    ct_weights = Path(scratch.name) / "organs_ct.pt"
     save_weights_atomically(MODELS["organs_ct"].network().state_dict(), ct_weights)
 
     rows: list[tuple[str, str, str, str]] = []
-    hippo_infer = infer_seconds("hippocampus", hippo_weights, [c.image for c in test[:10]], args.repeats)
+    timed = [c.image for c in test[:10]]
+    hippo_infer = infer_seconds("hippocampus", hippo_weights, timed, args.repeats)
     ct_infer = infer_seconds("organs_ct", ct_weights, cts, args.repeats)
-    rows.append(("infer hippocampus, s/volume", *(f"{hippo_infer[p]:.3f}" for p in PRECISIONS), "10 test volumes"))
+    rows.append(
+        ("infer hippocampus, s/volume", *(f"{hippo_infer[p]:.3f}" for p in PRECISIONS), f"{len(timed)} test volumes")
+    )
     rows.append(("infer organs_ct, s/volume", *(f"{ct_infer[p]:.3f}" for p in PRECISIONS), "2 real CTs"))
     score_s, measures = scoring("hippocampus", hippo_weights, [c.image for c in test])
     rows.append(
@@ -133,7 +138,7 @@ def main(argv: list[str] | None = None) -> None:
             (f"Dice hippocampus {label}", *(f"{dice[p]['mean_dice'][label]:.4f}" for p in PRECISIONS), "test split")
         )
     rows.append(("Dice hippocampus mean", *(f"{dice[p]['mean_of_classes']:.4f}" for p in PRECISIONS), "test split"))
-    ct_weights.unlink(missing_ok=True)
+    scratch.cleanup()
 
     noise = agreement(measures["float32"], measures["float32 again"], args.top)
     change = agreement(measures["float32"], measures["bfloat16"], args.top)

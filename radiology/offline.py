@@ -143,6 +143,18 @@ def train(
     return history
 
 
+def batched_data(
+    spec: ModelSpec, train_cases: list[Case], val_cases: list[Case], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, CacheDataset]:
+    """Training volumes and labels pre-processed and padded to ``spec.roi_size`` as two tensors on
+    ``device`` (``[N, 1, *roi]``), and the validation cases as a cached dataset."""
+    load = Compose(validation_transforms(spec))
+    items = [load(r) for r in _records(train_cases)]
+    images = pad_to([i["image"].as_tensor() for i in items], spec.roi_size).to(device)
+    labels = pad_to([i["label"].as_tensor().round() for i in items], spec.roi_size).to(device)
+    return images, labels, CacheDataset(_records(val_cases), load, progress=False)
+
+
 def train_batched(
     spec: ModelSpec,
     train_cases: list[Case],
@@ -176,12 +188,7 @@ def train_batched(
     started = time.monotonic()
     set_determinism(seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    load = Compose(validation_transforms(spec))
-    items = [load(r) for r in _records(train_cases)]
-    images = pad_to([i["image"].as_tensor() for i in items], spec.roi_size).to(device)
-    labels = pad_to([i["label"].as_tensor().round() for i in items], spec.roi_size).to(device)
-    del items
-    val_ds = CacheDataset(_records(val_cases), load, progress=False)
+    images, labels, val_ds = batched_data(spec, train_cases, val_cases, device)
     generator = torch.Generator(device=device).manual_seed(seed)
 
     model = spec.network().to(device)

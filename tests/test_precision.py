@@ -47,6 +47,23 @@ def test_cuda_always_gets_float16_autocast(device) -> None:
     assert (ctx.device, ctx.fast_dtype) == ("cuda", torch.float16)
 
 
+@pytest.mark.parametrize(
+    ("cpu_bf16", "native", "dtype"),
+    [(True, True, torch.bfloat16), (True, False, torch.float32), (False, True, torch.float32)],
+)
+def test_training_autocast_on_the_cpu_follows_flag_and_hardware(monkeypatch, cpu_bf16, native, dtype) -> None:
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: native)
+    with precision.training_autocast("cpu", cpu_bf16=cpu_bf16):
+        out = torch.nn.Conv3d(1, 2, 3)(torch.ones(1, 1, 4, 4, 4))
+    assert out.dtype == dtype
+
+
+def test_training_autocast_on_cuda_is_bfloat16_needing_no_scaler() -> None:
+    ctx = precision.training_autocast("cuda", cpu_bf16=False)
+    assert isinstance(ctx, torch.autocast)
+    assert (ctx.device, ctx.fast_dtype) == ("cuda", torch.bfloat16)
+
+
 def test_native_probe_agrees_with_the_cpu_flags() -> None:
     cpuinfo = Path("/proc/cpuinfo")
     if not cpuinfo.exists():
