@@ -132,6 +132,7 @@ class RadiologyApp(MONAILabelApp):
                 max_epochs=self.settings.max_epochs,
                 train_batch_size=self.settings.train_batch_size,
                 val_split=self.settings.val_split,
+                cpu_bf16=self.settings.cpu_bf16,
             )
             for name, spec in self.specs.items()
         }

@@ -11,14 +11,14 @@ import nibabel as nib
 import numpy as np
 import torch
 from monai.inferers import Inferer, SlidingWindowInferer
-from monai.transforms import AsDiscreted, Compose, Invertd, SqueezeDimd
+from monai.transforms import Compose, Invertd, SqueezeDimd
 from monailabel.interfaces.tasks.infer_v2 import InferType
 from monailabel.tasks.infer.basic_infer import BasicInferTask
 
 from appcore.errors import unprocessable
 from appcore.precision import autocast
 from radiology.spec import ModelSpec
-from radiology.transforms import preprocess
+from radiology.transforms import ClassIndexd, preprocess
 from radiology.windows import OVERLAP, infer_window
 
 logger = logging.getLogger(__name__)
@@ -111,7 +111,7 @@ class SegmentationInfer(BasicInferTask):
 
     def post_transforms(self, data: Any = None) -> list:
         return [
-            AsDiscreted(keys=self.output_label_key, argmax=True),
+            ClassIndexd(keys=self.output_label_key),
             self._invert,
             SqueezeDimd(keys=self.output_label_key, dim=0),
         ]

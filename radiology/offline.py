@@ -23,7 +23,7 @@ from radiology.batch_augment import BatchAugment, pad_to
 from radiology.registry import MODELS
 from radiology.spec import ModelSpec
 from radiology.splits import Case, msd_cases, split_cases
-from radiology.transforms import training_transforms, validation_transforms
+from radiology.transforms import class_index, training_transforms, validation_transforms
 from radiology.weights import save_weights_atomically
 
 logger = logging.getLogger(__name__)
@@ -71,7 +71,7 @@ def validate(spec: ModelSpec, model: torch.nn.Module, dataset: CacheDataset, dev
     for item in dataset:
         image = item["image"][None].to(device)
         logits = sliding_window_inference(image, spec.roi_size, 4, model, overlap=0.25, mode="gaussian")
-        pred = logits.argmax(1)[0].cpu().numpy()
+        pred = class_index(logits, 1)[0, 0].cpu().numpy()
         truth = item["label"][0].cpu().numpy().round().astype(np.int64)
         for c, d in dice_per_class(pred, truth, spec.labels.ids).items():
             totals[c] += d
