@@ -58,9 +58,9 @@ class AppSettings:
         score_after_train: rescore the unlabelled images as soon as a training run finishes.
         score_on_start: rescore stale images when the server starts.
         sw_batch_size: sliding windows evaluated per forward pass at inference.
-        cpu_bf16: run infer and scoring networks in bfloat16 on CPUs that compute it natively (AMX
-            or AVX512-BF16; ``appcore.precision``); ``false`` keeps float32 everywhere. No effect on
-            older CPUs or on CUDA, which always uses mixed precision.
+        cpu_bf16: run the radiology networks (infer, scoring and ``/train``) in bfloat16 on CPUs that
+            compute it natively (AMX or AVX512-BF16; ``appcore.precision``); ``false`` keeps float32
+            everywhere. No effect on older CPUs or on CUDA, which always uses mixed precision.
     """
 
     models: tuple[str, ...]
