@@ -243,6 +243,23 @@ def labels_needed(curve: dict[int, float], target: float) -> int | None:
     return reached[0] if reached else None
 
 
+def labels_interpolated(curve: dict[int, float], target: float) -> float | None:
+    """Where ``curve`` first crosses ``target``, read between its two measured points by a straight line.
+
+    ``labels_needed`` can only answer a measured count (a multiple of the round size); this says how
+    far between two rounds the crossing lies. A curve already at ``target`` on its first point gives
+    that point (nothing was measured before it); one that never reaches it gives None.
+    """
+    points = sorted(curve.items())
+    for i, (n, d) in enumerate(points):
+        if d >= target:
+            if i == 0:
+                return float(n)
+            n0, d0 = points[i - 1]
+            return n0 + (target - d0) / (d - d0) * (n - n0)
+    return None
+
+
 def summarise(rows: list[dict]) -> tuple[str, dict]:
     """A markdown table: per strategy, mean Dice by labelled count and the labels needed for 95%."""
     ref = [r["dice"] for r in rows if r["strategy"] == REFERENCE]
@@ -256,7 +273,9 @@ def summarise(rows: list[dict]) -> tuple[str, dict]:
             curves.setdefault(r["strategy"], {}).setdefault(int(r["labelled"]), []).append(float(r["dice"]))
     seeds = {s: len({r["seed"] for r in rows if r["strategy"] == s}) for s in curves}
     counts = sorted({n for c in curves.values() for n in c})
-    needed = {s: labels_needed({n: float(np.mean(v)) for n, v in c.items()}, target) for s, c in curves.items()}
+    means = {s: {n: float(np.mean(v)) for n, v in c.items()} for s, c in curves.items()}
+    needed = {s: labels_needed(m, target) for s, m in means.items()}
+    between = {s: labels_interpolated(m, target) for s, m in means.items()}
     per_seed = {}
     for s in curves:
         found = []
@@ -269,10 +288,10 @@ def summarise(rows: list[dict]) -> tuple[str, dict]:
         f"target {TARGET_FRACTION:.0%} of it = {target:.4f}.",
         "",
         "| strategy | seeds | " + " | ".join(f"{n} labelled" for n in counts) + " | labels to target (mean curve) "
-        "| per seed | vs random |",
-        "|---|---|" + "---|" * len(counts) + "---|---|---|",
+        "| per seed | vs random | between rounds (mean curve, linear) | vs random, between rounds |",
+        "|---|---|" + "---|" * len(counts) + "---|---|---|---|---|",
     ]
-    random_needed = needed.get("random")
+    random_needed, random_between = needed.get("random"), between.get("random")
     for s in sorted(curves, key=lambda s: (s != "random", s)):
         cells = []
         for n in counts:
@@ -281,10 +300,16 @@ def summarise(rows: list[dict]) -> tuple[str, dict]:
         got = needed[s]
         ratio = f"{got / random_needed:.2f}x" if got and random_needed else "n/a"
         seed_cells = ", ".join(str(x) if x else f">{max(counts)}" for x in per_seed[s])
+        near = between[s]
+        near_cell = f"{near:.1f}" if near is not None else f">{max(counts)}"
+        near_ratio = f"{near / random_between:.2f}x" if near is not None and random_between else "n/a"
         lines.append(
-            f"| {s} | {seeds[s]} | " + " | ".join(cells) + f" | {got or f'>{max(counts)}'} | {seed_cells} | {ratio} |"
+            f"| {s} | {seeds[s]} | "
+            + " | ".join(cells)
+            + f" | {got or f'>{max(counts)}'} | {seed_cells} | {ratio} | {near_cell} | {near_ratio} |"
         )
-    return "\n".join(lines) + "\n", {"reference": reference, "target": target, "needed": needed}
+    info = {"reference": reference, "target": target, "needed": needed, "between": between}
+    return "\n".join(lines) + "\n", info
 
 
 def plot(rows: list[dict], path: Path, target: float | None) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.active_learning import STRATEGIES, choose, labels_needed, main, summarise
+from benchmarks.active_learning import STRATEGIES, choose, labels_interpolated, labels_needed, main, summarise
 from benchmarks.al_split import make_split
 from tests.conftest import HIPPO, requires_shared
 
@@ -26,6 +26,24 @@ def test_labels_needed(curve: dict, target: float, expected: int | None) -> None
     assert labels_needed(curve, target) == expected
 
 
+@pytest.mark.parametrize(
+    ("curve", "target", "expected"),
+    [
+        ({4: 0.5, 8: 0.7, 12: 0.8}, 0.7, 8.0),  # on a measured point
+        ({4: 0.5, 8: 0.7, 12: 0.8}, 0.75, 10.0),  # halfway between 8 and 12
+        ({4: 0.5, 8: 0.7, 12: 0.8}, 0.55, 5.0),
+        ({8: 0.7, 4: 0.5}, 0.6, 6.0),  # order of the points does not matter
+        ({4: 0.5, 8: 0.7, 12: 0.8}, 0.81, None),
+        ({4: 0.9, 8: 0.7}, 0.8, 4.0),  # already there at the start: nothing measured before it
+        ({4: 0.5, 8: 0.8, 12: 0.7, 16: 0.9}, 0.75, 4 + 4 * 0.25 / 0.3),  # the first crossing counts
+        ({}, 0.1, None),
+    ],
+)
+def test_labels_interpolated(curve: dict, target: float, expected: float | None) -> None:
+    got = labels_interpolated(curve, target)
+    assert got == (None if expected is None else pytest.approx(expected))
+
+
 def _rows(strategy: str, seed: int, dice: list[float]) -> list[dict]:
     return [{"strategy": strategy, "seed": seed, "labelled": 4 * (i + 1), "dice": d} for i, d in enumerate(dice)]
 
@@ -38,8 +56,12 @@ def test_summary_compares_with_random_at_95_percent_of_the_reference() -> None:
     table, info = summarise(rows)
     assert info["target"] == pytest.approx(0.76)
     assert info["needed"] == {"random": 16, "bald": 12, "tta": None}
+    # Mean curves: random 0.5, 0.6, 0.7, 0.77 crosses 0.76 at 12 + 4 * 0.06 / 0.07; bald 0.5, 0.735, 0.8
+    # crosses at 8 + 4 * 0.025 / 0.065.
+    assert info["between"]["random"] == pytest.approx(12 + 4 * 0.06 / 0.07)
+    assert info["between"]["bald"] == pytest.approx(8 + 4 * 0.025 / 0.065)
     bald_line = next(line for line in table.splitlines() if line.startswith("| bald |"))
-    assert bald_line.endswith("| 12 | 8, 12 | 0.75x |")
+    assert bald_line.endswith("| 12 | 8, 12 | 0.75x | 9.5 | 0.62x |")
     assert "| tta | 1 |" in table and ">16" in table
 
 
