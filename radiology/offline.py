@@ -45,6 +45,9 @@ def _records(cases: list[Case]) -> list[dict[str, str]]:
     return [{"image": str(c.image), "label": str(c.label)} for c in cases]
 
 
+DEFAULT_EPOCHS = 150
+
+
 def amp_step(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -275,7 +278,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("model", choices=sorted(MODELS), help="registered model name")
     parser.add_argument("--data", type=Path, required=True, help="MSD-layout folder (dataset.json, imagesTr, labelsTr)")
     parser.add_argument("--out", type=Path, required=True, help="where to write the weights (.pt)")
-    parser.add_argument("--epochs", type=int, default=150)
+    parser.add_argument("--epochs", type=int, help=f"epochs of per-sample training (default {DEFAULT_EPOCHS})")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--seed", type=int, default=0)
@@ -286,7 +289,7 @@ def main(argv: list[str] | None = None) -> None:
         "--flip-axes", help="override the model's mirroring axes, e.g. 0 or '' for none (for experiments)"
     )
     parser.add_argument("--samples-per-image", type=int, help="override the patches drawn per volume and epoch")
-    parser.add_argument("--workers", type=int, default=0, help="loader processes for augmentation")
+    parser.add_argument("--workers", type=int, help="loader processes for augmentation (default 0)")
     parser.add_argument("--deadline-minutes", type=float, help="stop after the epoch that passes this many minutes")
     batched = parser.add_argument_group(
         "batched training", "whole volumes on the device, augmented a batch at a time (radiology.batch_augment)"
@@ -310,6 +313,15 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--batched needs exactly one of --steps and --minutes")
     if not args.batched and (args.steps is not None or args.minutes is not None or args.augment):
         parser.error("--steps, --minutes and --augment apply to --batched training only")
+    per_sample_only = {
+        "--epochs": args.epochs,
+        "--workers": args.workers,
+        "--deadline-minutes": args.deadline_minutes,
+        "--samples-per-image": args.samples_per_image,
+    }
+    given = [flag for flag, value in per_sample_only.items() if value is not None]
+    if args.batched and given:
+        parser.error(f"{', '.join(given)} apply to per-sample training only: --batched takes --steps or --minutes")
     if args.include_val and not args.batched:
         parser.error("--include-val needs --batched: only it writes the last weights, which a final model keeps")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -350,8 +362,8 @@ def main(argv: list[str] | None = None) -> None:
             spec,
             split["train"],
             split["val"],
-            epochs=args.epochs,
-            workers=args.workers,
+            epochs=DEFAULT_EPOCHS if args.epochs is None else args.epochs,
+            workers=0 if args.workers is None else args.workers,
             deadline=deadline,
             **common,
         )

@@ -179,6 +179,10 @@ def test_parse_augment_refuses_what_it_cannot_use(text: str, match: str) -> None
         (["--augment", "rotate=0.1"], "apply to --batched training only"),
         (["--include-val"], "--include-val needs --batched"),
         (["--batched", "--steps", "2", "--augment", "spin=3"], "expected name=value"),
+        # Options the batched trainer would silently ignore are refused instead.
+        (["--batched", "--steps", "2", "--epochs", "5"], "--epochs apply to per-sample training only"),
+        (["--batched", "--minutes", "1", "--workers", "2", "--deadline-minutes", "3"], "--workers, --deadline-minutes"),
+        (["--batched", "--steps", "2", "--samples-per-image", "2"], "--samples-per-image apply to per-sample"),
     ],
 )
 def test_the_command_line_refuses_inconsistent_options(
