@@ -5,7 +5,7 @@ card, "How the recipe was chosen")::
 
     .venv/bin/python -m benchmarks.hippocampus_variants --data ../shared/data/hippocampus_mr \
         --weights b_base=work/gpu3/b_base.pt b_wide=work/gpu3/b_wide.pt:24,48,96,192 ... \
-        --shift-tta b_strong --time-scoring
+        --shift-tta b_strong --time-scoring --foreground-weights 0.6,0.8,0.9,1.1,1.25,1.5,2
 
 Each volume goes through the validation pre-processing and one sliding window (the window the
 server uses for these crops); probabilities are averaged before the argmax.
@@ -52,6 +52,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--split", default="val", choices=["val", "test"])
     parser.add_argument("--shift-tta", help="name of one model to also score with test-time shifts")
     parser.add_argument("--top", type=int, default=8, help="how many subsets to print")
+    parser.add_argument(
+        "--foreground-weights",
+        type=lambda text: [float(w) for w in text.split(",")],
+        default=[],
+        help="also score each model with its foreground probabilities multiplied by each of these "
+        "comma-separated weights before the argmax (below 1 shrinks the segmentation), and print how "
+        "its predicted volumes compare with the labels'",
+    )
     parser.add_argument(
         "--time-scoring",
         action="store_true",
@@ -108,6 +116,21 @@ def main(argv: list[str] | None = None) -> None:
     print(f"all {len(networks)} averaged: {score(averaged(tuple(networks)))}")
     for result, names in ranked[: args.top]:
         print(f"subset    {'+'.join(names)}: {result}")
+
+    foreground = [label.id for label in spec.labels]
+    for name in networks if args.foreground_weights else []:
+        ratio = np.mean(
+            [
+                [(p.argmax(0).numpy() == c).sum() / max(1, (t == c).sum()) for c in foreground]
+                for p, t in zip(probs[name], truths, strict=True)
+            ],
+            axis=0,
+        )
+        print(f"volume    {name}: predicted / labelled, per class {[round(float(r), 3) for r in ratio]}")
+        for weight in args.foreground_weights:
+            factor = torch.ones(spec.num_classes, 1, 1, 1)
+            factor[foreground] = weight
+            print(f"weighted  {name} x{weight}: {score([p * factor for p in probs[name]])}")
 
     if args.shift_tta:
         network = networks[args.shift_tta]
