@@ -28,6 +28,8 @@ from radiology.weights import save_weights_atomically
 
 logger = logging.getLogger(__name__)
 
+DEFAULT_EPOCHS = 150  # of per-sample training, when --epochs is not given
+
 _CALIBRATION_STEPS = 25
 
 
@@ -43,9 +45,6 @@ def dice_per_class(pred: np.ndarray, truth: np.ndarray, class_ids: tuple[int, ..
 
 def _records(cases: list[Case]) -> list[dict[str, str]]:
     return [{"image": str(c.image), "label": str(c.label)} for c in cases]
-
-
-DEFAULT_EPOCHS = 150
 
 
 def amp_step(

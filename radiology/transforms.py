@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Hashable, Mapping, Sequence
 
 import torch
-from monai.config import KeysCollection
 from monai.data import get_track_meta
 from monai.transforms import (
     EnsureChannelFirstd,
@@ -41,9 +40,6 @@ def class_index(scores: torch.Tensor, dim: int = 0) -> torch.Tensor:
 class ClassIndexd(MapTransform):
     """Channel-first class scores to a ``[1, ...]`` float32 label map, metadata kept: MONAI's
     ``AsDiscreted(argmax=True)`` through ``class_index``."""
-
-    def __init__(self, keys: KeysCollection, allow_missing_keys: bool = False) -> None:
-        super().__init__(keys, allow_missing_keys)
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
         d = dict(data)
