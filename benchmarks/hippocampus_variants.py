@@ -29,7 +29,7 @@ from monai.transforms import Compose
 from radiology.offline import dice_per_class
 from radiology.registry import MODELS
 from radiology.splits import msd_cases, split_cases
-from radiology.transforms import validation_transforms
+from radiology.transforms import class_index, validation_transforms
 from radiology.uncertainty import MCDropoutScorer
 from radiology.weights import load_state_dict
 
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
 
     def score(per_case: list[torch.Tensor]) -> tuple[float, list[float]]:
         dice = [
-            list(dice_per_class(p.argmax(0).numpy(), t, spec.labels.ids).values())
+            list(dice_per_class(class_index(p)[0].numpy(), t, spec.labels.ids).values())
             for p, t in zip(per_case, truths, strict=True)
         ]
         classes = np.mean(dice, axis=0)
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> None:
     for name in networks if args.foreground_weights else []:
         ratio = np.mean(
             [
-                [(p.argmax(0).numpy() == c).sum() / max(1, (t == c).sum()) for c in foreground]
+                [(class_index(p)[0].numpy() == c).sum() / max(1, (t == c).sum()) for c in foreground]
                 for p, t in zip(probs[name], truths, strict=True)
             ],
             axis=0,

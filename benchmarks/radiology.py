@@ -222,21 +222,30 @@ def run(shared: Path, repeats: int, hippo_cases: int) -> list[tuple[str, str, fl
     return rows
 
 
+def labelled_app(
+    root: Path, model: str, pairs: list[tuple[Path, Path]], conf: dict[str, str] | None = None
+) -> RadiologyApp:
+    """An app serving ``model`` under ``root`` over copies of the images of ``pairs``, each saved with
+    its label (already in the model's label ids) as ``final``; no scoring. ``conf`` adds options."""
+    studies = root / "studies"
+    studies.mkdir(parents=True)
+    for image, _ in pairs:
+        shutil.copyfile(image, studies / image.name)
+    options = {"models": model, "score_after_train": "false", "score_on_start": "false", **(conf or {})}
+    app = RadiologyApp(str(root / "app"), str(studies), options)
+    for image, label in pairs:
+        app.datastore().save_label(image.name.split(".")[0], str(label), "final", {})
+    return app
+
+
 def train_child(model: str, pairs: list[str], request: dict[str, Any] | None = None) -> None:
     """Child process: an app over copies of the image/label pairs, timed through ``app.train``.
 
     ``request`` adds to or overrides the training request (``max_epochs`` defaults to ``TRAIN_EPOCHS``).
     """
     root = Path(tempfile.mkdtemp(prefix="bench-train-"))
-    studies = root / "studies"
-    studies.mkdir()
-    images, labels = [Path(p) for p in pairs[0::2]], pairs[1::2]
-    for image in images:
-        shutil.copyfile(image, studies / image.name)
-    conf = {"models": model, "score_after_train": "false", "score_on_start": "false"}
-    app = RadiologyApp(str(root / "app"), str(studies), conf)
-    for image, label in zip(images, labels, strict=True):
-        app.datastore().save_label(image.name.split(".")[0], label, "final", {})
+    images, labels = [Path(p) for p in pairs[0::2]], [Path(p) for p in pairs[1::2]]
+    app = labelled_app(root, model, list(zip(images, labels, strict=True)))
     request = {"model": model, "max_epochs": TRAIN_EPOCHS, "train_batch_size": 4, "val_split": 0.0, **(request or {})}
     start = time.perf_counter()
     app.train(request)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import shutil
 import statistics
 import tempfile
 import time
@@ -30,7 +29,7 @@ from monai.utils import set_determinism
 from monailabel.config import settings as ml_settings
 
 from appcore.precision import cpu_has_native_bf16
-from radiology.app import RadiologyApp
+from benchmarks.radiology import labelled_app
 from radiology.evaluate import evaluate
 from radiology.label_mapping import load_class_map, remap_by_name
 from radiology.registry import MODELS
@@ -40,24 +39,11 @@ ROOT = Path(__file__).resolve().parents[1]
 PRECISIONS = {"float32": "false", "bfloat16": "true"}  # name -> --conf cpu_bf16
 
 
-def make_app(root: Path, model: str, pairs: list[tuple[Path, Path]], precision: str) -> RadiologyApp:
-    """An app over copies of ``pairs`` (image, label already in the model's label ids), all labelled."""
-    studies = root / "studies"
-    studies.mkdir(parents=True)
-    for image, _ in pairs:
-        shutil.copyfile(image, studies / image.name)
-    conf = {"models": model, "score_after_train": "false", "score_on_start": "false", "cpu_bf16": PRECISIONS[precision]}
-    app = RadiologyApp(str(root / "app"), str(studies), conf)
-    for image, label in pairs:
-        app.datastore().save_label(image.name.split(".")[0], str(label), "final", {})
-    return app
-
-
 def train(
     root: Path, model: str, pairs: list[tuple[Path, Path]], precision: str, epochs: int, **request
 ) -> tuple[float, Path]:
     """Trains through ``app.train``; seconds per epoch and the published weights."""
-    app = make_app(root, model, pairs, precision)
+    app = labelled_app(root, model, pairs, {"cpu_bf16": PRECISIONS[precision]})
     start = time.perf_counter()
     app.train(
         {"model": model, "max_epochs": epochs, "train_batch_size": 4, "val_split": 0.0, "device": "cpu", **request}

@@ -21,7 +21,7 @@ from monailabel.tasks.train.basic_train import BasicTrainTask, Context
 from appcore.precision import autocast
 from radiology.spec import ModelSpec
 from radiology.transforms import ClassIndexd, augment, preprocess
-from radiology.uncertainty import numpy_dropout
+from radiology.uncertainty import numpy_dropout, torch_seeded_rng
 from radiology.weights import load_state_dict, save_weights_atomically
 
 logger = logging.getLogger(__name__)
@@ -146,9 +146,7 @@ class SegmentationTrainer(BasicTrainTask):
         return self._onehot()
 
     def train_inferer(self, context: Context) -> Inferer:
-        # Seeded from torch's generator, so set_determinism still repeats a run.
-        rng = np.random.default_rng(int(torch.randint(2**62, ())))
-        return CpuForward(SimpleInferer(), cpu_bf16=self.cpu_bf16, rng=rng)
+        return CpuForward(SimpleInferer(), cpu_bf16=self.cpu_bf16, rng=torch_seeded_rng())
 
     def val_inferer(self, context: Context) -> Inferer:
         window = SlidingWindowInferer(roi_size=self.spec.roi_size, sw_batch_size=2, overlap=0.25, mode="gaussian")

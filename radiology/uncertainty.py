@@ -68,6 +68,12 @@ def _numpy_dropout(
     return x.masked_fill(drop.to(x.device), 0).mul_(1.0 / (1.0 - module.p))
 
 
+def torch_seeded_rng() -> np.random.Generator:
+    """A NumPy generator for ``numpy_dropout``, seeded from torch's: ``torch.manual_seed`` (and so
+    MONAI's ``set_determinism``) still makes a run that uses it reproducible."""
+    return np.random.default_rng(int(torch.randint(2**62, ())))
+
+
 @contextmanager
 def numpy_dropout(network: torch.nn.Module, rng: np.random.Generator):
     """Dropout layers in training mode draw their masks from ``rng`` (NumPy's PCG64) instead of torch.
@@ -293,9 +299,8 @@ class MCDropoutScorer:
         network = self.network()
         enable_dropout_only(network)
         features: list[torch.Tensor] = []
-        # On the CPU, dropout masks from NumPy, seeded from torch's generator (torch.manual_seed
-        # still makes a scoring reproducible); on CUDA torch's own dropout is fast.
-        rng = np.random.default_rng(int(torch.randint(2**62, ()))) if self.device.type == "cpu" else None
+        # On the CPU, dropout masks from NumPy; on CUDA torch's own dropout is fast.
+        rng = torch_seeded_rng() if self.device.type == "cpu" else None
         mc = mc_window(network, self.samples, rng)
         if self.augments:
             tta = tta_window(network, self.augments, features)
