@@ -41,7 +41,7 @@ class CpuForward(Inferer):
     ``cpu_bf16``) and hands float32 outputs to the loss, metrics and post-transforms. Given ``rng``,
     the network's training-mode dropout layers also draw their masks from it
     (``radiology.uncertainty.numpy_dropout``): torch's single-threaded ``bernoulli_`` took about a
-    fifth of a hippocampus training step's forward and backward.
+    sixth of a hippocampus training step (``python -m benchmarks.training_precision --step-only``).
     """
 
     def __init__(self, inner: Inferer, *, cpu_bf16: bool = True, rng: np.random.Generator | None = None) -> None:

@@ -31,8 +31,9 @@ def class_index(scores: torch.Tensor, dim: int = 0) -> torch.Tensor:
     """The index of the highest score along ``dim`` (kept, length 1): ``argmax`` by another route.
 
     On the CPU torch's ``argmax`` over a channel dimension is an order of magnitude slower than
-    ``max`` (31 against 1.6 ms for 3x48x64x48, 670 against 90 ms for a 10-class CT volume, torch
-    2.13, 2 threads); ``max`` returns the same indices, the first among equal scores as ``argmax``.
+    ``max`` (28 against 0.9 ms for 3x48x64x48, 615 against 67 ms for a 10-class CT volume, torch
+    2.13, 2 threads: ``python -m benchmarks.training_precision --step-only``); ``max`` returns the
+    same indices, the first among equal scores as ``argmax``.
     """
     return scores.max(dim, keepdim=True).indices
 
