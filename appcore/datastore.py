@@ -15,7 +15,7 @@ import nibabel as nib
 from filelock import FileLock
 from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastore
 
-from appcore.errors import not_found, unprocessable
+from appcore.errors import conflict, not_found, unprocessable
 from appcore.validation import Geometry, check_image_id, check_upload_size, load_nifti, validate_label_volume
 
 logger = logging.getLogger(__name__)
@@ -59,19 +59,61 @@ class CheckedLocalDatastore(LocalDatastore):
         self._max_upload_mb = max_upload_mb
 
     def _existing(self, image_id: str) -> Any:
+        """The image's record; 400 for a path, 404 for an unknown id (a subclass may return None for
+        an image it knows but has not stored yet)."""
         check_image_id(image_id)
         obj = self._datastore.objects.get(image_id)
         if not obj:
             raise not_found(f"Image {image_id!r} is not in the datastore; GET /datastore/?output=all lists the ids")
         return obj
 
+    def _existing_label(self, label_id: str, label_tag: str) -> Any:
+        if self._existing(label_id) is None:
+            raise not_found(f"Image {label_id!r} has no {label_tag!r} label")
+        check_image_id(label_tag, "Label tag")
+        label = self._datastore.label(label_id, label_tag)
+        if not label:
+            raise not_found(f"Image {label_id!r} has no {label_tag!r} label")
+        return label
+
     def get_image_uri(self, image_id: str) -> str:
         self._existing(image_id)
         return super().get_image_uri(image_id)
 
+    # MONAI Label's local datastore answers these for unknown ids with an empty result or a 500.
+    def get_image_info(self, image_id: str) -> dict[str, Any]:
+        self._existing(image_id)
+        return super().get_image_info(image_id)
+
+    def update_image_info(self, image_id: str, info: dict[str, Any]) -> None:
+        if self._existing(image_id) is None:
+            raise conflict(f"Image {image_id!r} has not been opened on this server yet; its info can be set after that")
+        super().update_image_info(image_id, info)
+
+    def get_label_info(self, label_id: str, label_tag: str) -> dict[str, Any]:
+        self._existing_label(label_id, label_tag)
+        return super().get_label_info(label_id, label_tag)
+
+    def update_label_info(self, label_id: str, label_tag: str, info: dict[str, Any]) -> None:
+        self._existing_label(label_id, label_tag)
+        super().update_label_info(label_id, label_tag, info)
+
+    def remove_image(self, image_id: str) -> None:
+        self._existing(image_id)
+        super().remove_image(image_id)
+
+    def remove_label(self, label_id: str, label_tag: str) -> None:
+        self._existing_label(label_id, label_tag)
+        super().remove_label(label_id, label_tag)
+
+    def get_dataset_archive(self, limit_cases: int | None) -> str:
+        if not self.get_labeled_images():
+            raise not_found("No image has a 'final' label yet, so there is no dataset to download")
+        return super().get_dataset_archive(limit_cases)
+
     def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any]) -> str:
         obj = self._existing(image_id)
-        check_image_id(label_tag)
+        check_image_id(label_tag, "Label tag")
         check_upload_size(label_filename, self._max_upload_mb, "label")
         label = load_nifti(label_filename, "label")
         image = nib.load(super().get_image_uri(image_id))

@@ -29,6 +29,10 @@ def not_found(detail: str) -> RequestError:
     return RequestError(404, detail)
 
 
+def conflict(detail: str) -> RequestError:
+    return RequestError(409, detail)
+
+
 def too_large(detail: str) -> RequestError:
     return RequestError(413, detail)
 

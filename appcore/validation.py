@@ -17,14 +17,17 @@ from appcore.errors import RequestError, bad_request, too_large, unprocessable
 _ID_FORBIDDEN = re.compile(r"[/\\\x00]")
 
 
-def check_image_id(image_id: object) -> str:
-    """Return ``image_id`` if it is a plain datastore id; refuse paths and traversal with a 400."""
+def check_image_id(image_id: object, what: str = "Image id") -> str:
+    """Return ``image_id`` if it is a plain datastore id; refuse paths and traversal with a 400.
+
+    ``what`` names the parameter in the message (label tags are checked the same way).
+    """
     if not isinstance(image_id, str) or not image_id.strip():
-        raise bad_request("An image id is required (the datastore id, for example 'hippocampus_001')")
+        raise bad_request(f"{what} is required: a plain name as GET /datastore/?output=all lists it")
     if _ID_FORBIDDEN.search(image_id) or ".." in image_id or image_id.startswith("~"):
         raise bad_request(
-            f"Image id {image_id!r} contains a path ('/', '\\\\', '..' or '~'); "
-            "send the datastore id as listed by GET /datastore, not a file path"
+            f"{what} {image_id!r} contains a path ('/', '\\\\', '..' or '~'); "
+            "ids and tags are plain names as GET /datastore/?output=all lists them, not file paths"
         )
     return image_id
 

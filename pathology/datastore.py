@@ -125,7 +125,7 @@ class PathologyDatastore(CheckedLocalDatastore):
 
     def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any]) -> str:
         obj = self._existing(image_id)
-        check_image_id(label_tag)
+        check_image_id(label_tag, "Label tag")
         check_upload_size(label_filename, self._max_upload_mb, "label")
         raw = Path(label_filename).read_bytes()
         kind = _sniff(raw)

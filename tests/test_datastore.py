@@ -75,8 +75,48 @@ def test_bad_ids(store: CheckedLocalDatastore, tmp_path: Path, oblique_affine, i
 
 def test_label_tag_cannot_escape(store: CheckedLocalDatastore, tmp_path: Path, oblique_affine) -> None:
     label = _label_file(tmp_path / "l.nii.gz", np.zeros((10, 12, 8), np.uint8), oblique_affine)
-    with pytest.raises(RequestError, match="contains a path"):
+    with pytest.raises(RequestError, match="Label tag '../../evil' contains a path"):
         store.save_label("case1", label, "../../evil", {})
+
+
+# (call, status, message): MONAI Label's local datastore answers these with {} or a 500.
+_UNKNOWN = [
+    (lambda s: s.get_image_info("missing"), 404, "'missing' is not in the datastore"),
+    (lambda s: s.update_image_info("missing", {"a": 1}), 404, "'missing' is not in the datastore"),
+    (lambda s: s.remove_image("missing"), 404, "'missing' is not in the datastore"),
+    (lambda s: s.remove_image("../case1"), 400, "contains a path"),
+    (lambda s: s.get_label_info("missing", "final"), 404, "'missing' is not in the datastore"),
+    (lambda s: s.get_label_info("case1", "final"), 404, "'case1' has no 'final' label"),
+    (lambda s: s.update_label_info("case1", "final", {"a": 1}), 404, "'case1' has no 'final' label"),
+    (lambda s: s.remove_label("case1", "final"), 404, "'case1' has no 'final' label"),
+    (lambda s: s.remove_label("../x", "final"), 400, "contains a path"),
+    (lambda s: s.remove_label("case1", "../final"), 400, "Label tag '../final' contains a path"),
+    (lambda s: s.get_dataset_archive(None), 404, "no dataset to download"),
+]
+
+
+@pytest.mark.parametrize(("call", "status", "match"), _UNKNOWN)
+def test_unknown_images_and_labels_get_4xx(store: CheckedLocalDatastore, call, status: int, match: str) -> None:
+    with pytest.raises(RequestError, match=match) as e:
+        call(store)
+    assert e.value.status_code == status
+    assert store.list_images() == ["case1"]
+
+
+def test_info_and_removal_of_existing_entries(store: CheckedLocalDatastore, tmp_path: Path, oblique_affine) -> None:
+    label = _label_file(tmp_path / "l.nii.gz", np.ones((10, 12, 8), np.uint8), oblique_affine)
+    store.save_label("case1", label, "final", {"by": "reader 1"})
+    store.update_image_info("case1", {"note": "motion"})
+    assert store.get_image_info("case1")["note"] == "motion"
+    store.update_label_info("case1", "final", {"checked": True})
+    assert store.get_label_info("case1", "final")["by"] == "reader 1"
+    assert store.get_label_info("case1", "final")["checked"] is True
+    assert Path(store.get_dataset_archive(None)).is_file()
+    uri = Path(store.get_label_uri("case1", "final"))
+    store.remove_label("case1", "final")
+    assert not uri.exists() and store.get_labeled_images() == []
+    store.remove_image("case1")
+    assert store.list_images() == []
 
 
 def test_add_image_checks(store: CheckedLocalDatastore, tmp_path: Path) -> None:

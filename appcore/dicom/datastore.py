@@ -148,6 +148,15 @@ class DicomWebDatastore(CheckedLocalDatastore):
             )
         return meta
 
+    def _existing(self, image_id: str) -> Any:
+        """The local record of a series of the PACS (404 if the PACS has none), None until it is fetched."""
+        self._series_meta(image_id)
+        return self._datastore.objects.get(image_id)
+
+    def _existing_label(self, label_id: str, label_tag: str) -> Any:
+        self.get_label_uri(label_id, label_tag)  # a SEG saved from elsewhere is read from the PACS first
+        return super()._existing_label(label_id, label_tag)
+
     def list_images(self) -> list[str]:
         return sorted(self._series.get())
 
@@ -243,7 +252,7 @@ class DicomWebDatastore(CheckedLocalDatastore):
     # -- labels ------------------------------------------------------------------------------------
     def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any]) -> str:
         image_uri = self.get_image_uri(image_id)
-        check_image_id(label_tag)
+        check_image_id(label_tag, "Label tag")
         if str(label_filename).endswith(".bin"):  # OHIF sends a raw label buffer on the image's grid
             label_filename = binary_to_image(image_uri, label_filename)
         if label_tag != DefaultLabelTag.FINAL.value:
