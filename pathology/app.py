@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -14,9 +13,9 @@ from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.datastore import Datastore
 from monailabel.utils.others.pathology import create_asap_annotations_xml, create_dsa_annotations_json
 
-from appcore.errors import bad_request, not_found
+from appcore.app import RequestChecks
+from appcore.errors import bad_request
 from appcore.settings import AppSettings
-from appcore.validation import check_image_id, check_upload_size
 from pathology.activelearning import WSIRandom, WSIUncertain
 from pathology.datastore import PathologyDatastore
 from pathology.infer import NucleiInfer
@@ -29,7 +28,7 @@ logger = logging.getLogger(__name__)
 OUTPUTS = ("json", "asap", "dsa")
 
 
-class PathologyApp(MONAILabelApp):
+class PathologyApp(RequestChecks, MONAILabelApp):
     """MONAI Label app serving ``pathology.registry.MODELS`` chosen by ``--conf models``.
 
     Weights: ``<app_dir>/model/nuclei.pt`` once a training run has published it, the shipped
@@ -99,36 +98,15 @@ class PathologyApp(MONAILabelApp):
     def init_scoring_methods(self) -> dict[str, Any]:
         return {}
 
-    # -- request checks --------------------------------------------------------------------------
-    @staticmethod
-    def _is_server_upload(path: str) -> bool:
-        parent = Path(path).resolve().parent
-        roots = [Path(tempfile.gettempdir()).resolve()]
-        if ml_settings.MONAI_LABEL_SESSION_PATH:
-            roots.append(Path(ml_settings.MONAI_LABEL_SESSION_PATH).resolve())
-        return any(parent == root or root in parent.parents for root in roots)
-
-    def _image_path(self, request: dict[str, Any], datastore: Datastore | None) -> str:
-        model = request.get("model")
-        if model not in self._infers:
-            raise not_found(f"Unknown model {model!r}; served models: {sorted(self._infers)}")
-        image = request.get("image")
-        if isinstance(image, str) and os.path.isabs(image) and os.path.exists(image):
-            if not self._is_server_upload(image):
-                raise bad_request("Image must be a datastore id or an uploaded file, not a server path")
-            check_upload_size(image, self.settings.max_upload_mb, "image")
-            return image
-        check_image_id(image)
-        return (datastore or self.datastore()).get_image_uri(image)  # 404 for an unknown id
-
+    # -- requests --------------------------------------------------------------------------------
     def infer(self, request: dict[str, Any], datastore: Datastore | None = None) -> dict[str, Any]:
-        self._image_path(request, datastore)
+        self.request_image(request, datastore, self.settings.max_upload_mb)
         return super().infer(request, datastore)
 
     def infer_wsi(self, request: dict[str, Any], datastore: Datastore | None = None) -> dict[str, Any]:
         """Tiled inference over a region (or the whole image), answered as JSON, ASAP XML or DSA JSON."""
         start = time.perf_counter()
-        path = self._image_path(request, datastore)
+        path = self.request_image(request, datastore, self.settings.max_upload_mb)
         output = request.get("output") or "dsa"
         if output not in OUTPUTS:
             raise bad_request(f"output must be one of {list(OUTPUTS)}, got {output!r}")
@@ -167,8 +145,3 @@ class PathologyApp(MONAILabelApp):
             res_file, _ = create_dsa_annotations_json(res_json, loglevel="WARNING")
         logger.info("wsi infer %s %s: %d nuclei in %.2f s", task.name, list(region), len(result.polygons), seconds)
         return {"file": res_file, "params": res_json}
-
-    def bundle_path(self, model: str | None) -> str | None:
-        if model is not None and model not in self._trainers:
-            raise not_found(f"Unknown model {model!r}; trainable models: {sorted(self._trainers)}")
-        return None

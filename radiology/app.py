@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from collections.abc import Collection
 from pathlib import Path
 from typing import Any
@@ -13,13 +12,14 @@ from monailabel.config import settings as ml_settings
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.datastore import Datastore
 
+from appcore.app import RequestChecks
 from appcore.datastore import CheckedLocalDatastore
 from appcore.dicom.datastore import open_dicomweb_datastore
 from appcore.dicom.ohif import as_requested_format, serve_ohif_config
-from appcore.errors import bad_request, not_found, unprocessable
+from appcore.errors import not_found, unprocessable
 from appcore.labels import LabelSet
 from appcore.settings import AppSettings
-from appcore.validation import check_image_id, check_upload_size, load_nifti
+from appcore.validation import load_nifti
 from radiology.infer import SegmentationInfer
 from radiology.registry import MODELS
 from radiology.spec import ModelSpec
@@ -34,7 +34,7 @@ from strategies.selection import RANKED_STRATEGIES
 logger = logging.getLogger(__name__)
 
 
-class RadiologyApp(MONAILabelApp):
+class RadiologyApp(RequestChecks, MONAILabelApp):
     """MONAI Label app serving the models of ``radiology.registry.MODELS`` chosen by ``--conf models``.
 
     Weights: a model serves ``<app_dir>/model/<name>.pt`` once a training run has published it, and
@@ -177,37 +177,11 @@ class RadiologyApp(MONAILabelApp):
         }
 
     # -- request checks --------------------------------------------------------------------------
-    @staticmethod
-    def _is_server_upload(path: str) -> bool:
-        """Temporary files the MONAI Label endpoints write uploads and sessions to."""
-        parent = Path(path).resolve().parent
-        roots = [Path(tempfile.gettempdir()).resolve()]
-        if ml_settings.MONAI_LABEL_SESSION_PATH:
-            roots.append(Path(ml_settings.MONAI_LABEL_SESSION_PATH).resolve())
-        return any(parent == root or root in parent.parents for root in roots)
-
     def infer(self, request: dict[str, Any], datastore: Datastore | None = None) -> dict[str, Any]:
-        model = request.get("model")
-        if model not in self._infers:
-            raise not_found(f"Unknown model {model!r}; served models: {sorted(self._infers)}")
-        image = request.get("image")
-        if isinstance(image, str) and os.path.isabs(image) and os.path.exists(image):
-            if not self._is_server_upload(image):
-                raise bad_request("Image must be a datastore id or an uploaded file, not a server path")
-            check_upload_size(image, self.settings.max_upload_mb, "image")
-            if image.endswith((".nii", ".nii.gz")):
-                load_nifti(image, "uploaded image")
-        else:
-            check_image_id(image)
-            (datastore or self.datastore()).get_image_uri(image)  # 404 for an unknown id
+        image = self.request_image(request, datastore, self.settings.max_upload_mb)
+        if image == request.get("image") and image.endswith((".nii", ".nii.gz")):  # an upload, not a stored image
+            load_nifti(image, "uploaded image")
         return as_requested_format(super().infer(request, datastore), request)  # NRRD for OHIF
-
-    def bundle_path(self, model: str | None) -> str | None:
-        # MONAI Label asks this before it starts a training process: the place to refuse an unknown
-        # model with a 404 instead of a background task that fails later.
-        if model is not None and model not in self._trainers:
-            raise not_found(f"Unknown model {model!r}; trainable models: {sorted(self._trainers)}")
-        return None
 
     def train(self, request: dict[str, Any]) -> dict[str, Any]:
         result = super().train(request)

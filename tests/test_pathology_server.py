@@ -221,6 +221,10 @@ def test_next_patch_as_qupath_asks(server: tuple[httpx.Client, Path]) -> None:
             {"params": {"image": "bad"}, "files": {"file": ("bad.svs", b"II*\x00" + b"x" * 200)}},
             422,
         ),
+        ("post", "/activelearning/unknown_strategy", {"json": {}}, 404),
+        ("post", "/scoring/any_method", {}, 404),  # this app has no scoring methods
+        ("post", "/train/nuclei", {"json": {}}, 409),  # no label saved yet (the last test saves one)
+        ("delete", "/datastore/image", {"params": {"id": "no_such_slide"}}, 404),
     ],
 )
 def test_bad_requests_get_4xx(

@@ -20,6 +20,7 @@ from tests.servers import monailabel_server
 pytestmark = [requires_shared, pytest.mark.slow]
 
 CASES = sorted((HIPPO / "imagesTr").glob("*.nii.gz"))[:10]
+UNLABELLED = CASES[-1].name.split(".")[0] if CASES else "no_shared_data"  # never labelled by these tests
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +63,22 @@ def test_active_learning_loop_over_http(server: tuple[httpx.Client, Path, Path])
     pred_path.write_bytes(r.content)
     pred, src = nib.load(pred_path), nib.load(CASES[0])
     assert pred.shape == src.shape and np.allclose(pred.affine, src.affine)
+
+    # 1b. the same through a session, as a viewer without datastore access sends it
+    r = client.put("/session/", files={"files": (CASES[1].name, CASES[1].read_bytes())})
+    assert r.status_code == 200, r.text
+    r = client.post("/infer/hippocampus", params={"image": "", "session_id": r.json()["session_id"], "output": "image"})
+    assert r.status_code == 200, r.text
+    pred_path.write_bytes(r.content)
+    assert nib.load(pred_path).shape == nib.load(CASES[1]).shape
+    r = client.put("/session/", files={"files": ("bad.nii.gz", b"\x1f\x8bnot a volume")})
+    r = client.post("/infer/hippocampus", params={"image": "", "session_id": r.json()["session_id"]})
+    assert r.status_code == 422 and "not a readable NIfTI" in r.json()["detail"], r.text
+
+    # 1c. nothing to train on or download before the first saved label: refused at once
+    r = client.post("/train/hippocampus", json={})
+    assert r.status_code == 409 and "No image has a 'final' label" in r.json()["detail"], r.text
+    assert client.get("/datastore/dataset").status_code == 404
 
     # 2. save the true labels of three cases
     for case in CASES[:3]:
@@ -124,6 +141,17 @@ def test_active_learning_loop_over_http(server: tuple[httpx.Client, Path, Path])
         ("post", "/activelearning/random", {"json": {"k": "many"}}, 400),
         ("post", "/infer/hippocampus", {"files": {"file": ("scan.nii.gz", b"\x1f\x8bnot a volume")}}, 422),
         ("put", "/datastore/?image=..%2Fescape", {"files": {"file": ("x.nii.gz", b"x")}}, 400),
+        ("put", "/datastore/label?image=hippocampus_001&tag=..%2Fx", {"files": {"label": ("x.nii.gz", b"x")}}, 400),
+        ("post", "/activelearning/unknown_strategy", {"json": {}}, 404),
+        ("post", "/scoring/unknown_method", {}, 404),
+        ("post", "/batch/infer/unknown_model", {"json": {}}, 404),
+        ("delete", "/datastore/?id=no_such_case", {}, 404),
+        ("delete", "/datastore/image?id=..%2Fx", {}, 400),
+        ("delete", f"/datastore/label?id={UNLABELLED}&tag=final", {}, 404),
+        ("get", "/datastore/image/info?image=no_such_case", {}, 404),
+        ("put", "/datastore/image/info?image=no_such_case", {"data": {"info": "{}"}}, 404),
+        ("get", f"/datastore/label/info?label={UNLABELLED}&tag=final", {}, 404),
+        ("put", f"/datastore/label/info?label={UNLABELLED}&tag=final", {"data": {"info": "{}"}}, 404),
     ],
 )
 def test_bad_requests_get_clear_4xx(server, method: str, path: str, kwargs: dict, status: int) -> None:

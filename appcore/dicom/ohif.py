@@ -9,6 +9,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from appcore.routes import insert_first
+
 logger = logging.getLogger(__name__)
 
 CONFIG = Path(__file__).resolve().parents[2] / "viewers_config" / "ohif" / "app-config.js"
@@ -22,24 +24,20 @@ def serve_ohif_config(config: Path = CONFIG) -> bool:
     training child, a test building the app in-process) there is no server and nothing is done.
     Returns whether the route is in place.
     """
-    server = sys.modules.get("monailabel.app")
-    if server is None or not hasattr(server, "app"):
+    if "monailabel.app" not in sys.modules:
         return False
     if not config.is_file():
         raise FileNotFoundError(f"OHIF configuration {config} is missing")
     from starlette.responses import FileResponse
     from starlette.routing import Route
 
-    routes = server.app.router.routes
-    if any(getattr(r, "path", None) == "/ohif/app-config.js" for r in routes):
-        return True
-
     async def app_config(request: object) -> FileResponse:
         return FileResponse(config, media_type="application/javascript", headers={"Cache-Control": "no-cache"})
 
-    routes.insert(0, Route("/ohif/app-config.js", app_config, methods=["GET"]))
-    logger.info("OHIF at /ohif/ uses %s", config)
-    return True
+    placed = insert_first(Route("/ohif/app-config.js", app_config, methods=["GET"], name="ohif_app_config"))
+    if placed:
+        logger.info("OHIF at /ohif/ uses %s", config)
+    return placed
 
 
 def as_requested_format(result: dict[str, Any], request: dict[str, Any]) -> dict[str, Any]:
