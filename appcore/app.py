@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
+import torch
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.datastore import Datastore
 
-from appcore.errors import RequestError, bad_request, conflict, not_found
+from appcore.errors import RequestError, bad_request, conflict, not_found, unprocessable
 from appcore.routes import refuse_early
 from appcore.validation import check_image_id, check_upload_size
 
@@ -21,21 +24,79 @@ def _running_app() -> MONAILabelApp:
     return app_instance()
 
 
-def _unknown_scoring(params: dict[str, Any]) -> RequestError | None:
+def _unknown_scoring(params: dict[str, Any], body: bytes) -> RequestError | None:
     methods = sorted(_running_app()._scoring_methods)
     if params["method"] in methods:
         return None
     return not_found(f"Unknown scoring method {params['method']!r}; scoring methods: {methods}")
 
 
-def _cannot_train(params: dict[str, Any]) -> RequestError | None:
+# Training parameters MONAI Label passes on unchecked, with their smallest value.
+_TRAIN_COUNTS = {"max_epochs": 1, "train_batch_size": 1, "val_batch_size": 1}
+
+
+def _bad_train_params(body: bytes) -> RequestError | None:
+    try:
+        params = json.loads(body) if body.strip() else {}
+    except ValueError:
+        return None  # FastAPI answers malformed JSON with its own 422
+    if not isinstance(params, dict):
+        return None  # likewise
+    for key, least in _TRAIN_COUNTS.items():
+        value = params.get(key, least)
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            return unprocessable(f"Training parameter {key!r} must be an integer of at least {least}, got {value!r}")
+    split = params.get("val_split", 0.0)
+    if isinstance(split, bool) or not isinstance(split, int | float) or not 0 <= split < 1:
+        return unprocessable(f"Training parameter 'val_split' must be a number in [0, 1), got {split!r}")
+    return None
+
+
+def _cannot_train(params: dict[str, Any], body: bytes) -> RequestError | None:
     app = _running_app()
     model = params.get("model")
-    if model is not None and model not in app._trainers:
-        return not_found(f"Unknown model {model!r}; trainable models: {sorted(app._trainers)}")
+    if model is not None:  # POST /train/<model>; POST /train/ nests parameters per model
+        if model not in app._trainers:
+            return not_found(f"Unknown model {model!r}; trainable models: {sorted(app._trainers)}")
+        error = _bad_train_params(body)
+        if error is not None:
+            return error
     if not app.datastore().get_labeled_images():
         return conflict("No image has a 'final' label yet; save at least one (PUT /datastore/label) before training")
     return None
+
+
+class _FormJson:
+    """``json`` as MONAI Label's upload endpoints use it, to read the ``params``, ``info`` and ``wsi``
+    form fields: a field that is not a JSON object is a 422 that says so, not the 500 of a
+    ``JSONDecodeError`` (MONAI Label 0.8.5). ``dumps`` is the standard one."""
+
+    dumps = staticmethod(json.dumps)
+
+    @staticmethod
+    def loads(text: str | bytes, **kwargs: Any) -> Any:
+        try:
+            value = json.loads(text, **kwargs)
+        except ValueError as e:
+            raise unprocessable(f"A form field (params, info or wsi) is not valid JSON: {e}") from None
+        if not isinstance(value, dict):
+            raise unprocessable(f"A form field (params, info or wsi) must be a JSON object, got {type(value).__name__}")
+        return value
+
+
+# MONAI Label's endpoint modules whose only ``json.loads`` calls read request form fields.
+FORM_JSON_MODULES = ("monailabel.endpoints.datastore", "monailabel.endpoints.infer", "monailabel.endpoints.wsi_infer")
+
+
+def strict_form_json() -> list[str]:
+    """Give the loaded ``FORM_JSON_MODULES`` the checking ``json``; returns the modules changed."""
+    changed = []
+    for name in FORM_JSON_MODULES:
+        module = sys.modules.get(name)
+        if module is not None and getattr(module, "json", None) in (json, _FormJson):
+            module.json = _FormJson
+            changed.append(name)
+    return changed
 
 
 class RequestChecks:
@@ -44,11 +105,12 @@ class RequestChecks:
     Put it before ``MONAILabelApp`` in the app's bases (``class App(RequestChecks, MONAILabelApp)``):
     ``monailabel start_server`` finds the app class by a direct base named ``MONAILabelApp``.
 
-    MONAI Label answers an unknown strategy with a 500, and starts a background training or scoring
-    for an unknown name, or a training with no label to learn from, whose failure shows only later
-    in the task's status. Here: 404 for an unknown model, strategy or scoring method, 409 for a
-    training before any ``final`` label, and image paths outside the server's upload and session
-    folders are refused.
+    MONAI Label (0.8.5) answers an unknown strategy or a form field that is not JSON with a 500, and
+    starts a background training or scoring for an unknown name, for parameters of the wrong type
+    or with no label to learn from, whose failure shows only later in the task's status. Here: 404
+    for an unknown model, strategy or scoring method, 422 for such parameters and form fields, 409
+    for a training before any ``final`` label, and a 400 for image paths outside the server's upload
+    and session folders. Batch infer runs on the CPU where there is no CUDA device.
     """
 
     _infers: dict[str, Any]
@@ -57,6 +119,7 @@ class RequestChecks:
 
     def on_init_complete(self) -> None:
         super().on_init_complete()
+        strict_form_json()
         refuse_early("/scoring/{method}", ["POST"], _unknown_scoring, name="refuse_scoring")
         refuse_early("/train/{model}", ["POST"], _cannot_train, name="refuse_train_model")
         refuse_early("/train/", ["POST"], _cannot_train, name="refuse_train_all")
@@ -89,6 +152,13 @@ class RequestChecks:
         if strategy not in self._strategies:
             raise not_found(f"Unknown strategy {strategy!r}; strategies: {sorted(self._strategies)}")
         return super().next_sample(request)
+
+    def batch_infer(self, request: dict[str, Any], datastore: Datastore | None = None) -> dict[str, Any]:
+        if not torch.cuda.is_available():
+            # MONAI Label spreads a batch over the CUDA devices by default and divides by their
+            # count: without one, every batch infer failed with a ZeroDivisionError.
+            request = {**request, "multi_gpu": False, "device": "cpu"}
+        return super().batch_infer(request, datastore)
 
     def bundle_path(self, model: str | None) -> str | None:
         # MONAI Label asks this before it starts a training or batch infer process: the place to

@@ -12,12 +12,20 @@ import sys
 from collections.abc import Callable, Collection
 from typing import Any
 
-from appcore.errors import RequestError
+from appcore.errors import RequestError, too_large
 
-# Given a request's path parameters, why it is refused, or None to let MONAI Label's route answer.
-Refusal = Callable[[dict[str, Any]], RequestError | None]
+# Given a request's path parameters and body, why it is refused, or None to let MONAI Label's
+# route answer.
+Refusal = Callable[[dict[str, Any], bytes], RequestError | None]
 
-_REFUSAL_KEY = "appcore.refusal"
+MAX_CHECKED_BODY = 1 << 20  # the requests checked here carry a small JSON body or none
+
+
+def _server_routes() -> list[Any] | None:
+    server = sys.modules.get("monailabel.app")
+    if server is None or not hasattr(server, "app"):
+        return None
+    return server.app.router.routes
 
 
 def insert_first(route: Any) -> bool:
@@ -25,10 +33,9 @@ def insert_first(route: Any) -> bool:
 
     Returns whether such a route is in place (False outside a server process).
     """
-    server = sys.modules.get("monailabel.app")
-    if server is None or not hasattr(server, "app"):
+    routes = _server_routes()
+    if routes is None:
         return False
-    routes = server.app.router.routes
     if not any(getattr(r, "name", None) == route.name for r in routes):
         routes.insert(0, route)
     return True
@@ -37,27 +44,50 @@ def insert_first(route: Any) -> bool:
 def refuse_early(path: str, methods: Collection[str], refusal: Refusal, name: str) -> bool:
     """Answer requests to ``path`` with the 4xx ``refusal`` gives, before MONAI Label's route sees them.
 
-    MONAI Label starts a training or scoring for any name and reports the failure later in the
-    task's status; a refusal here answers at once instead. Requests ``refusal`` accepts (it returns
-    None) go on to MONAI Label's route unchanged. ``refusal`` runs while the request is routed, so
-    it must be quick and must not change anything.
+    MONAI Label starts a training or scoring for any name and any parameters and reports the
+    failure later in the task's status; a refusal here answers at once instead. A request
+    ``refusal`` accepts (it returns None) is handed, body included, to the route behind this one.
+    Bodies over ``MAX_CHECKED_BODY`` are refused with a 413 (these endpoints take small JSON).
     """
-    from starlette.requests import Request
+    routes = _server_routes()
+    if routes is None:
+        return False
     from starlette.responses import JSONResponse
     from starlette.routing import Match, Route
 
-    async def refuse(request: Request) -> JSONResponse:
-        error: RequestError = request.scope[_REFUSAL_KEY]
-        return JSONResponse({"detail": error.detail}, status_code=error.status_code)
+    async def _unused(request: Any) -> None:  # handle() below answers instead
+        raise AssertionError("not called")
 
     class _Refusing(Route):
-        def matches(self, scope: Any) -> tuple[Match, dict[str, Any]]:
-            match, child = super().matches(scope)
-            if match is not Match.FULL:
-                return Match.NONE, {}
-            error = refusal(child["path_params"])
+        async def handle(self, scope: Any, receive: Any, send: Any) -> None:
+            if self.methods and scope["method"] not in self.methods:
+                return await super().handle(scope, receive, send)  # 405, as without this route
+            body, more, error = b"", True, None
+            while more and error is None:
+                message = await receive()
+                body += message.get("body", b"")
+                more = message.get("more_body", False)
+                if len(body) > MAX_CHECKED_BODY:
+                    error = too_large(f"The request body is over {MAX_CHECKED_BODY} bytes")
             if error is None:
-                return Match.NONE, {}
-            return Match.FULL, {**child, _REFUSAL_KEY: error}
+                error = refusal(scope["path_params"], body)
+            if error is not None:
+                response = JSONResponse({"detail": error.detail}, status_code=error.status_code)
+                return await response(scope, receive, send)
 
-    return insert_first(_Refusing(path, refuse, methods=list(methods), name=name))
+            replayed = False
+
+            async def replay() -> dict[str, Any]:
+                nonlocal replayed
+                if replayed:
+                    return await receive()
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+
+            for route in routes[routes.index(self) + 1 :]:
+                match, child = route.matches(scope)
+                if match is Match.FULL:
+                    return await route.handle({**scope, **child}, replay, send)
+            raise RuntimeError(f"No route behind {self.name} for {scope['path']}")
+
+    return insert_first(_Refusing(path, _unused, methods=list(methods), name=name))

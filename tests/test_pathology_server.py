@@ -225,6 +225,7 @@ def test_next_patch_as_qupath_asks(server: tuple[httpx.Client, Path]) -> None:
         ("post", "/scoring/any_method", {}, 404),  # this app has no scoring methods
         ("post", "/train/nuclei", {"json": {}}, 409),  # no label saved yet (the last test saves one)
         ("delete", "/datastore/image", {"params": {"id": "no_such_slide"}}, 404),
+        ("post", "/infer/wsi_v2/nuclei", {"files": {"file": ("p.png", b"x")}, "data": {"wsi": "{not json"}}, 422),
     ],
 )
 def test_bad_requests_get_4xx(

@@ -1,4 +1,4 @@
-"""Routes put in front of MONAI Label's: refusals answer first, everything else passes through."""
+"""Routes put in front of MONAI Label's: refusals answer first, everything else passes through whole."""
 
 from __future__ import annotations
 
@@ -13,59 +13,73 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
-from appcore.errors import conflict, not_found
-from appcore.routes import refuse_early
+from appcore.errors import conflict, not_found, unprocessable
+from appcore.routes import MAX_CHECKED_BODY, refuse_early
 
 
 async def _original(request: Request) -> PlainTextResponse:
-    return PlainTextResponse(f"original {request.method} {request.path_params['model']}")
+    body = (await request.body()).decode()
+    return PlainTextResponse(f"original {request.method} {request.path_params['model']} {body}")
 
 
-def _refusal(params: dict) -> object:
+def _refusal(params: dict, body: bytes) -> object:
     if params["model"] == "unknown":
         return not_found("Unknown model 'unknown'")
     if params["model"] == "unlabelled":
         return conflict("nothing to train on")
+    if b'"x"' in body:
+        return unprocessable("bad parameter")
     return None
 
 
-def _request(app: Starlette, method: str, path: str) -> httpx.Response:
+def _request(app: Starlette, method: str, path: str, body: bytes = b"") -> httpx.Response:
     async def send() -> httpx.Response:
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://server") as client:
-            return await client.request(method, path)
+            return await client.request(method, path, content=body)
 
     return asyncio.run(send())
 
 
 @pytest.fixture
 def server(monkeypatch: pytest.MonkeyPatch) -> Starlette:
-    app = Starlette(routes=[Route("/train/{model}", _original, methods=["GET", "POST"])])
+    app = Starlette(
+        routes=[
+            Route("/train/{model}", _original, methods=["GET", "POST"]),
+            Route("/post_only/{model}", _original, methods=["POST"]),
+        ]
+    )
     monkeypatch.setitem(sys.modules, "monailabel.app", SimpleNamespace(app=app))
+    assert refuse_early("/train/{model}", ["POST"], _refusal, name="refuse_train")
+    assert refuse_early("/post_only/{model}", ["POST"], _refusal, name="refuse_post_only")
     return app
 
 
 @pytest.mark.parametrize(
-    ("method", "model", "status", "body"),
+    ("method", "path", "body", "status", "answer"),
     [
-        ("post", "unknown", 404, {"detail": "Unknown model 'unknown'"}),
-        ("post", "unlabelled", 409, {"detail": "nothing to train on"}),
-        ("post", "hippocampus", 200, "original POST hippocampus"),
-        ("get", "unknown", 200, "original GET unknown"),  # only the methods named are checked
+        ("POST", "/train/unknown", b"", 404, {"detail": "Unknown model 'unknown'"}),
+        ("POST", "/train/unlabelled", b"", 409, {"detail": "nothing to train on"}),
+        ("POST", "/train/hippocampus", b'{"max_epochs": "x"}', 422, {"detail": "bad parameter"}),
+        ("POST", "/train/hippocampus", b'{"max_epochs": 2}', 200, 'original POST hippocampus {"max_epochs": 2}'),
+        ("POST", "/train/hippocampus", b"", 200, "original POST hippocampus "),
+        ("GET", "/train/unknown", b"", 200, "original GET unknown "),  # only the methods named are checked
+        ("GET", "/post_only/unknown", b"", 405, None),  # as without the refusal
+        ("POST", "/train/hippocampus", b" " * (MAX_CHECKED_BODY + 1), 413, None),
     ],
 )
 def test_refusals_answer_first_and_the_rest_reaches_the_original(
-    server: Starlette, method: str, model: str, status: int, body: object
+    server: Starlette, method: str, path: str, body: bytes, status: int, answer: object
 ) -> None:
-    assert refuse_early("/train/{model}", ["POST"], _refusal, name="refuse_train")
-    r = _request(server, method.upper(), f"/train/{model}")
-    assert r.status_code == status
-    assert (r.json() if status >= 400 else r.text) == body
+    r = _request(server, method, path, body)
+    assert r.status_code == status, r.text
+    if answer is not None:
+        assert (r.json() if status >= 400 else r.text) == answer
 
 
 def test_a_refusal_is_put_in_place_once(server: Starlette) -> None:
     for _ in range(3):
         assert refuse_early("/train/{model}", ["POST"], _refusal, name="refuse_train")
-    assert len(server.router.routes) == 2
+    assert len(server.router.routes) == 4
 
 
 def test_nothing_is_inserted_outside_a_server(monkeypatch: pytest.MonkeyPatch) -> None:

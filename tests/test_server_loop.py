@@ -110,6 +110,16 @@ def test_active_learning_loop_over_http(server: tuple[httpx.Client, Path, Path])
     version = {s["model_version"] for k, s in scores.items() if k in unlabelled}
     assert len(version) == 1 and version.pop().startswith("hippocampus.pt:")
 
+    # 5b. batch infer (on the CPU here: MONAI Label's default spread over CUDA devices is skipped)
+    r = client.post("/batch/infer/hippocampus", params={"images": "unlabeled"}, json={"max_batch_size": 2})
+    assert r.status_code == 200, r.text
+    status = _wait_idle(client, "/batch/infer")
+    assert status["status"] == "DONE", status
+    batch = sorted((studies / "labels" / "original").glob("*.nii.gz"))
+    assert len(batch) == 2
+    for path in batch:
+        assert nib.load(path).shape == nib.load(studies / path.name).shape
+
     # 6. next sample: never a labelled image, never the same image to two clients
     def ask(client_id: str) -> dict:
         return client.post("/activelearning/epistemic", json={"client_id": client_id}).json()
@@ -152,6 +162,16 @@ def test_active_learning_loop_over_http(server: tuple[httpx.Client, Path, Path])
         ("put", "/datastore/image/info?image=no_such_case", {"data": {"info": "{}"}}, 404),
         ("get", f"/datastore/label/info?label={UNLABELLED}&tag=final", {}, 404),
         ("put", f"/datastore/label/info?label={UNLABELLED}&tag=final", {"data": {"info": "{}"}}, 404),
+        ("post", "/infer/hippocampus?image=hippocampus_001", {"data": {"params": "{not json"}}, 422),
+        ("put", "/datastore/image/info?image=hippocampus_001", {"data": {"info": "[1, 2]"}}, 422),
+        (
+            "put",
+            "/datastore/label?image=hippocampus_001&tag=final",
+            {"files": {"label": ("x.nii.gz", b"x")}, "data": {"params": "{not json"}},
+            422,
+        ),
+        ("post", "/train/hippocampus", {"json": {"max_epochs": "ten"}}, 422),
+        ("post", "/train/hippocampus", {"json": {"val_split": 1.5}}, 422),
     ],
 )
 def test_bad_requests_get_clear_4xx(server, method: str, path: str, kwargs: dict, status: int) -> None:

@@ -1,0 +1,58 @@
+"""The checks ``appcore.app`` adds in front of MONAI Label's endpoints, without a server."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import re
+
+import pytest
+
+from appcore.app import FORM_JSON_MODULES, _bad_train_params, strict_form_json
+from appcore.errors import RequestError
+
+
+@pytest.mark.parametrize(
+    ("body", "match"),
+    [
+        (b"", None),
+        (b"{}", None),
+        (b'{"max_epochs": 3, "train_batch_size": 2, "val_split": 0.2}', None),
+        (b'{"val_split": 0}', None),
+        (b"{bad", None),  # FastAPI's own 422 answers malformed JSON
+        (b'{"max_epochs": "3"}', "'max_epochs' must be an integer of at least 1, got '3'"),
+        (b'{"max_epochs": 0}', "'max_epochs' must be an integer"),
+        (b'{"max_epochs": 2.5}', "'max_epochs' must be an integer"),
+        (b'{"train_batch_size": true}', "'train_batch_size' must be an integer"),
+        (b'{"val_batch_size": null}', "'val_batch_size' must be an integer"),
+        (b'{"val_split": 1}', r"'val_split' must be a number in \[0, 1\)"),
+        (b'{"val_split": "0.2"}', "'val_split' must be a number"),
+    ],
+)
+def test_training_parameters(body: bytes, match: str | None) -> None:
+    error = _bad_train_params(body)
+    if match is None:
+        assert error is None
+    else:
+        assert isinstance(error, RequestError) and error.status_code == 422
+        assert re.search(match, error.detail), error.detail
+
+
+@pytest.fixture
+def endpoint_modules(monkeypatch: pytest.MonkeyPatch) -> list:
+    modules = [importlib.import_module(name) for name in FORM_JSON_MODULES]
+    for module in modules:
+        monkeypatch.setattr(module, "json", json)  # restored after the test
+    return modules
+
+
+def test_form_fields_must_be_json_objects(endpoint_modules: list) -> None:
+    assert strict_form_json() == list(FORM_JSON_MODULES)
+    assert strict_form_json() == list(FORM_JSON_MODULES), "installing twice is harmless"
+    for module in endpoint_modules:
+        assert module.json.loads('{"model": "hippocampus"}') == {"model": "hippocampus"}
+        assert module.json.dumps({"a": 1}) == '{"a": 1}'
+        for text, match in (("{bad", "not valid JSON"), ("[1]", "must be a JSON object, got list"), ("", "not valid")):
+            with pytest.raises(RequestError, match=match) as e:
+                module.json.loads(text)
+            assert e.value.status_code == 422
