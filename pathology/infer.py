@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import tempfile
@@ -16,14 +17,14 @@ import torch
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 from PIL import Image
 
-from appcore.errors import bad_request
+from appcore.errors import bad_request, too_large
 from pathology.annotations import monai_annotation
 from pathology.nuclick import clicked_nuclei, parse_clicks
 from pathology.postprocess import instance_polygons, polygon_area
 from pathology.predict import instances, predict_maps
 from pathology.spec import NUCLEUS, NucleiSpec
 from pathology.weights import load_network
-from pathology.wsi import RegionSource, TiledResult, check_region, open_source, run_tiled
+from pathology.wsi import RegionSource, SlideSource, TiledResult, check_region, open_source, run_tiled
 
 logger = logging.getLogger(__name__)
 
@@ -54,12 +55,25 @@ def write_instance_png(mask: np.ndarray) -> str:
     return path
 
 
+def write_annotation_json(result: dict[str, Any]) -> str:
+    """This server's infer JSON (polygons in ``annotation``) in a temporary file, as a slide's label."""
+    fd, path = tempfile.mkstemp(suffix=".json")
+    with os.fdopen(fd, "w") as f:
+        json.dump(result, f)
+    return path
+
+
+# The largest region answered as an instance mask (int32 while it is built): 256 MB.
+MAX_MASK_PIXELS = 8192 * 8192
+
+
 class NucleiInfer(InferTask):
     """Nuclei instance segmentation, or (``nuclick=True``) the nuclei under the request's clicks.
 
-    ``POST /infer/<name>`` answers a 16-bit instance mask of the tile (or of ``location``/``size``)
-    with ``output=image`` and the polygons in its JSON; the app's ``/infer/wsi_v2`` uses
-    :meth:`annotate` for the polygons of a slide region.
+    ``POST /infer/<name>`` answers a 16-bit instance mask of the tile (or of ``location``/``size``,
+    at most ``MAX_MASK_PIXELS``) with ``output=image`` and the polygons in its JSON; a batch infer
+    over a slide stores its polygons instead. The app's ``/infer/wsi_v2`` uses :meth:`annotate` for
+    the polygons of a slide region.
 
     Args:
         spec: the network and post-processing settings.
@@ -206,12 +220,23 @@ class NucleiInfer(InferTask):
     def __call__(self, request: dict[str, Any]) -> tuple[str | None, dict[str, Any]]:
         start = time.perf_counter()
         source = open_source(request["image"])
+        # A slide's stored label is polygons (the datastore keeps no slide masks): batch infer, which
+        # saves what this returns, gets them instead of a mask of the whole slide.
+        polygons_only = isinstance(source, SlideSource) and bool(request.get("save_label"))
         try:
             region = check_region(request.get("location"), request.get("size"), source.dimensions)
-            result = self.annotate(source, region, request, with_mask=True)
+            if not polygons_only and region[2] * region[3] > MAX_MASK_PIXELS:
+                raise too_large(
+                    f"A mask of {region[2]} x {region[3]} pixels is over the {MAX_MASK_PIXELS} answered as an "
+                    "image; send a smaller location/size, or POST /infer/wsi/<model> for the polygons"
+                )
+            result = self.annotate(source, region, request, with_mask=not polygons_only)
         finally:
             close = getattr(source, "close", None)
             if close:
                 close()
+        result_json = self.result_json(result, region, time.perf_counter() - start)
+        if polygons_only:  # the polygons go to the file; the task's result (logged in full) says how many
+            return write_annotation_json(result_json), {k: v for k, v in result_json.items() if k != "annotation"}
         mask = result.mask if result.mask is not None else np.zeros(region[:1:-1], dtype=np.int32)
-        return write_instance_png(mask), self.result_json(result, region, time.perf_counter() - start)
+        return write_instance_png(mask), result_json

@@ -10,6 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
+import pathology.infer
+from appcore.errors import RequestError
 from pathology.app import PathologyApp
 from pathology.data import HELD_OUT, cpm_tiles
 from pathology.metrics import aji, dice
@@ -80,6 +82,20 @@ def test_model_contract(tmp_path: Path, model: str) -> None:
     published = load_state_dict(app.served_path)
     for key, value in served.items():
         assert torch.equal(value.cpu(), published[key]), f"infer does not serve the new weights ({key})"
+
+
+@requires_pathology
+def test_a_mask_over_the_pixel_budget_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    Image.fromarray(cpm_tiles(CPM, ("image04",))[0].image[:96, :96]).save(studies / "tile.png")
+    app = PathologyApp(str(tmp_path / "app"), str(studies), {"models": "nuclei"})
+    monkeypatch.setattr(pathology.infer, "MAX_MASK_PIXELS", 64 * 64)
+    with pytest.raises(RequestError, match="POST /infer/wsi/<model> for the polygons") as e:
+        app.infer({"model": "nuclei", "image": "tile"})
+    assert e.value.status_code == 413
+    result = app.infer({"model": "nuclei", "image": "tile", "location": [0, 0], "size": [64, 64]})
+    assert np.asarray(Image.open(result["file"])).shape == (64, 64)
 
 
 def test_train_without_labels_says_what_to_do(tmp_path: Path) -> None:

@@ -161,6 +161,24 @@ def test_tile_infer_returns_an_instance_mask_of_the_tile_size(server: tuple[http
     assert r.json()["count"] == mask.max()
 
 
+def test_batch_infer_stores_polygons_for_slides_and_masks_for_tiles(server: tuple[httpx.Client, Path]) -> None:
+    client, root = server
+    r = client.post("/batch/infer/nuclei", json={})
+    assert r.status_code == 200, r.text
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        status = client.get("/batch/infer").json()
+        if status.get("status") in ("DONE", "ERROR", "STOPPED"):
+            break
+        time.sleep(1)
+    assert status.get("status") == "DONE", status
+    original = root / "studies" / "labels" / "original"
+    slide = json.loads((original / "CMU-1-Small-Region.json").read_text())
+    assert slide["size"] == [2220, 2967] and len(slide["polygons"]) > 100
+    mask = np.asarray(Image.open(original / "image04.png"))
+    assert mask.shape == (493, 623) and mask.max() > 20
+
+
 def test_next_patch_as_qupath_asks(server: tuple[httpx.Client, Path]) -> None:
     client, _ = server
     for strategy in ("wsi_random", "wsi_uncertain"):
