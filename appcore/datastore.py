@@ -15,8 +15,15 @@ import nibabel as nib
 from filelock import FileLock
 from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastore
 
-from appcore.errors import conflict, not_found, unprocessable
-from appcore.validation import Geometry, check_image_id, check_upload_size, load_nifti, validate_label_volume
+from appcore.errors import conflict, not_found
+from appcore.validation import (
+    Geometry,
+    check_image_id,
+    check_upload_size,
+    check_volume_shape,
+    load_nifti,
+    validate_label_volume,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -148,9 +155,7 @@ class CheckedLocalDatastore(LocalDatastore):
             check_image_id(image_id)
         check_upload_size(image_filename, self._max_upload_mb, "image")
         if str(image_filename).endswith((".nii", ".nii.gz")):
-            img = load_nifti(image_filename, "image")
-            if len(img.shape) < 3 or min(img.shape[:3]) < 1:
-                raise unprocessable(f"The image must be a 3D volume, got shape {img.shape}")
+            check_volume_shape(load_nifti(image_filename, "image").shape, "image")
         new_id, ext = self._to_id(os.path.basename(image_filename))
         image_id = image_id or new_id
         check_image_id(image_id)

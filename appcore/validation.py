@@ -73,13 +73,16 @@ class Geometry:
         return cls(tuple(int(s) for s in img.shape[:3]), np.asarray(img.affine, dtype=np.float64))
 
 
+def check_volume_shape(shape: tuple[int, ...], what: str) -> None:
+    """Refuse (422) anything but a 3D volume, or a 4D one with a single component as some tools write."""
+    if not (len(shape) == 3 or (len(shape) == 4 and shape[3] == 1)) or min(shape[:3], default=0) < 1:
+        raise unprocessable(f"The {what} must be a 3D volume, got shape {tuple(shape)}")
+
+
 def _spatial_array(img: nib.spatialimages.SpatialImage, what: str) -> np.ndarray:
+    check_volume_shape(img.shape, what)
     data = np.asanyarray(img.dataobj)
-    if data.ndim == 4 and data.shape[3] == 1:
-        data = data[..., 0]
-    if data.ndim != 3:
-        raise unprocessable(f"The {what} must be a 3D volume, got shape {tuple(data.shape)}")
-    return data
+    return data[..., 0] if data.ndim == 4 else data
 
 
 def validate_label_volume(

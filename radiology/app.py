@@ -8,6 +8,7 @@ from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
+import nibabel as nib
 from monailabel.config import settings as ml_settings
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.datastore import Datastore
@@ -19,7 +20,7 @@ from appcore.dicom.ohif import as_requested_format, serve_ohif_config
 from appcore.errors import not_found, unprocessable
 from appcore.labels import LabelSet
 from appcore.settings import AppSettings
-from appcore.validation import load_nifti
+from appcore.validation import check_volume_shape, load_nifti
 from radiology.infer import SegmentationInfer
 from radiology.registry import MODELS
 from radiology.spec import ModelSpec
@@ -179,8 +180,11 @@ class RadiologyApp(RequestChecks, MONAILabelApp):
     # -- request checks --------------------------------------------------------------------------
     def infer(self, request: dict[str, Any], datastore: Datastore | None = None) -> dict[str, Any]:
         image = self.request_image(request, datastore, self.settings.max_upload_mb)
-        if image == request.get("image") and image.endswith((".nii", ".nii.gz")):  # an upload, not a stored image
-            load_nifti(image, "uploaded image")
+        if image.endswith((".nii", ".nii.gz")):
+            if image == request.get("image"):  # an upload (or a session's file), not a stored image
+                check_volume_shape(load_nifti(image, "uploaded image").shape, "uploaded image")
+            else:  # the header only: a 2D or multi-component image would fail in the network
+                check_volume_shape(nib.load(image).shape, f"image {request.get('image')!r}")
         return as_requested_format(super().infer(request, datastore), request)  # NRRD for OHIF
 
     def train(self, request: dict[str, Any]) -> dict[str, Any]:

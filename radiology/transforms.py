@@ -51,6 +51,25 @@ class ClassIndexd(MapTransform):
         return d
 
 
+class FiniteValuesd(MapTransform):
+    """Non-finite voxels (NaN or infinite, as outside a brain mask in processed MR) set to the image's
+    finite minimum, read as background. Without this one NaN makes every normalised voxel NaN and
+    the prediction silently empty.
+    """
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            img = d[key]
+            if bool(torch.isfinite(img.sum())):  # a sum is finite only if every voxel is: the common case
+                continue
+            finite = torch.isfinite(img)
+            out = img.clone()
+            out[~finite] = img[finite].min() if bool(finite.any()) else 0.0
+            d[key] = out
+        return d
+
+
 def intensity_transform(spec: ModelSpec, key: str = "image") -> MapTransform:
     """The intensity step of ``spec`` (a CT window or a z-score)."""
     if isinstance(spec.intensity, CTWindow):
@@ -78,6 +97,7 @@ def preprocess(spec: ModelSpec, *, with_label: bool, load: bool = True) -> list[
     steps += [
         EnsureChannelFirstd(keys=keys),
         EnsureTyped(keys=keys, dtype="float32", track_meta=True),
+        FiniteValuesd(keys="image"),
         Orientationd(keys=keys, axcodes="RAS"),
         Spacingd(keys=keys, pixdim=spec.spacing, mode=modes),
         intensity_transform(spec),

@@ -1,0 +1,88 @@
+"""Images a model cannot read get a 422 that says why; images with a few non-finite voxels still work."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from monai.data import MetaTensor
+
+from appcore.errors import RequestError
+from radiology.transforms import FiniteValuesd
+from tests.apps import CASES, make_app
+from tests.conftest import requires_shared
+
+
+@pytest.mark.parametrize(
+    ("values", "expected"),
+    [
+        ([1.0, 2.0, 3.0], [1.0, 2.0, 3.0]),
+        ([float("nan"), 2.0, 3.0], [2.0, 2.0, 3.0]),
+        ([-1.0, float("inf"), float("-inf")], [-1.0, -1.0, -1.0]),
+        ([float("nan")] * 3, [0.0, 0.0, 0.0]),
+    ],
+)
+def test_non_finite_voxels_become_the_finite_minimum(values: list[float], expected: list[float]) -> None:
+    image = MetaTensor(torch.tensor([[values]]), affine=torch.diag(torch.tensor([2.0, 2.0, 2.0, 1.0])))
+    out = FiniteValuesd(keys="image")({"image": image})["image"]
+    assert torch.equal(out, torch.tensor([[expected]]))
+    assert isinstance(out, MetaTensor) and torch.equal(out.affine, image.affine)
+    if values == expected:
+        assert out is image, "a finite image is passed on as it is"
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory: pytest.TempPathFactory):
+    return make_app(tmp_path_factory.mktemp("bad_images"), "hippocampus", labelled=0)
+
+
+def _upload(tmp_path: Path, name: str, data: np.ndarray, affine: np.ndarray) -> str:
+    path = tmp_path / name
+    nib.save(nib.Nifti1Image(data, affine), path)
+    return str(path)
+
+
+def _label(app, image: str) -> np.ndarray:
+    return np.asarray(nib.load(app.infer({"model": "hippocampus", "image": image})["file"]).dataobj)
+
+
+@requires_shared
+def test_a_few_nan_voxels_do_not_empty_the_prediction(app, tmp_path: Path) -> None:
+    src = nib.load(CASES["hippocampus"][0][0])
+    data = src.get_fdata(dtype=np.float32)
+    clean = _label(app, _upload(tmp_path, "clean.nii.gz", data, src.affine))
+    data[0, 0, :] = np.nan
+    data[-1, -1, -1] = np.inf
+    with_nan = _label(app, _upload(tmp_path, "nan.nii.gz", data, src.affine))
+    assert (clean > 0).sum() > 1000
+    agreement = ((with_nan > 0) & (with_nan == clean)).sum() * 2 / ((clean > 0).sum() + (with_nan > 0).sum())
+    assert agreement > 0.95, agreement
+
+
+@requires_shared
+@pytest.mark.parametrize(
+    ("shape", "refused"),
+    [((35, 51), True), ((35, 51, 35, 2), True), ((35, 51, 35, 1), False), ((35, 51, 35), False)],
+)
+def test_only_volumes_are_segmented(app, tmp_path: Path, shape: tuple[int, ...], refused: bool) -> None:
+    affine = nib.load(CASES["hippocampus"][0][0]).affine
+    path = _upload(tmp_path, "upload.nii.gz", np.ones(shape, np.float32), affine)
+    if refused:
+        with pytest.raises(RequestError, match="must be a 3D volume") as e:
+            app.infer({"model": "hippocampus", "image": path})
+        assert e.value.status_code == 422
+    else:
+        assert _label(app, path).shape == shape[:3]
+
+
+@requires_shared
+def test_a_stored_image_that_is_not_a_volume_is_refused_by_id(app) -> None:
+    studies = Path(app.studies)
+    nib.save(nib.Nifti1Image(np.ones((20, 30), np.float32), np.eye(4)), studies / "flat.nii.gz")
+    app.datastore().refresh()
+    with pytest.raises(RequestError, match="image 'flat' must be a 3D volume") as e:
+        app.infer({"model": "hippocampus", "image": "flat"})
+    assert e.value.status_code == 422
