@@ -122,7 +122,7 @@ class CheckedLocalDatastore(LocalDatastore):
         obj = self._existing(image_id)
         check_image_id(label_tag, "Label tag")
         check_upload_size(label_filename, self._max_upload_mb, "label")
-        label = load_nifti(label_filename, "label")
+        label = load_nifti(label_filename, "label", self._max_upload_mb)
         image = nib.load(super().get_image_uri(image_id))
         image_geometry = Geometry.of(image)
         allowed = self._allowed_values(label_info or {})
@@ -155,7 +155,7 @@ class CheckedLocalDatastore(LocalDatastore):
             check_image_id(image_id)
         check_upload_size(image_filename, self._max_upload_mb, "image")
         if str(image_filename).endswith((".nii", ".nii.gz")):
-            check_volume_shape(load_nifti(image_filename, "image").shape, "image")
+            check_volume_shape(load_nifti(image_filename, "image", self._max_upload_mb).shape, "image")
         new_id, ext = self._to_id(os.path.basename(image_filename))
         image_id = image_id or new_id
         check_image_id(image_id)

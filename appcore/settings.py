@@ -54,7 +54,7 @@ class AppSettings:
         max_epochs: default epochs of one ``/train`` run.
         train_batch_size: default patches per training step.
         val_split: share of labelled images held out for validation when at least 5 are labelled.
-        max_upload_mb: largest label or image upload accepted.
+        max_upload_mb: largest label or image upload accepted (file size, and NIfTI voxel data once decompressed).
         score_after_train: rescore the unlabelled images as soon as a training run finishes.
         score_on_start: rescore stale images when the server starts.
         sw_batch_size: sliding windows evaluated per forward pass at inference.

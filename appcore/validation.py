@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import gzip
 import os
 import re
+import zlib
 from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,22 +42,48 @@ def check_upload_size(path: str | Path, max_mb: int, what: str) -> None:
         )
 
 
-def load_nifti(path: str | Path, what: str) -> nib.Nifti1Image:
-    """Open and fully read a NIfTI file, turning any decoding error into a 422 that names ``what``."""
+class _Oversized(Exception):
+    pass
+
+
+def _gunzip(raw: bytes, limit: int | None) -> bytes:
+    """Decompress a gzip upload, stopping past ``limit`` bytes instead of filling the memory."""
+    z = zlib.decompressobj(wbits=31)
+    out = z.decompress(raw, 0 if limit is None else limit + 1)
+    if limit is not None and len(out) > limit:
+        raise _Oversized
+    return out
+
+
+def load_nifti(path: str | Path, what: str, max_mb: int | None = None) -> nib.Nifti1Image:
+    """Open and fully read a NIfTI file, turning any decoding error into a 422 that names ``what``.
+
+    With ``max_mb``, voxel data over that size once decompressed is refused with a 413 before it is
+    read: a small gzip file can hold gigabytes of zeros.
+    """
+    limit = None if max_mb is None else max_mb * 2**20
+    too_big = f"The {what} holds over {max_mb} MB of voxel data once decompressed, the limit (--conf max_upload_mb)"
     try:
         if str(path).endswith((".nii", ".nii.gz")):
-            img = nib.load(str(path))
+            img = nib.load(str(path))  # the header only: the voxels are read below
         else:
             # Uploads may arrive in a temporary file without the client's extension.
             raw = Path(path).read_bytes()
             if raw[:2] == b"\x1f\x8b":
-                raw = gzip.decompress(raw)
+                raw = _gunzip(raw, None if limit is None else limit + 2**20)  # room for header and extensions
             img = nib.Nifti1Image.from_bytes(raw)
-        img.get_fdata(dtype=np.float32)  # force a full read: a truncated gzip fails here, not later
+    except _Oversized:
+        raise too_large(too_big) from None
     except Exception as e:  # nibabel raises many unrelated types for corrupt files
         raise unprocessable(f"The {what} is not a readable NIfTI file ({type(e).__name__}: {e})") from None
     if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image):
         raise unprocessable(f"The {what} must be NIfTI (.nii or .nii.gz), got {type(img).__name__}")
+    if limit is not None and int(np.prod(img.shape, dtype=np.int64)) * img.get_data_dtype().itemsize > limit:
+        raise too_large(too_big)
+    try:
+        img.get_fdata(dtype=np.float32)  # force a full read: a truncated gzip fails here, not later
+    except Exception as e:
+        raise unprocessable(f"The {what} is not a readable NIfTI file ({type(e).__name__}: {e})") from None
     return img
 
 

@@ -182,7 +182,8 @@ class RadiologyApp(RequestChecks, MONAILabelApp):
         image = self.request_image(request, datastore, self.settings.max_upload_mb)
         if image.endswith((".nii", ".nii.gz")):
             if image == request.get("image"):  # an upload (or a session's file), not a stored image
-                check_volume_shape(load_nifti(image, "uploaded image").shape, "uploaded image")
+                uploaded = load_nifti(image, "uploaded image", self.settings.max_upload_mb)
+                check_volume_shape(uploaded.shape, "uploaded image")
             else:  # the header only: a 2D or multi-component image would fail in the network
                 check_volume_shape(nib.load(image).shape, f"image {request.get('image')!r}")
         return as_requested_format(super().infer(request, datastore), request)  # NRRD for OHIF

@@ -45,6 +45,7 @@ def test_good_label_is_saved_on_the_image_grid(store: CheckedLocalDatastore, tmp
         (lambda p, a: (p.write_bytes(b"\x1f\x8b garbage"), str(p))[1], 422, "not a readable NIfTI"),
         (lambda p, a: (p.write_bytes(b""), str(p))[1], 422, "empty"),
         (lambda p, a: (p.write_bytes(b"0" * (2 * 2**20)), str(p))[1], 413, "limit is 1 MB"),
+        (lambda p, a: _label_file(p, np.zeros((128, 128, 128), np.uint8), a), 413, "once decompressed"),
     ],
 )
 def test_bad_label_is_refused_and_the_previous_one_survives(

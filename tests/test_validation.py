@@ -90,6 +90,20 @@ def test_load_nifti_without_extension(tmp_path: Path) -> None:
     assert load_nifti(path, "label").shape == (3, 3, 3)
 
 
+@pytest.mark.parametrize("named", [True, False], ids=["nii.gz", "no extension"])
+def test_small_gzip_with_large_voxel_data_is_refused_before_it_is_read(tmp_path: Path, named: bool) -> None:
+    # 2 MB of zeros compresses to a few kB: the size of the upload does not bound the memory.
+    raw = nib.Nifti1Image(np.zeros((128, 128, 128), np.uint8), np.eye(4)).to_bytes()
+    path = tmp_path / ("bomb.nii.gz" if named else "tmpupload")
+    path.write_bytes(gzip.compress(raw))
+    assert path.stat().st_size < 64 * 1024
+    with pytest.raises(RequestError, match="over 1 MB of voxel data once decompressed") as e:
+        load_nifti(path, "label", max_mb=1)
+    assert e.value.status_code == 413
+    assert load_nifti(path, "label", max_mb=2).shape == (128, 128, 128)
+    assert load_nifti(path, "label").shape == (128, 128, 128)
+
+
 def test_upload_size(tmp_path: Path) -> None:
     empty = tmp_path / "e"
     empty.write_bytes(b"")

@@ -263,7 +263,8 @@ class DicomWebDatastore(CheckedLocalDatastore):
         model, labels = self._labels_for(info, modality)
         check_upload_size(label_filename, self._max_upload_mb, "label")
         image = nib.load(image_uri)
-        data = validate_label_volume(load_nifti(label_filename, "label"), Geometry.of(image), labels.allowed_values)
+        label = load_nifti(label_filename, "label", self._max_upload_mb)
+        data = validate_label_volume(label, Geometry.of(image), labels.allowed_values)
 
         earlier = self._segs.get().get(image_id, [])
         seg_uid = generate_uid()
