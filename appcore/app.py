@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import tempfile
@@ -10,12 +11,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from fastapi import HTTPException
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.datastore import Datastore
 
 from appcore.errors import RequestError, bad_request, conflict, not_found, unprocessable
 from appcore.routes import refuse_early
 from appcore.validation import check_image_id, check_upload_size
+
+logger = logging.getLogger(__name__)
 
 
 def _running_app() -> MONAILabelApp:
@@ -154,11 +158,23 @@ class RequestChecks:
         return super().next_sample(request)
 
     def batch_infer(self, request: dict[str, Any], datastore: Datastore | None = None) -> dict[str, Any]:
+        """MONAI Label's batch infer, with an image that cannot be segmented skipped, not the batch ended.
+
+        The result names each skipped image with the reason (``{"skipped": "..."}``).
+        """
         if not torch.cuda.is_available():
             # MONAI Label spreads a batch over the CUDA devices by default and divides by their
             # count: without one, every batch infer failed with a ZeroDivisionError.
             request = {**request, "multi_gpu": False, "device": "cpu"}
-        return super().batch_infer(request, datastore)
+
+        def infer_or_skip(req: dict[str, Any], store: Datastore) -> dict[str, Any]:
+            try:
+                return self.infer(req, store)
+            except HTTPException as e:  # a refused series, a corrupt file, an unreachable PACS
+                logger.warning("Batch infer skips %s: %s", req.get("image"), e.detail)
+                return {"skipped": e.detail}
+
+        return self._batch_infer(request, datastore or self.datastore(), infer_or_skip)
 
     def bundle_path(self, model: str | None) -> str | None:
         # MONAI Label asks this before it starts a training or batch infer process: the place to

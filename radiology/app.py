@@ -15,7 +15,7 @@ from monailabel.interfaces.datastore import Datastore
 
 from appcore.app import RequestChecks
 from appcore.datastore import CheckedLocalDatastore
-from appcore.dicom.datastore import open_dicomweb_datastore
+from appcore.dicom.datastore import DicomWebDatastore, open_dicomweb_datastore
 from appcore.dicom.ohif import as_requested_format, serve_ohif_config
 from appcore.errors import not_found, unprocessable
 from appcore.labels import LabelSet
@@ -187,6 +187,17 @@ class RadiologyApp(RequestChecks, MONAILabelApp):
             else:  # the header only: a 2D or multi-component image would fail in the network
                 check_volume_shape(nib.load(image).shape, f"image {request.get('image')!r}")
         return as_requested_format(super().infer(request, datastore), request)  # NRRD for OHIF
+
+    def batch_infer(self, request: dict[str, Any], datastore: Datastore | None = None) -> dict[str, Any]:
+        datastore = datastore or self.datastore()
+        spec, images = self.specs.get(request.get("model", "")), request.get("images", "all")
+        if isinstance(datastore, DicomWebDatastore) and spec is not None and isinstance(images, str):
+            # A PACS holds every modality: "all", "labeled" or "unlabeled" means those of the model's.
+            pool = {"labeled": datastore.get_labeled_images, "unlabeled": datastore.get_unlabeled_images}
+            ids = pool.get(images, datastore.list_images)()
+            of_modality = set(datastore.series_of_modality(spec.modality))
+            request = {**request, "images": [i for i in ids if i in of_modality]}
+        return super().batch_infer(request, datastore)
 
     def train(self, request: dict[str, Any]) -> dict[str, Any]:
         result = super().train(request)

@@ -108,6 +108,29 @@ def test_gantry_tilted_series_is_refused_naming_it(server: Server, pacs: LoadedP
     assert uid not in picks
 
 
+def _batch(server: Server, model: str) -> dict:
+    r = server.http.post(f"/batch/infer/{model}", json={})
+    assert r.status_code == 200, r.text
+    deadline = time.monotonic() + 240
+    while (status := server.http.get("/batch/infer").json()).get("status") not in ("DONE", "ERROR", "STOPPED"):
+        assert time.monotonic() < deadline, "batch infer did not finish in 240 s"
+        time.sleep(1)
+    return status
+
+
+def test_batch_infer_covers_the_model_s_modality_and_skips_a_refused_series(server: Server, pacs: LoadedPacs) -> None:
+    def original(name: str) -> int:
+        return server.http.get("/datastore/label", params={"label": pacs.series[name], "tag": "original"}).status_code
+
+    assert _batch(server, "hippocampus")["status"] == "DONE"
+    assert [original(c) for c in MR_CASES] == [200] * len(MR_CASES)
+    assert original("ct_abdomen") == 404, "the MR model is not run on CT series"
+    status = _batch(server, "organs_ct")
+    assert status["status"] == "DONE", status  # the tilted series did not end the batch
+    assert original("ct_abdomen") == 200 and original("ct_head_ge") == 404
+    assert any("skipped" in line and pacs.series["ct_head_ge"] in line for line in status["details"])
+
+
 def test_saving_a_ct_label_stores_a_coded_seg_and_saving_again_replaces_it(
     server: Server, pacs: LoadedPacs, tmp_path: Path
 ) -> None:

@@ -157,6 +157,10 @@ class DicomWebDatastore(CheckedLocalDatastore):
         self.get_label_uri(label_id, label_tag)  # a SEG saved from elsewhere is read from the PACS first
         return super()._existing_label(label_id, label_tag)
 
+    def series_of_modality(self, modality: str) -> list[str]:
+        """The PACS's series of one modality: the images a model made for it can segment."""
+        return sorted(uid for uid, ds in self._series.get().items() if str(ds.get("Modality", "")) == modality)
+
     def list_images(self) -> list[str]:
         return sorted(self._series.get())
 
@@ -316,6 +320,8 @@ class DicomWebDatastore(CheckedLocalDatastore):
         if label_tag == DefaultLabelTag.FINAL.value:
             check_image_id(label_id)
             self._sync_final(label_id)
+        else:  # saved by a batch infer, which runs in a process of its own: reread the record if it changed
+            self._init_from_datastore_file()
         return super().get_label_uri(label_id, label_tag)
 
     def remove_label(self, label_id: str, label_tag: str) -> None:
