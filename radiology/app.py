@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections.abc import Collection
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from appcore.app import RequestChecks
 from appcore.datastore import CheckedLocalDatastore
 from appcore.dicom.datastore import DicomWebDatastore, open_dicomweb_datastore
 from appcore.dicom.ohif import as_requested_format, serve_ohif_config
+from appcore.dicom.prepare import load_series_folder
 from appcore.errors import not_found, unprocessable
 from appcore.labels import LabelSet
 from appcore.settings import AppSettings
@@ -180,6 +182,9 @@ class RadiologyApp(RequestChecks, MONAILabelApp):
     # -- request checks --------------------------------------------------------------------------
     def infer(self, request: dict[str, Any], datastore: Datastore | None = None) -> dict[str, Any]:
         image = self.request_image(request, datastore, self.settings.max_upload_mb)
+        if image == request.get("image") and os.path.isdir(image):  # a session of a DICOM series' files
+            image = self._session_series(image)
+            request = {**request, "image": image}
         if image.endswith((".nii", ".nii.gz")):
             if image == request.get("image"):  # an upload (or a session's file), not a stored image
                 uploaded = load_nifti(image, "uploaded image", self.settings.max_upload_mb)
@@ -187,6 +192,20 @@ class RadiologyApp(RequestChecks, MONAILabelApp):
             else:  # the header only: a 2D or multi-component image would fail in the network
                 check_volume_shape(nib.load(image).shape, f"image {request.get('image')!r}")
         return as_requested_format(super().infer(request, datastore), request)  # NRRD for OHIF
+
+    @staticmethod
+    def _session_series(folder: str) -> str:
+        """The series a session's DICOM files hold, as NIfTI beside them (checked as a PACS series is)."""
+        volume_path = Path(folder) / "series.nii.gz"
+        if not volume_path.exists():
+            try:
+                volume = load_series_folder(folder)
+            except ValueError as e:
+                raise unprocessable(f"The session's files cannot be segmented: {e}") from None
+            staged = volume_path.with_name(f".{os.getpid()}.{threading.get_ident()}.nii.gz")
+            nib.save(volume.to_nifti(), staged)
+            os.replace(staged, volume_path)  # two infers on one session never read a half-written file
+        return str(volume_path)
 
     def batch_infer(self, request: dict[str, Any], datastore: Datastore | None = None) -> dict[str, Any]:
         datastore = datastore or self.datastore()

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import shutil
+
 import nibabel as nib
 import numpy as np
 import pytest
 
-from appcore.dicom.prepare import fill_missing_uids, nifti_to_series, read_series_folder, stable_uid
+from appcore.dicom.prepare import fill_missing_uids, load_series_folder, nifti_to_series, read_series_folder, stable_uid
 from appcore.dicom.seg import dicom_lab_to_rgb, label_to_seg, rgb_to_dicom_lab, seg_to_label
 from appcore.dicom.series import SeriesRefused, load_series, series_geometry
 from radiology.registry import MODELS
@@ -202,3 +204,17 @@ def test_infer_result_becomes_nrrd_only_when_asked(tmp_path, request_: dict, exp
         assert np.allclose(header["space origin"], lps[:3, 3])
     else:
         assert result["file"] == label
+
+
+@requires_dicom
+def test_a_folder_must_hold_exactly_one_series(tmp_path) -> None:
+    assert load_series_folder(DICOM / "ct_abdomen").data.shape == (512, 512, 20)
+    for name in ("ct_abdomen", "ct_head_ge"):
+        for path in sorted((DICOM / name).glob("*.dcm"))[:3]:
+            shutil.copyfile(path, tmp_path / f"{name}_{path.name}")
+    with pytest.raises(ValueError, match="The files hold 2 DICOM series"):
+        load_series_folder(tmp_path)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match="The files hold 0 DICOM series"):
+        load_series_folder(empty)

@@ -14,7 +14,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from tests.conftest import HIPPO, requires_shared
+from tests.conftest import HIPPO, SHARED, requires_shared
 from tests.servers import monailabel_server
 
 pytestmark = [requires_shared, pytest.mark.slow]
@@ -130,6 +130,26 @@ def test_active_learning_loop_over_http(server: tuple[httpx.Client, Path, Path])
     assert len(set(ids)) == 4 and set(ids) <= unlabelled
     batch = client.post("/activelearning/random", json={"client_id": "e", "k": 3}).json()
     assert len(batch["ids"]) == 3 and not set(batch["ids"]) & set(ids)
+
+
+@pytest.mark.skipif(not (SHARED / "dicom" / "ct_abdomen").is_dir(), reason="real DICOM series under ../shared absent")
+def test_a_session_of_dicom_files_is_checked_and_segmented_on_its_grid(server, tmp_path: Path) -> None:
+    client, _, _ = server
+
+    def session_infer(series: str) -> httpx.Response:
+        files = [("files", (p.name, p.read_bytes())) for p in sorted((SHARED / "dicom" / series).glob("*.dcm"))]
+        r = client.put("/session/", files=files)
+        assert r.status_code == 200, r.text
+        params = {"image": "", "session_id": r.json()["session_id"], "output": "image"}
+        return client.post("/infer/hippocampus", params=params)
+
+    r = session_infer("ct_abdomen")  # JPEG 2000, 20 slices of 512 x 512
+    assert r.status_code == 200, r.text
+    (tmp_path / "label.nii.gz").write_bytes(r.content)
+    label = nib.load(tmp_path / "label.nii.gz")
+    assert label.shape == (512, 512, 20) and np.allclose(np.diag(label.affine)[:3], [-0.9765625, -0.9765625, 2.0])
+    r = session_infer("ct_head_ge")  # the same refusal as from a PACS, not a silently distorted volume
+    assert r.status_code == 422 and "gantry tilt" in r.json()["detail"], r.text
 
 
 @pytest.mark.parametrize(

@@ -13,6 +13,8 @@ import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian
 
+from appcore.dicom.series import SeriesVolume, load_series
+
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
 _SOP_CLASS = {"CT": CT_IMAGE_STORAGE, "MR": MR_IMAGE_STORAGE}
@@ -73,6 +75,19 @@ def read_series_folder(folder: Path) -> list[Dataset]:
         except pydicom.errors.InvalidDicomError:
             continue
     return datasets
+
+
+def load_series_folder(folder: str | Path) -> SeriesVolume:
+    """The one series a folder of DICOM files holds (a MONAI Label session of a series' files).
+
+    Raises ``ValueError`` unless the files hold exactly one series, ``SeriesRefused`` (a
+    ``ValueError`` too) for one that is not a regular grid.
+    """
+    datasets = read_series_folder(Path(folder))
+    uids = sorted({str(ds.get("SeriesInstanceUID", "")) for ds in datasets})
+    if len(uids) != 1:
+        raise ValueError(f"The files hold {len(uids)} DICOM series; send the files of one series")
+    return load_series(datasets, uids[0])
 
 
 def nifti_to_series(
