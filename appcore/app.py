@@ -70,6 +70,16 @@ def _cannot_train(params: dict[str, Any], body: bytes) -> RequestError | None:
     return None
 
 
+def _unservable_infer(params: dict[str, Any], body: bytes) -> RequestError | None:
+    if params.get("output") == "dicom_seg":
+        # MONAI Label makes one only for its own DICOMweb datastore, and answers a 500 otherwise.
+        return bad_request(
+            "output=dicom_seg is not served: a label saved with PUT /datastore/label on a PACS is stored "
+            "there as DICOM SEG; infer answers NIfTI (output=image), or NRRD with result_extension .nrrd"
+        )
+    return None
+
+
 class _FormJson:
     """``json`` as MONAI Label's upload endpoints use it, to read the ``params``, ``info`` and ``wsi``
     form fields: a field that is not a JSON object is a 422 that says so, not the 500 of a
@@ -127,6 +137,7 @@ class RequestChecks:
         refuse_early("/scoring/{method}", ["POST"], _unknown_scoring, name="refuse_scoring")
         refuse_early("/train/{model}", ["POST"], _cannot_train, name="refuse_train_model")
         refuse_early("/train/", ["POST"], _cannot_train, name="refuse_train_all")
+        refuse_early("/infer/{model}", ["POST"], _unservable_infer, name="refuse_infer", read_body=False)
 
     def is_server_upload(self, path: str) -> bool:
         """Whether ``path`` is a file the MONAI Label endpoints wrote: an upload or a session's image."""

@@ -11,11 +11,12 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Collection
 from typing import Any
+from urllib.parse import parse_qsl
 
 from appcore.errors import RequestError, too_large
 
-# Given a request's path parameters and body, why it is refused, or None to let MONAI Label's
-# route answer.
+# Given a request's path and query parameters and its body, why it is refused, or None to let
+# MONAI Label's route answer.
 Refusal = Callable[[dict[str, Any], bytes], RequestError | None]
 
 MAX_CHECKED_BODY = 1 << 20  # the requests checked here carry a small JSON body or none
@@ -41,13 +42,15 @@ def insert_first(route: Any) -> bool:
     return True
 
 
-def refuse_early(path: str, methods: Collection[str], refusal: Refusal, name: str) -> bool:
+def refuse_early(path: str, methods: Collection[str], refusal: Refusal, name: str, *, read_body: bool = True) -> bool:
     """Answer requests to ``path`` with the 4xx ``refusal`` gives, before MONAI Label's route sees them.
 
     MONAI Label starts a training or scoring for any name and any parameters and reports the
-    failure later in the task's status; a refusal here answers at once instead. A request
-    ``refusal`` accepts (it returns None) is handed, body included, to the route behind this one.
-    Bodies over ``MAX_CHECKED_BODY`` are refused with a 413 (these endpoints take small JSON).
+    failure later in the task's status; a refusal here answers at once instead. ``refusal`` gets the
+    path and query parameters (path first) and the body. A request it accepts (it returns None) is
+    handed, body included, to the route behind this one. Bodies over ``MAX_CHECKED_BODY`` are
+    refused with a 413 (these endpoints take small JSON); with ``read_body=False`` (an upload
+    route) the body is not read, ``refusal`` gets ``b""`` and the request passes on untouched.
     """
     routes = _server_routes()
     if routes is None:
@@ -62,7 +65,8 @@ def refuse_early(path: str, methods: Collection[str], refusal: Refusal, name: st
         async def handle(self, scope: Any, receive: Any, send: Any) -> None:
             if self.methods and scope["method"] not in self.methods:
                 return await super().handle(scope, receive, send)  # 405, as without this route
-            body, more, error = b"", True, None
+            params = {**dict(parse_qsl(scope.get("query_string", b"").decode("latin-1"))), **scope["path_params"]}
+            body, more, error = b"", read_body, None
             while more and error is None:
                 message = await receive()
                 body += message.get("body", b"")
@@ -70,12 +74,12 @@ def refuse_early(path: str, methods: Collection[str], refusal: Refusal, name: st
                 if len(body) > MAX_CHECKED_BODY:
                     error = too_large(f"The request body is over {MAX_CHECKED_BODY} bytes")
             if error is None:
-                error = refusal(scope["path_params"], body)
+                error = refusal(params, body)
             if error is not None:
                 response = JSONResponse({"detail": error.detail}, status_code=error.status_code)
                 return await response(scope, receive, send)
 
-            replayed = False
+            replayed = not read_body
 
             async def replay() -> dict[str, Any]:
                 nonlocal replayed

@@ -51,7 +51,14 @@ def server(monkeypatch: pytest.MonkeyPatch) -> Starlette:
     monkeypatch.setitem(sys.modules, "monailabel.app", SimpleNamespace(app=app))
     assert refuse_early("/train/{model}", ["POST"], _refusal, name="refuse_train")
     assert refuse_early("/post_only/{model}", ["POST"], _refusal, name="refuse_post_only")
+    app.router.routes.append(Route("/upload/{model}", _original, methods=["POST"]))
+    assert refuse_early("/upload/{model}", ["POST"], _query_refusal, name="refuse_upload", read_body=False)
     return app
+
+
+def _query_refusal(params: dict, body: bytes) -> object:
+    assert body == b"", "an upload route's body is not read"
+    return unprocessable("not that output") if params.get("output") == "bad" else None
 
 
 @pytest.mark.parametrize(
@@ -65,6 +72,9 @@ def server(monkeypatch: pytest.MonkeyPatch) -> Starlette:
         ("GET", "/train/unknown", b"", 200, "original GET unknown "),  # only the methods named are checked
         ("GET", "/post_only/unknown", b"", 405, None),  # as without the refusal
         ("POST", "/train/hippocampus", b" " * (MAX_CHECKED_BODY + 1), 413, None),
+        ("POST", "/train/unknown?model=hippocampus", b"", 404, {"detail": "Unknown model 'unknown'"}),  # path wins
+        ("POST", "/upload/ct?output=bad", b"x", 422, {"detail": "not that output"}),
+        ("POST", "/upload/ct?output=image", b"x" * (2 * MAX_CHECKED_BODY), 200, "original POST ct " + "x" * 2**21),
     ],
 )
 def test_refusals_answer_first_and_the_rest_reaches_the_original(
@@ -79,7 +89,7 @@ def test_refusals_answer_first_and_the_rest_reaches_the_original(
 def test_a_refusal_is_put_in_place_once(server: Starlette) -> None:
     for _ in range(3):
         assert refuse_early("/train/{model}", ["POST"], _refusal, name="refuse_train")
-    assert len(server.router.routes) == 4
+    assert len(server.router.routes) == 6
 
 
 def test_nothing_is_inserted_outside_a_server(monkeypatch: pytest.MonkeyPatch) -> None:

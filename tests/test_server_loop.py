@@ -192,6 +192,7 @@ def test_a_session_of_dicom_files_is_checked_and_segmented_on_its_grid(server, t
         ),
         ("post", "/train/hippocampus", {"json": {"max_epochs": "ten"}}, 422),
         ("post", "/train/hippocampus", {"json": {"val_split": 1.5}}, 422),
+        ("post", "/infer/hippocampus?image=hippocampus_001&output=dicom_seg", {}, 400),
     ],
 )
 def test_bad_requests_get_clear_4xx(server, method: str, path: str, kwargs: dict, status: int) -> None:
