@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import nibabel as nib
+import numpy as np
 from filelock import FileLock
 from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastore
 
@@ -159,13 +160,35 @@ class CheckedLocalDatastore(LocalDatastore):
         new_id, ext = self._to_id(os.path.basename(image_filename))
         image_id = image_id or new_id
         check_image_id(image_id)
+        existing = self._datastore.objects.get(image_id)
+        labels = dict(existing.labels) if existing is not None else {}
+        current = LocalDatastore.get_image_uri(self, image_id) if labels else ""
+        if current and Path(current).exists():  # a new file under a labelled id must keep the labels on it
+            old = self._grid(current)
+            if old is None or old != self._grid(image_filename):
+                raise conflict(
+                    f"Image {image_id!r} has labels ({', '.join(sorted(labels))}) on its current grid and the "
+                    f"uploaded file's grid differs; delete it first (DELETE /datastore/image?id={image_id}) "
+                    "or upload it under a new id"
+                )
         name = self._filename(image_id, ext)
         dest = Path(self._datastore.image_path()) / name
         with FileLock(self._lock_file):
             _atomic_copy(image_filename, dest)
+            if existing is not None and existing.image.ext != ext:  # the same image in another format
+                (Path(self._datastore.image_path()) / self._filename(image_id, existing.image.ext)).unlink(
+                    missing_ok=True
+                )
             info = dict(image_info or {})
             info["ts"] = int(time.time())
             info["name"] = name
-            self._datastore.objects[image_id] = ImageLabelModel(image=DataModel(info=info, ext=ext))
+            self._datastore.objects[image_id] = ImageLabelModel(image=DataModel(info=info, ext=ext), labels=labels)
             self._update_datastore_file(lock=False)
         return image_id
+
+    def _grid(self, path: str | Path) -> object:
+        """What a label must match to lie on the image at ``path``; None where this store cannot tell."""
+        if not str(path).endswith((".nii", ".nii.gz")):
+            return None
+        geometry = Geometry.of(nib.load(str(path)))
+        return geometry.shape, tuple(np.round(geometry.affine, 4).ravel().tolist())

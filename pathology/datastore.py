@@ -123,6 +123,14 @@ class PathologyDatastore(CheckedLocalDatastore):
             source.close()
         return super().add_image(image_id, image_filename, image_info)
 
+    def _grid(self, path: str | Path) -> object:
+        source = open_source(path)
+        try:
+            return source.dimensions
+        finally:
+            if isinstance(source, SlideSource):
+                source.close()
+
     def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any]) -> str:
         obj = self._existing(image_id)
         check_image_id(label_tag, "Label tag")

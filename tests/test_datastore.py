@@ -131,3 +131,27 @@ def test_add_image_checks(store: CheckedLocalDatastore, tmp_path: Path) -> None:
     with pytest.raises(RequestError, match="not a readable NIfTI"):
         store.add_image("bad", str(corrupt), {})
     assert not (Path(store.get_image_uri("new")).parent / "bad.nii.gz").exists()
+
+
+def test_a_labelled_image_is_replaced_only_by_one_on_the_same_grid(
+    store: CheckedLocalDatastore, tmp_path: Path, oblique_affine
+) -> None:
+    label = _label_file(tmp_path / "l.nii.gz", np.ones((10, 12, 8), np.uint8), oblique_affine)
+    store.save_label("case1", label, "final", {})
+    image = Path(store.get_image_uri("case1"))
+    before = image.read_bytes(), Path(store.get_label_uri("case1", "final")).read_bytes()
+
+    other = write_nifti(tmp_path / "other.nii.gz", np.zeros((10, 12, 9), np.float32), oblique_affine)
+    with pytest.raises(RequestError, match="'case1' has labels \\(final\\) on its current grid") as e:
+        store.add_image("case1", str(other), {})
+    assert e.value.status_code == 409
+    assert (image.read_bytes(), Path(store.get_label_uri("case1", "final")).read_bytes()) == before
+
+    same_grid = write_nifti(tmp_path / "same.nii.gz", np.full((10, 12, 8), 3, np.float32), oblique_affine)
+    assert store.add_image("case1", str(same_grid), {}) == "case1"
+    assert np.asarray(nib.load(store.get_image_uri("case1")).dataobj).max() == 3
+    assert store.get_labeled_images() == ["case1"], "the label still lies on the new file and is kept"
+
+    store.remove_label("case1", "final")
+    assert store.add_image("case1", str(other), {}) == "case1", "an unlabelled image may change grid"
+    assert nib.load(store.get_image_uri("case1")).shape == (10, 12, 9)

@@ -132,6 +132,15 @@ def test_active_learning_loop_over_http(server: tuple[httpx.Client, Path, Path])
     assert len(batch["ids"]) == 3 and not set(batch["ids"]) & set(ids)
 
 
+def test_a_labelled_image_is_not_replaced_by_one_on_another_grid(server) -> None:
+    client, studies, _ = server
+    labelled = CASES[0].name.split(".")[0]  # labelled by the loop test
+    upload = {"file": (CASES[1].name, CASES[1].read_bytes())}
+    r = client.put("/datastore/image", params={"image": labelled}, files=upload)
+    assert r.status_code == 409 and "has labels (final)" in r.json()["detail"], r.text
+    assert (studies / CASES[0].name).read_bytes() == CASES[0].read_bytes()
+
+
 @pytest.mark.skipif(not (SHARED / "dicom" / "ct_abdomen").is_dir(), reason="real DICOM series under ../shared absent")
 def test_a_session_of_dicom_files_is_checked_and_segmented_on_its_grid(server, tmp_path: Path) -> None:
     client, _, _ = server
