@@ -124,7 +124,8 @@ class RequestChecks:
     or with no label to learn from, whose failure shows only later in the task's status. Here: 404
     for an unknown model, strategy or scoring method, 422 for such parameters and form fields, 409
     for a training before any ``final`` label, and a 400 for image paths outside the server's upload
-    and session folders. Batch infer runs on the CPU where there is no CUDA device.
+    and session folders. Batch infer runs on the CPU where there is no CUDA device and skips an
+    image it cannot segment instead of ending.
     """
 
     _infers: dict[str, Any]

@@ -190,7 +190,12 @@ class RadiologyApp(RequestChecks, MONAILabelApp):
                 uploaded = load_nifti(image, "uploaded image", self.settings.max_upload_mb)
                 check_volume_shape(uploaded.shape, "uploaded image")
             else:  # the header only: a 2D or multi-component image would fail in the network
-                check_volume_shape(nib.load(image).shape, f"image {request.get('image')!r}")
+                what = f"image {request.get('image')!r}"
+                try:
+                    shape = nib.load(image).shape
+                except Exception as e:  # nibabel raises many unrelated types for corrupt files
+                    raise unprocessable(f"The {what} is not a readable NIfTI file ({type(e).__name__}: {e})") from None
+                check_volume_shape(shape, what)
         return as_requested_format(super().infer(request, datastore), request)  # NRRD for OHIF
 
     @staticmethod

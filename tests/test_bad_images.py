@@ -86,3 +86,20 @@ def test_a_stored_image_that_is_not_a_volume_is_refused_by_id(app) -> None:
     with pytest.raises(RequestError, match="image 'flat' must be a 3D volume") as e:
         app.infer({"model": "hippocampus", "image": "flat"})
     assert e.value.status_code == 422
+
+
+@requires_shared
+def test_batch_infer_skips_an_unreadable_image_and_labels_the_others(app) -> None:
+    studies = Path(app.studies)
+    (studies / "broken.nii.gz").write_bytes(b"\x1f\x8b\x08 not a volume")
+    app.datastore().refresh()
+    with pytest.raises(RequestError, match="image 'broken' is not a readable NIfTI") as e:
+        app.infer({"model": "hippocampus", "image": "broken"})
+    assert e.value.status_code == 422
+
+    good = CASES["hippocampus"][0][0].name.split(".")[0]
+    result = app.batch_infer({"model": "hippocampus", "images": ["broken", good]})
+    assert "not a readable NIfTI" in result["broken"]["skipped"]
+    assert result[good]["tag"] == "original"
+    label = nib.load(app.datastore().get_label_uri(good, "original"))
+    assert label.shape == nib.load(CASES["hippocampus"][0][0]).shape
