@@ -41,6 +41,7 @@ def _label(data: np.ndarray, affine: np.ndarray = GEOM.affine) -> nib.Nifti1Imag
         ),
         (np.zeros((8, 9, 10), np.uint8), np.diag([1.0, 1.5, 3.0, 1.0]), "voxel-to-world affines differ"),
         (np.full((8, 9, 10), 0.5, np.float32), GEOM.affine, "must be integers"),
+        (np.full((8, 9, 10), 1.01, np.float32), GEOM.affine, "must be integers"),
         (
             np.full((8, 9, 10), 7, np.uint8),
             GEOM.affine,
@@ -67,6 +68,16 @@ def test_bad_labels_refused(data: np.ndarray, affine: np.ndarray, match: str) ->
 def test_good_labels_become_uint8(data: np.ndarray) -> None:
     out = validate_label_volume(_label(data), GEOM, {0, 1, 2})
     assert out.dtype == np.uint8 and out.shape == GEOM.shape
+
+
+def test_a_label_stored_with_a_scale_slope_reads_as_its_class_ids(tmp_path: Path) -> None:
+    stored = nib.Nifti1Image(np.full((8, 9, 10), 20, np.int16), GEOM.affine)
+    stored.header.set_slope_inter(0.1, 0)  # 20 x 0.1 = 2.0000000298 in float32
+    path = tmp_path / "scaled.nii.gz"
+    nib.save(stored, path)
+    assert not np.array_equal(np.asanyarray(nib.load(path).dataobj), np.full((8, 9, 10), 2.0))
+    out = validate_label_volume(nib.load(path), GEOM, {0, 1, 2})
+    assert out.dtype == np.uint8 and np.all(out == 2)
 
 
 def test_load_nifti_errors(tmp_path: Path) -> None:
