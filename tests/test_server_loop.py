@@ -93,7 +93,10 @@ def test_active_learning_loop_over_http(server: tuple[httpx.Client, Path, Path])
     # 3. train; the run publishes new served weights and rescoring follows
     served = app_dir / "model" / "hippocampus.pt"
     assert not served.exists()
-    r = client.post("/train/hippocampus", json={"max_epochs": 1, "train_batch_size": 2})
+    # as 3D Slicer's module sends it: every option /info lists, the first of a list of choices
+    config = info["trainers"]["hippocampus"]["config"]
+    slicer_params = {k: v[0] if isinstance(v, list) else v for k, v in config.items()}
+    r = client.post("/train/hippocampus", json={**slicer_params, "max_epochs": 1, "train_batch_size": 2})
     assert r.status_code == 200, r.text
     status = _wait_idle(client, "/train/")
     assert status["status"] == "DONE", status
