@@ -53,23 +53,18 @@ pytestmark = [
 ]
 
 
-def ohif_label_colour(name: str) -> tuple[int, int, int]:
-    """The colour OHIF's MONAI Label extension gives a label missing from its anatomy colour table.
-
-    The extension colours segments by name only (its ``getLabelColor``: a fixed table of anatomy
-    names, else this hash of the name); it does not read colours from the server.
-    """
-    h = len(name) * 4 + sum(map(ord, name))
-    return (2 * h % 256, 3 * h % 256, 5 * h % 256)
+def coloured(png: bytes) -> np.ndarray:
+    """Where a viewport screenshot is coloured: the MR itself is grey, a segmentation overlay is not."""
+    pixels = np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(int)
+    return pixels.max(axis=-1) - pixels.min(axis=-1) > 20  # a tinted fill counts, grey never does
 
 
-def colour_pixels(png: bytes, rgb: tuple[int, int, int], tolerance: float = 0.06) -> int:
-    """Pixels of the colour's hue at any brightness (outlines and fills are drawn shaded)."""
-    pixels = np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(float)
-    brightness = pixels.max(axis=-1, keepdims=True)
-    target = np.array(rgb, dtype=float) / max(rgb)
-    close = np.abs(pixels / np.maximum(brightness, 1) - target).max(axis=-1) <= tolerance
-    return int((close & (brightness[..., 0] > 60)).sum())
+def new_colour(before: list[bytes], after: list[bytes]) -> int:
+    """Pixels coloured after and not before, over the viewports (the orientation markers are coloured
+    in both). Segment colours are not compared: the extension picks them from its own table or
+    cornerstone's default one depending on when its segmentation was created (seen to vary run to
+    run), not from the server."""
+    return sum(int((coloured(new) & ~coloured(old)).sum()) for old, new in zip(before, after, strict=True))
 
 
 @pytest.fixture(scope="module")
@@ -126,10 +121,6 @@ def test_label_in_ohif_over_dicomweb(page, server: Server, pacs: LoadedPacs) -> 
     canvases.first.wait_for()
     page.wait_for_timeout(3000)  # let the volume finish loading
     before = [canvases.nth(i).screenshot() for i in range(canvases.count())]
-    # The anterior segment's teal (8, 140, 148); the posterior one's navy is too close to the viewer's
-    # own dark blues to count on.
-    anterior = ohif_label_colour("anterior")
-    assert sum(colour_pixels(png, anterior) for png in before) < 10
 
     # 3. Connect and run auto-segmentation with the hippocampus model.
     page.locator(".settingsTable button.actionButton").click()
@@ -142,7 +133,7 @@ def test_label_in_ohif_over_dicomweb(page, server: Server, pacs: LoadedPacs) -> 
     page.screenshot(path=str(ARTIFACTS / "2-segmentation.png"))
     after = [canvases.nth(i).screenshot() for i in range(canvases.count())]
     assert len(after) == 3  # axial, sagittal, coronal
-    assert sum(colour_pixels(png, anterior) for png in after) > 100
+    assert new_colour(before, after) > 1000, "no segmentation drawn over the MR"
 
     # 4. Save the label. The extension in the monailabel 0.8.5 wheel has no save control (its
     #    client's save_label is never called), so send what that client would send: the label as a
