@@ -76,8 +76,7 @@ class CheckedLocalDatastore(LocalDatastore):
         return obj
 
     def _existing_label(self, label_id: str, label_tag: str) -> Any:
-        if self._existing(label_id) is None:
-            raise not_found(f"Image {label_id!r} has no {label_tag!r} label")
+        self._existing(label_id)  # 400 or 404 for the image; a known one not stored yet has no label either
         check_image_id(label_tag, "Label tag")
         label = self._datastore.label(label_id, label_tag)
         if not label:

@@ -55,6 +55,18 @@ def _gunzip(raw: bytes, limit: int | None) -> bytes:
     return out
 
 
+def _unreadable(what: str, e: Exception) -> RequestError:
+    return unprocessable(f"The {what} is not a readable NIfTI file ({type(e).__name__}: {e})")
+
+
+def nifti_header(path: str | Path, what: str) -> nib.Nifti1Image:
+    """Open a ``.nii``/``.nii.gz`` file reading its header only; a 422 that names ``what`` if it cannot."""
+    try:
+        return nib.load(str(path))
+    except Exception as e:  # nibabel raises many unrelated types for corrupt files
+        raise _unreadable(what, e) from None
+
+
 def load_nifti(path: str | Path, what: str, max_mb: int | None = None) -> nib.Nifti1Image:
     """Open and fully read a NIfTI file, turning any decoding error into a 422 that names ``what``.
 
@@ -63,19 +75,19 @@ def load_nifti(path: str | Path, what: str, max_mb: int | None = None) -> nib.Ni
     """
     limit = None if max_mb is None else max_mb * 2**20
     too_big = f"The {what} holds over {max_mb} MB of voxel data once decompressed, the limit (--conf max_upload_mb)"
-    try:
-        if str(path).endswith((".nii", ".nii.gz")):
-            img = nib.load(str(path))  # the header only: the voxels are read below
-        else:
-            # Uploads may arrive in a temporary file without the client's extension.
+    if str(path).endswith((".nii", ".nii.gz")):
+        img = nifti_header(path, what)  # the voxels are read below
+    else:
+        # Uploads may arrive in a temporary file without the client's extension.
+        try:
             raw = Path(path).read_bytes()
             if raw[:2] == b"\x1f\x8b":
                 raw = _gunzip(raw, None if limit is None else limit + 2**20)  # room for header and extensions
             img = nib.Nifti1Image.from_bytes(raw)
-    except _Oversized:
-        raise too_large(too_big) from None
-    except Exception as e:  # nibabel raises many unrelated types for corrupt files
-        raise unprocessable(f"The {what} is not a readable NIfTI file ({type(e).__name__}: {e})") from None
+        except _Oversized:
+            raise too_large(too_big) from None
+        except Exception as e:
+            raise _unreadable(what, e) from None
     if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image):
         raise unprocessable(f"The {what} must be NIfTI (.nii or .nii.gz), got {type(img).__name__}")
     if limit is not None and int(np.prod(img.shape, dtype=np.int64)) * img.get_data_dtype().itemsize > limit:
@@ -83,7 +95,7 @@ def load_nifti(path: str | Path, what: str, max_mb: int | None = None) -> nib.Ni
     try:
         img.get_fdata(dtype=np.float32)  # force a full read: a truncated gzip fails here, not later
     except Exception as e:
-        raise unprocessable(f"The {what} is not a readable NIfTI file ({type(e).__name__}: {e})") from None
+        raise _unreadable(what, e) from None
     return img
 
 

@@ -22,7 +22,7 @@ from appcore.dicom.prepare import load_series_folder
 from appcore.errors import not_found, unprocessable
 from appcore.labels import LabelSet
 from appcore.settings import AppSettings
-from appcore.validation import check_volume_shape, load_nifti
+from appcore.validation import check_volume_shape, load_nifti, nifti_header
 from radiology.infer import SegmentationInfer
 from radiology.registry import MODELS
 from radiology.spec import ModelSpec
@@ -191,11 +191,7 @@ class RadiologyApp(RequestChecks, MONAILabelApp):
                 check_volume_shape(uploaded.shape, "uploaded image")
             else:  # the header only: a 2D or multi-component image would fail in the network
                 what = f"image {request.get('image')!r}"
-                try:
-                    shape = nib.load(image).shape
-                except Exception as e:  # nibabel raises many unrelated types for corrupt files
-                    raise unprocessable(f"The {what} is not a readable NIfTI file ({type(e).__name__}: {e})") from None
-                check_volume_shape(shape, what)
+                check_volume_shape(nifti_header(image, what).shape, what)
         return as_requested_format(super().infer(request, datastore), request)  # NRRD for OHIF
 
     @staticmethod
