@@ -23,10 +23,10 @@ from pathlib import Path
 
 from appcore.dicom.client import DicomWebClient
 from appcore.dicom.pacs import Orthanc, hippocampus_series, load, real_series
+from appcore.weights import save_weights_atomically
 from benchmarks.radiology import free_port
 from radiology.app import RadiologyApp
 from radiology.registry import MODELS
-from radiology.weights import save_weights_atomically
 
 CASES = (("ct_abdomen", "organs_ct"), ("hippocampus_001", "hippocampus"))
 

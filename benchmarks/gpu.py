@@ -35,13 +35,13 @@ from monai.inferers import sliding_window_inference
 from monai.losses import DiceCELoss
 from monai.transforms import Compose
 
+from appcore.weights import load_state_dict
 from radiology.offline import amp_step
 from radiology.registry import MODELS
 from radiology.spec import ModelSpec
 from radiology.splits import msd_cases, split_cases
 from radiology.transforms import augment, preprocess
 from radiology.uncertainty import MCDropoutScorer
-from radiology.weights import load_state_dict
 from radiology.windows import OVERLAP, infer_window
 
 

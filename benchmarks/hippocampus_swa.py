@@ -21,10 +21,10 @@ from monai.utils import set_determinism
 from torch.optim.swa_utils import AveragedModel
 
 from appcore.precision import training_autocast
+from appcore.weights import load_state_dict, save_weights_atomically
 from radiology.offline import batched_data, parse_augment, validate
 from radiology.registry import MODELS
 from radiology.splits import msd_cases, split_cases
-from radiology.weights import load_state_dict, save_weights_atomically
 
 # The shipped weights' augmentation (model card, "Training").
 SHIPPED_AUGMENT = "p_spatial=0.8,rotate=0.5,scale=0.75:1.3,translate=6,p_gamma=0.4,p_noise=0.2"

@@ -26,12 +26,12 @@ from monai.data import Dataset
 from monai.inferers import sliding_window_inference
 from monai.transforms import Compose
 
+from appcore.weights import load_state_dict
 from radiology.offline import dice_per_class
 from radiology.registry import MODELS
 from radiology.splits import msd_cases, split_cases
 from radiology.transforms import class_index, validation_transforms
 from radiology.uncertainty import MCDropoutScorer
-from radiology.weights import load_state_dict
 
 SHIFT = 2  # voxels, along each axis both ways
 

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
+from appcore.weights import save_weights_atomically
 from radiology.infer import SegmentationInfer
 from radiology.registry import MODELS
-from radiology.weights import save_weights_atomically
 
 STAGES = ("pre", "infer", "invert", "post", "write", "total")
 

@@ -30,12 +30,12 @@ import torch
 from scipy.stats import spearmanr
 
 from appcore.precision import cpu_has_native_bf16
+from appcore.weights import save_weights_atomically
 from radiology.evaluate import evaluate
 from radiology.infer import SegmentationInfer
 from radiology.registry import MODELS
 from radiology.splits import msd_cases, split_cases
 from radiology.uncertainty import MCDropoutScorer
-from radiology.weights import save_weights_atomically
 
 ROOT = Path(__file__).resolve().parents[1]
 PRECISIONS = {"float32": False, "bfloat16": True}  # name -> cpu_bf16

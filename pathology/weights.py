@@ -1,4 +1,4 @@
-"""Loading nuclei weights; writing goes through ``radiology.weights.save_weights_atomically``."""
+"""Loading nuclei weights; writing goes through ``appcore.weights.save_weights_atomically``."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ from pathlib import Path
 
 import torch
 
+from appcore.weights import load_state_dict, save_weights_atomically
 from pathology.spec import NucleiSpec
-from radiology.weights import load_state_dict, save_weights_atomically
 
 __all__ = ["load_network", "save_weights_atomically"]
 

@@ -19,12 +19,12 @@ from monai.losses import DiceCELoss
 from monai.transforms import Compose
 from monai.utils import set_determinism
 
+from appcore.weights import save_weights_atomically
 from radiology.batch_augment import BatchAugment, pad_to
 from radiology.registry import MODELS
 from radiology.spec import ModelSpec
 from radiology.splits import Case, msd_cases, split_cases
 from radiology.transforms import class_index, training_transforms, validation_transforms
-from radiology.weights import save_weights_atomically
 
 logger = logging.getLogger(__name__)
 

@@ -19,10 +19,10 @@ from monailabel.interfaces.datastore import Datastore
 from monailabel.tasks.train.basic_train import BasicTrainTask, Context
 
 from appcore.precision import autocast
+from appcore.weights import load_state_dict, save_weights_atomically
 from radiology.spec import ModelSpec
 from radiology.transforms import ClassIndexd, augment, preprocess
 from radiology.uncertainty import numpy_dropout, torch_seeded_rng
-from radiology.weights import load_state_dict, save_weights_atomically
 
 logger = logging.getLogger(__name__)
 

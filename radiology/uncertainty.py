@@ -22,9 +22,9 @@ from monai.networks.layers import SkipConnection
 from monai.transforms import Compose
 
 from appcore.precision import autocast
+from appcore.weights import load_state_dict
 from radiology.spec import ModelSpec
 from radiology.transforms import preprocess
-from radiology.weights import load_state_dict
 from radiology.windows import OVERLAP, infer_window
 
 _EPS = 1e-8

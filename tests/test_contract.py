@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
+from appcore.weights import load_state_dict
 from radiology.registry import MODELS
-from radiology.weights import load_state_dict
 from tests.apps import CASES, make_app
 from tests.conftest import requires_shared
 

@@ -12,6 +12,7 @@ from PIL import Image
 
 import pathology.infer
 from appcore.errors import RequestError
+from appcore.weights import load_state_dict
 from pathology.app import PathologyApp
 from pathology.data import HELD_OUT, cpm_tiles
 from pathology.metrics import aji, dice
@@ -19,7 +20,6 @@ from pathology.predict import predict_instances
 from pathology.registry import MODELS
 from pathology.spec import NUCLEI
 from pathology.weights import load_network
-from radiology.weights import load_state_dict
 from tests.conftest import SHARED
 
 CPM = SHARED / "pathology" / "nuclei_cpm15"

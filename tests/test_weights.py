@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from radiology import weights
-from radiology.weights import load_state_dict, save_weights_atomically
+from appcore import weights
+from appcore.weights import load_state_dict, save_weights_atomically
 
 
 def test_roundtrip(tmp_path: Path) -> None:
