@@ -23,11 +23,12 @@ EmbeddingSource = Callable[[], Mapping[str, Sequence[float]]]
 def request_k(request: Mapping[str, Any], default: int) -> int:
     raw = request.get("k", default)
     try:
-        k = int(raw)
-    except (TypeError, ValueError):
-        raise bad_request(f"'k' must be a positive integer, got {raw!r}") from None
-    if k < 1:
-        raise bad_request(f"'k' must be a positive integer, got {k}")
+        k = int(raw)  # a number, or a string of digits as a form field sends it
+        integral = not isinstance(raw, bool) and (not isinstance(raw, float) or raw == k)
+    except (TypeError, ValueError, OverflowError):
+        integral = False
+    if not integral or k < 1:
+        raise bad_request(f"'k' must be a positive integer, got {raw!r}")
     return k
 
 

@@ -63,11 +63,16 @@ def test_empty_and_exhausted() -> None:
     assert strategy({}, ds) is None
 
 
-@pytest.mark.parametrize("k", ["x", 0, -2])
+@pytest.mark.parametrize("k", ["x", 0, -2, 2.5, True, float("inf"), None, [2]])
 def test_bad_k_is_a_400(k: object) -> None:
     with pytest.raises(RequestError, match="'k' must be a positive integer") as e:
         _strategy()({"k": k}, FakeDatastore(["a"], set()))
     assert e.value.status_code == 400
+
+
+@pytest.mark.parametrize("k", [2, 2.0, "2"])
+def test_whole_k_in_any_json_form_is_taken(k: object) -> None:
+    assert len(_strategy()({"k": k}, FakeDatastore(list("abc"), set()))["ids"]) == 2
 
 
 @pytest.mark.parametrize("scores", [SCORES, None])
