@@ -5,19 +5,23 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from fastapi import HTTPException
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.datastore import Datastore
 
-from appcore.errors import RequestError, bad_request, conflict, not_found, unprocessable
+from appcore.errors import RequestError, bad_request, conflict, not_found, too_large, unprocessable
 from appcore.routes import refuse_early
+from appcore.sessions import CheckedSessions
 from appcore.validation import check_image_id, check_upload_size
+from appcore.weights import checked_state_dict
 
 logger = logging.getLogger(__name__)
 
@@ -113,6 +117,74 @@ def strict_form_json() -> list[str]:
     return changed
 
 
+def _no_gpu_info(params: dict[str, Any], body: bytes) -> RequestError | None:
+    if shutil.which("nvidia-smi") is None:  # MONAI Label runs it regardless and answers a 500
+        return not_found("No GPU information here: nvidia-smi is not installed on the server")
+    return None
+
+
+def _no_dicomweb(params: dict[str, Any], body: bytes) -> RequestError | None:
+    if not str(_running_app().studies).startswith(("http://", "https://")):
+        return not_found("The studies are a local folder, not a DICOMweb server: there is nothing to proxy")
+    return None
+
+
+def _update_model(background_tasks: Any, model: str, file: Any) -> dict[str, Any]:
+    """``monailabel.endpoints.model.update_model`` (``PUT /model/{model}``), checked."""
+    return _running_app().replace_weights(model, file.file)
+
+
+def _delete_model(model: str) -> dict[str, Any]:
+    """``monailabel.endpoints.model.delete_model`` (``DELETE /model/{model}``), checked."""
+    return _running_app().remove_weights(model)
+
+
+def _needs_input(run: Any) -> Any:
+    """``monailabel.endpoints.infer.run_inference`` with a 4xx when there is nothing to segment."""
+
+    def run_inference(  # the library's positional signature, which its endpoint calls
+        background_tasks: Any,
+        model: str,
+        image: str = "",
+        session_id: str = "",
+        params: str = "{}",
+        file: Any = None,
+        label: Any = None,
+        output: Any = None,
+    ) -> Any:
+        if not file and not image and not session_id:
+            raise unprocessable(
+                "Name what to segment: ?image=<id> (GET /datastore/?output=all lists them), ?session_id=<id> "
+                "(PUT /session/ makes one) or a file in the form field 'file'"
+            )
+        if session_id and not file and not image:
+            sessions = _running_app().sessions()
+            if sessions is None:
+                raise not_found("Sessions are disabled on this server (MONAI_LABEL_SESSIONS=false)")
+            if sessions.get_session(session_id) is None:
+                raise not_found(
+                    f"Session {session_id!r} not found: it expired or never existed; PUT /session/ makes one"
+                )
+        return run(background_tasks, model, image, session_id, params, file, label, output)
+
+    run_inference.checked = True  # type: ignore[attr-defined]
+    return run_inference
+
+
+def checked_endpoints() -> list[str]:
+    """Put this module's checks into MONAI Label's endpoint functions that are loaded; returns those changed."""
+    changed = []
+    model = sys.modules.get("monailabel.endpoints.model")
+    if model is not None and model.update_model is not _update_model:
+        model.update_model, model.delete_model = _update_model, _delete_model
+        changed.append("monailabel.endpoints.model")
+    infer = sys.modules.get("monailabel.endpoints.infer")
+    if infer is not None and not getattr(infer.run_inference, "checked", False):
+        infer.run_inference = _needs_input(infer.run_inference)
+        changed.append("monailabel.endpoints.infer")
+    return changed
+
+
 class RequestChecks:
     """Mixin for a ``MONAILabelApp``: a request the app cannot serve gets a 4xx before anything starts.
 
@@ -126,11 +198,19 @@ class RequestChecks:
     for a training before any ``final`` label, and a 400 for image paths outside the server's upload
     and session folders. Batch infer runs on the CPU where there is no CUDA device and skips an
     image it cannot segment instead of ending.
+
+    MONAI Label also copies an uploaded model file (``PUT /model/{model}``) over the served one
+    unchecked and in place, and its ``DELETE`` removes whatever file is served, shipped weights
+    included: here uploads are checked and renamed into place and only published weights are
+    withdrawn (the app says where with ``published_weights`` and ``new_network``). Sessions are
+    ``appcore.sessions.CheckedSessions``. An infer with nothing to segment or an unknown session,
+    GPU information without a GPU and the DICOMweb proxy without a PACS get a 4xx, not a 500.
     """
 
     _infers: dict[str, Any]
     _trainers: dict[str, Any]
     _strategies: dict[str, Any]
+    settings: Any  # the app's settings (``appcore.settings.AppSettings``): ``max_upload_mb`` is read
 
     def on_init_complete(self) -> None:
         super().on_init_complete()
@@ -139,6 +219,90 @@ class RequestChecks:
         refuse_early("/train/{model}", ["POST"], _cannot_train, name="refuse_train_model")
         refuse_early("/train/", ["POST"], _cannot_train, name="refuse_train_all")
         refuse_early("/infer/{model}", ["POST"], _unservable_infer, name="refuse_infer", read_body=False)
+        refuse_early("/logs/gpu", ["GET"], _no_gpu_info, name="refuse_gpu_info")
+        proxy = "/proxy/dicom/{path:path}"
+        refuse_early(proxy, ["GET", "POST"], _no_dicomweb, name="refuse_dicom_proxy", read_body=False)
+        checked_endpoints()
+
+    # -- sessions --------------------------------------------------------------------------------
+    def _load_sessions(self, load: bool = False) -> CheckedSessions | None:
+        from monailabel.config import settings as ml_settings
+
+        if not load:
+            return None
+        return CheckedSessions(
+            ml_settings.MONAI_LABEL_SESSION_PATH,
+            ml_settings.MONAI_LABEL_SESSION_EXPIRY,
+            max_upload_mb=self.settings.max_upload_mb,
+        )
+
+    # -- weights (PUT and DELETE /model/{model}) -------------------------------------------------
+    def published_weights(self, model: str) -> Path:
+        """Where a training run or an upload publishes ``model``'s weights; never a shipped file."""
+        raise NotImplementedError
+
+    def new_network(self, model: str) -> torch.nn.Module:
+        """An untrained instance of the network ``model`` serves, to check uploaded weights against."""
+        raise NotImplementedError
+
+    def on_weights_changed(self, model: str) -> None:
+        """Called after an upload replaced or a delete removed ``model``'s published weights."""
+
+    def _known_model(self, model: str) -> None:
+        if model not in self._infers:
+            raise not_found(f"Unknown model {model!r}; served models: {sorted(self._infers)}")
+
+    def replace_weights(self, model: str, source: BinaryIO) -> dict[str, Any]:
+        """Publish uploaded weights for ``model`` once they are known to fit its network.
+
+        The upload is written beside the published file, checked (a PyTorch checkpoint read without
+        running code, the network's tensor names and shapes, finite values: 422 otherwise; 413 over
+        ``max_upload_mb``) and renamed over it, so infer and scoring see the old weights or the new
+        ones, never a half-written or foreign file. The shipped weights are never written.
+        """
+        from monailabel.utils.others.generic import file_checksum
+
+        self._known_model(model)
+        target = self.published_weights(model)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        limit = self.settings.max_upload_mb * 2**20
+        fd, staged = tempfile.mkstemp(prefix=f".{target.name}.upload.", suffix=".tmp", dir=target.parent)
+        try:
+            size = 0
+            with os.fdopen(fd, "wb") as out:
+                while chunk := source.read(1 << 20):
+                    size += len(chunk)
+                    if size > limit:
+                        raise too_large(
+                            f"The weights are over {self.settings.max_upload_mb} MB, the limit (--conf max_upload_mb)"
+                        )
+                    out.write(chunk)
+                out.flush()
+                os.fsync(out.fileno())
+            if size == 0:
+                raise unprocessable("The uploaded weights are empty (0 bytes)")
+            checked_state_dict(staged, self.new_network(model))
+            os.replace(staged, target)
+        finally:
+            Path(staged).unlink(missing_ok=True)
+        logger.info("Weights of %s replaced by an upload (%d bytes): %s", model, size, target)
+        self.on_weights_changed(model)
+        return {"checksum": file_checksum(str(target)), "modified_time": int(target.stat().st_mtime)}
+
+    def remove_weights(self, model: str) -> dict[str, Any]:
+        """Withdraw ``model``'s published weights (kept as ``<file>.<time>.deleted``); it then serves
+        its shipped weights, or none. 404 when nothing is published: shipped weights are never removed."""
+        self._known_model(model)
+        target = self.published_weights(model)
+        if not target.exists():
+            raise not_found(
+                f"Model {model!r} has no published weights to delete: it serves its shipped weights or none. "
+                f"Only weights a training run or PUT /model/{model} published can be deleted"
+            )
+        os.replace(target, target.with_name(f"{target.name}.{time.strftime('%Y%m%d_%H%M%S')}.deleted"))
+        logger.info("Published weights of %s withdrawn: %s", model, target)
+        self.on_weights_changed(model)
+        return {}
 
     def is_server_upload(self, path: str) -> bool:
         """Whether ``path`` is a file the MONAI Label endpoints wrote: an upload or a session's image."""

@@ -16,7 +16,7 @@ import numpy as np
 from filelock import FileLock
 from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastore
 
-from appcore.errors import conflict, not_found
+from appcore.errors import RequestError, conflict, not_found
 from appcore.validation import (
     Geometry,
     check_image_id,
@@ -58,6 +58,10 @@ class CheckedLocalDatastore(LocalDatastore):
         max_upload_mb: largest accepted image or label file.
         **kwargs: passed to ``LocalDatastore``.
     """
+
+    # Upload names an image must end with (its content is then checked as a 3D NIfTI volume); a
+    # subclass storing other kinds of image sets None and checks them itself.
+    image_suffixes: tuple[str, ...] | None = (".nii", ".nii.gz")
 
     def __init__(
         self, datastore_path: str, *, allowed_values: AllowedValues, max_upload_mb: int = 1024, **kwargs: Any
@@ -154,7 +158,13 @@ class CheckedLocalDatastore(LocalDatastore):
         if image_id:
             check_image_id(image_id)
         check_upload_size(image_filename, self._max_upload_mb, "image")
-        if str(image_filename).endswith((".nii", ".nii.gz")):
+        if self.image_suffixes is not None:
+            if not str(image_filename).lower().endswith(self.image_suffixes):
+                raise RequestError(
+                    415,
+                    f"Images are stored as NIfTI ({' or '.join(self.image_suffixes)}); the uploaded file's name "
+                    f"ends in {''.join(Path(image_filename).suffixes) or 'no extension'!r}",
+                )
             check_volume_shape(load_nifti(image_filename, "image", self._max_upload_mb).shape, "image")
         new_id, ext = self._to_id(os.path.basename(image_filename))
         image_id = image_id or new_id

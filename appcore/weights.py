@@ -34,3 +34,40 @@ def save_weights_atomically(state_dict: dict[str, Any], path: Path | str) -> Pat
 def load_state_dict(path: Path | str) -> dict[str, Any]:
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     return checkpoint.get("model", checkpoint)
+
+
+def checked_state_dict(path: Path | str, network: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The weights in ``path`` if they fit ``network`` exactly; a 422 that says why not otherwise.
+
+    Accepted: a ``torch.save`` file of a state dict, bare or under ``"model"`` (as this project
+    writes them), read with ``weights_only`` (no code runs), with the network's parameter names
+    and shapes and only finite values.
+    """
+    from appcore.errors import unprocessable
+
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise unprocessable(
+            f"The weights are not a PyTorch checkpoint readable without running code ({type(e).__name__})"
+        ) from None
+    state = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise unprocessable("The checkpoint holds no state dict: expected {name: tensor}, bare or under 'model'")
+    expected = network.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise unprocessable(
+            f"The weights are for another network: {len(missing)} of its {len(expected)} tensors missing "
+            f"(first {missing[:3]}), {len(unexpected)} unknown (first {unexpected[:3]})"
+        )
+    for key, want in expected.items():
+        if state[key].shape != want.shape:
+            raise unprocessable(
+                f"The weights are for another network: {key!r} has shape {tuple(state[key].shape)}, "
+                f"the served network's {tuple(want.shape)}"
+            )
+        if state[key].is_floating_point() and not torch.isfinite(state[key]).all():
+            raise unprocessable(f"The weights hold NaN or infinite values (in {key!r})")
+    return state

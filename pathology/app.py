@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
 from monailabel.config import settings as ml_settings
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.datastore import Datastore
@@ -56,6 +57,12 @@ class PathologyApp(RequestChecks, MONAILabelApp):
 
     def weight_paths(self, name: str) -> list[str]:
         return [str(self.models[name].spec.shipped_weights_path), str(self.served_path)]
+
+    def published_weights(self, model: str) -> Path:
+        return self.served_path  # shared by every served model
+
+    def new_network(self, model: str) -> torch.nn.Module:
+        return self.models[model].spec.network()
 
     # -- datastore -------------------------------------------------------------------------------
     def init_datastore(self) -> Datastore:

@@ -114,6 +114,8 @@ class PathologyDatastore(CheckedLocalDatastore):
             datastore_path, allowed_values=lambda _: frozenset({0, 1}), max_upload_mb=max_upload_mb, **kwargs
         )
 
+    image_suffixes = None  # tiles and slides: ``add_image`` opens the upload instead
+
     def add_image(self, image_id: str, image_filename: str, image_info: dict[str, Any]) -> str:
         if image_id:
             check_image_id(image_id)

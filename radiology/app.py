@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import nibabel as nib
+import torch
 from monailabel.config import settings as ml_settings
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.datastore import Datastore
@@ -69,6 +70,16 @@ class RadiologyApp(RequestChecks, MONAILabelApp):
         shipped = self.specs[name].shipped_weights_path
         paths = [str(shipped)] if shipped else []
         return [*paths, str(self.served_path(name))]
+
+    def published_weights(self, model: str) -> Path:
+        return self.served_path(model)
+
+    def new_network(self, model: str) -> torch.nn.Module:
+        return self.specs[model].network()
+
+    def on_weights_changed(self, model: str) -> None:
+        if self.settings.score_after_train and model == self.settings.al_model and self._scoring_methods:
+            self.async_scoring("epistemic")  # the stored scores came from the weights served before
 
     # -- datastore -------------------------------------------------------------------------------
     def allowed_label_values(self, params: dict[str, Any]) -> Collection[int]:
@@ -182,7 +193,7 @@ class RadiologyApp(RequestChecks, MONAILabelApp):
     # -- request checks --------------------------------------------------------------------------
     def infer(self, request: dict[str, Any], datastore: Datastore | None = None) -> dict[str, Any]:
         image = self.request_image(request, datastore, self.settings.max_upload_mb)
-        if image == request.get("image") and os.path.isdir(image):  # a session of a DICOM series' files
+        if image == request.get("image") and os.path.isdir(image):  # a session of several or unpacked files
             image = self._session_series(image)
             request = {**request, "image": image}
         if image.endswith((".nii", ".nii.gz")):
@@ -196,9 +207,22 @@ class RadiologyApp(RequestChecks, MONAILabelApp):
 
     @staticmethod
     def _session_series(folder: str) -> str:
-        """The series a session's DICOM files hold, as NIfTI beside them (checked as a PACS series is)."""
+        """The volume a session's folder holds: its one NIfTI file, else the series its DICOM files make,
+        as NIfTI beside them (checked as a PACS series is)."""
         volume_path = Path(folder) / "series.nii.gz"
         if not volume_path.exists():
+            niftis = [
+                p
+                for p in Path(folder).rglob("*")
+                if p.is_file() and p.name.lower().endswith((".nii", ".nii.gz")) and not p.name.startswith(".")
+            ]
+            if len(niftis) == 1:  # an archive of one image, sent with uncompress=true
+                return str(niftis[0])
+            if niftis:
+                raise unprocessable(
+                    f"The session holds {len(niftis)} NIfTI files and a session is one image: send one NIfTI file, "
+                    "or the DICOM files of one series"
+                )
             try:
                 volume = load_series_folder(folder)
             except ValueError as e:

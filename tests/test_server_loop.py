@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import shutil
+import tarfile
 import time
+import zipfile
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -13,7 +17,9 @@ import httpx
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 
+from radiology.registry import MODELS
 from tests.conftest import HIPPO, SHARED, requires_shared
 from tests.servers import monailabel_server
 
@@ -205,6 +211,14 @@ def test_a_session_of_dicom_files_is_checked_and_segmented_on_its_grid(server, t
         ("post", "/train/hippocampus", {"json": {"max_epochs": "ten"}}, 422),
         ("post", "/train/hippocampus", {"json": {"val_split": 1.5}}, 422),
         ("post", "/infer/hippocampus?image=hippocampus_001&output=dicom_seg", {}, 400),
+        ("post", "/infer/hippocampus", {}, 422),  # nothing to segment
+        ("post", "/infer/hippocampus?session_id=no_such_session", {}, 404),
+        ("post", "/activelearning/random", {"json": {"k": 2.5}}, 400),
+        ("put", "/datastore/image?image=notes", {"files": {"file": ("notes.txt", b"not an image")}}, 415),
+        ("put", "/model/unknown_model", {"files": {"file": ("m.pt", b"x")}}, 404),
+        ("delete", "/model/unknown_model", {}, 404),
+        ("put", "/session/?uncompress=true", {"files": {"files": ("scan.zip", b"not an archive")}}, 422),
+        ("get", "/proxy/dicom/qido/studies", {}, 404),  # a studies folder, no PACS behind it
     ],
 )
 def test_bad_requests_get_clear_4xx(server, method: str, path: str, kwargs: dict, status: int) -> None:
@@ -249,3 +263,71 @@ def test_stopped_training_leaves_the_served_weights_alone(server) -> None:
     assert _wait_idle(client, "/train/", timeout=30)["status"] == "STOPPED"
     assert served.read_bytes() == before
     assert client.post("/infer/hippocampus", params={"image": CASES[6].name.split(".")[0]}).status_code == 200
+
+
+def test_uploaded_weights_are_checked_served_and_withdrawn(server) -> None:
+    client, _, app_dir = server
+    served = app_dir / "model" / "hippocampus.pt"
+    shipped = MODELS["hippocampus"].shipped_weights_path
+    assert served.exists(), "runs after test_active_learning_loop_over_http, which publishes weights"
+    trained, shipped_bytes = served.read_bytes(), shipped.read_bytes()
+    state = torch.load(shipped, weights_only=True)["model"]
+    first = next(iter(state))
+    wrong_shape, with_nan = io.BytesIO(), io.BytesIO()
+    torch.save({**state, first: torch.zeros(2, 2)}, wrong_shape)
+    torch.save({**state, first: torch.full_like(state[first], float("nan"))}, with_nan)
+    for content, match in [
+        (b"PK\x03\x04 not a checkpoint", "not a PyTorch checkpoint"),
+        (wrong_shape.getvalue(), "for another network"),
+        (with_nan.getvalue(), "NaN"),
+    ]:
+        r = client.put("/model/hippocampus", files={"file": ("m.pt", content)})
+        assert r.status_code == 422 and match in r.json()["detail"], r.text
+        assert served.read_bytes() == trained, "a refused upload leaves the served weights as they were"
+
+    r = client.put("/model/hippocampus", files={"file": ("hippocampus.pt", shipped_bytes)})
+    assert r.status_code == 200, r.text
+    assert r.json()["checksum"] == "SHA256:" + hashlib.sha256(shipped_bytes).hexdigest()
+    assert served.read_bytes() == shipped_bytes
+    image = CASES[6].name.split(".")[0]
+    assert client.post("/infer/hippocampus", params={"image": image, "output": "json"}).json()["model_trained"]
+
+    assert client.delete("/model/hippocampus").status_code == 200
+    assert not served.exists() and len(list(served.parent.glob("hippocampus.pt.*.deleted"))) == 1
+    r = client.delete("/model/hippocampus")
+    assert r.status_code == 404 and "no published weights" in r.json()["detail"], r.text
+    assert shipped.read_bytes() == shipped_bytes, "the shipped weights are never deleted"
+    r = client.post("/infer/hippocampus", params={"image": image, "output": "json"})
+    assert r.status_code == 200 and r.json()["model_trained"], "the shipped weights are served again"
+
+
+def test_a_session_archive_is_unpacked_inside_the_session(server, tmp_path: Path) -> None:
+    client, _, _ = server
+    escaped = tmp_path / "escaped.txt"
+    evil = io.BytesIO()
+    with tarfile.open(fileobj=evil, mode="w") as t:
+        info = tarfile.TarInfo("../" * 12 + str(escaped).lstrip("/"))
+        info.size = 3
+        t.addfile(info, io.BytesIO(b"bad"))
+    r = client.put("/session/", params={"uncompress": "true"}, files={"files": ("scan.tar", evil.getvalue())})
+    assert r.status_code == 422 and "outside the session" in r.json()["detail"], r.text
+    assert not escaped.exists()
+
+    case = CASES[7]
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w") as z:
+        z.writestr(f"scan/{case.name}", case.read_bytes())
+    r = client.put("/session/", params={"uncompress": "true"}, files={"files": ("scan.zip", archive.getvalue())})
+    assert r.status_code == 200, r.text
+    params = {"session_id": r.json()["session_id"], "output": "image"}
+    r = client.post("/infer/hippocampus", params=params)
+    assert r.status_code == 200, r.text
+    (tmp_path / "label.nii.gz").write_bytes(r.content)
+    assert nib.load(tmp_path / "label.nii.gz").shape == nib.load(case).shape
+
+
+@pytest.mark.skipif(shutil.which("nvidia-smi") is not None, reason="nvidia-smi is installed: GPU information is served")
+def test_gpu_information_without_a_gpu_is_a_404(server) -> None:
+    client, _, _ = server
+    r = client.get("/logs/gpu")
+    assert r.status_code == 404 and "nvidia-smi" in r.json()["detail"], r.text

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from appcore import weights
-from appcore.weights import load_state_dict, save_weights_atomically
+from appcore.errors import RequestError
+from appcore.weights import checked_state_dict, load_state_dict, save_weights_atomically
 
 
 def test_roundtrip(tmp_path: Path) -> None:
@@ -28,3 +29,48 @@ def test_failed_write_keeps_the_old_file(tmp_path: Path, monkeypatch: pytest.Mon
         save_weights_atomically({"w": torch.ones(2)}, path)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["m.pt"]
+
+
+def _net() -> torch.nn.Module:
+    return torch.nn.Sequential(torch.nn.Conv3d(1, 2, 3), torch.nn.InstanceNorm3d(2, affine=True))
+
+
+def _saved(tmp_path: Path, obj: object) -> Path:
+    path = tmp_path / "upload.pt"
+    torch.save(obj, path)
+    return path
+
+
+def _state(**change: torch.Tensor) -> dict[str, torch.Tensor]:
+    return {**_net().state_dict(), **change}
+
+
+@pytest.mark.parametrize(
+    ("content", "match"),
+    [
+        (b"\x00garbage", "not a PyTorch checkpoint"),
+        ([1, 2], "no state dict"),
+        ({"model": {"0.weight": "text"}}, "no state dict"),
+        ({k: v for k, v in _state().items() if k != "1.bias"}, "1 of its 4 tensors missing"),
+        (_state(extra=torch.zeros(1)), "1 unknown"),
+        (_state(**{"0.weight": torch.zeros(2, 1, 5, 5, 5)}), "has shape"),
+        (_state(**{"1.weight": torch.tensor([1.0, float("nan")])}), "NaN or infinite"),
+        ({"model": _state(**{"0.bias": torch.tensor([float("inf"), 0.0])})}, "NaN or infinite"),
+    ],
+)
+def test_weights_that_do_not_fit_the_network_are_a_422(tmp_path: Path, content: object, match: str) -> None:
+    if isinstance(content, bytes):
+        path = tmp_path / "upload.pt"
+        path.write_bytes(content)
+    else:
+        path = _saved(tmp_path, content)
+    with pytest.raises(RequestError, match=match) as e:
+        checked_state_dict(path, _net())
+    assert e.value.status_code == 422
+
+
+@pytest.mark.parametrize("nested", [True, False])
+def test_fitting_weights_are_returned(tmp_path: Path, nested: bool) -> None:
+    state = _state()
+    loaded = checked_state_dict(_saved(tmp_path, {"model": state} if nested else state), _net())
+    assert loaded.keys() == state.keys() and all(torch.equal(loaded[k], state[k]) for k in state)
