@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
@@ -140,18 +141,14 @@ def _delete_model(model: str) -> dict[str, Any]:
 
 
 def _needs_input(run: Any) -> Any:
-    """``monailabel.endpoints.infer.run_inference`` with a 4xx when there is nothing to segment."""
+    """MONAI Label's ``run_inference`` or ``run_wsi_inference``, with a 4xx when there is nothing to segment."""
+    signature = inspect.signature(run)
 
-    def run_inference(  # the library's positional signature, which its endpoint calls
-        background_tasks: Any,
-        model: str,
-        image: str = "",
-        session_id: str = "",
-        params: str = "{}",
-        file: Any = None,
-        label: Any = None,
-        output: Any = None,
-    ) -> Any:
+    def checked(*args: Any, **kwargs: Any) -> Any:
+        given = signature.bind(*args, **kwargs)
+        given.apply_defaults()
+        image, session_id, file = (given.arguments.get(k) for k in ("image", "session_id", "file"))
+        file = file if hasattr(file, "file") else None  # an upload, not the signature's File(None) default
         if not file and not image and not session_id:
             raise unprocessable(
                 "Name what to segment: ?image=<id> (GET /datastore/?output=all lists them), ?session_id=<id> "
@@ -165,10 +162,17 @@ def _needs_input(run: Any) -> Any:
                 raise not_found(
                     f"Session {session_id!r} not found: it expired or never existed; PUT /session/ makes one"
                 )
-        return run(background_tasks, model, image, session_id, params, file, label, output)
+        return run(*args, **kwargs)
 
-    run_inference.checked = True  # type: ignore[attr-defined]
-    return run_inference
+    checked.checked = True  # type: ignore[attr-defined]
+    return checked
+
+
+# MONAI Label's infer functions, each called by its endpoints with ``image``, ``session_id`` and ``file``.
+INFER_FUNCTIONS = (
+    ("monailabel.endpoints.infer", "run_inference"),
+    ("monailabel.endpoints.wsi_infer", "run_wsi_inference"),
+)
 
 
 def checked_endpoints() -> list[str]:
@@ -178,10 +182,11 @@ def checked_endpoints() -> list[str]:
     if model is not None and model.update_model is not _update_model:
         model.update_model, model.delete_model = _update_model, _delete_model
         changed.append("monailabel.endpoints.model")
-    infer = sys.modules.get("monailabel.endpoints.infer")
-    if infer is not None and not getattr(infer.run_inference, "checked", False):
-        infer.run_inference = _needs_input(infer.run_inference)
-        changed.append("monailabel.endpoints.infer")
+    for name, function in INFER_FUNCTIONS:
+        module = sys.modules.get(name)
+        if module is not None and not getattr(getattr(module, function), "checked", False):
+            setattr(module, function, _needs_input(getattr(module, function)))
+            changed.append(name)
     return changed
 
 

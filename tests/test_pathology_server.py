@@ -244,6 +244,7 @@ def test_next_patch_as_qupath_asks(server: tuple[httpx.Client, Path]) -> None:
         ("post", "/train/nuclei", {"json": {}}, 409),  # no label saved yet (the last test saves one)
         ("delete", "/datastore/image", {"params": {"id": "no_such_slide"}}, 404),
         ("post", "/infer/wsi_v2/nuclei", {"files": {"file": ("p.png", b"x")}, "data": {"wsi": "{not json"}}, 422),
+        ("post", "/infer/wsi/nuclei", {"json": qupath_body([0, 0], [64, 64])}, 422),  # no image named
         ("put", "/model/nuclei", {"files": {"file": ("nuclei.pt", b"not a checkpoint")}}, 422),
         ("delete", "/model/nuclick", {}, 404),  # only published weights are withdrawn, never the shipped ones
     ],

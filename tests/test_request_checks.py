@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from appcore.app import FORM_JSON_MODULES, _bad_train_params, strict_form_json
+from appcore.app import FORM_JSON_MODULES, INFER_FUNCTIONS, _bad_train_params, checked_endpoints, strict_form_json
 from appcore.errors import RequestError
 
 
@@ -56,3 +56,24 @@ def test_form_fields_must_be_json_objects(endpoint_modules: list) -> None:
             with pytest.raises(RequestError, match=match) as e:
                 module.json.loads(text)
             assert e.value.status_code == 422
+
+
+@pytest.fixture
+def endpoint_functions(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, function in [*INFER_FUNCTIONS, ("monailabel.endpoints.model", "update_model")]:
+        module = importlib.import_module(name)
+        monkeypatch.setattr(module, function, getattr(module, function))  # restored after the test
+    model = importlib.import_module("monailabel.endpoints.model")
+    monkeypatch.setattr(model, "delete_model", model.delete_model)
+
+
+@pytest.mark.usefixtures("endpoint_functions")
+def test_infer_with_nothing_to_segment_is_a_422() -> None:
+    assert checked_endpoints() == ["monailabel.endpoints.model", *(name for name, _ in INFER_FUNCTIONS)]
+    assert checked_endpoints() == [], "installing twice is harmless"
+    for name, function in INFER_FUNCTIONS:
+        run = getattr(importlib.import_module(name), function)
+        for kwargs in ({}, {"image": "", "session_id": ""}):
+            with pytest.raises(RequestError, match="Name what to segment") as e:
+                run(None, "nuclei", **kwargs)
+            assert e.value.status_code == 422, name
