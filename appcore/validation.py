@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import tempfile
 import zlib
 from collections.abc import Collection
 from dataclasses import dataclass
@@ -109,6 +110,24 @@ class Geometry:
     @classmethod
     def of(cls, img: nib.spatialimages.SpatialImage) -> Geometry:
         return cls(tuple(int(s) for s in img.shape[:3]), np.asarray(img.affine, dtype=np.float64))
+
+
+def label_from_buffer(image_path: str | Path, buffer_path: str | Path) -> str:
+    """A raw label buffer as OHIF sends it (one uint8 per voxel of the image's grid, x fastest)
+    written as NIfTI with the image's affine to a temporary file; a 422 if the size does not fit."""
+    image = nifti_header(image_path, "image")
+    shape = tuple(int(n) for n in image.shape[:3])
+    expected, size = int(np.prod(shape)), os.path.getsize(buffer_path)
+    if size != expected:
+        raise unprocessable(
+            f"The label buffer holds {size} bytes; the image's {' x '.join(map(str, shape))} grid needs {expected}, "
+            "one uint8 per voxel (x fastest)"
+        )
+    data = np.fromfile(buffer_path, dtype=np.uint8).reshape(shape, order="F")
+    fd, out = tempfile.mkstemp(suffix=".nii.gz")
+    os.close(fd)
+    nib.save(nib.Nifti1Image(data, image.affine, image.header), out)
+    return out
 
 
 def check_volume_shape(shape: tuple[int, ...], what: str) -> None:

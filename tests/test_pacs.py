@@ -197,6 +197,38 @@ def test_a_bad_label_is_refused_and_the_saved_seg_stays(
     assert [s.SeriesInstanceUID for s in _segs(pacs, uid)] == before
 
 
+@pytest.mark.parametrize(("raw", "match"), [(b"", "empty"), (b"\x01" * 10, "label buffer holds 10 bytes")])
+def test_a_raw_label_buffer_of_the_wrong_size_is_a_422(
+    server: Server, pacs: LoadedPacs, raw: bytes, match: str
+) -> None:
+    uid = pacs.series["ct_abdomen"]
+    before = [s.SeriesInstanceUID for s in _segs(pacs, uid)]
+    r = server.http.put(
+        "/datastore/label",
+        params={"image": uid, "tag": "final"},
+        data={"params": '{"model": "organs_ct"}'},
+        files={"label": ("label.bin", raw)},  # as OHIF sends it: one uint8 per voxel
+    )
+    assert r.status_code == 422 and match in r.json()["detail"], r.text
+    assert [s.SeriesInstanceUID for s in _segs(pacs, uid)] == before
+
+
+def test_the_datastore_lists_every_series_with_its_seg(server: Server, pacs: LoadedPacs) -> None:
+    listing = server.http.get("/datastore/", params={"output": "all"}).json()["objects"]
+    assert set(listing) == {pacs.series[name] for name in ("ct_abdomen", "ct_head_ge", *MR_CASES)}, "fetched or not"
+    assert {o["image"]["info"]["Modality"] for o in listing.values()} == {"CT", "MR"}
+    labelled = {uid for uid, o in listing.items() if "final" in o["labels"]}
+    assert labelled == {pacs.series["ct_abdomen"]}, "saved by the test before"
+    assert server.http.get("/datastore/").json()["label_tags"]["final"] == 1
+
+
+def test_removing_a_label_the_pacs_does_not_hold_is_a_404(server: Server, pacs: LoadedPacs) -> None:
+    for params in ({"id": pacs.series[MR_CASES[0]], "tag": "final"}, {"id": "1.2.3.4", "tag": "final"}):
+        r = server.http.delete("/datastore/label", params=params)
+        assert r.status_code == 404, r.text
+    assert len(_segs(pacs, pacs.series["ct_abdomen"])) == 1
+
+
 @pytest.fixture(scope="module")
 def mr_server(pacs: LoadedPacs, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """A second server on the same PACS serving the MR model only: it lists the MR series only."""

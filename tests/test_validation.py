@@ -8,7 +8,14 @@ import numpy as np
 import pytest
 
 from appcore.errors import RequestError
-from appcore.validation import Geometry, check_image_id, check_upload_size, load_nifti, validate_label_volume
+from appcore.validation import (
+    Geometry,
+    check_image_id,
+    check_upload_size,
+    label_from_buffer,
+    load_nifti,
+    validate_label_volume,
+)
 from tests.conftest import write_nifti
 
 
@@ -126,3 +133,16 @@ def test_upload_size(tmp_path: Path) -> None:
     with pytest.raises(RequestError, match="limit is 1 MB") as e:
         check_upload_size(big, 1, "label")
     assert e.value.status_code == 413
+
+
+def test_a_raw_label_buffer_becomes_a_label_on_the_image_grid(tmp_path: Path) -> None:
+    affine = np.array([[0, 0, -2.0, 10], [0, 1.5, 0, -4], [0.8, 0, 0, 3], [0, 0, 0, 1]])
+    nib.save(nib.Nifti1Image(np.zeros((4, 3, 2), np.int16), affine), tmp_path / "image.nii.gz")
+    label = np.arange(24, dtype=np.uint8).reshape(4, 3, 2) % 3
+    (tmp_path / "label.bin").write_bytes(label.tobytes(order="F"))  # x fastest, as OHIF sends it
+    out = nib.load(label_from_buffer(tmp_path / "image.nii.gz", tmp_path / "label.bin"))
+    assert np.array_equal(np.asarray(out.dataobj), label) and np.allclose(out.affine, affine)
+    (tmp_path / "short.bin").write_bytes(label.tobytes()[:-1])
+    with pytest.raises(RequestError, match="holds 23 bytes; the image's 4 x 3 x 2 grid needs 24") as e:
+        label_from_buffer(tmp_path / "image.nii.gz", tmp_path / "short.bin")
+    assert e.value.status_code == 422

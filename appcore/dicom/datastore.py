@@ -13,7 +13,6 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 import pydicom
-from monailabel.datastore.utils.convert import binary_to_image
 from monailabel.interfaces.datastore import DefaultLabelTag
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
@@ -24,7 +23,14 @@ from appcore.dicom.seg import label_to_seg, seg_to_label
 from appcore.dicom.series import SeriesRefused, load_series, series_geometry
 from appcore.errors import bad_request, not_found, unprocessable
 from appcore.labels import LabelSet
-from appcore.validation import Geometry, check_image_id, check_upload_size, load_nifti, validate_label_volume
+from appcore.validation import (
+    Geometry,
+    check_image_id,
+    check_upload_size,
+    label_from_buffer,
+    load_nifti,
+    validate_label_volume,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -190,9 +196,38 @@ class DicomWebDatastore(CheckedLocalDatastore):
     def status(self) -> dict[str, Any]:
         """Counts for ``/info``; while the PACS is unreachable, says so instead of failing ``/info``."""
         try:
-            return super().status()
+            status = super().status()
         except PacsUnavailable as e:
             return {"total": 0, "completed": 0, "label_tags": {}, "error": e.detail}
+        # ``final`` labels are the PACS's SEGs, fetched here or not (the local records know only fetched ones)
+        if status["completed"]:
+            status["label_tags"] = {**status["label_tags"], DefaultLabelTag.FINAL.value: status["completed"]}
+        return status
+
+    def json(self) -> dict[str, Any]:
+        """The datastore as ``GET /datastore/?output=all`` lists it: every series of the served
+        modalities in the PACS, fetched or not (the local records hold only those fetched so far),
+        with its study, modality and description, and a ``final`` label where the PACS holds a SEG."""
+        local = super().json()
+        labelled = set(self.get_labeled_images())
+        objects = {}
+        for uid, ds in sorted(self._series.get().items()):
+            record = local["objects"].get(uid, {})
+            image = record.get("image") or {"ext": ".nii.gz", "info": {}}
+            info = {
+                "SeriesInstanceUID": uid,
+                "StudyInstanceUID": str(ds.get("StudyInstanceUID", "")),
+                "Modality": str(ds.get("Modality", "")),
+                "SeriesDescription": str(ds.get("SeriesDescription", "")),
+                **image.get("info", {}),
+                "fetched": uid in local["objects"],
+            }
+            labels = {tag: v for tag, v in record.get("labels", {}).items() if tag != DefaultLabelTag.FINAL.value}
+            if uid in labelled:
+                stored = record.get("labels", {}).get(DefaultLabelTag.FINAL.value)
+                labels[DefaultLabelTag.FINAL.value] = stored or {"ext": ".nii.gz", "info": {"source": "DICOM SEG"}}
+            objects[uid] = {"image": {**image, "info": info}, "labels": labels}
+        return {**local, "name": self.name(), "description": self.description(), "objects": objects}
 
     # -- images ------------------------------------------------------------------------------------
     def _lock_for(self, image_id: str) -> threading.Lock:
@@ -257,8 +292,19 @@ class DicomWebDatastore(CheckedLocalDatastore):
     def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any]) -> str:
         image_uri = self.get_image_uri(image_id)
         check_image_id(label_tag, "Label tag")
-        if str(label_filename).endswith(".bin"):  # OHIF sends a raw label buffer on the image's grid
-            label_filename = binary_to_image(image_uri, label_filename)
+        if not str(label_filename).endswith(".bin"):
+            return self._save_label(image_id, image_uri, label_filename, label_tag, label_info)
+        # OHIF sends a raw label buffer on the image's grid
+        check_upload_size(label_filename, self._max_upload_mb, "label")
+        converted = label_from_buffer(image_uri, label_filename)
+        try:
+            return self._save_label(image_id, image_uri, converted, label_tag, label_info)
+        finally:
+            Path(converted).unlink(missing_ok=True)
+
+    def _save_label(
+        self, image_id: str, image_uri: str, label_filename: str, label_tag: str, label_info: dict[str, Any]
+    ) -> str:
         if label_tag != DefaultLabelTag.FINAL.value:
             return super().save_label(image_id, label_filename, label_tag, label_info)
 
@@ -326,18 +372,25 @@ class DicomWebDatastore(CheckedLocalDatastore):
 
     def remove_label(self, label_id: str, label_tag: str) -> None:
         """Remove a label; for ``final`` that deletes the series' SEGs in the PACS (Orthanc only)."""
-        check_image_id(label_id)
+        self._series_meta(label_id)  # 400 for a path, 404 for a series the PACS does not have
+        check_image_id(label_tag, "Label tag")
         if label_tag == DefaultLabelTag.FINAL.value:
+            self._segs.invalidate()  # a SEG saved elsewhere a moment ago is deleted too
+            segs = self._segs.get().get(label_id, [])
+            if not segs and not self._datastore.label(label_id, label_tag):
+                raise not_found(f"Series {label_id!r} has no 'final' label: the PACS holds no SEG for it")
             if self._orthanc is None:
                 raise bad_request(
                     f"The PACS at {self._client.url} has no delete this server can use; delete the SEG there"
                 )
-            for _, seg_series in self._segs.get().get(label_id, []):
+            for _, seg_series in segs:
                 self._orthanc.delete_series(seg_series)
                 self._seg_refs.pop(seg_series, None)
             self._segs.invalidate()
         if self._datastore.label(label_id, label_tag):
             super().remove_label(label_id, label_tag)
+        elif label_tag != DefaultLabelTag.FINAL.value:
+            raise not_found(f"Series {label_id!r} has no {label_tag!r} label")
 
     def datalist(self, full_path: bool = True) -> list[dict[str, Any]]:
         """Every series with a SEG in the PACS, as image and label NIfTI (SEGs made elsewhere included)."""
