@@ -19,7 +19,7 @@ from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.datastore import Datastore
 
 from appcore.errors import RequestError, bad_request, conflict, not_found, too_large, unprocessable
-from appcore.routes import refuse_early
+from appcore.routes import limit_request_bodies, refuse_early
 from appcore.sessions import CheckedSessions
 from appcore.validation import check_image_id, check_upload_size
 from appcore.weights import checked_state_dict
@@ -228,6 +228,7 @@ class RequestChecks:
         proxy = "/proxy/dicom/{path:path}"
         refuse_early(proxy, ["GET", "POST"], _no_dicomweb, name="refuse_dicom_proxy", read_body=False)
         checked_endpoints()
+        limit_request_bodies((self.settings.max_upload_mb + 1) * 2**20)  # room for the form around a file
 
     # -- sessions --------------------------------------------------------------------------------
     def _load_sessions(self, load: bool = False) -> CheckedSessions | None:

@@ -95,3 +95,40 @@ def refuse_early(path: str, methods: Collection[str], refusal: Refusal, name: st
             raise RuntimeError(f"No route behind {self.name} for {scope['path']}")
 
     return insert_first(_Refusing(path, _unused, methods=list(methods), name=name))
+
+
+def limit_request_bodies(max_bytes: int) -> bool:
+    """Answer a request that announces a body over ``max_bytes`` (``Content-Length``) with a 413 at once.
+
+    Without this an upload of any size is first written whole to a temporary file and only then
+    refused by the size checks behind the endpoints. Wraps the running server's ASGI stack, which
+    Starlette has built before the app starts; returns whether it did (False outside a server).
+    """
+    server = sys.modules.get("monailabel.app")
+    app = getattr(server, "app", None)
+    stack = getattr(app, "middleware_stack", None)
+    if stack is None:
+        return False
+    if getattr(stack, "max_bytes", None) is not None:
+        stack.max_bytes = max_bytes
+        return True
+    from starlette.responses import JSONResponse
+
+    class _BodyLimit:
+        def __init__(self, inner: Any) -> None:
+            self.inner, self.max_bytes = inner, max_bytes
+
+        async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+            if scope["type"] == "http":
+                length = dict(scope.get("headers") or []).get(b"content-length", b"")
+                if length.isdigit() and int(length) > self.max_bytes:
+                    detail = (
+                        f"The request body is {int(length) / 2**20:.1f} MB; uploads are limited to "
+                        f"{self.max_bytes / 2**20:.0f} MB (--conf max_upload_mb)"
+                    )
+                    response = JSONResponse({"detail": detail}, status_code=413, headers={"Connection": "close"})
+                    return await response(scope, receive, send)
+            await self.inner(scope, receive, send)
+
+    app.middleware_stack = _BodyLimit(stack)
+    return True

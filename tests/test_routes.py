@@ -14,7 +14,7 @@ from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
 from appcore.errors import conflict, not_found, unprocessable
-from appcore.routes import MAX_CHECKED_BODY, refuse_early
+from appcore.routes import MAX_CHECKED_BODY, limit_request_bodies, refuse_early
 
 
 async def _original(request: Request) -> PlainTextResponse:
@@ -95,3 +95,22 @@ def test_a_refusal_is_put_in_place_once(server: Starlette) -> None:
 def test_nothing_is_inserted_outside_a_server(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delitem(sys.modules, "monailabel.app", raising=False)
     assert refuse_early("/train/{model}", ["POST"], _refusal, name="refuse_train") is False
+
+
+def test_a_body_over_the_limit_is_refused_before_it_is_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    read: list[int] = []
+
+    async def upload(request: Request) -> PlainTextResponse:
+        read.append(len(await request.body()))
+        return PlainTextResponse("stored")
+
+    app = Starlette(routes=[Route("/datastore/label", upload, methods=["PUT"])])
+    monkeypatch.setitem(sys.modules, "monailabel.app", SimpleNamespace(app=app))
+    assert not limit_request_bodies(100), "no server stack yet: nothing to wrap"
+    app.middleware_stack = app.build_middleware_stack()  # as Starlette has it once the server runs
+    assert limit_request_bodies(100) and limit_request_bodies(100), "wrapping twice keeps one limit"
+    ok = _request(app, "PUT", "/datastore/label", b"x" * 100)
+    assert ok.status_code == 200 and read == [100]
+    big = _request(app, "PUT", "/datastore/label", b"x" * 101)
+    assert big.status_code == 413 and "limited to 0 MB" in big.json()["detail"]
+    assert read == [100], "the endpoint never saw the refused body"

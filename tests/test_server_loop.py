@@ -6,6 +6,7 @@ import hashlib
 import io
 import json
 import shutil
+import socket
 import tarfile
 import time
 import zipfile
@@ -331,3 +332,19 @@ def test_gpu_information_without_a_gpu_is_a_404(server) -> None:
     client, _, _ = server
     r = client.get("/logs/gpu")
     assert r.status_code == 404 and "nvidia-smi" in r.json()["detail"], r.text
+
+
+def test_an_announced_huge_upload_is_refused_before_its_body_is_sent(server) -> None:
+    client, studies, _ = server
+    head = (
+        "PUT /datastore/label?image=hippocampus_001&tag=final HTTP/1.1\r\nHost: server\r\n"
+        "Content-Type: multipart/form-data; boundary=b\r\nContent-Length: 5000000000\r\n\r\n"
+    )
+    with socket.create_connection((client.base_url.host, client.base_url.port), timeout=30) as s:
+        s.sendall(head.encode())  # 5 GB announced, none of it sent: the answer must not wait for it
+        reply = b""
+        while chunk := s.recv(4096):  # the server closes the connection after answering
+            reply += chunk
+    reply = reply.decode()
+    assert reply.startswith("HTTP/1.1 413") and "limited to 1025 MB" in reply, reply
+    assert client.get("/info/").status_code == 200
