@@ -18,6 +18,7 @@ from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastor
 
 from appcore.errors import RequestError, conflict, not_found
 from appcore.validation import (
+    AFFINE_ATOL_MM,
     Geometry,
     check_image_id,
     check_upload_size,
@@ -172,14 +173,13 @@ class CheckedLocalDatastore(LocalDatastore):
         existing = self._datastore.objects.get(image_id)
         labels = dict(existing.labels) if existing is not None else {}
         current = LocalDatastore.get_image_uri(self, image_id) if labels else ""
-        if current and Path(current).exists():  # a new file under a labelled id must keep the labels on it
-            old = self._grid(current)
-            if old is None or old != self._grid(image_filename):
-                raise conflict(
-                    f"Image {image_id!r} has labels ({', '.join(sorted(labels))}) on its current grid and the "
-                    f"uploaded file's grid differs; delete it first (DELETE /datastore/image?id={image_id}) "
-                    "or upload it under a new id"
-                )
+        # a new file under a labelled id must keep the labels on it
+        if current and Path(current).exists() and not self._same_grid(current, image_filename):
+            raise conflict(
+                f"Image {image_id!r} has labels ({', '.join(sorted(labels))}) on its current grid and the "
+                f"uploaded file's grid differs; delete it first (DELETE /datastore/image?id={image_id}) "
+                "or upload it under a new id"
+            )
         name = self._filename(image_id, ext)
         dest = Path(self._datastore.image_path()) / name
         with FileLock(self._lock_file):
@@ -195,9 +195,10 @@ class CheckedLocalDatastore(LocalDatastore):
             self._update_datastore_file(lock=False)
         return image_id
 
-    def _grid(self, path: str | Path) -> object:
-        """What a label must match to lie on the image at ``path``; None where this store cannot tell."""
-        if not str(path).endswith((".nii", ".nii.gz")):
-            return None
-        geometry = Geometry.of(nib.load(str(path)))
-        return geometry.shape, tuple(np.round(geometry.affine, 4).ravel().tolist())
+    def _same_grid(self, current: str | Path, upload: str | Path) -> bool:
+        """Whether labels on the image at ``current`` lie on the file ``upload`` as well, to the
+        tolerance a saved label is checked with; False where this store cannot tell."""
+        if not all(str(p).endswith((".nii", ".nii.gz")) for p in (current, upload)):
+            return False
+        old, new = (Geometry.of(nib.load(str(p))) for p in (current, upload))
+        return old.shape == new.shape and np.allclose(old.affine, new.affine, atol=AFFINE_ATOL_MM)

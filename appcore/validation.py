@@ -100,6 +100,10 @@ def load_nifti(path: str | Path, what: str, max_mb: int | None = None) -> nib.Ni
     return img
 
 
+# How far (mm) a label's or a replacement image's voxel-to-world affine may be from the image's.
+AFFINE_ATOL_MM = 1e-3
+
+
 @dataclass(frozen=True)
 class Geometry:
     """Voxel grid of a volume: spatial shape and voxel-to-world affine."""
@@ -150,7 +154,7 @@ def validate_label_volume(
     image: Geometry,
     allowed: Collection[int],
     *,
-    atol_mm: float = 1e-3,
+    atol_mm: float = AFFINE_ATOL_MM,
 ) -> np.ndarray:
     """Check a label against its image and the allowed class values; return it as a uint8 array.
 

@@ -99,6 +99,15 @@ def read_label_mask(raw_path: str, dimensions: tuple[int, int]) -> np.ndarray:
     return arr.astype(np.int64)
 
 
+def _dimensions(path: str | Path) -> tuple[int, int]:
+    source = open_source(path)
+    try:
+        return source.dimensions
+    finally:
+        if isinstance(source, SlideSource):
+            source.close()
+
+
 class PathologyDatastore(CheckedLocalDatastore):
     """``CheckedLocalDatastore`` for tiles (PNG/JPEG) and slides (OpenSlide), labelled with nuclei.
 
@@ -125,13 +134,8 @@ class PathologyDatastore(CheckedLocalDatastore):
             source.close()
         return super().add_image(image_id, image_filename, image_info)
 
-    def _grid(self, path: str | Path) -> object:
-        source = open_source(path)
-        try:
-            return source.dimensions
-        finally:
-            if isinstance(source, SlideSource):
-                source.close()
+    def _same_grid(self, current: str | Path, upload: str | Path) -> bool:
+        return _dimensions(current) == _dimensions(upload)
 
     def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any]) -> str:
         obj = self._existing(image_id)

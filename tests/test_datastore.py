@@ -147,7 +147,14 @@ def test_a_labelled_image_is_replaced_only_by_one_on_the_same_grid(
     assert e.value.status_code == 409
     assert (image.read_bytes(), Path(store.get_label_uri("case1", "final")).read_bytes()) == before
 
-    same_grid = write_nifti(tmp_path / "same.nii.gz", np.full((10, 12, 8), 3, np.float32), oblique_affine)
+    shifted = oblique_affine.copy()
+    shifted[0, 3] += 0.01  # 10 micrometres: a label saved on the old grid would be refused on this one
+    shifted_grid = write_nifti(tmp_path / "shifted.nii.gz", np.zeros((10, 12, 8), np.float32), shifted)
+    with pytest.raises(RequestError, match="on its current grid"):
+        store.add_image("case1", str(shifted_grid), {})
+
+    nudged = oblique_affine + 4e-4  # within the tolerance a saved label is checked with (and 4-decimal rounding)
+    same_grid = write_nifti(tmp_path / "same.nii.gz", np.full((10, 12, 8), 3, np.float32), nudged)
     assert store.add_image("case1", str(same_grid), {}) == "case1"
     assert np.asarray(nib.load(store.get_image_uri("case1")).dataobj).max() == 3
     assert store.get_labeled_images() == ["case1"], "the label still lies on the new file and is kept"
