@@ -23,7 +23,7 @@ from pathology.nuclick import clicked_nuclei, parse_clicks
 from pathology.postprocess import instance_polygons, polygon_area
 from pathology.predict import instances, predict_maps
 from pathology.spec import NUCLEUS, NucleiSpec
-from pathology.weights import load_network
+from pathology.weights import load_network, serving_device
 from pathology.wsi import RegionSource, SlideSource, TiledResult, check_region, open_source, run_tiled
 
 logger = logging.getLogger(__name__)
@@ -124,7 +124,7 @@ class NucleiInfer(InferTask):
         mtime = os.path.getmtime(path)
         with self._lock:
             if self._loaded is None or self._loaded[0] != Path(path) or self._loaded[1] != mtime:
-                self._loaded = (Path(path), mtime, load_network(self.spec, path))
+                self._loaded = (Path(path), mtime, load_network(self.spec, path, serving_device()))
                 logger.info("%s: loaded %s", self.name, path)
             return self._loaded[2]
 

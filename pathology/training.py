@@ -12,6 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from appcore.precision import training_autocast
 from pathology.data import targets, to_input
 from pathology.spec import NucleiSpec
 
@@ -114,7 +115,9 @@ def train_steps(
         x = torch.from_numpy(np.stack([b[0] for b in batch])).to(device)
         t = torch.from_numpy(np.stack([b[1] for b in batch])).to(device)
         optimizer.zero_grad(set_to_none=True)
-        loss = loss_fn(network(x), t)
+        with training_autocast(device, cpu_bf16=False):  # bfloat16 on CUDA; float32 on the CPU, as measured
+            out = network(x)
+        loss = loss_fn(out.float(), t)
         loss.backward()
         optimizer.step()
         losses.append(float(loss))

@@ -16,3 +16,8 @@ def load_network(spec: NucleiSpec, path: str | Path, device: str = "cpu") -> tor
     network = spec.network()
     network.load_state_dict(load_state_dict(path), strict=True)
     return network.to(device).eval()
+
+
+def serving_device() -> str:
+    """Where the served network runs: the first CUDA device when there is one, else the CPU."""
+    return "cuda" if torch.cuda.is_available() else "cpu"

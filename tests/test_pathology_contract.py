@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 import pathology.infer
+import pathology.weights
 from appcore.errors import RequestError
 from appcore.weights import load_state_dict
 from pathology.app import PathologyApp
@@ -35,6 +36,17 @@ def test_shipped_weights_are_small_and_load() -> None:
     assert path.exists(), "pathology/weights/nuclei.pt is missing: train it with python -m pathology.offline train"
     assert path.stat().st_size <= 25 * 2**20
     load_network(NUCLEI, path)
+
+
+@requires_pathology
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: the GPU path is checked where there is one")
+def test_on_cuda_the_served_network_segments_as_on_the_cpu() -> None:
+    tile = cpm_tiles(CPM, (CONTRACT_TILE,))[0]
+    cpu = predict_instances(load_network(NUCLEI, NUCLEI.shipped_weights_path), NUCLEI, tile.image)
+    network = load_network(NUCLEI, NUCLEI.shipped_weights_path, pathology.weights.serving_device())
+    assert next(network.parameters()).is_cuda
+    gpu = predict_instances(network, NUCLEI, tile.image)  # float16 autocast
+    assert dice(gpu, tile.mask) >= MIN_DICE and dice(gpu > 0, cpu > 0) >= 0.98
 
 
 @requires_pathology
@@ -178,3 +190,25 @@ def test_qupath_readme_matches_the_registry(tmp_path: Path) -> None:
     for name in [*MODELS, *app._strategies, NUCLEUS.name, NUCLEUS.hex_color]:
         assert name in text, f"{name!r} missing from the QuPath README"
     assert f'{{"{NUCLEUS.name}": {NUCLEUS.id}}}' in text
+
+
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param(
+            "cuda",
+            marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: its training unchecked"),
+        ),
+    ],
+)
+@requires_pathology
+def test_a_few_training_steps_from_the_shipped_weights(device: str) -> None:
+    from pathology.training import Example, train_steps
+
+    tile = cpm_tiles(CPM, (CONTRACT_TILE,))[0]
+    network = load_network(NUCLEI, NUCLEI.shipped_weights_path, device)
+    example = Example.of(tile.image, tile.mask)
+    losses = train_steps(network, NUCLEI, [example], steps=3, batch_size=2, lr=1e-5, seed=0, device=device)
+    assert len(losses) == 3 and all(np.isfinite(losses)) and max(losses) < 2.0, losses
+    assert all(p.device.type == device for p in network.parameters())

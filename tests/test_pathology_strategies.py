@@ -92,15 +92,16 @@ def test_wsi_random_refuses_bad_requests(store: PathologyDatastore, request_: di
     assert e.value.status_code == status
 
 
-class _TissueIsUncertain:
+class _TissueIsUncertain(torch.nn.Module):
     """A stand-in network: foreground probability 0.5 on dark pixels (tissue), 0 on glass."""
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __init__(self) -> None:
+        super().__init__()
+        self.unused = torch.nn.Parameter(torch.zeros(1))  # says which device the network is on
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         dark = (x.mean(dim=1, keepdim=True) < 0.5).float()
         return torch.cat([torch.where(dark > 0, 0.0, -20.0), torch.zeros_like(dark)], dim=1)
-
-    def eval(self) -> _TissueIsUncertain:
-        return self
 
 
 def test_wsi_uncertain_returns_the_most_uncertain_patch_as_a_bbox(store: PathologyDatastore) -> None:
