@@ -290,6 +290,9 @@ def test_uploaded_weights_are_checked_served_and_withdrawn(server) -> None:
     assert r.status_code == 200, r.text
     assert r.json()["checksum"] == "SHA256:" + hashlib.sha256(shipped_bytes).hexdigest()
     assert served.read_bytes() == shipped_bytes
+    version = f"hippocampus.pt:{served.stat().st_mtime_ns}:{served.stat().st_size}"
+    scoring = _wait_idle(client, "/scoring/")
+    assert scoring["status"] == "DONE" and any(version in line for line in scoring["details"]), "rescored"
     image = CASES[6].name.split(".")[0]
     assert client.post("/infer/hippocampus", params={"image": image, "output": "json"}).json()["model_trained"]
 
