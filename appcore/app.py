@@ -21,7 +21,7 @@ from monailabel.interfaces.datastore import Datastore
 from appcore.errors import RequestError, bad_request, conflict, not_found, too_large, unprocessable
 from appcore.routes import limit_request_bodies, refuse_early
 from appcore.sessions import CheckedSessions
-from appcore.validation import check_image_id, check_upload_size
+from appcore.validation import check_device, check_image_id, check_upload_size
 from appcore.weights import checked_state_dict
 
 logger = logging.getLogger(__name__)
@@ -55,6 +55,10 @@ def _bad_train_params(body: bytes) -> RequestError | None:
         value = params.get(key, least)
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
             return unprocessable(f"Training parameter {key!r} must be an integer of at least {least}, got {value!r}")
+    try:
+        check_device(params.get("device"), "Training")
+    except RequestError as e:
+        return e
     split = params.get("val_split", 0.0)
     if isinstance(split, bool) or not isinstance(split, int | float) or not 0 <= split < 1:
         return unprocessable(f"Training parameter 'val_split' must be a number in [0, 1), got {split!r}")
@@ -324,6 +328,7 @@ class RequestChecks:
         model = request.get("model")
         if model not in self._infers:
             raise not_found(f"Unknown model {model!r}; served models: {sorted(self._infers)}")
+        check_device(request.get("device"), "Infer")
         image = request.get("image")
         if isinstance(image, str) and os.path.isabs(image) and os.path.exists(image):
             if not self.is_server_upload(image):

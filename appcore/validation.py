@@ -33,6 +33,28 @@ def check_image_id(image_id: object, what: str = "Image id") -> str:
     return image_id
 
 
+def check_device(value: object, what: str) -> None:
+    """Refuse (422) a ``device`` parameter torch cannot use: MONAI Label passes it on unchecked.
+
+    Accepted as MONAI Label reads it: none, ``"cpu"``, ``"cuda"``, ``"cuda:N"`` for a present device
+    (``cuda`` and ``cuda:N`` mean the CPU where there is no GPU), a GPU name as ``/info`` lists it,
+    or a list of these (the first is used).
+    """
+    import torch
+    from monailabel.utils.others.generic import device_map
+
+    if not value:  # MONAI Label then picks the default device
+        return
+    first = value[0] if isinstance(value, list) and value else value
+    index = first[5:] if isinstance(first, str) and first.startswith("cuda:") else ""
+    present = index.isdigit() and (not torch.cuda.is_available() or int(index) < torch.cuda.device_count())
+    ok = isinstance(first, str) and (first in ("cpu", "cuda") or first in device_map() or present)
+    if not ok:
+        raise unprocessable(
+            f"{what} parameter 'device' must be 'cpu', 'cuda' or 'cuda:N' of a present GPU, got {value!r}"
+        )
+
+
 def check_upload_size(path: str | Path, max_mb: int, what: str) -> None:
     size = os.path.getsize(path)
     if size == 0:

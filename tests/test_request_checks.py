@@ -27,6 +27,8 @@ from appcore.errors import RequestError
         (b'{"val_batch_size": null}', "'val_batch_size' must be an integer"),
         (b'{"val_split": 1}', r"'val_split' must be a number in \[0, 1\)"),
         (b'{"val_split": "0.2"}', "'val_split' must be a number"),
+        (b'{"device": "gpu0"}', "Training parameter 'device' must be 'cpu', 'cuda' or 'cuda:N'"),
+        (b'{"device": "cpu"}', None),
     ],
 )
 def test_training_parameters(body: bytes, match: str | None) -> None:

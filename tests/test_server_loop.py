@@ -213,6 +213,8 @@ def test_a_session_of_dicom_files_is_checked_and_segmented_on_its_grid(server, t
         ("post", "/train/hippocampus", {"json": {"val_split": 1.5}}, 422),
         ("post", "/infer/hippocampus?image=hippocampus_001&output=dicom_seg", {}, 400),
         ("post", "/infer/hippocampus", {}, 422),  # nothing to segment
+        ("post", "/infer/hippocampus?image=hippocampus_001", {"data": {"params": '{"device": "gpu 1"}'}}, 422),
+        ("post", "/train/hippocampus", {"json": {"device": 5}}, 422),
         ("post", "/infer/hippocampus?session_id=no_such_session", {}, 404),
         ("post", "/activelearning/random", {"json": {"k": 2.5}}, 400),
         ("put", "/datastore/image?image=notes", {"files": {"file": ("notes.txt", b"not an image")}}, 415),

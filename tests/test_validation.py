@@ -10,6 +10,7 @@ import pytest
 from appcore.errors import RequestError
 from appcore.validation import (
     Geometry,
+    check_device,
     check_image_id,
     check_upload_size,
     label_from_buffer,
@@ -145,4 +146,16 @@ def test_a_raw_label_buffer_becomes_a_label_on_the_image_grid(tmp_path: Path) ->
     (tmp_path / "short.bin").write_bytes(label.tobytes()[:-1])
     with pytest.raises(RequestError, match="holds 23 bytes; the image's 4 x 3 x 2 grid needs 24") as e:
         label_from_buffer(tmp_path / "image.nii.gz", tmp_path / "short.bin")
+    assert e.value.status_code == 422
+
+
+@pytest.mark.parametrize("device", [None, "", [], "cpu", "cuda", "cuda:0", ["cpu", "cuda"]])
+def test_devices_torch_can_use_pass(device: object) -> None:
+    check_device(device, "Infer")
+
+
+@pytest.mark.parametrize("device", ["x", 5, [5], "cuda:x", "cuda:", "gpu", {"cpu": 1}])
+def test_other_devices_are_a_422(device: object) -> None:
+    with pytest.raises(RequestError, match="Infer parameter 'device' must be 'cpu', 'cuda' or 'cuda:N'") as e:
+        check_device(device, "Infer")
     assert e.value.status_code == 422
