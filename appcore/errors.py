@@ -39,3 +39,13 @@ def too_large(detail: str) -> RequestError:
 
 def unprocessable(detail: str) -> RequestError:
     return RequestError(422, detail)
+
+
+def root_cause(error: BaseException) -> BaseException:
+    """The innermost exception ``error`` was raised from (MONAI wraps a transform's error in a
+    ``RuntimeError`` that names only the transform)."""
+    seen = {id(error)}
+    while (inner := error.__cause__ or error.__context__) is not None and id(inner) not in seen:
+        seen.add(id(inner))
+        error = inner
+    return error

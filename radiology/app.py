@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import gzip
 import logging
 import os
 import threading
+import zlib
 from collections.abc import Collection
 from pathlib import Path
 from typing import Any
@@ -20,7 +22,7 @@ from appcore.datastore import CheckedLocalDatastore
 from appcore.dicom.datastore import DicomWebDatastore, open_dicomweb_datastore
 from appcore.dicom.ohif import as_requested_format, serve_ohif_config
 from appcore.dicom.prepare import load_series_folder
-from appcore.errors import not_found, unprocessable
+from appcore.errors import not_found, root_cause, unprocessable
 from appcore.labels import LabelSet
 from appcore.settings import AppSettings
 from appcore.validation import check_volume_shape, load_nifti, nifti_header
@@ -36,6 +38,9 @@ from strategies.scoring import UncertaintyScoring
 from strategies.selection import RANKED_STRATEGIES
 
 logger = logging.getLogger(__name__)
+
+# Errors that mean an image file's content cannot be decoded, whatever wrapped them.
+UNREADABLE = (EOFError, zlib.error, gzip.BadGzipFile, nib.filebasedimages.ImageFileError)
 
 
 class RadiologyApp(RequestChecks, MONAILabelApp):
@@ -203,7 +208,17 @@ class RadiologyApp(RequestChecks, MONAILabelApp):
             else:  # the header only: a 2D or multi-component image would fail in the network
                 what = f"image {request.get('image')!r}"
                 check_volume_shape(nifti_header(image, what).shape, what)
-        return as_requested_format(super().infer(request, datastore), request)  # NRRD for OHIF
+        try:
+            result = super().infer(request, datastore)
+        except Exception as e:
+            cause = root_cause(e)
+            if not isinstance(cause, UNREADABLE):
+                raise
+            # a stored file whose header reads but whose voxel data does not (a truncated download)
+            raise unprocessable(
+                f"The image {request.get('image')!r} cannot be read: {type(cause).__name__}: {cause}"
+            ) from None
+        return as_requested_format(result, request)  # NRRD for OHIF
 
     @staticmethod
     def _session_series(folder: str) -> str:

@@ -286,6 +286,11 @@ class MCDropoutScorer:
 
     def score(self, image_path: str) -> dict[str, Any]:
         image = self._pre({"image": image_path})["image"]
+        if image.ndim != 4:
+            raise ValueError(f"not a 3D volume (shape {tuple(image.shape[1:])})")
+        if float(image.max()) == float(image.min()):
+            # z-scored to zeros: an uncertainty measured here says nothing about the data
+            raise ValueError("the image is constant: there is nothing to segment")
         return self.score_tensor(image)
 
     @torch.no_grad()

@@ -7,9 +7,11 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from fastapi import HTTPException
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.scoring import ScoringMethod
 
+from appcore.errors import root_cause
 from strategies.scores import Score, ScoreStore
 
 logger = logging.getLogger(__name__)
@@ -53,8 +55,20 @@ class UncertaintyScoring(ScoringMethod):
         stale = [i for i in images if i not in existing or existing[i].model_version != version]
         logger.info("Scoring %d of %d unlabelled images with model version %s", len(stale), len(images), version)
         pending: dict[str, Score] = {}
+        skipped: dict[str, str] = {}
         for image in stale:
-            measures = scorer.score(datastore.get_image_uri(image))
+            try:
+                measures = scorer.score(datastore.get_image_uri(image))
+            except HTTPException as e:
+                if e.status_code >= 500:  # the datastore is unreachable (a PACS gone): every image would fail
+                    raise
+                skipped[image] = str(e.detail)
+            except Exception as e:  # one unreadable or unusual image must not leave the others unscored
+                cause = root_cause(e)
+                skipped[image] = f"{type(cause).__name__}: {cause}"
+            if image in skipped:
+                logger.warning("Scoring skips %s: %s", image, skipped[image])
+                continue
             value = measures[self.key]
             extra = {k: v for k, v in measures.items() if k != self.key}
             pending[image] = Score(value=value, model_version=version, ts=time.time(), extra=extra)
@@ -64,10 +78,12 @@ class UncertaintyScoring(ScoringMethod):
         if pending:
             self.store.update(pending)
         seconds = time.perf_counter() - start
+        scored = len(stale) - len(skipped)
         return {
-            "scored": len(stale),
+            "scored": scored,
             "unchanged": len(images) - len(stale),
+            "skipped": skipped,
             "model_version": version,
             "seconds": round(seconds, 3),
-            "seconds_per_image": round(seconds / len(stale), 3) if stale else None,
+            "seconds_per_image": round(seconds / scored, 3) if scored else None,
         }

@@ -103,3 +103,31 @@ def test_batch_infer_skips_an_unreadable_image_and_labels_the_others(app) -> Non
     assert result[good]["tag"] == "original"
     label = nib.load(app.datastore().get_label_uri(good, "original"))
     assert label.shape == nib.load(CASES["hippocampus"][0][0]).shape
+
+
+@requires_shared
+def test_a_stored_image_whose_voxels_cannot_be_read_is_a_422(app) -> None:
+    studies, source = Path(app.studies), CASES["hippocampus"][0][0]
+    (studies / "cut.nii.gz").write_bytes(source.read_bytes()[:5000])  # the header reads, the voxels stop short
+    app.datastore().refresh()
+    with pytest.raises(RequestError, match="image 'cut' cannot be read: EOFError") as e:
+        app.infer({"model": "hippocampus", "image": "cut"})
+    assert e.value.status_code == 422
+
+
+@requires_shared
+def test_scoring_skips_images_it_cannot_rank_and_scores_the_others(app) -> None:
+    studies, source = Path(app.studies), CASES["hippocampus"][0][0]
+    affine = nib.load(source).affine
+    nib.save(nib.Nifti1Image(np.full((30, 40, 30), np.nan, np.float32), affine), studies / "blank.nii.gz")
+    nib.save(nib.Nifti1Image(np.ones((20, 30), np.float32), np.eye(4)), studies / "flat2.nii.gz")
+    (studies / "cut2.nii.gz").write_bytes(source.read_bytes()[:5000])
+    app.datastore().refresh()
+    result = app._scoring_methods["epistemic"]({}, app.datastore())
+    skipped = result["skipped"]
+    assert skipped["blank"] == "ValueError: the image is constant: there is nothing to segment"
+    assert skipped["flat2"].startswith("ValueError: not a 3D volume")
+    assert skipped["cut2"].startswith("EOFError"), skipped
+    scored = app.score_store().load()
+    assert {c[0].name.split(".")[0] for c in CASES["hippocampus"]} <= set(scored), "the real cases are ranked"
+    assert not {"blank", "flat2", "cut2"} & set(scored), "nothing unrankable is ranked"

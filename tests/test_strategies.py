@@ -6,6 +6,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from fastapi import HTTPException
 
 from appcore.errors import RequestError
 from radiology.app import RadiologyApp
@@ -129,6 +130,36 @@ def test_scoring_only_rescores_stale_images(tmp_path: Path) -> None:
     scorer._version = "v2"  # new weights published: everything is stale
     scorer.calls.clear()
     assert method({}, ds)["scored"] == 3
+
+
+class FailingScorer(CountingScorer):
+    """Cannot score image ``b`` (a 2D or truncated file); with ``down``, the datastore is unreachable."""
+
+    def __init__(self, version: str, down: bool = False) -> None:
+        super().__init__(version)
+        self.down = down
+
+    def score(self, image_path: str) -> dict[str, float]:
+        if self.down:
+            raise HTTPException(503, "The PACS at http://pacs does not answer")
+        if image_path.endswith("/b.nii.gz"):
+            raise ValueError("zip() argument 2 is longer than argument 1")
+        return super().score(image_path)
+
+
+def test_an_image_that_cannot_be_scored_is_skipped_not_the_run(tmp_path: Path) -> None:
+    store = ScoreStore(tmp_path / "scores.json")
+    ds = FakeDatastore(["a", "b", "c"], labelled=set())
+    result = UncertaintyScoring("t", scorer=lambda: FailingScorer("v1"), store=store, key="entropy")({}, ds)
+    assert result["scored"] == 2
+    assert result["skipped"] == {"b": "ValueError: zip() argument 2 is longer than argument 1"}
+    assert sorted(store.load()) == ["a", "c"]
+
+    down = UncertaintyScoring("t", scorer=lambda: FailingScorer("v2", down=True), store=store, key="entropy")
+    with pytest.raises(HTTPException) as e:
+        down({}, ds)
+    assert e.value.status_code == 503
+    assert {k: v.model_version for k, v in store.load().items()} == {"a": "v1", "c": "v1"}, "earlier scores kept"
 
 
 def test_score_store_roundtrip_and_filter(tmp_path: Path) -> None:
