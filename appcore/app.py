@@ -9,7 +9,7 @@ import os
 import shutil
 import sys
 import tempfile
-import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -258,7 +258,7 @@ class RequestChecks:
     def on_weights_changed(self, model: str) -> None:
         """Called after an upload replaced or a delete removed ``model``'s published weights."""
 
-    def _known_model(self, model: str) -> None:
+    def _known_model(self, model: object) -> None:
         if model not in self._infers:
             raise not_found(f"Unknown model {model!r}; served models: {sorted(self._infers)}")
 
@@ -309,7 +309,8 @@ class RequestChecks:
                 f"Model {model!r} has no published weights to delete: it serves its shipped weights or none. "
                 f"Only weights a training run or PUT /model/{model} published can be deleted"
             )
-        os.replace(target, target.with_name(f"{target.name}.{time.strftime('%Y%m%d_%H%M%S')}.deleted"))
+        stamp = datetime.now().strftime("%Y%m%d_%H%M%S_%f")  # two deletes in one second keep both files
+        os.replace(target, target.with_name(f"{target.name}.{stamp}.deleted"))
         logger.info("Published weights of %s withdrawn: %s", model, target)
         self.on_weights_changed(model)
         return {}
@@ -325,9 +326,7 @@ class RequestChecks:
 
     def request_image(self, request: dict[str, Any], datastore: Datastore | None, max_upload_mb: int) -> str:
         """The file an infer request names: an uploaded or session file, else a datastore image (404 if unknown)."""
-        model = request.get("model")
-        if model not in self._infers:
-            raise not_found(f"Unknown model {model!r}; served models: {sorted(self._infers)}")
+        self._known_model(request.get("model"))
         check_device(request.get("device"), "Infer")
         image = request.get("image")
         if isinstance(image, str) and os.path.isabs(image) and os.path.exists(image):
