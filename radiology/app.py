@@ -39,6 +39,9 @@ from strategies.selection import RANKED_STRATEGIES
 
 logger = logging.getLogger(__name__)
 
+# The image files a studies folder is searched for.
+NIFTI_PATTERNS = ("*.nii.gz", "*.nii")
+
 # Errors that mean an image file's content cannot be decoded, whatever wrapped them.
 UNREADABLE = (EOFError, zlib.error, gzip.BadGzipFile, nib.filebasedimages.ImageFileError)
 
@@ -121,14 +124,25 @@ class RadiologyApp(RequestChecks, MONAILabelApp):
             )
         if not os.path.isdir(self.studies):
             raise FileNotFoundError(f"Studies folder {self.studies!r} does not exist; pass --studies DIR")
-        return CheckedLocalDatastore(
+        store = CheckedLocalDatastore(
             self.studies,
             allowed_values=self.allowed_label_values,
             max_upload_mb=self.settings.max_upload_mb,
-            extensions=ml_settings.MONAI_LABEL_DATASTORE_FILE_EXT,
+            extensions=list(NIFTI_PATTERNS),  # MONAI Label's default adds JPEG, PNG, TIFF and SVS files
             auto_reload=ml_settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
             read_only=ml_settings.MONAI_LABEL_DATASTORE_READ_ONLY,
         )
+        if not store.list_images():
+            others = [p.name for p in Path(self.studies).iterdir() if p.is_file() and not p.name.startswith(".")]
+            logger.warning(
+                "Studies folder %s holds no NIfTI image (.nii, .nii.gz)%s: nothing to label until one is added",
+                self.studies,
+                f" but {len(others)} other files (such as {others[0]}); DICOM series are served from a PACS "
+                "(--studies http://.../dicom-web) or converted to NIfTI first"
+                if others
+                else "",
+            )
+        return store
 
     # -- tasks -----------------------------------------------------------------------------------
     def init_infers(self) -> dict[str, Any]:
