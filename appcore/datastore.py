@@ -71,6 +71,16 @@ class CheckedLocalDatastore(LocalDatastore):
         self._allowed_values = allowed_values
         self._max_upload_mb = max_upload_mb
 
+    def _on_any_event(self, event: Any) -> None:
+        """A change in the studies folder (the watchdog thread's callback): reconcile, and never let an
+        error end the thread, which would stop every later refresh (MONAI Label's raises, for example,
+        when the labels folder is removed)."""
+        try:
+            super()._on_any_event(event)
+        except Exception as e:
+            kind = type(e).__name__
+            logger.warning("Datastore refresh after %s failed (%s: %s); the next change retries", event, kind, e)
+
     def _existing(self, image_id: str) -> Any:
         """The image's record; 400 for a path, 404 for an unknown id (a subclass may return None for
         an image it knows but has not stored yet)."""

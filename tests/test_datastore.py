@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import nibabel as nib
 import numpy as np
@@ -162,3 +164,18 @@ def test_a_labelled_image_is_replaced_only_by_one_on_the_same_grid(
     store.remove_label("case1", "final")
     assert store.add_image("case1", str(other), {}) == "case1", "an unlabelled image may change grid"
     assert nib.load(store.get_image_uri("case1")).shape == (10, 12, 9)
+
+
+def test_a_failed_refresh_does_not_end_the_folder_watcher(
+    store: CheckedLocalDatastore, tmp_path: Path, oblique_affine, caplog: pytest.LogCaptureFixture
+) -> None:
+    label = _label_file(tmp_path / "l.nii.gz", np.ones((10, 12, 8), np.uint8), oblique_affine)
+    store.save_label("case1", label, "final", {})
+    labels = Path(store.get_label_uri("case1", "final")).parents[1]
+    shutil.rmtree(labels)  # someone removes the labels folder while the server runs
+    event = SimpleNamespace(event_type="deleted", src_path=str(labels), is_directory=True)
+    store._on_any_event(event)  # MONAI Label's callback raised FileNotFoundError here, ending the thread
+    assert "Datastore refresh after" in caplog.text and "FileNotFoundError" in caplog.text
+    (labels / "final").mkdir(parents=True)
+    store._on_any_event(event)
+    assert store.get_labeled_images() == [], "the next change reconciles: the removed label is gone"
