@@ -1,4 +1,5 @@
-"""Next-patch strategies for slides: ``wsi_random`` and ``wsi_uncertain`` (MONAI Label adapters)."""
+"""Next-patch strategies for slides: ``wsi_random`` and ``wsi_uncertain`` (MONAI Label adapters),
+both honouring ``k`` and the reservation window as the radiology strategies do."""
 
 from __future__ import annotations
 
@@ -18,7 +19,9 @@ from appcore.validation import check_image_id
 from pathology.predict import predict_maps
 from pathology.spec import NucleiSpec
 from pathology.wsi import RegionSource, SlideSource, open_source
-from strategies.patches import Box, most_uncertain, patch_grid, random_patch
+from strategies.patches import Box, patch_grid, ranked_patches
+from strategies.ranked import request_k
+from strategies.reservations import ReservationBook
 
 logger = logging.getLogger(__name__)
 
@@ -55,35 +58,51 @@ def _image(request: dict[str, Any], datastore: Datastore, rng: random.Random) ->
 
 
 class _PatchStrategy(Strategy):
-    """Picks an image (the request's, else a random unlabelled one) and a patch of it as ``bbox``."""
+    """Picks an image (the request's, else a random unlabelled one) and ``k`` patches of it.
 
-    def __init__(self, description: str, rng: random.Random | None = None) -> None:
+    Patches tile the image (``patch_size``, 1024 x 1024 by default, shrunk to a smaller image); the
+    answer's ``bbox`` is the first pick (what QuPath opens) and ``bboxes`` holds all ``k``. A patch
+    handed out stays reserved for ``reservation_s`` (the book's window), so annotators asking at once
+    never get the same patch; when every patch of the image is held the answer is empty.
+    """
+
+    def __init__(self, description: str, rng: random.Random | None = None, book: ReservationBook | None = None) -> None:
         super().__init__(description)
         self._rng = rng or random.Random()
+        self._book = book or ReservationBook(0)
 
-    def pick(self, source: RegionSource, patch: tuple[int, int], image: str) -> Box:
+    def rank(self, source: RegionSource, boxes: list[Box], image: str) -> list[Box]:
+        """Candidate patches, the one to hand out first first."""
         raise NotImplementedError
 
-    def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any]:
+    def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any] | None:
+        k = request_k(request, 1)
+        client = str(request.get("client_id") or "anonymous")
         image = _image(request, datastore, self._rng)
         patch = _pair(request, "patch_size", (1024, 1024))
         source = open_source(datastore.get_image_uri(image))
         try:
-            box = self.pick(source, patch, image)
+            ranked = self.rank(source, patch_grid(source.dimensions, patch), image)
         finally:
             if isinstance(source, SlideSource):
                 source.close()
-        return {"id": image, "bbox": list(box), "size": list(source.dimensions)}
+        by_key = {f"{image}@{x},{y},{w},{h}": (x, y, w, h) for x, y, w, h in ranked}
+        chosen = self._book.pick(list(by_key), lambda free: free[:k], client)
+        if not chosen:
+            logger.info("No patch of %s is free (%d patches, all reserved)", image, len(by_key))
+            return None
+        boxes = [list(by_key[key]) for key in chosen]
+        return {"id": image, "bbox": boxes[0], "bboxes": boxes, "size": list(source.dimensions)}
 
 
 class WSIRandom(_PatchStrategy):
-    """A random patch wholly inside the image; a slide smaller than the patch is returned whole."""
+    """Patches of the grid in random order; a slide smaller than the patch is one patch."""
 
-    def __init__(self, rng: random.Random | None = None) -> None:
-        super().__init__("Random patch of a slide (the whole slide when it is smaller than the patch)", rng)
+    def __init__(self, rng: random.Random | None = None, book: ReservationBook | None = None) -> None:
+        super().__init__("Random patch of a slide (the whole slide when it is smaller than the patch)", rng, book)
 
-    def pick(self, source: RegionSource, patch: tuple[int, int], image: str) -> Box:
-        return random_patch(source.dimensions, patch, self._rng)
+    def rank(self, source: RegionSource, boxes: list[Box], image: str) -> list[Box]:
+        return self._rng.sample(boxes, len(boxes))
 
 
 def patch_uncertainty(foreground: np.ndarray) -> float:
@@ -93,21 +112,27 @@ def patch_uncertainty(foreground: np.ndarray) -> float:
 
 
 class WSIUncertain(_PatchStrategy):
-    """The patch of a slide where the nuclei network is least sure which pixels are nuclei.
+    """The patches of a slide where the nuclei network is least sure which pixels are nuclei.
 
     Patches tile the slide (at most ``MAX_CANDIDATES`` of them, sampled at random on a large slide);
     each is scored by the mean foreground entropy over up to four ``PROBE``-sized windows at its
-    corners (glass windows are skipped), and the highest wins.
+    corners (glass windows are skipped), and the highest are handed out first.
 
     Args:
         spec: the network's settings.
-        network: returns the served network (``None`` while untrained: then a random patch).
+        network: returns the served network (``None`` while untrained: then random patches).
+        rng: random source for ties and sampling.
+        book: reservations shared with the app's other patch strategy.
     """
 
     def __init__(
-        self, spec: NucleiSpec, network: Callable[[], torch.nn.Module | None], rng: random.Random | None = None
+        self,
+        spec: NucleiSpec,
+        network: Callable[[], torch.nn.Module | None],
+        rng: random.Random | None = None,
+        book: ReservationBook | None = None,
     ) -> None:
-        super().__init__("Most uncertain patch of a slide under the nuclei network (foreground entropy)", rng)
+        super().__init__("Most uncertain patch of a slide under the nuclei network (foreground entropy)", rng, book)
         self._spec, self._network = spec, network
         self._lock = threading.Lock()
 
@@ -125,14 +150,13 @@ class WSIUncertain(_PatchStrategy):
                 scores.append(patch_uncertainty(predict_maps(network, self._spec, rgb).foreground))
         return float(np.mean(scores)) if scores else 0.0
 
-    def pick(self, source: RegionSource, patch: tuple[int, int], image: str) -> Box:
+    def rank(self, source: RegionSource, boxes: list[Box], image: str) -> list[Box]:
         network = self._network()
-        boxes = patch_grid(source.dimensions, patch)
         if len(boxes) > MAX_CANDIDATES:
             boxes = self._rng.sample(boxes, MAX_CANDIDATES)
-        if network is None:
-            return random_patch(source.dimensions, patch, self._rng)
+        if network is None:  # untrained: random order
+            return self._rng.sample(boxes, len(boxes))
         with self._lock:
             scores = {b: self.score(source, b, network) for b in boxes}
         logger.info("wsi_uncertain %s: %d patches, top score %.3f", image, len(boxes), max(scores.values()))
-        return most_uncertain(boxes, scores, self._rng)
+        return ranked_patches(boxes, scores, self._rng)

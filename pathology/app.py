@@ -23,6 +23,7 @@ from pathology.infer import NucleiInfer
 from pathology.registry import MODELS
 from pathology.train import NucleiTrainer
 from pathology.wsi import SlideSource, check_region, open_source
+from strategies.reservations import ReservationBook
 
 logger = logging.getLogger(__name__)
 
@@ -97,9 +98,10 @@ class PathologyApp(RequestChecks, MONAILabelApp):
 
     def init_strategies(self) -> dict[str, Any]:
         first = next(iter(self.models))
+        book = ReservationBook(self.settings.reservation_s)  # one for both: a patch is held whoever picked it
         return {
-            "wsi_random": WSIRandom(),
-            "wsi_uncertain": WSIUncertain(self.models[first].spec, lambda: self._infers[first].network()),
+            "wsi_random": WSIRandom(book=book),
+            "wsi_uncertain": WSIUncertain(self.models[first].spec, lambda: self._infers[first].network(), book=book),
         }
 
     def init_scoring_methods(self) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""Pure patch selection on a slide: a random patch that always fits, a grid, the most uncertain patch."""
+"""Pure patch selection on a slide: a grid of whole patches, ranked by uncertainty."""
 
 from __future__ import annotations
 
@@ -18,13 +18,6 @@ def fit_patch(image_size: tuple[int, int], patch_size: tuple[int, int]) -> tuple
     return min(pw, iw), min(ph, ih)
 
 
-def random_patch(image_size: tuple[int, int], patch_size: tuple[int, int], rng: random.Random) -> Box:
-    """A patch placed uniformly at random, wholly inside the image."""
-    pw, ph = fit_patch(image_size, patch_size)
-    iw, ih = image_size
-    return rng.randint(0, iw - pw), rng.randint(0, ih - ph), pw, ph
-
-
 def patch_grid(image_size: tuple[int, int], patch_size: tuple[int, int]) -> list[Box]:
     """Patches tiling the image; the last row and column are shifted inwards so every patch is whole."""
     pw, ph = fit_patch(image_size, patch_size)
@@ -34,10 +27,7 @@ def patch_grid(image_size: tuple[int, int], patch_size: tuple[int, int]) -> list
     return [(x, y, pw, ph) for y in ys for x in xs]
 
 
-def most_uncertain(boxes: Sequence[Box], scores: Mapping[Box, float], rng: random.Random) -> Box:
-    """The box with the highest score, ties broken at random; unscored boxes count as least uncertain."""
-    if not boxes:
-        raise ValueError("no candidate patches")
-    best = max(scores.get(b, float("-inf")) for b in boxes)
-    tied = [b for b in boxes if scores.get(b, float("-inf")) == best]
-    return rng.choice(tied)
+def ranked_patches(boxes: Sequence[Box], scores: Mapping[Box, float], rng: random.Random) -> list[Box]:
+    """The boxes, most uncertain first; ties in random order, unscored boxes last (also at random)."""
+    keyed = [(-scores.get(b, float("-inf")), rng.random(), b) for b in boxes]
+    return [b for _, _, b in sorted(keyed)]

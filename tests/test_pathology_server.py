@@ -191,6 +191,15 @@ def test_next_patch_as_qupath_asks(server: tuple[httpx.Client, Path]) -> None:
     r = client.post("/activelearning/wsi_random", json={"image": "image04", "patch_size": [1024, 1024]})
     assert r.json()["bbox"] == [0, 0, 623, 493]
 
+    # Two annotators on one slide, two patches each: four different patches.
+    given = set()
+    for who in ("qupath-1", "qupath-2"):
+        body = {"image": "CMU-1-Small-Region", "patch_size": [1024, 1024], "k": 2, "client_id": who}
+        r = client.post("/activelearning/wsi_uncertain", json=body)
+        assert r.status_code == 200 and len(r.json()["bboxes"]) == 2, r.text
+        given |= {tuple(b) for b in r.json()["bboxes"]}
+    assert len(given) == 4
+
 
 @pytest.mark.parametrize(
     ("method", "path", "kwargs", "status"),

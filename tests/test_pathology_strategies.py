@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,8 @@ from appcore.errors import RequestError
 from pathology.activelearning import WSIRandom, WSIUncertain, patch_uncertainty
 from pathology.datastore import PathologyDatastore
 from pathology.spec import NUCLEI
-from strategies.patches import fit_patch, most_uncertain, patch_grid, random_patch
+from strategies.patches import fit_patch, patch_grid, ranked_patches
+from strategies.reservations import ReservationBook
 
 
 @pytest.mark.parametrize(
@@ -25,18 +27,10 @@ def test_fit_patch(image: tuple[int, int], patch: tuple[int, int], expected: tup
     assert fit_patch(image, patch) == expected
 
 
-@pytest.mark.parametrize(("image", "patch"), [((100, 80), (30, 20)), ((50, 40), (1024, 1024)), ((1, 1), (2, 2))])
-def test_random_patch_stays_inside(image: tuple[int, int], patch: tuple[int, int]) -> None:
-    rng = random.Random(0)
-    for _ in range(50):
-        x, y, w, h = random_patch(image, patch, rng)
-        assert x >= 0 and y >= 0 and x + w <= image[0] and y + h <= image[1] and w >= 1 and h >= 1
-
-
 @pytest.mark.parametrize(("image", "patch"), [((0, 10), (5, 5)), ((10, 10), (0, 5))])
-def test_random_patch_refuses_empty_sizes(image: tuple[int, int], patch: tuple[int, int]) -> None:
+def test_patch_grid_refuses_empty_sizes(image: tuple[int, int], patch: tuple[int, int]) -> None:
     with pytest.raises(ValueError, match="must be positive"):
-        random_patch(image, patch, random.Random(0))
+        patch_grid(image, patch)
 
 
 def test_patch_grid_covers_the_image_with_whole_patches() -> None:
@@ -51,13 +45,13 @@ def test_patch_grid_covers_the_image_with_whole_patches() -> None:
     ]
 
 
-def test_most_uncertain_picks_the_top_and_breaks_ties_at_random() -> None:
-    boxes = [(0, 0, 1, 1), (1, 0, 1, 1), (2, 0, 1, 1)]
-    assert most_uncertain(boxes, {boxes[0]: 0.1, boxes[1]: 0.9, boxes[2]: 0.2}, random.Random(0)) == boxes[1]
-    tied = {most_uncertain(boxes, {boxes[0]: 0.5, boxes[2]: 0.5}, random.Random(s)) for s in range(30)}
-    assert tied == {boxes[0], boxes[2]}
-    with pytest.raises(ValueError, match="no candidate"):
-        most_uncertain([], {}, random.Random(0))
+def test_patches_are_ranked_most_uncertain_first_ties_at_random() -> None:
+    boxes = [(0, 0, 1, 1), (1, 0, 1, 1), (2, 0, 1, 1), (3, 0, 1, 1)]
+    scores = {boxes[0]: 0.1, boxes[1]: 0.9, boxes[2]: 0.2}
+    assert ranked_patches(boxes, scores, random.Random(0)) == [boxes[1], boxes[2], boxes[0], boxes[3]]
+    tied = {ranked_patches(boxes, {boxes[0]: 0.5, boxes[2]: 0.5}, random.Random(s))[0] for s in range(30)}
+    assert tied == {boxes[0], boxes[2]}, "ties in random order, unscored patches after scored ones"
+    assert ranked_patches([], {}, random.Random(0)) == []
 
 
 def test_patch_uncertainty_is_highest_at_one_half() -> None:
@@ -82,9 +76,26 @@ def test_wsi_random_on_an_image_smaller_than_the_patch(store: PathologyDatastore
     assert res["id"] == "small" and res["bbox"][2:] == [100, 100]
 
 
+def test_wsi_random_hands_out_k_grid_patches_never_twice_within_the_window(store: PathologyDatastore) -> None:
+    strategy = WSIRandom(random.Random(0), ReservationBook(600))
+    grid = {tuple(b) for b in patch_grid((200, 300), (100, 100))}  # 2 x 3
+    first = strategy({"image": "small", "patch_size": [100, 100], "k": 4, "client_id": "a"}, store)
+    assert len(first["bboxes"]) == 4 and first["bbox"] == first["bboxes"][0]
+    second = strategy({"image": "small", "patch_size": [100, 100], "k": 4, "client_id": "b"}, store)
+    assert len(second["bboxes"]) == 2, "only the two patches nobody holds"
+    assert {tuple(b) for b in first["bboxes"] + second["bboxes"]} == grid
+    assert strategy({"image": "small", "patch_size": [100, 100], "client_id": "c"}, store) is None
+
+
 @pytest.mark.parametrize(
     ("request_", "status"),
-    [({"image": "nope"}, 404), ({"image": "../x"}, 400), ({"image": "small", "patch_size": [0, 5]}, 400)],
+    [
+        ({"image": "nope"}, 404),
+        ({"image": "../x"}, 400),
+        ({"image": "small", "patch_size": [0, 5]}, 400),
+        ({"image": "small", "k": 0}, 400),
+        ({"image": "small", "k": 1.5}, 400),
+    ],
 )
 def test_wsi_random_refuses_bad_requests(store: PathologyDatastore, request_: dict, status: int) -> None:
     with pytest.raises(RequestError) as e:
@@ -108,3 +119,14 @@ def test_wsi_uncertain_returns_the_most_uncertain_patch_as_a_bbox(store: Patholo
     strategy = WSIUncertain(NUCLEI, lambda: _TissueIsUncertain(), random.Random(0))
     res = strategy({"image": "small", "patch_size": [100, 150]}, store)
     assert res["bbox"] == [100, 150, 100, 150]
+
+
+def test_wsi_uncertain_hands_out_the_most_uncertain_patches_to_concurrent_annotators(store: PathologyDatastore) -> None:
+    strategy = WSIUncertain(NUCLEI, lambda: _TissueIsUncertain(), random.Random(0), ReservationBook(600))
+    request_ = {"image": "small", "patch_size": [100, 150]}
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(lambda c: strategy({**request_, "client_id": c}, store), ["a", "b", "c", "d"]))
+    boxes = [tuple(a["bbox"]) for a in answers if a]
+    assert len(boxes) == 4 and len(set(boxes)) == 4, "four patches of the 2 x 2 grid, none twice"
+    assert (100, 150, 100, 150) in boxes, "the tissue patch is among them"
+    assert strategy({**request_, "client_id": "e"}, store) is None
