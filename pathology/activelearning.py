@@ -4,6 +4,7 @@ both honouring ``k`` and the reservation window as the radiology strategies do."
 from __future__ import annotations
 
 import logging
+import os
 import random
 import threading
 from collections.abc import Callable
@@ -31,6 +32,8 @@ PROBE = 256
 GLASS = 220.0
 # Patches scored per request at most; a large slide is sampled so that an answer takes seconds.
 MAX_CANDIDATES = 64
+# Patch scores kept for later requests at most (a few hundred kilobytes).
+MAX_STORED_SCORES = 20_000
 
 
 def _pair(request: dict[str, Any], key: str, default: tuple[int, int]) -> tuple[int, int]:
@@ -71,8 +74,8 @@ class _PatchStrategy(Strategy):
         self._rng = rng or random.Random()
         self._book = book or ReservationBook(0)
 
-    def rank(self, source: RegionSource, boxes: list[Box], image: str) -> list[Box]:
-        """Candidate patches, the one to hand out first first."""
+    def rank(self, source: RegionSource, boxes: list[Box], image: str, version: str) -> list[Box]:
+        """Candidate patches, the one to hand out first first; ``version`` names the image file's state."""
         raise NotImplementedError
 
     def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any] | None:
@@ -80,9 +83,10 @@ class _PatchStrategy(Strategy):
         client = str(request.get("client_id") or "anonymous")
         image = _image(request, datastore, self._rng)
         patch = _pair(request, "patch_size", (1024, 1024))
-        source = open_source(datastore.get_image_uri(image))
+        uri = datastore.get_image_uri(image)
+        source = open_source(uri)
         try:
-            ranked = self.rank(source, patch_grid(source.dimensions, patch), image)
+            ranked = self.rank(source, patch_grid(source.dimensions, patch), image, f"{uri}:{os.stat(uri).st_mtime_ns}")
         finally:
             if isinstance(source, SlideSource):
                 source.close()
@@ -101,7 +105,7 @@ class WSIRandom(_PatchStrategy):
     def __init__(self, rng: random.Random | None = None, book: ReservationBook | None = None) -> None:
         super().__init__("Random patch of a slide (the whole slide when it is smaller than the patch)", rng, book)
 
-    def rank(self, source: RegionSource, boxes: list[Box], image: str) -> list[Box]:
+    def rank(self, source: RegionSource, boxes: list[Box], image: str, version: str) -> list[Box]:
         return self._rng.sample(boxes, len(boxes))
 
 
@@ -135,6 +139,10 @@ class WSIUncertain(_PatchStrategy):
         super().__init__("Most uncertain patch of a slide under the nuclei network (foreground entropy)", rng, book)
         self._spec, self._network = spec, network
         self._lock = threading.Lock()
+        # Patch scores under the network scored with: {(image version, box): score}. Reused by later
+        # requests (other annotators, the next patch), emptied when new weights are served.
+        self._scores: dict[tuple[str, Box], float] = {}
+        self._scored_with: torch.nn.Module | None = None
 
     def score(self, source: RegionSource, box: Box, network: torch.nn.Module) -> float:
         x, y, w, h = box
@@ -150,13 +158,19 @@ class WSIUncertain(_PatchStrategy):
                 scores.append(patch_uncertainty(predict_maps(network, self._spec, rgb).foreground))
         return float(np.mean(scores)) if scores else 0.0
 
-    def rank(self, source: RegionSource, boxes: list[Box], image: str) -> list[Box]:
+    def rank(self, source: RegionSource, boxes: list[Box], image: str, version: str) -> list[Box]:
         network = self._network()
         if len(boxes) > MAX_CANDIDATES:
             boxes = self._rng.sample(boxes, MAX_CANDIDATES)
         if network is None:  # untrained: random order
             return self._rng.sample(boxes, len(boxes))
         with self._lock:
-            scores = {b: self.score(source, b, network) for b in boxes}
-        logger.info("wsi_uncertain %s: %d patches, top score %.3f", image, len(boxes), max(scores.values()))
+            if network is not self._scored_with or len(self._scores) > MAX_STORED_SCORES:
+                self._scores, self._scored_with = {}, network
+            new = [b for b in boxes if (version, b) not in self._scores]
+            for b in new:
+                self._scores[version, b] = self.score(source, b, network)
+            scores = {b: self._scores[version, b] for b in boxes}
+        top = max(scores.values())
+        logger.info("wsi_uncertain %s: %d patches (%d scored now), top score %.3f", image, len(boxes), len(new), top)
         return ranked_patches(boxes, scores, self._rng)

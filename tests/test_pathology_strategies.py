@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -130,3 +131,33 @@ def test_wsi_uncertain_hands_out_the_most_uncertain_patches_to_concurrent_annota
     assert len(boxes) == 4 and len(set(boxes)) == 4, "four patches of the 2 x 2 grid, none twice"
     assert (100, 150, 100, 150) in boxes, "the tissue patch is among them"
     assert strategy({**request_, "client_id": "e"}, store) is None
+
+
+class _Counting(_TissueIsUncertain):
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return super().forward(x)
+
+
+def test_wsi_uncertain_scores_a_patch_once_per_weights_and_image_file(store: PathologyDatastore) -> None:
+    served = [_Counting()]
+    strategy = WSIUncertain(NUCLEI, lambda: served[0], random.Random(0), ReservationBook(600))
+    request_ = {"image": "small", "patch_size": [100, 150]}
+    first = strategy({**request_, "client_id": "a"}, store)
+    calls = served[0].calls
+    assert calls > 0
+    second = strategy({**request_, "client_id": "b"}, store)
+    assert served[0].calls == calls, "the next annotator's request reuses the scores"
+    assert first["bbox"] == [100, 150, 100, 150] and second["bbox"] != first["bbox"]
+
+    served[0] = _Counting()  # new weights published
+    strategy({**request_, "client_id": "c"}, store)
+    assert served[0].calls == calls, "rescored under the new weights"
+    path = Path(store.get_image_uri("small"))
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))  # the image replaced
+    strategy({**request_, "client_id": "d"}, store)
+    assert served[0].calls == 2 * calls, "rescored for the new file"
