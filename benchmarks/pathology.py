@@ -21,7 +21,7 @@ import torch
 from monailabel.config import settings as ml_settings
 from PIL import Image
 
-from pathology.activelearning import WSIUncertain
+from pathology.activelearning import WSIDiverse, WSIUncertain
 from pathology.app import PathologyApp
 from pathology.data import read_rgb
 from pathology.postprocess import instance_polygons
@@ -79,19 +79,23 @@ def main(argv: list[str] | None = None) -> None:
         req = {"model": "nuclei", "image": "cmu", "location": [0, 0], "size": [0, 0], "output": "dsa"}
         t, res = _median_time(lambda: app.infer_wsi(dict(req)), 1)
         rows.append(("wsi whole slide 2220x2967, tiles 1024, DSA JSON", t, res["params"]["count"]))
-        # Next patch: the app's strategy object without reservations (every call may pick any patch).
-        strategy = WSIUncertain(task.spec, task.network)
-        ask = {"image": "cmu", "patch_size": [512, 512]}
+        # Next patch: the app's strategies without reservations (every call may pick any patch).
+        ask = {"image": "cmu", "patch_size": [512, 512], "k": 4}
         datastore = app.datastore()
+        for name, strategy in (
+            ("wsi_uncertain", WSIUncertain(task.spec, task.network)),
+            ("wsi_tta", WSIUncertain(task.spec, task.network, measure="tta")),
+            ("wsi_diversity", WSIDiverse(task.spec, task.network)),
+        ):
 
-        def first_request() -> Any:
-            strategy._scores.clear()
-            return strategy(dict(ask), datastore)
+            def first_request(s: WSIUncertain = strategy) -> Any:
+                s._scores.clear()
+                return s(dict(ask), datastore)
 
-        t, _ = _median_time(first_request, args.repeats)
-        rows.append(("wsi_uncertain next patch, first request on the slide (30 patches of 512)", t, None))
-        t, _ = _median_time(lambda: strategy(dict(ask), datastore), args.repeats)
-        rows.append(("wsi_uncertain next patch, a later request (scores kept)", t, None))
+            t, _ = _median_time(first_request, args.repeats)
+            rows.append((f"{name}, k=4: first request on the slide (30 patches of 512)", t, None))
+            t, _ = _median_time(lambda s=strategy: s(dict(ask), datastore), args.repeats)
+            rows.append((f"{name}, k=4: a later request (measures kept)", t, None))
 
     print(f"load average before the run: {load:.2f}; torch threads: {args.threads}; median of {args.repeats}")
     print()

@@ -16,6 +16,7 @@ from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.strategy import Strategy
 
 from appcore.errors import bad_request, not_found
+from appcore.networks import bottleneck
 from appcore.validation import check_image_id
 from pathology.predict import predict_maps
 from pathology.spec import NucleiSpec
@@ -23,6 +24,7 @@ from pathology.wsi import RegionSource, SlideSource, open_source
 from strategies.patches import Box, patch_grid, ranked_patches
 from strategies.ranked import request_k
 from strategies.reservations import ReservationBook
+from strategies.selection import diverse_top_k
 
 logger = logging.getLogger(__name__)
 
@@ -115,18 +117,122 @@ def patch_uncertainty(foreground: np.ndarray) -> float:
     return float(np.mean(-(p * np.log2(p) + (1 - p) * np.log2(1 - p))))
 
 
+def tta_disagreement(maps: list[np.ndarray]) -> float:
+    """Mean over pixels of the standard deviation of the foreground probability across augmentations
+    (0 when every flip agrees, at most 0.5)."""
+    return float(np.mean(np.std(np.stack(maps), axis=0)))
+
+
+# Flips of a probe window (array axes of an H x W x 3 image): each is its own inverse.
+FLIPS: tuple[tuple[int, ...], ...] = ((), (1,), (0,), (0, 1))
+
+MEASURES = {
+    "entropy": "foreground entropy",
+    "tta": "disagreement of the foreground between flipped copies",
+}
+
+
 class WSIUncertain(_PatchStrategy):
     """The patches of a slide where the nuclei network is least sure which pixels are nuclei.
 
     Patches tile the slide (at most ``MAX_CANDIDATES`` of them, sampled at random on a large slide);
-    each is scored by the mean foreground entropy over up to four ``PROBE``-sized windows at its
-    corners (glass windows are skipped), and the highest are handed out first.
+    each is measured over up to four ``PROBE``-sized windows at its corners (glass windows are
+    skipped), and the highest are handed out first. ``measure``: ``entropy`` (the mean binary
+    entropy of the foreground probability; one pass per window) or ``tta`` (the spread of the
+    foreground over the window and its three flips, nuclei having no orientation; four passes).
+    The entropy pass also keeps the window's mean bottleneck features, which ``WSIDiverse`` uses.
+    Measures are kept per image file and served weights for later requests.
 
     Args:
         spec: the network's settings.
         network: returns the served network (``None`` while untrained: then random patches).
         rng: random source for ties and sampling.
-        book: reservations shared with the app's other patch strategy.
+        book: reservations shared with the app's other patch strategies.
+        measure: ``entropy`` or ``tta``.
+    """
+
+    def __init__(
+        self,
+        spec: NucleiSpec,
+        network: Callable[[], torch.nn.Module | None],
+        rng: random.Random | None = None,
+        book: ReservationBook | None = None,
+        *,
+        measure: str = "entropy",
+    ) -> None:
+        if measure not in MEASURES:
+            raise ValueError(f"measure must be one of {sorted(MEASURES)}, got {measure!r}")
+        super().__init__(f"Most uncertain patches of a slide under the nuclei network ({MEASURES[measure]})", rng, book)
+        self._spec, self._network, self._measure = spec, network, measure
+        self._lock = threading.Lock()
+        # Measures under the network they were computed with: {(image version, box): {name: value}}.
+        # Reused by later requests (other annotators, the next patch), emptied when new weights are served.
+        self._scores: dict[tuple[str, Box], dict[str, Any]] = {}
+        self._scored_with: torch.nn.Module | None = None
+
+    def _window(self, rgb: np.ndarray, network: torch.nn.Module) -> dict[str, Any]:
+        if self._measure == "tta":
+            maps = []
+            for axes in FLIPS:
+                flipped = np.ascontiguousarray(np.flip(rgb, axes)) if axes else rgb
+                fg = predict_maps(network, self._spec, flipped).foreground
+                maps.append(np.flip(fg, axes) if axes else fg)
+            return {"tta": tta_disagreement(maps)}
+        layer, captured = bottleneck(network), []
+        hook = layer.register_forward_hook(lambda _m, _i, out: captured.append(out)) if layer is not None else None
+        try:
+            fg = predict_maps(network, self._spec, rgb).foreground
+        finally:
+            if hook is not None:
+                hook.remove()
+        features = captured[0].float().flatten(2).mean(2)[0].cpu().numpy() if captured else np.zeros(0)
+        return {"entropy": patch_uncertainty(fg), "embedding": features}
+
+    def measures(self, source: RegionSource, box: Box, network: torch.nn.Module) -> dict[str, Any]:
+        """The patch's measures: each the mean over its non-glass probe windows (0 if all glass)."""
+        x, y, w, h = box
+        pw, ph = min(PROBE, w), min(PROBE, h)
+        xs = sorted({x, x + w - pw}) if w > pw else [x]
+        ys = sorted({y, y + h - ph}) if h > ph else [y]
+        windows = []
+        for py in ys:
+            for px in xs:
+                rgb = source.read(px, py, pw, ph)
+                if rgb.mean() <= GLASS:
+                    windows.append(self._window(rgb, network))
+        if not windows:
+            return {self._measure: 0.0}
+        return {name: np.mean([m[name] for m in windows], axis=0) for name in windows[0]}
+
+    def scored(self, source: RegionSource, boxes: list[Box], version: str, network: torch.nn.Module) -> dict:
+        """``{box: measures}``, computing only those not kept from an earlier request."""
+        with self._lock:
+            if network is not self._scored_with or len(self._scores) > MAX_STORED_SCORES:
+                self._scores, self._scored_with = {}, network
+            new = [b for b in boxes if (version, b) not in self._scores]
+            for b in new:
+                self._scores[version, b] = self.measures(source, b, network)
+            logger.info("%s: %d patches (%d measured now)", self.description, len(boxes), len(new))
+            return {b: self._scores[version, b] for b in boxes}
+
+    def candidates(self, boxes: list[Box]) -> list[Box]:
+        return self._rng.sample(boxes, MAX_CANDIDATES) if len(boxes) > MAX_CANDIDATES else boxes
+
+    def rank(self, source: RegionSource, boxes: list[Box], image: str, version: str) -> list[Box]:
+        network = self._network()
+        boxes = self.candidates(boxes)
+        if network is None:  # untrained: random order
+            return self._rng.sample(boxes, len(boxes))
+        measured = self.scored(source, boxes, version, network)
+        return ranked_patches(boxes, {b: float(m[self._measure]) for b, m in measured.items()}, self._rng)
+
+
+class WSIDiverse(WSIUncertain):
+    """Patches that are uncertain and unlike each other and unlike the patches other annotators hold.
+
+    The radiology ``diversity`` strategy on patches: greedy uncertainty-weighted coverage
+    (``strategies.selection.diverse_top_k``) of the foreground entropy and the mean bottleneck
+    features of each patch, with the reserved patches of the slide counting as covered.
     """
 
     def __init__(
@@ -136,41 +242,23 @@ class WSIUncertain(_PatchStrategy):
         rng: random.Random | None = None,
         book: ReservationBook | None = None,
     ) -> None:
-        super().__init__("Most uncertain patch of a slide under the nuclei network (foreground entropy)", rng, book)
-        self._spec, self._network = spec, network
-        self._lock = threading.Lock()
-        # Patch scores under the network scored with: {(image version, box): score}. Reused by later
-        # requests (other annotators, the next patch), emptied when new weights are served.
-        self._scores: dict[tuple[str, Box], float] = {}
-        self._scored_with: torch.nn.Module | None = None
-
-    def score(self, source: RegionSource, box: Box, network: torch.nn.Module) -> float:
-        x, y, w, h = box
-        pw, ph = min(PROBE, w), min(PROBE, h)
-        xs = sorted({x, x + w - pw}) if w > pw else [x]
-        ys = sorted({y, y + h - ph}) if h > ph else [y]
-        scores = []
-        for py in ys:
-            for px in xs:
-                rgb = source.read(px, py, pw, ph)
-                if rgb.mean() > GLASS:
-                    continue
-                scores.append(patch_uncertainty(predict_maps(network, self._spec, rgb).foreground))
-        return float(np.mean(scores)) if scores else 0.0
+        super().__init__(spec, network, rng, book, measure="entropy")
+        self.description = (
+            "A batch of k uncertain patches of a slide unlike each other and the patches others hold "
+            "(foreground entropy x distance in the nuclei network's feature space)"
+        )
 
     def rank(self, source: RegionSource, boxes: list[Box], image: str, version: str) -> list[Box]:
         network = self._network()
-        if len(boxes) > MAX_CANDIDATES:
-            boxes = self._rng.sample(boxes, MAX_CANDIDATES)
-        if network is None:  # untrained: random order
+        held = {key for key in self._book.reserved() if key.startswith(f"{image}@")}
+        boxes = self.candidates(boxes)
+        if network is None:
             return self._rng.sample(boxes, len(boxes))
-        with self._lock:
-            if network is not self._scored_with or len(self._scores) > MAX_STORED_SCORES:
-                self._scores, self._scored_with = {}, network
-            new = [b for b in boxes if (version, b) not in self._scores]
-            for b in new:
-                self._scores[version, b] = self.score(source, b, network)
-            scores = {b: self._scores[version, b] for b in boxes}
-        top = max(scores.values())
-        logger.info("wsi_uncertain %s: %d patches (%d scored now), top score %.3f", image, len(boxes), len(new), top)
-        return ranked_patches(boxes, scores, self._rng)
+        key = {b: f"{image}@{b[0]},{b[1]},{b[2]},{b[3]}" for b in boxes}
+        measured = self.scored(source, boxes, version, network)
+        free = [key[b] for b in boxes if key[b] not in held]
+        scores = {key[b]: float(m["entropy"]) for b, m in measured.items()}
+        embeddings = {key[b]: m["embedding"] for b, m in measured.items() if len(m.get("embedding", ())) > 0}
+        order = diverse_top_k(free, scores, embeddings, max(len(free), 1), self._rng, covered=sorted(held))
+        by_key = {k: b for b, k in key.items()}
+        return [by_key[k] for k in order] + [b for b in boxes if key[b] in held]

@@ -17,7 +17,7 @@ from monailabel.utils.others.pathology import create_asap_annotations_xml, creat
 from appcore.app import RequestChecks
 from appcore.errors import bad_request
 from appcore.settings import AppSettings
-from pathology.activelearning import WSIRandom, WSIUncertain
+from pathology.activelearning import WSIDiverse, WSIRandom, WSIUncertain
 from pathology.datastore import PathologyDatastore
 from pathology.infer import NucleiInfer
 from pathology.registry import MODELS
@@ -99,9 +99,12 @@ class PathologyApp(RequestChecks, MONAILabelApp):
     def init_strategies(self) -> dict[str, Any]:
         first = next(iter(self.models))
         book = ReservationBook(self.settings.reservation_s)  # one for both: a patch is held whoever picked it
+        spec, network = self.models[first].spec, lambda: self._infers[first].network()
         return {
             "wsi_random": WSIRandom(book=book),
-            "wsi_uncertain": WSIUncertain(self.models[first].spec, lambda: self._infers[first].network(), book=book),
+            "wsi_uncertain": WSIUncertain(spec, network, book=book),
+            "wsi_tta": WSIUncertain(spec, network, book=book, measure="tta"),
+            "wsi_diversity": WSIDiverse(spec, network, book=book),
         }
 
     def init_scoring_methods(self) -> dict[str, Any]:

@@ -18,9 +18,9 @@ from typing import Any
 import numpy as np
 import torch
 from monai.inferers import sliding_window_inference
-from monai.networks.layers import SkipConnection
 from monai.transforms import Compose
 
+from appcore.networks import bottleneck
 from appcore.precision import autocast
 from appcore.weights import load_state_dict
 from radiology.spec import ModelSpec
@@ -133,12 +133,6 @@ TTA_AUGMENTS: tuple[Augment, ...] = (
     _gain(0.9),
     Augment("offset+0.1", lambda x: x + 0.1, _identity),
 )
-
-
-def bottleneck(network: torch.nn.Module) -> torch.nn.Module | None:
-    """The deepest layer of a MONAI UNet (inside its innermost skip connection), or ``None``."""
-    skips = [m for m in network.modules() if isinstance(m, SkipConnection)]
-    return skips[-1].submodule if skips else None
 
 
 def _mutual_information(p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

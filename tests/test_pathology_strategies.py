@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from appcore.errors import RequestError
-from pathology.activelearning import WSIRandom, WSIUncertain, patch_uncertainty
+from pathology.activelearning import WSIDiverse, WSIRandom, WSIUncertain, patch_uncertainty, tta_disagreement
 from pathology.datastore import PathologyDatastore
 from pathology.spec import NUCLEI
 from strategies.patches import fit_patch, patch_grid, ranked_patches
@@ -161,3 +161,63 @@ def test_wsi_uncertain_scores_a_patch_once_per_weights_and_image_file(store: Pat
     os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))  # the image replaced
     strategy({**request_, "client_id": "d"}, store)
     assert served[0].calls == 2 * calls, "rescored for the new file"
+
+
+def test_tta_disagreement_is_the_spread_between_flips() -> None:
+    assert tta_disagreement([np.full((4, 4), 0.3)] * 4) == 0.0
+    assert tta_disagreement([np.zeros((4, 4)), np.ones((4, 4))]) == pytest.approx(0.5)
+
+
+class _LeftHalfIsNucleus(torch.nn.Module):
+    """A stand-in network that is sure, but whose answer flips with the image: nuclei on the left of dark windows."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.unused = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dark = x.mean(dim=1, keepdim=True) < 0.5
+        left = torch.zeros_like(dark)
+        left[..., : x.shape[-1] // 2] = True
+        fg = torch.where(dark & left, 20.0, -20.0)
+        return torch.cat([fg, torch.zeros_like(fg)], dim=1)
+
+
+def test_wsi_tta_ranks_the_patch_whose_prediction_changes_under_flips_first(store: PathologyDatastore) -> None:
+    request_ = {"image": "small", "patch_size": [100, 150], "k": 4}
+    tta = WSIUncertain(NUCLEI, lambda: _LeftHalfIsNucleus(), random.Random(0), measure="tta")
+    assert tta(request_, store)["bboxes"][0] == [100, 150, 100, 150]
+    entropy = WSIUncertain(NUCLEI, lambda: _LeftHalfIsNucleus(), random.Random(0))
+    measured = entropy.scored(*_source_and_grid(store), "v", entropy._network())
+    assert max(m["entropy"] for m in measured.values()) < 1e-3, "sure everywhere: entropy cannot tell the patches apart"
+
+
+def _source_and_grid(store: PathologyDatastore) -> tuple:
+    from pathology.wsi import open_source
+
+    return open_source(store.get_image_uri("small")), patch_grid((200, 300), (100, 150))
+
+
+def test_wsi_diversity_skips_near_duplicates_of_patches_picked_or_held(store: PathologyDatastore) -> None:
+    # Four patches: two most uncertain ones that look alike, a less uncertain one unlike them, a sure one.
+    a, a2, b, c = (0, 0, 100, 150), (100, 0, 100, 150), (0, 150, 100, 150), (100, 150, 100, 150)
+    table = {
+        a: {"entropy": 0.9, "embedding": np.array([1.0, 0.0, 0.0])},
+        a2: {"entropy": 0.89, "embedding": np.array([0.99, 0.05, 0.0])},
+        b: {"entropy": 0.5, "embedding": np.array([0.0, 1.0, 0.0])},
+        c: {"entropy": 0.1, "embedding": np.array([0.0, 0.0, 1.0])},
+    }
+    network = torch.nn.Identity()
+
+    def strategy(cls: type, book: ReservationBook) -> WSIUncertain:
+        s = cls(NUCLEI, lambda: network, random.Random(0), book)
+        s.measures = lambda source, box, net: table[box]
+        return s
+
+    request_ = {"image": "small", "patch_size": [100, 150], "k": 2}
+    assert strategy(WSIUncertain, ReservationBook(0))(request_, store)["bboxes"] == [list(a), list(a2)]
+    assert strategy(WSIDiverse, ReservationBook(0))(request_, store)["bboxes"] == [list(a), list(b)]
+    book = ReservationBook(600)
+    book.pick(["small@0,0,100,150"], lambda free: free, "first annotator")  # holds patch a
+    second = strategy(WSIDiverse, book)({**request_, "k": 1, "client_id": "second"}, store)
+    assert second["bbox"] == list(b), "a2 is a near-duplicate of the held patch a"

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+from appcore.networks import bottleneck
 from radiology.uncertainty import (
     TTA_AUGMENTS,
-    bottleneck,
     dropout_off,
     enable_dropout_only,
     mc_window,
