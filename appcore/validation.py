@@ -16,6 +16,8 @@ import numpy as np
 from appcore.errors import RequestError, bad_request, too_large, unprocessable
 
 _ID_FORBIDDEN = re.compile(r"[/\\\x00]")
+# Ids and tags become file names (with an extension, 255 bytes at most on common file systems).
+MAX_ID_BYTES = 200
 
 
 def check_image_id(image_id: object, what: str = "Image id") -> str:
@@ -29,6 +31,12 @@ def check_image_id(image_id: object, what: str = "Image id") -> str:
         raise bad_request(
             f"{what} {image_id!r} contains a path ('/', '\\\\', '..' or '~'); "
             "ids and tags are plain names as GET /datastore/?output=all lists them, not file paths"
+        )
+    if image_id.startswith("."):
+        raise bad_request(f"{what} {image_id!r} starts with '.': that names a hidden file, not an image or a tag")
+    if len(image_id.encode()) > MAX_ID_BYTES:
+        raise bad_request(
+            f"{what} is {len(image_id.encode())} bytes long; at most {MAX_ID_BYTES} fit a file name with its extension"
         )
     return image_id
 

@@ -213,6 +213,7 @@ def test_a_session_of_dicom_files_is_checked_and_segmented_on_its_grid(server, t
         ("post", "/train/hippocampus", {"json": {"val_split": 1.5}}, 422),
         ("post", "/infer/hippocampus?image=hippocampus_001&output=dicom_seg", {}, 400),
         ("post", "/infer/hippocampus", {}, 422),  # nothing to segment
+        ("put", f"/datastore/image?image={'a' * 300}", {"files": {"file": ("x.nii.gz", b"x")}}, 400),  # was a 500
         ("post", "/infer/hippocampus?image=hippocampus_001", {"data": {"params": '{"device": "gpu 1"}'}}, 422),
         ("post", "/train/hippocampus", {"json": {"device": 5}}, 422),
         ("post", "/infer/hippocampus?session_id=no_such_session", {}, 404),

@@ -20,12 +20,17 @@ from appcore.validation import (
 from tests.conftest import write_nifti
 
 
-@pytest.mark.parametrize("good", ["hippocampus_001", "case.1", "a-b_c", "spleen 2"])
+@pytest.mark.parametrize(
+    "good", ["hippocampus_001", "case.1", "a-b_c", "spleen 2", "Ünïcøde", "1.2." + "9" * 60, "a" * 200]
+)
 def test_plain_ids_pass(good: str) -> None:
     assert check_image_id(good) == good
 
 
-@pytest.mark.parametrize("bad", ["", "  ", "../x", "..", "a/b", "/etc/passwd", "a\\b", "~root", "a\x00b", None, 3])
+@pytest.mark.parametrize(
+    "bad",
+    ["", "  ", "../x", "..", "a/b", "/etc/passwd", "a\\b", "~root", "a\x00b", None, 3, ".hidden", "a" * 201, "é" * 101],
+)
 def test_path_ids_refused(bad: object) -> None:
     with pytest.raises(RequestError, match="(?i)image id") as e:
         check_image_id(bad)
