@@ -1,5 +1,6 @@
-"""Next-patch strategies for slides: ``wsi_random`` and ``wsi_uncertain`` (MONAI Label adapters),
-both honouring ``k`` and the reservation window as the radiology strategies do."""
+"""Next-patch strategies for slides (MONAI Label adapters): ``wsi_random``, ``wsi_uncertain``,
+``wsi_tta`` and ``wsi_diversity``, honouring ``k`` and the reservation window as the radiology
+strategies do."""
 
 from __future__ import annotations
 
@@ -62,6 +63,12 @@ def _image(request: dict[str, Any], datastore: Datastore, rng: random.Random) ->
     return rng.choice(candidates)
 
 
+def patch_key(image: str, box: Box) -> str:
+    """How a patch is named in the reservation book."""
+    x, y, w, h = box
+    return f"{image}@{x},{y},{w},{h}"
+
+
 class _PatchStrategy(Strategy):
     """Picks an image (the request's, else a random unlabelled one) and ``k`` patches of it.
 
@@ -92,7 +99,7 @@ class _PatchStrategy(Strategy):
         finally:
             if isinstance(source, SlideSource):
                 source.close()
-        by_key = {f"{image}@{x},{y},{w},{h}": (x, y, w, h) for x, y, w, h in ranked}
+        by_key = {patch_key(image, box): box for box in ranked}
         chosen = self._book.pick(list(by_key), lambda free: free[:k], client)
         if not chosen:
             logger.info("No patch of %s is free (%d patches, all reserved)", image, len(by_key))
@@ -254,7 +261,7 @@ class WSIDiverse(WSIUncertain):
         boxes = self.candidates(boxes)
         if network is None:
             return self._rng.sample(boxes, len(boxes))
-        key = {b: f"{image}@{b[0]},{b[1]},{b[2]},{b[3]}" for b in boxes}
+        key = {b: patch_key(image, b) for b in boxes}
         measured = self.scored(source, boxes, version, network)
         free = [key[b] for b in boxes if key[b] not in held]
         scores = {key[b]: float(m["entropy"]) for b, m in measured.items()}
