@@ -176,13 +176,16 @@ class RadiologyApp(RequestChecks, MONAILabelApp):
     def init_strategies(self) -> dict[str, Any]:
         store, model = self.score_store(), self.settings.al_model
         strategies: dict[str, Any] = {
-            "random": RankedStrategy("Random unlabelled image, never one another client holds", book=self.book)
+            "random": RankedStrategy(
+                "Random unlabelled image, never one another client holds", book=self.book, unusable=store.unusable
+            )
         }
         for name, (key, what) in RANKED_STRATEGIES.items():
             strategies[name] = RankedStrategy(
                 f"Most uncertain unlabelled images under '{model}' ({what})",
                 book=self.book,
                 scores=lambda key=key: store.measure(key),
+                unusable=store.unusable,
             )
         strategies["diversity"] = DiverseStrategy(
             f"A batch of k uncertain images unlike each other and the labelled ones under '{model}' "
@@ -190,6 +193,7 @@ class RadiologyApp(RequestChecks, MONAILabelApp):
             book=self.book,
             scores=lambda: store.measure(None),
             embeddings=store.embeddings,
+            unusable=store.unusable,
         )
         return strategies
 

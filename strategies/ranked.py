@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
 from monailabel.interfaces.datastore import Datastore
@@ -45,6 +45,8 @@ class RankedStrategy(Strategy):
         scores: returns the current ``{image_id: score}``; higher is picked first.
         rng: random source for ties and unscored images.
         default_k: batch size when a request gives no ``k``.
+        unusable: returns the images scoring found unusable (unreadable, not a volume, constant),
+            which are never handed out.
     """
 
     def __init__(
@@ -55,17 +57,22 @@ class RankedStrategy(Strategy):
         scores: ScoreSource | None = None,
         rng: random.Random | None = None,
         default_k: int = 1,
+        unusable: Callable[[], Collection[str]] | None = None,
     ) -> None:
         super().__init__(description)
         self._book = book
         self._scores = scores
         self._rng = rng or random.Random()
         self._default_k = default_k
+        self._unusable = unusable
 
     def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any] | None:
         k = request_k(request, self._default_k)
         client = str(request.get("client_id") or "anonymous")
         candidates = sorted(datastore.get_unlabeled_images("final"))
+        if self._unusable is not None:
+            unusable = set(self._unusable())
+            candidates = [c for c in candidates if c not in unusable]
         scores = dict(self._scores()) if self._scores else {}
         chosen = self._book.pick(candidates, lambda free: self.choose(free, scores, k, datastore), client)
         if not chosen:

@@ -73,12 +73,32 @@ class ScoreStore:
     def update(self, new: dict[str, Score]) -> None:
         scores = self.load()
         scores.update(new)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+        _write_json(self.path, {k: asdict(v) for k, v in scores.items()})
+
+    # Images the last scoring run could not score (unreadable, not a volume, constant), with the
+    # reason, in a file beside the scores: strategies leave them out until a run scores them.
+    @property
+    def unusable_path(self) -> Path:
+        return self.path.with_name(f"{self.path.stem}.unusable.json")
+
+    def unusable(self) -> dict[str, str]:
         try:
-            with os.fdopen(fd, "w") as f:
-                json.dump({k: asdict(v) for k, v in scores.items()}, f, indent=1)
-            os.replace(tmp, self.path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+            return dict(json.loads(self.unusable_path.read_text()))
+        except FileNotFoundError:
+            return {}
+
+    def set_unusable(self, reasons: dict[str, str]) -> None:
+        _write_json(self.unusable_path, reasons)
+
+
+def _write_json(path: Path, obj: object) -> None:
+    """Replace ``path`` with ``obj`` as JSON through a temporary file and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=1)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

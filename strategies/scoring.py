@@ -77,6 +77,8 @@ class UncertaintyScoring(ScoringMethod):
                 pending = {}
         if pending:
             self.store.update(pending)
+        # Every image that cannot be scored is stale in every run, so this run has seen them all.
+        self.store.set_unusable(skipped)
         seconds = time.perf_counter() - start
         scored = len(stale) - len(skipped)
         return {

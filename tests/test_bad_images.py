@@ -131,3 +131,7 @@ def test_scoring_skips_images_it_cannot_rank_and_scores_the_others(app) -> None:
     scored = app.score_store().load()
     assert {c[0].name.split(".")[0] for c in CASES["hippocampus"]} <= set(scored), "the real cases are ranked"
     assert not {"blank", "flat2", "cut2"} & set(scored), "nothing unrankable is ranked"
+    for name in ("random", "epistemic", "diversity"):
+        picked = app._strategies[name]({"k": 100, "client_id": name}, app.datastore()) or {"ids": []}
+        assert not {"blank", "flat2", "cut2"} & set(picked["ids"]), f"{name} hands out an image it cannot use"
+        app.book.release_all() if hasattr(app.book, "release_all") else [app.book.release(i) for i in picked["ids"]]

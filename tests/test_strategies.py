@@ -154,6 +154,11 @@ def test_an_image_that_cannot_be_scored_is_skipped_not_the_run(tmp_path: Path) -
     assert result["scored"] == 2
     assert result["skipped"] == {"b": "ValueError: zip() argument 2 is longer than argument 1"}
     assert sorted(store.load()) == ["a", "c"]
+    assert store.unusable() == result["skipped"], "kept for the strategies"
+    for scores in (None, {"a": 0.1, "b": 0.9, "c": 0.5}):  # random, and a ranking that would put b first
+        source = (lambda s=scores: s) if scores else None
+        strategy = RankedStrategy("t", book=ReservationBook(0), scores=source, unusable=store.unusable)
+        assert sorted(strategy({"k": 3}, ds)["ids"]) == ["a", "c"], "b, which cannot be scored, is not handed out"
 
     down = UncertaintyScoring("t", scorer=lambda: FailingScorer("v2", down=True), store=store, key="entropy")
     with pytest.raises(HTTPException) as e:
