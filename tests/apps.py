@@ -7,6 +7,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from monailabel.config import settings as ml_settings
 
 from radiology.app import RadiologyApp
 from radiology.label_mapping import load_class_map, remap_by_name
@@ -46,7 +47,13 @@ def make_app(root: Path, model: str, *, labelled: int, conf: dict[str, str] | No
         shutil.copyfile(image, studies / image.name)
         ids.append(image.name.split(".")[0])
     settings = {"models": model, "score_on_start": "false", "score_after_train": "false"}
-    app = RadiologyApp(str(app_dir), str(studies), {**settings, **(conf or {})})
+    # No folder watcher: tests refresh the datastore themselves, and a watcher thread refreshing at
+    # the same moment races them (and outlives the temporary folder).
+    watching, ml_settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD = ml_settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD, False
+    try:
+        app = RadiologyApp(str(app_dir), str(studies), {**settings, **(conf or {})})
+    finally:
+        ml_settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD = watching
     for image_id, (_, label, class_map) in list(zip(ids, CASES[model], strict=True))[:labelled]:
         converted = model_label(model, label, class_map, tmp / f"{image_id}.nii.gz")
         app.datastore().save_label(image_id, str(converted), "final", {"model": model})
