@@ -158,6 +158,8 @@ class WSIUncertain(_PatchStrategy):
         measure: ``entropy`` or ``tta``.
     """
 
+    summary: str | None = None  # the description /info shows; by default it names the measure
+
     def __init__(
         self,
         spec: NucleiSpec,
@@ -169,7 +171,8 @@ class WSIUncertain(_PatchStrategy):
     ) -> None:
         if measure not in MEASURES:
             raise ValueError(f"measure must be one of {sorted(MEASURES)}, got {measure!r}")
-        super().__init__(f"Most uncertain patches of a slide under the nuclei network ({MEASURES[measure]})", rng, book)
+        summary = self.summary or f"Most uncertain patches of a slide under the nuclei network ({MEASURES[measure]})"
+        super().__init__(summary, rng, book)
         self._spec, self._network, self._measure = spec, network, measure
         self._lock = threading.Lock()
         # Measures under the network they were computed with: {(image version, box): {name: value}}.
@@ -242,18 +245,10 @@ class WSIDiverse(WSIUncertain):
     features of each patch, with the reserved patches of the slide counting as covered.
     """
 
-    def __init__(
-        self,
-        spec: NucleiSpec,
-        network: Callable[[], torch.nn.Module | None],
-        rng: random.Random | None = None,
-        book: ReservationBook | None = None,
-    ) -> None:
-        super().__init__(spec, network, rng, book, measure="entropy")
-        self.description = (
-            "A batch of k uncertain patches of a slide unlike each other and the patches others hold "
-            "(foreground entropy x distance in the nuclei network's feature space)"
-        )
+    summary = (
+        "A batch of k uncertain patches of a slide unlike each other and the patches others hold "
+        "(foreground entropy x distance in the nuclei network's feature space)"
+    )
 
     def rank(self, source: RegionSource, boxes: list[Box], image: str, version: str) -> list[Box]:
         network = self._network()
