@@ -18,6 +18,7 @@ from fastapi import HTTPException
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.datastore import Datastore
 
+from appcore.dicom import proxy as dicom_proxy
 from appcore.errors import RequestError, bad_request, conflict, not_found, too_large, unprocessable
 from appcore.routes import limit_request_bodies, refuse_early
 from appcore.sessions import CheckedSessions
@@ -186,6 +187,10 @@ def checked_endpoints() -> list[str]:
     if model is not None and model.update_model is not _update_model:
         model.update_model, model.delete_model = _update_model, _delete_model
         changed.append("monailabel.endpoints.model")
+    proxy = sys.modules.get("monailabel.endpoints.proxy")
+    if proxy is not None and proxy.proxy_dicom is not dicom_proxy.proxy_dicom:
+        proxy.proxy_dicom = dicom_proxy.proxy_dicom  # a thread and timeouts: a slow PACS no longer blocks the server
+        changed.append("monailabel.endpoints.proxy")
     for name, function in INFER_FUNCTIONS:
         module = sys.modules.get(name)
         if module is not None and not getattr(getattr(module, function), "checked", False):

@@ -67,11 +67,14 @@ def endpoint_functions(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setattr(module, function, getattr(module, function))  # restored after the test
     model = importlib.import_module("monailabel.endpoints.model")
     monkeypatch.setattr(model, "delete_model", model.delete_model)
+    proxy = importlib.import_module("monailabel.endpoints.proxy")
+    monkeypatch.setattr(proxy, "proxy_dicom", proxy.proxy_dicom)
 
 
 @pytest.mark.usefixtures("endpoint_functions")
 def test_infer_with_nothing_to_segment_is_a_422() -> None:
-    assert checked_endpoints() == ["monailabel.endpoints.model", *(name for name, _ in INFER_FUNCTIONS)]
+    changed = ["monailabel.endpoints.model", "monailabel.endpoints.proxy", *(name for name, _ in INFER_FUNCTIONS)]
+    assert checked_endpoints() == changed
     assert checked_endpoints() == [], "installing twice is harmless"
     for name, function in INFER_FUNCTIONS:
         run = getattr(importlib.import_module(name), function)

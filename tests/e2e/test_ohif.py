@@ -162,9 +162,19 @@ def test_label_in_ohif_over_dicomweb(page, server: Server, pacs: LoadedPacs) -> 
     page.get_by_role("button", name="OK").click()
     page.wait_for_url(lambda url: "StudyInstanceUIDs=" in url and first_study not in url)
     others = {stable_uid(name, "study") for name in ("ct_abdomen", MR_CASES[1])}
-    assert page.url.split("StudyInstanceUIDs=")[1].split("&")[0] in others
+    opened = page.url.split("StudyInstanceUIDs=")[1].split("&")[0]
+    assert opened in others
     page.locator(".cornerstone-canvas").first.wait_for()
     page.wait_for_timeout(2000)
     page.screenshot(path=str(ARTIFACTS / "3-next-sample.png"))
-    # The viewer's study browser, read through the proxy, now shows the labelled study with its SEG.
+
+    # 6. The viewer, reading the PACS through the server's proxy, shows the labelled study with its SEG.
+    #    (Its study browser lists the open patient's studies: the proxy passes QIDO's query on, which
+    #    MONAI Label's own proxy dropped, so every study of the PACS used to be listed.)
+    r = server.http.get("/proxy/dicom/qido/studies", params={"StudyInstanceUID": first_study})
+    assert r.status_code == 200 and len(r.json()) == 1, r.text
+    assert set(r.json()[0]["00080061"]["Value"]) == {"MR", "SEG"}
+    page.goto(page.url.replace(opened, first_study))
     page.get_by_text("MR\\SEG", exact=True).wait_for()
+    page.wait_for_timeout(2000)
+    page.screenshot(path=str(ARTIFACTS / "4-labelled-study.png"))
