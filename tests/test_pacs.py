@@ -293,6 +293,8 @@ def test_pacs_going_away_gives_503_and_the_server_recovers(server: Server, pacs:
         image = nib.load(HIPPO / "imagesTr" / f"{MR_CASES[1]}.nii.gz")
         r = _put_label(server, uid, np.zeros(image.shape, np.uint8), image.affine, "hippocampus", tmp_path)
         assert r.status_code == 503, r.text  # not saved, and said so; the client still has its label
+        r = server.http.get("/proxy/dicom/qido/studies")  # what OHIF asks (MONAI Label's proxy: a 500)
+        assert r.status_code == 503 and "did not answer" in r.json()["detail"], r.text
     finally:
         pacs.orthanc.start()
     time.sleep(6)  # let the server's short listing cache expire
