@@ -19,6 +19,7 @@ from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.datastore import Datastore
 
 from appcore.dicom import proxy as dicom_proxy
+from appcore.dicom.client import is_dicomweb_url
 from appcore.errors import RequestError, bad_request, conflict, not_found, too_large, unprocessable
 from appcore.routes import limit_request_bodies, refuse_early
 from appcore.sessions import CheckedSessions
@@ -130,7 +131,7 @@ def _no_gpu_info(params: dict[str, Any], body: bytes) -> RequestError | None:
 
 
 def _no_dicomweb(params: dict[str, Any], body: bytes) -> RequestError | None:
-    if not str(_running_app().studies).startswith(("http://", "https://")):
+    if not is_dicomweb_url(_running_app().studies):
         return not_found("The studies are a local folder, not a DICOMweb server: there is nothing to proxy")
     return None
 

@@ -19,6 +19,7 @@ from monailabel.interfaces.datastore import Datastore
 
 from appcore.app import RequestChecks
 from appcore.datastore import CheckedLocalDatastore
+from appcore.dicom.client import is_dicomweb_url
 from appcore.dicom.datastore import DicomWebDatastore, open_dicomweb_datastore
 from appcore.dicom.ohif import as_requested_format, serve_ohif_config
 from appcore.dicom.prepare import load_series_folder
@@ -113,7 +114,7 @@ class RadiologyApp(RequestChecks, MONAILabelApp):
         return matching[0], self.specs[matching[0]].labels
 
     def init_datastore(self) -> Datastore:
-        if self.studies.startswith(("http://", "https://")):
+        if is_dicomweb_url(self.studies):
             serve_ohif_config()
             return open_dicomweb_datastore(
                 self.studies,

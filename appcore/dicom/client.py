@@ -30,6 +30,11 @@ class PacsUnavailable(HTTPException):
         return f"503: {self.detail}"
 
 
+def is_dicomweb_url(studies: str) -> bool:
+    """Whether a ``--studies`` value names a DICOMweb server rather than a local folder."""
+    return str(studies).startswith(("http://", "https://"))
+
+
 class DicomWebClient:
     """QIDO-RS, WADO-RS and STOW-RS against one DICOMweb root, every call bounded by timeouts.
 
@@ -48,7 +53,7 @@ class DicomWebClient:
         read_timeout: float = 60.0,
         session: requests.Session | None = None,
     ) -> None:
-        if not url.startswith(("http://", "https://")):
+        if not is_dicomweb_url(url):
             raise ValueError(f"DICOMweb URL must start with http:// or https://, got {url!r}")
         self.url = url.rstrip("/")
         self._timeout = (connect_timeout, read_timeout)
