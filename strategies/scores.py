@@ -6,6 +6,7 @@ import json
 import os
 import tempfile
 import threading
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -42,20 +43,23 @@ class ScoreStore:
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
         self._lock = threading.Lock()
-        self._cache: tuple[int, dict[str, Score]] | None = None
+        self._cache: dict[Path, tuple[int, dict[str, Any]]] = {}  # file -> (mtime, parsed content)
 
-    def load(self) -> dict[str, Score]:
+    def _read(self, path: Path, parse: Callable[[dict[str, Any]], dict[str, Any]]) -> dict[str, Any]:
+        """The file's content (``{}`` while there is none), parsed again only when the file changed:
+        strategies read it on every next-sample request."""
         with self._lock:
             try:
-                mtime = self.path.stat().st_mtime_ns
+                mtime = path.stat().st_mtime_ns
             except FileNotFoundError:
                 return {}
-            if self._cache and self._cache[0] == mtime:
-                return dict(self._cache[1])
-            raw = json.loads(self.path.read_text())
-            scores = {k: Score(**v) for k, v in raw.items()}
-            self._cache = (mtime, scores)
-            return dict(scores)
+            cached = self._cache.get(path)
+            if cached is None or cached[0] != mtime:
+                cached = self._cache[path] = (mtime, parse(json.loads(path.read_text())))
+            return dict(cached[1])
+
+    def load(self) -> dict[str, Score]:
+        return self._read(self.path, lambda raw: {k: Score(**v) for k, v in raw.items()})
 
     def values(self, model_version: str | None = None) -> dict[str, float]:
         """Ranking values, only those computed by ``model_version`` when it is given."""
@@ -82,10 +86,7 @@ class ScoreStore:
         return self.path.with_name(f"{self.path.stem}.unusable.json")
 
     def unusable(self) -> dict[str, str]:
-        try:
-            return dict(json.loads(self.unusable_path.read_text()))
-        except FileNotFoundError:
-            return {}
+        return self._read(self.unusable_path, dict)
 
     def set_unusable(self, reasons: dict[str, str]) -> None:
         _write_json(self.unusable_path, reasons)
