@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import logging
@@ -170,6 +171,7 @@ def _needs_input(run: Any) -> Any:
                 )
         return run(*args, **kwargs)
 
+    functools.update_wrapper(checked, run)  # run's signature, and the marks of other wrappers
     checked.checked = True  # type: ignore[attr-defined]
     return checked
 
@@ -179,6 +181,44 @@ INFER_FUNCTIONS = (
     ("monailabel.endpoints.infer", "run_inference"),
     ("monailabel.endpoints.wsi_infer", "run_wsi_inference"),
 )
+
+# MONAI Label's functions that save an upload to a temporary file and queue its removal as a
+# background task, which FastAPI runs only after a response that is not an error.
+UPLOAD_FUNCTIONS = (
+    ("monailabel.endpoints.datastore", "add_image"),
+    ("monailabel.endpoints.datastore", "save_label"),
+    *INFER_FUNCTIONS,
+)
+
+
+def _removes_uploads_on_error(function: Any) -> Any:
+    """``function`` (an endpoint function taking ``background_tasks``), removing the uploads it saved
+    when it raises: a refused upload was left in the temporary folder, one copy per refusal."""
+    signature = inspect.signature(function)
+
+    def checked(*args: Any, **kwargs: Any) -> Any:
+        tasks = signature.bind_partial(*args, **kwargs).arguments.get("background_tasks")
+        try:
+            return function(*args, **kwargs)
+        except BaseException:
+            for task in list(getattr(tasks, "tasks", ())):
+                if getattr(task.func, "__name__", "") == "remove_file":
+                    task.func(*task.args, **task.kwargs)
+            raise
+
+    functools.update_wrapper(checked, function)  # its signature, and the marks of other wrappers
+    checked.removes_uploads = True  # type: ignore[attr-defined]
+    return checked
+
+
+def _download_dataset(limit_cases: int | None = None) -> Any:
+    """``monailabel.endpoints.datastore.download_dataset`` (``GET /datastore/dataset``), streamed:
+    MONAI Label's wrote the archive to a temporary file it never deleted, inside the event loop."""
+    from starlette.responses import StreamingResponse
+
+    chunks = _running_app().datastore().dataset_archive(limit_cases)
+    headers = {"Content-Disposition": 'attachment; filename="dataset.zip"'}
+    return StreamingResponse(chunks, media_type="application/zip", headers=headers)  # iterated in the thread pool
 
 
 def checked_endpoints() -> list[str]:
@@ -197,6 +237,15 @@ def checked_endpoints() -> list[str]:
         if module is not None and not getattr(getattr(module, function), "checked", False):
             setattr(module, function, _needs_input(getattr(module, function)))
             changed.append(name)
+    for name, function in UPLOAD_FUNCTIONS:
+        module = sys.modules.get(name)
+        if module is not None and not getattr(getattr(module, function), "removes_uploads", False):
+            setattr(module, function, _removes_uploads_on_error(getattr(module, function)))
+            changed.append(f"{name}.{function}")
+    datastore = sys.modules.get("monailabel.endpoints.datastore")
+    if datastore is not None and datastore.download_dataset is not _download_dataset:
+        datastore.download_dataset = _download_dataset
+        changed.append("monailabel.endpoints.datastore.download_dataset")
     return changed
 
 

@@ -7,7 +7,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +16,8 @@ import numpy as np
 from filelock import FileLock
 from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastore
 
-from appcore.errors import RequestError, conflict, not_found
+from appcore.archive import dataset_members, zip_chunks
+from appcore.errors import RequestError, conflict, not_found, unprocessable
 from appcore.validation import (
     AFFINE_ATOL_MM,
     Geometry,
@@ -128,10 +129,39 @@ class CheckedLocalDatastore(LocalDatastore):
         self._existing_label(label_id, label_tag)
         super().remove_label(label_id, label_tag)
 
-    def get_dataset_archive(self, limit_cases: int | None) -> str:
+    def dataset_archive(self, limit_cases: int | None = None) -> Iterator[bytes]:
+        """The labelled images and their ``final`` labels as a ZIP archive, produced chunk by chunk as
+        it is read (``appcore.archive``), in MONAI Label's layout: ``image/``, ``label/`` and
+        ``metadata.json``. The first ``limit_cases`` cases when that is fewer than all; 404 at once
+        when nothing is labelled, 422 for a negative limit."""
+        if limit_cases is not None and limit_cases < 0:
+            raise unprocessable(f"limit_cases must be 0 (all cases) or more, got {limit_cases}")
         if not self.get_labeled_images():
             raise not_found("No image has a 'final' label yet, so there is no dataset to download")
-        return super().get_dataset_archive(limit_cases)
+
+        def members() -> Iterator[tuple[str, Path]]:
+            datalist = self.datalist()
+            if limit_cases and limit_cases < len(datalist):
+                datalist = datalist[:limit_cases]
+            return dataset_members(datalist)
+
+        def metadata() -> dict[str, bytes]:
+            return {"metadata.json": self._datastore.model_dump_json(exclude={"base_path"}).encode()}
+
+        return zip_chunks(members, metadata)
+
+    def get_dataset_archive(self, limit_cases: int | None) -> str:
+        """``dataset_archive`` written to a temporary file, which the caller deletes."""
+        chunks = self.dataset_archive(limit_cases)
+        fd, path = tempfile.mkstemp(prefix="dataset-", suffix=".zip")
+        try:
+            with os.fdopen(fd, "wb") as out:
+                for chunk in chunks:
+                    out.write(chunk)
+        except BaseException:
+            Path(path).unlink(missing_ok=True)
+            raise
+        return path
 
     def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any]) -> str:
         obj = self._existing(image_id)

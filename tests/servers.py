@@ -30,6 +30,7 @@ class Server:
     url: str
     log: Path
     process: subprocess.Popen
+    tmp: Path  # the server's temporary folder (TMPDIR)
 
 
 @contextmanager
@@ -46,7 +47,7 @@ def monailabel_server(
     """``monailabel start_server`` on a copy of ``apps/<app>`` in ``root/app``, on a free port.
 
     Waits until ``/info/`` answers (failing with the server log if the process dies first) and
-    stops the whole process group on exit.
+    stops the whole process group on exit. The server's temporary files go to ``root/tmp``.
     """
     app_dir = root / "app"
     shutil.copytree(ROOT / "apps" / app, app_dir, ignore=shutil.ignore_patterns("model", "logs", "__pycache__"))
@@ -56,7 +57,15 @@ def monailabel_server(
     cmd += ["start_server", "--app", str(app_dir), "--studies", studies, "--host", "127.0.0.1", "--port", str(port)]
     for key, value in conf.items():
         cmd += ["--conf", key, value]
-    env = {**os.environ, "MONAILABEL_PYEXE": sys.executable, "MONAI_LABEL_TRACKING_ENABLED": "false", **(env or {})}
+    tmp = root / "tmp"
+    tmp.mkdir()
+    env = {
+        **os.environ,
+        "MONAILABEL_PYEXE": sys.executable,
+        "MONAI_LABEL_TRACKING_ENABLED": "false",
+        "TMPDIR": str(tmp),
+        **(env or {}),
+    }
     log_path = root / "server.log"
     log = log_path.open("w")
     proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -73,7 +82,7 @@ def monailabel_server(
                 pass
             assert time.monotonic() < deadline, f"server did not answer /info within {timeout} s"
             time.sleep(0.5)
-        yield Server(http, url, log_path, proc)
+        yield Server(http, url, log_path, proc, tmp)
     finally:
         http.close()
         os.killpg(proc.pid, 15)

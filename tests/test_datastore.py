@@ -179,3 +179,45 @@ def test_a_failed_refresh_does_not_end_the_folder_watcher(
     (labels / "final").mkdir(parents=True)
     store._on_any_event(event)
     assert store.get_labeled_images() == [], "the next change reconciles: the removed label is gone"
+
+
+def test_the_dataset_archive_is_streamed_in_monai_labels_layout(
+    store: CheckedLocalDatastore, tmp_path: Path, oblique_affine
+) -> None:
+    import io
+    import json
+    import zipfile
+
+    with pytest.raises(RequestError, match="no dataset to download") as e:
+        store.dataset_archive()
+    assert e.value.status_code == 404
+    label = np.ones((10, 12, 8), np.uint8)
+    store.save_label("case1", _label_file(tmp_path / "l.nii.gz", label, oblique_affine), "final", {})
+    # a second labelled case whose image is bigger than several chunks
+    big = np.random.default_rng(1).normal(size=(64, 64, 64)).astype(np.float32)
+    write_nifti(Path(store._datastore_path) / "case2.nii.gz", big, oblique_affine)
+    store.refresh()
+    label2 = _label_file(tmp_path / "l2.nii.gz", np.zeros(big.shape, np.uint8), oblique_affine)
+    store.save_label("case2", label2, "final", {})
+
+    chunks = list(store.dataset_archive())
+    assert len(chunks) > 3, "produced as it is read, not in one piece"
+    archive = zipfile.ZipFile(io.BytesIO(b"".join(chunks)))
+    assert archive.testzip() is None
+    names = sorted(archive.namelist())
+    assert names == [
+        "image/case1.nii.gz",
+        "image/case2.nii.gz",
+        "label/case1.nii.gz",
+        "label/case2.nii.gz",
+        "metadata.json",
+    ]
+    assert archive.read("image/case2.nii.gz") == Path(store.get_image_uri("case2")).read_bytes()
+    assert archive.read("label/case1.nii.gz") == Path(store.get_label_uri("case1", "final")).read_bytes()
+    assert set(json.loads(archive.read("metadata.json"))["objects"]) == {"case1", "case2"}
+
+    one = zipfile.ZipFile(io.BytesIO(b"".join(store.dataset_archive(limit_cases=1))))
+    assert len([n for n in one.namelist() if n.startswith("image/")]) == 1
+    with pytest.raises(RequestError, match="limit_cases") as e:
+        store.dataset_archive(limit_cases=-1)
+    assert e.value.status_code == 422

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import gzip
+import io
 import socket
 import time
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -220,6 +223,18 @@ def test_the_datastore_lists_every_series_with_its_seg(server: Server, pacs: Loa
     labelled = {uid for uid, o in listing.items() if "final" in o["labels"]}
     assert labelled == {pacs.series["ct_abdomen"]}, "saved by the test before"
     assert server.http.get("/datastore/").json()["label_tags"]["final"] == 1
+
+
+def test_the_dataset_download_holds_the_labelled_series_as_nifti(server: Server, pacs: LoadedPacs) -> None:
+    uid = pacs.series["ct_abdomen"]
+    r = server.http.get("/datastore/dataset")
+    assert r.status_code == 200 and r.headers["content-type"] == "application/zip", r.text
+    archive = zipfile.ZipFile(io.BytesIO(r.content))
+    assert sorted(archive.namelist()) == [f"image/{uid}.nii.gz", f"label/{uid}.nii.gz", "metadata.json"]
+    image = nib.Nifti1Image.from_bytes(gzip.decompress(archive.read(f"image/{uid}.nii.gz")))
+    label = nib.Nifti1Image.from_bytes(gzip.decompress(archive.read(f"label/{uid}.nii.gz")))
+    assert image.shape == label.shape == _volume(pacs, "ct_abdomen").data.shape
+    assert np.allclose(image.affine, label.affine)
 
 
 def test_removing_a_label_the_pacs_does_not_hold_is_a_404(server: Server, pacs: LoadedPacs) -> None:

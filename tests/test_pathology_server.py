@@ -261,9 +261,12 @@ def test_next_patch_as_qupath_asks(server: tuple[httpx.Client, Path]) -> None:
 def test_bad_requests_get_4xx(
     server: tuple[httpx.Client, Path], method: str, path: str, kwargs: dict, status: int
 ) -> None:
-    client, _ = server
+    client, root = server
+    before = {p for p in (root / "tmp").rglob("*") if p.is_file()}
     r = getattr(client, method)(path, **kwargs)
     assert r.status_code == status, r.text
+    left = {p for p in (root / "tmp").rglob("*") if p.is_file()} - before
+    assert not left, f"the refused request left {sorted(p.name for p in left)} in the server's temporary folder"
 
 
 def _asap(points: list[list[float]], kind: str = "Polygon") -> bytes:

@@ -8,7 +8,15 @@ import re
 
 import pytest
 
-from appcore.app import FORM_JSON_MODULES, INFER_FUNCTIONS, _bad_train_params, checked_endpoints, strict_form_json
+from appcore.app import (
+    FORM_JSON_MODULES,
+    INFER_FUNCTIONS,
+    UPLOAD_FUNCTIONS,
+    _bad_train_params,
+    _removes_uploads_on_error,
+    checked_endpoints,
+    strict_form_json,
+)
 from appcore.errors import RequestError
 
 
@@ -62,7 +70,8 @@ def test_form_fields_must_be_json_objects(endpoint_modules: list) -> None:
 
 @pytest.fixture
 def endpoint_functions(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name, function in [*INFER_FUNCTIONS, ("monailabel.endpoints.model", "update_model")]:
+    replaced = [*UPLOAD_FUNCTIONS, ("monailabel.endpoints.model", "update_model")]
+    for name, function in [*replaced, ("monailabel.endpoints.datastore", "download_dataset")]:
         module = importlib.import_module(name)
         monkeypatch.setattr(module, function, getattr(module, function))  # restored after the test
     model = importlib.import_module("monailabel.endpoints.model")
@@ -73,7 +82,13 @@ def endpoint_functions(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.mark.usefixtures("endpoint_functions")
 def test_infer_with_nothing_to_segment_is_a_422() -> None:
-    changed = ["monailabel.endpoints.model", "monailabel.endpoints.proxy", *(name for name, _ in INFER_FUNCTIONS)]
+    changed = [
+        "monailabel.endpoints.model",
+        "monailabel.endpoints.proxy",
+        *(name for name, _ in INFER_FUNCTIONS),
+        *(f"{name}.{function}" for name, function in UPLOAD_FUNCTIONS),
+        "monailabel.endpoints.datastore.download_dataset",
+    ]
     assert checked_endpoints() == changed
     assert checked_endpoints() == [], "installing twice is harmless"
     for name, function in INFER_FUNCTIONS:
@@ -82,3 +97,29 @@ def test_infer_with_nothing_to_segment_is_a_422() -> None:
             with pytest.raises(RequestError, match="Name what to segment") as e:
                 run(None, "nuclei", **kwargs)
             assert e.value.status_code == 422, name
+
+
+def test_an_upload_saved_by_a_refused_request_is_removed(tmp_path) -> None:
+    from fastapi import BackgroundTasks
+    from monailabel.utils.others.generic import remove_file
+
+    upload, kept = tmp_path / "upload.nii.gz", tmp_path / "kept.nii.gz"
+
+    def endpoint(background_tasks: BackgroundTasks, image: str, refuse: bool) -> dict:
+        """As MONAI Label's: save the upload, queue its removal, then maybe fail."""
+        upload.write_bytes(b"scan")
+        background_tasks.add_task(remove_file, str(upload))
+        background_tasks.add_task(kept.write_bytes, b"not a removal")
+        if refuse:
+            raise RequestError(422, "refused")
+        return {"image": image}
+
+    checked = _removes_uploads_on_error(endpoint)
+    tasks = BackgroundTasks()
+    assert checked(tasks, "a", refuse=False) == {"image": "a"}
+    assert upload.exists() and len(tasks.tasks) == 2, "an answered request leaves the removal to FastAPI"
+    tasks = BackgroundTasks()
+    with pytest.raises(RequestError):
+        checked(tasks, image="a", refuse=True)
+    assert not upload.exists()
+    assert not kept.exists(), "only the removals are run"

@@ -97,6 +97,16 @@ def test_active_learning_loop_over_http(server: tuple[httpx.Client, Path, Path])
         assert r.status_code == 200, r.text
     assert len(list((studies / "labels" / "final").glob("*.nii.gz"))) == 3
 
+    # 2b. the labelled cases download as one archive, streamed: nothing is left in a temporary folder
+    tmp = app_dir.parent / "tmp"
+    before = {p for p in tmp.rglob("*") if p.is_file()}
+    r = client.get("/datastore/dataset")
+    assert r.status_code == 200 and r.headers["content-type"] == "application/zip", r.text
+    archive = zipfile.ZipFile(io.BytesIO(r.content))
+    assert sorted(n for n in archive.namelist() if n.startswith("label/")) == [f"label/{c.name}" for c in CASES[:3]]
+    assert archive.read(f"image/{CASES[0].name}") == CASES[0].read_bytes()
+    assert {p for p in tmp.rglob("*") if p.is_file()} == before
+
     # 3. train; the run publishes new served weights and rescoring follows
     served = app_dir / "model" / "hippocampus.pt"
     assert not served.exists()
@@ -226,11 +236,15 @@ def test_a_session_of_dicom_files_is_checked_and_segmented_on_its_grid(server, t
     ],
 )
 def test_bad_requests_get_clear_4xx(server, method: str, path: str, kwargs: dict, status: int) -> None:
-    client, _, _ = server
+    client, _, app_dir = server
+    tmp = app_dir.parent / "tmp"
+    before = {p for p in tmp.rglob("*") if p.is_file()}
     r = getattr(client, method)(path, **kwargs)
     assert r.status_code == status, r.text
     assert r.json()["detail"]
     assert client.get("/info/").status_code == 200, "the server keeps running"
+    left = {p for p in tmp.rglob("*") if p.is_file()} - before
+    assert not left, f"the refused request left {sorted(p.name for p in left)} in the server's temporary folder"
 
 
 def test_wrong_shape_label_leaves_the_saved_one_intact(server) -> None:
