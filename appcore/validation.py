@@ -86,8 +86,10 @@ def _gunzip(raw: bytes, limit: int | None) -> bytes:
     return out
 
 
-def _unreadable(what: str, e: Exception) -> RequestError:
-    return unprocessable(f"The {what} is not a readable NIfTI file ({type(e).__name__}: {e})")
+def _unreadable(what: str, e: Exception, path: str | Path) -> RequestError:
+    """A 422 with nibabel's reason, naming the file by its name only (not the server's folders)."""
+    reason = str(e).replace(str(path), Path(path).name)
+    return unprocessable(f"The {what} is not a readable NIfTI file ({type(e).__name__}: {reason})")
 
 
 def nifti_header(path: str | Path, what: str) -> nib.Nifti1Image:
@@ -95,7 +97,7 @@ def nifti_header(path: str | Path, what: str) -> nib.Nifti1Image:
     try:
         return nib.load(str(path))
     except Exception as e:  # nibabel raises many unrelated types for corrupt files
-        raise _unreadable(what, e) from None
+        raise _unreadable(what, e, path) from None
 
 
 def load_nifti(path: str | Path, what: str, max_mb: int | None = None) -> nib.Nifti1Image:
@@ -118,7 +120,7 @@ def load_nifti(path: str | Path, what: str, max_mb: int | None = None) -> nib.Ni
         except _Oversized:
             raise too_large(too_big) from None
         except Exception as e:
-            raise _unreadable(what, e) from None
+            raise _unreadable(what, e, path) from None
     if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image):
         raise unprocessable(f"The {what} must be NIfTI (.nii or .nii.gz), got {type(img).__name__}")
     if limit is not None and int(np.prod(img.shape, dtype=np.int64)) * img.get_data_dtype().itemsize > limit:
@@ -126,7 +128,7 @@ def load_nifti(path: str | Path, what: str, max_mb: int | None = None) -> nib.Ni
     try:
         img.get_fdata(dtype=np.float32)  # force a full read: a truncated gzip fails here, not later
     except Exception as e:
-        raise _unreadable(what, e) from None
+        raise _unreadable(what, e, path) from None
     return img
 
 

@@ -122,6 +122,16 @@ def test_info_and_removal_of_existing_entries(store: CheckedLocalDatastore, tmp_
     assert store.list_images() == []
 
 
+def test_an_unreadable_file_is_named_without_the_server_s_folders(tmp_path: Path) -> None:
+    from appcore.validation import load_nifti
+
+    path = tmp_path / "upload.nii.gz"
+    path.write_bytes(b"no gzip here")
+    with pytest.raises(RequestError, match="not a readable NIfTI") as e:
+        load_nifti(path, "label")
+    assert "upload.nii.gz" in e.value.detail and str(tmp_path) not in e.value.detail
+
+
 def test_add_image_checks(store: CheckedLocalDatastore, tmp_path: Path) -> None:
     good = write_nifti(tmp_path / "new.nii.gz", np.zeros((4, 4, 4), np.float32))
     assert store.add_image("", str(good), {}) == "new"
