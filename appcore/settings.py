@@ -57,6 +57,9 @@ class AppSettings:
         max_upload_mb: largest label or image upload accepted (file size, and NIfTI voxel data once decompressed).
         score_after_train: rescore the unlabelled images as soon as a training run finishes.
         score_on_start: rescore stale images when the server starts.
+        score_new_images: start a scoring run when a next-sample request of a strategy that ranks by
+            score finds unlabelled images that have no score yet (added since the last run: uploaded,
+            copied into the folder, new series in the PACS) and no training or scoring is running.
         sw_batch_size: sliding windows evaluated per forward pass at inference.
         cpu_bf16: run the radiology networks (infer, scoring and ``/train``) in bfloat16 on CPUs that
             compute it natively (AMX or AVX512-BF16; ``appcore.precision``); ``false`` keeps float32
@@ -74,6 +77,7 @@ class AppSettings:
     max_upload_mb: int = 1024
     score_after_train: bool = True
     score_on_start: bool = True
+    score_new_images: bool = True
     sw_batch_size: int = 1
     cpu_bf16: bool = True
 
@@ -124,6 +128,6 @@ class AppSettings:
                 if split >= 0.9:
                     raise ValueError(f"--conf val_split: must be below 0.9, got {split}")
                 kwargs[key] = split
-            elif key in ("score_after_train", "score_on_start", "cpu_bf16"):
+            elif key in ("score_after_train", "score_on_start", "score_new_images", "cpu_bf16"):
                 kwargs[key] = _parse_bool(key, value)
         return cls(**kwargs)  # type: ignore[arg-type]

@@ -6,6 +6,7 @@ import gzip
 import logging
 import os
 import threading
+import time
 import zlib
 from collections.abc import Collection
 from pathlib import Path
@@ -59,6 +60,8 @@ class RadiologyApp(RequestChecks, MONAILabelApp):
         self.specs: dict[str, ModelSpec] = {name: MODELS[name] for name in self.settings.models}
         self.model_dir = Path(app_dir) / "model"
         self.book = ReservationBook(self.settings.reservation_s)
+        self._new_images_lock = threading.Lock()
+        self._new_images_scored_at = -float("inf")
         super().__init__(
             app_dir=app_dir,
             studies=studies,
@@ -288,3 +291,37 @@ class RadiologyApp(RequestChecks, MONAILabelApp):
         super().on_init_complete()
         if self.settings.score_on_start and self._scoring_methods:
             self.async_scoring("epistemic")
+
+    def next_sample(self, request: dict[str, Any]) -> dict[str, Any]:
+        answer = super().next_sample(request)
+        ranked = getattr(self._strategies.get(request.get("strategy")), "ranks_by_score", False)
+        if ranked and self.settings.score_new_images and self._scoring_methods and self.unscored_images():
+            self._start_scoring_unless_busy()
+        return answer
+
+    def unscored_images(self) -> list[str]:
+        """Unlabelled images with no stored score that the last scoring run did not find unusable:
+        the ones added since (ranked after every scored image until they are scored)."""
+        store = self.score_store()
+        known = set(store.load()) | set(store.unusable())
+        return [i for i in self.datastore().get_unlabeled_images("final") if i not in known]
+
+    # Least seconds between two scoring runs started for new images: one run is enough for a burst
+    # of requests, and a run that fails (a PACS gone) is not restarted by every request.
+    NEW_IMAGES_SCORING_INTERVAL_S = 30.0
+
+    def _start_scoring_unless_busy(self) -> None:
+        """A scoring run in the background, unless one or a training (which rescores at its end) runs."""
+        from monailabel.utils.async_tasks.utils import processes
+
+        with self._new_images_lock:
+            now = time.monotonic()
+            if (
+                processes("scoring")
+                or processes("train")
+                or now < self._new_images_scored_at + self.NEW_IMAGES_SCORING_INTERVAL_S
+            ):
+                return
+            self._new_images_scored_at = now
+        logger.info("Unlabelled images without a score: starting a scoring run")
+        threading.Thread(target=self.async_scoring, args=("epistemic",), name="score-new-images", daemon=True).start()

@@ -66,6 +66,11 @@ class RankedStrategy(Strategy):
         self._default_k = default_k
         self._unusable = unusable
 
+    @property
+    def ranks_by_score(self) -> bool:
+        """Whether stored scores order the picks (every strategy but ``random``)."""
+        return self._scores is not None
+
     def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any] | None:
         k = request_k(request, self._default_k)
         client = str(request.get("client_id") or "anonymous")

@@ -46,7 +46,7 @@ def make_app(root: Path, model: str, *, labelled: int, conf: dict[str, str] | No
     for image, _, _ in CASES[model]:
         shutil.copyfile(image, studies / image.name)
         ids.append(image.name.split(".")[0])
-    settings = {"models": model, "score_on_start": "false", "score_after_train": "false"}
+    settings = {"models": model, "score_on_start": "false", "score_after_train": "false", "score_new_images": "false"}
     # No folder watcher: tests refresh the datastore themselves, and a watcher thread refreshing at
     # the same moment races them (and outlives the temporary folder).
     watching, ml_settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD = ml_settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD, False

@@ -44,7 +44,13 @@ def pacs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LoadedPacs]:
 
 @pytest.fixture(scope="module")
 def server(pacs: LoadedPacs, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    conf = {"models": "organs_ct,hippocampus", "score_on_start": "false", "max_epochs": "1", "reservation_s": "1"}
+    conf = {
+        "models": "organs_ct,hippocampus",
+        "score_on_start": "false",
+        "score_new_images": "false",
+        "max_epochs": "1",
+        "reservation_s": "1",
+    }
     with monailabel_server(tmp_path_factory.mktemp("server"), pacs.orthanc.dicomweb_url, conf) as running:
         yield running
 
@@ -247,7 +253,7 @@ def test_removing_a_label_the_pacs_does_not_hold_is_a_404(server: Server, pacs: 
 @pytest.fixture(scope="module")
 def mr_server(pacs: LoadedPacs, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """A second server on the same PACS serving the MR model only: it lists the MR series only."""
-    conf = {"models": "hippocampus", "score_on_start": "false", "max_epochs": "1"}
+    conf = {"models": "hippocampus", "score_on_start": "false", "score_new_images": "false", "max_epochs": "1"}
     with monailabel_server(tmp_path_factory.mktemp("mr_server"), pacs.orthanc.dicomweb_url, conf) as running:
         yield running
 

@@ -105,7 +105,8 @@ def test_active_learning_loop_over_http(server: tuple[httpx.Client, Path, Path])
     archive = zipfile.ZipFile(io.BytesIO(r.content))
     assert sorted(n for n in archive.namelist() if n.startswith("label/")) == [f"label/{c.name}" for c in CASES[:3]]
     assert archive.read(f"image/{CASES[0].name}") == CASES[0].read_bytes()
-    assert {p for p in tmp.rglob("*") if p.is_file()} == before
+    left = {p for p in tmp.rglob("*") if p.is_file()} - before
+    assert not left, f"the download left {sorted(p.name for p in left)} in the server's temporary folder"
 
     # 3. train; the run publishes new served weights and rescoring follows
     served = app_dir / "model" / "hippocampus.pt"
@@ -368,3 +369,20 @@ def test_an_announced_huge_upload_is_refused_before_its_body_is_sent(server) -> 
     reply = reply.decode()
     assert reply.startswith("HTTP/1.1 413") and "limited to 1025 MB" in reply, reply
     assert client.get("/info/").status_code == 200
+
+
+def test_an_image_added_later_is_scored_when_the_next_sample_is_asked_for(server) -> None:
+    client, _, app_dir = server
+    scores = app_dir / "model" / "scores_hippocampus.json"
+    _wait_idle(client, "/scoring/")
+    case = sorted((HIPPO / "imagesTr").glob("*.nii.gz"))[len(CASES)]  # not among the server's images
+    r = client.put("/datastore/image", params={"image": "late_arrival"}, files={"file": (case.name, case.read_bytes())})
+    assert r.status_code == 200, r.text
+    assert "late_arrival" not in json.loads(scores.read_text())
+    r = client.post("/activelearning/epistemic", json={"client_id": "late", "k": 1})
+    assert r.status_code == 200, r.text
+    deadline = time.monotonic() + 180
+    while "late_arrival" not in json.loads(scores.read_text()):
+        assert time.monotonic() < deadline, "the new image was not scored within 180 s"
+        time.sleep(1)
+    _wait_idle(client, "/scoring/")

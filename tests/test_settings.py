@@ -25,8 +25,10 @@ def test_models_parsed(conf: dict, models: tuple, al_model: str) -> None:
 
 
 def test_defaults_and_values() -> None:
-    s = AppSettings.from_conf({"mc_samples": "4", "reservation_s": "30", "score_on_start": "false"}, AVAILABLE)
+    conf = {"mc_samples": "4", "reservation_s": "30", "score_on_start": "false", "score_new_images": "false"}
+    s = AppSettings.from_conf(conf, AVAILABLE)
     assert (s.mc_samples, s.reservation_s, s.score_on_start, s.cpu_bf16) == (4, 30.0, False, True)
+    assert not s.score_new_images and AppSettings.from_conf({}, AVAILABLE).score_new_images
     assert AppSettings.from_conf({"cpu_bf16": "off"}, AVAILABLE).cpu_bf16 is False
     assert s.max_epochs == AppSettings.__dataclass_fields__["max_epochs"].default
     with pytest.raises(AttributeError):

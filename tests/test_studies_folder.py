@@ -20,7 +20,7 @@ def _app(root: Path, files: dict[str, bytes | None]) -> RadiologyApp:
             nib.save(nib.Nifti1Image(np.zeros((8, 8, 8), np.float32), np.eye(4)), studies / name)
         else:
             (studies / name).write_bytes(content)
-    conf = {"models": "hippocampus", "score_on_start": "false"}
+    conf = {"models": "hippocampus", "score_on_start": "false", "score_new_images": "false"}
     return RadiologyApp(str(root / "app"), str(studies), conf)
 
 

@@ -75,7 +75,12 @@ def pacs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LoadedPacs]:
 
 @pytest.fixture(scope="module")
 def server(pacs: LoadedPacs, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    conf = {"models": "organs_ct,hippocampus", "score_on_start": "false", "reservation_s": "1"}
+    conf = {
+        "models": "organs_ct,hippocampus",
+        "score_on_start": "false",
+        "score_new_images": "false",
+        "reservation_s": "1",
+    }
     with monailabel_server(tmp_path_factory.mktemp("server"), pacs.orthanc.dicomweb_url, conf) as running:
         yield running
 
