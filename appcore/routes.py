@@ -128,7 +128,29 @@ def limit_request_bodies(max_bytes: int) -> bool:
                     )
                     response = JSONResponse({"detail": detail}, status_code=413, headers={"Connection": "close"})
                     return await response(scope, receive, send)
+                if not length:  # a chunked body announces no size: count it as it arrives
+                    receive = self._counted(receive)
             await self.inner(scope, receive, send)
+
+        def _counted(self, receive: Any) -> Any:
+            """``receive`` that raises a 413 once the body passes the limit, before more of it is stored
+            (the multipart parser spools a file part to disk, whatever its size). FastAPI lets the
+            ``HTTPException`` through its body parsing, so the client gets this 413."""
+            received = 0
+
+            async def counted() -> Any:
+                nonlocal received
+                message = await receive()
+                if message.get("type") == "http.request":
+                    received += len(message.get("body", b""))
+                    if received > self.max_bytes:
+                        raise too_large(
+                            f"The request body passed {self.max_bytes / 2**20:.0f} MB, the limit for uploads "
+                            "(--conf max_upload_mb); it was not stored"
+                        )
+                return message
+
+            return counted
 
     app.middleware_stack = _BodyLimit(stack)
     return True

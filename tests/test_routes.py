@@ -114,3 +114,33 @@ def test_a_body_over_the_limit_is_refused_before_it_is_read(monkeypatch: pytest.
     big = _request(app, "PUT", "/datastore/label", b"x" * 101)
     assert big.status_code == 413 and "limited to 0 MB" in big.json()["detail"]
     assert read == [100], "the endpoint never saw the refused body"
+
+
+def test_a_chunked_body_is_refused_once_it_passes_the_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    read: list[int] = []
+
+    async def upload(request: Request) -> PlainTextResponse:
+        read.append(len(await request.body()))
+        return PlainTextResponse("stored")
+
+    app = Starlette(routes=[Route("/datastore/label", upload, methods=["PUT"])])
+    monkeypatch.setitem(sys.modules, "monailabel.app", SimpleNamespace(app=app))
+    app.middleware_stack = app.build_middleware_stack()
+    assert limit_request_bodies(100)
+
+    def chunked(sizes: list[int]) -> httpx.Response:
+        async def body():  # no Content-Length: the size is known only as the chunks arrive
+            for n in sizes:
+                yield b"x" * n
+
+        async def send() -> httpx.Response:
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://server") as client:
+                return await client.put("/datastore/label", content=body())
+
+        return asyncio.run(send())
+
+    ok = chunked([50, 50])
+    assert ok.status_code == 200 and read == [100]
+    big = chunked([50, 50, 1, 1000])
+    assert big.status_code == 413 and "it was not stored" in big.text
+    assert read == [100], "the endpoint never got the refused body"
