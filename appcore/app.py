@@ -22,7 +22,7 @@ from monailabel.interfaces.datastore import Datastore
 from appcore.dicom import proxy as dicom_proxy
 from appcore.dicom.client import is_dicomweb_url
 from appcore.errors import RequestError, bad_request, conflict, not_found, too_large, unprocessable
-from appcore.routes import limit_request_bodies, refuse_early
+from appcore.routes import limit_request_bodies, refuse_early, serve_in_threads
 from appcore.sessions import CheckedSessions
 from appcore.validation import check_device, check_image_id, check_upload_size
 from appcore.weights import checked_state_dict
@@ -182,6 +182,21 @@ INFER_FUNCTIONS = (
     ("monailabel.endpoints.wsi_infer", "run_wsi_inference"),
 )
 
+# MONAI Label's routes whose work (a network, an upload's checks, a PACS round trip) would hold the
+# server's event loop: each request runs in a worker thread instead (``appcore.routes.serve_in_threads``).
+THREADED_ROUTES = (
+    ("/infer/{model}", "POST"),
+    ("/infer/wsi/{model}", "POST"),
+    ("/infer/wsi_v2/{model}", "POST"),
+    ("/batch/infer/{model}", "POST"),
+    ("/activelearning/{strategy}", "POST"),
+    ("/datastore/", "PUT"),
+    ("/datastore/image", "PUT"),
+    ("/datastore/label", "PUT"),
+    ("/session/", "PUT"),
+    ("/model/{model}", "PUT"),
+)
+
 # MONAI Label's functions that save an upload to a temporary file and queue its removal as a
 # background task, which FastAPI runs only after a response that is not an error.
 UPLOAD_FUNCTIONS = (
@@ -279,6 +294,8 @@ class RequestChecks:
     def on_init_complete(self) -> None:
         super().on_init_complete()
         strict_form_json()
+        for path, method in THREADED_ROUTES:  # first: the refusing routes below go in front of them
+            serve_in_threads(path, [method], name=f"threaded {method} {path}")
         refuse_early("/scoring/{method}", ["POST"], _unknown_scoring, name="refuse_scoring")
         refuse_early("/train/{model}", ["POST"], _cannot_train, name="refuse_train_model")
         refuse_early("/train/", ["POST"], _cannot_train, name="refuse_train_all")

@@ -56,7 +56,7 @@ def refuse_early(path: str, methods: Collection[str], refusal: Refusal, name: st
     if routes is None:
         return False
     from starlette.responses import JSONResponse
-    from starlette.routing import Match, Route
+    from starlette.routing import Route
 
     async def _unused(request: Any) -> None:  # handle() below answers instead
         raise AssertionError("not called")
@@ -88,13 +88,64 @@ def refuse_early(path: str, methods: Collection[str], refusal: Refusal, name: st
                 replayed = True
                 return {"type": "http.request", "body": body, "more_body": False}
 
-            for route in routes[routes.index(self) + 1 :]:
-                match, child = route.matches(scope)
-                if match is Match.FULL:
-                    return await route.handle({**scope, **child}, replay, send)
-            raise RuntimeError(f"No route behind {self.name} for {scope['path']}")
+            route, child = _route_behind(self, routes, scope)
+            return await route.handle({**scope, **child}, replay, send)
 
     return insert_first(_Refusing(path, _unused, methods=list(methods), name=name))
+
+
+def _route_behind(route: Any, routes: list[Any], scope: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """The first route after ``route`` that fully matches ``scope``, and its child scope."""
+    from starlette.routing import Match
+
+    for candidate in routes[routes.index(route) + 1 :]:
+        match, child = candidate.matches(scope)
+        if match is Match.FULL:
+            return candidate, child
+    raise RuntimeError(f"No route behind {route.name} for {scope['path']}")
+
+
+def serve_in_threads(path: str, methods: Collection[str], name: str) -> bool:
+    """Serve requests to ``path`` by the route behind this one, on an event loop of their own in a
+    worker thread.
+
+    MONAI Label's endpoints are ``async`` functions that call its synchronous code directly, so an
+    infer, an upload's checks or a PACS round trip holds the server's only event loop: every other
+    request (``/info``, the viewer's DICOMweb proxy, another clinician's infer) waits for it. Here
+    the whole request, body parsing included, runs with ``asyncio.run`` in Starlette's thread pool;
+    its ``receive`` and ``send`` are those of the server's loop, called across threads. Returns
+    whether the route is in place (False outside a server).
+    """
+    routes = _server_routes()
+    if routes is None:
+        return False
+    import asyncio
+
+    from starlette.concurrency import run_in_threadpool
+    from starlette.routing import Route
+
+    async def _unused(request: Any) -> None:  # handle() below answers instead
+        raise AssertionError("not called")
+
+    class _Threaded(Route):
+        async def handle(self, scope: Any, receive: Any, send: Any) -> None:
+            if self.methods and scope["method"] not in self.methods:
+                return await super().handle(scope, receive, send)  # 405, as without this route
+            route, child = _route_behind(self, routes, scope)
+            server_loop = asyncio.get_running_loop()
+
+            def on_server_loop(call: Any) -> Any:
+                async def called(*args: Any) -> Any:
+                    return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(call(*args), server_loop))
+
+                return called
+
+            def serve() -> None:
+                asyncio.run(route.handle({**scope, **child}, on_server_loop(receive), on_server_loop(send)))
+
+            await run_in_threadpool(serve)
+
+    return insert_first(_Threaded(path, _unused, methods=list(methods), name=name))
 
 
 def limit_request_bodies(max_bytes: int) -> bool:

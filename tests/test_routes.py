@@ -14,7 +14,7 @@ from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
 from appcore.errors import conflict, not_found, unprocessable
-from appcore.routes import MAX_CHECKED_BODY, limit_request_bodies, refuse_early
+from appcore.routes import MAX_CHECKED_BODY, limit_request_bodies, refuse_early, serve_in_threads
 
 
 async def _original(request: Request) -> PlainTextResponse:
@@ -144,3 +144,48 @@ def test_a_chunked_body_is_refused_once_it_passes_the_limit(monkeypatch: pytest.
     big = chunked([50, 50, 1, 1000])
     assert big.status_code == 413 and "it was not stored" in big.text
     assert read == [100], "the endpoint never got the refused body"
+
+
+def test_a_threaded_route_no_longer_holds_the_event_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    import time
+
+    async def blocking(request: Request) -> PlainTextResponse:  # as MONAI Label's: async, but never awaits
+        body = await request.body()
+        time.sleep(0.5)
+        if body == b"refuse":
+            raise not_found("no such image")
+        return PlainTextResponse(f"segmented {len(body)}")
+
+    async def ping(request: Request) -> PlainTextResponse:
+        return PlainTextResponse("pong")
+
+    def served(threaded: bool) -> tuple[list[str], list[int | str]]:
+        app = Starlette(routes=[Route("/infer/{model}", blocking, methods=["POST"]), Route("/info", ping)])
+        monkeypatch.setitem(sys.modules, "monailabel.app", SimpleNamespace(app=app))
+        if threaded:
+            assert serve_in_threads("/infer/{model}", ["POST"], name="threaded infer")
+        done: list[str] = []
+
+        async def call(client: httpx.AsyncClient, method: str, path: str, body: bytes = b"") -> int | str:
+            await asyncio.sleep(0.1 if path == "/info" else 0)  # the infers start first
+            r = await client.request(method, path, content=body)
+            done.append(f"{method} {path}")
+            return r.status_code if r.status_code != 200 else r.text
+
+        async def both() -> list[int | str]:
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://server") as client:
+                return await asyncio.gather(
+                    call(client, "POST", "/infer/ct", b"x" * 10),
+                    call(client, "GET", "/info"),
+                    call(client, "POST", "/infer/ct", b"refuse"),
+                    call(client, "GET", "/infer/ct"),
+                )
+
+        return done, asyncio.run(both())
+
+    done, answers = served(threaded=False)
+    assert done.index("GET /info") > done.index("POST /infer/ct"), "unthreaded, /info waits for an infer"
+    done, answers = served(threaded=True)
+    assert done.index("GET /info") < done.index("POST /infer/ct"), "threaded, /info answers while the infers run"
+    assert answers == ["segmented 10", "pong", 404, 405], "answers, errors and methods as without the thread"
