@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import io
 import json
@@ -386,3 +387,19 @@ def test_an_image_added_later_is_scored_when_the_next_sample_is_asked_for(server
         assert time.monotonic() < deadline, "the new image was not scored within 180 s"
         time.sleep(1)
     _wait_idle(client, "/scoring/")
+
+
+def test_concurrent_infers_answer_as_one_at_a_time(server) -> None:
+    """Infer runs in worker threads now: requests overlap, and each answer must still be its own."""
+    client, _, _ = server
+    ids = [c.name.split(".")[0] for c in CASES[:4]]
+
+    def label(image_id: str) -> np.ndarray:
+        r = client.post("/infer/hippocampus", params={"image": image_id, "output": "image"})
+        assert r.status_code == 200, r.text
+        return np.asarray(nib.Nifti1Image.from_bytes(gzip.decompress(r.content)).dataobj)
+
+    alone = [label(i) for i in ids]
+    with ThreadPoolExecutor(8) as pool:
+        together = list(pool.map(label, ids * 2))
+    assert all(np.array_equal(a, b) for a, b in zip(alone * 2, together, strict=True))
