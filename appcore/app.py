@@ -184,17 +184,20 @@ INFER_FUNCTIONS = (
 
 # MONAI Label's routes whose work (a network, an upload's checks, a PACS round trip) would hold the
 # server's event loop: each request runs in a worker thread instead (``appcore.routes.serve_in_threads``).
-THREADED_ROUTES = (
-    ("/infer/{model}", "POST"),
-    ("/infer/wsi/{model}", "POST"),
-    ("/infer/wsi_v2/{model}", "POST"),
-    ("/batch/infer/{model}", "POST"),
-    ("/activelearning/{strategy}", "POST"),
-    ("/datastore/", "PUT"),
-    ("/datastore/image", "PUT"),
-    ("/datastore/label", "PUT"),
-    ("/session/", "PUT"),
-    ("/model/{model}", "PUT"),
+THREADED_ROUTES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("/info/", ("GET",)),  # on a PACS, the datastore's counts query it
+    ("/infer/{model}", ("POST",)),
+    ("/infer/wsi/{model}", ("POST",)),
+    ("/infer/wsi_v2/{model}", ("POST",)),
+    ("/batch/infer/{model}", ("POST",)),
+    ("/activelearning/{strategy}", ("POST",)),
+    ("/datastore/", ("GET", "PUT")),  # on a PACS, listing queries it
+    ("/datastore/image", ("GET", "HEAD", "PUT")),  # on a PACS, a series is fetched and converted
+    ("/datastore/image/info", ("GET",)),
+    ("/datastore/label", ("GET", "HEAD", "PUT")),  # on a PACS, a label is stored as a SEG
+    ("/datastore/dataset", ("GET",)),
+    ("/session/", ("PUT",)),
+    ("/model/{model}", ("PUT",)),
 )
 
 # MONAI Label's functions that save an upload to a temporary file and queue its removal as a
@@ -294,8 +297,8 @@ class RequestChecks:
     def on_init_complete(self) -> None:
         super().on_init_complete()
         strict_form_json()
-        for path, method in THREADED_ROUTES:  # first: the refusing routes below go in front of them
-            serve_in_threads(path, [method], name=f"threaded {method} {path}")
+        for path, methods in THREADED_ROUTES:  # first: the refusing routes below go in front of them
+            serve_in_threads(path, methods, name=f"threaded {path}")
         refuse_early("/scoring/{method}", ["POST"], _unknown_scoring, name="refuse_scoring")
         refuse_early("/train/{model}", ["POST"], _cannot_train, name="refuse_train_model")
         refuse_early("/train/", ["POST"], _cannot_train, name="refuse_train_all")

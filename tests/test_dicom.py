@@ -218,3 +218,42 @@ def test_a_folder_must_hold_exactly_one_series(tmp_path) -> None:
     empty.mkdir()
     with pytest.raises(ValueError, match="The files hold 0 DICOM series"):
         load_series_folder(empty)
+
+
+def test_a_listing_remembers_an_unreachable_pacs_for_its_lifetime() -> None:
+    import threading
+    import time
+
+    from appcore.dicom.client import PacsUnavailable
+    from appcore.dicom.datastore import _TTL
+
+    calls: list[float] = []
+    state = {"up": False}
+
+    def query() -> list[str]:
+        calls.append(time.monotonic())
+        if not state["up"]:
+            time.sleep(0.3)  # a timeout
+            raise PacsUnavailable("PACS at x did not answer")
+        return ["series"]
+
+    listing = _TTL(1.0, query)
+    errors: list[str] = []
+
+    def ask() -> None:
+        try:
+            listing.get()
+        except PacsUnavailable as e:
+            errors.append(e.detail)
+
+    started = time.monotonic()
+    threads = [threading.Thread(target=ask) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and len(errors) == 4, "the waiting requests get the first one's 503"
+    assert time.monotonic() - started < 1.0, "one timeout, not four in turn"
+    state["up"] = True
+    listing.invalidate()  # a save elsewhere: ask again now
+    assert listing.get() == ["series"] and len(calls) == 2

@@ -8,6 +8,7 @@ import socket
 import time
 import zipfile
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import nibabel as nib
@@ -327,6 +328,27 @@ def test_pacs_going_away_gives_503_and_the_server_recovers(server: Server, pacs:
     assert r.status_code == 200, r.text
     # The save refused while the PACS was away changed nothing there.
     assert sorted(str(s.SeriesInstanceUID) for s in _segs(pacs, uid)) == segs_before
+
+
+def test_a_hung_pacs_holds_only_the_requests_that_need_it(server: Server, pacs: LoadedPacs) -> None:
+    pacs.orthanc.pause()  # connections are accepted, nothing is answered
+    try:
+        time.sleep(5.5)  # the server reuses a series listing for 5 s
+        with ThreadPoolExecutor(2) as pool:
+            started = time.perf_counter()
+            hung = [pool.submit(server.http.post, "/activelearning/random", json={"client_id": "hung"})]
+            time.sleep(1)
+            hung.append(pool.submit(server.http.get, "/info/"))
+            r = server.http.get("/openapi.json")  # needs no PACS: answered while the others wait for it
+            assert r.status_code == 200 and time.perf_counter() - started < 5, r.text
+            r, info = (f.result() for f in hung)
+        assert r.status_code == 503 and "did not answer" in r.json()["detail"], r.text
+        assert info.status_code == 200 and "did not answer" in info.json()["datastore"]["error"], info.text
+        assert time.perf_counter() - started < 30, "one query timeout (15 s), not one per waiting request"
+    finally:
+        pacs.orthanc.resume()
+    time.sleep(6)
+    assert server.http.get("/info/").json()["datastore"]["total"] == 2 + len(MR_CASES)
 
 
 @pytest.fixture

@@ -41,7 +41,9 @@ class DicomWebClient:
     Args:
         url: the DICOMweb root, for example ``http://127.0.0.1:8042/dicom-web``.
         connect_timeout: seconds to wait for a connection; an unreachable PACS fails this fast.
-        read_timeout: seconds to wait for an answer once connected.
+        read_timeout: seconds to wait for an answer once connected, retrieving or storing instances.
+        query_timeout: the same for queries and metadata (QIDO-RS, small answers), so that a PACS that
+            accepts connections but hangs fails listings and ``/info`` in seconds, not a minute.
         session: a ``requests.Session`` (authentication, proxies); a new one by default.
     """
 
@@ -51,12 +53,14 @@ class DicomWebClient:
         *,
         connect_timeout: float = 3.0,
         read_timeout: float = 60.0,
+        query_timeout: float = 15.0,
         session: requests.Session | None = None,
     ) -> None:
         if not is_dicomweb_url(url):
             raise ValueError(f"DICOMweb URL must start with http:// or https://, got {url!r}")
         self.url = url.rstrip("/")
         self._timeout = (connect_timeout, read_timeout)
+        self._query_timeout = (connect_timeout, query_timeout)
         self._session = session or requests.Session()
 
     def _request(self, method: str, path: str, what: str, **kwargs: Any) -> requests.Response:
@@ -73,7 +77,8 @@ class DicomWebClient:
         return response
 
     def _json(self, path: str, what: str, params: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-        response = self._request("GET", path, what, params=params, headers={"Accept": "application/dicom+json"})
+        headers = {"Accept": "application/dicom+json"}
+        response = self._request("GET", path, what, params=params, headers=headers, timeout=self._query_timeout)
         if response.status_code == 204 or not response.content:
             return []
         if response.status_code == 404:

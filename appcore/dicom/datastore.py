@@ -39,24 +39,39 @@ LabelsFor = Callable[[dict[str, Any], str], tuple[str, LabelSet]]
 
 
 class _TTL:
-    """A value recomputed when older than ``ttl_s``; a failed refresh raises and keeps nothing stale."""
+    """A value recomputed when older than ``ttl_s``; a failed refresh raises and keeps nothing stale.
+
+    An unreachable PACS is remembered for ``ttl_s`` too: the requests that waited for the failed
+    refresh, and those within ``ttl_s`` after it, get its 503 at once instead of each waiting for
+    their own timeout in turn.
+    """
 
     def __init__(self, ttl_s: float, compute: Callable[[], Any]) -> None:
         self._ttl_s, self._compute = ttl_s, compute
         self._value: Any = None
         self._at = -float("inf")
+        self._failure: PacsUnavailable | None = None
+        self._failed_at = -float("inf")
         self._lock = threading.Lock()
 
     def get(self) -> Any:
         with self._lock:
-            if time.monotonic() - self._at > self._ttl_s:
-                self._value = self._compute()
+            now = time.monotonic()
+            if now - self._at > self._ttl_s:
+                if self._failure is not None and now - self._failed_at <= self._ttl_s:
+                    raise PacsUnavailable(self._failure.detail)  # a new one: threads raise it at once
+                try:
+                    self._value = self._compute()
+                except PacsUnavailable as e:
+                    self._failure, self._failed_at = e, time.monotonic()
+                    raise
+                self._failure = None
                 self._at = time.monotonic()
             return self._value
 
     def invalidate(self) -> None:
         with self._lock:
-            self._at = -float("inf")
+            self._at = self._failed_at = -float("inf")
 
 
 class DicomWebDatastore(CheckedLocalDatastore):

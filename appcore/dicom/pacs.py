@@ -114,6 +114,15 @@ class Orthanc:
                 self._process.wait()
         self._process = None
 
+    def pause(self) -> None:
+        """Freeze the process (SIGSTOP): it keeps accepting connections and answers none, as a hung PACS."""
+        if self._process is not None:
+            self._process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        if self._process is not None:
+            self._process.send_signal(signal.SIGCONT)
+
     def __enter__(self) -> Orthanc:
         return self.start()
 
