@@ -189,7 +189,9 @@ THREADED_ROUTES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("/infer/{model}", ("POST",)),
     ("/infer/wsi/{model}", ("POST",)),
     ("/infer/wsi_v2/{model}", ("POST",)),
-    ("/batch/infer/{model}", ("POST",)),
+    ("/batch/infer/{model}", ("POST",)),  # run_sync=true runs the whole batch in the request
+    ("/scoring/", ("POST",)),  # the same for scoring (run_sync=true)
+    ("/scoring/{method}", ("POST",)),
     ("/activelearning/{strategy}", ("POST",)),
     ("/datastore/", ("GET", "PUT")),  # on a PACS, listing queries it
     ("/datastore/image", ("GET", "HEAD", "PUT")),  # on a PACS, a series is fetched and converted
