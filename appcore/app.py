@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import json
@@ -10,6 +11,8 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -269,6 +272,9 @@ def checked_endpoints() -> list[str]:
     return changed
 
 
+_SLOTS_LOCK = threading.Lock()
+
+
 class RequestChecks:
     """Mixin for a ``MONAILabelApp``: a request the app cannot serve gets a 4xx before anything starts.
 
@@ -413,6 +419,34 @@ class RequestChecks:
             return image
         check_image_id(image)
         return (datastore or self.datastore()).get_image_uri(image)
+
+    def infer(self, request: dict[str, Any], datastore: Datastore | None = None) -> dict[str, Any]:
+        """MONAI Label's infer, at most ``infer_concurrency`` at once (requests run in worker threads
+        now, ``THREADED_ROUTES``; before, the event loop ran one at a time)."""
+        with self._infer_slot():
+            return super().infer(request, datastore)  # type: ignore[misc]
+
+    def infer_wsi(self, request: dict[str, Any], datastore: Datastore | None = None) -> dict[str, Any]:
+        with self._infer_slot():
+            return super().infer_wsi(request, datastore)  # type: ignore[misc]
+
+    @contextlib.contextmanager
+    def _infer_slot(self) -> Iterator[None]:
+        """One of ``infer_concurrency`` slots; a thread that holds one already (an infer inside a WSI
+        infer) goes on without taking a second, which could wait forever."""
+        with _SLOTS_LOCK:
+            if getattr(self, "_infer_semaphore", None) is None:
+                self._infer_semaphore = threading.BoundedSemaphore(self.settings.infer_concurrency)
+                self._infer_holders = threading.local()
+        if getattr(self._infer_holders, "held", False):
+            yield
+            return
+        with self._infer_semaphore:
+            self._infer_holders.held = True
+            try:
+                yield
+            finally:
+                self._infer_holders.held = False
 
     def next_sample(self, request: dict[str, Any]) -> dict[str, Any]:
         strategy = request.get("strategy")

@@ -61,6 +61,8 @@ class AppSettings:
             score finds unlabelled images that have no score yet (added since the last run: uploaded,
             copied into the folder, new series in the PACS) and no training or scoring is running.
         sw_batch_size: sliding windows evaluated per forward pass at inference.
+        infer_concurrency: infers (and WSI infers) run at once; more requests wait for a slot. Each
+            holds a volume's network activations, so this bounds the server's memory.
         cpu_bf16: run the radiology networks (infer, scoring and ``/train``) in bfloat16 on CPUs that
             compute it natively (AMX or AVX512-BF16; ``appcore.precision``); ``false`` keeps float32
             everywhere. No effect on older CPUs or on CUDA, which always uses mixed precision.
@@ -79,6 +81,7 @@ class AppSettings:
     score_on_start: bool = True
     score_new_images: bool = True
     sw_batch_size: int = 1
+    infer_concurrency: int = 2
     cpu_bf16: bool = True
 
     @classmethod
@@ -115,7 +118,14 @@ class AppSettings:
         for key, value in conf.items():
             if key in ("models", "al_model") or key in passthrough:
                 continue
-            if key in ("mc_samples", "max_epochs", "train_batch_size", "sw_batch_size", "max_upload_mb"):
+            if key in (
+                "mc_samples",
+                "max_epochs",
+                "train_batch_size",
+                "sw_batch_size",
+                "max_upload_mb",
+                "infer_concurrency",
+            ):
                 kwargs[key] = _parse_int(key, value, 1)
             elif key == "tta_samples":
                 kwargs[key] = _parse_int(key, value, 0)

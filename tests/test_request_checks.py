@@ -123,3 +123,37 @@ def test_an_upload_saved_by_a_refused_request_is_removed(tmp_path) -> None:
         checked(tasks, image="a", refuse=True)
     assert not upload.exists()
     assert not kept.exists(), "only the removals are run"
+
+
+def test_infers_run_at_most_infer_concurrency_at_once() -> None:
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+    from types import SimpleNamespace
+
+    from appcore.app import RequestChecks
+
+    running, peak, lock = [0], [0], threading.Lock()
+
+    class Base:
+        def infer(self, request, datastore=None):
+            with lock:
+                running[0] += 1
+                peak[0] = max(peak[0], running[0])
+            time.sleep(0.05)
+            with lock:
+                running[0] -= 1
+            return {"image": request["image"]}
+
+        def infer_wsi(self, request, datastore=None):  # as MONAI Label's: tiles through infer
+            return self.infer(request, datastore)
+
+    class App(RequestChecks, Base):
+        settings = SimpleNamespace(infer_concurrency=2)
+
+    app = App()
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda i: app.infer({"image": i}), range(8)))
+        wsi = list(pool.map(lambda i: app.infer_wsi({"image": i}), range(4)))
+    assert [a["image"] for a in answers] == list(range(8)) and len(wsi) == 4
+    assert peak[0] == 2, "two at once, never more (and a WSI infer's own infer does not wait for a slot)"
