@@ -383,3 +383,25 @@ def test_unreachable_pacs_at_start_fails_within_seconds(
 def test_dicomweb_client_refuses_a_non_http_url() -> None:
     with pytest.raises(ValueError, match="must start with http"):
         DicomWebClient("127.0.0.1:8042/dicom-web")
+
+
+def test_concurrent_saves_of_one_series_leave_one_seg(server: Server, pacs: LoadedPacs, tmp_path: Path) -> None:
+    """Saves run in worker threads: four clients saving the same series at once each get a 200, and
+    the PACS then holds one SEG for it, the one of the save that came last."""
+    uid = pacs.series["ct_abdomen"]
+    volume = _volume(pacs, "ct_abdomen")
+
+    def save(value: int) -> int:
+        data = np.zeros(volume.data.shape, np.uint8)
+        data[100:140, 100:140, 5:10] = value
+        folder = tmp_path / str(value)
+        folder.mkdir()
+        return _put_label(server, uid, data, volume.affine, "organs_ct", folder).status_code
+
+    with ThreadPoolExecutor(4) as pool:
+        assert list(pool.map(save, [1, 5, 6, 7])) == [200] * 4
+    (seg,) = _segs(pacs, uid)
+    kept = set(np.unique(seg_to_label(seg, volume.sop_instance_uids, MODELS["organs_ct"].labels)).tolist()) - {0}
+    r = server.http.get("/datastore/label", params={"label": uid, "tag": "final"})
+    served = nib.Nifti1Image.from_bytes(gzip.decompress(r.content))
+    assert len(kept) == 1 and set(np.unique(np.asarray(served.dataobj)).tolist()) - {0} == kept

@@ -191,7 +191,9 @@ class OrthancAdmin:
             found.raise_for_status()
             ids = [row["ID"] for row in found.json() if row.get("Type") == "Series"]
             for orthanc_id in ids:
-                requests.delete(f"{self.root}/series/{orthanc_id}", timeout=self._timeout).raise_for_status()
+                deleted = requests.delete(f"{self.root}/series/{orthanc_id}", timeout=self._timeout)
+                if deleted.status_code != 404:  # 404: deleted by someone else since the lookup
+                    deleted.raise_for_status()
         except requests.RequestException as e:
             raise PacsUnavailable(f"Orthanc at {self.root} failed to delete series {series_uid} ({e})") from e
         return bool(ids)

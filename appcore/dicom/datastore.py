@@ -330,7 +330,15 @@ class DicomWebDatastore(CheckedLocalDatastore):
         image = nib.load(image_uri)
         label = load_nifti(label_filename, "label", self._max_upload_mb)
         data = validate_label_volume(label, Geometry.of(image), labels.allowed_values)
+        # One save or removal per series at a time: two clients saving at once would each delete
+        # only the SEGs listed before both stored theirs, and leave two.
+        with self._lock_for(f"labels of {image_id}"):
+            return self._replace_seg(image_id, label_filename, data, labels, model, info)
 
+    def _replace_seg(
+        self, image_id: str, label_filename: str, data: np.ndarray, labels: LabelSet, model: str, info: dict[str, Any]
+    ) -> str:
+        self._segs.invalidate()  # SEGs stored a moment ago, by this server or another client, are replaced too
         earlier = self._segs.get().get(image_id, [])
         seg_uid = generate_uid()
         seg = label_to_seg(
@@ -357,7 +365,7 @@ class DicomWebDatastore(CheckedLocalDatastore):
             time.perf_counter() - started,
         )
         info.update({"model": model, "SegSeriesInstanceUID": seg_uid})
-        return super().save_label(image_id, label_filename, label_tag, info)
+        return super().save_label(image_id, label_filename, DefaultLabelTag.FINAL.value, info)
 
     def _sync_final(self, image_id: str) -> None:
         """Make the cached ``final`` label of a series the one its SEG in the PACS holds (saved anywhere)."""
@@ -389,6 +397,10 @@ class DicomWebDatastore(CheckedLocalDatastore):
         """Remove a label; for ``final`` that deletes the series' SEGs in the PACS (Orthanc only)."""
         self._series_meta(label_id)  # 400 for a path, 404 for a series the PACS does not have
         check_image_id(label_tag, "Label tag")
+        with self._lock_for(f"labels of {label_id}"):
+            self._remove_label(label_id, label_tag)
+
+    def _remove_label(self, label_id: str, label_tag: str) -> None:
         if label_tag == DefaultLabelTag.FINAL.value:
             self._segs.invalidate()  # a SEG saved elsewhere a moment ago is deleted too
             segs = self._segs.get().get(label_id, [])
