@@ -72,15 +72,26 @@ class CheckedLocalDatastore(LocalDatastore):
         self._allowed_values = allowed_values
         self._max_upload_mb = max_upload_mb
 
+    # Attempts at reconciling after a change, and the pause between them: a request thread changing
+    # the records while the watcher reads them ("dictionary changed size during iteration") passes.
+    REFRESH_ATTEMPTS, REFRESH_PAUSE_S = 3, 0.2
+
     def _on_any_event(self, event: Any) -> None:
-        """A change in the studies folder (the watchdog thread's callback): reconcile, and never let an
-        error end the thread, which would stop every later refresh (MONAI Label's raises, for example,
-        when the labels folder is removed)."""
-        try:
-            super()._on_any_event(event)
-        except Exception as e:
-            kind = type(e).__name__
-            logger.warning("Datastore refresh after %s failed (%s: %s); the next change retries", event, kind, e)
+        """A change in the studies folder (the watchdog thread's callback): reconcile, retrying a few
+        times, and never let an error end the thread, which would stop every later refresh (MONAI
+        Label's raises, for example, when the labels folder is removed)."""
+        for attempt in range(1, self.REFRESH_ATTEMPTS + 1):
+            try:
+                super()._on_any_event(event)
+                return
+            except Exception as e:
+                if attempt == self.REFRESH_ATTEMPTS:
+                    kind = type(e).__name__
+                    logger.warning(
+                        "Datastore refresh after %s failed (%s: %s); the next change retries", event, kind, e
+                    )
+                else:
+                    time.sleep(self.REFRESH_PAUSE_S)
 
     def _existing(self, image_id: str) -> Any:
         """The image's record; 400 for a path, 404 for an unknown id (a subclass may return None for

@@ -231,3 +231,21 @@ def test_the_dataset_archive_is_streamed_in_monai_labels_layout(
     with pytest.raises(RequestError, match="limit_cases") as e:
         store.dataset_archive(limit_cases=-1)
     assert e.value.status_code == 422
+
+
+def test_a_refresh_that_meets_a_concurrent_change_is_retried(
+    store: CheckedLocalDatastore, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from monailabel.datastore.local import LocalDatastore
+
+    calls: list[object] = []
+
+    def flaky(self, event) -> None:
+        calls.append(event)
+        if len(calls) == 1:
+            raise RuntimeError("dictionary changed size during iteration")  # a request thread wrote meanwhile
+
+    monkeypatch.setattr(LocalDatastore, "_on_any_event", flaky)
+    monkeypatch.setattr(CheckedLocalDatastore, "REFRESH_PAUSE_S", 0.0)
+    store._on_any_event("created")
+    assert calls == ["created", "created"] and "failed" not in caplog.text
