@@ -426,14 +426,12 @@ class RequestChecks:
         with self._infer_slot():
             return super().infer(request, datastore)  # type: ignore[misc]
 
-    def infer_wsi(self, request: dict[str, Any], datastore: Datastore | None = None) -> dict[str, Any]:
-        with self._infer_slot():
-            return super().infer_wsi(request, datastore)  # type: ignore[misc]
-
     @contextlib.contextmanager
     def _infer_slot(self) -> Iterator[None]:
-        """One of ``infer_concurrency`` slots; a thread that holds one already (an infer inside a WSI
-        infer) goes on without taking a second, which could wait forever."""
+        """One of ``infer_concurrency`` slots, for an infer or an app's own WSI infer; a thread that
+        holds one already (an infer inside that WSI infer) goes on without taking a second, which
+        could wait forever. (MONAI Label's own WSI infer takes none: its tiles are infers, each
+        taking one, from a thread pool whose threads could not get a slot the request held.)"""
         with _SLOTS_LOCK:
             if getattr(self, "_infer_semaphore", None) is None:
                 self._infer_semaphore = threading.BoundedSemaphore(self.settings.infer_concurrency)

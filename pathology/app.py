@@ -117,6 +117,10 @@ class PathologyApp(RequestChecks, MONAILabelApp):
 
     def infer_wsi(self, request: dict[str, Any], datastore: Datastore | None = None) -> dict[str, Any]:
         """Tiled inference over a region (or the whole image), answered as JSON, ASAP XML or DSA JSON."""
+        with self._infer_slot():
+            return self._infer_region(request, datastore)
+
+    def _infer_region(self, request: dict[str, Any], datastore: Datastore | None) -> dict[str, Any]:
         start = time.perf_counter()
         path = self.request_image(request, datastore, self.settings.max_upload_mb)
         output = request.get("output") or "dsa"

@@ -145,11 +145,12 @@ def test_infers_run_at_most_infer_concurrency_at_once() -> None:
                 running[0] -= 1
             return {"image": request["image"]}
 
-        def infer_wsi(self, request, datastore=None):  # as MONAI Label's: tiles through infer
-            return self.infer(request, datastore)
-
     class App(RequestChecks, Base):
         settings = SimpleNamespace(infer_concurrency=2)
+
+        def infer_wsi(self, request, datastore=None):  # as the pathology app's: a slot, and infers inside it
+            with self._infer_slot():
+                return self.infer(request, datastore)
 
     app = App()
     with ThreadPoolExecutor(8) as pool:
