@@ -105,7 +105,7 @@ def _route_behind(route: Any, routes: list[Any], scope: dict[str, Any]) -> tuple
     raise RuntimeError(f"No route behind {route.name} for {scope['path']}")
 
 
-def serve_in_threads(path: str, methods: Collection[str], name: str) -> bool:
+def serve_in_threads(path: str, methods: Collection[str], name: str, threads: int = 16) -> bool:
     """Serve requests to ``path`` by the route behind this one, on an event loop of their own in a
     worker thread.
 
@@ -113,24 +113,29 @@ def serve_in_threads(path: str, methods: Collection[str], name: str) -> bool:
     infer, an upload's checks or a PACS round trip holds the server's only event loop: every other
     request (``/info``, the viewer's DICOMweb proxy, another clinician's infer) waits for it. Here
     the whole request, body parsing included, runs with ``asyncio.run`` in Starlette's thread pool;
-    its ``receive`` and ``send`` are those of the server's loop, called across threads. Returns
-    whether the route is in place (False outside a server).
+    its ``receive`` and ``send`` are those of the server's loop, called across threads. Each route
+    has ``threads`` threads of its own (more requests wait for one), so slow uploads cannot take the
+    threads ``/info`` needs. Returns whether the route is in place (False outside a server).
     """
     routes = _server_routes()
     if routes is None:
         return False
     import asyncio
 
-    from starlette.concurrency import run_in_threadpool
+    import anyio.to_thread
     from starlette.routing import Route
 
     async def _unused(request: Any) -> None:  # handle() below answers instead
         raise AssertionError("not called")
 
     class _Threaded(Route):
+        limiter: Any = None  # made on the server's loop, at the first request
+
         async def handle(self, scope: Any, receive: Any, send: Any) -> None:
             if self.methods and scope["method"] not in self.methods:
                 return await super().handle(scope, receive, send)  # 405, as without this route
+            if self.limiter is None:
+                self.limiter = anyio.CapacityLimiter(threads)
             route, child = _route_behind(self, routes, scope)
             server_loop = asyncio.get_running_loop()
 
@@ -143,7 +148,7 @@ def serve_in_threads(path: str, methods: Collection[str], name: str) -> bool:
             def serve() -> None:
                 asyncio.run(route.handle({**scope, **child}, on_server_loop(receive), on_server_loop(send)))
 
-            await run_in_threadpool(serve)
+            await anyio.to_thread.run_sync(serve, limiter=self.limiter)
 
     return insert_first(_Threaded(path, _unused, methods=list(methods), name=name))
 

@@ -189,3 +189,36 @@ def test_a_threaded_route_no_longer_holds_the_event_loop(monkeypatch: pytest.Mon
     done, answers = served(threaded=True)
     assert done.index("GET /info") < done.index("POST /infer/ct"), "threaded, /info answers while the infers run"
     assert answers == ["segmented 10", "pong", 404, 405], "answers, errors and methods as without the thread"
+
+
+def test_each_threaded_route_has_threads_of_its_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    import time
+
+    async def slow_upload(request: Request) -> PlainTextResponse:
+        time.sleep(0.3)  # a slow client or a slow check, holding its thread
+        return PlainTextResponse("stored")
+
+    async def info(request: Request) -> PlainTextResponse:
+        return PlainTextResponse("info")
+
+    app = Starlette(routes=[Route("/upload", slow_upload, methods=["PUT"]), Route("/info", info)])
+    monkeypatch.setitem(sys.modules, "monailabel.app", SimpleNamespace(app=app))
+    assert serve_in_threads("/upload", ["PUT"], name="threaded upload", threads=1)
+    assert serve_in_threads("/info", ["GET"], name="threaded info", threads=1)
+    finished: dict[str, list[float]] = {"PUT": [], "GET": []}
+
+    async def call(client: httpx.AsyncClient, method: str, path: str, start: float) -> None:
+        await asyncio.sleep(0.05 if method == "GET" else 0)
+        assert (await client.request(method, path)).status_code == 200
+        finished[method].append(time.perf_counter() - start)
+
+    async def run() -> None:
+        start = time.perf_counter()
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://server") as client:
+            await asyncio.gather(
+                *(call(client, "PUT", "/upload", start) for _ in range(3)), call(client, "GET", "/info", start)
+            )
+
+    asyncio.run(run())
+    assert sorted(finished["PUT"])[-1] >= 0.85, "one thread for the uploads: one after the other"
+    assert finished["GET"][0] < 0.25, "/info did not wait for a thread the uploads held"
