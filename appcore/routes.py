@@ -22,6 +22,11 @@ Refusal = Callable[[dict[str, Any], bytes], RequestError | None]
 MAX_CHECKED_BODY = 1 << 20  # the requests checked here carry a small JSON body or none
 
 
+async def _answered_in_handle(request: Any) -> None:
+    """The endpoint of the routes below, never called: their ``handle`` answers instead."""
+    raise AssertionError("not called")
+
+
 def _server_routes() -> list[Any] | None:
     server = sys.modules.get("monailabel.app")
     if server is None or not hasattr(server, "app"):
@@ -58,9 +63,6 @@ def refuse_early(path: str, methods: Collection[str], refusal: Refusal, name: st
     from starlette.responses import JSONResponse
     from starlette.routing import Route
 
-    async def _unused(request: Any) -> None:  # handle() below answers instead
-        raise AssertionError("not called")
-
     class _Refusing(Route):
         async def handle(self, scope: Any, receive: Any, send: Any) -> None:
             if self.methods and scope["method"] not in self.methods:
@@ -91,14 +93,17 @@ def refuse_early(path: str, methods: Collection[str], refusal: Refusal, name: st
             route, child = _route_behind(self, routes, scope)
             return await route.handle({**scope, **child}, replay, send)
 
-    return insert_first(_Refusing(path, _unused, methods=list(methods), name=name))
+    return insert_first(_Refusing(path, _answered_in_handle, methods=list(methods), name=name))
 
 
 def _route_behind(route: Any, routes: list[Any], scope: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
     """The first route after ``route`` that fully matches ``scope``, and its child scope."""
     from starlette.routing import Match
 
-    for candidate in routes[routes.index(route) + 1 :]:
+    # By identity: Starlette's routes compare equal by path, endpoint and methods, and a refusing and
+    # a threaded route for the same path share all three.
+    position = next(i for i, r in enumerate(routes) if r is route)
+    for candidate in routes[position + 1 :]:
         match, child = candidate.matches(scope)
         if match is Match.FULL:
             return candidate, child
@@ -112,7 +117,7 @@ def serve_in_threads(path: str, methods: Collection[str], name: str, threads: in
     MONAI Label's endpoints are ``async`` functions that call its synchronous code directly, so an
     infer, an upload's checks or a PACS round trip holds the server's only event loop: every other
     request (``/info``, the viewer's DICOMweb proxy, another clinician's infer) waits for it. Here
-    the whole request, body parsing included, runs with ``asyncio.run`` in Starlette's thread pool;
+    the whole request, body parsing included, runs with ``asyncio.run`` in a worker thread;
     its ``receive`` and ``send`` are those of the server's loop, called across threads. Each route
     has ``threads`` threads of its own (more requests wait for one), so slow uploads cannot take the
     threads ``/info`` needs. Returns whether the route is in place (False outside a server).
@@ -124,9 +129,6 @@ def serve_in_threads(path: str, methods: Collection[str], name: str, threads: in
 
     import anyio.to_thread
     from starlette.routing import Route
-
-    async def _unused(request: Any) -> None:  # handle() below answers instead
-        raise AssertionError("not called")
 
     class _Threaded(Route):
         limiter: Any = None  # made on the server's loop, at the first request
@@ -150,7 +152,7 @@ def serve_in_threads(path: str, methods: Collection[str], name: str, threads: in
 
             await anyio.to_thread.run_sync(serve, limiter=self.limiter)
 
-    return insert_first(_Threaded(path, _unused, methods=list(methods), name=name))
+    return insert_first(_Threaded(path, _answered_in_handle, methods=list(methods), name=name))
 
 
 def limit_request_bodies(max_bytes: int) -> bool:

@@ -17,7 +17,6 @@ import platform
 import shutil
 import statistics
 import tempfile
-import threading
 import time
 import zipfile
 from dataclasses import dataclass, field
@@ -25,7 +24,16 @@ from pathlib import Path
 
 import httpx
 
-from benchmarks.radiology import ROOT, PeakRSS, copy_project_app, free_port, start_server, stop_server, wait_for_info
+from benchmarks.radiology import (
+    ROOT,
+    InfoProbe,
+    PeakRSS,
+    copy_project_app,
+    free_port,
+    start_server,
+    stop_server,
+    wait_for_info,
+)
 
 CT = Path("totalseg_ct") / "chest_aorta" / "ct_cropped.nii.gz"
 LABEL = Path("totalseg_ct") / "chest_aorta" / "aorta.nii.gz"
@@ -55,16 +63,6 @@ def _files(folder: Path) -> dict[Path, int]:
     return {p: p.stat().st_size for p in folder.rglob("*") if p.is_file()}
 
 
-def _probe(url: str, stop: threading.Event, worst: list[float]) -> None:
-    """Ask ``/info/`` every 100 ms until ``stop``; keep the slowest answer's seconds in ``worst[0]``."""
-    with httpx.Client(base_url=url, timeout=600) as client:
-        while not stop.is_set():
-            t = time.perf_counter()
-            client.get("/info/").raise_for_status()
-            worst[0] = max(worst[0], time.perf_counter() - t)
-            stop.wait(0.1)
-
-
 def download_once(app_dir: Path, studies: Path, work: Path, tree: Path | None, figures: Figures, cases: int) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="tmpdir-", dir=work))
     env = {"TMPDIR": str(tmp)}
@@ -74,35 +72,28 @@ def download_once(app_dir: Path, studies: Path, work: Path, tree: Path | None, f
     download = work / "dataset.zip"
     proc = start_server(app_dir, studies, port, log, CONF, env)
     url = f"http://127.0.0.1:{port}"
-    stop, worst = threading.Event(), [0.0]
     try:
         with httpx.Client(base_url=url, timeout=1800) as client:
             wait_for_info(client, proc, log)
             before = _files(tmp)
-            probe = threading.Thread(target=_probe, args=(url, stop, worst), daemon=True)
-            with PeakRSS(proc.pid) as mem:
-                probe.start()
-                time.sleep(0.3)  # the prober is answered before the download starts
+            with PeakRSS(proc.pid) as mem, InfoProbe(url, interval_s=0.1) as probe:
                 t = time.perf_counter()
                 with client.stream("GET", "/datastore/dataset") as r, download.open("wb") as out:
                     r.raise_for_status()
                     for chunk in r.iter_bytes():
                         out.write(chunk)
                 figures.download_s.append(time.perf_counter() - t)
-                stop.set()
-                probe.join()
             with zipfile.ZipFile(download) as archive:
                 images = [n for n in archive.namelist() if n.startswith("image/")]
             if len(images) != cases:
                 raise RuntimeError(f"The archive holds {len(images)} images, not {cases}")
             figures.archive_mb = download.stat().st_size / 2**20
-            figures.info_worst_s.append(worst[0])
+            figures.info_worst_s.append(probe.worst)
             figures.peak_rss_mb.append(mem.peak / 2**20)
             time.sleep(1.0)  # a removal queued after the response has run by now
             left = {p: s for p, s in _files(tmp).items() if p not in before}
             figures.tmp_left_mb.append(sum(left.values()) / 2**20)
     finally:
-        stop.set()
         stop_server(proc)
         download.unlink(missing_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)

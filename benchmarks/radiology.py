@@ -63,6 +63,33 @@ class PeakRSS:
         self._thread.join()
 
 
+class InfoProbe:
+    """Asks ``/info/`` every ``interval_s`` from a thread of its own while in use (a viewer polling);
+    ``worst`` is then the slowest answer, in seconds."""
+
+    def __init__(self, url: str, interval_s: float = 0.05) -> None:
+        self.url, self.interval_s, self.worst = url, interval_s, 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        with httpx.Client(base_url=self.url, timeout=600) as client:
+            while not self._stop.is_set():
+                t = time.perf_counter()
+                client.get("/info/").raise_for_status()
+                self.worst = max(self.worst, time.perf_counter() - t)
+                self._stop.wait(self.interval_s)
+
+    def __enter__(self) -> InfoProbe:
+        self._thread.start()
+        time.sleep(0.3)  # answered a few times before the measured work starts
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

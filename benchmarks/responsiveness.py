@@ -18,7 +18,6 @@ import platform
 import shutil
 import statistics
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -26,20 +25,11 @@ from pathlib import Path
 
 import httpx
 
-from benchmarks.radiology import ROOT, copy_project_app, free_port, start_server, stop_server, wait_for_info
+from benchmarks.radiology import ROOT, InfoProbe, copy_project_app, free_port, start_server, stop_server, wait_for_info
 
 CONF = {"models": "organs_ct,hippocampus", "score_on_start": "false"}
 CTS = (Path("totalseg_ct") / "example_ct.nii.gz", Path("totalseg_ct") / "chest_aorta" / "ct_cropped.nii.gz")
 MR = Path("hippocampus_mr") / "imagesTr" / "hippocampus_001.nii.gz"
-
-
-def _probe(url: str, stop: threading.Event, worst: list[float]) -> None:
-    with httpx.Client(base_url=url, timeout=600) as client:
-        while not stop.is_set():
-            t = time.perf_counter()
-            client.get("/info/").raise_for_status()
-            worst[0] = max(worst[0], time.perf_counter() - t)
-            stop.wait(0.05)
 
 
 def operations(client: httpx.Client, shared: Path) -> dict[str, Callable[[], None]]:
@@ -81,20 +71,13 @@ def run_once(app_dir: Path, studies: Path, work: Path, tree: Path | None, shared
                 if name.startswith("infer"):
                     op()  # warm-up: the first call also builds the network
             for name, op in ops.items():
-                stop, worst = threading.Event(), [0.0]
-                probe = threading.Thread(target=_probe, args=(url, stop, worst), daemon=True)
-                probe.start()
-                time.sleep(0.3)
-                t = time.perf_counter()
-                try:
+                with InfoProbe(url) as probe:
+                    t = time.perf_counter()
                     op()
-                finally:
                     seconds = time.perf_counter() - t
-                    stop.set()
-                    probe.join()
                 out.setdefault(name, ([], []))
                 out[name][0].append(seconds)
-                out[name][1].append(worst[0])
+                out[name][1].append(probe.worst)
     finally:
         stop_server(proc)
 

@@ -97,7 +97,8 @@ def test_nothing_is_inserted_outside_a_server(monkeypatch: pytest.MonkeyPatch) -
     assert refuse_early("/train/{model}", ["POST"], _refusal, name="refuse_train") is False
 
 
-def test_a_body_over_the_limit_is_refused_before_it_is_read(monkeypatch: pytest.MonkeyPatch) -> None:
+def _upload_server(monkeypatch: pytest.MonkeyPatch) -> tuple[Starlette, list[int]]:
+    """A server with one upload route, and the sizes of the bodies that route has read."""
     read: list[int] = []
 
     async def upload(request: Request) -> PlainTextResponse:
@@ -106,6 +107,11 @@ def test_a_body_over_the_limit_is_refused_before_it_is_read(monkeypatch: pytest.
 
     app = Starlette(routes=[Route("/datastore/label", upload, methods=["PUT"])])
     monkeypatch.setitem(sys.modules, "monailabel.app", SimpleNamespace(app=app))
+    return app, read
+
+
+def test_a_body_over_the_limit_is_refused_before_it_is_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    app, read = _upload_server(monkeypatch)
     assert not limit_request_bodies(100), "no server stack yet: nothing to wrap"
     app.middleware_stack = app.build_middleware_stack()  # as Starlette has it once the server runs
     assert limit_request_bodies(100) and limit_request_bodies(100), "wrapping twice keeps one limit"
@@ -117,14 +123,7 @@ def test_a_body_over_the_limit_is_refused_before_it_is_read(monkeypatch: pytest.
 
 
 def test_a_chunked_body_is_refused_once_it_passes_the_limit(monkeypatch: pytest.MonkeyPatch) -> None:
-    read: list[int] = []
-
-    async def upload(request: Request) -> PlainTextResponse:
-        read.append(len(await request.body()))
-        return PlainTextResponse("stored")
-
-    app = Starlette(routes=[Route("/datastore/label", upload, methods=["PUT"])])
-    monkeypatch.setitem(sys.modules, "monailabel.app", SimpleNamespace(app=app))
+    app, read = _upload_server(monkeypatch)
     app.middleware_stack = app.build_middleware_stack()
     assert limit_request_bodies(100)
 
@@ -222,3 +221,21 @@ def test_each_threaded_route_has_threads_of_its_own(monkeypatch: pytest.MonkeyPa
     asyncio.run(run())
     assert sorted(finished["PUT"])[-1] >= 0.85, "one thread for the uploads: one after the other"
     assert finished["GET"][0] < 0.25, "/info did not wait for a thread the uploads held"
+
+
+def test_a_refusing_and_a_threaded_route_on_one_path_pass_a_request_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As the apps install them for /infer/{model}: the threaded route first, the refusing one then in
+    front of it. Starlette's routes compare equal by path, endpoint and methods: the route behind
+    each must be found by identity, or the threaded route hands the request to itself forever."""
+    app = Starlette(routes=[Route("/infer/{model}", _original, methods=["POST"])])
+    monkeypatch.setitem(sys.modules, "monailabel.app", SimpleNamespace(app=app))
+    assert serve_in_threads("/infer/{model}", ["POST"], name="threaded infer")
+    assert refuse_early("/infer/{model}", ["POST"], _refusal, name="refuse_infer", read_body=False)
+
+    async def send(path: str) -> httpx.Response:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://server") as client:
+            return await asyncio.wait_for(client.post(path, content=b"scan"), timeout=10)
+
+    r = asyncio.run(send("/infer/ct"))
+    assert r.status_code == 200 and r.text == "original POST ct scan"
+    assert asyncio.run(send("/infer/unknown")).status_code == 404
