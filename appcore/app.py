@@ -295,6 +295,10 @@ class RequestChecks:
     withdrawn (the app says where with ``published_weights`` and ``new_network``). Sessions are
     ``appcore.sessions.CheckedSessions``. An infer with nothing to segment or an unknown session,
     GPU information without a GPU and the DICOMweb proxy without a PACS get a 4xx, not a 500.
+
+    MONAI Label runs every endpoint on the server's one event loop; the routes of ``THREADED_ROUTES``
+    run in worker threads here, with at most ``infer_concurrency`` infers at once. A refused upload
+    is deleted (``UPLOAD_FUNCTIONS``) and the dataset download is streamed (``_download_dataset``).
     """
 
     _infers: dict[str, Any]

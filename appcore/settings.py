@@ -61,8 +61,8 @@ class AppSettings:
             score finds unlabelled images that have no score yet (added since the last run: uploaded,
             copied into the folder, new series in the PACS) and no training or scoring is running.
         sw_batch_size: sliding windows evaluated per forward pass at inference.
-        infer_concurrency: infers (and WSI infers) run at once; more requests wait for a slot. Each
-            holds a volume's network activations, so this bounds the server's memory.
+        infer_concurrency: the most infers (and WSI infers) computed at once; more requests wait for
+            a slot. Each holds a volume's network activations, so this bounds the server's memory.
         cpu_bf16: run the radiology networks (infer, scoring and ``/train``) in bfloat16 on CPUs that
             compute it natively (AMX or AVX512-BF16; ``appcore.precision``); ``false`` keeps float32
             everywhere. No effect on older CPUs or on CUDA, which always uses mixed precision.
