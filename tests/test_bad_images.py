@@ -78,13 +78,24 @@ def test_only_volumes_are_segmented(app, tmp_path: Path, shape: tuple[int, ...],
         assert _label(app, path).shape == shape[:3]
 
 
+def _flat(path: Path) -> None:
+    nib.save(nib.Nifti1Image(np.ones((20, 30), np.float32), np.eye(4)), path)
+
+
+def _cut(path: Path) -> None:  # the header reads, the voxels stop short
+    path.write_bytes(CASES["hippocampus"][0][0].read_bytes()[:5000])
+
+
 @requires_shared
-def test_a_stored_image_that_is_not_a_volume_is_refused_by_id(app) -> None:
-    studies = Path(app.studies)
-    nib.save(nib.Nifti1Image(np.ones((20, 30), np.float32), np.eye(4)), studies / "flat.nii.gz")
+@pytest.mark.parametrize(
+    ("name", "write", "match"),
+    [("flat", _flat, "image 'flat' must be a 3D volume"), ("cut", _cut, "image 'cut' cannot be read: EOFError")],
+)
+def test_a_stored_image_that_cannot_be_segmented_is_a_422_by_id(app, name: str, write, match: str) -> None:
+    write(Path(app.studies) / f"{name}.nii.gz")
     app.datastore().refresh()
-    with pytest.raises(RequestError, match="image 'flat' must be a 3D volume") as e:
-        app.infer({"model": "hippocampus", "image": "flat"})
+    with pytest.raises(RequestError, match=match) as e:
+        app.infer({"model": "hippocampus", "image": name})
     assert e.value.status_code == 422
 
 
@@ -103,16 +114,6 @@ def test_batch_infer_skips_an_unreadable_image_and_labels_the_others(app) -> Non
     assert result[good]["tag"] == "original"
     label = nib.load(app.datastore().get_label_uri(good, "original"))
     assert label.shape == nib.load(CASES["hippocampus"][0][0]).shape
-
-
-@requires_shared
-def test_a_stored_image_whose_voxels_cannot_be_read_is_a_422(app) -> None:
-    studies, source = Path(app.studies), CASES["hippocampus"][0][0]
-    (studies / "cut.nii.gz").write_bytes(source.read_bytes()[:5000])  # the header reads, the voxels stop short
-    app.datastore().refresh()
-    with pytest.raises(RequestError, match="image 'cut' cannot be read: EOFError") as e:
-        app.infer({"model": "hippocampus", "image": "cut"})
-    assert e.value.status_code == 422
 
 
 @requires_shared
