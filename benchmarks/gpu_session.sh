@@ -13,6 +13,13 @@
 #                                          # radiology.offline --batched (volumes and augmentation
 #                                          # on the GPU), each filling the time; STEPS=N instead
 #                                          # runs N steps each (a dry run, also on a CPU)
+#   benchmarks/gpu_session.sh final SECONDS        # there: the shipped-size strong recipe on train+val
+#   benchmarks/gpu_session.sh wide                 # there: the pathology network tests on CUDA, and the
+#                                          # wider network with the stronger augmentation (best on
+#                                          # validation in the batched phase) on train+val, seeds 0
+#                                          # and 1 at once, 8527 steps each as the shipped weights;
+#                                          # seed 0 is the candidate, seed 1 shows the spread. STEPS=N
+#                                          # for a dry run
 #
 # The recipes' epoch counts come from a 3-epoch calibration of all four at once, sized to fill 65%
 # of the time left (the AL simulation shares the GPU and CPUs with them); each also stops after
@@ -53,12 +60,13 @@ recipe() { # name epochs minutes extra-args...
 
 case $phase in
 pack)
-    mkdir -p .whl $D/totalseg_ct
+    mkdir -p .whl $D/totalseg_ct $D/pathology
     grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >>.git/info/exclude
     grep -qx '/.gpudata/' .git/info/exclude 2>/dev/null || echo '/.gpudata/' >>.git/info/exclude
     python3 -m pip download -q --no-deps --only-binary=:all: -d .whl monai==1.5.2 nibabel==5.3.2
     cp -r ../shared/data/hippocampus_mr ../shared/data/spleen_ct $D/
     cp ../shared/data/totalseg_ct/example_ct_sm.nii.gz ../shared/data/totalseg_ct/example_ct.nii.gz $D/totalseg_ct/
+    cp -r ../shared/data/pathology/nuclei_cpm15 $D/pathology/
     du -sh .whl $D
     ;;
 run)
@@ -156,6 +164,23 @@ final)
         --augment "$STRONG" >"$W/final.log" 2>&1
     tail -3 "$W/final.log"
     cp "$W/final.last.pt" "$W/final.history.json" "$W/final.log" "$OUT/"
+    ;;
+wide)
+    setup
+    # The network-level pathology tests (no MONAI Label there), on the GPU beside the training.
+    SHARED_DATA=$D timeout 300 python3 -m pytest -q -rs -p no:cacheprovider tests/test_pathology_network.py \
+        >"$OUT/pathology_cuda.log" 2>&1 &
+    wide() { # seed
+        python3 -m radiology.offline hippocampus --data $D/hippocampus_mr --out "$W/wide_s$1.pt" --batched --include-val \
+            --steps "${STEPS:-8527}" --batch-size 16 --lr 2e-3 --val-every 500 --threads 2 --seed "$1" --flip-axes '' \
+            --channels 24,48,96,192 --augment "$STRONG" >"$W/wide_s$1.log" 2>&1
+    }
+    wide 0 &
+    wide 1 &
+    wait
+    tail -n 3 "$OUT/pathology_cuda.log" "$W"/wide_s*.log
+    for s in 0 1; do cp "$W/wide_s$s.last.pt" "$OUT/" || tail -5 "$W/wide_s$s.log"; done
+    tar -C "$W" -czf "$OUT/gpu_wide.tgz" --exclude='*.pt' . && ls -la "$OUT"
     ;;
 *)
     echo "unknown phase $phase" >&2
