@@ -20,6 +20,9 @@
 #                                          # and 1 at once, 8527 steps each as the shipped weights;
 #                                          # seed 0 is the candidate, seed 1 shows the spread. STEPS=N
 #                                          # for a dry run
+#   benchmarks/gpu_session.sh seeds                # there: the same recipe on the training cases only,
+#                                          # 5436 steps as its validated run, seeds 0-2 at once, last
+#                                          # weights: does averaging two seeds gain on validation?
 #
 # The recipes' epoch counts come from a 3-epoch calibration of all four at once, sized to fill 65%
 # of the time left (the AL simulation shares the GPU and CPUs with them); each also stops after
@@ -181,6 +184,18 @@ wide)
     tail -n 3 "$OUT/pathology_cuda.log" "$W"/wide_s*.log
     for s in 0 1; do cp "$W/wide_s$s.last.pt" "$OUT/" || tail -5 "$W/wide_s$s.log"; done
     tar -C "$W" -czf "$OUT/gpu_wide.tgz" --exclude='*.pt' . && ls -la "$OUT"
+    ;;
+seeds)
+    setup
+    for s in 0 1 2; do
+        python3 -m radiology.offline hippocampus --data $D/hippocampus_mr --out "$W/seed$s.pt" --batched \
+            --steps "${STEPS:-5436}" --batch-size 16 --lr 2e-3 --val-every "${STEPS:-5436}" --threads 2 --seed "$s" \
+            --flip-axes '' --channels 24,48,96,192 --augment "$STRONG" >"$W/seed$s.log" 2>&1 &
+    done
+    wait
+    tail -n 1 "$W"/seed?.log
+    for s in 0 1 2; do cp "$W/seed$s.last.pt" "$OUT/" || tail -5 "$W/seed$s.log"; done
+    tar -C "$W" -czf "$OUT/gpu_seeds.tgz" --exclude='*.pt' . && ls -la "$OUT"
     ;;
 *)
     echo "unknown phase $phase" >&2
