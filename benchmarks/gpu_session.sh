@@ -7,17 +7,17 @@
 #   benchmarks/gpu_session.sh pack         # here: wheels and data into .whl/ and .gpudata/
 #   benchmarks/gpu_session.sh run SECONDS  # there: GPU figures, then hippocampus recipes and the
 #                                          # AL simulation in parallel, all within about SECONDS
-#   benchmarks/gpu_session.sh long SECONDS EPOCHS  # there: the shipped network with and without
+#   benchmarks/gpu_session.sh long SECONDS EPOCHS  # there: the 16-32-64-128 network with and without
 #                                          # left-right mirroring, EPOCHS each, 6 loader workers
 #   benchmarks/gpu_session.sh batched SECONDS      # there: six hippocampus recipes at once with
 #                                          # radiology.offline --batched (volumes and augmentation
 #                                          # on the GPU), each filling the time; STEPS=N instead
 #                                          # runs N steps each (a dry run, also on a CPU)
-#   benchmarks/gpu_session.sh final SECONDS        # there: the shipped-size strong recipe on train+val
+#   benchmarks/gpu_session.sh final SECONDS        # there: the 16-32-64-128 strong recipe on train+val
 #   benchmarks/gpu_session.sh wide                 # there: the pathology network tests on CUDA, and the
 #                                          # wider network with the stronger augmentation (best on
 #                                          # validation in the batched phase) on train+val, seeds 0
-#                                          # and 1 at once, 8527 steps each as the shipped weights;
+#                                          # and 1 at once, 8527 steps each (as the 16-32-64-128 weights);
 #                                          # seed 0 is the candidate, seed 1 shows the spread. STEPS=N
 #                                          # for a dry run
 #   benchmarks/gpu_session.sh seeds                # there: the same recipe on the training cases only,
@@ -38,6 +38,9 @@ D=${GPU_DATA:-.gpudata}
 W=/tmp/gpu_work
 # The "stronger" batched augmentation of the batched phase, which the final phase retrains.
 STRONG='p_spatial=0.8,rotate=0.5,scale=0.75:1.3,translate=6,p_gamma=0.4,p_noise=0.2'
+# The network the hippocampus model had until 2026-11-29 (now 24,48,96,192): the phases that ran
+# before then name it, so that they still train what they trained.
+NARROW=16,32,64,128
 mkdir -p "$OUT" "$W"
 
 setup() {
@@ -57,7 +60,8 @@ recipe() { # name epochs minutes extra-args...
     local name=$1 epochs=$2 minutes=$3
     shift 3
     python3 -m radiology.offline hippocampus --data $D/hippocampus_mr --out "$W/$name.pt" --epochs "$epochs" \
-        --batch-size 4 --lr 2e-3 --val-every 10 --workers "${WORKERS:-2}" --threads 2 --seed 0 --deadline-minutes "$minutes" "$@" \
+        --batch-size 4 --lr 2e-3 --val-every 10 --workers "${WORKERS:-2}" --threads 2 --seed 0 --deadline-minutes "$minutes" \
+        --channels "$NARROW" "$@" \
         >"$W/$name.log" 2>&1
 }
 
@@ -106,7 +110,7 @@ run)
             --pool /tmp/al_hippocampus/pool --test /tmp/al_hippocampus/test \
             --strategy random,epistemic,bald,tta,diversity --initial 4 --per-round 4 --rounds 5 --seed $s \
             --initial-steps 300 --steps-per-round 100 --lr 2e-3 --mc-samples 8 --tta-samples 4 \
-            --threads 1 --out "$W/al" >"$W/al_$s.log" 2>&1 &
+            --threads 1 --channels "$NARROW" --out "$W/al" >"$W/al_$s.log" 2>&1 &
     done
     wait
     python3 benchmarks/gpu_pick.py "$W" "$OUT"
@@ -137,7 +141,7 @@ batched)
         fi
         # shellcheck disable=SC2086 # $plan is two words
         python3 -m radiology.offline hippocampus --data $D/hippocampus_mr --out "$W/$name.pt" --batched $plan \
-            --batch-size 16 --lr 2e-3 --val-every "${VAL_EVERY:-250}" --threads 1 "$@" >"$W/$name.log" 2>&1
+            --batch-size 16 --lr 2e-3 --val-every "${VAL_EVERY:-250}" --threads 1 --channels "$NARROW" "$@" >"$W/$name.log" 2>&1
     }
     batched b_base --seed 0 --flip-axes '' &
     batched b_base_s1 --seed 1 --flip-axes '' &
@@ -163,7 +167,7 @@ final)
     [ -n "${STEPS:-}" ] && plan="--steps $STEPS"
     # shellcheck disable=SC2086 # $plan is two words
     python3 -m radiology.offline hippocampus --data $D/hippocampus_mr --out "$W/final.pt" --batched --include-val $plan \
-        --batch-size 16 --lr 2e-3 --val-every 500 --threads 2 --seed 0 --flip-axes '' \
+        --batch-size 16 --lr 2e-3 --val-every 500 --threads 2 --seed 0 --flip-axes '' --channels "$NARROW" \
         --augment "$STRONG" >"$W/final.log" 2>&1
     tail -3 "$W/final.log"
     cp "$W/final.last.pt" "$W/final.history.json" "$W/final.log" "$OUT/"

@@ -20,7 +20,7 @@ HIPPOCAMPUS = ModelSpec(
     spacing=(1.0, 1.0, 1.0),
     roi_size=(48, 64, 48),
     intensity=ZScore(nonzero=False),
-    channels=(16, 32, 64, 128),
+    channels=(24, 48, 96, 192),
     strides=(2, 2, 2),
     dropout=0.1,
     shipped_weights="hippocampus.pt",

@@ -18,7 +18,7 @@ from tests.conftest import HIPPO, ROOT, requires_shared
 CARD = ROOT / "radiology" / "cards" / "hippocampus.md"
 
 # The first five test-split cases; measured with the shipped weights (model card): mean of the two
-# classes per case 0.906, 0.856, 0.874, 0.909, 0.879, mean 0.885. The bound leaves room for the
+# classes per case 0.900, 0.864, 0.891, 0.918, 0.877, mean 0.890. The bound leaves room for the
 # CPU's arithmetic, not for a worse model.
 FIRST_TEST_CASES, MIN_MEAN_DICE = 5, 0.87
 
