@@ -60,6 +60,9 @@ class RadiologyApp(RequestChecks, MONAILabelApp):
         self.specs: dict[str, ModelSpec] = {name: MODELS[name] for name in self.settings.models}
         self.model_dir = Path(app_dir) / "model"
         self.book = ReservationBook(self.settings.reservation_s)
+        # One store for the strategies, the scoring method and the new-image check, so that the
+        # score file is parsed once per change and not on every next-sample request.
+        self._score_store = ScoreStore(self.model_dir / f"scores_{self.settings.al_model}.json")
         self._new_images_lock = threading.Lock()
         self._new_images_scored_at = -float("inf")
         super().__init__(
@@ -175,7 +178,7 @@ class RadiologyApp(RequestChecks, MONAILabelApp):
         }
 
     def score_store(self) -> ScoreStore:
-        return ScoreStore(self.model_dir / f"scores_{self.settings.al_model}.json")
+        return self._score_store
 
     def init_strategies(self) -> dict[str, Any]:
         store, model = self.score_store(), self.settings.al_model

@@ -14,6 +14,7 @@ from strategies.ranked import RankedStrategy
 from strategies.reservations import ReservationBook
 from strategies.scores import Score, ScoreStore
 from strategies.scoring import UncertaintyScoring
+from tests.conftest import requires_shared
 
 
 class FakeDatastore:
@@ -279,3 +280,27 @@ def test_diversity_strategy_spreads_a_batch(tmp_path: Path) -> None:
     diversity = _app_strategies(store)["diversity"]
     assert diversity({"client_id": "u1", "k": 1}, ds)["ids"] == ["a1"]
     assert diversity({"client_id": "u2", "k": 1}, ds)["ids"] == ["b"], "a1, held by u1, covers its near-twin"
+
+
+@requires_shared
+def test_next_sample_parses_the_score_file_once_per_change(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+
+    from tests.apps import make_app
+
+    app = make_app(tmp_path, "hippocampus", labelled=0, conf={"score_new_images": "true"})
+    ids = app.datastore().get_unlabeled_images("final")
+    app.score_store().update({i: Score(0.5 + n / 10, "v1", 0.0, {}) for n, i in enumerate(ids)})
+    parsed: list[str] = []
+    loads = json.loads
+
+    def counting(text, *args, **kwargs):
+        if isinstance(text, str) and '"model_version"' in text:
+            parsed.append(text)
+        return loads(text, *args, **kwargs)
+
+    monkeypatch.setattr(json, "loads", counting)
+    picked = [app.next_sample({"strategy": "epistemic", "k": 1, "client_id": c})["ids"] for c in ("u1", "u2")]
+    assert picked == [[ids[1]], [ids[0]]], "ranked by score, never the same image twice"
+    assert len(parsed) == 1, "the strategy and the new-image check share one cached store"
+    assert app.score_store() is app.score_store()
