@@ -150,7 +150,7 @@ class CheckedLocalDatastore(LocalDatastore):
         if not self.get_labeled_images():
             raise not_found("No image has a 'final' label yet, so there is no dataset to download")
 
-        def members() -> Iterator[tuple[str, Path]]:
+        def members() -> Iterator[list[tuple[str, Path]]]:
             datalist = self.datalist()
             if limit_cases and limit_cases < len(datalist):
                 datalist = datalist[:limit_cases]

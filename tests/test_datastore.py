@@ -233,6 +233,42 @@ def test_the_dataset_archive_is_streamed_in_monai_labels_layout(
     assert e.value.status_code == 422
 
 
+def test_a_label_removed_while_the_archive_streams_leaves_its_case_out(
+    store: CheckedLocalDatastore, tmp_path: Path, oblique_affine
+) -> None:
+    import io
+    import zipfile
+
+    big = np.random.default_rng(2).normal(size=(64, 64, 64)).astype(np.float32)
+    for case in ("case1", "case2", "case3"):
+        if case != "case1":
+            image = big if case == "case2" else big[:10, :12, :8]
+            write_nifti(Path(store._datastore_path) / f"{case}.nii.gz", image, oblique_affine)
+            store.refresh()
+        shape = big.shape if case == "case2" else (10, 12, 8)
+        label = _label_file(tmp_path / f"{case}.nii.gz", np.ones(shape, np.uint8), oblique_affine)
+        store.save_label(case, label, "final", {})
+    case2_image = Path(store.get_image_uri("case2")).read_bytes()
+
+    chunks = store.dataset_archive()
+    first = [next(chunks)]  # case1 is being sent; the listing of all three is made
+    Path(store.get_label_uri("case3", "final")).unlink()  # before case3 is reached
+    parts = first + [next(chunks)]
+    while b"case2" not in b"".join(parts):
+        parts.append(next(chunks))
+    Path(store.get_image_uri("case2")).unlink()  # while case2 is being sent: it was opened, so it goes out whole
+    archive = zipfile.ZipFile(io.BytesIO(b"".join(parts + list(chunks))))
+
+    assert archive.testzip() is None
+    assert sorted(n for n in archive.namelist() if n != "metadata.json") == [
+        "image/case1.nii.gz",
+        "image/case2.nii.gz",
+        "label/case1.nii.gz",
+        "label/case2.nii.gz",
+    ]
+    assert archive.read("image/case2.nii.gz") == case2_image
+
+
 def test_a_refresh_that_meets_a_concurrent_change_is_retried(
     store: CheckedLocalDatastore, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
