@@ -172,6 +172,32 @@ def check_volume_shape(shape: tuple[int, ...], what: str) -> None:
         raise unprocessable(f"The {what} must be a 3D volume, got shape {tuple(shape)}")
 
 
+# Voxels a volume may have once resampled to a model's spacing (2**27: 512 x 512 x 512). Real scans
+# stay far below (a whole-body CT at 2 x 2 x 3 mm: about 10 M; a brain MR at 1 mm: 17 M); a header
+# with a wrong spacing (metres for millimetres) would otherwise ask for terabytes and fail as a 500.
+MAX_RESAMPLED_VOXELS = 2**27
+
+
+def check_resampled_size(
+    shape: tuple[int, ...], affine: np.ndarray, spacing: tuple[float, ...], what: str, limit: int = MAX_RESAMPLED_VOXELS
+) -> None:
+    """Refuse (422) a volume whose grid at ``spacing`` (mm along the world's R, A, S axes, as a
+    model resamples after reorienting) would exceed ``limit`` voxels, naming both grids."""
+    sizes = nib.affines.voxel_sizes(affine)
+    world_axis = nib.orientations.io_orientation(affine)[:, 0]  # NaN for an axis with no direction
+    target = []
+    for n, size, axis in zip(shape[:3], sizes, world_axis, strict=False):
+        step = spacing[int(axis)] if np.isfinite(axis) else min(spacing)
+        target.append(max(1, round(n * float(size) / step)))
+    if int(np.prod(target, dtype=np.float64)) > limit:
+        raise unprocessable(
+            f"The {what} is {' x '.join(map(str, shape[:3]))} voxels of "
+            f"{' x '.join(f'{float(v):g}' for v in sizes)} mm; at the model's spacing "
+            f"({' x '.join(f'{v:g}' for v in spacing)} mm) that is {' x '.join(map(str, target))} voxels, over the "
+            f"{limit:,} this server resamples for a model: crop the image, or check the voxel size in its header"
+        )
+
+
 def _spatial_array(img: nib.spatialimages.SpatialImage, what: str) -> np.ndarray:
     check_volume_shape(img.shape, what)
     data = np.asanyarray(img.dataobj)

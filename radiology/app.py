@@ -27,7 +27,7 @@ from appcore.dicom.prepare import load_series_folder
 from appcore.errors import not_found, root_cause, unprocessable
 from appcore.labels import LabelSet
 from appcore.settings import AppSettings
-from appcore.validation import check_volume_shape, load_nifti, nifti_header
+from appcore.validation import check_resampled_size, check_volume_shape, load_nifti, nifti_header
 from radiology.infer import SegmentationInfer
 from radiology.registry import MODELS
 from radiology.spec import ModelSpec
@@ -228,11 +228,15 @@ class RadiologyApp(RequestChecks, MONAILabelApp):
             request = {**request, "image": image}
         if image.endswith((".nii", ".nii.gz")):
             if image == request.get("image"):  # an upload (or a session's file), not a stored image
-                uploaded = load_nifti(image, "uploaded image", self.settings.max_upload_mb)
-                check_volume_shape(uploaded.shape, "uploaded image")
+                what = "uploaded image"
+                header = load_nifti(image, what, self.settings.max_upload_mb)
             else:  # the header only: a 2D or multi-component image would fail in the network
                 what = f"image {request.get('image')!r}"
-                check_volume_shape(nifti_header(image, what).shape, what)
+                header = nifti_header(image, what)
+            check_volume_shape(header.shape, what)
+            spec = self.specs.get(request.get("model", ""))
+            if spec is not None:
+                check_resampled_size(header.shape, header.affine, spec.spacing, what)
         try:
             result = super().infer(request, datastore)
         except Exception as e:

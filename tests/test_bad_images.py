@@ -78,6 +78,15 @@ def test_only_volumes_are_segmented(app, tmp_path: Path, shape: tuple[int, ...],
         assert _label(app, path).shape == shape[:3]
 
 
+@requires_shared
+def test_an_upload_too_large_once_resampled_is_a_422_not_a_failed_allocation(app, tmp_path: Path) -> None:
+    path = tmp_path / "metres.nii.gz"
+    _metres(path)
+    with pytest.raises(RequestError, match="uploaded image is 35 x 51 x 35 voxels.*over the 134,217,728") as e:
+        app.infer({"model": "hippocampus", "image": str(path)})
+    assert e.value.status_code == 422
+
+
 def _flat(path: Path) -> None:
     nib.save(nib.Nifti1Image(np.ones((20, 30), np.float32), np.eye(4)), path)
 
@@ -86,10 +95,18 @@ def _cut(path: Path) -> None:  # the header reads, the voxels stop short
     path.write_bytes(CASES["hippocampus"][0][0].read_bytes()[:5000])
 
 
+def _metres(path: Path) -> None:  # a voxel size in metres read as millimetres
+    nib.save(nib.Nifti1Image(np.ones((35, 51, 35), np.float32), np.diag([1000.0, 1000.0, 1000.0, 1.0])), path)
+
+
 @requires_shared
 @pytest.mark.parametrize(
     ("name", "write", "match"),
-    [("flat", _flat, "image 'flat' must be a 3D volume"), ("cut", _cut, "image 'cut' cannot be read: EOFError")],
+    [
+        ("flat", _flat, "image 'flat' must be a 3D volume"),
+        ("cut", _cut, "image 'cut' cannot be read: EOFError"),
+        ("metres", _metres, "image 'metres' is 35 x 51 x 35 voxels of 1000 x 1000 x 1000 mm.*35000 x 51000 x 35000"),
+    ],
 )
 def test_a_stored_image_that_cannot_be_segmented_is_a_422_by_id(app, name: str, write, match: str) -> None:
     write(Path(app.studies) / f"{name}.nii.gz")

@@ -164,3 +164,40 @@ def test_other_devices_are_a_422(device: object) -> None:
     with pytest.raises(RequestError, match="Infer parameter 'device' must be 'cpu', 'cuda' or 'cuda:N'") as e:
         check_device(device, "Infer")
     assert e.value.status_code == 422
+
+
+_ROTATED = nib.affines.from_matvec(np.array([[0.0, 0.0, -0.5], [0.8, 0.0, 0.0], [0.0, -0.8, 0.0]]), [10.0, 0.0, 0.0])
+
+
+@pytest.mark.parametrize(
+    ("shape", "affine", "spacing", "refused"),
+    [
+        ((512, 512, 1200), np.diag([0.7, 0.7, 0.5, 1.0]), (2.0, 2.0, 3.0), False),  # a whole-body CT
+        ((256, 256, 256), np.eye(4), (1.0, 1.0, 1.0), False),  # a brain MR
+        ((512, 512, 512), np.eye(4), (1.0, 1.0, 1.0), False),  # exactly the limit
+        ((512, 512, 513), np.eye(4), (1.0, 1.0, 1.0), True),
+        ((35, 51, 35), np.diag([1000.0, 1000.0, 1000.0, 1.0]), (1.0, 1.0, 1.0), True),  # metres
+        # voxel axes permuted (A, S, R): 64 x 64 x 1000 voxels of 0.8 x 0.8 x 0.5 mm
+        ((64, 64, 1000), _ROTATED, (1.0, 0.2, 0.2), False),  # 250 R x 256 A x 256 S at this spacing
+        ((64, 64, 1000), _ROTATED, (0.1, 0.1, 0.1), True),  # 5000 x 512 x 512
+    ],
+)
+def test_a_volume_is_refused_only_when_its_resampled_grid_is_too_large(
+    shape: tuple[int, ...], affine: np.ndarray, spacing: tuple[float, ...], refused: bool
+) -> None:
+    from appcore.validation import check_resampled_size
+
+    if refused:
+        with pytest.raises(RequestError, match=f"The image is {' x '.join(map(str, shape))} voxels") as e:
+            check_resampled_size(shape, affine, spacing, "image")
+        assert e.value.status_code == 422
+    else:
+        check_resampled_size(shape, affine, spacing, "image")
+
+
+def test_the_refusal_names_the_grid_along_each_axis_as_the_model_resamples() -> None:
+    from appcore.validation import check_resampled_size
+
+    # voxel axes 0, 1, 2 lie along A, S, R: 51.2 mm at 0.1 mm, 51.2 mm at 0.4 mm, 500 mm at 2 mm
+    with pytest.raises(RequestError, match=r"\(2 x 0.1 x 0.4 mm\) that is 512 x 128 x 250 voxels, over the 1,000 "):
+        check_resampled_size((64, 64, 1000), _ROTATED, (2.0, 0.1, 0.4), "image", limit=1000)
