@@ -23,7 +23,7 @@ from appcore.validation import (
     Geometry,
     check_image_id,
     check_upload_size,
-    check_volume_shape,
+    check_volume,
     load_nifti,
     validate_label_volume,
 )
@@ -217,7 +217,7 @@ class CheckedLocalDatastore(LocalDatastore):
                     f"Images are stored as NIfTI ({' or '.join(self.image_suffixes)}); the uploaded file's name "
                     f"ends in {''.join(Path(image_filename).suffixes) or 'no extension'!r}",
                 )
-            check_volume_shape(load_nifti(image_filename, "image", self._max_upload_mb).shape, "image")
+            check_volume(load_nifti(image_filename, "image", self._max_upload_mb), "image")
         new_id, ext = self._to_id(os.path.basename(image_filename))
         image_id = image_id or new_id
         check_image_id(image_id)

@@ -125,6 +125,7 @@ def load_nifti(path: str | Path, what: str, max_mb: int | None = None) -> nib.Ni
         raise unprocessable(f"The {what} must be NIfTI (.nii or .nii.gz), got {type(img).__name__}")
     if limit is not None and int(np.prod(img.shape, dtype=np.int64)) * img.get_data_dtype().itemsize > limit:
         raise too_large(too_big)
+    check_scalar_voxels(img, what)
     try:
         img.get_fdata(dtype=np.float32)  # force a full read: a truncated gzip fails here, not later
     except Exception as e:
@@ -170,6 +171,22 @@ def check_volume_shape(shape: tuple[int, ...], what: str) -> None:
     """Refuse (422) anything but a 3D volume, or a 4D one with a single component as some tools write."""
     if not (len(shape) == 3 or (len(shape) == 4 and shape[3] == 1)) or min(shape[:3], default=0) < 1:
         raise unprocessable(f"The {what} must be a 3D volume, got shape {tuple(shape)}")
+
+
+def check_volume(img: nib.spatialimages.SpatialImage, what: str) -> None:
+    """``check_volume_shape`` and ``check_scalar_voxels``."""
+    check_volume_shape(img.shape, what)
+    check_scalar_voxels(img, what)
+
+
+def check_scalar_voxels(img: nib.spatialimages.SpatialImage, what: str) -> None:
+    """Refuse (422) voxels that are not one real number each: complex values (MR phase or k-space
+    data; MONAI would keep the real part without a word) and RGB."""
+    dtype = img.get_data_dtype()
+    if dtype.kind == "c":
+        raise unprocessable(f"The {what} holds complex-valued voxels ({dtype}): send a magnitude image")
+    if dtype.kind not in "biuf":
+        raise unprocessable(f"The {what} holds {dtype} voxels (RGB or another non-scalar type): send one channel")
 
 
 # Voxels a volume may have once resampled to a model's spacing (2**27: 512 x 512 x 512). Real scans

@@ -27,7 +27,7 @@ from appcore.dicom.prepare import load_series_folder
 from appcore.errors import not_found, root_cause, unprocessable
 from appcore.labels import LabelSet
 from appcore.settings import AppSettings
-from appcore.validation import check_resampled_size, check_volume_shape, load_nifti, nifti_header
+from appcore.validation import check_resampled_size, check_volume, load_nifti, nifti_header
 from radiology.infer import SegmentationInfer
 from radiology.registry import MODELS
 from radiology.spec import ModelSpec
@@ -233,7 +233,7 @@ class RadiologyApp(RequestChecks, MONAILabelApp):
             else:  # the header only: a 2D or multi-component image would fail in the network
                 what = f"image {request.get('image')!r}"
                 header = nifti_header(image, what)
-            check_volume_shape(header.shape, what)
+            check_volume(header, what)
             spec = self.specs.get(request.get("model", ""))
             if spec is not None:
                 check_resampled_size(header.shape, header.affine, spec.spacing, what)

@@ -15,6 +15,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import nibabel as nib
 import numpy as np
 import torch
 from monai.inferers import sliding_window_inference
@@ -22,6 +23,7 @@ from monai.transforms import Compose
 
 from appcore.networks import bottleneck
 from appcore.precision import autocast
+from appcore.validation import check_resampled_size, check_scalar_voxels
 from appcore.weights import load_state_dict
 from radiology.spec import ModelSpec
 from radiology.transforms import preprocess
@@ -279,6 +281,7 @@ class MCDropoutScorer:
         self._network = network.to(self.device)
 
     def score(self, image_path: str) -> dict[str, Any]:
+        self._refuse_what_infer_refuses(image_path)
         image = self._pre({"image": image_path})["image"]
         if image.ndim != 4:
             raise ValueError(f"not a 3D volume (shape {tuple(image.shape[1:])})")
@@ -286,6 +289,20 @@ class MCDropoutScorer:
             # z-scored to zeros: an uncertainty measured here says nothing about the data
             raise ValueError("the image is constant: there is nothing to segment")
         return self.score_tensor(image)
+
+    def _refuse_what_infer_refuses(self, image_path: str) -> None:
+        """The 422 infer gives a NIfTI file whose header it refuses (complex or RGB voxels, a grid too
+        large once resampled): scoring skips the image with that reason and never ranks it. A header
+        that cannot be read is left to the loader to report."""
+        if not image_path.endswith((".nii", ".nii.gz")):
+            return
+        try:
+            header = nib.load(image_path)
+        except Exception:
+            return
+        check_scalar_voxels(header, "image")
+        if len(header.shape) in (3, 4):
+            check_resampled_size(header.shape, header.affine, self.spec.spacing, "image")
 
     @torch.no_grad()
     def score_tensor(self, image: torch.Tensor) -> dict[str, Any]:

@@ -99,6 +99,27 @@ def _metres(path: Path) -> None:  # a voxel size in metres read as millimetres
     nib.save(nib.Nifti1Image(np.ones((35, 51, 35), np.float32), np.diag([1000.0, 1000.0, 1000.0, 1.0])), path)
 
 
+def _rgb(path: Path) -> None:
+    nib.save(nib.Nifti1Image(np.zeros((20, 30, 10), [("R", "u1"), ("G", "u1"), ("B", "u1")]), np.eye(4)), path)
+
+
+def _complex(path: Path) -> None:  # MR phase data, say
+    nib.save(nib.Nifti1Image(np.ones((20, 30, 10), np.complex64), np.eye(4)), path)
+
+
+@requires_shared
+@pytest.mark.parametrize(
+    ("write", "match"),
+    [(_rgb, r"holds .* voxels \(RGB"), (_complex, r"holds complex-valued voxels \(complex64\)")],
+)
+def test_an_upload_of_non_scalar_voxels_is_a_422_that_says_so(app, tmp_path: Path, write, match: str) -> None:
+    path = tmp_path / "upload.nii.gz"
+    write(path)
+    with pytest.raises(RequestError, match=f"The uploaded image {match}") as e:
+        app.infer({"model": "hippocampus", "image": str(path)})
+    assert e.value.status_code == 422
+
+
 @requires_shared
 @pytest.mark.parametrize(
     ("name", "write", "match"),
@@ -106,6 +127,8 @@ def _metres(path: Path) -> None:  # a voxel size in metres read as millimetres
         ("flat", _flat, "image 'flat' must be a 3D volume"),
         ("cut", _cut, "image 'cut' cannot be read: EOFError"),
         ("metres", _metres, "image 'metres' is 35 x 51 x 35 voxels of 1000 x 1000 x 1000 mm.*35000 x 51000 x 35000"),
+        ("rgb", _rgb, r"image 'rgb' holds .* voxels \(RGB or another non-scalar type\)"),
+        ("complex", _complex, r"image 'complex' holds complex-valued voxels \(complex64\): send a magnitude image"),
     ],
 )
 def test_a_stored_image_that_cannot_be_segmented_is_a_422_by_id(app, name: str, write, match: str) -> None:
@@ -140,16 +163,21 @@ def test_scoring_skips_images_it_cannot_rank_and_scores_the_others(app) -> None:
     nib.save(nib.Nifti1Image(np.full((30, 40, 30), np.nan, np.float32), affine), studies / "blank.nii.gz")
     nib.save(nib.Nifti1Image(np.ones((20, 30), np.float32), np.eye(4)), studies / "flat2.nii.gz")
     (studies / "cut2.nii.gz").write_bytes(source.read_bytes()[:5000])
+    _complex(studies / "complex2.nii.gz")  # infer refuses these two, so scoring skips them too
+    _metres(studies / "metres2.nii.gz")
     app.datastore().refresh()
     result = app._scoring_methods["epistemic"]({}, app.datastore())
     skipped = result["skipped"]
     assert skipped["blank"] == "ValueError: the image is constant: there is nothing to segment"
     assert skipped["flat2"].startswith("ValueError: not a 3D volume")
     assert skipped["cut2"].startswith("EOFError"), skipped
+    assert skipped["complex2"].startswith("The image holds complex-valued voxels (complex64)")
+    assert skipped["metres2"].startswith("The image is 35 x 51 x 35 voxels of 1000 x 1000 x 1000 mm")
+    unrankable = {"blank", "flat2", "cut2", "complex2", "metres2"}
     scored = app.score_store().load()
     assert {c[0].name.split(".")[0] for c in CASES["hippocampus"]} <= set(scored), "the real cases are ranked"
-    assert not {"blank", "flat2", "cut2"} & set(scored), "nothing unrankable is ranked"
+    assert not unrankable & set(scored), "nothing unrankable is ranked"
     for name in ("random", "epistemic", "diversity"):
         picked = app._strategies[name]({"k": 100, "client_id": name}, app.datastore()) or {"ids": []}
-        assert not {"blank", "flat2", "cut2"} & set(picked["ids"]), f"{name} hands out an image it cannot use"
+        assert not unrankable & set(picked["ids"]), f"{name} hands out an image it cannot use"
         app.book.release_all() if hasattr(app.book, "release_all") else [app.book.release(i) for i in picked["ids"]]

@@ -143,6 +143,10 @@ def test_add_image_checks(store: CheckedLocalDatastore, tmp_path: Path) -> None:
     with pytest.raises(RequestError, match="not a readable NIfTI"):
         store.add_image("bad", str(corrupt), {})
     assert not (Path(store.get_image_uri("new")).parent / "bad.nii.gz").exists()
+    phase = write_nifti(tmp_path / "phase.nii.gz", np.ones((4, 4, 4), np.complex64))
+    with pytest.raises(RequestError, match="complex-valued voxels") as e:
+        store.add_image("phase", str(phase), {})
+    assert e.value.status_code == 422 and "phase" not in store.list_images()
 
 
 def test_a_labelled_image_is_replaced_only_by_one_on_the_same_grid(
