@@ -24,7 +24,7 @@ from monailabel.interfaces.datastore import Datastore
 
 from appcore.dicom import proxy as dicom_proxy
 from appcore.dicom.client import is_dicomweb_url
-from appcore.errors import RequestError, bad_request, conflict, not_found, too_large, unprocessable
+from appcore.errors import RequestError, bad_request, conflict, not_found, too_large, too_many, unprocessable
 from appcore.routes import limit_request_bodies, refuse_early, serve_in_threads
 from appcore.sessions import CheckedSessions
 from appcore.validation import check_device, check_image_id, check_upload_size
@@ -71,7 +71,15 @@ def _bad_train_params(body: bytes) -> RequestError | None:
     return None
 
 
+# Held while a training requested with run_sync=true runs in the server's process (a background
+# training runs in a process of its own, which MONAI Label tracks and refuses a second of).
+_SYNC_TRAINING = threading.Lock()
+_SYNC_TRAINING_RUNS = "A training requested with run_sync=true is running; a new one can start when it has ended"
+
+
 def _cannot_train(params: dict[str, Any], body: bytes) -> RequestError | None:
+    if _SYNC_TRAINING.locked():
+        return too_many(_SYNC_TRAINING_RUNS)
     app = _running_app()
     model = params.get("model")
     if model is not None:  # POST /train/<model>; POST /train/ nests parameters per model
@@ -193,6 +201,8 @@ THREADED_ROUTES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("/infer/wsi/{model}", ("POST",)),
     ("/infer/wsi_v2/{model}", ("POST",)),
     ("/batch/infer/{model}", ("POST",)),  # run_sync=true runs the whole batch in the request
+    ("/train/{model}", ("POST",)),  # the same for a training (run_sync=true)
+    ("/train/", ("POST",)),
     ("/scoring/", ("POST",)),  # the same for scoring (run_sync=true)
     ("/scoring/{method}", ("POST",)),
     ("/activelearning/{strategy}", ("POST",)),
@@ -429,6 +439,16 @@ class RequestChecks:
         now, ``THREADED_ROUTES``; before, the event loop ran one at a time)."""
         with self._infer_slot():
             return super().infer(request, datastore)  # type: ignore[misc]
+
+    def train(self, request: dict[str, Any]) -> dict[str, Any]:
+        """MONAI Label's train. In the server's process it runs only for ``run_sync=true``, in a worker
+        thread (``THREADED_ROUTES``): one such training at a time, and no background one beside it."""
+        if not _SYNC_TRAINING.acquire(blocking=False):
+            raise too_many(_SYNC_TRAINING_RUNS)
+        try:
+            return super().train(request)  # type: ignore[misc]
+        finally:
+            _SYNC_TRAINING.release()
 
     @contextlib.contextmanager
     def _infer_slot(self) -> Iterator[None]:

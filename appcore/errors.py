@@ -41,6 +41,10 @@ def unprocessable(detail: str) -> RequestError:
     return RequestError(422, detail)
 
 
+def too_many(detail: str) -> RequestError:
+    return RequestError(429, detail)
+
+
 def root_cause(error: BaseException) -> BaseException:
     """The innermost exception ``error`` was raised from (MONAI wraps a transform's error in a
     ``RuntimeError`` that names only the transform)."""

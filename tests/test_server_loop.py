@@ -403,3 +403,33 @@ def test_concurrent_infers_answer_as_one_at_a_time(server) -> None:
     with ThreadPoolExecutor(8) as pool:
         together = list(pool.map(label, ids * 2))
     assert all(np.array_equal(a, b) for a, b in zip(alone * 2, together, strict=True))
+
+
+def test_a_training_with_run_sync_holds_neither_the_server_nor_a_second_training(server) -> None:
+    """``run_sync=true`` trains inside the request: MONAI Label ran it on the event loop, and every
+    other request waited for the whole training."""
+    client, _, app_dir = server  # runs after the loop test, which saves labels to train on
+    result: dict[str, httpx.Response] = {}
+
+    def train() -> None:
+        result["train"] = client.post(
+            "/train/hippocampus", params={"run_sync": "true"}, json={"max_epochs": 60, "train_batch_size": 2}
+        )
+
+    with ThreadPoolExecutor(1) as pool:
+        running = pool.submit(train)
+        deadline = time.monotonic() + 60
+        while "Epoch: 1/60," not in (app_dir.parent / "server.log").read_text(errors="replace"):
+            assert time.monotonic() < deadline and not running.done(), "the training did not start"
+            time.sleep(0.2)
+        started = time.monotonic()
+        info = client.get("/info/")
+        seconds = time.monotonic() - started
+        assert info.status_code == 200 and seconds < 2.0, f"/info waited {seconds:.1f} s for the training"
+        second = client.post("/train/hippocampus", params={"run_sync": "true"}, json={"max_epochs": 1})
+        background = client.post("/train/hippocampus", json={"max_epochs": 1})
+        assert not running.done(), "the training ended before the checks: make it longer"
+        running.result()
+    assert second.status_code == 429 and "run_sync=true is running" in second.json()["detail"]
+    assert background.status_code == 429, background.text
+    assert result["train"].status_code == 200 and result["train"].json()["total_epochs"] == 60, result["train"].text
