@@ -207,9 +207,10 @@ THREADED_ROUTES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("/scoring/{method}", ("POST",)),
     ("/activelearning/{strategy}", ("POST",)),
     ("/datastore/", ("GET", "PUT")),  # on a PACS, listing queries it
-    ("/datastore/image", ("GET", "HEAD", "PUT")),  # on a PACS, a series is fetched and converted
-    ("/datastore/image/info", ("GET",)),
-    ("/datastore/label", ("GET", "HEAD", "PUT")),  # on a PACS, a label is stored as a SEG
+    ("/datastore/image", ("GET", "HEAD", "PUT", "DELETE")),  # on a PACS, a series is fetched and converted
+    ("/datastore/image/info", ("GET", "PUT")),
+    ("/datastore/label", ("GET", "HEAD", "PUT", "DELETE")),  # on a PACS, a label is stored (deleted) as a SEG
+    ("/datastore/label/info", ("GET", "PUT")),
     ("/datastore/dataset", ("GET",)),
     ("/session/", ("PUT",)),
     ("/model/{model}", ("PUT",)),
