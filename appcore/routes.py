@@ -60,6 +60,7 @@ def refuse_early(path: str, methods: Collection[str], refusal: Refusal, name: st
     routes = _server_routes()
     if routes is None:
         return False
+    from starlette.concurrency import run_in_threadpool
     from starlette.responses import JSONResponse
     from starlette.routing import Route
 
@@ -75,8 +76,8 @@ def refuse_early(path: str, methods: Collection[str], refusal: Refusal, name: st
                 more = message.get("more_body", False)
                 if len(body) > MAX_CHECKED_BODY:
                     error = too_large(f"The request body is over {MAX_CHECKED_BODY} bytes")
-            if error is None:
-                error = refusal(params, body)
+            if error is None:  # in a worker thread: a refusal may ask the datastore, a PACS on a PACS
+                error = await run_in_threadpool(refusal, params, body)
             if error is not None:
                 response = JSONResponse({"detail": error.detail}, status_code=error.status_code)
                 return await response(scope, receive, send)

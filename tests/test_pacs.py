@@ -334,20 +334,22 @@ def test_a_hung_pacs_holds_only_the_requests_that_need_it(server: Server, pacs: 
     pacs.orthanc.pause()  # connections are accepted, nothing is answered
     try:
         time.sleep(5.5)  # the server reuses a series listing for 5 s
-        with ThreadPoolExecutor(3) as pool:
+        with ThreadPoolExecutor(4) as pool:
             started = time.perf_counter()
             hung = [pool.submit(server.http.post, "/activelearning/random", json={"client_id": "hung"})]
             time.sleep(1)
             hung.append(pool.submit(server.http.get, "/info/"))
             label = {"id": pacs.series["ct_head_ge"], "tag": "final"}
             hung.append(pool.submit(server.http.delete, "/datastore/label", params=label))
+            hung.append(pool.submit(server.http.post, "/train/organs_ct", json={}))  # its check asks for labels
             time.sleep(0.5)
             r = server.http.get("/openapi.json")  # needs no PACS: answered while the others wait for it
             waited = time.perf_counter() - started
             assert r.status_code == 200 and waited < 5, f"/openapi.json answered after {waited:.1f} s"
-            r, info, removal = (f.result() for f in hung)
+            r, info, removal, training = (f.result() for f in hung)
         assert r.status_code == 503 and "did not answer" in r.json()["detail"], r.text
         assert removal.status_code == 503 and "did not answer" in removal.json()["detail"], removal.text
+        assert training.status_code == 503 and "did not answer" in training.json()["detail"], training.text
         assert info.status_code == 200 and "did not answer" in info.json()["datastore"]["error"], info.text
         assert time.perf_counter() - started < 30, "one query timeout (15 s), not one per waiting request"
     finally:
