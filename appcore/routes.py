@@ -76,7 +76,7 @@ def refuse_early(path: str, methods: Collection[str], refusal: Refusal, name: st
                 more = message.get("more_body", False)
                 if len(body) > MAX_CHECKED_BODY:
                     error = too_large(f"The request body is over {MAX_CHECKED_BODY} bytes")
-            if error is None:  # in a worker thread: a refusal may ask the datastore, a PACS on a PACS
+            if error is None:  # in a worker thread: a refusal may ask the datastore (on a PACS, a query)
                 error = await run_in_threadpool(refusal, params, body)
             if error is not None:
                 response = JSONResponse({"detail": error.detail}, status_code=error.status_code)
