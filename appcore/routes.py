@@ -56,6 +56,7 @@ def refuse_early(path: str, methods: Collection[str], refusal: Refusal, name: st
     handed, body included, to the route behind this one. Bodies over ``MAX_CHECKED_BODY`` are
     refused with a 413 (these endpoints take small JSON); with ``read_body=False`` (an upload
     route) the body is not read, ``refusal`` gets ``b""`` and the request passes on untouched.
+    ``refusal`` runs in a worker thread, so one that asks a hung PACS holds only its own request.
     """
     routes = _server_routes()
     if routes is None:
