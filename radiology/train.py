@@ -18,13 +18,30 @@ from monai.transforms import AsDiscreted, EnsureTyped
 from monailabel.interfaces.datastore import Datastore
 from monailabel.tasks.train.basic_train import BasicTrainTask, Context
 
+from appcore.errors import RequestError
 from appcore.precision import autocast
+from appcore.validation import check_resampled_size, check_volume, nifti_header
 from appcore.weights import load_state_dict, save_weights_atomically
 from radiology.spec import ModelSpec
 from radiology.transforms import ClassIndexd, augment, preprocess
 from radiology.uncertainty import numpy_dropout, torch_seeded_rng
 
 logger = logging.getLogger(__name__)
+
+
+def cannot_segment(image_path: str, spec: ModelSpec) -> str | None:
+    """Why infer would refuse this stored image by its header (complex or RGB voxels, not a volume,
+    too large a grid at the model's spacing, unreadable), or ``None``. A label saved on such an
+    image would otherwise fail every training run, not only its own case."""
+    if not image_path.endswith((".nii", ".nii.gz")):
+        return None
+    try:
+        header = nifti_header(image_path, "image")
+        check_volume(header, "image")
+        check_resampled_size(header.shape, header.affine, spec.spacing, "image")
+    except RequestError as e:
+        return str(e.detail)
+    return None
 
 
 def labels_fit(label_path: str, allowed: frozenset[int]) -> bool:
@@ -155,7 +172,13 @@ class SegmentationTrainer(BasicTrainTask):
     # -- which data --------------------------------------------------------------------------
     def pre_process(self, request: dict, datastore: Datastore) -> list[dict]:
         allowed = self.spec.labels.allowed_values
-        datalist = [d for d in datastore.datalist() if labels_fit(d["label"], allowed)]
+        datalist = []
+        for case in datastore.datalist():
+            reason = cannot_segment(case["image"], self.spec)
+            if reason is not None:
+                logger.warning("Training skips %s: %s", Path(case["image"]).name, reason)
+            elif labels_fit(case["label"], allowed):
+                datalist.append(case)
         if not datalist:
             raise ValueError(
                 f"No 'final' labels with values in {sorted(allowed)} to train '{self.spec.name}' on; "

@@ -16,7 +16,7 @@ from radiology.hippocampus import HIPPOCAMPUS
 from radiology.train import CpuForward, SegmentationTrainer
 from radiology.transforms import ClassIndexd, class_index
 from tests.apps import make_app
-from tests.conftest import requires_shared
+from tests.conftest import phantom_cases, requires_shared, write_nifti
 
 
 def _ties(shape: tuple[int, ...]) -> torch.Tensor:
@@ -140,3 +140,24 @@ def test_conf_cpu_bf16_reaches_the_trainer(tmp_path: Path) -> None:
     for conf, flag in (({}, True), ({"cpu_bf16": "false"}, False)):
         app = make_app(tmp_path / str(flag), "hippocampus", labelled=0, conf=conf)
         assert app._trainers["hippocampus"].cpu_bf16 is flag
+
+
+class _Cases:
+    def __init__(self, datalist: list[dict[str, str]]) -> None:
+        self._datalist = datalist
+
+    def datalist(self) -> list[dict[str, str]]:
+        return self._datalist
+
+
+def test_training_skips_a_labelled_image_infer_would_refuse(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    good = phantom_cases(tmp_path, 1)[0]
+    metres = np.diag([1000.0, 1000.0, 1000.0, 1.0])  # a voxel size in metres: 36 km along x
+    bad_image = write_nifti(tmp_path / "metres.nii.gz", np.ones((36, 50, 36), np.float32), metres)
+    bad_label = write_nifti(tmp_path / "metres_label.nii.gz", np.ones((36, 50, 36), np.uint8), metres)
+    cases = [{"image": str(good.image), "label": str(good.label)}, {"image": str(bad_image), "label": str(bad_label)}]
+    trainer = SegmentationTrainer(HIPPOCAMPUS, str(tmp_path / "run"), str(tmp_path / "served.pt"))
+    assert trainer.pre_process({}, _Cases(cases)) == cases[:1]  # type: ignore[arg-type]
+    assert "Training skips metres.nii.gz: The image is 36 x 50 x 36 voxels of 1000 x 1000 x 1000 mm" in caplog.text
+    with pytest.raises(ValueError, match="No 'final' labels"):
+        trainer.pre_process({}, _Cases(cases[1:]))  # type: ignore[arg-type]
