@@ -215,6 +215,13 @@ def check_resampled_size(
         )
 
 
+def check_segmentable(img: nib.spatialimages.SpatialImage, spacing: tuple[float, ...], what: str) -> None:
+    """What infer refuses (422) by the header alone, for a model resampling to ``spacing``: not a
+    3D volume, complex or RGB voxels, or too large a grid once resampled."""
+    check_volume(img, what)
+    check_resampled_size(img.shape, img.affine, spacing, what)
+
+
 def _spatial_array(img: nib.spatialimages.SpatialImage, what: str) -> np.ndarray:
     check_volume_shape(img.shape, what)
     data = np.asanyarray(img.dataobj)

@@ -27,7 +27,7 @@ from appcore.dicom.prepare import load_series_folder
 from appcore.errors import not_found, root_cause, unprocessable
 from appcore.labels import LabelSet
 from appcore.settings import AppSettings
-from appcore.validation import check_resampled_size, check_volume, load_nifti, nifti_header
+from appcore.validation import check_segmentable, check_volume, load_nifti, nifti_header
 from radiology.infer import SegmentationInfer
 from radiology.registry import MODELS
 from radiology.spec import ModelSpec
@@ -233,10 +233,11 @@ class RadiologyApp(RequestChecks, MONAILabelApp):
             else:  # the header only: a 2D or multi-component image would fail in the network
                 what = f"image {request.get('image')!r}"
                 header = nifti_header(image, what)
-            check_volume(header, what)
             spec = self.specs.get(request.get("model", ""))
-            if spec is not None:
-                check_resampled_size(header.shape, header.affine, spec.spacing, what)
+            if spec is None:  # an unknown model, which MONAI Label's infer answers with a 404
+                check_volume(header, what)
+            else:
+                check_segmentable(header, spec.spacing, what)
         try:
             result = super().infer(request, datastore)
         except Exception as e:

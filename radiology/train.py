@@ -20,7 +20,7 @@ from monailabel.tasks.train.basic_train import BasicTrainTask, Context
 
 from appcore.errors import RequestError
 from appcore.precision import autocast
-from appcore.validation import check_resampled_size, check_volume, nifti_header
+from appcore.validation import check_segmentable, nifti_header
 from appcore.weights import load_state_dict, save_weights_atomically
 from radiology.spec import ModelSpec
 from radiology.transforms import ClassIndexd, augment, preprocess
@@ -36,9 +36,7 @@ def cannot_segment(image_path: str, spec: ModelSpec) -> str | None:
     if not image_path.endswith((".nii", ".nii.gz")):
         return None
     try:
-        header = nifti_header(image_path, "image")
-        check_volume(header, "image")
-        check_resampled_size(header.shape, header.affine, spec.spacing, "image")
+        check_segmentable(nifti_header(image_path, "image"), spec.spacing, "image")
     except RequestError as e:
         return str(e.detail)
     return None
