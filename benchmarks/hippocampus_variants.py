@@ -1,11 +1,11 @@
-"""Validation Dice of hippocampus weights alone, averaged in every subset, and under test-time shifts.
+"""Validation Dice of hippocampus weights alone, averaged in every subset, and under test-time shifts or mirroring.
 
 The variants of issue 2 that were judged on the validation split before any test scoring (model
 card, "How the recipe was chosen")::
 
     .venv/bin/python -m benchmarks.hippocampus_variants --data ../shared/data/hippocampus_mr \
         --weights b_base=work/gpu3/b_base.pt b_wide=work/gpu3/b_wide.pt:24,48,96,192 ... \
-        --shift-tta b_strong --time-scoring --foreground-weights 0.6,0.8,0.9,1.1,1.25,1.5,2
+        --shift-tta b_strong --time-scoring --foreground-weights 0.6,0.8,0.9,1.1,1.25,1.5,2 --flip-tta
 
 Each volume goes through the validation pre-processing and one sliding window (the window the
 server uses for these crops); probabilities are averaged before the argmax.
@@ -51,6 +51,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--weights", type=parse_weights, nargs="+", required=True)
     parser.add_argument("--split", default="val", choices=["val", "test"])
     parser.add_argument("--shift-tta", help="name of one model to also score with test-time shifts")
+    parser.add_argument(
+        "--flip-tta",
+        action="store_true",
+        help="also score every model with left-right mirroring at test time (the mean of the plain and "
+        "the mirrored pass), and print each model's gain over its plain score",
+    )
     parser.add_argument("--top", type=int, default=8, help="how many subsets to print")
     parser.add_argument(
         "--foreground-weights",
@@ -131,6 +137,19 @@ def main(argv: list[str] | None = None) -> None:
             factor = torch.ones(spec.num_classes, 1, 1, 1)
             factor[foreground] = weight
             print(f"weighted  {name} x{weight}: {score([p * factor for p in probs[name]])}")
+
+    if args.flip_tta:
+        gains = []
+        for name, network in networks.items():
+            # RAS after pre-processing: tensor axis 2 of (batch, channel, x, y, z) is left-right.
+            mirrored = [
+                (plain + probabilities(network, torch.flip(item["image"][None], (2,))).flip(1)) / 2
+                for item, plain in zip(items, probs[name], strict=True)
+            ]
+            result = score(mirrored)
+            gains.append(result[0] - score(probs[name])[0])
+            print(f"flip TTA  {name} (plain and left-right mirrored): {result}, gain {gains[-1]:+.4f}")
+        print(f"flip TTA  mean gain over {len(gains)} models: {statistics.mean(gains):+.4f}")
 
     if args.shift_tta:
         network = networks[args.shift_tta]
