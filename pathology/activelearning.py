@@ -1,9 +1,10 @@
 """Next-patch strategies for slides (MONAI Label adapters): ``wsi_random``, ``wsi_uncertain``,
-``wsi_tta`` and ``wsi_diversity``, honouring ``k`` and the reservation window as the radiology
-strategies do."""
+``wsi_bald``, ``wsi_tta`` and ``wsi_diversity``, honouring ``k`` and the reservation window as the
+radiology strategies do."""
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import random
@@ -13,13 +14,14 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.strategy import Strategy
 
 from appcore.errors import bad_request, not_found
 from appcore.networks import bottleneck
 from appcore.validation import check_image_id
-from pathology.predict import predict_maps
+from pathology.predict import foreground_passes, predict_maps
 from pathology.spec import NucleiSpec
 from pathology.wsi import RegionSource, SlideSource, open_source
 from strategies.patches import Box, patch_grid, ranked_patches
@@ -37,6 +39,11 @@ GLASS = 220.0
 MAX_CANDIDATES = 64
 # Patch scores kept for later requests at most (a few hundred kilobytes).
 MAX_STORED_SCORES = 20_000
+# Monte Carlo dropout behind ``bald``. The nuclei network was trained without dropout, so dropout is
+# injected at test time, on the input of its bottleneck (the deepest layer), in a private copy of
+# the served network; MC_DROPOUT is its probability, MC_PASSES the passes per probe window.
+MC_DROPOUT = 0.2
+MC_PASSES = 8
 
 
 def _pair(request: dict[str, Any], key: str, default: tuple[int, int]) -> tuple[int, int]:
@@ -118,10 +125,24 @@ class WSIRandom(_PatchStrategy):
         return self._rng.sample(boxes, len(boxes))
 
 
+def _binary_entropy(p: np.ndarray) -> np.ndarray:
+    p = np.clip(p.astype(np.float64), 1e-6, 1 - 1e-6)
+    return -(p * np.log2(p) + (1 - p) * np.log2(1 - p))
+
+
 def patch_uncertainty(foreground: np.ndarray) -> float:
     """Mean binary entropy (bits) of the foreground probability: 0 when sure, 1 when p = 0.5 everywhere."""
-    p = np.clip(foreground.astype(np.float64), 1e-6, 1 - 1e-6)
-    return float(np.mean(-(p * np.log2(p) + (1 - p) * np.log2(1 - p))))
+    return float(np.mean(_binary_entropy(foreground)))
+
+
+def mutual_information(passes: np.ndarray) -> float:
+    """BALD of a window from Monte Carlo passes of its foreground probability (passes, H, W).
+
+    The mean over pixels of the mutual information (bits) between the prediction and the dropout
+    masks: the entropy of the mean probability minus the mean entropy of each pass. 0 when every
+    pass agrees (however unsure), at most 1.
+    """
+    return float(np.mean(_binary_entropy(passes.mean(0)) - _binary_entropy(passes).mean(0)))
 
 
 def tta_disagreement(maps: list[np.ndarray]) -> float:
@@ -135,6 +156,7 @@ FLIPS: tuple[tuple[int, ...], ...] = ((), (1,), (0,), (0, 1))
 
 MEASURES = {
     "entropy": "foreground entropy",
+    "bald": "mutual information between the foreground and Monte Carlo dropout masks",
     "tta": "disagreement of the foreground between flipped copies",
 }
 
@@ -145,17 +167,22 @@ class WSIUncertain(_PatchStrategy):
     Patches tile the slide (at most ``MAX_CANDIDATES`` of them, sampled at random on a large slide);
     each is measured over up to four ``PROBE``-sized windows at its corners (glass windows are
     skipped), and the highest are handed out first. ``measure``: ``entropy`` (the mean binary
-    entropy of the foreground probability; one pass per window) or ``tta`` (the spread of the
-    foreground over the window and its three flips, nuclei having no orientation; four passes).
-    The entropy pass also keeps the window's mean bottleneck features, which ``WSIDiverse`` uses.
-    Measures are kept per image file and served weights for later requests.
+    entropy of the foreground probability; one pass per window), ``bald`` (the mutual information
+    between the foreground and dropout masks over ``MC_PASSES`` passes with dropout injected at the
+    bottleneck: where the weights, not the image, make the network unsure) or ``tta`` (the spread
+    of the foreground over the window and its three flips, nuclei having no orientation; four
+    passes). The entropy pass also keeps the window's mean bottleneck features, which
+    ``WSIDiverse`` uses. Measures are kept per image file and served weights for later requests.
+    They are computed on a private copy of the served network, so that neither the feature hook
+    nor the injected dropout can touch an infer running at the same time.
 
     Args:
         spec: the network's settings.
         network: returns the served network (``None`` while untrained: then random patches).
         rng: random source for ties and sampling.
         book: reservations shared with the app's other patch strategies.
-        measure: ``entropy`` or ``tta``.
+        measure: ``entropy``, ``bald`` or ``tta``.
+        dropout: the injected dropout probability for ``bald``.
     """
 
     summary: str | None = None  # the description /info shows; by default it names the measure
@@ -168,19 +195,36 @@ class WSIUncertain(_PatchStrategy):
         book: ReservationBook | None = None,
         *,
         measure: str = "entropy",
+        dropout: float = MC_DROPOUT,
     ) -> None:
         if measure not in MEASURES:
             raise ValueError(f"measure must be one of {sorted(MEASURES)}, got {measure!r}")
+        if not 0.0 < dropout < 1.0:
+            raise ValueError(f"dropout must be in (0, 1), got {dropout}")
         summary = self.summary or f"Most uncertain patches of a slide under the nuclei network ({MEASURES[measure]})"
         super().__init__(summary, rng, book)
-        self._spec, self._network, self._measure = spec, network, measure
+        self._spec, self._network, self._measure, self._dropout = spec, network, measure, dropout
         self._lock = threading.Lock()
         # Measures under the network they were computed with: {(image version, box): {name: value}}.
         # Reused by later requests (other annotators, the next patch), emptied when new weights are served.
         self._scores: dict[tuple[str, Box], dict[str, Any]] = {}
         self._scored_with: torch.nn.Module | None = None
+        self._private: torch.nn.Module | None = None  # the copy of _scored_with that measures run on
+
+    def _scoring_copy(self, network: torch.nn.Module) -> torch.nn.Module:
+        private = copy.deepcopy(network).eval()
+        if self._measure == "bald":
+            layer = bottleneck(private)
+            if layer is None:
+                logger.warning("%s: the network has no bottleneck to drop out; bald is 0", type(network).__name__)
+            else:
+                p = self._dropout
+                layer.register_forward_pre_hook(lambda _m, args: (F.dropout(args[0], p, training=True), *args[1:]))
+        return private
 
     def _window(self, rgb: np.ndarray, network: torch.nn.Module) -> dict[str, Any]:
+        if self._measure == "bald":
+            return {"bald": mutual_information(foreground_passes(network, self._spec, rgb, MC_PASSES))}
         if self._measure == "tta":
             maps = []
             for axes in FLIPS:
@@ -217,11 +261,13 @@ class WSIUncertain(_PatchStrategy):
     def scored(self, source: RegionSource, boxes: list[Box], version: str, network: torch.nn.Module) -> dict:
         """``{box: measures}``, computing only those not kept from an earlier request."""
         with self._lock:
-            if network is not self._scored_with or len(self._scores) > MAX_STORED_SCORES:
-                self._scores, self._scored_with = {}, network
+            if network is not self._scored_with:
+                self._scores, self._scored_with, self._private = {}, network, self._scoring_copy(network)
+            elif len(self._scores) > MAX_STORED_SCORES:
+                self._scores = {}
             new = [b for b in boxes if (version, b) not in self._scores]
             for b in new:
-                self._scores[version, b] = self.measures(source, b, network)
+                self._scores[version, b] = self.measures(source, b, self._private)
             logger.info("%s: %d patches (%d measured now)", self.description, len(boxes), len(new))
             return {b: self._scores[version, b] for b in boxes}
 

@@ -134,17 +134,22 @@ def test_wsi_uncertain_hands_out_the_most_uncertain_patches_to_concurrent_annota
 
 
 class _Counting(_TissueIsUncertain):
-    def __init__(self) -> None:
-        super().__init__()
-        self.calls = 0
+    """Counts its passes in its class, so that the strategy's private copy counts for it too."""
+
+    calls = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.calls += 1
+        type(self).calls += 1
         return super().forward(x)
 
 
+def _counting() -> _Counting:
+    """A network standing for one version of the weights, with a pass count of its own."""
+    return type("Counting", (_Counting,), {"calls": 0})()
+
+
 def test_wsi_uncertain_scores_a_patch_once_per_weights_and_image_file(store: PathologyDatastore) -> None:
-    served = [_Counting()]
+    served = [_counting()]
     strategy = WSIUncertain(NUCLEI, lambda: served[0], random.Random(0), ReservationBook(600))
     request_ = {"image": "small", "patch_size": [100, 150]}
     first = strategy({**request_, "client_id": "a"}, store)
@@ -154,7 +159,7 @@ def test_wsi_uncertain_scores_a_patch_once_per_weights_and_image_file(store: Pat
     assert served[0].calls == calls, "the next annotator's request reuses the scores"
     assert first["bbox"] == [100, 150, 100, 150] and second["bbox"] != first["bbox"]
 
-    served[0] = _Counting()  # new weights published
+    served[0] = _counting()  # new weights published
     strategy({**request_, "client_id": "c"}, store)
     assert served[0].calls == calls, "rescored under the new weights"
     path = Path(store.get_image_uri("small"))
