@@ -10,10 +10,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from monai.networks.layers import SkipConnection
 from PIL import Image
 
 from appcore.errors import RequestError
-from pathology.activelearning import WSIDiverse, WSIRandom, WSIUncertain, patch_uncertainty, tta_disagreement
+from pathology.activelearning import (
+    WSIDiverse,
+    WSIRandom,
+    WSIUncertain,
+    mutual_information,
+    patch_uncertainty,
+    tta_disagreement,
+)
 from pathology.datastore import PathologyDatastore
 from pathology.spec import NUCLEI
 from strategies.patches import fit_patch, patch_grid, ranked_patches
@@ -226,3 +234,64 @@ def test_wsi_diversity_skips_near_duplicates_of_patches_picked_or_held(store: Pa
     book.pick(["small@0,0,100,150"], lambda free: free, "first annotator")  # holds patch a
     second = strategy(WSIDiverse, book)({**request_, "k": 1, "client_id": "second"}, store)
     assert second["bbox"] == list(b), "a2 is a near-duplicate of the held patch a"
+
+
+def test_mutual_information_is_the_disagreement_between_passes_not_their_uncertainty() -> None:
+    assert mutual_information(np.full((8, 4, 4), 0.5)) == pytest.approx(0.0, abs=1e-9), "unsure, but every pass agrees"
+    assert mutual_information(np.stack([np.zeros((4, 4)), np.ones((4, 4))] * 4)) == pytest.approx(1.0, abs=1e-4)
+    assert 0.0 < mutual_information(np.stack([np.full((4, 4), 0.3), np.full((4, 4), 0.7)])) < 0.2
+
+
+class _DropoutSwaysDarkTissue(torch.nn.Module):
+    """A stand-in UNet with a bottleneck: foreground probability 0.5 on all tissue without dropout;
+    dropout at the bottleneck moves the answer on dark tissue only (grey tissue stays 0.5)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.deep = SkipConnection(torch.nn.Identity())  # output: [input, bottleneck(input)]
+        self.unused = torch.nn.Parameter(torch.zeros(1))
+        self.passes = 0  # this instance's own; a copy counts its own
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.passes += 1
+        both = self.deep(x)
+        moved = (both[:, 3:] - both[:, :3]).mean(1, keepdim=True)  # 0 unless dropout touched the bottleneck
+        dark = x.mean(1, keepdim=True) < 0.0
+        return torch.cat([torch.where(dark, 100.0 * moved, 0.0), torch.zeros_like(moved)], dim=1)
+
+
+@pytest.fixture
+def two_tissues(tmp_path: Path) -> PathologyDatastore:
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    rgb = np.full((300, 200, 3), 235, np.uint8)  # glass
+    rgb[:150] = 200  # grey tissue across the top
+    rgb[150:, 100:] = (120, 60, 150)  # dark tissue, bottom right
+    Image.fromarray(rgb).save(studies / "two.png")
+    return PathologyDatastore(str(studies))
+
+
+def test_wsi_bald_ranks_the_patch_where_dropout_changes_the_answer_first(two_tissues: PathologyDatastore) -> None:
+    served = _DropoutSwaysDarkTissue()
+    request_ = {"image": "two", "patch_size": [100, 150], "k": 3}
+    for seed in range(5):
+        bald = WSIUncertain(NUCLEI, lambda: served, random.Random(seed), measure="bald")
+        assert bald(request_, two_tissues)["bbox"] == [100, 150, 100, 150]
+    firsts = {
+        tuple(WSIUncertain(NUCLEI, lambda: served, random.Random(seed))(request_, two_tissues)["bbox"])
+        for seed in range(20)
+    }
+    assert len(firsts) > 1, "entropy is 1 on every tissue patch: it cannot tell them apart"
+
+
+@pytest.mark.parametrize("measure", ["entropy", "bald"])
+def test_patch_measures_never_hook_the_served_network(two_tissues: PathologyDatastore, measure: str) -> None:
+    served = _DropoutSwaysDarkTissue().eval()
+    probe = torch.full((1, 3, 64, 64), -0.5)
+    before = served(probe)
+    served.train()  # whatever mode the infer left it in stays
+    WSIUncertain(NUCLEI, lambda: served, random.Random(0), measure=measure)({"image": "two"}, two_tissues)
+    assert served.passes == 1, "every measuring pass ran on a private copy, none on the network infers use"
+    assert not served.deep.submodule._forward_pre_hooks and not served.deep.submodule._forward_hooks
+    assert torch.equal(served(probe), before), "an infer on the served network is untouched by dropout"
+    assert all(m.training for m in served.modules())
