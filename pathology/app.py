@@ -103,6 +103,7 @@ class PathologyApp(RequestChecks, MONAILabelApp):
         return {
             "wsi_random": WSIRandom(book=book),
             "wsi_uncertain": WSIUncertain(spec, network, book=book),
+            "wsi_bald": WSIUncertain(spec, network, book=book, measure="bald"),
             "wsi_tta": WSIUncertain(spec, network, book=book, measure="tta"),
             "wsi_diversity": WSIDiverse(spec, network, book=book),
         }

@@ -75,7 +75,7 @@ def test_info_lists_models_the_extension_reads(server: tuple[httpx.Client, Path]
     assert info["models"]["nuclei"]["pathology"] is True and info["models"]["nuclei"]["nuclick"] is False
     assert info["models"]["nuclick"]["nuclick"] is True
     assert info["models"]["nuclei"]["labels"] == {"nucleus": 1}
-    assert {"wsi_random", "wsi_uncertain", "wsi_tta", "wsi_diversity"} <= set(info["strategies"])
+    assert {"wsi_random", "wsi_uncertain", "wsi_bald", "wsi_tta", "wsi_diversity"} <= set(info["strategies"])
     assert client.head("/datastore/image", params={"image": "CMU-1-Small-Region"}).status_code == 200
     assert client.head("/datastore/image", params={"image": "not-there"}).status_code == 404
 
@@ -181,7 +181,7 @@ def test_batch_infer_stores_polygons_for_slides_and_masks_for_tiles(server: tupl
 
 def test_next_patch_as_qupath_asks(server: tuple[httpx.Client, Path]) -> None:
     client, _ = server
-    for strategy in ("wsi_random", "wsi_uncertain", "wsi_tta", "wsi_diversity"):
+    for strategy in ("wsi_random", "wsi_uncertain", "wsi_bald", "wsi_tta", "wsi_diversity"):
         body = {"image": "CMU-1-Small-Region", "patch_size": [1024, 1024], "image_size": [2220, 2967]}
         r = client.post(f"/activelearning/{strategy}", json=body)
         assert r.status_code == 200, r.text
