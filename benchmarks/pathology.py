@@ -84,6 +84,7 @@ def main(argv: list[str] | None = None) -> None:
         datastore = app.datastore()
         for name, strategy in (
             ("wsi_uncertain", WSIUncertain(task.spec, task.network)),
+            ("wsi_bald", WSIUncertain(task.spec, task.network, measure="bald")),
             ("wsi_tta", WSIUncertain(task.spec, task.network, measure="tta")),
             ("wsi_diversity", WSIDiverse(task.spec, task.network)),
         ):
