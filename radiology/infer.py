@@ -17,7 +17,7 @@ from monailabel.tasks.infer.basic_infer import BasicInferTask
 
 from appcore.errors import unprocessable
 from appcore.precision import autocast
-from radiology.spec import ModelSpec
+from radiology.spec import CTWindow, ModelSpec
 from radiology.transforms import ClassIndexd, preprocess
 from radiology.windows import OVERLAP, infer_window
 
@@ -103,11 +103,22 @@ class SegmentationInfer(BasicInferTask):
             data[self.output_label_key] = torch.zeros((self.spec.num_classes, *image.shape[1:]), dtype=torch.float32)
             data["untrained"] = True
             return data
+        if float(image.max()) == float(image.min()):
+            why = self._uniform_why()
+            raise unprocessable(f"Every voxel of the image has the same value {why}: there is nothing to segment")
         network = self._get_network(device, data)
         with torch.inference_mode(), autocast(device, cpu_bf16=self._cpu_bf16):
             logits = self.inferer(data)(image[None].to(device), network)
         data[self.output_label_key] = logits[0].float().cpu()
         return data
+
+    def _uniform_why(self) -> str:
+        """What makes an image uniform once pre-processed, for the message refusing it."""
+        window = self.spec.intensity
+        if isinstance(window, CTWindow):
+            span = f"[{window.low:g}, {window.high:g}] HU"
+            return f"within the model's window {span} (a blank, all-NaN or out-of-window volume)"
+        return "(a blank or all-NaN volume)"
 
     def post_transforms(self, data: Any = None) -> list:
         return [

@@ -69,13 +69,24 @@ def test_a_few_nan_voxels_do_not_empty_the_prediction(app, tmp_path: Path) -> No
 )
 def test_only_volumes_are_segmented(app, tmp_path: Path, shape: tuple[int, ...], refused: bool) -> None:
     affine = nib.load(CASES["hippocampus"][0][0]).affine
-    path = _upload(tmp_path, "upload.nii.gz", np.ones(shape, np.float32), affine)
+    path = _upload(tmp_path, "upload.nii.gz", np.random.default_rng(0).random(shape, np.float32), affine)
     if refused:
         with pytest.raises(RequestError, match="must be a 3D volume") as e:
             app.infer({"model": "hippocampus", "image": path})
         assert e.value.status_code == 422
     else:
         assert _label(app, path).shape == shape[:3]
+
+
+@requires_shared
+@pytest.mark.parametrize("value", [0.0, 417.0, float("nan"), float("inf")])
+def test_a_uniform_image_is_a_422_not_the_network_guessing_on_a_blank(app, tmp_path: Path, value: float) -> None:
+    # A blank or all-NaN volume would otherwise get whatever the network predicts on no signal at all.
+    src = nib.load(CASES["hippocampus"][0][0])
+    path = _upload(tmp_path, "uniform.nii.gz", np.full(src.shape, value, np.float32), src.affine)
+    with pytest.raises(RequestError, match="same value .*nothing to segment") as e:
+        app.infer({"model": "hippocampus", "image": path})
+    assert e.value.status_code == 422
 
 
 @requires_shared
