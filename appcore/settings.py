@@ -56,7 +56,8 @@ class AppSettings:
         val_split: share of labelled images held out for validation when at least 5 are labelled.
         max_upload_mb: largest label or image upload accepted (file size, and NIfTI voxel data once decompressed).
         score_after_train: rescore the unlabelled images as soon as a training run finishes.
-        score_on_start: rescore stale images when the server starts.
+        score_on_start: rescore stale images when the server starts. In the pathology app: measure the
+            patches of every image in the background, at start and again for new images and weights.
         score_new_images: start a scoring run when a next-sample request of a strategy that ranks by
             score finds unlabelled images that have no score yet (added since the last run: uploaded,
             copied into the folder, new series in the PACS) and no training or scoring is running.

@@ -70,6 +70,11 @@ def _image(request: dict[str, Any], datastore: Datastore, rng: random.Random) ->
     return rng.choice(candidates)
 
 
+def file_version(uri: str) -> str:
+    """Names an image file's state: measures of its patches hold until the file is replaced."""
+    return f"{uri}:{os.stat(uri).st_mtime_ns}"
+
+
 def patch_key(image: str, box: Box) -> str:
     """How a patch is named in the reservation book."""
     x, y, w, h = box
@@ -102,7 +107,7 @@ class _PatchStrategy(Strategy):
         uri = datastore.get_image_uri(image)
         source = open_source(uri)
         try:
-            ranked = self.rank(source, patch_grid(source.dimensions, patch), image, f"{uri}:{os.stat(uri).st_mtime_ns}")
+            ranked = self.rank(source, patch_grid(source.dimensions, patch), image, file_version(uri))
         finally:
             if isinstance(source, SlideSource):
                 source.close()
@@ -271,12 +276,33 @@ class WSIUncertain(_PatchStrategy):
             logger.info("%s: %d patches (%d measured now)", self.description, len(boxes), len(new))
             return {b: self._scores[version, b] for b in boxes}
 
-    def candidates(self, boxes: list[Box]) -> list[Box]:
-        return self._rng.sample(boxes, MAX_CANDIDATES) if len(boxes) > MAX_CANDIDATES else boxes
+    def candidates(self, boxes: list[Box], image: str, version: str) -> list[Box]:
+        """At most ``MAX_CANDIDATES`` of ``boxes``: the free ones already measured (by the background
+        measuring or an earlier request) first, topped up with others at random, so that a request
+        mostly ranks stored measures yet always has fresh patches once the measured ones are held."""
+        if len(boxes) <= MAX_CANDIDATES:
+            return boxes
+        held = set(self._book.reserved())
+        with self._lock:
+            measured = [b for b in boxes if (version, b) in self._scores and patch_key(image, b) not in held]
+        measured = measured[:MAX_CANDIDATES]
+        chosen = set(measured)
+        others = [b for b in boxes if b not in chosen and patch_key(image, b) not in held]
+        return measured + self._rng.sample(others, min(len(others), MAX_CANDIDATES - len(measured)))
+
+    def prefetch(self, source: RegionSource, image: str, version: str, patch: tuple[int, int]) -> int:
+        """Measures the candidate patches of ``image`` now, so that a later request on it only ranks;
+        the number of patches measured (0 while the model is untrained or the store is full)."""
+        network = self._network()
+        if network is None or len(self._scores) + MAX_CANDIDATES > MAX_STORED_SCORES:
+            return 0
+        boxes = self.candidates(patch_grid(source.dimensions, patch), image, version)
+        self.scored(source, boxes, version, network)
+        return len(boxes)
 
     def rank(self, source: RegionSource, boxes: list[Box], image: str, version: str) -> list[Box]:
         network = self._network()
-        boxes = self.candidates(boxes)
+        boxes = self.candidates(boxes, image, version)
         if network is None:  # untrained: random order
             return self._rng.sample(boxes, len(boxes))
         measured = self.scored(source, boxes, version, network)
@@ -299,14 +325,18 @@ class WSIDiverse(WSIUncertain):
     def rank(self, source: RegionSource, boxes: list[Box], image: str, version: str) -> list[Box]:
         network = self._network()
         held = {key for key in self._book.reserved() if key.startswith(f"{image}@")}
-        boxes = self.candidates(boxes)
+        grid = boxes
+        boxes = self.candidates(boxes, image, version)
         if network is None:
             return self._rng.sample(boxes, len(boxes))
         key = {b: patch_key(image, b) for b in boxes}
         measured = self.scored(source, boxes, version, network)
         free = [key[b] for b in boxes if key[b] not in held]
         scores = {key[b]: float(m["entropy"]) for b, m in measured.items()}
-        embeddings = {key[b]: m["embedding"] for b, m in measured.items() if len(m.get("embedding", ())) > 0}
+        with self._lock:  # held patches left out of the candidates still cover their part of the space
+            covering = {k: self._scores.get((version, b)) for b in grid if (k := patch_key(image, b)) in held}
+        pairs = [*((key[b], m) for b, m in measured.items()), *((k, m) for k, m in covering.items() if m)]
+        embeddings = {k: m["embedding"] for k, m in pairs if len(m.get("embedding", ())) > 0}
         order = diverse_top_k(free, scores, embeddings, max(len(free), 1), self._rng, covered=sorted(held))
         by_key = {k: b for b, k in key.items()}
         return [by_key[k] for k in order] + [b for b in boxes if key[b] in held]

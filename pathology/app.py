@@ -20,6 +20,7 @@ from appcore.settings import AppSettings
 from pathology.activelearning import WSIDiverse, WSIRandom, WSIUncertain
 from pathology.datastore import PathologyDatastore
 from pathology.infer import NucleiInfer
+from pathology.prefetch import PatchPrefetcher
 from pathology.registry import MODELS
 from pathology.train import NucleiTrainer
 from pathology.wsi import SlideSource, check_region, open_source
@@ -100,13 +101,21 @@ class PathologyApp(RequestChecks, MONAILabelApp):
         first = next(iter(self.models))
         book = ReservationBook(self.settings.reservation_s)  # one for both: a patch is held whoever picked it
         spec, network = self.models[first].spec, lambda: self._infers[first].network()
-        return {
-            "wsi_random": WSIRandom(book=book),
+        measuring = {
             "wsi_uncertain": WSIUncertain(spec, network, book=book),
             "wsi_bald": WSIUncertain(spec, network, book=book, measure="bald"),
             "wsi_tta": WSIUncertain(spec, network, book=book, measure="tta"),
             "wsi_diversity": WSIDiverse(spec, network, book=book),
         }
+        self._prefetcher = PatchPrefetcher(list(measuring.values()), self.datastore, network)
+        return {"wsi_random": WSIRandom(book=book), **measuring}
+
+    def on_init_complete(self) -> None:
+        super().on_init_complete()
+        if self.settings.score_on_start:
+            # Patch measures in the background: at start, then for new images and new weights, so
+            # that the first next-patch request on a slide need not measure it.
+            self._prefetcher.start()
 
     def init_scoring_methods(self) -> dict[str, Any]:
         return {}

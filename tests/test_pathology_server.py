@@ -331,3 +331,12 @@ def test_submit_patch_and_label_then_train(server: tuple[httpx.Client, Path]) ->
     assert (root / "app" / "model" / "nuclei.pt").exists(), "a completed run publishes the weights"
     r = client.post("/infer/nuclei", params={"image": "image04", "output": "json"})
     assert r.status_code == 200 and r.json()["model_trained"] is True
+
+
+def test_patches_are_measured_in_the_background_after_start(server: tuple[httpx.Client, Path]) -> None:
+    _, root = server
+    log = root / "server.log"
+    deadline = time.monotonic() + 120
+    while "patches measured in the background" not in log.read_text() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert "patches measured in the background" in log.read_text(), log.read_text()[-2000:]
