@@ -68,24 +68,25 @@ class PatchPrefetcher:
         for image in self.pending():
             if self._stop.is_set():
                 break
+            version = self._version(image)
             try:
-                uri = self._datastore().get_image_uri(image)
-                version = file_version(uri)
-                source = open_source(uri)
-            except Exception as e:  # noqa: BLE001 - a slide that cannot be read is left to requests to report
+                measured += self._measure(image)
+            except Exception as e:  # noqa: BLE001 - an unreadable slide is left to requests to report
                 logger.warning("Patch measures: skipping %s: %s", image, e)
-                self._done.add(self._version(image))
-                continue
-            try:
-                for strategy in self._strategies:
-                    measured += strategy.prefetch(source, image, version, self._patch)
-            finally:
-                if isinstance(source, SlideSource):
-                    source.close()
-            self._done.add(version)
+            self._done.add(version)  # measured or not, not tried again until the file or weights change
         if measured:
             logger.info("Patch measures: %d patches measured in the background", measured)
         return measured
+
+    def _measure(self, image: str) -> int:
+        uri = self._datastore().get_image_uri(image)
+        version = file_version(uri)
+        source = open_source(uri)
+        try:
+            return sum(strategy.prefetch(source, image, version, self._patch) for strategy in self._strategies)
+        finally:
+            if isinstance(source, SlideSource):
+                source.close()
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="patch-measures", daemon=True)

@@ -155,3 +155,22 @@ def test_on_a_large_slide_a_held_patch_outside_the_candidates_still_counts_as_co
     diverse.scored(open_source(store.get_image_uri("a")), grid, version, network)  # all measured
     pick = diverse({"image": "a", "patch_size": list(patch), "client_id": "second"}, store)["bbox"]
     assert pick[0] >= 100, "the held left patch covers the left half: the unlike right half comes first"
+
+
+def test_a_slide_failing_while_measured_is_skipped_once_and_the_others_are_measured(
+    store: PathologyDatastore,
+) -> None:
+    served = [_weights()]
+    strategies, prefetcher = _app_parts(store, served)
+    tried = []
+    real = strategies[1].prefetch
+
+    def failing(source, image, version, patch):  # noqa: ANN001, ANN202 - the signature of prefetch
+        tried.append(image)
+        if image == "a":
+            raise RuntimeError("read error in a tile of the slide")
+        return real(source, image, version, patch)
+
+    strategies[1].prefetch = failing
+    assert prefetcher.run_once() > 0 and tried == ["a", "b"]
+    assert prefetcher.pending() == [] and prefetcher.run_once() == 0 and tried == ["a", "b"], "not retried each round"
