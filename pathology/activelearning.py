@@ -169,7 +169,7 @@ MEASURES = {
 class WSIUncertain(_PatchStrategy):
     """The patches of a slide where the nuclei network is least sure which pixels are nuclei.
 
-    Patches tile the slide (at most ``MAX_CANDIDATES`` of them, sampled at random on a large slide);
+    Patches tile the slide (at most ``MAX_CANDIDATES`` of them on a large slide: see ``candidates``);
     each is measured over up to four ``PROBE``-sized windows at its corners (glass windows are
     skipped), and the highest are handed out first. ``measure``: ``entropy`` (the mean binary
     entropy of the foreground probability; one pass per window), ``bald`` (the mutual information
