@@ -59,6 +59,8 @@ class PatchPrefetcher:
         if network is None:
             return []
         if network is not self._measured_with:
+            if self._measured_with is not None:
+                logger.info("Patch measures: new weights served, measuring every image again")
             self._measured_with, self._done = network, set()
         return [i for i in self._images() if self._version(i) not in self._done]
 

@@ -333,10 +333,16 @@ def test_submit_patch_and_label_then_train(server: tuple[httpx.Client, Path]) ->
     assert r.status_code == 200 and r.json()["model_trained"] is True
 
 
-def test_patches_are_measured_in_the_background_after_start(server: tuple[httpx.Client, Path]) -> None:
+def test_patches_are_measured_in_the_background_at_start_and_after_training(server: tuple[httpx.Client, Path]) -> None:
+    # Runs after the training test above, which published new weights.
     _, root = server
     log = root / "server.log"
+    measured, new_weights = "patches measured in the background", "new weights served, measuring every image again"
+
+    def done(text: str) -> bool:  # measured at start, then again after the new weights were noticed
+        return measured in text and new_weights in text and measured in text[text.index(new_weights) :]
+
     deadline = time.monotonic() + 120
-    while "patches measured in the background" not in log.read_text() and time.monotonic() < deadline:
+    while not done(log.read_text()) and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert "patches measured in the background" in log.read_text(), log.read_text()[-2000:]
+    assert done(log.read_text()), log.read_text()[-2000:]
