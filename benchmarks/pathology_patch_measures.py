@@ -21,6 +21,7 @@ correlation and a top quarter worse than the mean.
 from __future__ import annotations
 
 import argparse
+import csv
 import os
 import random
 from pathlib import Path
@@ -53,6 +54,7 @@ def main(argv: list[str] | None = None) -> None:
         help="comma-separated dropout probabilities to measure bald with (default: the app's)",
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--csv", type=Path, help="also write every window's measures and errors here")
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -79,11 +81,17 @@ def main(argv: list[str] | None = None) -> None:
             x, y, w, h = box
             pred = predict_instances(network, NUCLEI, source.read(x, y, w, h))
             truth = tile.mask[y : y + h, x : x + w]
-            row = {"tile": tile.id, "1 - Dice": 1.0 - dice(pred, truth), "1 - AJI": 1.0 - aji(pred, truth)}
+            row = {"tile": tile.id, "x": x, "y": y}
+            row |= {"1 - Dice": 1.0 - dice(pred, truth), "1 - AJI": 1.0 - aji(pred, truth)}
             for name, by_box in measured.items():
                 row[name] = float(by_box[box][name.split()[0]])
             rows.append(row)
 
+    if args.csv:
+        with args.csv.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
     errors = ["1 - Dice", "1 - AJI"]
     quarter = max(1, len(rows) // 4)
     mean = {e: float(np.mean([r[e] for r in rows])) for e in errors}
