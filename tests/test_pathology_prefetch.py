@@ -19,26 +19,7 @@ from pathology.spec import NUCLEI
 from pathology.wsi import open_source
 from strategies.patches import patch_grid
 from strategies.reservations import ReservationBook
-
-
-class _Tissue(torch.nn.Module):
-    """A stand-in network, unsure on dark pixels; counts its passes in its class (copies count too)."""
-
-    passes = 0
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.unused = torch.nn.Parameter(torch.zeros(1))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        type(self).passes += 1
-        dark = (x.mean(dim=1, keepdim=True) < 0.5).float()
-        return torch.cat([torch.where(dark > 0, 0.0, -20.0), torch.zeros_like(dark)], dim=1)
-
-
-def _weights() -> _Tissue:
-    """One version of the served weights, with a pass count of its own."""
-    return type("Weights", (_Tissue,), {"passes": 0})()
+from tests.stand_ins import weights_version
 
 
 @pytest.fixture
@@ -63,7 +44,7 @@ def _app_parts(store: PathologyDatastore, served: list, patch: tuple[int, int] =
 
 
 def test_after_a_round_every_strategy_answers_every_slide_without_a_network_pass(store: PathologyDatastore) -> None:
-    served = [_weights()]
+    served = [weights_version()]
     strategies, prefetcher = _app_parts(store, served)
     assert prefetcher.pending() == ["a", "b"]
     assert prefetcher.run_once() == 4 * 2 * 4, "4 strategies x 2 images x 4 patches of the 2 x 2 grid"
@@ -78,14 +59,14 @@ def test_after_a_round_every_strategy_answers_every_slide_without_a_network_pass
 
 
 def test_new_weights_or_a_replaced_file_are_measured_again(store: PathologyDatastore) -> None:
-    served = [_weights()]
+    served = [weights_version()]
     _, prefetcher = _app_parts(store, served)
     prefetcher.run_once()
     path = Path(store.get_image_uri("b"))
     os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
     assert prefetcher.pending() == ["b"]
     prefetcher.run_once()
-    served[0] = _weights()  # a training run published new weights
+    served[0] = weights_version()  # a training run published new weights
     assert prefetcher.pending() == ["a", "b"]
     assert prefetcher.run_once() > 0 and served[0].passes > 0
 
@@ -95,7 +76,7 @@ def test_an_untrained_model_or_an_unreadable_image_is_no_failure(store: Patholog
     _, prefetcher = _app_parts(store, served)
     assert prefetcher.pending() == [] and prefetcher.run_once() == 0
     Path(store.get_image_uri("a")).write_bytes(b"not a PNG")
-    served[0] = _weights()
+    served[0] = weights_version()
     assert prefetcher.run_once() == 4 * 4, "b measured, a skipped (its request will say why)"
     assert prefetcher.pending() == []
 
@@ -103,7 +84,7 @@ def test_an_untrained_model_or_an_unreadable_image_is_no_failure(store: Patholog
 def test_a_large_slide_serves_measured_patches_first_and_fresh_ones_once_those_are_held(
     store: PathologyDatastore,
 ) -> None:
-    served = [_weights()]
+    served = [weights_version()]
     patch = (10, 10)  # 20 x 30 = 600 patches on a 200 x 300 image: more than MAX_CANDIDATES
     strategies, prefetcher = _app_parts(store, served, patch)
     uncertain = strategies[0]
@@ -119,7 +100,7 @@ def test_a_large_slide_serves_measured_patches_first_and_fresh_ones_once_those_a
 
 
 def test_the_thread_measures_in_the_background_and_stops(store: PathologyDatastore) -> None:
-    served = [_weights()]
+    served = [weights_version()]
     _, prefetcher = _app_parts(store, served)
     prefetcher.start()
     try:
@@ -127,7 +108,7 @@ def test_the_thread_measures_in_the_background_and_stops(store: PathologyDatasto
         while prefetcher.pending() and time.monotonic() < deadline:
             time.sleep(0.05)
         assert prefetcher.pending() == []
-        served[0] = _weights()
+        served[0] = weights_version()
         while served[0].passes == 0 and time.monotonic() < deadline:
             time.sleep(0.05)
         assert served[0].passes > 0, "new weights measured without being asked"
@@ -160,7 +141,7 @@ def test_on_a_large_slide_a_held_patch_outside_the_candidates_still_counts_as_co
 def test_a_slide_failing_while_measured_is_skipped_once_and_the_others_are_measured(
     store: PathologyDatastore,
 ) -> None:
-    served = [_weights()]
+    served = [weights_version()]
     strategies, prefetcher = _app_parts(store, served)
     tried = []
     real = strategies[1].prefetch

@@ -26,6 +26,7 @@ from pathology.datastore import PathologyDatastore
 from pathology.spec import NUCLEI
 from strategies.patches import fit_patch, patch_grid, ranked_patches
 from strategies.reservations import ReservationBook
+from tests.stand_ins import TissueIsUncertain, weights_version
 
 
 @pytest.mark.parametrize(
@@ -112,26 +113,14 @@ def test_wsi_random_refuses_bad_requests(store: PathologyDatastore, request_: di
     assert e.value.status_code == status
 
 
-class _TissueIsUncertain(torch.nn.Module):
-    """A stand-in network: foreground probability 0.5 on dark pixels (tissue), 0 on glass."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.unused = torch.nn.Parameter(torch.zeros(1))  # says which device the network is on
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dark = (x.mean(dim=1, keepdim=True) < 0.5).float()
-        return torch.cat([torch.where(dark > 0, 0.0, -20.0), torch.zeros_like(dark)], dim=1)
-
-
 def test_wsi_uncertain_returns_the_most_uncertain_patch_as_a_bbox(store: PathologyDatastore) -> None:
-    strategy = WSIUncertain(NUCLEI, lambda: _TissueIsUncertain(), random.Random(0))
+    strategy = WSIUncertain(NUCLEI, lambda: TissueIsUncertain(), random.Random(0))
     res = strategy({"image": "small", "patch_size": [100, 150]}, store)
     assert res["bbox"] == [100, 150, 100, 150]
 
 
 def test_wsi_uncertain_hands_out_the_most_uncertain_patches_to_concurrent_annotators(store: PathologyDatastore) -> None:
-    strategy = WSIUncertain(NUCLEI, lambda: _TissueIsUncertain(), random.Random(0), ReservationBook(600))
+    strategy = WSIUncertain(NUCLEI, lambda: TissueIsUncertain(), random.Random(0), ReservationBook(600))
     request_ = {"image": "small", "patch_size": [100, 150]}
     with ThreadPoolExecutor(4) as pool:
         answers = list(pool.map(lambda c: strategy({**request_, "client_id": c}, store), ["a", "b", "c", "d"]))
@@ -141,39 +130,24 @@ def test_wsi_uncertain_hands_out_the_most_uncertain_patches_to_concurrent_annota
     assert strategy({**request_, "client_id": "e"}, store) is None
 
 
-class _Counting(_TissueIsUncertain):
-    """Counts its passes in its class, so that the strategy's private copy counts for it too."""
-
-    calls = 0
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        type(self).calls += 1
-        return super().forward(x)
-
-
-def _counting() -> _Counting:
-    """A network standing for one version of the weights, with a pass count of its own."""
-    return type("Counting", (_Counting,), {"calls": 0})()
-
-
 def test_wsi_uncertain_scores_a_patch_once_per_weights_and_image_file(store: PathologyDatastore) -> None:
-    served = [_counting()]
+    served = [weights_version()]
     strategy = WSIUncertain(NUCLEI, lambda: served[0], random.Random(0), ReservationBook(600))
     request_ = {"image": "small", "patch_size": [100, 150]}
     first = strategy({**request_, "client_id": "a"}, store)
-    calls = served[0].calls
+    calls = served[0].passes
     assert calls > 0
     second = strategy({**request_, "client_id": "b"}, store)
-    assert served[0].calls == calls, "the next annotator's request reuses the scores"
+    assert served[0].passes == calls, "the next annotator's request reuses the scores"
     assert first["bbox"] == [100, 150, 100, 150] and second["bbox"] != first["bbox"]
 
-    served[0] = _counting()  # new weights published
+    served[0] = weights_version()  # new weights published
     strategy({**request_, "client_id": "c"}, store)
-    assert served[0].calls == calls, "rescored under the new weights"
+    assert served[0].passes == calls, "rescored under the new weights"
     path = Path(store.get_image_uri("small"))
     os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))  # the image replaced
     strategy({**request_, "client_id": "d"}, store)
-    assert served[0].calls == 2 * calls, "rescored for the new file"
+    assert served[0].passes == 2 * calls, "rescored for the new file"
 
 
 def test_tta_disagreement_is_the_spread_between_flips() -> None:
