@@ -55,6 +55,10 @@ class PatchPrefetcher:
 
     def pending(self) -> list[str]:
         """Images whose current file has not been measured under the served network, unlabelled first."""
+        return [image for image, _ in self._pending()]
+
+    def _pending(self) -> list[tuple[str, str]]:
+        """``pending`` with each image's file version, looked up once per round."""
         network = self._network()
         if network is None:
             return []
@@ -62,17 +66,17 @@ class PatchPrefetcher:
             if self._measured_with is not None:
                 logger.info("Patch measures: new weights served, measuring every image again")
             self._measured_with, self._done = network, set()
-        return [i for i in self._images() if self._version(i) not in self._done]
+        versions = ((image, self._version(image)) for image in self._images())
+        return [(image, version) for image, version in versions if version not in self._done]
 
     def run_once(self) -> int:
         """Measures every pending image; the number of patches measured, summed over strategies."""
         measured = 0
-        for image in self.pending():
+        for image, version in self._pending():
             if self._stop.is_set():
                 break
-            version = self._version(image)
             try:
-                measured += self._measure(image)
+                measured += self._measure(image, version)
             except Exception as e:  # noqa: BLE001 - an unreadable slide is left to requests to report
                 logger.warning("Patch measures: skipping %s: %s", image, e)
             self._done.add(version)  # measured or not, not tried again until the file or weights change
@@ -80,10 +84,8 @@ class PatchPrefetcher:
             logger.info("Patch measures: %d patches measured in the background", measured)
         return measured
 
-    def _measure(self, image: str) -> int:
-        uri = self._datastore().get_image_uri(image)
-        version = file_version(uri)
-        source = open_source(uri)
+    def _measure(self, image: str, version: str) -> int:
+        source = open_source(self._datastore().get_image_uri(image))
         try:
             return sum(strategy.prefetch(source, image, version, self._patch) for strategy in self._strategies)
         finally:
