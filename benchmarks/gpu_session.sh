@@ -23,6 +23,11 @@
 #   benchmarks/gpu_session.sh seeds                # there: the same recipe on the training cases only,
 #                                          # 5436 steps as its validated run, seeds 0-2 at once, last
 #                                          # weights: does averaging two seeds gain on validation?
+#   benchmarks/gpu_session.sh ds                   # there: the shipped recipe with deep supervision on two
+#                                          # decoder levels (radiology.deep_supervision): seeds 0 and 1
+#                                          # on the training cases (5436 steps, to judge on validation
+#                                          # against the seeds phase) and, at the same time, seed 0 on
+#                                          # train+val (8527 steps, the candidate). STEPS=N for a dry run
 #
 # The recipes' epoch counts come from a 3-epoch calibration of all four at once, sized to fill 65%
 # of the time left (the AL simulation shares the GPU and CPUs with them); each also stops after
@@ -200,6 +205,25 @@ seeds)
     tail -n 1 "$W"/seed?.log
     for s in 0 1 2; do cp "$W/seed$s.last.pt" "$OUT/" || tail -5 "$W/seed$s.log"; done
     tar -C "$W" -czf "$OUT/gpu_seeds.tgz" --exclude='*.pt' . && ls -la "$OUT"
+    ;;
+ds)
+    setup
+    # Each job is cut off in time so that the logs come back within the device call's limit; a job
+    # cut off leaves no .last.pt and so nothing to judge.
+    ds() { # name steps seed extra-args...
+        local name=$1 steps=$2 seed=$3
+        shift 3
+        timeout "${JOB_SECONDS:-500}" python3 -m radiology.offline hippocampus --data $D/hippocampus_mr --out "$W/$name.pt" \
+            --batched --steps "$steps" --batch-size 16 --lr 2e-3 --val-every "$steps" --threads 2 --seed "$seed" \
+            --flip-axes '' --channels 24,48,96,192 --augment "$STRONG" --deep-supervision 2 "$@" >"$W/$name.log" 2>&1
+    }
+    ds ds_s0 "${STEPS:-5436}" 0 &
+    ds ds_s1 "${STEPS:-5436}" 1 &
+    ds ds_final "${STEPS:-8527}" 0 --include-val &
+    wait
+    tail -n 1 "$W"/ds_*.log
+    for name in ds_s0 ds_s1 ds_final; do cp "$W/$name.last.pt" "$OUT/" || tail -5 "$W/$name.log"; done
+    tar -C "$W" -czf "$OUT/gpu_ds.tgz" --exclude='*.pt' . && ls -la "$OUT"
     ;;
 *)
     echo "unknown phase $phase" >&2

@@ -15,12 +15,13 @@ import numpy as np
 import torch
 from monai.data import CacheDataset, DataLoader
 from monai.inferers import sliding_window_inference
-from monai.losses import DiceCELoss
+from monai.losses import DeepSupervisionLoss, DiceCELoss
 from monai.transforms import Compose
 from monai.utils import set_determinism
 
 from appcore.weights import save_weights_atomically
 from radiology.batch_augment import BatchAugment, pad_to
+from radiology.deep_supervision import DeepSupervision
 from radiology.registry import MODELS
 from radiology.spec import ModelSpec
 from radiology.splits import Case, msd_cases, split_cases
@@ -170,6 +171,7 @@ def train_batched(
     seed: int,
     val_every: int,
     augment: BatchAugment,
+    deep_supervision: int = 0,
 ) -> dict:
     """Train from scratch with whole volumes kept on the device and augmented a batch at a time.
 
@@ -179,7 +181,8 @@ def train_batched(
     pace. Either ``steps`` is given, or ``minutes``: then the first ``_CALIBRATION_STEPS`` steps are
     timed and the remaining steps sized to fill the time (validation included). The learning rate
     follows one cycle over all steps. ``val_every`` counts steps; the best validation checkpoint
-    goes to ``out``, as in ``train``.
+    goes to ``out``, as in ``train``. ``deep_supervision`` > 0 adds a loss on that many coarser
+    decoder levels (``radiology.deep_supervision``); the weights written are the UNet's alone.
     """
     if (steps is None) == (minutes is None):
         raise ValueError("give exactly one of steps and minutes")
@@ -194,22 +197,35 @@ def train_batched(
     generator = torch.Generator(device=device).manual_seed(seed)
 
     model = spec.network().to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-5)
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    trained: torch.nn.Module = model
+    loss_fn: torch.nn.Module = DiceCELoss(to_onehot_y=True, softmax=True)
+    if deep_supervision:
+        trained = DeepSupervision(model, extra_levels=deep_supervision).to(device)
+        # Weights 1, 0.5, 0.25, ... from the finest output down.
+        loss_fn = DeepSupervisionLoss(loss_fn, weight_mode="exp")
+    optimizer = torch.optim.AdamW(trained.parameters(), lr=lr, weight_decay=1e-5)
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")
 
     def step_once() -> torch.Tensor:
         index = torch.randint(len(images), (batch_size,), device=device, generator=generator)
         image, label = augment(images[index], labels[index], generator)
+        if deep_supervision:
+            label = label.float()  # the loss resizes the label for the coarser outputs: no integer interpolation
         # The loss stays on the device: reading it every step would wait for the GPU each time.
-        return amp_step(model, optimizer, scaler, loss_fn, image, label).detach()
+        return amp_step(trained, optimizer, scaler, loss_fn, image, label).detach()
 
-    history: dict = {"steps": [], "best": None, "device": str(device), "volumes": len(images)}
+    history: dict = {
+        "steps": [],
+        "best": None,
+        "device": str(device),
+        "volumes": len(images),
+        "deep_supervision": deep_supervision,
+    }
     if steps is None:
         # Calibrate at a low, constant learning rate (a warm-up), then plan the cycle.
         for group in optimizer.param_groups:
             group["lr"] = lr / 25
-        model.train()
+        trained.train()
         for _ in range(_CALIBRATION_STEPS // 5):
             step_once()
         if device.type == "cuda":
@@ -231,7 +247,7 @@ def train_batched(
 
     best, total, tick = -1.0, torch.zeros((), device=device), time.perf_counter()
     for step in range(1, steps + 1):
-        model.train()
+        trained.train()
         total += step_once()
         scheduler.step()
         if step % val_every == 0 or step == steps:
@@ -301,6 +317,13 @@ def main(argv: list[str] | None = None) -> None:
         default="",
         help="override BatchAugment settings, e.g. 'p_spatial=0.7,rotate=0.5,scale=0.8:1.25'",
     )
+    batched.add_argument(
+        "--deep-supervision",
+        type=int,
+        default=0,
+        metavar="LEVELS",
+        help="also supervise this many coarser decoder levels (training only; the weights stay a plain UNet)",
+    )
     parser.add_argument(
         "--include-val",
         action="store_true",
@@ -310,8 +333,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.batched and (args.steps is None) == (args.minutes is None):
         parser.error("--batched needs exactly one of --steps and --minutes")
-    if not args.batched and (args.steps is not None or args.minutes is not None or args.augment):
-        parser.error("--steps, --minutes and --augment apply to --batched training only")
+    if not args.batched and (
+        args.steps is not None or args.minutes is not None or args.augment or args.deep_supervision
+    ):
+        parser.error("--steps, --minutes, --augment and --deep-supervision apply to --batched training only")
     per_sample_only = {
         "--epochs": args.epochs,
         "--workers": args.workers,
@@ -353,7 +378,14 @@ def main(argv: list[str] | None = None) -> None:
     }
     if augment is not None:
         history = train_batched(
-            spec, split["train"], split["val"], steps=args.steps, minutes=args.minutes, augment=augment, **common
+            spec,
+            split["train"],
+            split["val"],
+            steps=args.steps,
+            minutes=args.minutes,
+            augment=augment,
+            deep_supervision=args.deep_supervision,
+            **common,
         )
         history["augment"] = dataclasses.asdict(augment)
     else:
