@@ -28,6 +28,9 @@
 #                                          # on the training cases (5436 steps, to judge on validation
 #                                          # against the seeds phase) and, at the same time, seed 0 on
 #                                          # train+val (8527 steps, the candidate). STEPS=N for a dry run
+#   benchmarks/gpu_session.sh stronger             # there: the shipped recipe with augmentation one notch
+#                                          # stronger ($STRONGER): seed 0 on the training cases (5436
+#                                          # steps) and, at the same time, on train+val (8527 steps)
 #
 # The recipes' epoch counts come from a 3-epoch calibration of all four at once, sized to fill 65%
 # of the time left (the AL simulation shares the GPU and CPUs with them); each also stops after
@@ -43,6 +46,8 @@ D=${GPU_DATA:-.gpudata}
 W=/tmp/gpu_work
 # The "stronger" batched augmentation of the batched phase, which the final phase retrains.
 STRONG='p_spatial=0.8,rotate=0.5,scale=0.75:1.3,translate=6,p_gamma=0.4,p_noise=0.2'
+# One notch further (the `stronger` phase): every spatial and intensity setting raised again.
+STRONGER='p_spatial=0.9,rotate=0.7,scale=0.7:1.4,translate=8,p_gamma=0.5,p_gain=0.4,gain=0.75:1.25,p_noise=0.3,noise=0.15'
 # The network the hippocampus model had until 2026-11-29 (now 24,48,96,192): the phases that ran
 # before then name it, so that they still train what they trained.
 NARROW=16,32,64,128
@@ -206,24 +211,33 @@ seeds)
     for s in 0 1 2; do cp "$W/seed$s.last.pt" "$OUT/" || tail -5 "$W/seed$s.log"; done
     tar -C "$W" -czf "$OUT/gpu_seeds.tgz" --exclude='*.pt' . && ls -la "$OUT"
     ;;
-ds)
+ds | stronger)
     setup
     # Each job is cut off in time so that the logs come back within the device call's limit; a job
     # cut off leaves no .last.pt and so nothing to judge.
-    ds() { # name steps seed extra-args...
+    job() { # name steps seed extra-args...
         local name=$1 steps=$2 seed=$3
         shift 3
         timeout "${JOB_SECONDS:-500}" python3 -m radiology.offline hippocampus --data $D/hippocampus_mr --out "$W/$name.pt" \
             --batched --steps "$steps" --batch-size 16 --lr 2e-3 --val-every "$steps" --threads 2 --seed "$seed" \
-            --flip-axes '' --channels 24,48,96,192 --augment "$STRONG" --deep-supervision 2 "$@" >"$W/$name.log" 2>&1
+            --flip-axes '' --channels 24,48,96,192 "$@" >"$W/$name.log" 2>&1
     }
-    ds ds_s0 "${STEPS:-5436}" 0 &
-    ds ds_s1 "${STEPS:-5436}" 1 &
-    ds ds_final "${STEPS:-8527}" 0 --include-val &
+    if [ "$phase" = ds ]; then
+        names="ds_s0 ds_s1 ds_final"
+        job ds_s0 "${STEPS:-5436}" 0 --augment "$STRONG" --deep-supervision 2 &
+        job ds_s1 "${STEPS:-5436}" 1 --augment "$STRONG" --deep-supervision 2 &
+        job ds_final "${STEPS:-8527}" 0 --augment "$STRONG" --deep-supervision 2 --include-val &
+    else
+        names="st_s0 st_final"
+        job st_s0 "${STEPS:-5436}" 0 --augment "$STRONGER" &
+        job st_final "${STEPS:-8527}" 0 --augment "$STRONGER" --include-val &
+    fi
     wait
-    tail -n 1 "$W"/ds_*.log
-    for name in ds_s0 ds_s1 ds_final; do cp "$W/$name.last.pt" "$OUT/" || tail -5 "$W/$name.log"; done
-    tar -C "$W" -czf "$OUT/gpu_ds.tgz" --exclude='*.pt' . && ls -la "$OUT"
+    for name in $names; do
+        tail -n 1 "$W/$name.log"
+        cp "$W/$name.last.pt" "$OUT/" || tail -5 "$W/$name.log"
+    done
+    tar -C "$W" -czf "$OUT/gpu_$phase.tgz" --exclude='*.pt' . && ls -la "$OUT"
     ;;
 *)
     echo "unknown phase $phase" >&2
