@@ -47,6 +47,23 @@ def _atomic_copy(src: str | Path, dest: str | Path) -> None:
         raise
 
 
+# Info fields the datastore keeps itself: when the file was stored, its file name and (in answers
+# only) its path on the server.
+SERVER_INFO_FIELDS = ("ts", "name", "path")
+
+
+def _client_fields(info: dict[str, Any], current: dict[str, Any], what: str) -> dict[str, Any]:
+    """``info`` without the server's fields, which a client may send back unchanged (as it read them)
+    but not change: a 422 names any it tried to change, and nothing is updated."""
+    changed = sorted(k for k in SERVER_INFO_FIELDS if k in info and info[k] != current.get(k))
+    if changed:
+        raise unprocessable(
+            f"{what}: info field(s) {', '.join(changed)} are set by the server when the file is stored and "
+            "cannot be changed; send them as read or leave them out"
+        )
+    return {k: v for k, v in info.items() if k not in SERVER_INFO_FIELDS}
+
+
 class CheckedLocalDatastore(LocalDatastore):
     """``LocalDatastore`` whose writes are validated and atomic.
 
@@ -122,15 +139,17 @@ class CheckedLocalDatastore(LocalDatastore):
     def update_image_info(self, image_id: str, info: dict[str, Any]) -> None:
         if self._existing(image_id) is None:
             raise conflict(f"Image {image_id!r} has not been opened on this server yet; its info can be set after that")
-        super().update_image_info(image_id, info)
+        current = LocalDatastore.get_image_info(self, image_id)
+        super().update_image_info(image_id, _client_fields(info, current, f"Image {image_id!r}"))
 
     def get_label_info(self, label_id: str, label_tag: str) -> dict[str, Any]:
         self._existing_label(label_id, label_tag)
-        return super().get_label_info(label_id, label_tag)
+        return dict(super().get_label_info(label_id, label_tag))  # a copy: MONAI Label's is the stored dict
 
     def update_label_info(self, label_id: str, label_tag: str, info: dict[str, Any]) -> None:
-        self._existing_label(label_id, label_tag)
-        super().update_label_info(label_id, label_tag, info)
+        label = self._existing_label(label_id, label_tag)
+        fields = _client_fields(info, label.info, f"The {label_tag!r} label of {label_id!r}")
+        super().update_label_info(label_id, label_tag, fields)
 
     def remove_image(self, image_id: str) -> None:
         self._existing(image_id)

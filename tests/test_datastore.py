@@ -122,6 +122,61 @@ def test_info_and_removal_of_existing_entries(store: CheckedLocalDatastore, tmp_
     assert store.list_images() == []
 
 
+def test_info_read_can_be_sent_back_with_a_new_field(
+    store: CheckedLocalDatastore, tmp_path: Path, oblique_affine
+) -> None:
+    store.save_label(
+        "case1", _label_file(tmp_path / "l.nii.gz", np.ones((10, 12, 8), np.uint8), oblique_affine), "final", {}
+    )
+    image_before = store.get_image_info("case1")
+    store.update_image_info("case1", {**image_before, "note": "motion"})
+    assert store.get_image_info("case1") == {**image_before, "note": "motion"}
+    assert "path" not in store._datastore.objects["case1"].image.info  # answers add it; it is not stored
+
+    label_before = store.get_label_info("case1", "final")
+    store.update_label_info("case1", "final", {**label_before, "checked": True})
+    assert store.get_label_info("case1", "final") == {**label_before, "checked": True}
+
+
+@pytest.mark.parametrize(
+    ("target", "change", "refused"),
+    [
+        ("image", {"ts": 1}, "ts"),
+        ("image", {"name": "other.nii.gz"}, "name"),
+        ("image", {"path": "/etc/passwd"}, "path"),
+        ("image", {"ts": 1, "name": "x"}, "name, ts"),
+        ("label", {"ts": 1}, "ts"),
+        ("label", {"name": "other.nii.gz"}, "name"),
+    ],
+)
+def test_server_info_fields_cannot_be_changed(
+    store: CheckedLocalDatastore, tmp_path: Path, oblique_affine, target: str, change: dict, refused: str
+) -> None:
+    store.save_label(
+        "case1", _label_file(tmp_path / "l.nii.gz", np.ones((10, 12, 8), np.uint8), oblique_affine), "final", {}
+    )
+    read, update = {
+        "image": (lambda: store.get_image_info("case1"), lambda i: store.update_image_info("case1", i)),
+        "label": (
+            lambda: store.get_label_info("case1", "final"),
+            lambda i: store.update_label_info("case1", "final", i),
+        ),
+    }[target]
+    before = read()
+    with pytest.raises(RequestError, match=f"info field\\(s\\) {refused} are set by the server") as e:
+        update({"note": "sent with it", **change})
+    assert e.value.status_code == 422
+    assert read() == before  # nothing of the refused request was stored
+
+
+def test_label_info_answers_are_copies(store: CheckedLocalDatastore, tmp_path: Path, oblique_affine) -> None:
+    store.save_label(
+        "case1", _label_file(tmp_path / "l.nii.gz", np.ones((10, 12, 8), np.uint8), oblique_affine), "final", {}
+    )
+    store.get_label_info("case1", "final")["ts"] = 1
+    assert store.get_label_info("case1", "final")["ts"] != 1
+
+
 def test_an_unreadable_file_is_named_without_the_server_s_folders(tmp_path: Path) -> None:
     from appcore.validation import load_nifti
 

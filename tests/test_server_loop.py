@@ -215,6 +215,7 @@ def test_a_session_of_dicom_files_is_checked_and_segmented_on_its_grid(server, t
         ("put", f"/datastore/label/info?label={UNLABELLED}&tag=final", {"data": {"info": "{}"}}, 404),
         ("post", "/infer/hippocampus?image=hippocampus_001", {"data": {"params": "{not json"}}, 422),
         ("put", "/datastore/image/info?image=hippocampus_001", {"data": {"info": "[1, 2]"}}, 422),
+        ("put", "/datastore/image/info?image=hippocampus_001", {"data": {"info": '{"ts": 1}'}}, 422),  # the server's
         (
             "put",
             "/datastore/label?image=hippocampus_001&tag=final",
