@@ -21,7 +21,7 @@ import torch
 from monailabel.config import settings as ml_settings
 from PIL import Image
 
-from pathology.activelearning import WSIDiverse, WSIUncertain
+from pathology.activelearning import PatchMeasures, WSIDiverse, WSIUncertain
 from pathology.app import PathologyApp
 from pathology.data import read_rgb
 from pathology.postprocess import instance_polygons
@@ -83,16 +83,17 @@ def main(argv: list[str] | None = None) -> None:
         # Next patch: the app's strategies without reservations (every call may pick any patch).
         ask = {"image": "cmu", "patch_size": [512, 512], "k": 4}
         datastore = app.datastore()
+        entropy = PatchMeasures(task.spec)  # shared as in the app: clearing one clears both
         strategies = (
-            ("wsi_uncertain", WSIUncertain(task.spec, task.network)),
+            ("wsi_uncertain", WSIUncertain(task.spec, task.network, shared=entropy)),
             ("wsi_bald", WSIUncertain(task.spec, task.network, measure="bald")),
             ("wsi_tta", WSIUncertain(task.spec, task.network, measure="tta")),
-            ("wsi_diversity", WSIDiverse(task.spec, task.network)),
+            ("wsi_diversity", WSIDiverse(task.spec, task.network, shared=entropy)),
         )
         for name, strategy in strategies:
 
             def first_request(s: WSIUncertain = strategy) -> Any:
-                s._scores.clear()
+                s.store.stored.clear()
                 return s(dict(ask), datastore)
 
             t, _ = _median_time(first_request, args.repeats)
@@ -100,15 +101,23 @@ def main(argv: list[str] | None = None) -> None:
             t, _ = _median_time(lambda s=strategy: s(dict(ask), datastore), args.repeats)
             rows.append((f"{name}, k=4: a later request (measures kept)", t, None))
 
-        # The app's background measuring (pathology.prefetch), then each strategy's first request.
-        for _, strategy in strategies:
-            strategy._scores.clear()
-        prefetcher = PatchPrefetcher([s for _, s in strategies], lambda: datastore, task.network, patch=(512, 512))
-        start = time.perf_counter()
-        prefetcher.run_once()
+        # The app's background measuring (pathology.prefetch), then each strategy's first request;
+        # beside it, the same round with wsi_diversity keeping entropy measures of its own (as
+        # before 2026-11-30), the two alternating.
+        apart = [*strategies[:3], ("wsi_diversity", WSIDiverse(task.spec, task.network))]
+        rounds: dict[bool, list[float]] = {True: [], False: []}
+        for _ in range(args.repeats):
+            for shared, chosen in ((True, strategies), (False, apart)):
+                for _, strategy in chosen:
+                    strategy.store.stored.clear()
+                prefetcher = PatchPrefetcher([s for _, s in chosen], lambda: datastore, task.network, patch=(512, 512))
+                start = time.perf_counter()
+                prefetcher.run_once()
+                rounds[shared].append(time.perf_counter() - start)
         rows.append(
-            ("background measuring, 4 strategies, the slide and the tile (1 run)", time.perf_counter() - start, None)
+            ("background measuring, 4 strategies, the slide and the tile", statistics.median(rounds[True]), None)
         )
+        rows.append(("  the same, wsi_diversity's entropy pass not shared", statistics.median(rounds[False]), None))
         for name, strategy in strategies:
             start = time.perf_counter()
             strategy(dict(ask), datastore)

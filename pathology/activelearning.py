@@ -166,59 +166,43 @@ MEASURES = {
 }
 
 
-class WSIUncertain(_PatchStrategy):
-    """The patches of a slide where the nuclei network is least sure which pixels are nuclei.
+class PatchMeasures:
+    """One measure of slide patches under the served nuclei network, kept for later requests.
 
-    Patches tile the slide (at most ``MAX_CANDIDATES`` of them on a large slide: see ``candidates``);
-    each is measured over up to four ``PROBE``-sized windows at its corners (glass windows are
-    skipped), and the highest are handed out first. ``measure``: ``entropy`` (the mean binary
-    entropy of the foreground probability; one pass per window), ``bald`` (the mutual information
-    between the foreground and dropout masks over ``MC_PASSES`` passes with dropout injected at the
-    bottleneck: where the weights, not the image, make the network unsure) or ``tta`` (the spread
-    of the foreground over the window and its three flips, nuclei having no orientation; four
-    passes). The entropy pass also keeps the window's mean bottleneck features, which
-    ``WSIDiverse`` uses. Measures are kept per image file and served weights for later requests.
-    They are computed on a private copy of the served network, so that neither the feature hook
-    nor the injected dropout can touch an infer running at the same time.
+    Each patch is measured over up to four ``PROBE``-sized windows at its corners (glass windows are
+    skipped). ``measure``: ``entropy`` (the mean binary entropy of the foreground probability; one
+    pass per window; the pass also keeps the window's mean bottleneck features, which
+    ``WSIDiverse`` uses), ``bald`` (the mutual information between the foreground and dropout masks
+    over ``MC_PASSES`` passes with dropout injected at the bottleneck: where the weights, not the
+    image, make the network unsure) or ``tta`` (the spread of the foreground over the window and its
+    three flips, nuclei having no orientation; four passes). Measures are kept per image file and
+    served weights, and computed on a private copy of the served network, so that neither the
+    feature hook nor the injected dropout can touch an infer running at the same time. Strategies
+    ranking by the same measure can share one (``wsi_uncertain`` and ``wsi_diversity`` both use the
+    entropy pass), so that each patch is measured once for both.
 
     Args:
         spec: the network's settings.
-        network: returns the served network (``None`` while untrained: then random patches).
-        rng: random source for ties and sampling.
-        book: reservations shared with the app's other patch strategies.
         measure: ``entropy``, ``bald`` or ``tta``.
         dropout: the injected dropout probability for ``bald``.
     """
 
-    summary: str | None = None  # the description /info shows; by default it names the measure
-
-    def __init__(
-        self,
-        spec: NucleiSpec,
-        network: Callable[[], torch.nn.Module | None],
-        rng: random.Random | None = None,
-        book: ReservationBook | None = None,
-        *,
-        measure: str = "entropy",
-        dropout: float = MC_DROPOUT,
-    ) -> None:
+    def __init__(self, spec: NucleiSpec, *, measure: str = "entropy", dropout: float = MC_DROPOUT) -> None:
         if measure not in MEASURES:
             raise ValueError(f"measure must be one of {sorted(MEASURES)}, got {measure!r}")
         if not 0.0 < dropout < 1.0:
             raise ValueError(f"dropout must be in (0, 1), got {dropout}")
-        summary = self.summary or f"Most uncertain patches of a slide under the nuclei network ({MEASURES[measure]})"
-        super().__init__(summary, rng, book)
-        self._spec, self._network, self._measure, self._dropout = spec, network, measure, dropout
-        self._lock = threading.Lock()
+        self.spec, self.measure, self._dropout = spec, measure, dropout
+        self.lock = threading.Lock()
         # Measures under the network they were computed with: {(image version, box): {name: value}}.
         # Reused by later requests (other annotators, the next patch), emptied when new weights are served.
-        self._scores: dict[tuple[str, Box], dict[str, Any]] = {}
+        self.stored: dict[tuple[str, Box], dict[str, Any]] = {}
         self._scored_with: torch.nn.Module | None = None
         self._private: torch.nn.Module | None = None  # the copy of _scored_with that measures run on
 
     def _scoring_copy(self, network: torch.nn.Module) -> torch.nn.Module:
         private = copy.deepcopy(network).eval()
-        if self._measure == "bald":
+        if self.measure == "bald":
             layer = bottleneck(private)
             if layer is None:
                 logger.warning("%s: the network has no bottleneck to drop out; bald is 0", type(network).__name__)
@@ -228,19 +212,19 @@ class WSIUncertain(_PatchStrategy):
         return private
 
     def _window(self, rgb: np.ndarray, network: torch.nn.Module) -> dict[str, Any]:
-        if self._measure == "bald":
-            return {"bald": mutual_information(foreground_passes(network, self._spec, rgb, MC_PASSES))}
-        if self._measure == "tta":
+        if self.measure == "bald":
+            return {"bald": mutual_information(foreground_passes(network, self.spec, rgb, MC_PASSES))}
+        if self.measure == "tta":
             maps = []
             for axes in FLIPS:
                 flipped = np.ascontiguousarray(np.flip(rgb, axes)) if axes else rgb
-                fg = predict_maps(network, self._spec, flipped).foreground
+                fg = predict_maps(network, self.spec, flipped).foreground
                 maps.append(np.flip(fg, axes) if axes else fg)
             return {"tta": tta_disagreement(maps)}
         layer, captured = bottleneck(network), []
         hook = layer.register_forward_hook(lambda _m, _i, out: captured.append(out)) if layer is not None else None
         try:
-            fg = predict_maps(network, self._spec, rgb).foreground
+            fg = predict_maps(network, self.spec, rgb).foreground
         finally:
             if hook is not None:
                 hook.remove()
@@ -260,21 +244,72 @@ class WSIUncertain(_PatchStrategy):
                 if rgb.mean() <= GLASS:
                     windows.append(self._window(rgb, network))
         if not windows:
-            return {self._measure: 0.0}
+            return {self.measure: 0.0}
         return {name: np.mean([m[name] for m in windows], axis=0) for name in windows[0]}
+
+    def scored(
+        self, source: RegionSource, boxes: list[Box], version: str, network: torch.nn.Module, who: str
+    ) -> dict[Box, dict[str, Any]]:
+        """``{box: measures}``, computing only those not kept from an earlier request."""
+        with self.lock:
+            if network is not self._scored_with:
+                self.stored, self._scored_with, self._private = {}, network, self._scoring_copy(network)
+            elif len(self.stored) > MAX_STORED_SCORES:
+                self.stored = {}
+            new = [b for b in boxes if (version, b) not in self.stored]
+            for b in new:
+                self.stored[version, b] = self.measures(source, b, self._private)
+            logger.info("%s: %d patches (%d measured now)", who, len(boxes), len(new))
+            return {b: self.stored[version, b] for b in boxes}
+
+
+class WSIUncertain(_PatchStrategy):
+    """The patches of a slide where the nuclei network is least sure which pixels are nuclei.
+
+    Patches tile the slide (at most ``MAX_CANDIDATES`` of them on a large slide: see ``candidates``);
+    each is measured as ``PatchMeasures`` says, and the highest are handed out first.
+
+    Args:
+        spec: the network's settings.
+        network: returns the served network (``None`` while untrained: then random patches).
+        rng: random source for ties and sampling.
+        book: reservations shared with the app's other patch strategies.
+        measure: ``entropy``, ``bald`` or ``tta``.
+        dropout: the injected dropout probability for ``bald``.
+        shared: measures to share with another strategy (its ``store``) instead of keeping its own;
+            their measure is used, and ``measure`` and ``dropout`` must then be left out.
+    """
+
+    summary: str | None = None  # the description /info shows; by default it names the measure
+
+    def __init__(
+        self,
+        spec: NucleiSpec,
+        network: Callable[[], torch.nn.Module | None],
+        rng: random.Random | None = None,
+        book: ReservationBook | None = None,
+        *,
+        measure: str | None = None,
+        dropout: float | None = None,
+        shared: PatchMeasures | None = None,
+    ) -> None:
+        if shared is not None and (measure is not None or dropout is not None):
+            raise ValueError("shared measures come with their own measure and dropout: give one or the other")
+        if shared is None:
+            shared = PatchMeasures(
+                spec, measure=measure or "entropy", dropout=MC_DROPOUT if dropout is None else dropout
+            )
+        self.store = shared
+        self._measure = shared.measure
+        summary = (
+            self.summary or f"Most uncertain patches of a slide under the nuclei network ({MEASURES[self._measure]})"
+        )
+        super().__init__(summary, rng, book)
+        self._network = network
 
     def scored(self, source: RegionSource, boxes: list[Box], version: str, network: torch.nn.Module) -> dict:
         """``{box: measures}``, computing only those not kept from an earlier request."""
-        with self._lock:
-            if network is not self._scored_with:
-                self._scores, self._scored_with, self._private = {}, network, self._scoring_copy(network)
-            elif len(self._scores) > MAX_STORED_SCORES:
-                self._scores = {}
-            new = [b for b in boxes if (version, b) not in self._scores]
-            for b in new:
-                self._scores[version, b] = self.measures(source, b, self._private)
-            logger.info("%s: %d patches (%d measured now)", self.description, len(boxes), len(new))
-            return {b: self._scores[version, b] for b in boxes}
+        return self.store.scored(source, boxes, version, network, self.description)
 
     def candidates(self, boxes: list[Box], image: str, version: str) -> list[Box]:
         """At most ``MAX_CANDIDATES`` of ``boxes``: the free ones already measured (by the background
@@ -283,8 +318,8 @@ class WSIUncertain(_PatchStrategy):
         if len(boxes) <= MAX_CANDIDATES:
             return boxes
         held = set(self._book.reserved())
-        with self._lock:
-            measured = [b for b in boxes if (version, b) in self._scores and patch_key(image, b) not in held]
+        with self.store.lock:
+            measured = [b for b in boxes if (version, b) in self.store.stored and patch_key(image, b) not in held]
         measured = measured[:MAX_CANDIDATES]
         chosen = set(measured)
         others = [b for b in boxes if b not in chosen and patch_key(image, b) not in held]
@@ -292,9 +327,10 @@ class WSIUncertain(_PatchStrategy):
 
     def prefetch(self, source: RegionSource, image: str, version: str, patch: tuple[int, int]) -> int:
         """Measures the candidate patches of ``image`` now, so that a later request on it only ranks;
-        the number of patches measured (0 while the model is untrained or the store is full)."""
+        the number of candidates, all measured now or before (0 while the model is untrained or the
+        store is full)."""
         network = self._network()
-        if network is None or len(self._scores) + MAX_CANDIDATES > MAX_STORED_SCORES:
+        if network is None or len(self.store.stored) + MAX_CANDIDATES > MAX_STORED_SCORES:
             return 0
         boxes = self.candidates(patch_grid(source.dimensions, patch), image, version)
         self.scored(source, boxes, version, network)
@@ -314,13 +350,19 @@ class WSIDiverse(WSIUncertain):
 
     The radiology ``diversity`` strategy on patches: greedy uncertainty-weighted coverage
     (``strategies.selection.diverse_top_k``) of the foreground entropy and the mean bottleneck
-    features of each patch, with the reserved patches of the slide counting as covered.
+    features of each patch, with the reserved patches of the slide counting as covered. Its
+    measures are those of ``wsi_uncertain`` when the two share them (``shared``).
     """
 
     summary = (
         "A batch of k uncertain patches of a slide unlike each other and the patches others hold "
         "(foreground entropy x distance in the nuclei network's feature space)"
     )
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if self._measure != "entropy":
+            raise ValueError(f"wsi_diversity ranks by the entropy pass and its features, not {self._measure!r}")
 
     def rank(self, source: RegionSource, boxes: list[Box], image: str, version: str) -> list[Box]:
         network = self._network()
@@ -333,8 +375,8 @@ class WSIDiverse(WSIUncertain):
         measured = self.scored(source, boxes, version, network)
         free = [key[b] for b in boxes if key[b] not in held]
         scores = {key[b]: float(m["entropy"]) for b, m in measured.items()}
-        with self._lock:  # held patches left out of the candidates still cover their part of the space
-            covering = {k: self._scores.get((version, b)) for b in grid if (k := patch_key(image, b)) in held}
+        with self.store.lock:  # held patches left out of the candidates still cover their part of the space
+            covering = {k: self.store.stored.get((version, b)) for b in grid if (k := patch_key(image, b)) in held}
         pairs = [*((key[b], m) for b, m in measured.items()), *((k, m) for k, m in covering.items() if m)]
         embeddings = {k: m["embedding"] for k, m in pairs if len(m.get("embedding", ())) > 0}
         order = diverse_top_k(free, scores, embeddings, max(len(free), 1), self._rng, covered=sorted(held))

@@ -17,7 +17,7 @@ from monailabel.utils.others.pathology import create_asap_annotations_xml, creat
 from appcore.app import RequestChecks
 from appcore.errors import bad_request
 from appcore.settings import AppSettings
-from pathology.activelearning import WSIDiverse, WSIRandom, WSIUncertain
+from pathology.activelearning import PatchMeasures, WSIDiverse, WSIRandom, WSIUncertain
 from pathology.datastore import PathologyDatastore
 from pathology.infer import NucleiInfer
 from pathology.prefetch import PatchPrefetcher
@@ -101,11 +101,12 @@ class PathologyApp(RequestChecks, MONAILabelApp):
         first = next(iter(self.models))
         book = ReservationBook(self.settings.reservation_s)  # one for both: a patch is held whoever picked it
         spec, network = self.models[first].spec, lambda: self._infers[first].network()
+        entropy = PatchMeasures(spec)  # one entropy pass per patch for both strategies that rank by it
         measuring = {
-            "wsi_uncertain": WSIUncertain(spec, network, book=book),
+            "wsi_uncertain": WSIUncertain(spec, network, book=book, shared=entropy),
             "wsi_bald": WSIUncertain(spec, network, book=book, measure="bald"),
             "wsi_tta": WSIUncertain(spec, network, book=book, measure="tta"),
-            "wsi_diversity": WSIDiverse(spec, network, book=book),
+            "wsi_diversity": WSIDiverse(spec, network, book=book, shared=entropy),
         }
         self._prefetcher = PatchPrefetcher(list(measuring.values()), self.datastore, network)
         return {"wsi_random": WSIRandom(book=book), **measuring}

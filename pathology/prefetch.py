@@ -70,7 +70,7 @@ class PatchPrefetcher:
         return [(image, version) for image, version in versions if version not in self._done]
 
     def run_once(self) -> int:
-        """Measures every pending image; the number of patches measured, summed over strategies."""
+        """Measures every pending image; the number of candidate patches, summed over strategies."""
         measured = 0
         for image, version in self._pending():
             if self._stop.is_set():

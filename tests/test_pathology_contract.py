@@ -161,3 +161,10 @@ def test_qupath_readme_matches_the_registry(tmp_path: Path) -> None:
     for name in [*MODELS, *app._strategies, NUCLEUS.name, NUCLEUS.hex_color]:
         assert name in text, f"{name!r} missing from the QuPath README"
     assert f'{{"{NUCLEUS.name}": {NUCLEUS.id}}}' in text
+
+
+def test_the_app_measures_each_patch_once_for_the_two_entropy_strategies(tmp_path: Path) -> None:
+    (tmp_path / "s").mkdir()
+    strategies = PathologyApp(str(tmp_path / "a"), str(tmp_path / "s"), {})._strategies
+    assert strategies["wsi_uncertain"].store is strategies["wsi_diversity"].store
+    assert len({id(strategies[name].store) for name in ("wsi_uncertain", "wsi_bald", "wsi_tta")}) == 3

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pathology.activelearning import MAX_CANDIDATES, WSIDiverse, WSIUncertain, file_version
+from pathology.activelearning import MAX_CANDIDATES, PatchMeasures, WSIDiverse, WSIUncertain, file_version
 from pathology.datastore import PathologyDatastore
 from pathology.prefetch import PatchPrefetcher
 from pathology.spec import NUCLEI
@@ -32,15 +32,42 @@ def store(tmp_path: Path) -> PathologyDatastore:
 
 
 def _app_parts(store: PathologyDatastore, served: list, patch: tuple[int, int] = (100, 150)):
+    """The app's four measuring strategies (``PathologyApp.init_strategies``) and their prefetcher."""
     book = ReservationBook(600)
     network = lambda: served[0]  # noqa: E731 - as the app passes the infer's loader
+    entropy = PatchMeasures(NUCLEI)
     strategies = [
-        WSIUncertain(NUCLEI, network, random.Random(0), book),
+        WSIUncertain(NUCLEI, network, random.Random(0), book, shared=entropy),
         WSIUncertain(NUCLEI, network, random.Random(0), book, measure="bald"),
         WSIUncertain(NUCLEI, network, random.Random(0), book, measure="tta"),
-        WSIDiverse(NUCLEI, network, random.Random(0), book),
+        WSIDiverse(NUCLEI, network, random.Random(0), book, shared=entropy),
     ]
     return strategies, PatchPrefetcher(strategies, lambda: store, network, patch=patch, poll_s=0.05)
+
+
+@pytest.mark.parametrize(("shared", "passes"), [(True, 8), (False, 16)])
+def test_strategies_sharing_the_entropy_measures_run_its_pass_once(
+    store: PathologyDatastore, shared: bool, passes: int
+) -> None:
+    served = [weights_version()]
+    network = lambda: served[0]  # noqa: E731
+    entropy = PatchMeasures(NUCLEI) if shared else None
+    both = [
+        WSIUncertain(NUCLEI, network, random.Random(0), shared=entropy),
+        WSIDiverse(NUCLEI, network, random.Random(0), shared=entropy),
+    ]
+    PatchPrefetcher(both, lambda: store, network, patch=(100, 150)).run_once()
+    assert served[0].passes == passes, "2 images x 4 patches, one probe window each, per entropy store"
+    for strategy in both:
+        assert strategy({"image": "a", "patch_size": [100, 150]}, store) is not None
+    assert served[0].passes == passes, "and both answer from the stored measures"
+
+
+def test_shared_measures_and_a_measure_of_ones_own_do_not_mix() -> None:
+    with pytest.raises(ValueError, match="give one or the other"):
+        WSIUncertain(NUCLEI, lambda: None, shared=PatchMeasures(NUCLEI), measure="bald")
+    with pytest.raises(ValueError, match="ranks by the entropy pass"):
+        WSIDiverse(NUCLEI, lambda: None, shared=PatchMeasures(NUCLEI, measure="tta"))
 
 
 def test_after_a_round_every_strategy_answers_every_slide_without_a_network_pass(store: PathologyDatastore) -> None:
@@ -131,7 +158,7 @@ def test_on_a_large_slide_a_held_patch_outside_the_candidates_still_counts_as_co
     book.pick([f"a@{','.join(map(str, held))}"], lambda free: free, "first annotator")
     network = torch.nn.Identity()
     diverse = WSIDiverse(NUCLEI, lambda: network, random.Random(0), book)
-    diverse.measures = lambda source, box, net: table[box]
+    diverse.store.measures = lambda source, box, net: table[box]
     version = file_version(store.get_image_uri("a"))
     diverse.scored(open_source(store.get_image_uri("a")), grid, version, network)  # all measured
     pick = diverse({"image": "a", "patch_size": list(patch), "client_id": "second"}, store)["bbox"]

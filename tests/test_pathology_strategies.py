@@ -198,7 +198,7 @@ def test_wsi_diversity_skips_near_duplicates_of_patches_picked_or_held(store: Pa
 
     def strategy(cls: type, book: ReservationBook) -> WSIUncertain:
         s = cls(NUCLEI, lambda: network, random.Random(0), book)
-        s.measures = lambda source, box, net: table[box]
+        s.store.measures = lambda source, box, net: table[box]
         return s
 
     request_ = {"image": "small", "patch_size": [100, 150], "k": 2}
