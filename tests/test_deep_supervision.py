@@ -66,6 +66,13 @@ def test_every_head_learns_from_the_loss() -> None:
         assert head.weight.grad is not None and head.weight.grad.abs().sum() > 0
 
 
+def test_a_network_without_the_unet_layout_is_refused() -> None:
+    unet = SPEC.network()
+    unet.model = torch.nn.Identity()
+    with pytest.raises(ValueError, match="expected 3 decoder levels in the UNet, found 0"):
+        DeepSupervision(unet)
+
+
 @pytest.mark.parametrize("extra_levels", [0, 3])
 def test_levels_beyond_the_decoder_are_refused(extra_levels: int) -> None:
     with pytest.raises(ValueError, match="extra_levels must be between 1 and 2"):

@@ -63,11 +63,20 @@ def test_strategies_sharing_the_entropy_measures_run_its_pass_once(
     assert served[0].passes == passes, "and both answer from the stored measures"
 
 
-def test_shared_measures_and_a_measure_of_ones_own_do_not_mix() -> None:
-    with pytest.raises(ValueError, match="give one or the other"):
-        WSIUncertain(NUCLEI, lambda: None, shared=PatchMeasures(NUCLEI), measure="bald")
-    with pytest.raises(ValueError, match="ranks by the entropy pass"):
-        WSIDiverse(NUCLEI, lambda: None, shared=PatchMeasures(NUCLEI, measure="tta"))
+@pytest.mark.parametrize(
+    ("make", "match"),
+    [
+        (lambda: WSIUncertain(NUCLEI, lambda: None, shared=PatchMeasures(NUCLEI), measure="bald"), "one or the other"),
+        (lambda: WSIUncertain(NUCLEI, lambda: None, shared=PatchMeasures(NUCLEI), dropout=0.1), "one or the other"),
+        (lambda: WSIDiverse(NUCLEI, lambda: None, shared=PatchMeasures(NUCLEI, measure="tta")), "ranks by the entropy"),
+        (lambda: WSIDiverse(NUCLEI, lambda: None, measure="bald"), "ranks by the entropy pass"),
+        (lambda: WSIUncertain(NUCLEI, lambda: None, measure="variance"), r"measure must be one of \['bald', 'entropy'"),
+        (lambda: PatchMeasures(NUCLEI, measure="bald", dropout=1.0), r"dropout must be in \(0, 1\), got 1.0"),
+    ],
+)
+def test_measure_settings_that_cannot_work_are_refused(make, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        make()
 
 
 def test_after_a_round_every_strategy_answers_every_slide_without_a_network_pass(store: PathologyDatastore) -> None:
