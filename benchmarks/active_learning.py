@@ -14,6 +14,11 @@ reach 95% of the reference's Dice, against random's number.
 
 Runs are written one file each under ``OUT/runs/`` and skipped when present, so an interrupted
 benchmark resumes; ``--plot-only`` rebuilds ``curves.csv``, ``summary.md`` and ``learning_curves.png``.
+``--strategy oracle`` is a diagnostic, not a strategy the server offers: it knows the pool's labels
+and picks the cases the current model segments worst (highest 1 - Dice), what a perfect
+uncertainty measure would rank first. Where it saves no more labels than the real strategies, better
+uncertainty estimates could not save more either.
+
 ``DIR`` is an MSD-layout folder (``imagesTr/`` and ``labelsTr/``, or ``dataset.json``); make the
 fixed pool/test split of a dataset with ``python -m benchmarks.al_split``.
 """
@@ -48,11 +53,14 @@ from strategies.selection import RANKED_STRATEGIES, diverse_top_k, top_k
 logger = logging.getLogger(__name__)
 
 STRATEGIES = ("random", "epistemic", "bald", "tta", "diversity")
+# Picks that read the true labels of the pool (what no server can do): bounds, not strategies.
+DIAGNOSTICS = ("oracle",)
 REFERENCE = "full_pool"
 # Which measure ranks for each strategy: the server's own table (None there is the stored ranking
 # value, the predictive entropy, which also weighs the diversity strategy's picks).
 MEASURE = {name: key or "entropy" for name, (key, _) in RANKED_STRATEGIES.items()}
 MEASURE["diversity"] = "entropy"
+MEASURE["oracle"] = "error"
 TARGET_FRACTION = 0.95
 
 
@@ -189,7 +197,13 @@ def run_strategy(
         picked, train_s, score_s = [], 0.0, 0.0
         if rnd > 0:
             unlabelled = sorted(set(data.pool) - set(labelled))
-            if strategy != "random":
+            if strategy == "oracle":
+                start = time.perf_counter()
+                for case in unlabelled:  # the current model's true error on each case
+                    dice = validate(spec, learner.network, [data.pool[case]], device)
+                    measures[case] = {"error": 1.0 - float(np.mean(list(dice.values())))}
+                score_s = time.perf_counter() - start
+            elif strategy != "random":
                 start = time.perf_counter()
                 scorer.use_network(learner.network)
                 for case in unlabelled:
@@ -319,7 +333,7 @@ def plot(rows: list[dict], path: Path, target: float | None) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    for s in [s for s in STRATEGIES if any(r["strategy"] == s for r in rows)]:
+    for s in [s for s in STRATEGIES + DIAGNOSTICS if any(r["strategy"] == s for r in rows)]:
         by_n: dict[int, list[float]] = {}
         for r in rows:
             if r["strategy"] == s:
@@ -363,7 +377,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pool", type=Path, help="MSD-layout folder of labelled cases to pick from")
     parser.add_argument("--test", type=Path, help="MSD-layout folder of cases to measure Dice on")
-    parser.add_argument("--strategy", default=",".join(STRATEGIES), help=f"comma list of {', '.join(STRATEGIES)}")
+    parser.add_argument(
+        "--strategy",
+        default=",".join(STRATEGIES),
+        help=f"comma list of {', '.join(STRATEGIES)}, or the diagnostic {', '.join(DIAGNOSTICS)}",
+    )
     parser.add_argument("--initial", type=int, default=4, help="labelled cases at the start")
     parser.add_argument("--per-round", type=int, default=4, help="cases the strategy picks per round")
     parser.add_argument("--rounds", type=int, default=6)
@@ -395,9 +413,9 @@ def main(argv: list[str] | None = None) -> None:
     if not (args.pool and args.test):
         parser.error("--pool and --test are required (unless --plot-only)")
     strategies = _csv_list(args.strategy)
-    unknown = sorted(set(strategies) - set(STRATEGIES))
+    unknown = sorted(set(strategies) - set(STRATEGIES + DIAGNOSTICS))
     if unknown:
-        parser.error(f"unknown strategies {unknown}; choose from {list(STRATEGIES)}")
+        parser.error(f"unknown strategies {unknown}; choose from {list(STRATEGIES + DIAGNOSTICS)}")
     torch.set_num_threads(args.threads)
     spec = MODELS[args.model]
     schedule = Schedule(

@@ -94,21 +94,57 @@ def test_tiny_simulation_writes_curves_summary_and_plot(tmp_path: Path) -> None:
             link.unlink()  # two test cases are enough to exercise the loop
     out = tmp_path / "out"
     args = ["--pool", str(tmp_path / "split" / "pool"), "--test", str(test_dir), "--out", str(out)]
-    args += ["--strategy", "random,diversity", "--initial", "2", "--per-round", "2", "--rounds", "1", "--seed", "0"]
+    args += [
+        "--strategy",
+        "random,diversity,oracle",
+        "--initial",
+        "2",
+        "--per-round",
+        "2",
+        "--rounds",
+        "1",
+        "--seed",
+        "0",
+    ]
     args += ["--initial-steps", "2", "--steps-per-round", "2", "--channels", "4,8,16,32"]
     args += ["--mc-samples", "2", "--tta-samples", "2", "--threads", "1"]
     main(args)
     runs = {p.name for p in (out / "runs").glob("*.json")}
-    assert runs == {"full_pool_seed0.json", "random_seed0.json", "diversity_seed0.json"}
+    assert runs == {"full_pool_seed0.json", "random_seed0.json", "diversity_seed0.json", "oracle_seed0.json"}
     diversity = json.loads((out / "runs" / "diversity_seed0.json").read_text())["rows"]
     assert [r["labelled"] for r in diversity] == [2, 4]
     assert len(diversity[1]["picked"].split(";")) == 2
     assert (out / "learning_curves.png").stat().st_size > 10_000
+    _oracle_picked_the_worst_segmented(out, tmp_path / "split" / "pool")
     assert "| random | 1 |" in (out / "summary.md").read_text()
     # a second call resumes: nothing left to run, the files stay
     before = (out / "runs" / "random_seed0.json").stat().st_mtime_ns
     main(args)
     assert (out / "runs" / "random_seed0.json").stat().st_mtime_ns == before
+
+
+def _oracle_picked_the_worst_segmented(out: Path, pool_dir: Path) -> None:
+    """The oracle's first picks are the unlabelled cases with the lowest Dice under the initial model."""
+    import numpy as np
+    import torch
+
+    from benchmarks.active_learning import Data, Learner, Schedule
+    from radiology.offline import validate
+    from radiology.splits import msd_cases
+
+    run = json.loads((out / "runs" / "oracle_seed0.json").read_text())
+    saved = torch.load(out / "runs" / "initial_seed0.pt", weights_only=False)
+    schedule = Schedule(**{**run["meta"]["schedule"], "channels": tuple(run["meta"]["schedule"]["channels"])})
+    learner = Learner(schedule.spec(), schedule.lr, torch.device("cpu"), schedule.cpu_bf16)
+    learner.load(saved["state"])
+    data = Data(schedule.spec(), msd_cases(pool_dir), [])
+    dice = {
+        case: float(np.mean(list(validate(schedule.spec(), learner.network, [item], torch.device("cpu")).values())))
+        for case, item in data.pool.items()
+        if case not in saved["initial"]
+    }
+    worst = sorted(dice, key=lambda c: dice[c])[:2]
+    assert sorted(run["rows"][1]["picked"].split(";")) == sorted(worst)
 
 
 def test_pool_and_test_must_not_overlap(tmp_path: Path) -> None:
