@@ -50,6 +50,17 @@ def phantom_cases(folder: Path, n: int, shape: tuple[int, int, int] = (36, 50, 3
     return cases
 
 
+def phantom_msd_folder(tmp_path: Path, n: int) -> Path:
+    """``n`` phantom cases in the MSD layout (no dataset.json), as ``radiology.offline`` reads them."""
+    data = tmp_path / "msd"
+    (data / "imagesTr").mkdir(parents=True)
+    (data / "labelsTr").mkdir()
+    for case in phantom_cases(tmp_path, n):
+        case.image.rename(data / "imagesTr" / f"hippocampus_{case.id}.nii.gz")
+        case.label.rename(data / "labelsTr" / f"hippocampus_{case.id}.nii.gz")
+    return data
+
+
 @pytest.fixture
 def oblique_affine() -> np.ndarray:
     """LPS-oriented, anisotropic, rotated by 10 degrees about z, with an offset origin."""

@@ -13,7 +13,7 @@ from radiology.offline import main as offline_main
 from radiology.offline import parse_augment, train_batched
 from radiology.registry import MODELS
 from radiology.splits import Case
-from tests.conftest import dice, phantom_cases
+from tests.conftest import dice, phantom_cases, phantom_msd_folder
 
 NO_INTENSITY = {"p_gamma": 0.0, "p_gain": 0.0, "p_shift": 0.0, "p_noise": 0.0}
 SHAPE = (20, 28, 16)  # not cubic: a rotation built in normalised coordinates would shear it
@@ -209,17 +209,6 @@ def _train(tmp_path: Path, train_cases: list[Case], val_cases: list[Case], **set
     return train_batched(MODELS["hippocampus"], train_cases, val_cases, **{**arguments, **settings})
 
 
-def _msd_folder(tmp_path: Path, n: int) -> Path:
-    """``n`` phantom cases in the MSD layout (no dataset.json), as ``radiology.offline`` reads them."""
-    data = tmp_path / "msd"
-    (data / "imagesTr").mkdir(parents=True)
-    (data / "labelsTr").mkdir()
-    for case in phantom_cases(tmp_path, n):
-        case.image.rename(data / "imagesTr" / f"hippocampus_{case.id}.nii.gz")
-        case.label.rename(data / "labelsTr" / f"hippocampus_{case.id}.nii.gz")
-    return data
-
-
 def test_batched_training_keeps_the_best_and_the_last_weights(tmp_path: Path) -> None:
     cases = phantom_cases(tmp_path, 3)
     out = tmp_path / "w.pt"
@@ -261,7 +250,7 @@ def test_volumes_larger_than_the_patch_are_refused(tmp_path: Path) -> None:
 
 
 def test_the_command_line_writes_weights_and_a_history(tmp_path: Path) -> None:
-    data = _msd_folder(tmp_path, 12)  # the fixed split: 2 test, 1 validation, 9 training
+    data = phantom_msd_folder(tmp_path, 12)  # the fixed split: 2 test, 1 validation, 9 training
     out = tmp_path / "cli.pt"
     offline_main(
         ["hippocampus", "--data", str(data), "--out", str(out), "--batched", "--steps", "2", "--val-every", "2"]
@@ -275,7 +264,7 @@ def test_the_command_line_writes_weights_and_a_history(tmp_path: Path) -> None:
 
 
 def test_include_val_trains_on_the_validation_cases_too(tmp_path: Path) -> None:
-    data = _msd_folder(tmp_path, 12)
+    data = phantom_msd_folder(tmp_path, 12)
     out = tmp_path / "final.pt"
     offline_main(
         ["hippocampus", "--data", str(data), "--out", str(out), "--batched", "--steps", "1", "--val-every", "1"]

@@ -14,7 +14,7 @@ from radiology.deep_supervision import DeepSupervision, decoder_levels
 from radiology.offline import main as offline_main
 from radiology.offline import train_batched
 from radiology.registry import MODELS
-from tests.conftest import phantom_cases
+from tests.conftest import phantom_cases, phantom_msd_folder
 
 SPEC = MODELS["hippocampus"]
 
@@ -113,12 +113,7 @@ def test_the_command_line_passes_it_on_and_keeps_it_to_batched_training(
     assert exit_info.value.code == 2
     assert "--deep-supervision apply to --batched training only" in capsys.readouterr().err
 
-    data = tmp_path / "msd"
-    (data / "imagesTr").mkdir(parents=True)
-    (data / "labelsTr").mkdir()
-    for case in phantom_cases(tmp_path, 12):
-        case.image.rename(data / "imagesTr" / f"hippocampus_{case.id}.nii.gz")
-        case.label.rename(data / "labelsTr" / f"hippocampus_{case.id}.nii.gz")
+    data = phantom_msd_folder(tmp_path, 12)
     out = tmp_path / "cli.pt"
     offline_main(
         ["hippocampus", "--data", str(data), "--out", str(out), "--batched", "--steps", "1", "--val-every", "1"]
