@@ -122,12 +122,16 @@ def test_info_and_removal_of_existing_entries(store: CheckedLocalDatastore, tmp_
     assert store.list_images() == []
 
 
-def test_info_read_can_be_sent_back_with_a_new_field(
-    store: CheckedLocalDatastore, tmp_path: Path, oblique_affine
-) -> None:
-    store.save_label(
-        "case1", _label_file(tmp_path / "l.nii.gz", np.ones((10, 12, 8), np.uint8), oblique_affine), "final", {}
-    )
+@pytest.fixture
+def labelled(store: CheckedLocalDatastore, tmp_path: Path, oblique_affine) -> CheckedLocalDatastore:
+    """``store`` with a ``final`` label saved on case1."""
+    label = _label_file(tmp_path / "l.nii.gz", np.ones((10, 12, 8), np.uint8), oblique_affine)
+    store.save_label("case1", label, "final", {})
+    return store
+
+
+def test_info_read_can_be_sent_back_with_a_new_field(labelled: CheckedLocalDatastore) -> None:
+    store = labelled
     image_before = store.get_image_info("case1")
     store.update_image_info("case1", {**image_before, "note": "motion"})
     assert store.get_image_info("case1") == {**image_before, "note": "motion"}
@@ -150,11 +154,9 @@ def test_info_read_can_be_sent_back_with_a_new_field(
     ],
 )
 def test_server_info_fields_cannot_be_changed(
-    store: CheckedLocalDatastore, tmp_path: Path, oblique_affine, target: str, change: dict, refused: str
+    labelled: CheckedLocalDatastore, target: str, change: dict, refused: str
 ) -> None:
-    store.save_label(
-        "case1", _label_file(tmp_path / "l.nii.gz", np.ones((10, 12, 8), np.uint8), oblique_affine), "final", {}
-    )
+    store = labelled
     read, update = {
         "image": (lambda: store.get_image_info("case1"), lambda i: store.update_image_info("case1", i)),
         "label": (
@@ -169,10 +171,8 @@ def test_server_info_fields_cannot_be_changed(
     assert read() == before  # nothing of the refused request was stored
 
 
-def test_label_info_answers_are_copies(store: CheckedLocalDatastore, tmp_path: Path, oblique_affine) -> None:
-    store.save_label(
-        "case1", _label_file(tmp_path / "l.nii.gz", np.ones((10, 12, 8), np.uint8), oblique_affine), "final", {}
-    )
+def test_label_info_answers_are_copies(labelled: CheckedLocalDatastore) -> None:
+    store = labelled
     store.get_label_info("case1", "final")["ts"] = 1
     assert store.get_label_info("case1", "final")["ts"] != 1
 
