@@ -1,11 +1,11 @@
-"""Validation Dice of hippocampus weights alone, averaged in every subset, and under test-time shifts or mirroring.
+"""Validation Dice of hippocampus weights alone, averaged in every subset, and under test-time augmentation.
 
 The variants of issue 2 that were judged on the validation split before any test scoring (model
 card, "How the recipe was chosen")::
 
     .venv/bin/python -m benchmarks.hippocampus_variants --data ../shared/data/hippocampus_mr \
         --weights b_base=work/gpu3/b_base.pt b_wide=work/gpu3/b_wide.pt:24,48,96,192 ... \
-        --shift-tta b_strong --time-scoring --foreground-weights 0.6,0.8,0.9,1.1,1.25,1.5,2 --flip-tta
+        --shift-tta b_strong --time-scoring --foreground-weights 0.6,0.8,0.9,1.1,1.25,1.5,2 --flip-tta --affine-tta
 
 Each volume goes through the validation pre-processing and one sliding window (the window the
 server uses for these crops); probabilities are averaged before the argmax.
@@ -31,6 +31,7 @@ from radiology.offline import dice_per_class
 from radiology.registry import MODELS
 from radiology.splits import msd_cases, split_cases
 from radiology.transforms import class_index, validation_transforms
+from radiology.tta import AffineTTA
 from radiology.uncertainty import MCDropoutScorer
 
 SHIFT = 2  # voxels, along each axis both ways
@@ -56,6 +57,12 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="also score every model with left-right mirroring at test time (the mean of the plain and "
         "the mirrored pass), and print each model's gain over its plain score",
+    )
+    parser.add_argument(
+        "--affine-tta",
+        action="store_true",
+        help="also score every model with test-time rotations and zooms (radiology.tta.AffineTTA: the "
+        "identity, +-0.15 rad about each axis, zooms 0.9 and 1.1; 9 passes), and print each model's gain",
     )
     parser.add_argument("--top", type=int, default=8, help="how many subsets to print")
     parser.add_argument(
@@ -150,6 +157,19 @@ def main(argv: list[str] | None = None) -> None:
             gains.append(result[0] - score(probs[name])[0])
             print(f"flip TTA  {name} (plain and left-right mirrored): {result}, gain {gains[-1]:+.4f}")
         print(f"flip TTA  mean gain over {len(gains)} models: {statistics.mean(gains):+.4f}")
+
+    if args.affine_tta:
+
+        def window(image: torch.Tensor, network: torch.nn.Module) -> torch.Tensor:
+            return sliding_window_inference(image, spec.roi_size, 1, network, overlap=0.25, mode="gaussian")
+
+        tta, gains = AffineTTA(window), []
+        for name, network in networks.items():
+            with torch.inference_mode():
+                result = score([tta(item["image"][None], network)[0] for item in items])
+            gains.append(result[0] - score(probs[name])[0])
+            print(f"affine TTA {name} ({len(tta)} passes: rotations and zooms): {result}, gain {gains[-1]:+.4f}")
+        print(f"affine TTA mean gain over {len(gains)} models: {statistics.mean(gains):+.4f}")
 
     if args.shift_tta:
         network = networks[args.shift_tta]
