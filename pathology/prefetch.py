@@ -81,7 +81,12 @@ class PatchPrefetcher:
                 logger.warning("Patch measures: skipping %s: %s", image, e)
             self._done.add(version)  # measured or not, not tried again until the file or weights change
         if measured:
-            logger.info("Patch measures: %d patches measured in the background", measured)
+            # A patch that strategies share (one PatchMeasures store) is counted once per strategy.
+            logger.info(
+                "Patch measures: %d patches measured in the background (counted once per strategy, %d strategies)",
+                measured,
+                len(self._strategies),
+            )
         return measured
 
     def _measure(self, image: str, version: str) -> int:
