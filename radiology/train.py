@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +82,14 @@ class SegmentationTrainer(BasicTrainTask):
     A run that fails, is stopped (``DELETE /train``) or is killed never touches the served file:
     checkpoints go to the run folder, and publishing is one atomic rename after the final epoch.
 
+    When the run starts from trained weights and has validation images, those weights are validated
+    first, as epoch 0, and an epoch must beat them on validation Dice to be published; otherwise the
+    served weights stay as they are, and the log (``GET /train/``) and ``last_run`` in the stats
+    (``/info``'s ``train_stats``) say so. MONAI Label's own
+    checkpointing only compares the run's epochs with each other, so a run in which every epoch
+    validated worse than the starting weights still replaced them (``benchmarks/RESULTS.md``,
+    "Does training on a few labels help the shipped model?").
+
     Args:
         spec: the model.
         model_dir: folder for this model's run outputs (checkpoints, stats, TensorBoard events).
@@ -126,6 +136,7 @@ class SegmentationTrainer(BasicTrainTask):
         self.spec = spec
         self.served_path = Path(served_path)
         self.cpu_bf16 = cpu_bf16
+        self._starting_dice: float | None = None  # validation Dice of the weights the run started from
 
     # -- what to train -------------------------------------------------------------------------
     def network(self, context: Context) -> torch.nn.Module:
@@ -209,19 +220,70 @@ class SegmentationTrainer(BasicTrainTask):
 
     def finalize(self, context: Context) -> None:
         super().finalize(context)
+        self._starting_dice = None
+        started_from = self.load_path(context.output_dir, context.pretrained)
+        if context.evaluator is not None and started_from and Path(started_from).exists():
+            # After MONAI's CheckpointLoader, which is attached to STARTED before this handler.
+            context.trainer.add_event_handler(Events.STARTED, lambda _: self._validate_start(context))
         context.trainer.add_event_handler(Events.COMPLETED, lambda _: self._publish(context))
 
+    def _validate_start(self, context: Context) -> None:
+        """Validate the loaded weights before the first epoch; they become epoch 0 of the run.
+
+        The evaluator's key-metric checkpoint then holds them until an epoch beats them, and its best
+        metric and epoch count them as epoch 0.
+        """
+        evaluator = context.evaluator
+        logger.info("Validating the weights the run starts from (epoch 0)")
+        evaluator.run(1)
+        state = evaluator.state
+        self._starting_dice = float(state.metrics[state.key_metric_name])
+        if state.best_metric_epoch == 1:
+            state.best_metric_epoch = 0
+        logger.info("Validation Dice of the weights the run starts from: %.4f", self._starting_dice)
+
     def _publish(self, context: Context) -> None:
+        outcome: dict[str, Any] = {"published": False, "start_val_dice": self._starting_dice}
+        try:
+            outcome["published"] = self._publish_best(context, outcome)
+        finally:
+            self._record(outcome)
+
+    def _publish_best(self, context: Context, outcome: dict[str, Any]) -> bool:
         best = Path(context.output_dir) / self._key_metric_filename
         if not best.exists():
             logger.warning("Training completed without a checkpoint at %s; served weights unchanged", best)
-            return
+            return False
+        if self._starting_dice is not None:
+            best_dice = float(context.evaluator.state.best_metric)
+            outcome["best_val_dice"] = best_dice
+            if not best_dice > self._starting_dice:
+                logger.warning(
+                    "No epoch beat the weights the run started from on validation (best %.4f, start %.4f); "
+                    "served weights unchanged",
+                    best_dice,
+                    self._starting_dice,
+                )
+                return False
         state = load_state_dict(best)
         if not all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point()):
             logger.error("Best checkpoint holds NaN or Inf weights; served weights unchanged")
-            return
+            return False
         save_weights_atomically(state, self.served_path)
         logger.info("Published %s -> %s", best, self.served_path)
+        return True
+
+    def _record(self, outcome: dict[str, Any]) -> None:
+        """Add what the run did with its weights to MONAI Label's stats file as ``last_run``.
+
+        The server trains in a child process; the file is how ``/info``'s ``train_stats`` learns it.
+        """
+        path = Path(self._stats_path)
+        stats = json.loads(path.read_text()) if path.exists() else {}
+        stats["last_run"] = outcome
+        staged = path.with_name(f".{path.name}.tmp")
+        staged.write_text(json.dumps(stats, indent=2))
+        os.replace(staged, path)
 
     def stats(self) -> dict[str, Any]:
         stats = super().stats()
