@@ -37,6 +37,17 @@ def model_label(model: str, label: Path, class_map: Path | None, dest: Path) -> 
     return dest
 
 
+def unwatched_app(app_dir: Path, studies: Path, conf: dict[str, str]) -> RadiologyApp:
+    """A ``RadiologyApp`` without MONAI Label's folder watcher: tests refresh the datastore
+    themselves, and a watcher thread refreshing at the same moment races them (and outlives the
+    temporary folder)."""
+    watching, ml_settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD = ml_settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD, False
+    try:
+        return RadiologyApp(str(app_dir), str(studies), conf)
+    finally:
+        ml_settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD = watching
+
+
 def make_app(root: Path, model: str, *, labelled: int, conf: dict[str, str] | None = None) -> RadiologyApp:
     """An app serving ``model`` over the two real cases of CASES, the first ``labelled`` of them labelled."""
     studies, app_dir, tmp = root / "studies", root / "app", root / "incoming"
@@ -47,13 +58,7 @@ def make_app(root: Path, model: str, *, labelled: int, conf: dict[str, str] | No
         shutil.copyfile(image, studies / image.name)
         ids.append(image.name.split(".")[0])
     settings = {"models": model, "score_on_start": "false", "score_after_train": "false", "score_new_images": "false"}
-    # No folder watcher: tests refresh the datastore themselves, and a watcher thread refreshing at
-    # the same moment races them (and outlives the temporary folder).
-    watching, ml_settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD = ml_settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD, False
-    try:
-        app = RadiologyApp(str(app_dir), str(studies), {**settings, **(conf or {})})
-    finally:
-        ml_settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD = watching
+    app = unwatched_app(app_dir, studies, {**settings, **(conf or {})})
     for image_id, (_, label, class_map) in list(zip(ids, CASES[model], strict=True))[:labelled]:
         converted = model_label(model, label, class_map, tmp / f"{image_id}.nii.gz")
         app.datastore().save_label(image_id, str(converted), "final", {"model": model})

@@ -13,6 +13,7 @@ import torch
 
 from radiology.app import RadiologyApp
 from radiology.train import SegmentationTrainer
+from tests.apps import unwatched_app
 from tests.conftest import HIPPO, requires_shared
 
 pytestmark = [requires_shared, pytest.mark.slow]
@@ -32,7 +33,7 @@ def app_over_copies(root: Path, copies: int) -> RadiologyApp:
     for image_id in ids:
         shutil.copyfile(HIPPO / "imagesTr" / f"{SOURCE}.nii.gz", studies / f"{image_id}.nii.gz")
     settings = {"models": "hippocampus", "score_on_start": "false", "score_after_train": "false"}
-    app = RadiologyApp(str(root / "app"), str(studies), settings)
+    app = unwatched_app(root / "app", studies, settings)
     for image_id in ids:
         app.datastore().save_label(image_id, str(HIPPO / "labelsTr" / f"{SOURCE}.nii.gz"), "final", {})
     return app
