@@ -32,7 +32,12 @@ def app_over_copies(root: Path, copies: int) -> RadiologyApp:
     ids = [f"case{i}" for i in range(copies)]
     for image_id in ids:
         shutil.copyfile(HIPPO / "imagesTr" / f"{SOURCE}.nii.gz", studies / f"{image_id}.nii.gz")
-    settings = {"models": "hippocampus", "score_on_start": "false", "score_after_train": "false"}
+    settings = {
+        "models": "hippocampus",
+        "score_on_start": "false",
+        "score_after_train": "false",
+        "score_new_images": "false",
+    }
     app = unwatched_app(root / "app", studies, settings)
     for image_id in ids:
         app.datastore().save_label(image_id, str(HIPPO / "labelsTr" / f"{SOURCE}.nii.gz"), "final", {})
