@@ -31,6 +31,10 @@
 #   benchmarks/gpu_session.sh stronger             # there: the shipped recipe with augmentation one notch
 #                                          # stronger ($STRONGER): seed 0 on the training cases (5436
 #                                          # steps) and, at the same time, on train+val (8527 steps)
+#   benchmarks/gpu_session.sh sgd                  # there: the shipped recipe with nnU-Net's optimiser
+#                                          # (radiology.offline --optimizer sgd --lr 1e-2): seeds 0 and 1
+#                                          # on the training cases (5436 steps) and, at the same time,
+#                                          # seed 0 on train+val (8527 steps). STEPS=N for a dry run
 #
 # The recipes' epoch counts come from a 3-epoch calibration of all four at once, sized to fill 65%
 # of the time left (the AL simulation shares the GPU and CPUs with them); each also stops after
@@ -211,7 +215,7 @@ seeds)
     for s in 0 1 2; do cp "$W/seed$s.last.pt" "$OUT/" || tail -5 "$W/seed$s.log"; done
     tar -C "$W" -czf "$OUT/gpu_seeds.tgz" --exclude='*.pt' . && ls -la "$OUT"
     ;;
-ds | stronger)
+ds | stronger | sgd)
     setup
     # Each job is cut off in time so that the logs come back within the device call's limit; a job
     # cut off leaves no .last.pt and so nothing to judge.
@@ -227,10 +231,16 @@ ds | stronger)
         job ds_s0 "${STEPS:-5436}" 0 --augment "$STRONG" --deep-supervision 2 &
         job ds_s1 "${STEPS:-5436}" 1 --augment "$STRONG" --deep-supervision 2 &
         job ds_final "${STEPS:-8527}" 0 --augment "$STRONG" --deep-supervision 2 --include-val &
-    else
+    elif [ "$phase" = stronger ]; then
         names="st_s0 st_final"
         job st_s0 "${STEPS:-5436}" 0 --augment "$STRONGER" &
         job st_final "${STEPS:-8527}" 0 --augment "$STRONGER" --include-val &
+    else
+        # job passes --lr 2e-3 first; the later --lr wins (argparse keeps the last value).
+        names="sgd_s0 sgd_s1 sgd_final"
+        job sgd_s0 "${STEPS:-5436}" 0 --augment "$STRONG" --optimizer sgd --lr 1e-2 &
+        job sgd_s1 "${STEPS:-5436}" 1 --augment "$STRONG" --optimizer sgd --lr 1e-2 &
+        job sgd_final "${STEPS:-8527}" 0 --augment "$STRONG" --optimizer sgd --lr 1e-2 --include-val &
     fi
     wait
     for name in $names; do

@@ -55,12 +55,19 @@ def amp_step(
     loss_fn: torch.nn.Module,
     image: torch.Tensor,
     label: torch.Tensor,
+    clip: float | None = None,
 ) -> torch.Tensor:
-    """One optimiser step, under autocast and ``scaler`` on CUDA (both off on the CPU); returns the loss."""
+    """One optimiser step, under autocast and ``scaler`` on CUDA (both off on the CPU); returns the loss.
+
+    ``clip`` caps the gradients' global norm (after unscaling), as nnU-Net does for its SGD.
+    """
     optimizer.zero_grad(set_to_none=True)
     with torch.autocast(image.device.type, enabled=image.device.type == "cuda"):
         loss = loss_fn(model(image), label)
     scaler.scale(loss).backward()
+    if clip is not None:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
     scaler.step(optimizer)
     scaler.update()
     return loss
@@ -158,6 +165,28 @@ def batched_data(
     return images, labels, CacheDataset(_records(val_cases), load, progress=False)
 
 
+OPTIMIZERS = ("adamw", "sgd")
+SGD_CLIP = 12.0  # nnU-Net's gradient-norm cap for its SGD
+
+
+def make_optimizer(kind: str, params, lr: float) -> torch.optim.Optimizer:
+    """``adamw`` (this project's recipe) or ``sgd``: nnU-Net's SGD, Nesterov momentum 0.99, weight decay 3e-5."""
+    if kind == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=1e-5)
+    if kind == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=0.99, nesterov=True, weight_decay=3e-5)
+    raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {kind!r}")
+
+
+def make_schedule(kind: str, optimizer: torch.optim.Optimizer, lr: float, steps: int):
+    """One cycle up to ``lr`` for ``adamw``; nnU-Net's polynomial decay from ``lr`` for ``sgd``."""
+    if kind == "sgd":
+        for group in optimizer.param_groups:  # a calibration may have left a lower rate there
+            group["lr"] = group["initial_lr"] = lr
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: (1 - min(step, steps) / steps) ** 0.9)
+    return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.05)
+
+
 def train_batched(
     spec: ModelSpec,
     train_cases: list[Case],
@@ -172,6 +201,7 @@ def train_batched(
     val_every: int,
     augment: BatchAugment,
     deep_supervision: int = 0,
+    optimizer_kind: str = "adamw",
 ) -> dict:
     """Train from scratch with whole volumes kept on the device and augmented a batch at a time.
 
@@ -183,6 +213,8 @@ def train_batched(
     follows one cycle over all steps. ``val_every`` counts steps; the best validation checkpoint
     goes to ``out``, as in ``train``. ``deep_supervision`` > 0 adds a loss on that many coarser
     decoder levels (``radiology.deep_supervision``); the weights written are the UNet's alone.
+    ``optimizer_kind`` ``sgd`` swaps the AdamW one-cycle recipe for nnU-Net's SGD with polynomial
+    decay and gradient clipping (``make_optimizer``, ``make_schedule``).
     """
     if (steps is None) == (minutes is None):
         raise ValueError("give exactly one of steps and minutes")
@@ -203,7 +235,8 @@ def train_batched(
         trained = DeepSupervision(model, extra_levels=deep_supervision).to(device)
         # Weights 1, 0.5, 0.25, ... from the finest output down.
         loss_fn = DeepSupervisionLoss(loss_fn, weight_mode="exp")
-    optimizer = torch.optim.AdamW(trained.parameters(), lr=lr, weight_decay=1e-5)
+    optimizer = make_optimizer(optimizer_kind, trained.parameters(), lr)
+    clip = SGD_CLIP if optimizer_kind == "sgd" else None
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")
 
     def step_once() -> torch.Tensor:
@@ -212,7 +245,7 @@ def train_batched(
         if deep_supervision:
             label = label.float()  # the loss resizes the label for the coarser outputs: no integer interpolation
         # The loss stays on the device: reading it every step would wait for the GPU each time.
-        return amp_step(trained, optimizer, scaler, loss_fn, image, label).detach()
+        return amp_step(trained, optimizer, scaler, loss_fn, image, label, clip).detach()
 
     history: dict = {
         "steps": [],
@@ -243,7 +276,8 @@ def train_batched(
         steps = max(val_every, int((left - checks * len(val_ds) * 2 * per_step) / per_step))
         history["calibration"] = {"seconds_per_step": round(per_step, 5), "planned_steps": steps}
         logger.info(json.dumps(history["calibration"]))
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.05)
+    scheduler = make_schedule(optimizer_kind, optimizer, lr, steps)
+    history["optimizer"] = optimizer_kind
 
     best, total, tick = -1.0, torch.zeros((), device=device), time.perf_counter()
     for step in range(1, steps + 1):
@@ -324,6 +358,13 @@ def main(argv: list[str] | None = None) -> None:
         metavar="LEVELS",
         help="also supervise this many coarser decoder levels (training only; the weights stay a plain UNet)",
     )
+    batched.add_argument(
+        "--optimizer",
+        choices=OPTIMIZERS,
+        default="adamw",
+        help="adamw: AdamW with one cycle up to --lr (the recipe); sgd: nnU-Net's SGD (Nesterov momentum "
+        "0.99, polynomial decay from --lr, gradient norm capped at 12)",
+    )
     parser.add_argument(
         "--include-val",
         action="store_true",
@@ -334,9 +375,15 @@ def main(argv: list[str] | None = None) -> None:
     if args.batched and (args.steps is None) == (args.minutes is None):
         parser.error("--batched needs exactly one of --steps and --minutes")
     if not args.batched and (
-        args.steps is not None or args.minutes is not None or args.augment or args.deep_supervision
+        args.steps is not None
+        or args.minutes is not None
+        or args.augment
+        or args.deep_supervision
+        or args.optimizer != "adamw"
     ):
-        parser.error("--steps, --minutes, --augment and --deep-supervision apply to --batched training only")
+        parser.error(
+            "--steps, --minutes, --augment, --optimizer and --deep-supervision apply to --batched training only"
+        )
     per_sample_only = {
         "--epochs": args.epochs,
         "--workers": args.workers,
@@ -385,6 +432,7 @@ def main(argv: list[str] | None = None) -> None:
             minutes=args.minutes,
             augment=augment,
             deep_supervision=args.deep_supervision,
+            optimizer_kind=args.optimizer,
             **common,
         )
         history["augment"] = dataclasses.asdict(augment)

@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from radiology.batch_augment import BatchAugment, pad_to
 from radiology.offline import main as offline_main
-from radiology.offline import parse_augment, train_batched
+from radiology.offline import make_optimizer, make_schedule, parse_augment, train_batched
 from radiology.registry import MODELS
 from radiology.splits import Case
 from tests.conftest import dice, phantom_cases, phantom_msd_folder
@@ -177,6 +178,7 @@ def test_parse_augment_refuses_what_it_cannot_use(text: str, match: str) -> None
         (["--batched", "--steps", "2", "--minutes", "1"], "exactly one of --steps and --minutes"),
         (["--steps", "2"], "apply to --batched training only"),
         (["--augment", "rotate=0.1"], "apply to --batched training only"),
+        (["--optimizer", "sgd"], "apply to --batched training only"),
         (["--include-val"], "--include-val needs --batched"),
         (["--batched", "--steps", "2", "--augment", "spin=3"], "expected name=value"),
         # Options the batched trainer would silently ignore are refused instead.
@@ -241,6 +243,44 @@ def test_batched_training_refuses_what_it_cannot_do(
     cases = phantom_cases(tmp_path, 2)
     with pytest.raises(ValueError, match=match):
         _train(tmp_path, cases[: volumes[0]], cases[1 : 1 + volumes[1]], steps=steps, minutes=minutes)
+
+
+def test_sgd_is_nnunets_and_its_rate_decays_from_the_peak_to_zero() -> None:
+    network = torch.nn.Linear(2, 2)
+    optimizer = make_optimizer("sgd", network.parameters(), 1e-2)
+    group = optimizer.param_groups[0]
+    assert isinstance(optimizer, torch.optim.SGD) and group["momentum"] == 0.99 and group["nesterov"]
+    group["lr"] = 1e-2 / 25  # what a timed calibration leaves behind
+    schedule = make_schedule("sgd", optimizer, 1e-2, steps=10)
+    rates = []
+    for _ in range(10):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    assert rates[0] == pytest.approx(1e-2), "the decay starts at the peak, not at the calibration's rate"
+    assert all(a > b for a, b in zip(rates, rates[1:], strict=False)) and rates[-1] == pytest.approx(1e-2 * 0.1**0.9)
+    assert optimizer.param_groups[0]["lr"] == 0.0
+    with pytest.raises(ValueError, match="optimizer must be one of"):
+        make_optimizer("adam", network.parameters(), 1e-2)
+
+
+def test_batched_training_with_sgd_clips_the_gradients_and_records_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cases = phantom_cases(tmp_path, 3)
+    norms = []
+    clip = torch.nn.utils.clip_grad_norm_
+
+    def recording(parameters, max_norm, *args, **kwargs):
+        norms.append(max_norm)
+        return clip(parameters, max_norm, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", recording)
+    history = _train(tmp_path, cases[:2], cases[2:], optimizer_kind="sgd", lr=1e-2)
+    assert history["optimizer"] == "sgd" and norms == [12.0, 12.0]
+    assert np.isfinite(history["steps"][-1]["loss"])
+    norms.clear()
+    assert _train(tmp_path, cases[:2], cases[2:])["optimizer"] == "adamw" and norms == []
 
 
 def test_volumes_larger_than_the_patch_are_refused(tmp_path: Path) -> None:
