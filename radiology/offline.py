@@ -9,6 +9,7 @@ import logging
 import math
 import os
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -169,7 +170,7 @@ OPTIMIZERS = ("adamw", "sgd")
 SGD_CLIP = 12.0  # nnU-Net's gradient-norm cap for its SGD
 
 
-def make_optimizer(kind: str, params, lr: float) -> torch.optim.Optimizer:
+def make_optimizer(kind: str, params: Iterable[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
     """``adamw`` (this project's recipe) or ``sgd``: nnU-Net's SGD, Nesterov momentum 0.99, weight decay 3e-5."""
     if kind == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=1e-5)
@@ -178,7 +179,9 @@ def make_optimizer(kind: str, params, lr: float) -> torch.optim.Optimizer:
     raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {kind!r}")
 
 
-def make_schedule(kind: str, optimizer: torch.optim.Optimizer, lr: float, steps: int):
+def make_schedule(
+    kind: str, optimizer: torch.optim.Optimizer, lr: float, steps: int
+) -> torch.optim.lr_scheduler.LRScheduler:
     """One cycle up to ``lr`` for ``adamw``; nnU-Net's polynomial decay from ``lr`` for ``sgd``."""
     if kind == "sgd":
         for group in optimizer.param_groups:  # a calibration may have left a lower rate there
