@@ -103,10 +103,13 @@ def main(argv: list[str] | None = None) -> None:
         network.load_state_dict(load_state_dict(path))
         networks[name] = network.eval()
 
+    def window(image: torch.Tensor, network: torch.nn.Module) -> torch.Tensor:
+        """Logits of one sliding window pass (argument order as ``AffineTTA`` calls it)."""
+        return sliding_window_inference(image, spec.roi_size, 1, network, overlap=0.25, mode="gaussian")
+
     @torch.inference_mode()
     def probabilities(network: torch.nn.Module, image: torch.Tensor) -> torch.Tensor:
-        logits = sliding_window_inference(image, spec.roi_size, 1, network, overlap=0.25, mode="gaussian")
-        return torch.softmax(logits, 1)[0]
+        return torch.softmax(window(image, network), 1)[0]
 
     probs = {name: [probabilities(net, item["image"][None]) for item in items] for name, net in networks.items()}
 
@@ -159,10 +162,6 @@ def main(argv: list[str] | None = None) -> None:
         print(f"flip TTA  mean gain over {len(gains)} models: {statistics.mean(gains):+.4f}")
 
     if args.affine_tta:
-
-        def window(image: torch.Tensor, network: torch.nn.Module) -> torch.Tensor:
-            return sliding_window_inference(image, spec.roi_size, 1, network, overlap=0.25, mode="gaussian")
-
         tta, gains = AffineTTA(window), []
         for name, network in networks.items():
             with torch.inference_mode():
