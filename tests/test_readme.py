@@ -20,17 +20,30 @@ def _table_rows(first_cell_prefix: str) -> dict[str, str]:
     return rows
 
 
+def _cells(row: str) -> list[str]:
+    return [c.strip() for c in row.strip().strip("|").split("|")]
+
+
 def test_models_table_matches_registry() -> None:
     rows = _table_rows("`")
     models = {k: v for k, v in rows.items() if v.count("|") == 6}
     assert set(models) == set(MODELS)
     for name, spec in MODELS.items():
-        for label in spec.labels:
-            assert f"{label.name} ({label.id})" in models[name]
-        assert spec.modality in models[name]
+        _, modality, labels, spacing, weights = _cells(models[name])
+        assert labels == ", ".join(f"{label.name} ({label.id})" for label in spec.labels)
+        assert modality == spec.modality
+        assert spacing == " x ".join(f"{s:g}" for s in spec.spacing)
+        assert weights.startswith("shipped" if spec.shipped_weights else "none")
 
 
 def test_options_table_matches_settings() -> None:
     rows = _table_rows("`")
-    options = {k for k, v in rows.items() if v.count("|") == 4}
-    assert options == {f.name for f in fields(AppSettings)}
+    options = {k: _cells(v)[1] for k, v in rows.items() if v.count("|") == 4}
+    assert set(options) == {f.name for f in fields(AppSettings)}
+    defaults = AppSettings.from_conf({}, list(MODELS))
+    documented = {"models": "`all`", "al_model": "first of `models`"}
+    for f in fields(AppSettings):
+        value = getattr(defaults, f.name)
+        if f.name not in documented:
+            documented[f.name] = str(value).lower() if isinstance(value, bool) else f"{value:g}"
+    assert options == documented

@@ -30,9 +30,16 @@ def test_defaults_and_values() -> None:
     assert (s.mc_samples, s.reservation_s, s.score_on_start, s.cpu_bf16) == (4, 30.0, False, True)
     assert not s.score_new_images and AppSettings.from_conf({}, AVAILABLE).score_new_images
     assert AppSettings.from_conf({"cpu_bf16": "off"}, AVAILABLE).cpu_bf16 is False
-    assert s.max_epochs == AppSettings.__dataclass_fields__["max_epochs"].default
     with pytest.raises(AttributeError):
         s.mc_samples = 3  # type: ignore[misc]
+
+
+def test_defaults_are_the_documented_ones() -> None:
+    """The defaults a server starts with when no ``--conf`` is given (the README's options table)."""
+    s = AppSettings.from_conf({}, AVAILABLE)
+    assert (s.mc_samples, s.tta_samples, s.reservation_s, s.max_epochs, s.train_batch_size) == (8, 4, 600.0, 20, 4)
+    assert (s.val_split, s.max_upload_mb, s.sw_batch_size, s.infer_concurrency) == (0.2, 1024, 1, 2)
+    assert (s.score_after_train, s.score_on_start, s.score_new_images, s.cpu_bf16) == (True, True, True, True)
 
 
 @pytest.mark.parametrize(
@@ -43,6 +50,9 @@ def test_defaults_and_values() -> None:
         ({"models": "hippocampus", "al_model": "organs_ct"}, "not among the served models"),
         ({"mc_samples": "many"}, "mc_samples: expected an integer"),
         ({"mc_samples": "0"}, "mc_samples: must be at least 1"),
+        ({"tta_samples": "7"}, "tta_samples: at most 6, got 7"),
+        ({"tta_samples": "-1"}, "tta_samples: must be at least 0"),
+        ({"max_upload_mb": "0"}, "max_upload_mb: must be at least 1"),
         ({"reservation_s": "-1"}, "reservation_s: must be at least 0"),
         ({"val_split": "0.95"}, "val_split: must be below 0.9"),
         ({"score_on_start": "maybe"}, "expected true or false"),
