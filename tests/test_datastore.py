@@ -10,7 +10,8 @@ import pytest
 
 from appcore.datastore import CheckedLocalDatastore
 from appcore.errors import RequestError
-from tests.conftest import write_nifti
+from tests.apps import unwatched_app
+from tests.conftest import HIPPO, requires_shared, write_nifti
 
 
 @pytest.fixture
@@ -344,3 +345,36 @@ def test_a_refresh_that_meets_a_concurrent_change_is_retried(
     monkeypatch.setattr(CheckedLocalDatastore, "REFRESH_PAUSE_S", 0.0)
     store._on_any_event("created")
     assert calls == ["created", "created"] and "failed" not in caplog.text
+
+
+@requires_shared
+@pytest.mark.parametrize(
+    ("params", "status", "match"),
+    [
+        ({"model": "hippocampus"}, 422, r"values \[5\].*allowed values: \[0, 1, 2\]"),
+        ({"model": "spleen"}, 404, r"Unknown model 'spleen'.*served models: \['hippocampus', 'organs_ct'\]"),
+        ({}, None, None),  # 5 is liver in organs_ct: without a model, any served model's value is a label value
+        ({"model": "organs_ct"}, None, None),
+    ],
+)
+def test_a_label_naming_its_model_holds_only_that_model_s_values(
+    tmp_path: Path, params: dict, status: int | None, match: str | None
+) -> None:
+    studies, app_dir = tmp_path / "studies", tmp_path / "app"
+    studies.mkdir()
+    app_dir.mkdir()
+    image = HIPPO / "imagesTr" / "hippocampus_001.nii.gz"
+    shutil.copyfile(image, studies / image.name)
+    conf = {"models": "hippocampus,organs_ct", "score_on_start": "false", "score_new_images": "false"}
+    store = unwatched_app(app_dir, studies, conf).datastore()
+    img = nib.load(image)
+    five = _label_file(tmp_path / "five.nii.gz", np.full(img.shape, 5, np.uint8), img.affine)
+
+    if status is None:
+        store.save_label("hippocampus_001", five, "final", params)
+        assert np.all(np.asarray(nib.load(store.get_label_uri("hippocampus_001", "final")).dataobj) == 5)
+    else:
+        with pytest.raises(RequestError, match=match) as e:
+            store.save_label("hippocampus_001", five, "final", params)
+        assert e.value.status_code == status
+        assert not store.get_label_uri("hippocampus_001", "final")
