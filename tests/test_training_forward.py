@@ -1,9 +1,12 @@
-"""The server trainer's forward pass on the CPU (``radiology.train.CpuForward``) and the argmax by ``max``."""
+"""The server trainer: its forward pass on the CPU (``radiology.train.CpuForward``), the argmax by ``max``, which
+labelled images it trains and validates on, and which checkpoints it publishes."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
+import nibabel as nib
 import numpy as np
 import pytest
 import torch
@@ -12,6 +15,7 @@ from monai.inferers import SimpleInferer
 from monai.transforms import AsDiscrete
 
 import appcore.precision as precision
+from appcore.weights import load_state_dict
 from radiology.hippocampus import HIPPOCAMPUS
 from radiology.train import CpuForward, SegmentationTrainer
 from radiology.transforms import ClassIndexd, class_index
@@ -161,3 +165,52 @@ def test_training_skips_a_labelled_image_infer_would_refuse(tmp_path: Path, capl
     assert "Training skips metres.nii.gz: The image is 36 x 50 x 36 voxels of 1000 x 1000 x 1000 mm" in caplog.text
     with pytest.raises(ValueError, match="No 'final' labels"):
         trainer.pre_process({}, _Cases(cases[1:]))  # type: ignore[arg-type]
+
+
+def test_training_takes_only_labels_whose_values_are_the_model_s(tmp_path: Path) -> None:
+    """Several models share a datastore: an organs_ct label (liver is 5) is not hippocampus training data."""
+    cases = [{"image": str(c.image), "label": str(c.label)} for c in phantom_cases(tmp_path, 2)]
+    liver = np.asarray(nib.load(cases[1]["label"]).dataobj).copy()
+    liver[liver == 2] = 5
+    cases[1]["label"] = str(write_nifti(tmp_path / "liver.nii.gz", liver))
+    trainer = SegmentationTrainer(HIPPOCAMPUS, str(tmp_path / "run"), str(tmp_path / "served.pt"))
+    assert trainer.pre_process({}, _Cases(cases)) == cases[:1]  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"No 'final' labels with values in \[0, 1, 2\] to train 'hippocampus'"):
+        trainer.pre_process({}, _Cases(cases[1:]))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("n", "split", "validating"),
+    [
+        (4, 0.2, []),  # under 5 labels nothing validates
+        (5, 0.2, ["c4"]),
+        (10, 0.2, ["c8", "c9"]),
+        (10, 0.0, []),
+        (9, 0.5, ["c5", "c6", "c7", "c8"]),
+    ],
+)
+def test_the_last_labelled_images_by_id_validate(tmp_path: Path, n: int, split: float, validating: list[str]) -> None:
+    datalist = [{"image": f"/studies/c{i}.nii.gz", "label": f"/labels/c{i}.nii.gz"} for i in range(n)]
+    context = SimpleNamespace(datalist=datalist[::-1], request={"val_split": split})  # saved in any order
+    trainer = SegmentationTrainer(HIPPOCAMPUS, str(tmp_path / "run"), str(tmp_path / "served.pt"))
+    train, val = trainer.partition_datalist(context)  # type: ignore[arg-type]
+    assert [Path(d["image"]).name.split(".")[0] for d in val] == validating
+    assert sorted(d["image"] for d in train + val) == sorted(d["image"] for d in datalist)
+
+
+@pytest.mark.parametrize(("poison", "published"), [(None, True), (float("nan"), False), (float("inf"), False)])
+def test_a_best_checkpoint_with_non_finite_weights_is_not_published(tmp_path: Path, poison, published: bool) -> None:
+    served = tmp_path / "served.pt"
+    served.write_bytes(b"the weights served now")
+    trainer = SegmentationTrainer(HIPPOCAMPUS, str(tmp_path / "run"), str(served))
+    run = tmp_path / "run" / "train_01"
+    run.mkdir(parents=True)
+    state = HIPPOCAMPUS.network().state_dict()
+    if poison is not None:
+        next(v for v in state.values() if v.is_floating_point()).view(-1)[3] = poison
+    torch.save(state, run / "model.pt")
+    assert trainer._publish_best(SimpleNamespace(output_dir=str(run)), {}) is published  # type: ignore[arg-type]
+    if published:
+        assert load_state_dict(served).keys() == state.keys()
+    else:
+        assert served.read_bytes() == b"the weights served now"
