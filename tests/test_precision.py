@@ -112,6 +112,7 @@ def test_bf16_scores_match_float32_under_the_same_dropout_masks() -> None:
         torch.manual_seed(0)  # the same dropout masks in both precisions
         scores.append(MCDropoutScorer(HIPPOCAMPUS, weights, samples=8, tta_samples=4, cpu_bf16=flag).score(image))
     f32, bf16 = scores
+    assert f32["bald"] > 1e-3  # about 0.03: the passes really sample dropout (about 2e-8 with it off)
     for measure in ("entropy", "bald", "tta"):
         # Other masks move bald by about 20%; the same masks in bfloat16 by under 1%.
         assert bf16[measure] == pytest.approx(f32[measure], rel=0.03), measure
