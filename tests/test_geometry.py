@@ -31,6 +31,12 @@ class ThresholdInfer(SegmentationInfer):
         return "threshold"
 
     def run_inferer(self, data: dict[str, Any], convert_to_batch: bool = True, device: str = "cpu") -> dict:
+        image = data["image"]
+        self.seen = {
+            "pixdim": np.asarray(image.pixdim),
+            "shape": image.shape[1:],
+            "axcodes": nib.aff2axcodes(image.affine),
+        }
         fg = (data["image"] > self.threshold).float()
         data["pred"] = torch.cat([1 - fg, fg], dim=0)
         return data
@@ -71,8 +77,14 @@ def test_phantom_round_trip(
 
     spec = MODELS[model]
     threshold = 0.0 if model == "hippocampus" else 0.5  # z-scored MR / windowed CT in [0, 1]
-    out = _run(ThresholdInfer(spec, threshold), src)
+    task = ThresholdInfer(spec, threshold)
+    out = _run(task, src)
     _assert_same_grid(out, nib.load(src))
+    # The network saw the image in RAS at the model's spacing, the same volume in fewer or more voxels.
+    assert task.seen["axcodes"] == ("R", "A", "S")
+    np.testing.assert_allclose(task.seen["pixdim"], spec.spacing, atol=1e-4)
+    expected_voxels = np.prod(shape) * np.prod(zooms) / np.prod(spec.spacing)
+    assert np.prod(task.seen["shape"]) == pytest.approx(expected_voxels, rel=0.1)
     pred = np.asarray(out.dataobj) == 1
     assert dice(pred, sphere) >= min_dice
     # No shift: the centroids agree to within half a voxel on every axis.
