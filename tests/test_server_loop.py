@@ -6,6 +6,7 @@ import gzip
 import hashlib
 import io
 import json
+import re
 import shutil
 import socket
 import tarfile
@@ -248,6 +249,44 @@ def test_bad_requests_get_clear_4xx(server, method: str, path: str, kwargs: dict
     assert client.get("/info/").status_code == 200, "the server keeps running"
     left = {p for p in tmp.rglob("*") if p.is_file()} - before
     assert not left, f"the refused request left {sorted(p.name for p in left)} in the server's temporary folder"
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "kwargs", "says"),
+    [
+        (
+            "post",
+            "/infer/unknown_model?image=hippocampus_001",
+            {},
+            r"Unknown model 'unknown_model'; served models: \[.*'hippocampus'",
+        ),
+        (
+            "post",
+            "/train/unknown_model",
+            {"json": {}},
+            r"Unknown model 'unknown_model'; trainable models: \[.*'hippocampus'",
+        ),
+        (
+            "post",
+            "/batch/infer/unknown_model",
+            {"json": {}},
+            r"Unknown model 'unknown_model'; models: \[.*'hippocampus'",
+        ),
+        (
+            "post",
+            "/activelearning/unknown",
+            {"json": {}},
+            r"Unknown strategy 'unknown'; strategies: \[.*'epistemic'.*'random'",
+        ),
+        ("post", "/scoring/unknown", {}, r"Unknown scoring method 'unknown'; scoring methods: .*epistemic"),
+    ],
+)
+def test_an_unknown_name_is_a_404_that_lists_the_valid_ones(
+    server, method: str, path: str, kwargs: dict, says: str
+) -> None:
+    client, _, _ = server
+    r = getattr(client, method)(path, **kwargs)
+    assert r.status_code == 404 and re.search(says, r.json()["detail"]), r.text
 
 
 def test_wrong_shape_label_leaves_the_saved_one_intact(server) -> None:
