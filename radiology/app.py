@@ -173,6 +173,7 @@ class RadiologyApp(RequestChecks, MONAILabelApp):
                 train_batch_size=self.settings.train_batch_size,
                 val_split=self.settings.val_split,
                 cpu_bf16=self.settings.cpu_bf16,
+                neighbours=[other for other in self.specs.values() if other is not spec],
             )
             for name, spec in self.specs.items()
         }

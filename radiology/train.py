@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,10 +45,75 @@ def cannot_segment(image_path: str, spec: ModelSpec) -> str | None:
     return None
 
 
-def labels_fit(label_path: str, allowed: frozenset[int]) -> bool:
-    """Whether a saved label only holds values of this model (several models may share a datastore)."""
-    values = np.unique(np.asanyarray(nib.load(label_path).dataobj))
-    return {int(v) for v in values} <= allowed
+def label_values(label_path: str) -> frozenset[int]:
+    """The values a saved label holds."""
+    return frozenset(int(v) for v in np.unique(np.asanyarray(nib.load(label_path).dataobj)))
+
+
+def segment_names(info: dict[str, Any]) -> frozenset[str]:
+    """The segment names a viewer sent with a saved label (``label_info``, as 3D Slicer and OHIF
+    send it: ``[{"name": ..., "idx": ...}]``), lower-cased, background left out."""
+    entries = info.get("label_info")
+    if not isinstance(entries, list):
+        return frozenset()
+    names = {str(e.get("name", "")).strip().lower() for e in entries if isinstance(e, dict)}
+    return frozenset(names - {"", "background"})
+
+
+# Air is about -1000 HU: a CT in Hounsfield units goes below this; a magnitude MR never goes below 0.
+_CT_AIR_BELOW = -500.0
+
+
+def ruled_out_modality(image_path: str) -> str | None:
+    """The modality (``"CT"`` or ``"MR"``) an image's voxel values rule out, else ``None``.
+
+    Only what the values leave no doubt about: a volume with nothing below 0 is no CT in Hounsfield
+    units (fat and air are negative), one with voxels below -500 no magnitude MR. Anything between
+    (an MR normalised to negative values, a CT cropped to soft tissue) rules out neither.
+    """
+    try:
+        low = float(np.nanmin(np.asanyarray(nib.load(image_path).dataobj)))
+    except (OSError, ValueError, nib.filebasedimages.ImageFileError):
+        return None
+    if low >= 0.0:
+        return "CT"
+    if low < _CT_AIR_BELOW:
+        return "MR"
+    return None
+
+
+def not_training_data(
+    spec: ModelSpec, neighbours: Sequence[ModelSpec], info: dict[str, Any], label_path: str, image_path: str
+) -> str | None:
+    """Why a saved ``final`` label is not training data for ``spec`` when the server also serves
+    ``neighbours`` (other models over the same datastore), or ``None`` if it is.
+
+    In order: the model the label was saved for (``{"model": ...}`` in its save parameters, and every
+    SEG from a PACS) decides alone. A label with values outside ``spec``'s is not its. Where another
+    served model could claim the label too (its values fit both), the viewer's segment names decide
+    if they are one model's label names; then a modality the image's values rule out (an MR label
+    is no training data for a CT model). A label no other model can claim stays ``spec``'s.
+    """
+    named = info.get("model")
+    if named:
+        return None if named == spec.name else f"it was saved for model {named!r}"
+    values = label_values(label_path)
+    foreign = sorted(values - spec.labels.allowed_values)
+    if foreign:
+        return f"it holds values {foreign}, which are not {spec.name}'s labels {sorted(spec.labels.ids)}"
+    rivals = [n for n in neighbours if values <= n.labels.allowed_values]
+    if not rivals:
+        return None
+    names = segment_names(info)
+    if names:
+        owners = [m for m in (spec, *rivals) if names <= {label.name.lower() for label in m.labels}]
+        if len(owners) == 1:
+            return None if owners[0] is spec else f"its segments {sorted(names)} are {owners[0].name}'s labels"
+    ruled_out = ruled_out_modality(image_path)
+    if ruled_out == spec.modality and any(r.modality != ruled_out for r in rivals):
+        why = "nothing below 0" if ruled_out == "CT" else f"voxels below {_CT_AIR_BELOW:g}"
+        return f"the image is no {ruled_out} ({why}); {spec.name} segments {spec.modality}"
+    return None
 
 
 class CpuForward(Inferer):
@@ -99,6 +165,8 @@ class SegmentationTrainer(BasicTrainTask):
         val_split: share of labelled images kept for validation when at least 5 exist.
         cpu_bf16: on the CPU, train and validate in bfloat16 where the CPU computes it natively
             (``appcore.precision``); CUDA trains with MONAI's mixed precision either way.
+        neighbours: the other models served over the same datastore, whose labels are not this
+            model's training data (``not_training_data``).
     """
 
     def __init__(
@@ -111,6 +179,7 @@ class SegmentationTrainer(BasicTrainTask):
         train_batch_size: int = 4,
         val_split: float = 0.2,
         cpu_bf16: bool = True,
+        neighbours: Sequence[ModelSpec] = (),
     ) -> None:
         shipped = spec.shipped_weights_path
         super().__init__(
@@ -136,6 +205,7 @@ class SegmentationTrainer(BasicTrainTask):
         self.spec = spec
         self.served_path = Path(served_path)
         self.cpu_bf16 = cpu_bf16
+        self.neighbours = tuple(neighbours)
         self._starting_dice: float | None = None  # validation Dice of the weights the run started from
 
     # -- what to train -------------------------------------------------------------------------
@@ -180,18 +250,28 @@ class SegmentationTrainer(BasicTrainTask):
 
     # -- which data --------------------------------------------------------------------------
     def pre_process(self, request: dict, datastore: Datastore) -> list[dict]:
-        allowed = self.spec.labels.allowed_values
-        datalist = []
-        for case in datastore.datalist():
+        """The ``final`` labels this model trains on; each one left out is logged with the reason."""
+        cases = datastore.datalist()  # first: a PACS datastore fetches its SEGs here
+        ids = {os.path.realpath(datastore.get_image_uri(i)): i for i in datastore.get_labeled_images()}
+        datalist, skipped = [], []
+        for case in cases:
+            image_id = ids.get(os.path.realpath(case["image"]), Path(case["image"]).name)
             reason = cannot_segment(case["image"], self.spec)
-            if reason is not None:
-                logger.warning("Training skips %s: %s", Path(case["image"]).name, reason)
-            elif labels_fit(case["label"], allowed):
+            if reason is None:
+                info = datastore.get_label_info(image_id, "final") if image_id in ids.values() else {}
+                reason = not_training_data(self.spec, self.neighbours, info, case["label"], case["image"])
+                if reason is not None:
+                    reason += f'; to train {self.spec.name} on it, save it with {{"model": "{self.spec.name}"}}'
+            if reason is None:
                 datalist.append(case)
+            else:
+                skipped.append(image_id)
+                logger.warning("Training %s skips %s: %s", self.spec.name, image_id, reason)
         if not datalist:
             raise ValueError(
-                f"No 'final' labels with values in {sorted(allowed)} to train '{self.spec.name}' on; "
-                "save at least one label (PUT /datastore/label) first"
+                f"No 'final' label to train '{self.spec.name}' on"
+                + (f" (skipped: {', '.join(skipped)}; reasons in the log above)" if skipped else "")
+                + "; save at least one label of this model (PUT /datastore/label) first"
             )
         return datalist
 

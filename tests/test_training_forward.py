@@ -3,10 +3,10 @@ labelled images it trains and validates on, and which checkpoints it publishes."
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
-import nibabel as nib
 import numpy as np
 import pytest
 import torch
@@ -147,11 +147,26 @@ def test_conf_cpu_bf16_reaches_the_trainer(tmp_path: Path) -> None:
 
 
 class _Cases:
-    def __init__(self, datalist: list[dict[str, str]]) -> None:
+    """The datastore calls the trainer makes, over ``datalist``; ``infos`` are the labels' saved
+    parameters by image id (the file name without ``.nii.gz``)."""
+
+    def __init__(self, datalist: list[dict[str, str]], infos: dict[str, dict] | None = None) -> None:
         self._datalist = datalist
+        self._ids = {Path(c["image"]).name.removesuffix(".nii.gz"): c["image"] for c in datalist}
+        self._infos = infos or {}
 
     def datalist(self) -> list[dict[str, str]]:
         return self._datalist
+
+    def get_labeled_images(self) -> list[str]:
+        return list(self._ids)
+
+    def get_image_uri(self, image_id: str) -> str:
+        return self._ids[image_id]
+
+    def get_label_info(self, image_id: str, tag: str) -> dict:
+        assert tag == "final"
+        return self._infos.get(image_id, {})
 
 
 def test_training_skips_a_labelled_image_infer_would_refuse(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -162,21 +177,71 @@ def test_training_skips_a_labelled_image_infer_would_refuse(tmp_path: Path, capl
     cases = [{"image": str(good.image), "label": str(good.label)}, {"image": str(bad_image), "label": str(bad_label)}]
     trainer = SegmentationTrainer(HIPPOCAMPUS, str(tmp_path / "run"), str(tmp_path / "served.pt"))
     assert trainer.pre_process({}, _Cases(cases)) == cases[:1]  # type: ignore[arg-type]
-    assert "Training skips metres.nii.gz: The image is 36 x 50 x 36 voxels of 1000 x 1000 x 1000 mm" in caplog.text
-    with pytest.raises(ValueError, match="No 'final' labels"):
+    assert "Training hippocampus skips metres: The image is 36 x 50 x 36 voxels of 1000 x 1000 x 1000 mm" in caplog.text
+    with pytest.raises(ValueError, match=r"No 'final' label to train 'hippocampus' on \(skipped: metres;"):
         trainer.pre_process({}, _Cases(cases[1:]))  # type: ignore[arg-type]
 
 
-def test_training_takes_only_labels_whose_values_are_the_model_s(tmp_path: Path) -> None:
-    """Several models share a datastore: an organs_ct label (liver is 5) is not hippocampus training data."""
-    cases = [{"image": str(c.image), "label": str(c.label)} for c in phantom_cases(tmp_path, 2)]
-    liver = np.asarray(nib.load(cases[1]["label"]).dataobj).copy()
-    liver[liver == 2] = 5
-    cases[1]["label"] = str(write_nifti(tmp_path / "liver.nii.gz", liver))
-    trainer = SegmentationTrainer(HIPPOCAMPUS, str(tmp_path / "run"), str(tmp_path / "served.pt"))
-    assert trainer.pre_process({}, _Cases(cases)) == cases[:1]  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match=r"No 'final' labels with values in \[0, 1, 2\] to train 'hippocampus'"):
-        trainer.pre_process({}, _Cases(cases[1:]))  # type: ignore[arg-type]
+def _volume(path: Path, values: np.ndarray) -> str:
+    return str(write_nifti(path, values))
+
+
+MR_LIKE = "mr"  # magnitude MR: nothing below 0
+CT_LIKE = "ct"  # Hounsfield units with air at -1000
+SOFT = "soft"  # values from -100 up: rules out neither modality
+
+
+@pytest.mark.parametrize(
+    ("model", "served", "image", "label_ids", "info", "why"),
+    [
+        # A label that fits both served models: the saved model, then the segment names, then the
+        # modality the image's values rule out decide.
+        ("organs_ct", "hippocampus", MR_LIKE, (1, 2), {}, r"the image is no CT \(nothing below 0\)"),
+        ("hippocampus", "organs_ct", MR_LIKE, (1, 2), {}, None),
+        ("hippocampus", "organs_ct", CT_LIKE, (1,), {}, r"the image is no MR \(voxels below -500\)"),
+        ("organs_ct", "hippocampus", CT_LIKE, (1,), {}, None),
+        ("organs_ct", "hippocampus", SOFT, (1, 2), {}, None),  # nothing rules CT out: both may claim it
+        ("organs_ct", "hippocampus", MR_LIKE, (1, 2), {"model": "organs_ct"}, None),  # the saver said so
+        ("hippocampus", "organs_ct", MR_LIKE, (1, 2), {"model": "organs_ct"}, "it was saved for model 'organs_ct'"),
+        (
+            "organs_ct",
+            "hippocampus",
+            SOFT,
+            (1, 2),
+            {"label_info": [{"name": "Anterior", "idx": 1}, {"name": "posterior", "idx": 2}]},
+            r"its segments \['anterior', 'posterior'\] are hippocampus's labels",
+        ),
+        ("hippocampus", "organs_ct", SOFT, (1, 2), {"label_info": [{"name": "anterior", "idx": 1}]}, None),
+        ("hippocampus", "organs_ct", MR_LIKE, (1, 2), {"label_info": [{"name": "spleen", "idx": 1}]}, "organs_ct's"),
+        ("hippocampus", "organs_ct", MR_LIKE, (1, 5), {}, r"values \[5\], which are not hippocampus's labels \[1, 2\]"),
+        # Served alone, a model trains on every label that fits it, whatever the image.
+        ("organs_ct", None, MR_LIKE, (1, 2), {}, None),
+        ("hippocampus", None, CT_LIKE, (1,), {}, None),
+    ],
+)
+def test_which_saved_labels_a_model_trains_on(
+    tmp_path: Path, caplog, model: str, served: str | None, image: str, label_ids: tuple, info: dict, why: str | None
+) -> None:
+    from radiology.registry import MODELS
+
+    shape = (36, 50, 36)
+    label = np.zeros(shape, np.uint8)
+    for i, value in enumerate(label_ids):
+        label[10 + 6 * i : 14 + 6 * i, 20:30, 10:20] = value
+    low = {MR_LIKE: 0.0, CT_LIKE: -1000.0, SOFT: -100.0}[image]
+    voxels = np.where(label > 0, 60.0, low + 20.0).astype(np.float32)
+    voxels[0, 0, 0] = low
+    cases = [{"image": _volume(tmp_path / "case.nii.gz", voxels), "label": _volume(tmp_path / "lab.nii.gz", label)}]
+    neighbours = [MODELS[served]] if served else []
+    trainer = SegmentationTrainer(MODELS[model], str(tmp_path / "run"), str(tmp_path / "s.pt"), neighbours=neighbours)
+    store = _Cases(cases, {"case": info})
+    if why is None:
+        assert trainer.pre_process({}, store) == cases  # type: ignore[arg-type]
+    else:
+        with pytest.raises(ValueError, match=rf"No 'final' label to train '{model}' on \(skipped: case;"):
+            trainer.pre_process({}, store)  # type: ignore[arg-type]
+        assert re.search(rf"Training {model} skips case: .*{why}", caplog.text), caplog.text
+        assert f'save it with {{"model": "{model}"}}' in caplog.text
 
 
 @pytest.mark.parametrize(
