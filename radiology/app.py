@@ -24,7 +24,7 @@ from appcore.dicom.client import is_dicomweb_url
 from appcore.dicom.datastore import DicomWebDatastore, open_dicomweb_datastore
 from appcore.dicom.ohif import as_requested_format, serve_ohif_config
 from appcore.dicom.prepare import load_series_folder
-from appcore.errors import not_found, root_cause, unprocessable
+from appcore.errors import RequestError, not_found, root_cause, unprocessable
 from appcore.labels import LabelSet
 from appcore.settings import AppSettings
 from appcore.validation import check_segmentable, check_volume, load_nifti, nifti_header
@@ -227,7 +227,15 @@ class RadiologyApp(RequestChecks, MONAILabelApp):
         if image == request.get("image") and os.path.isdir(image):  # a session of several or unpacked files
             image = self._session_series(image)
             request = {**request, "image": image}
-        if image.endswith((".nii", ".nii.gz")):
+        if image == request.get("image") and not image.lower().endswith((".nii", ".nii.gz")):
+            # The label is written on the image's NIfTI header, so nothing else can be answered.
+            suffix = "".join(Path(image).suffixes[-2:]) or "no extension"
+            raise RequestError(
+                415,
+                f"Infer reads NIfTI images (.nii, .nii.gz), or a session of one series' DICOM files; "
+                f"the uploaded file has {suffix!r}",
+            )
+        if image.lower().endswith((".nii", ".nii.gz")):
             if image == request.get("image"):  # an upload (or a session's file), not a stored image
                 what = "uploaded image"
                 header = load_nifti(image, what, self.settings.max_upload_mb)

@@ -202,6 +202,8 @@ def test_a_session_of_dicom_files_is_checked_and_segmented_on_its_grid(server, t
         ("put", "/datastore/label?image=..%2Fx&tag=final", {"files": {"label": ("x.nii.gz", b"x")}}, 400),
         ("post", "/activelearning/random", {"json": {"k": "many"}}, 400),
         ("post", "/infer/hippocampus", {"files": {"file": ("scan.nii.gz", b"\x1f\x8bnot a volume")}}, 422),
+        ("post", "/infer/hippocampus", {"files": {"file": ("README.md", b"# not an image")}}, 415),  # was a 500
+        ("post", "/infer/hippocampus", {"files": {"file": ("scan.nrrd", b"garbage")}}, 415),  # was a 500
         ("put", "/datastore/?image=..%2Fescape", {"files": {"file": ("x.nii.gz", b"x")}}, 400),
         ("put", "/datastore/label?image=hippocampus_001&tag=..%2Fx", {"files": {"label": ("x.nii.gz", b"x")}}, 400),
         ("post", "/activelearning/unknown_strategy", {"json": {}}, 404),
@@ -249,6 +251,15 @@ def test_bad_requests_get_clear_4xx(server, method: str, path: str, kwargs: dict
     assert client.get("/info/").status_code == 200, "the server keeps running"
     left = {p for p in tmp.rglob("*") if p.is_file()} - before
     assert not left, f"the refused request left {sorted(p.name for p in left)} in the server's temporary folder"
+
+
+def test_a_session_of_a_file_that_is_no_nifti_is_a_415_at_infer(server) -> None:
+    client, _, _ = server
+    r = client.put("/session/", files={"files": ("README.md", b"# not an image")})
+    assert r.status_code == 200, r.text
+    r = client.post("/infer/hippocampus", params={"image": "", "session_id": r.json()["session_id"]})
+    assert r.status_code == 415 and "Infer reads NIfTI images" in r.json()["detail"], r.text
+    assert "/" not in r.json()["detail"].split("has")[-1], "no server path in the message"
 
 
 @pytest.mark.parametrize(
