@@ -75,6 +75,8 @@ class CheckedLocalDatastore(LocalDatastore):
         datastore_path: the studies folder.
         allowed_values: gives the class values a label may contain for a save request.
         max_upload_mb: largest accepted image or label file.
+        on_image_replaced: called with the id after an upload replaced an image's file (so that what
+            was computed from the old file, an uncertainty score, can be dropped).
         **kwargs: passed to ``LocalDatastore``.
     """
 
@@ -83,11 +85,18 @@ class CheckedLocalDatastore(LocalDatastore):
     image_suffixes: tuple[str, ...] | None = (".nii", ".nii.gz")
 
     def __init__(
-        self, datastore_path: str, *, allowed_values: AllowedValues, max_upload_mb: int = 1024, **kwargs: Any
+        self,
+        datastore_path: str,
+        *,
+        allowed_values: AllowedValues,
+        max_upload_mb: int = 1024,
+        on_image_replaced: Callable[[str], None] | None = None,
+        **kwargs: Any,
     ) -> None:
         super().__init__(datastore_path, **kwargs)
         self._allowed_values = allowed_values
         self._max_upload_mb = max_upload_mb
+        self._on_image_replaced = on_image_replaced
 
     # Attempts at reconciling after a change, and the pause between them: a request thread changing
     # the records while the watcher reads them ("dictionary changed size during iteration") passes.
@@ -263,6 +272,8 @@ class CheckedLocalDatastore(LocalDatastore):
             info["name"] = name
             self._datastore.objects[image_id] = ImageLabelModel(image=DataModel(info=info, ext=ext), labels=labels)
             self._update_datastore_file(lock=False)
+        if existing is not None and self._on_image_replaced is not None:
+            self._on_image_replaced(image_id)
         return image_id
 
     def _same_grid(self, current: str | Path, upload: str | Path) -> bool:

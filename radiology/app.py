@@ -135,6 +135,7 @@ class RadiologyApp(RequestChecks, MONAILabelApp):
             self.studies,
             allowed_values=self.allowed_label_values,
             max_upload_mb=self.settings.max_upload_mb,
+            on_image_replaced=self._score_store.forget,  # its score was the old file's
             extensions=list(NIFTI_PATTERNS),  # MONAI Label's default adds JPEG, PNG, TIFF and SVS files
             auto_reload=ml_settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
             read_only=ml_settings.MONAI_LABEL_DATASTORE_READ_ONLY,

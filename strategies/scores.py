@@ -43,6 +43,7 @@ class ScoreStore:
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
         self._lock = threading.Lock()
+        self._forget_lock = threading.Lock()  # two requests forgetting at once must not lose one
         self._cache: dict[Path, tuple[int, dict[str, Any]]] = {}  # file -> (mtime, parsed content)
 
     def _read(self, path: Path, parse: Callable[[dict[str, Any]], dict[str, Any]]) -> dict[str, Any]:
@@ -78,6 +79,15 @@ class ScoreStore:
         scores = self.load()
         scores.update(new)
         _write_json(self.path, {k: asdict(v) for k, v in scores.items()})
+
+    def forget(self, image_id: str) -> None:
+        """Drop an image's score and unusable mark: its file was replaced, so they describe another
+        image. It is then unscored (ranked last, and scored by the next run)."""
+        with self._forget_lock:
+            for path in (self.path, self.unusable_path):
+                content = json.loads(path.read_text()) if path.exists() else {}
+                if content.pop(image_id, None) is not None:
+                    _write_json(path, content)
 
     # Images the last scoring run could not score (unreadable, not a volume, constant), with the
     # reason, in a file beside the scores: strategies leave them out until a run scores them.

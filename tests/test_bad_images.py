@@ -194,3 +194,24 @@ def test_scoring_skips_images_it_cannot_rank_and_scores_the_others(app) -> None:
         assert not unrankable & set(picked["ids"]), f"{name} hands out an image it cannot use"
         for image_id in picked["ids"]:  # free them for the next strategy
             app.book.release(image_id)
+
+
+@requires_shared
+def test_an_image_replaced_by_upload_loses_the_score_of_the_old_file(app, tmp_path: Path) -> None:
+    """A score describes the file it was computed on: once the file is replaced, the image is unscored
+    (ranked after the scored ones, and scored by the next run) instead of ranked as the old file was."""
+    store = app.score_store()
+    app._scoring_methods["epistemic"]({}, app.datastore())
+    case = CASES["hippocampus"][1][0].name.split(".")[0]
+    assert case in store.load() and case not in app.unscored_images()
+    source = nib.load(CASES["hippocampus"][1][0])
+    blank = _upload(tmp_path, "blank.nii.gz", np.zeros(source.shape, np.float32), source.affine)
+    app.datastore().add_image(case, blank, {})
+
+    assert case not in store.load() and case in app.unscored_images()
+    picked = app._strategies["epistemic"]({"k": 100, "client_id": "replaced"}, app.datastore())
+    assert picked["ids"][-1] == case, "ranked after every scored image"
+    for image_id in picked["ids"]:
+        app.book.release(image_id)
+    result = app._scoring_methods["epistemic"]({}, app.datastore())
+    assert result["skipped"][case] == "ValueError: the image is constant: there is nothing to segment"

@@ -177,6 +177,16 @@ def test_score_store_roundtrip_and_filter(tmp_path: Path) -> None:
     assert not list((tmp_path / "sub").glob("*.tmp")), "no temporary file is left behind"
 
 
+def test_score_store_forgets_one_image(tmp_path: Path) -> None:
+    store = ScoreStore(tmp_path / "s.json")
+    store.update({"a": Score(0.5, "v1", 1.0, {}), "b": Score(0.7, "v1", 2.0, {})})
+    store.set_unusable({"c": "ValueError: constant", "d": "EOFError"})
+    for image_id in ("a", "c", "missing"):
+        store.forget(image_id)
+    assert (set(store.load()), store.unusable()) == ({"b"}, {"d": "EOFError"})
+    assert not list(tmp_path.glob("*.tmp"))
+
+
 def test_score_store_measures_and_embeddings(tmp_path: Path) -> None:
     store = ScoreStore(tmp_path / "s.json")
     store.update(
