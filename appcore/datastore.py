@@ -167,6 +167,12 @@ class CheckedLocalDatastore(LocalDatastore):
     def remove_label(self, label_id: str, label_tag: str) -> None:
         self._existing_label(label_id, label_tag)
         super().remove_label(label_id, label_tag)
+        # MONAI Label leaves the record to its folder watcher, which watches only the tag folders
+        # that existed at start-up: a label of a newer tag stayed listed after its file was gone.
+        with FileLock(self._lock_file):
+            obj = self._datastore.objects.get(label_id)
+            if obj is not None and obj.labels.pop(label_tag, None) is not None:
+                self._update_datastore_file(lock=False)
 
     def dataset_archive(self, limit_cases: int | None = None) -> Iterator[bytes]:
         """The labelled images and their ``final`` labels as a ZIP archive, produced chunk by chunk as

@@ -123,6 +123,23 @@ def test_info_and_removal_of_existing_entries(store: CheckedLocalDatastore, tmp_
     assert store.list_images() == []
 
 
+def test_a_removed_label_of_a_new_tag_is_no_longer_listed(
+    store: CheckedLocalDatastore, tmp_path: Path, oblique_affine
+) -> None:
+    """In the server the folder watcher, not ``remove_label``, updated the records, and it watches only
+    the tag folders there were at start-up: a label of a tag made later stayed listed once deleted."""
+    store._auto_reload = True  # as in the server (without starting a watcher thread in a test)
+    label = _label_file(tmp_path / "l.nii.gz", np.ones((10, 12, 8), np.uint8), oblique_affine)
+    store.save_label("case1", label, "reader2", {})
+    assert "reader2" in store.json()["objects"]["case1"]["labels"]
+    store.remove_label("case1", "reader2")
+    assert "reader2" not in store.json()["objects"]["case1"]["labels"]
+    assert "reader2" not in store.status()["label_tags"]
+    with pytest.raises(RequestError) as e:
+        store.remove_label("case1", "reader2")
+    assert e.value.status_code == 404
+
+
 @pytest.fixture
 def labelled(store: CheckedLocalDatastore, tmp_path: Path, oblique_affine) -> CheckedLocalDatastore:
     """``store`` with a ``final`` label saved on case1."""
