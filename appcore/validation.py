@@ -199,20 +199,27 @@ def check_resampled_size(
     shape: tuple[int, ...], affine: np.ndarray, spacing: tuple[float, ...], what: str, limit: int = MAX_RESAMPLED_VOXELS
 ) -> None:
     """Refuse (422) a volume whose grid at ``spacing`` (mm along the world's R, A, S axes, as a
-    model resamples after reorienting) would exceed ``limit`` voxels, naming both grids."""
+    model resamples after reorienting) would exceed ``limit`` voxels or be a single voxel, naming
+    both grids."""
     sizes = nib.affines.voxel_sizes(affine)
     world_axis = nib.orientations.io_orientation(affine)[:, 0]  # NaN for an axis with no direction
     target = []
     for n, size, axis in zip(shape[:3], sizes, world_axis, strict=False):
         step = spacing[int(axis)] if np.isfinite(axis) else min(spacing)
         target.append(max(1, round(n * float(size) / step)))
-    if int(np.prod(target, dtype=np.float64)) > limit:
+    grids = (
+        f"The {what} is {' x '.join(map(str, shape[:3]))} voxels of "
+        f"{' x '.join(f'{float(v):g}' for v in sizes)} mm; at the model's spacing "
+        f"({' x '.join(f'{v:g}' for v in spacing)} mm) that is"
+    )
+    voxels = int(np.prod(target, dtype=np.float64))
+    if voxels > limit:
         raise unprocessable(
-            f"The {what} is {' x '.join(map(str, shape[:3]))} voxels of "
-            f"{' x '.join(f'{float(v):g}' for v in sizes)} mm; at the model's spacing "
-            f"({' x '.join(f'{v:g}' for v in spacing)} mm) that is {' x '.join(map(str, target))} voxels, over the "
-            f"{limit:,} this server resamples for a model: crop the image, or check the voxel size in its header"
+            f"{grids} {' x '.join(map(str, target))} voxels, over the {limit:,} this server resamples for a "
+            "model: crop the image, or check the voxel size in its header"
         )
+    if voxels == 1:
+        raise unprocessable(f"{grids} a single voxel: nothing to segment; check the voxel size in its header")
 
 
 def check_segmentable(img: nib.spatialimages.SpatialImage, spacing: tuple[float, ...], what: str) -> None:

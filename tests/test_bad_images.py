@@ -110,6 +110,10 @@ def _metres(path: Path) -> None:  # a voxel size in metres read as millimetres
     nib.save(nib.Nifti1Image(np.ones((35, 51, 35), np.float32), np.diag([1000.0, 1000.0, 1000.0, 1.0])), path)
 
 
+def _micrometres(path: Path) -> None:  # a voxel size in metres written as if in kilometres, say
+    nib.save(nib.Nifti1Image(np.ones((35, 51, 35), np.float32), np.diag([0.001, 0.001, 0.001, 1.0])), path)
+
+
 def _rgb(path: Path) -> None:
     nib.save(nib.Nifti1Image(np.zeros((20, 30, 10), [("R", "u1"), ("G", "u1"), ("B", "u1")]), np.eye(4)), path)
 
@@ -138,6 +142,7 @@ def test_an_upload_of_non_scalar_voxels_is_a_422_that_says_so(app, tmp_path: Pat
         ("flat", _flat, "image 'flat' must be a 3D volume"),
         ("cut", _cut, "image 'cut' cannot be read: EOFError"),
         ("metres", _metres, "image 'metres' is 35 x 51 x 35 voxels of 1000 x 1000 x 1000 mm.*35000 x 51000 x 35000"),
+        ("tiny", _micrometres, r"image 'tiny' is 35 x 51 x 35 voxels of 0.001 .* mm\) that is a single voxel"),
         ("rgb", _rgb, r"image 'rgb' holds .* voxels \(RGB or another non-scalar type\)"),
         ("complex", _complex, r"image 'complex' holds complex-valued voxels \(complex64\): send a magnitude image"),
     ],
