@@ -15,7 +15,8 @@ import numpy as np
 
 from appcore.errors import RequestError, bad_request, too_large, unprocessable
 
-_ID_FORBIDDEN = re.compile(r"[/\\\x00]")
+_ID_FORBIDDEN = re.compile(r"[/\\]")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 # Ids and tags become file names (with an extension, 255 bytes at most on common file systems).
 MAX_ID_BYTES = 200
 
@@ -31,6 +32,11 @@ def check_image_id(image_id: object, what: str = "Image id") -> str:
         raise bad_request(
             f"{what} {image_id!r} contains a path ('/', '\\\\', '..' or '~'); "
             "ids and tags are plain names as GET /datastore/?output=all lists them, not file paths"
+        )
+    if _CONTROL.search(image_id):
+        raise bad_request(
+            f"{what} {image_id!r} contains a control character (a line break, a tab, NUL): "
+            "ids and tags are plain names that become file names"
         )
     if image_id.startswith("."):
         raise bad_request(f"{what} {image_id!r} starts with '.': that names a hidden file, not an image or a tag")

@@ -37,6 +37,13 @@ def test_path_ids_refused(bad: object) -> None:
     assert e.value.status_code == 400
 
 
+@pytest.mark.parametrize("bad", ["a\nb", "a\tb", "a\x00b", "a\rb", "a\x7fb", "a\x1bb"])
+def test_ids_with_control_characters_are_refused(bad: str) -> None:
+    with pytest.raises(RequestError, match="contains a control character") as e:
+        check_image_id(bad)
+    assert e.value.status_code == 400
+
+
 GEOM = Geometry(shape=(8, 9, 10), affine=np.diag([1.5, 1.5, 3.0, 1.0]))
 
 
