@@ -330,7 +330,8 @@ class RequestChecks:
         proxy = "/proxy/dicom/{path:path}"
         refuse_early(proxy, ["GET", "POST"], _no_dicomweb, name="refuse_dicom_proxy", read_body=False)
         checked_endpoints()
-        limit_request_bodies((self.settings.max_upload_mb + 1) * 2**20)  # room for the form around a file
+        mb = self.settings.max_upload_mb
+        limit_request_bodies((mb + 1) * 2**20, limit_mb=mb)  # room for the form around a file
 
     # -- sessions --------------------------------------------------------------------------------
     def _load_sessions(self, load: bool = False) -> CheckedSessions | None:

@@ -157,8 +157,11 @@ def serve_in_threads(path: str, methods: Collection[str], name: str, threads: in
     return insert_first(_Threaded(path, _answered_in_handle, methods=list(methods), name=name))
 
 
-def limit_request_bodies(max_bytes: int) -> bool:
+def limit_request_bodies(max_bytes: int, *, limit_mb: float | None = None) -> bool:
     """Answer a request that announces a body over ``max_bytes`` (``Content-Length``) with a 413 at once.
+
+    ``limit_mb`` is the limit the message states (``--conf max_upload_mb``; ``max_bytes`` leaves
+    room for the form around a file); by default ``max_bytes`` in MB.
 
     Without this an upload of any size is first written whole to a temporary file and only then
     refused by the size checks behind the endpoints. Wraps the running server's ASGI stack, which
@@ -169,14 +172,15 @@ def limit_request_bodies(max_bytes: int) -> bool:
     stack = getattr(app, "middleware_stack", None)
     if stack is None:
         return False
+    stated = max_bytes / 2**20 if limit_mb is None else limit_mb
     if getattr(stack, "max_bytes", None) is not None:
-        stack.max_bytes = max_bytes
+        stack.max_bytes, stack.stated_mb = max_bytes, stated
         return True
     from starlette.responses import JSONResponse
 
     class _BodyLimit:
         def __init__(self, inner: Any) -> None:
-            self.inner, self.max_bytes = inner, max_bytes
+            self.inner, self.max_bytes, self.stated_mb = inner, max_bytes, stated
 
         async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
             if scope["type"] == "http":
@@ -184,7 +188,7 @@ def limit_request_bodies(max_bytes: int) -> bool:
                 if length.isdigit() and int(length) > self.max_bytes:
                     detail = (
                         f"The request body is {int(length) / 2**20:.1f} MB; uploads are limited to "
-                        f"{self.max_bytes / 2**20:.0f} MB (--conf max_upload_mb)"
+                        f"{self.stated_mb:g} MB (--conf max_upload_mb)"
                     )
                     response = JSONResponse({"detail": detail}, status_code=413, headers={"Connection": "close"})
                     return await response(scope, receive, send)
@@ -205,7 +209,7 @@ def limit_request_bodies(max_bytes: int) -> bool:
                     received += len(message.get("body", b""))
                     if received > self.max_bytes:
                         raise too_large(
-                            f"The request body passed {self.max_bytes / 2**20:.0f} MB, the limit for uploads "
+                            f"The request body passed {self.stated_mb:g} MB, the limit for uploads "
                             "(--conf max_upload_mb); it was not stored"
                         )
                 return message

@@ -118,7 +118,9 @@ def test_a_body_over_the_limit_is_refused_before_it_is_read(monkeypatch: pytest.
     ok = _request(app, "PUT", "/datastore/label", b"x" * 100)
     assert ok.status_code == 200 and read == [100]
     big = _request(app, "PUT", "/datastore/label", b"x" * 101)
-    assert big.status_code == 413 and "limited to 0 MB" in big.json()["detail"]
+    assert big.status_code == 413 and "limited to 9.53674e-05 MB" in big.json()["detail"]
+    assert limit_request_bodies(100, limit_mb=0.0001)
+    assert "limited to 0.0001 MB" in _request(app, "PUT", "/datastore/label", b"x" * 101).json()["detail"]
     assert read == [100], "the endpoint never saw the refused body"
 
 

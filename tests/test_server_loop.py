@@ -419,7 +419,7 @@ def test_an_announced_huge_upload_is_refused_before_its_body_is_sent(server) -> 
         while chunk := s.recv(4096):  # the server closes the connection after answering
             reply += chunk
     reply = reply.decode()
-    assert reply.startswith("HTTP/1.1 413") and "limited to 1025 MB" in reply, reply
+    assert reply.startswith("HTTP/1.1 413") and "limited to 1024 MB (--conf max_upload_mb)" in reply, reply
     assert client.get("/info/").status_code == 200
 
 
