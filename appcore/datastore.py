@@ -140,6 +140,12 @@ class CheckedLocalDatastore(LocalDatastore):
         self._existing(image_id)
         return super().get_image_uri(image_id)
 
+    def get_label_uri(self, label_id: str, label_tag: str) -> str:
+        """As MONAI Label's (``""`` for an image without that label), but a path for an id or tag is a 400."""
+        check_image_id(label_id)
+        check_image_id(label_tag, "Label tag")
+        return super().get_label_uri(label_id, label_tag)
+
     # MONAI Label's local datastore answers these for unknown ids with an empty result or a 500.
     def get_image_info(self, image_id: str) -> dict[str, Any]:
         self._existing(image_id)

@@ -215,6 +215,8 @@ def test_a_session_of_dicom_files_is_checked_and_segmented_on_its_grid(server, t
         ("get", "/datastore/image/info?image=no_such_case", {}, 404),
         ("put", "/datastore/image/info?image=no_such_case", {"data": {"info": "{}"}}, 404),
         ("get", f"/datastore/label/info?label={UNLABELLED}&tag=final", {}, 404),
+        ("get", "/datastore/label?label=..%2F..%2Fhippocampus_001&tag=final", {}, 400),  # was a 404
+        ("get", "/datastore/label?label=hippocampus_001&tag=..", {}, 400),  # was a 404
         ("put", f"/datastore/label/info?label={UNLABELLED}&tag=final", {"data": {"info": "{}"}}, 404),
         ("post", "/infer/hippocampus?image=hippocampus_001", {"data": {"params": "{not json"}}, 422),
         ("put", "/datastore/image/info?image=hippocampus_001", {"data": {"info": "[1, 2]"}}, 422),
