@@ -25,6 +25,7 @@ from monailabel.interfaces.datastore import Datastore
 from appcore.dicom import proxy as dicom_proxy
 from appcore.dicom.client import is_dicomweb_url
 from appcore.errors import RequestError, bad_request, conflict, not_found, too_large, too_many, unprocessable
+from appcore.files import staged_beside
 from appcore.routes import limit_request_bodies, refuse_early, serve_in_threads
 from appcore.sessions import CheckedSessions
 from appcore.validation import check_device, check_image_id, check_upload_size
@@ -375,7 +376,7 @@ class RequestChecks:
         target = self.published_weights(model)
         target.parent.mkdir(parents=True, exist_ok=True)
         limit = self.settings.max_upload_mb * 2**20
-        fd, staged = tempfile.mkstemp(prefix=f".{target.name}.upload.", suffix=".tmp", dir=target.parent)
+        fd, staged = staged_beside(target, "upload.")
         try:
             size = 0
             with os.fdopen(fd, "wb") as out:

@@ -18,6 +18,7 @@ from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastor
 
 from appcore.archive import dataset_members, zip_chunks
 from appcore.errors import RequestError, conflict, not_found, unprocessable
+from appcore.files import staged_beside
 from appcore.validation import (
     AFFINE_ATOL_MM,
     Geometry,
@@ -37,7 +38,7 @@ AllowedValues = Callable[[dict[str, Any]], Collection[int]]
 def _atomic_copy(src: str | Path, dest: str | Path) -> None:
     """Copy through a temporary file in the destination folder and a rename (no half-written file)."""
     dest = Path(dest)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    fd, tmp = staged_beside(dest)
     os.close(fd)
     try:
         shutil.copyfile(src, tmp)

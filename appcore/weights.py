@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from appcore.files import staged_beside
 
 
 def save_weights_atomically(state_dict: dict[str, Any], path: Path | str) -> Path:
@@ -18,7 +19,7 @@ def save_weights_atomically(state_dict: dict[str, Any], path: Path | str) -> Pat
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = staged_beside(path)
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save({"model": {k: v.detach().cpu() for k, v in state_dict.items()}}, f)

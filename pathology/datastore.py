@@ -12,7 +12,6 @@ import io
 import json
 import logging
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from PIL import Image
 
 from appcore.datastore import CheckedLocalDatastore
 from appcore.errors import unprocessable
+from appcore.files import staged_beside
 from appcore.validation import check_image_id, check_upload_size
 from pathology.annotations import Polygon, Shape, parse_asap_xml, parse_json
 from pathology.postprocess import rasterize
@@ -183,7 +183,7 @@ class PathologyDatastore(CheckedLocalDatastore):
         label_dir = Path(self._datastore.label_path(tag))
         label_dir.mkdir(parents=True, exist_ok=True)
         name = self._filename(image_id, ext)
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=label_dir)
+        fd, tmp = staged_beside(label_dir / name)
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(payload)

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import threading
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+from appcore.files import staged_beside
 
 
 @dataclass(frozen=True)
@@ -105,7 +106,7 @@ class ScoreStore:
 def _write_json(path: Path, obj: object) -> None:
     """Replace ``path`` with ``obj`` as JSON through a temporary file and a rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = staged_beside(path)
     try:
         with os.fdopen(fd, "w") as f:
             json.dump(obj, f, indent=1)
