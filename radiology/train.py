@@ -94,9 +94,10 @@ def not_training_data(
     if they are one model's label names; then a modality the image's values rule out (an MR label
     is no training data for a CT model). A label no other model can claim stays ``spec``'s.
     """
+    resave = f'; to train {spec.name} on it, save it again with {{"model": "{spec.name}"}}'
     named = info.get("model")
     if named:
-        return None if named == spec.name else f"it was saved for model {named!r}"
+        return None if named == spec.name else f"it was saved for model {named!r}{resave}"
     values = label_values(label_path)
     foreign = sorted(values - spec.labels.allowed_values)
     if foreign:
@@ -108,11 +109,12 @@ def not_training_data(
     if names:
         owners = [m for m in (spec, *rivals) if names <= {label.name.lower() for label in m.labels}]
         if len(owners) == 1:
-            return None if owners[0] is spec else f"its segments {sorted(names)} are {owners[0].name}'s labels"
+            mine = owners[0] is spec
+            return None if mine else f"its segments {sorted(names)} are {owners[0].name}'s labels{resave}"
     ruled_out = ruled_out_modality(image_path)
     if ruled_out == spec.modality and any(r.modality != ruled_out for r in rivals):
         why = "nothing below 0" if ruled_out == "CT" else f"voxels below {_CT_AIR_BELOW:g}"
-        return f"the image is no {ruled_out} ({why}); {spec.name} segments {spec.modality}"
+        return f"the image is no {ruled_out} ({why}); {spec.name} segments {spec.modality}{resave}"
     return None
 
 
@@ -255,13 +257,12 @@ class SegmentationTrainer(BasicTrainTask):
         ids = {os.path.realpath(datastore.get_image_uri(i)): i for i in datastore.get_labeled_images()}
         datalist, skipped = [], []
         for case in cases:
-            image_id = ids.get(os.path.realpath(case["image"]), Path(case["image"]).name)
+            known = ids.get(os.path.realpath(case["image"]))
+            image_id = known or Path(case["image"]).name
             reason = cannot_segment(case["image"], self.spec)
             if reason is None:
-                info = datastore.get_label_info(image_id, "final") if image_id in ids.values() else {}
+                info = datastore.get_label_info(known, "final") if known else {}
                 reason = not_training_data(self.spec, self.neighbours, info, case["label"], case["image"])
-                if reason is not None:
-                    reason += f'; to train {self.spec.name} on it, save it with {{"model": "{self.spec.name}"}}'
             if reason is None:
                 datalist.append(case)
             else:

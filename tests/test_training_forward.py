@@ -241,7 +241,8 @@ def test_which_saved_labels_a_model_trains_on(
         with pytest.raises(ValueError, match=rf"No 'final' label to train '{model}' on \(skipped: case;"):
             trainer.pre_process({}, store)  # type: ignore[arg-type]
         assert re.search(rf"Training {model} skips case: .*{why}", caplog.text), caplog.text
-        assert f'save it with {{"model": "{model}"}}' in caplog.text
+        # Saving it again for the model helps, except where its values are not the model's at all.
+        assert (f'save it again with {{"model": "{model}"}}' in caplog.text) is ("values" not in why)
 
 
 @pytest.mark.parametrize(
