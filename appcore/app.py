@@ -91,6 +91,11 @@ def _cannot_train(params: dict[str, Any], body: bytes) -> RequestError | None:
             return error
     if not app.datastore().get_labeled_images():
         return conflict("No image has a 'final' label yet; save at least one (PUT /datastore/label) before training")
+    check = getattr(app._trainers.get(model), "no_training_data", None)
+    if check is not None:  # labels, but are any of them this model's?
+        why = check(app.datastore())
+        if why is not None:
+            return conflict(why)
     return None
 
 

@@ -164,7 +164,19 @@ class CheckedLocalDatastore(LocalDatastore):
 
     def update_label_info(self, label_id: str, label_tag: str, info: dict[str, Any]) -> None:
         label = self._existing_label(label_id, label_tag)
-        fields = _client_fields(info, label.info, f"The {label_tag!r} label of {label_id!r}")
+        what = f"The {label_tag!r} label of {label_id!r}"
+        fields = _client_fields(info, label.info, what)
+        model = fields.get("model")
+        if model and model != label.info.get("model"):
+            # Naming the model decides which training uses the label: checked as a save naming it is.
+            allowed = self._allowed_values({"model": model})  # 404 for an unknown model
+            stored = np.unique(np.asanyarray(nib.load(self.get_label_uri(label_id, label_tag)).dataobj))
+            foreign = sorted(int(v) for v in stored if int(v) not in allowed)
+            if foreign:
+                raise unprocessable(
+                    f"{what} holds values {foreign}, which are not among model {model!r}'s label values "
+                    f'{sorted(allowed)}: save a corrected label with {{"model": "{model}"}} instead'
+                )
         super().update_label_info(label_id, label_tag, fields)
 
     def remove_image(self, image_id: str) -> None:

@@ -7,7 +7,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -85,36 +85,30 @@ def ruled_out_modality(image_path: str) -> str | None:
 def not_training_data(
     spec: ModelSpec, neighbours: Sequence[ModelSpec], info: dict[str, Any], label_path: str, image_path: str
 ) -> str | None:
-    """Why a saved ``final`` label is not training data for ``spec`` when the server also serves
-    ``neighbours`` (other models over the same datastore), or ``None`` if it is.
+    """Why a saved ``final`` label is not training data for ``spec``, or ``None`` if it is;
+    ``neighbours`` are the other models served over the same datastore.
 
-    In order: the model the label was saved for (``{"model": ...}`` in its save parameters, and every
-    SEG from a PACS) decides alone. A label with values outside ``spec``'s is not its. Where another
-    served model could claim the label too (its values fit both), the viewer's segment names decide
-    if they are one model's label names; then a modality the image's values rule out (an MR label
-    is no training data for a CT model). A label no other model can claim stays ``spec``'s.
+    In order: a label holding values outside ``spec``'s is not its, whatever it was saved for. The
+    model it was saved for (``{"model": ...}`` in its save parameters, and every SEG from a PACS)
+    decides next. Then the viewer's segment names, where they are the label names of one served
+    model. Last, a modality the image's values rule out (``ruled_out_modality``): an MR image's
+    label is no training data for a CT model.
     """
-    resave = f'; to train {spec.name} on it, save it again with {{"model": "{spec.name}"}}'
-    named = info.get("model")
-    if named:
-        return None if named == spec.name else f"it was saved for model {named!r}{resave}"
-    values = label_values(label_path)
-    foreign = sorted(values - spec.labels.allowed_values)
+    foreign = sorted(label_values(label_path) - spec.labels.allowed_values)
     if foreign:
         return f"it holds values {foreign}, which are not {spec.name}'s labels {sorted(spec.labels.ids)}"
-    rivals = [n for n in neighbours if values <= n.labels.allowed_values]
-    if not rivals:
-        return None
+    named = info.get("model")
+    if named:
+        return None if named == spec.name else f"it was saved for model {named!r}"
     names = segment_names(info)
     if names:
-        owners = [m for m in (spec, *rivals) if names <= {label.name.lower() for label in m.labels}]
+        owners = [m for m in (spec, *neighbours) if names <= {label.name.lower() for label in m.labels}]
         if len(owners) == 1:
-            mine = owners[0] is spec
-            return None if mine else f"its segments {sorted(names)} are {owners[0].name}'s labels{resave}"
+            return None if owners[0] is spec else f"its segments {sorted(names)} are {owners[0].name}'s labels"
     ruled_out = ruled_out_modality(image_path)
-    if ruled_out == spec.modality and any(r.modality != ruled_out for r in rivals):
+    if ruled_out == spec.modality:
         why = "nothing below 0" if ruled_out == "CT" else f"voxels below {_CT_AIR_BELOW:g}"
-        return f"the image is no {ruled_out} ({why}); {spec.name} segments {spec.modality}{resave}"
+        return f"the image is no {ruled_out} ({why}) and {spec.name} segments {spec.modality}"
     return None
 
 
@@ -251,18 +245,39 @@ class SegmentationTrainer(BasicTrainTask):
         return CpuForward(window, cpu_bf16=self.cpu_bf16)
 
     # -- which data --------------------------------------------------------------------------
-    def pre_process(self, request: dict, datastore: Datastore) -> list[dict]:
-        """The ``final`` labels this model trains on; each one left out is logged with the reason."""
+    def labels_with_reasons(self, datastore: Datastore) -> Iterator[tuple[dict, str, str | None]]:
+        """Each ``final`` label as ``(case, image id, why it is not this model's training data or None)``."""
         cases = datastore.datalist()  # first: a PACS datastore fetches its SEGs here
         ids = {os.path.realpath(datastore.get_image_uri(i)): i for i in datastore.get_labeled_images()}
-        datalist, skipped = [], []
         for case in cases:
             known = ids.get(os.path.realpath(case["image"]))
-            image_id = known or Path(case["image"]).name
             reason = cannot_segment(case["image"], self.spec)
             if reason is None:
                 info = datastore.get_label_info(known, "final") if known else {}
                 reason = not_training_data(self.spec, self.neighbours, info, case["label"], case["image"])
+            yield case, known or Path(case["image"]).name, reason
+
+    def no_training_data(self, datastore: Datastore) -> str | None:
+        """``None`` as soon as one saved label is this model's training data; else why not, for a 409
+        before a run starts (at most five labels' reasons)."""
+        skipped = []
+        for _, image_id, reason in self.labels_with_reasons(datastore):
+            if reason is None:
+                return None
+            skipped.append(f"{image_id}: {reason}")
+        return self._nothing_to_train(skipped[:5] + ([f"and {len(skipped) - 5} more"] if len(skipped) > 5 else []))
+
+    def _nothing_to_train(self, skipped: list[str]) -> str:
+        return (
+            f"No 'final' label to train '{self.spec.name}' on"
+            + (f" (skipped {'; '.join(skipped)})" if skipped else "")
+            + f'; save at least one label of this model (PUT /datastore/label, params {{"model": "{self.spec.name}"}})'
+        )
+
+    def pre_process(self, request: dict, datastore: Datastore) -> list[dict]:
+        """The ``final`` labels this model trains on; each one left out is logged with the reason."""
+        datalist, skipped = [], []
+        for case, image_id, reason in self.labels_with_reasons(datastore):
             if reason is None:
                 datalist.append(case)
             else:
@@ -270,9 +285,7 @@ class SegmentationTrainer(BasicTrainTask):
                 logger.warning("Training %s skips %s: %s", self.spec.name, image_id, reason)
         if not datalist:
             raise ValueError(
-                f"No 'final' label to train '{self.spec.name}' on"
-                + (f" (skipped: {', '.join(skipped)}; reasons in the log above)" if skipped else "")
-                + "; save at least one label of this model (PUT /datastore/label) first"
+                self._nothing_to_train([f"{', '.join(skipped)}: reasons in the log above"] if skipped else [])
             )
         return datalist
 

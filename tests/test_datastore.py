@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -364,6 +365,17 @@ def test_a_refresh_that_meets_a_concurrent_change_is_retried(
     assert calls == ["created", "created"] and "failed" not in caplog.text
 
 
+@pytest.fixture
+def two_models(tmp_path: Path):
+    """An app serving hippocampus and organs_ct over one real MR case."""
+    studies, app_dir = tmp_path / "studies", tmp_path / "app"
+    studies.mkdir()
+    app_dir.mkdir()
+    shutil.copyfile(HIPPO / "imagesTr" / "hippocampus_001.nii.gz", studies / "hippocampus_001.nii.gz")
+    conf = {"models": "hippocampus,organs_ct", "score_on_start": "false", "score_new_images": "false"}
+    return unwatched_app(app_dir, studies, conf)
+
+
 @requires_shared
 @pytest.mark.parametrize(
     ("params", "status", "match"),
@@ -375,16 +387,10 @@ def test_a_refresh_that_meets_a_concurrent_change_is_retried(
     ],
 )
 def test_a_label_naming_its_model_holds_only_that_model_s_values(
-    tmp_path: Path, params: dict, status: int | None, match: str | None
+    two_models, tmp_path: Path, params: dict, status: int | None, match: str | None
 ) -> None:
-    studies, app_dir = tmp_path / "studies", tmp_path / "app"
-    studies.mkdir()
-    app_dir.mkdir()
-    image = HIPPO / "imagesTr" / "hippocampus_001.nii.gz"
-    shutil.copyfile(image, studies / image.name)
-    conf = {"models": "hippocampus,organs_ct", "score_on_start": "false", "score_new_images": "false"}
-    store = unwatched_app(app_dir, studies, conf).datastore()
-    img = nib.load(image)
+    store = two_models.datastore()
+    img = nib.load(HIPPO / "imagesTr" / "hippocampus_001.nii.gz")
     five = _label_file(tmp_path / "five.nii.gz", np.full(img.shape, 5, np.uint8), img.affine)
 
     if status is None:
@@ -395,3 +401,46 @@ def test_a_label_naming_its_model_holds_only_that_model_s_values(
             store.save_label("hippocampus_001", five, "final", params)
         assert e.value.status_code == status
         assert not store.get_label_uri("hippocampus_001", "final")
+
+
+@requires_shared
+def test_a_model_with_no_label_of_its_own_is_a_409_before_training_starts(two_models, monkeypatch) -> None:
+    import appcore.app
+
+    monkeypatch.setattr(appcore.app, "_running_app", lambda: two_models)
+    label = HIPPO / "labelsTr" / "hippocampus_001.nii.gz"
+    two_models.datastore().save_label("hippocampus_001", str(label), "final", {})  # no model named
+    assert appcore.app._cannot_train({"model": "hippocampus"}, b"{}") is None
+    refusal = appcore.app._cannot_train({"model": "organs_ct"}, b"{}")
+    assert refusal is not None and refusal.status_code == 409
+    assert re.search(
+        r"No 'final' label to train 'organs_ct' on \(skipped hippocampus_001: the image is no CT", refusal.detail
+    )
+
+
+@requires_shared
+@pytest.mark.parametrize(
+    ("info", "status", "match"),
+    [
+        ({"model": "hippocampus"}, 422, r"holds values \[5\], which are not among model 'hippocampus'"),
+        ({"model": "hipocampus"}, 404, r"Unknown model 'hipocampus'"),
+        ({"model": "organs_ct"}, None, None),
+        ({"reader": "second"}, None, None),
+    ],
+)
+def test_naming_a_label_s_model_afterwards_is_checked_as_a_save_is(
+    two_models, tmp_path: Path, info: dict, status: int | None, match: str | None
+) -> None:
+    store = two_models.datastore()
+    img = nib.load(HIPPO / "imagesTr" / "hippocampus_001.nii.gz")
+    data = np.zeros(img.shape, np.uint8)
+    data[10:20, 10:20, 10:20] = 5
+    store.save_label("hippocampus_001", _label_file(tmp_path / "l.nii.gz", data, img.affine), "final", {})
+    if status is None:
+        store.update_label_info("hippocampus_001", "final", info)
+        assert store.get_label_info("hippocampus_001", "final").items() >= info.items()
+    else:
+        with pytest.raises(RequestError, match=match) as e:
+            store.update_label_info("hippocampus_001", "final", info)
+        assert e.value.status_code == status
+        assert "model" not in store.get_label_info("hippocampus_001", "final")

@@ -178,7 +178,9 @@ def test_training_skips_a_labelled_image_infer_would_refuse(tmp_path: Path, capl
     trainer = SegmentationTrainer(HIPPOCAMPUS, str(tmp_path / "run"), str(tmp_path / "served.pt"))
     assert trainer.pre_process({}, _Cases(cases)) == cases[:1]  # type: ignore[arg-type]
     assert "Training hippocampus skips metres: The image is 36 x 50 x 36 voxels of 1000 x 1000 x 1000 mm" in caplog.text
-    with pytest.raises(ValueError, match=r"No 'final' label to train 'hippocampus' on \(skipped: metres;"):
+    with pytest.raises(
+        ValueError, match=r"No 'final' label to train 'hippocampus' on \(skipped metres: reasons in the log above\)"
+    ):
         trainer.pre_process({}, _Cases(cases[1:]))  # type: ignore[arg-type]
 
 
@@ -194,8 +196,8 @@ SOFT = "soft"  # values from -100 up: rules out neither modality
 @pytest.mark.parametrize(
     ("model", "served", "image", "label_ids", "info", "why"),
     [
-        # A label that fits both served models: the saved model, then the segment names, then the
-        # modality the image's values rule out decide.
+        # Values first, then the saved model, then the viewer's segment names, then the modality the
+        # image's values rule out.
         ("organs_ct", "hippocampus", MR_LIKE, (1, 2), {}, r"the image is no CT \(nothing below 0\)"),
         ("hippocampus", "organs_ct", MR_LIKE, (1, 2), {}, None),
         ("hippocampus", "organs_ct", CT_LIKE, (1,), {}, r"the image is no MR \(voxels below -500\)"),
@@ -203,6 +205,8 @@ SOFT = "soft"  # values from -100 up: rules out neither modality
         ("organs_ct", "hippocampus", SOFT, (1, 2), {}, None),  # nothing rules CT out: both may claim it
         ("organs_ct", "hippocampus", MR_LIKE, (1, 2), {"model": "organs_ct"}, None),  # the saver said so
         ("hippocampus", "organs_ct", MR_LIKE, (1, 2), {"model": "organs_ct"}, "it was saved for model 'organs_ct'"),
+        # Named for a model whose values it does not hold (info changed after the save): not its data.
+        ("hippocampus", "organs_ct", MR_LIKE, (1, 3), {"model": "hippocampus"}, r"values \[3\], which are not"),
         (
             "organs_ct",
             "hippocampus",
@@ -214,9 +218,19 @@ SOFT = "soft"  # values from -100 up: rules out neither modality
         ("hippocampus", "organs_ct", SOFT, (1, 2), {"label_info": [{"name": "anterior", "idx": 1}]}, None),
         ("hippocampus", "organs_ct", MR_LIKE, (1, 2), {"label_info": [{"name": "spleen", "idx": 1}]}, "organs_ct's"),
         ("hippocampus", "organs_ct", MR_LIKE, (1, 5), {}, r"values \[5\], which are not hippocampus's labels \[1, 2\]"),
-        # Served alone, a model trains on every label that fits it, whatever the image.
-        ("organs_ct", None, MR_LIKE, (1, 2), {}, None),
-        ("hippocampus", None, CT_LIKE, (1,), {}, None),
+        # A segment no model has (value 3, which only organs_ct holds): the MR image still rules CT out.
+        (
+            "organs_ct",
+            "hippocampus",
+            MR_LIKE,
+            (1, 2, 3),
+            {"label_info": [{"name": "anterior"}, {"name": "posterior"}, {"name": "Segment_3"}]},
+            r"the image is no CT",
+        ),
+        # Served alone too, a model does not train on an image of a modality its values rule out.
+        ("organs_ct", None, MR_LIKE, (1, 2), {}, r"the image is no CT"),
+        ("hippocampus", None, CT_LIKE, (1,), {}, r"the image is no MR"),
+        ("hippocampus", None, SOFT, (1, 2), {}, None),
     ],
 )
 def test_which_saved_labels_a_model_trains_on(
@@ -238,11 +252,10 @@ def test_which_saved_labels_a_model_trains_on(
     if why is None:
         assert trainer.pre_process({}, store) == cases  # type: ignore[arg-type]
     else:
-        with pytest.raises(ValueError, match=rf"No 'final' label to train '{model}' on \(skipped: case;"):
+        with pytest.raises(ValueError, match=rf"No 'final' label to train '{model}' on \(skipped case: reasons"):
             trainer.pre_process({}, store)  # type: ignore[arg-type]
         assert re.search(rf"Training {model} skips case: .*{why}", caplog.text), caplog.text
-        # Saving it again for the model helps, except where its values are not the model's at all.
-        assert (f'save it again with {{"model": "{model}"}}' in caplog.text) is ("values" not in why)
+        assert re.search(rf"skipped case: .*{why}", trainer.no_training_data(store) or ""), "the 409's reason"
 
 
 @pytest.mark.parametrize(
@@ -280,3 +293,18 @@ def test_a_best_checkpoint_with_non_finite_weights_is_not_published(tmp_path: Pa
         assert load_state_dict(served).keys() == state.keys()
     else:
         assert served.read_bytes() == b"the weights served now"
+
+
+def test_the_409_check_stops_at_the_first_label_the_model_trains_on(tmp_path: Path, monkeypatch) -> None:
+    """It runs in the request: one label of the model is enough, the others are not read."""
+    import radiology.train
+
+    cases = [{"image": str(c.image), "label": str(c.label)} for c in phantom_cases(tmp_path, 3)]
+    checked = []
+    judge = radiology.train.not_training_data
+    monkeypatch.setattr(radiology.train, "not_training_data", lambda *a: checked.append(a[3]) or judge(*a))
+    trainer = SegmentationTrainer(HIPPOCAMPUS, str(tmp_path / "run"), str(tmp_path / "s.pt"))
+    assert trainer.no_training_data(_Cases(cases)) is None  # type: ignore[arg-type]
+    assert checked == [cases[0]["label"]]
+    assert trainer.pre_process({}, _Cases(cases)) == cases  # type: ignore[arg-type]
+    assert len(checked) == 4
