@@ -25,6 +25,7 @@ from appcore.errors import RequestError
 from appcore.precision import autocast
 from appcore.validation import check_segmentable, nifti_header
 from appcore.weights import load_state_dict, save_weights_atomically
+from radiology.modality import wrong_modality
 from radiology.spec import ModelSpec
 from radiology.transforms import ClassIndexd, augment, preprocess
 from radiology.uncertainty import numpy_dropout, torch_seeded_rng
@@ -60,28 +61,6 @@ def segment_names(info: dict[str, Any]) -> frozenset[str]:
     return frozenset(names - {"", "background"})
 
 
-# Air is about -1000 HU: a CT in Hounsfield units goes below this; a magnitude MR never goes below 0.
-_CT_AIR_BELOW = -500.0
-
-
-def ruled_out_modality(image_path: str) -> str | None:
-    """The modality (``"CT"`` or ``"MR"``) an image's voxel values rule out, else ``None``.
-
-    Only what the values leave no doubt about: a volume with nothing below 0 is no CT in Hounsfield
-    units (fat and air are negative), one with voxels below -500 no magnitude MR. Anything between
-    (an MR normalised to negative values, a CT cropped to soft tissue) rules out neither.
-    """
-    try:
-        low = float(np.nanmin(np.asanyarray(nib.load(image_path).dataobj)))
-    except (OSError, ValueError, nib.filebasedimages.ImageFileError):
-        return None
-    if low >= 0.0:
-        return "CT"
-    if low < _CT_AIR_BELOW:
-        return "MR"
-    return None
-
-
 def not_training_data(
     spec: ModelSpec, neighbours: Sequence[ModelSpec], info: dict[str, Any], label_path: str, image_path: str
 ) -> str | None:
@@ -91,7 +70,7 @@ def not_training_data(
     In order: a label holding values outside ``spec``'s is not its, whatever it was saved for. The
     model it was saved for (``{"model": ...}`` in its save parameters, and every SEG from a PACS)
     decides next. Then the viewer's segment names, where they are the label names of one served
-    model. Last, a modality the image's values rule out (``ruled_out_modality``): an MR image's
+    model. Last, a modality the image's values rule out (``radiology.modality``): an MR image's
     label is no training data for a CT model.
     """
     foreign = sorted(label_values(label_path) - spec.labels.allowed_values)
@@ -105,11 +84,7 @@ def not_training_data(
         owners = [m for m in (spec, *neighbours) if names <= {label.name.lower() for label in m.labels}]
         if len(owners) == 1:
             return None if owners[0] is spec else f"its segments {sorted(names)} are {owners[0].name}'s labels"
-    ruled_out = ruled_out_modality(image_path)
-    if ruled_out == spec.modality:
-        why = "nothing below 0" if ruled_out == "CT" else f"voxels below {_CT_AIR_BELOW:g}"
-        return f"the image is no {ruled_out} ({why}) and {spec.name} segments {spec.modality}"
-    return None
+    return wrong_modality(image_path, spec)
 
 
 class CpuForward(Inferer):

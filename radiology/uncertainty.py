@@ -25,6 +25,7 @@ from appcore.networks import bottleneck
 from appcore.precision import autocast
 from appcore.validation import check_resampled_size, check_scalar_voxels
 from appcore.weights import load_state_dict
+from radiology.modality import wrong_modality
 from radiology.spec import ModelSpec
 from radiology.transforms import preprocess
 from radiology.windows import OVERLAP, infer_window
@@ -282,6 +283,9 @@ class MCDropoutScorer:
 
     def score(self, image_path: str) -> dict[str, Any]:
         self._refuse_what_infer_refuses(image_path)
+        why = wrong_modality(image_path, self.spec)
+        if why is not None:  # a CT under an MR model is out of distribution: it would top every ranking
+            raise ValueError(f"{why}: strategies rank images for {self.spec.name}")
         image = self._pre({"image": image_path})["image"]
         if image.ndim != 4:
             raise ValueError(f"not a 3D volume (shape {tuple(image.shape[1:])})")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import nibabel as nib
@@ -13,7 +14,7 @@ from monai.data import MetaTensor
 from appcore.errors import RequestError
 from radiology.transforms import FiniteValuesd
 from tests.apps import CASES, make_app
-from tests.conftest import requires_shared
+from tests.conftest import SPLEEN, requires_shared
 
 
 @pytest.mark.parametrize(
@@ -181,6 +182,7 @@ def test_scoring_skips_images_it_cannot_rank_and_scores_the_others(app) -> None:
     (studies / "cut2.nii.gz").write_bytes(source.read_bytes()[:5000])
     _complex(studies / "complex2.nii.gz")  # infer refuses these two, so scoring skips them too
     _metres(studies / "metres2.nii.gz")
+    shutil.copyfile(SPLEEN / "imagesTr" / "spleen_2.nii.gz", studies / "ct2.nii.gz")  # CT in an MR model's folder
     app.datastore().refresh()
     result = app._scoring_methods["epistemic"]({}, app.datastore())
     skipped = result["skipped"]
@@ -189,7 +191,12 @@ def test_scoring_skips_images_it_cannot_rank_and_scores_the_others(app) -> None:
     assert skipped["cut2"].startswith("EOFError"), skipped
     assert skipped["complex2"].startswith("The image holds complex-valued voxels (complex64)")
     assert skipped["metres2"].startswith("The image is 35 x 51 x 35 voxels of 1000 x 1000 x 1000 mm")
-    unrankable = {"blank", "flat2", "cut2", "complex2", "metres2"}
+    # A CT is out of distribution for the MR model: ranked, it topped every uncertainty ranking.
+    assert skipped["ct2"] == (
+        "ValueError: the image is no MR (voxels below -500) and hippocampus segments MR: "
+        "strategies rank images for hippocampus"
+    )
+    unrankable = {"blank", "flat2", "cut2", "complex2", "metres2", "ct2"}
     scored = app.score_store().load()
     assert {c[0].name.split(".")[0] for c in CASES["hippocampus"]} <= set(scored), "the real cases are ranked"
     assert not unrankable & set(scored), "nothing unrankable is ranked"

@@ -1,0 +1,43 @@
+"""What an image's voxel values say about its modality, where they leave no doubt.
+
+A CT in Hounsfield units has air (about -1000 HU) or at least fat (about -100 HU) below 0; a
+magnitude MR has nothing below 0. Training (which labels a CT model may learn from) and scoring
+(which images a model ranks for annotators) use it for NIfTI files, whose headers do not say.
+"""
+
+from __future__ import annotations
+
+import nibabel as nib
+import numpy as np
+
+from radiology.spec import ModelSpec
+
+# Below this, the image holds air in Hounsfield units: no magnitude MR goes below 0.
+CT_AIR_BELOW = -500.0
+
+
+def ruled_out_modality(image_path: str) -> str | None:
+    """The modality (``"CT"`` or ``"MR"``) an image's voxel values rule out, else ``None``.
+
+    Nothing below 0 rules out a CT in Hounsfield units; voxels below -500 rule out a magnitude MR.
+    Anything between (an MR normalised to negative values, a CT cropped to soft tissue) rules out
+    neither, and so does a file that cannot be read (its readers report that).
+    """
+    try:
+        low = float(np.nanmin(np.asanyarray(nib.load(image_path).dataobj)))
+    except (OSError, ValueError, nib.filebasedimages.ImageFileError):
+        return None
+    if low >= 0.0:
+        return "CT"
+    if low < CT_AIR_BELOW:
+        return "MR"
+    return None
+
+
+def wrong_modality(image_path: str, spec: ModelSpec) -> str | None:
+    """Why ``spec`` should not learn from or rank this image (its values rule out the model's
+    modality), else ``None``."""
+    if ruled_out_modality(image_path) != spec.modality:
+        return None
+    why = "nothing below 0" if spec.modality == "CT" else f"voxels below {CT_AIR_BELOW:g}"
+    return f"the image is no {spec.modality} ({why}) and {spec.name} segments {spec.modality}"
