@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from strategies.scores import write_json
+
+logger = logging.getLogger(__name__)
 
 
 class ReservationBook:
@@ -15,16 +22,35 @@ class ReservationBook:
 
     Args:
         window_s: how long a handed-out image stays reserved; 0 disables reservations.
-        clock: monotonic time source in seconds (injected for tests).
+        clock: time source in seconds since the epoch (injected for tests).
+        path: a JSON file that keeps the reservations across a server restart (written after each
+            change, read at start); ``None`` keeps them in memory only.
     """
 
-    def __init__(self, window_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, window_s: float, clock: Callable[[], float] = time.time, path: Path | str | None = None) -> None:
         if window_s < 0:
             raise ValueError(f"window_s must be >= 0, got {window_s}")
         self.window_s = window_s
         self._clock = clock
-        self._held: dict[str, tuple[float, str]] = {}
+        self._path = Path(path) if path is not None else None
+        self._held: dict[str, tuple[float, str]] = self._load()
         self._lock = threading.Lock()
+
+    def _load(self) -> dict[str, tuple[float, str]]:
+        if self._path is None or not self._path.exists():
+            return {}
+        try:
+            raw = json.loads(self._path.read_text())
+            held = {str(image): (float(until), str(client)) for image, (until, client) in raw.items()}
+        except (ValueError, TypeError, AttributeError) as e:  # a damaged file: start without reservations
+            logger.warning("Ignoring the reservations in %s, which cannot be read: %s", self._path, e)
+            return {}
+        now = self._clock()
+        return {image: entry for image, entry in held.items() if entry[0] > now}
+
+    def _save(self) -> None:
+        if self._path is not None:
+            write_json(self._path, {image: [until, client] for image, (until, client) in self._held.items()})
 
     def _expire(self, now: float) -> None:
         for image, (until, _) in list(self._held.items()):
@@ -39,7 +65,8 @@ class ReservationBook:
 
     def release(self, image: str) -> None:
         with self._lock:
-            self._held.pop(image, None)
+            if self._held.pop(image, None) is not None:
+                self._save()
 
     def pick(self, candidates: Sequence[str], choose: Callable[[list[str]], list[str]], client_id: str) -> list[str]:
         """Reserve and return ``choose(free candidates)`` for ``client_id``."""
@@ -48,7 +75,8 @@ class ReservationBook:
             self._expire(now)
             free = [c for c in candidates if c not in self._held]
             chosen = choose(free) if free else []
-            if self.window_s > 0:
+            if self.window_s > 0 and chosen:
                 for image in chosen:
                     self._held[image] = (now + self.window_s, client_id)
+                self._save()
             return chosen

@@ -79,7 +79,7 @@ class ScoreStore:
     def update(self, new: dict[str, Score]) -> None:
         scores = self.load()
         scores.update(new)
-        _write_json(self.path, {k: asdict(v) for k, v in scores.items()})
+        write_json(self.path, {k: asdict(v) for k, v in scores.items()})
 
     def forget(self, image_id: str) -> None:
         """Drop an image's score and unusable mark: its file was replaced, so they describe another
@@ -88,7 +88,7 @@ class ScoreStore:
             for path in (self.path, self.unusable_path):
                 content = json.loads(path.read_text()) if path.exists() else {}
                 if content.pop(image_id, None) is not None:
-                    _write_json(path, content)
+                    write_json(path, content)
 
     # Images the last scoring run could not score (unreadable, not a volume, constant), with the
     # reason, in a file beside the scores: strategies leave them out until a run scores them.
@@ -100,10 +100,10 @@ class ScoreStore:
         return self._read(self.unusable_path, dict)
 
     def set_unusable(self, reasons: dict[str, str]) -> None:
-        _write_json(self.unusable_path, reasons)
+        write_json(self.unusable_path, reasons)
 
 
-def _write_json(path: Path, obj: object) -> None:
+def write_json(path: Path, obj: object) -> None:
     """Replace ``path`` with ``obj`` as JSON through a temporary file and a rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = staged_beside(path)

@@ -3,6 +3,7 @@ from __future__ import annotations
 import random
 import threading
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
@@ -63,6 +64,29 @@ def test_reservation_window() -> None:
     assert book.pick(["a", "b"], lambda free: free[:1], "carol") == ["a"]
     book.release("a")
     assert "a" not in book.reserved()
+
+
+def test_reservations_outlive_a_restart(tmp_path: Path) -> None:
+    clock, path = FakeClock(), tmp_path / "model" / "reservations.json"
+    book = ReservationBook(60, clock=clock, path=path)
+    assert book.pick(["a", "b", "c"], lambda free: free[:2], "alice") == ["a", "b"]
+    book.release("b")
+    clock.now += 30
+    restarted = ReservationBook(60, clock=clock, path=path)  # a new server process on the same folder
+    assert restarted.reserved() == {"a": "alice"}
+    assert restarted.pick(["a", "b", "c"], lambda free: free[:1], "bob") == ["b"]
+    clock.now += 31  # alice's hold has ended; bob's has 29 s left
+    assert ReservationBook(60, clock=clock, path=path).reserved() == {"b": "bob"}
+    assert not [p for p in path.parent.iterdir() if p.name != "reservations.json"], "no temporary file left"
+
+
+@pytest.mark.parametrize("content", ["{not json", '["a", "b"]', '{"a": 5}'])
+def test_a_damaged_reservations_file_is_ignored(tmp_path: Path, content: str, caplog) -> None:
+    path = tmp_path / "reservations.json"
+    path.write_text(content)
+    book = ReservationBook(60, clock=FakeClock(), path=path)
+    assert book.reserved() == {} and "cannot be read" in caplog.text
+    assert book.pick(["a"], lambda free: free, "alice") == ["a"]
 
 
 def test_zero_window_reserves_nothing() -> None:

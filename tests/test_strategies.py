@@ -314,3 +314,17 @@ def test_next_sample_parses_the_score_file_once_per_change(tmp_path: Path, monke
     assert picked == [[ids[1]], [ids[0]]], "ranked by score, never the same image twice"
     assert len(parsed) == 1, "the strategy and the new-image check share one cached store"
     assert app.score_store() is app.score_store()
+
+
+@requires_shared
+def test_a_restarted_app_keeps_the_reservations(tmp_path: Path) -> None:
+    from tests.apps import make_app, unwatched_app
+
+    app = make_app(tmp_path, "hippocampus", labelled=0)
+    first = app._strategies["random"]({"client_id": "alice"}, app.datastore())["id"]
+    restarted = unwatched_app(
+        tmp_path / "app", tmp_path / "studies", {"models": "hippocampus", "score_on_start": "false"}
+    )
+    assert restarted.book.reserved() == {first: "alice"}
+    second = restarted._strategies["random"]({"client_id": "bob"}, restarted.datastore())["id"]
+    assert second != first
