@@ -27,6 +27,11 @@ def ruled_out_modality(image_path: str) -> str | None:
         low = float(np.nanmin(np.asanyarray(nib.load(image_path).dataobj)))
     except (OSError, ValueError, nib.filebasedimages.ImageFileError):
         return None
+    return ruled_out_by_minimum(low)
+
+
+def ruled_out_by_minimum(low: float) -> str | None:
+    """``ruled_out_modality`` for an image whose smallest voxel value is ``low``."""
     if low >= 0.0:
         return "CT"
     if low < CT_AIR_BELOW:
@@ -34,10 +39,11 @@ def ruled_out_modality(image_path: str) -> str | None:
     return None
 
 
-def wrong_modality(image_path: str, spec: ModelSpec) -> str | None:
-    """Why ``spec`` should not learn from or rank this image (its values rule out the model's
-    modality), else ``None``."""
-    if ruled_out_modality(image_path) != spec.modality:
+def wrong_modality(image: str | float, spec: ModelSpec) -> str | None:
+    """Why ``spec`` should not learn from or rank an image (its values rule out the model's
+    modality), else ``None``; ``image`` is its path or, already read, its smallest voxel value."""
+    ruled_out = ruled_out_by_minimum(image) if isinstance(image, float) else ruled_out_modality(image)
+    if ruled_out != spec.modality:
         return None
     why = "nothing below 0" if spec.modality == "CT" else f"voxels below {CT_AIR_BELOW:g}"
     return f"the image is no {spec.modality} ({why}) and {spec.name} segments {spec.modality}"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -283,10 +284,15 @@ class MCDropoutScorer:
 
     def score(self, image_path: str) -> dict[str, Any]:
         self._refuse_what_infer_refuses(image_path)
-        why = wrong_modality(image_path, self.spec)
+        load, *rest = self._pre.transforms
+        data = load({"image": image_path})
+        with np.errstate(invalid="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # all NaN: nan, which rules out nothing
+            low = float(np.nanmin(torch.as_tensor(data["image"]).numpy()))
+        why = wrong_modality(low, self.spec)
         if why is not None:  # a CT under an MR model is out of distribution: it would top every ranking
             raise ValueError(f"{why}: strategies rank images for {self.spec.name}")
-        image = self._pre({"image": image_path})["image"]
+        image = Compose(rest)(data)["image"]
         if image.ndim != 4:
             raise ValueError(f"not a 3D volume (shape {tuple(image.shape[1:])})")
         if float(image.max()) == float(image.min()):
