@@ -285,7 +285,11 @@ class SegmentationTrainer(BasicTrainTask):
         # A stale best checkpoint from an earlier (perhaps stopped) run must not be published.
         stale = Path(self._model_dir) / request["name"] / self._key_metric_filename
         stale.unlink(missing_ok=True)
-        return super().train(rank, world_size, request, datalist)
+        try:
+            return super().train(rank, world_size, request, datalist)
+        except Exception as e:  # /info's train_stats would otherwise still show the run before
+            self._record({"published": False, "failed": f"{type(e).__name__}: {e}"})
+            raise
 
     def finalize(self, context: Context) -> None:
         super().finalize(context)
@@ -348,6 +352,7 @@ class SegmentationTrainer(BasicTrainTask):
         The server trains in a child process; the file is how ``/info``'s ``train_stats`` learns it.
         """
         path = Path(self._stats_path)
+        path.parent.mkdir(parents=True, exist_ok=True)
         stats = json.loads(path.read_text()) if path.exists() else {}
         stats["last_run"] = outcome
         staged = path.with_name(f".{path.name}.tmp")

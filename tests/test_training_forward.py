@@ -308,3 +308,22 @@ def test_the_409_check_stops_at_the_first_label_the_model_trains_on(tmp_path: Pa
     assert checked == [cases[0]["label"]]
     assert trainer.pre_process({}, _Cases(cases)) == cases  # type: ignore[arg-type]
     assert len(checked) == 4
+
+
+def test_a_failed_run_is_recorded_as_the_last_run(tmp_path: Path, monkeypatch) -> None:
+    """/info's train_stats shows the last run's outcome; a run that raised used to leave the one before."""
+    from monailabel.tasks.train.basic_train import BasicTrainTask
+
+    trainer = SegmentationTrainer(HIPPOCAMPUS, str(tmp_path / "run"), str(tmp_path / "s.pt"))
+    trainer._record({"published": True, "best_val_dice": 0.9})  # an earlier, completed run
+
+    def fails(*args, **kwargs):
+        raise RuntimeError("index 3 is out of bounds for dimension 1 with size 3")
+
+    monkeypatch.setattr(BasicTrainTask, "train", fails)
+    with pytest.raises(RuntimeError, match="index 3"):
+        trainer.train(0, 1, {"name": "train_01"}, [])
+    assert trainer.stats()["last_run"] == {
+        "published": False,
+        "failed": "RuntimeError: index 3 is out of bounds for dimension 1 with size 3",
+    }
