@@ -10,6 +10,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from filelock import FileLock
+
 from appcore.files import staged_beside
 
 
@@ -44,7 +46,6 @@ class ScoreStore:
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
         self._lock = threading.Lock()
-        self._forget_lock = threading.Lock()  # two requests forgetting at once must not lose one
         self._cache: dict[Path, tuple[int, dict[str, Any]]] = {}  # file -> (mtime, parsed content)
 
     def _read(self, path: Path, parse: Callable[[dict[str, Any]], dict[str, Any]]) -> dict[str, Any]:
@@ -76,15 +77,22 @@ class ScoreStore:
         """The feature vector of every image scored with one."""
         return {k: s.extra["embedding"] for k, s in self.load().items() if isinstance(s.extra.get("embedding"), list)}
 
+    def _changing(self) -> FileLock:
+        """Held while the files are read, changed and written back: a scoring run's process, the one
+        a training rescores in at its end and the server (``forget``) may change them at once, and
+        each would otherwise write back a copy without the others' changes."""
+        return FileLock(str(self.path.with_name(f".{self.path.name}.lock")))
+
     def update(self, new: dict[str, Score]) -> None:
-        scores = self.load()
-        scores.update(new)
-        write_json(self.path, {k: asdict(v) for k, v in scores.items()})
+        with self._changing():
+            scores = self.load()
+            scores.update(new)
+            write_json(self.path, {k: asdict(v) for k, v in scores.items()})
 
     def forget(self, image_id: str) -> None:
         """Drop an image's score and unusable mark: its file was replaced, so they describe another
         image. It is then unscored (ranked last, and scored by the next run)."""
-        with self._forget_lock:
+        with self._changing():
             for path in (self.path, self.unusable_path):
                 content = json.loads(path.read_text()) if path.exists() else {}
                 if content.pop(image_id, None) is not None:
@@ -100,7 +108,8 @@ class ScoreStore:
         return self._read(self.unusable_path, dict)
 
     def set_unusable(self, reasons: dict[str, str]) -> None:
-        write_json(self.unusable_path, reasons)
+        with self._changing():
+            write_json(self.unusable_path, reasons)
 
 
 def write_json(path: Path, obj: object) -> None:

@@ -328,3 +328,23 @@ def test_a_restarted_app_keeps_the_reservations(tmp_path: Path) -> None:
     assert restarted.book.reserved() == {first: "alice"}
     second = restarted._strategies["random"]({"client_id": "bob"}, restarted.datastore())["id"]
     assert second != first
+
+
+def test_concurrent_score_updates_lose_nothing(tmp_path: Path) -> None:
+    """Scoring runs write from processes of their own (a POST /scoring run and the one at the end of a
+    training may overlap): each merges into the file as it is, under a lock, so no score is lost."""
+    path, writers, each = tmp_path / "scores.json", 4, 25
+    start = threading.Barrier(writers)
+
+    def write(w: int) -> None:
+        store = ScoreStore(path)  # one per writer, as each process has its own
+        start.wait()
+        for i in range(each):
+            store.update({f"w{w}_{i}": Score(0.5, "v", 0.0, {})})
+
+    threads = [threading.Thread(target=write, args=(w,)) for w in range(writers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(ScoreStore(path).load()) == writers * each
