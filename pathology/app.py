@@ -99,7 +99,8 @@ class PathologyApp(RequestChecks, MONAILabelApp):
 
     def init_strategies(self) -> dict[str, Any]:
         first = next(iter(self.models))
-        book = ReservationBook(self.settings.reservation_s)  # one for both: a patch is held whoever picked it
+        # One for all strategies (a patch is held whoever picked it), kept across a restart.
+        book = ReservationBook(self.settings.reservation_s, path=self.model_dir / "reservations.json")
         spec, network = self.models[first].spec, lambda: self._infers[first].network()
         entropy = PatchMeasures(spec)  # one entropy pass per patch for both strategies that rank by it
         measuring = {

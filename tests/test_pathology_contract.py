@@ -168,3 +168,13 @@ def test_the_app_measures_each_patch_once_for_the_two_entropy_strategies(tmp_pat
     strategies = PathologyApp(str(tmp_path / "a"), str(tmp_path / "s"), {})._strategies
     assert strategies["wsi_uncertain"].store is strategies["wsi_diversity"].store
     assert len({id(strategies[name].store) for name in ("wsi_uncertain", "wsi_bald", "wsi_tta")}) == 3
+
+
+def test_the_patch_reservations_are_kept_across_a_restart(tmp_path: Path) -> None:
+    (tmp_path / "s").mkdir()
+    strategies = PathologyApp(str(tmp_path / "a"), str(tmp_path / "s"), {})._strategies
+    book = strategies["wsi_uncertain"]._book
+    assert all(strategies[name]._book is book for name in strategies), "one book for every strategy"
+    book.pick(["slide:0:0:256:256"], lambda free: free, "reader1")
+    restarted = PathologyApp(str(tmp_path / "a"), str(tmp_path / "s"), {})._strategies
+    assert restarted["wsi_random"]._book.reserved() == {"slide:0:0:256:256": "reader1"}
