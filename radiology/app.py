@@ -111,6 +111,11 @@ class RadiologyApp(RequestChecks, MONAILabelApp):
         model = params.get("model")
         if model:
             self.allowed_label_values(params)  # 404 for an unknown model
+            if modality and self.specs[model].modality != modality:
+                raise unprocessable(
+                    f"Model {model!r} segments {self.specs[model].modality} and the series is {modality}: "
+                    f"its SEG would replace this series' label with another anatomy's; name a {modality} model"
+                )
             return model, self.specs[model].labels
         matching = [name for name, spec in self.specs.items() if spec.modality == modality]
         if len(matching) != 1:

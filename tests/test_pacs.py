@@ -412,3 +412,71 @@ def test_concurrent_saves_of_one_series_leave_one_seg(server: Server, pacs: Load
     r = server.http.get("/datastore/label", params={"label": uid, "tag": "final"})
     served = nib.Nifti1Image.from_bytes(gzip.decompress(r.content))
     assert len(kept) == 1 and set(np.unique(np.asarray(served.dataobj)).tolist()) - {0} == kept
+
+
+def test_a_seg_another_tool_stored_is_read_but_never_replaced_or_deleted(
+    server: Server, pacs: LoadedPacs, tmp_path: Path
+) -> None:
+    """A radiologist's SEG from 3D Slicer (its own Manufacturer and model name, "Liver" for liver) is
+    the series' label until this server stores one of its own, and only this server's SEGs are
+    replaced or deleted. Before, that SEG made every training a 404 ("Unknown model 'Slicer'") and a
+    save or a DELETE removed it from the PACS."""
+    from pydicom.uid import generate_uid
+
+    from appcore.dicom.client import OrthancAdmin
+    from appcore.dicom.seg import label_to_seg
+
+    uid, labels = pacs.series["ct_abdomen"], MODELS["organs_ct"].labels
+    server.http.delete("/datastore/label", params={"id": uid, "tag": "final"})  # this server's, if any
+    assert not _segs(pacs, uid)
+    volume = _volume(pacs, "ct_abdomen")
+    study = str(pacs.client.search_series({"SeriesInstanceUID": uid})[0].StudyInstanceUID)
+    by_uid = {str(ds.SOPInstanceUID): ds for ds in pacs.client.retrieve_series(study, uid)}
+    theirs = np.zeros(volume.data.shape, np.uint8)
+    theirs[200:260, 200:260, 4:12] = 5  # liver
+    seg = label_to_seg(
+        theirs,
+        [by_uid[u] for u in volume.sop_instance_uids],
+        labels,
+        model="organs_ct",
+        series_uid=generate_uid(),
+        sop_uid=generate_uid(),
+    )
+    seg.Manufacturer, seg.ManufacturerModelName = "Slicer Community", "Slicer"
+    for item in seg.SegmentSequence:
+        item.SegmentLabel = str(item.SegmentLabel).title()
+    pacs.client.store([seg])
+    foreign = str(seg.SeriesInstanceUID)
+    try:
+        r = server.http.get("/datastore/label", params={"label": uid, "tag": "final"})
+        assert r.status_code == 200, r.text
+        assert np.array_equal(np.asarray(nib.Nifti1Image.from_bytes(gzip.decompress(r.content)).dataobj), theirs)
+        r = server.http.post("/train/organs_ct", json={"max_epochs": 1})
+        assert r.status_code != 404, r.text  # it is training data, not an unknown model 'Slicer'
+        deadline = time.monotonic() + 120
+        while server.http.get("/train/", params={"check_if_running": "true"}).status_code == 200:
+            assert time.monotonic() < deadline
+            time.sleep(1)
+
+        r = server.http.delete("/datastore/label", params={"id": uid, "tag": "final"})
+        assert r.status_code == 409 and "another tool stored" in r.json()["detail"], r.text
+        ours = np.where(theirs == 5, 1, 0).astype(np.uint8)  # spleen where they drew liver
+        assert _put_label(server, uid, ours, volume.affine, "organs_ct", tmp_path).status_code == 200
+        assert {str(s.SeriesInstanceUID) == foreign for s in _segs(pacs, uid)} == {True, False}
+        served = server.http.get("/datastore/label", params={"label": uid, "tag": "final"})
+        assert np.array_equal(np.asarray(nib.Nifti1Image.from_bytes(gzip.decompress(served.content)).dataobj), ours)
+        assert server.http.delete("/datastore/label", params={"id": uid, "tag": "final"}).status_code == 200
+        assert [str(s.SeriesInstanceUID) for s in _segs(pacs, uid)] == [foreign]
+    finally:
+        OrthancAdmin.for_dicomweb(pacs.orthanc.dicomweb_url).delete_series(foreign)
+
+
+def test_a_label_of_a_model_for_another_modality_is_refused_on_a_pacs_series(
+    server: Server, pacs: LoadedPacs, tmp_path: Path
+) -> None:
+    uid = pacs.series["ct_abdomen"]
+    volume = _volume(pacs, "ct_abdomen")
+    data = np.zeros(volume.data.shape, np.uint8)
+    data[100:120, 100:120, 3:6] = 1
+    r = _put_label(server, uid, data, volume.affine, "hippocampus", tmp_path)
+    assert r.status_code == 422 and "Model 'hippocampus' segments MR and the series is CT" in r.json()["detail"]

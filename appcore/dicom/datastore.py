@@ -19,9 +19,9 @@ from pydicom.uid import generate_uid
 
 from appcore.datastore import AllowedValues, CheckedLocalDatastore
 from appcore.dicom.client import DicomWebClient, OrthancAdmin, PacsUnavailable
-from appcore.dicom.seg import label_to_seg, seg_to_label
+from appcore.dicom.seg import SEG_MANUFACTURER, label_to_seg, seg_to_label
 from appcore.dicom.series import SeriesRefused, load_series, series_geometry
-from appcore.errors import bad_request, not_found, unprocessable
+from appcore.errors import RequestError, bad_request, conflict, not_found, unprocessable
 from appcore.labels import LabelSet
 from appcore.validation import (
     Geometry,
@@ -119,7 +119,8 @@ class DicomWebDatastore(CheckedLocalDatastore):
         self._orthanc = orthanc
         self._series = _TTL(list_ttl_s, self._search_series)
         self._segs = _TTL(list_ttl_s, self._search_segs)
-        self._seg_refs: dict[str, tuple[str, str]] = {}  # SEG series uid -> (referenced series uid, model)
+        # SEG series uid -> (referenced series uid, model, whether this server wrote it)
+        self._seg_refs: dict[str, tuple[str, str, bool]] = {}
         self._refusals: dict[str, str | None] = {}
         self._fetch_locks: dict[str, threading.Lock] = {}
         self._locks_lock = threading.Lock()
@@ -149,12 +150,16 @@ class DicomWebDatastore(CheckedLocalDatastore):
                 if not refs:
                     logger.warning("SEG series %s references no series; ignored", seg_series)
                     continue
-                self._seg_refs[seg_series] = (
-                    str(refs[0].SeriesInstanceUID),
-                    str(meta[0].get("ManufacturerModelName", "")),
-                )
+                ours = str(meta[0].get("Manufacturer", "")) == SEG_MANUFACTURER
+                # Another tool's ManufacturerModelName is its own name ("Slicer"), not a served model's.
+                model = str(meta[0].get("ManufacturerModelName", "")) if ours else ""
+                self._seg_refs[seg_series] = (str(refs[0].SeriesInstanceUID), model, ours)
             by_source.setdefault(self._seg_refs[seg_series][0], []).append((study, seg_series))
         return by_source
+
+    def _ours(self, seg_series: str) -> bool:
+        """Whether this server wrote the SEG (its Manufacturer): the only SEGs it replaces or deletes."""
+        return self._seg_refs.get(seg_series, ("", "", False))[2]
 
     def _series_meta(self, image_id: str) -> Dataset:
         check_image_id(image_id)
@@ -338,8 +343,9 @@ class DicomWebDatastore(CheckedLocalDatastore):
     def _replace_seg(
         self, image_id: str, label_filename: str, data: np.ndarray, labels: LabelSet, model: str, info: dict[str, Any]
     ) -> str:
-        self._segs.invalidate()  # SEGs stored a moment ago, by this server or another client, are replaced too
-        earlier = self._segs.get().get(image_id, [])
+        self._segs.invalidate()  # SEGs this server stored a moment ago (another request) are replaced too
+        # Only this server's own SEGs are replaced: one a clinician made in another tool stays.
+        earlier = [(study, uid) for study, uid in self._segs.get().get(image_id, []) if self._ours(uid)]
         seg_uid = generate_uid()
         seg = label_to_seg(
             np.asarray(data),
@@ -352,7 +358,7 @@ class DicomWebDatastore(CheckedLocalDatastore):
         started = time.perf_counter()
         self._client.store([seg])
         self._segs.invalidate()
-        self._seg_refs[seg_uid] = (image_id, model)
+        self._seg_refs[seg_uid] = (image_id, model, True)
         for _, old in earlier:
             if self._orthanc is not None and old != seg_uid:
                 self._orthanc.delete_series(old)
@@ -379,11 +385,13 @@ class DicomWebDatastore(CheckedLocalDatastore):
         cached = local.labels.get(DefaultLabelTag.FINAL.value) if local else None
         if cached and cached.info.get("SegSeriesInstanceUID") in {s for _, s in segs}:
             return
-        study, seg_series = segs[-1]
+        # This server's SEG where there is one, else one another tool stored.
+        study, seg_series = sorted(segs, key=lambda s: self._ours(s[1]))[-1]
         try:
             self._cache_seg(image_id, study, seg_series)
-        except (SeriesRefused, ValueError) as e:
-            logger.warning("SEG %s of series %s cannot be read as a label: %s", seg_series, image_id, e)
+        except (SeriesRefused, ValueError, RequestError) as e:  # a RequestError: no served model's labels
+            why = e.detail if isinstance(e, RequestError) else e
+            logger.warning("SEG %s of series %s cannot be read as a label: %s", seg_series, image_id, why)
 
     def get_label_uri(self, label_id: str, label_tag: str, image_id: str = "") -> str:
         if label_tag == DefaultLabelTag.FINAL.value:
@@ -410,7 +418,13 @@ class DicomWebDatastore(CheckedLocalDatastore):
                 raise bad_request(
                     f"The PACS at {self._client.url} has no delete this server can use; delete the SEG there"
                 )
-            for _, seg_series in segs:
+            ours = [uid for _, uid in segs if self._ours(uid)]
+            if segs and not ours:
+                raise conflict(
+                    f"Series {label_id!r} has only SEGs another tool stored in the PACS ({len(segs)}); "
+                    "this server deletes only its own: delete those in the PACS or the tool that made them"
+                )
+            for seg_series in ours:
                 self._orthanc.delete_series(seg_series)
                 self._seg_refs.pop(seg_series, None)
             self._segs.invalidate()
@@ -430,7 +444,7 @@ class DicomWebDatastore(CheckedLocalDatastore):
     def _cache_seg(self, image_id: str, study: str, seg_series: str) -> None:
         image = nib.load(self.get_image_uri(image_id))
         sop_uids = [str(h.SOPInstanceUID) for h in self.source_headers(image_id)]
-        model = self._seg_refs.get(seg_series, ("", ""))[1]
+        model = self._seg_refs.get(seg_series, ("", "", False))[1]
         info = {"model": model} if model else {}
         model, labels = self._labels_for(info, str(self.get_image_info(image_id).get("Modality", "")))
         segs = self._client.retrieve_series(study, seg_series)

@@ -12,6 +12,8 @@ from pydicom.sr.coding import Code
 
 from appcore.labels import Label, LabelSet
 
+# The Manufacturer of every SEG this server writes: the SEGs it may replace or delete in a PACS.
+SEG_MANUFACTURER = "active-label-server"
 # Category of every segment, and the type of a label without a SNOMED CT code of its own.
 BODY_STRUCTURE = Code("123037004", "SCT", "Anatomical Structure")
 ANATOMICAL_STRUCTURE = Code("91723000", "SCT", "Anatomical structure")
@@ -103,7 +105,7 @@ def label_to_seg(
         series_number=series_number,
         sop_instance_uid=sop_uid,
         instance_number=1,
-        manufacturer="active-label-server",
+        manufacturer=SEG_MANUFACTURER,
         manufacturer_model_name=model,
         software_versions=SOFTWARE,
         device_serial_number="1",
@@ -117,15 +119,15 @@ def label_to_seg(
 def seg_to_label(seg: Dataset, sop_instance_uids: Sequence[str], labels: LabelSet) -> np.ndarray:
     """The class-id volume (``[column, row, slice]``) of a SEG over the given source slices.
 
-    Segments are matched to labels by SegmentLabel; a segment with a name ``labels`` lacks is refused.
+    Segments are matched to labels by SegmentLabel, ignoring case, else by the SNOMED CT code of their
+    segmented property type (as another tool may name "Liver" what this server calls "liver"); a
+    segment matching no label is refused.
     """
     segmentation = hd.seg.Segmentation.from_dataset(seg, copy=False)
-    ids = {}
-    for item in segmentation.SegmentSequence:
-        try:
-            ids[int(item.SegmentNumber)] = labels.by_name(str(item.SegmentLabel)).id
-        except KeyError as e:
-            raise ValueError(f"SEG {seg.SOPInstanceUID}: {e}") from None
+    ids = {
+        int(item.SegmentNumber): _label_of(item, labels, str(seg.SOPInstanceUID))
+        for item in segmentation.SegmentSequence
+    }
     masks = segmentation.get_pixels_by_source_instance(
         source_sop_instance_uids=list(sop_instance_uids),
         segment_numbers=sorted(ids),
@@ -135,3 +137,20 @@ def seg_to_label(seg: Dataset, sop_instance_uids: Sequence[str], labels: LabelSe
     for channel, number in enumerate(sorted(ids)):
         out[masks[..., channel] > 0] = ids[number]
     return out.transpose(2, 1, 0)
+
+
+def _label_of(item: Dataset, labels: LabelSet, sop_uid: str) -> int:
+    """The label id of one SegmentSequence item (see ``seg_to_label``)."""
+    name = str(item.SegmentLabel)
+    by_name = [label for label in labels if label.name.lower() == name.strip().lower()]
+    if by_name:
+        return by_name[0].id
+    types = item.get("SegmentedPropertyTypeCodeSequence") or []
+    code = str(types[0].CodeValue) if types else ""
+    by_code = [label for label in labels if code and label.snomed == code]
+    if len(by_code) == 1:
+        return by_code[0].id
+    raise ValueError(
+        f"SEG {sop_uid}: segment {name!r} (code {code or 'none'}) is none of the labels "
+        f"{[label.name for label in labels]}"
+    )
