@@ -480,3 +480,24 @@ def test_a_label_of_a_model_for_another_modality_is_refused_on_a_pacs_series(
     data[100:120, 100:120, 3:6] = 1
     r = _put_label(server, uid, data, volume.affine, "hippocampus", tmp_path)
     assert r.status_code == 422 and "Model 'hippocampus' segments MR and the series is CT" in r.json()["detail"]
+
+
+def test_a_seg_deleted_in_the_pacs_is_no_longer_served_from_the_cache(
+    server: Server, pacs: LoadedPacs, tmp_path: Path
+) -> None:
+    from appcore.dicom.client import OrthancAdmin
+
+    uid = pacs.series["ct_abdomen"]
+    volume = _volume(pacs, "ct_abdomen")
+    data = np.zeros(volume.data.shape, np.uint8)
+    data[150:170, 150:170, 2:6] = 5
+    assert _put_label(server, uid, data, volume.affine, "organs_ct", tmp_path).status_code == 200
+    assert server.http.get("/datastore/label", params={"label": uid, "tag": "final"}).status_code == 200
+    for seg in _segs(pacs, uid):  # as a PACS administrator or another tool would
+        OrthancAdmin.for_dicomweb(pacs.orthanc.dicomweb_url).delete_series(str(seg.SeriesInstanceUID))
+    time.sleep(5.5)  # the server reuses its listing of the PACS's SEGs for 5 s
+    r = server.http.get("/datastore/label", params={"label": uid, "tag": "final"})
+    assert r.status_code == 404, "the label it held was served from the local cache"
+    assert server.http.get("/datastore/label/info", params={"label": uid, "tag": "final"}).status_code == 404
+    stats = server.http.get("/datastore/", params={"output": "stats"}).json()
+    assert stats["label_tags"].get("final", 0) == stats["completed"]

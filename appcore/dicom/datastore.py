@@ -13,6 +13,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 import pydicom
+from filelock import FileLock
 from monailabel.interfaces.datastore import DefaultLabelTag
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
@@ -379,7 +380,10 @@ class DicomWebDatastore(CheckedLocalDatastore):
         if not segs:  # maybe saved elsewhere since the listing: ask the PACS again before answering "none"
             self._segs.invalidate()
             segs = self._segs.get().get(image_id)
-        if not segs or image_id not in self._series.get():
+        if image_id not in self._series.get():
+            return
+        if not segs:
+            self._drop_cached_final(image_id)  # its SEG was deleted in the PACS (by an admin, another tool)
             return
         local = self._datastore.objects.get(image_id)
         cached = local.labels.get(DefaultLabelTag.FINAL.value) if local else None
@@ -392,6 +396,19 @@ class DicomWebDatastore(CheckedLocalDatastore):
         except (SeriesRefused, ValueError, RequestError) as e:  # a RequestError: no served model's labels
             why = e.detail if isinstance(e, RequestError) else e
             logger.warning("SEG %s of series %s cannot be read as a label: %s", seg_series, image_id, why)
+
+    def _drop_cached_final(self, image_id: str) -> None:
+        """Forget the cached ``final`` label of a series whose SEG is no longer in the PACS."""
+        with FileLock(self._lock_file):
+            local = self._datastore.objects.get(image_id)
+            cached = local.labels.pop(DefaultLabelTag.FINAL.value, None) if local else None
+            if cached is None:
+                return
+            (
+                Path(self._datastore.label_path(DefaultLabelTag.FINAL.value)) / self._filename(image_id, cached.ext)
+            ).unlink(missing_ok=True)
+            self._update_datastore_file(lock=False)
+        logger.info("The PACS no longer holds a SEG for series %s: its cached label is forgotten", image_id)
 
     def get_label_uri(self, label_id: str, label_tag: str, image_id: str = "") -> str:
         if label_tag == DefaultLabelTag.FINAL.value:
