@@ -445,9 +445,11 @@ class DicomWebDatastore(CheckedLocalDatastore):
                 self._orthanc.delete_series(seg_series)
                 self._seg_refs.pop(seg_series, None)
             self._segs.invalidate()
-        if self._datastore.label(label_id, label_tag):
+            # Directly: the local removal would first sync with the PACS, which holds none of ours now.
+            self._drop_cached_final(label_id)
+        elif self._datastore.label(label_id, label_tag):
             super().remove_label(label_id, label_tag)
-        elif label_tag != DefaultLabelTag.FINAL.value:
+        else:
             raise not_found(f"Series {label_id!r} has no {label_tag!r} label")
 
     def datalist(self, full_path: bool = True) -> list[dict[str, Any]]:
