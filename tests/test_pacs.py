@@ -471,14 +471,18 @@ def test_a_seg_another_tool_stored_is_read_but_never_replaced_or_deleted(
         OrthancAdmin.for_dicomweb(pacs.orthanc.dicomweb_url).delete_series(foreign)
 
 
+def _put_ct_block(server: Server, pacs: LoadedPacs, model: str, value: int, tmp: Path):
+    """Save, for ``model``, a label of one block of ``value`` on the CT series."""
+    volume = _volume(pacs, "ct_abdomen")
+    data = np.zeros(volume.data.shape, np.uint8)
+    data[150:170, 150:170, 2:6] = value
+    return _put_label(server, pacs.series["ct_abdomen"], data, volume.affine, model, tmp)
+
+
 def test_a_label_of_a_model_for_another_modality_is_refused_on_a_pacs_series(
     server: Server, pacs: LoadedPacs, tmp_path: Path
 ) -> None:
-    uid = pacs.series["ct_abdomen"]
-    volume = _volume(pacs, "ct_abdomen")
-    data = np.zeros(volume.data.shape, np.uint8)
-    data[100:120, 100:120, 3:6] = 1
-    r = _put_label(server, uid, data, volume.affine, "hippocampus", tmp_path)
+    r = _put_ct_block(server, pacs, "hippocampus", 1, tmp_path)
     assert r.status_code == 422 and "Model 'hippocampus' segments MR and the series is CT" in r.json()["detail"]
 
 
@@ -488,10 +492,7 @@ def test_a_seg_deleted_in_the_pacs_is_no_longer_served_from_the_cache(
     from appcore.dicom.client import OrthancAdmin
 
     uid = pacs.series["ct_abdomen"]
-    volume = _volume(pacs, "ct_abdomen")
-    data = np.zeros(volume.data.shape, np.uint8)
-    data[150:170, 150:170, 2:6] = 5
-    assert _put_label(server, uid, data, volume.affine, "organs_ct", tmp_path).status_code == 200
+    assert _put_ct_block(server, pacs, "organs_ct", 5, tmp_path).status_code == 200
     assert server.http.get("/datastore/label", params={"label": uid, "tag": "final"}).status_code == 200
     for seg in _segs(pacs, uid):  # as a PACS administrator or another tool would
         OrthancAdmin.for_dicomweb(pacs.orthanc.dicomweb_url).delete_series(str(seg.SeriesInstanceUID))
