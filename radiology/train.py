@@ -22,6 +22,7 @@ from monailabel.interfaces.datastore import Datastore
 from monailabel.tasks.train.basic_train import BasicTrainTask, Context
 
 from appcore.errors import RequestError
+from appcore.files import write_json
 from appcore.precision import autocast
 from appcore.validation import check_segmentable, nifti_header
 from appcore.weights import load_state_dict, save_weights_atomically
@@ -352,12 +353,9 @@ class SegmentationTrainer(BasicTrainTask):
         The server trains in a child process; the file is how ``/info``'s ``train_stats`` learns it.
         """
         path = Path(self._stats_path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         stats = json.loads(path.read_text()) if path.exists() else {}
         stats["last_run"] = outcome
-        staged = path.with_name(f".{path.name}.tmp")
-        staged.write_text(json.dumps(stats, indent=2))
-        os.replace(staged, path)
+        write_json(path, stats)
 
     def stats(self) -> dict[str, Any]:
         stats = super().stats()

@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from strategies.scores import write_json
+from appcore.files import write_json
 
 logger = logging.getLogger(__name__)
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import threading
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -12,7 +11,7 @@ from typing import Any
 
 from filelock import FileLock
 
-from appcore.files import staged_beside
+from appcore.files import write_json
 
 
 @dataclass(frozen=True)
@@ -110,16 +109,3 @@ class ScoreStore:
     def set_unusable(self, reasons: dict[str, str]) -> None:
         with self._changing():
             write_json(self.unusable_path, reasons)
-
-
-def write_json(path: Path, obj: object) -> None:
-    """Replace ``path`` with ``obj`` as JSON through a temporary file and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = staged_beside(path)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
