@@ -25,6 +25,7 @@ from appcore.validation import (
     check_image_id,
     check_upload_size,
     check_volume,
+    label_values,
     load_nifti,
     validate_label_volume,
 )
@@ -170,8 +171,7 @@ class CheckedLocalDatastore(LocalDatastore):
         if model and model != label.info.get("model"):
             # Naming the model decides which training uses the label: checked as a save naming it is.
             allowed = self._allowed_values({"model": model})  # 404 for an unknown model
-            stored = np.unique(np.asanyarray(nib.load(self.get_label_uri(label_id, label_tag)).dataobj))
-            foreign = sorted(int(v) for v in stored if int(v) not in allowed)
+            foreign = sorted(label_values(self.get_label_uri(label_id, label_tag)) - set(allowed))
             if foreign:
                 raise unprocessable(
                     f"{what} holds values {foreign}, which are not among model {model!r}'s label values "

@@ -241,6 +241,11 @@ def _spatial_array(img: nib.spatialimages.SpatialImage, what: str) -> np.ndarray
     return data[..., 0] if data.ndim == 4 else data
 
 
+def label_values(path: str | Path) -> frozenset[int]:
+    """The values a stored label file holds (stored labels are integer volumes)."""
+    return frozenset(int(v) for v in np.unique(np.asanyarray(nib.load(path).dataobj)))
+
+
 LABEL_VALUE_TOLERANCE = 1e-3
 
 

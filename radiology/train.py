@@ -11,7 +11,6 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import nibabel as nib
 import numpy as np
 import torch
 from ignite.engine import Events
@@ -24,7 +23,7 @@ from monailabel.tasks.train.basic_train import BasicTrainTask, Context
 from appcore.errors import RequestError
 from appcore.files import write_json
 from appcore.precision import autocast
-from appcore.validation import check_segmentable, nifti_header
+from appcore.validation import check_segmentable, label_values, nifti_header
 from appcore.weights import load_state_dict, save_weights_atomically
 from radiology.modality import wrong_modality
 from radiology.spec import ModelSpec
@@ -45,11 +44,6 @@ def cannot_segment(image_path: str, spec: ModelSpec) -> str | None:
     except RequestError as e:
         return str(e.detail)
     return None
-
-
-def label_values(label_path: str) -> frozenset[int]:
-    """The values a saved label holds."""
-    return frozenset(int(v) for v in np.unique(np.asanyarray(nib.load(label_path).dataobj)))
 
 
 def segment_names(info: dict[str, Any]) -> frozenset[str]:
