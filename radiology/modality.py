@@ -7,6 +7,8 @@ magnitude MR has nothing below 0. Training (which labels a CT model may learn fr
 
 from __future__ import annotations
 
+import warnings
+
 import nibabel as nib
 import numpy as np
 
@@ -24,14 +26,17 @@ def ruled_out_modality(image_path: str) -> str | None:
     neither, and so does a file that cannot be read (its readers report that).
     """
     try:
-        low = float(np.nanmin(np.asanyarray(nib.load(image_path).dataobj)))
+        voxels = np.asanyarray(nib.load(image_path).dataobj)
     except (OSError, ValueError, nib.filebasedimages.ImageFileError):
         return None
-    return ruled_out_by_minimum(low)
+    return ruled_out_by_values(voxels)
 
 
-def ruled_out_by_minimum(low: float) -> str | None:
-    """``ruled_out_modality`` for an image whose smallest voxel value is ``low``."""
+def ruled_out_by_values(voxels: np.ndarray) -> str | None:
+    """``ruled_out_modality`` for an image's voxels already read (NaNs aside; all NaN rules out nothing)."""
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all NaN: nanmin is nan
+        low = float(np.nanmin(voxels))
     if low >= 0.0:
         return "CT"
     if low < CT_AIR_BELOW:
@@ -39,10 +44,10 @@ def ruled_out_by_minimum(low: float) -> str | None:
     return None
 
 
-def wrong_modality(image: str | float, spec: ModelSpec) -> str | None:
+def wrong_modality(image: str | np.ndarray, spec: ModelSpec) -> str | None:
     """Why ``spec`` should not learn from or rank an image (its values rule out the model's
-    modality), else ``None``; ``image`` is its path or, already read, its smallest voxel value."""
-    ruled_out = ruled_out_by_minimum(image) if isinstance(image, float) else ruled_out_modality(image)
+    modality), else ``None``; ``image`` is its path or its voxels already read."""
+    ruled_out = ruled_out_modality(image) if isinstance(image, str) else ruled_out_by_values(image)
     if ruled_out != spec.modality:
         return None
     why = "nothing below 0" if spec.modality == "CT" else f"voxels below {CT_AIR_BELOW:g}"

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import os
-import warnings
 from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -286,10 +285,7 @@ class MCDropoutScorer:
         self._refuse_what_infer_refuses(image_path)
         load, *rest = self._pre.transforms
         data = load({"image": image_path})
-        with np.errstate(invalid="ignore"), warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # all NaN: nan, which rules out nothing
-            low = float(np.nanmin(torch.as_tensor(data["image"]).numpy()))
-        why = wrong_modality(low, self.spec)
+        why = wrong_modality(torch.as_tensor(data["image"]).numpy(), self.spec)
         if why is not None:  # a CT under an MR model is out of distribution: it would top every ranking
             raise ValueError(f"{why}: strategies rank images for {self.spec.name}")
         image = Compose(rest)(data)["image"]
