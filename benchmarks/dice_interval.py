@@ -3,6 +3,10 @@
 ``python -m benchmarks.dice_interval RESULT.json [--resamples N] [--seed S]`` resamples the cases
 with replacement and prints the mean of the classes with its 95% percentile interval, per class
 too: how far the figure on these cases could move on other cases like them.
+
+With ``--versus BASE.json`` (another model scored on the same cases) it also prints the paired
+difference, each resample drawing the same cases for both models: whether a gain is larger than
+what the choice of cases alone could produce.
 """
 
 from __future__ import annotations
@@ -29,10 +33,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("result", type=Path, help="JSON written by radiology.evaluate --json (with per_case)")
     parser.add_argument("--resamples", type=int, default=10_000)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--versus", type=Path, help="the same cases scored by another model: the paired difference")
     args = parser.parse_args(argv)
-    per_case = json.loads(args.result.read_text()).get("per_case")
-    if not per_case:
-        parser.error(f"{args.result} has no per_case Dice; write it with radiology.evaluate --json")
+
+    def read(path: Path) -> dict:
+        per_case = json.loads(path.read_text()).get("per_case")
+        if not per_case:
+            parser.error(f"{path} has no per_case Dice; write it with radiology.evaluate --json")
+        return per_case
+
+    per_case = read(args.result)
     classes = sorted(next(iter(per_case.values())))
     table = np.array([[case[c] for c in classes] for case in per_case.values()])
     rng = np.random.default_rng(args.seed)
@@ -42,6 +52,15 @@ def main(argv: list[str] | None = None) -> None:
     for name, values in [*zip(classes, table.T, strict=True), ("mean of classes", table.mean(axis=1))]:
         low, high = bootstrap_interval(values, args.resamples, rng)
         print(f"| {name} | {values.mean():.4f} | {low:.4f} - {high:.4f} |")
+    if args.versus:
+        base = read(args.versus)
+        if set(base) != set(per_case):
+            parser.error(f"{args.versus} scores other cases than {args.result}: a paired difference needs the same")
+        diff = table.mean(axis=1) - np.array([[base[k][c] for c in classes] for k in per_case]).mean(axis=1)
+        low, high = bootstrap_interval(diff, args.resamples, rng)
+        better = int((diff > 0).sum())
+        print(f"| mean of classes minus {args.versus.name} | {diff.mean():+.4f} | {low:+.4f} - {high:+.4f} |")
+        print(f"higher on {better} of {len(diff)} cases, lower on {int((diff < 0).sum())}")
 
 
 if __name__ == "__main__":

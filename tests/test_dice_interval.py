@@ -39,3 +39,31 @@ def test_the_command_reads_evaluate_s_json(tmp_path: Path, capsys: pytest.Captur
     result.write_text(json.dumps({"mean_of_classes": 0.85}))
     with pytest.raises(SystemExit):
         main([str(result)])
+
+
+def test_the_paired_difference_against_another_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    ours, base = tmp_path / "ours.json", tmp_path / "base.json"
+    spread = [0.70, 0.80, 0.90, 0.85, 0.75]
+    # The cases vary a lot, the difference does not: +0.01 on four cases, -0.01 on one.
+    ours.write_text(json.dumps({"per_case": {f"c{i}": {"a": v, "b": v} for i, v in enumerate(spread)}}))
+    shift = [0.01, 0.01, 0.01, 0.01, -0.01]
+    base.write_text(
+        json.dumps(
+            {
+                "per_case": {
+                    f"c{i}": {"a": v - d, "b": v - d} for i, (v, d) in enumerate(zip(spread, shift, strict=True))
+                }
+            }
+        )
+    )
+    main([str(ours), "--versus", str(base), "--resamples", "2000"])
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if "minus base.json" in line)
+    mean, interval = row.split("|")[2:4]
+    assert float(mean) == pytest.approx(0.006)
+    low, high = (float(v) for v in interval.split(" - "))
+    assert -0.01 <= low < 0.006 < high <= 0.01  # paired: far narrower than the cases' own spread
+    assert "higher on 4 of 5 cases, lower on 1" in out
+    base.write_text(json.dumps({"per_case": {"other": {"a": 0.5, "b": 0.5}}}))
+    with pytest.raises(SystemExit):
+        main([str(ours), "--versus", str(base)])
