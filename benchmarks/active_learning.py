@@ -82,7 +82,8 @@ class Schedule:
     cpu_bf16: bool = True  # training and scoring in bfloat16 on a CPU with native units
 
     def spec(self) -> ModelSpec:
-        return dataclasses.replace(MODELS[self.model], channels=self.channels)
+        # One network trained from scratch per run, whatever the served model holds.
+        return dataclasses.replace(MODELS[self.model], channels=self.channels, members=1)
 
 
 class Data:

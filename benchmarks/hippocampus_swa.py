@@ -11,6 +11,7 @@ The network has instance normalisation only, so averaged weights need no statist
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 from pathlib import Path
 
@@ -43,7 +44,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     set_determinism(args.seed)
-    spec = MODELS["hippocampus"]
+    spec = dataclasses.replace(MODELS["hippocampus"], members=1)  # averages the snapshots of one network
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     parts = split_cases(msd_cases(args.data))
     images, labels, val_ds = batched_data(spec, parts["train"], parts["val"], device)

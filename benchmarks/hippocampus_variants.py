@@ -27,6 +27,7 @@ from monai.inferers import sliding_window_inference
 from monai.transforms import Compose
 
 from appcore.weights import load_state_dict
+from radiology.ensemble import members_in
 from radiology.offline import dice_per_class
 from radiology.registry import MODELS
 from radiology.splits import msd_cases, split_cases
@@ -90,6 +91,7 @@ def main(argv: list[str] | None = None) -> None:
     networks = {}
     for name, path, channels in args.weights:
         model = dataclasses.replace(spec, channels=channels) if channels else spec
+        model = dataclasses.replace(model, members=members_in(load_state_dict(path)))
         if args.time_scoring:
             scorer = MCDropoutScorer(model, [str(path)], samples=8)
             scorer.score(str(cases[0].image))  # loads the weights

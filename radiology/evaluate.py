@@ -16,6 +16,8 @@ import nibabel as nib
 import numpy as np
 import torch
 
+from appcore.weights import load_state_dict
+from radiology.ensemble import members_in
 from radiology.infer import SegmentationInfer
 from radiology.offline import dice_per_class
 from radiology.registry import MODELS
@@ -28,6 +30,8 @@ def evaluate(
     spec = MODELS[model]
     if channels:
         spec = dataclasses.replace(spec, channels=channels)
+    # One network or an ensemble, as the file holds (experiments score single networks too).
+    spec = dataclasses.replace(spec, members=members_in(load_state_dict(weights)))
     task = SegmentationInfer(spec, [str(weights)], cpu_bf16=cpu_bf16)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     per_case = {}

@@ -401,7 +401,9 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
 
-    spec = MODELS[args.model]
+    # One network per run: a model that serves several (``members``) combines separately trained
+    # runs with ``python -m radiology.ensemble``.
+    spec = dataclasses.replace(MODELS[args.model], members=1)
     if args.channels:
         spec = dataclasses.replace(spec, channels=tuple(int(c) for c in args.channels.split(",")))
     if args.flip_axes is not None:

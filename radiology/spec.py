@@ -10,6 +10,7 @@ import torch
 from monai.networks.nets import UNet
 
 from appcore.labels import LabelSet
+from radiology.ensemble import MeanOfMembers
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 
@@ -61,6 +62,9 @@ class ModelSpec:
             kidney), never anterior-posterior for the hippocampus. Empty for both registered models:
             left-right mirroring of the hippocampus was tried on a GPU and did not help
             (``benchmarks/RESULTS.md``).
+        members: how many such UNets the model serves, their class probabilities averaged
+            (``radiology.ensemble.MeanOfMembers``); 1 serves a plain UNet. Training in the server
+            fine-tunes them together; offline training (``radiology.offline``) trains one at a time.
     """
 
     name: str
@@ -78,6 +82,7 @@ class ModelSpec:
     samples_per_image: int = 2
     max_window_scale: float = 1.5
     flip_axes: tuple[int, ...] = ()
+    members: int = 1
 
     def __post_init__(self) -> None:
         if len(self.strides) != len(self.channels) - 1:
@@ -91,6 +96,8 @@ class ModelSpec:
             raise ValueError(f"{self.name}: max_window_scale must be at least 1, got {self.max_window_scale}")
         if any(a not in (0, 1, 2) for a in self.flip_axes) or len(set(self.flip_axes)) != len(self.flip_axes):
             raise ValueError(f"{self.name}: flip_axes must be distinct axes among 0, 1, 2, got {self.flip_axes}")
+        if self.members < 1:
+            raise ValueError(f"{self.name}: members must be at least 1, got {self.members}")
 
     @property
     def size_multiple(self) -> int:
@@ -106,7 +113,13 @@ class ModelSpec:
         return WEIGHTS_DIR / self.shipped_weights if self.shipped_weights else None
 
     def network(self) -> torch.nn.Module:
-        """A fresh, untrained network for this model."""
+        """A fresh, untrained network for this model: one UNet, or ``members`` of them averaged."""
+        if self.members > 1:
+            return MeanOfMembers([self.unet() for _ in range(self.members)])
+        return self.unet()
+
+    def unet(self) -> torch.nn.Module:
+        """One fresh, untrained UNet of this model's architecture."""
         return UNet(
             spatial_dims=3,
             in_channels=1,

@@ -25,6 +25,7 @@ from appcore.networks import bottleneck
 from appcore.precision import autocast
 from appcore.validation import check_resampled_size, check_scalar_voxels
 from appcore.weights import load_state_dict
+from radiology.ensemble import members_of, spread_over_members
 from radiology.modality import wrong_modality
 from radiology.spec import ModelSpec
 from radiology.transforms import preprocess
@@ -151,13 +152,15 @@ def mc_window(
     """A window predictor returning ``[mean class probabilities..., expected entropy]`` as channels.
 
     All ``samples`` passes run as one batch, which is much faster than a loop on CPU and GPU alike.
-    With ``rng``, dropout masks come from it (``numpy_dropout``, for the CPU) instead of torch.
+    With ``rng``, dropout masks come from it (``numpy_dropout``, for the CPU) instead of torch. An
+    ensemble's members share the samples out in turn (``spread_over_members``): the samples then
+    come from several networks and their dropout, at the cost of ``samples`` passes of one network.
     """
 
     def predict(x: torch.Tensor) -> torch.Tensor:
         b = x.shape[0]
         with numpy_dropout(network, rng) if rng is not None else nullcontext():
-            logits = network(x.repeat(samples, *([1] * (x.dim() - 1))))
+            logits = spread_over_members(network, [x] * samples)
         p = torch.softmax(logits.float(), dim=1).reshape(samples, b, *logits.shape[1:])
         return torch.cat(_mutual_information(p), dim=1)
 
@@ -171,9 +174,11 @@ def tta_window(
 
     Returns ``[mean class probabilities..., expected entropy]`` across the augmentations. When
     ``features`` is a list, the UNet bottleneck of the un-augmented input, averaged over space, is
-    appended to it once per window (the image's embedding for diversity).
+    appended to it once per window (the image's embedding for diversity). An ensemble's members
+    take the augmentations in turn (``spread_over_members``); the un-augmented input goes through
+    member 0, whose bottleneck gives the embedding.
     """
-    layer = bottleneck(network) if features is not None else None
+    layer = bottleneck(members_of(network)[0]) if features is not None else None
 
     def predict(x: torch.Tensor) -> torch.Tensor:
         b = x.shape[0]
@@ -181,7 +186,7 @@ def tta_window(
         hook = layer.register_forward_hook(lambda _m, _i, out: captured.append(out)) if layer else None
         try:
             with dropout_off(network):
-                logits = network(torch.cat([a.forward(x) for a in augments], dim=0))
+                logits = spread_over_members(network, [a.forward(x) for a in augments])
         finally:
             if hook:
                 hook.remove()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from radiology.offline import train_batched
 from radiology.registry import MODELS
 from tests.conftest import phantom_cases, phantom_msd_folder
 
-SPEC = MODELS["hippocampus"]
+SPEC = dataclasses.replace(MODELS["hippocampus"], members=1)  # offline training: one UNet per run
 
 
 def _input() -> torch.Tensor:

@@ -1,0 +1,119 @@
+"""Several networks served as one: their class probabilities averaged.
+
+``MeanOfMembers`` returns the logarithm of the members' mean softmax, so everything that treats a
+network's output as logits keeps working: the argmax is the argmax of the averaged probabilities,
+``softmax`` of the output gives them back exactly (training's Dice + cross-entropy loss then acts on
+the averaged prediction), and the weights are one state dict (``members.<i>.<UNet key>``).
+
+Combine separately trained networks into the file a model serves::
+
+    python -m radiology.ensemble hippocampus --out radiology/weights/hippocampus.pt \\
+        --float16 a.pt b.pt c.pt d.pt
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+_MEMBER_KEY = re.compile(r"^members\.(\d+)\.")
+_TINY = 1e-12  # keeps log() finite where every member gives a class probability 0
+
+
+class MeanOfMembers(torch.nn.Module):
+    """Networks with the same classes, averaged in probability; the output is log-probabilities."""
+
+    def __init__(self, members: Sequence[torch.nn.Module]) -> None:
+        super().__init__()
+        if len(members) < 2:
+            raise ValueError(f"an ensemble needs at least two members, got {len(members)}")
+        self.members = torch.nn.ModuleList(members)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mean = torch.stack([torch.softmax(m(x).float(), dim=1) for m in self.members]).mean(0)
+        return mean.clamp_min(_TINY).log()
+
+
+def members_of(network: torch.nn.Module) -> list[torch.nn.Module]:
+    """The networks inside ``network``: its members for an ensemble, else ``[network]``."""
+    return list(network.members) if isinstance(network, MeanOfMembers) else [network]
+
+
+def spread_over_members(network: torch.nn.Module, chunks: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The outputs for ``chunks`` concatenated in their order, chunk ``i`` through member ``i % k``.
+
+    A plain network sees all chunks as one batch. An ensemble's members each see their own chunks as
+    one batch, member 0 first with chunk 0 at the front, so ``k`` members cost no more passes than
+    one network: Monte Carlo and test-time samples are shared out among them instead of multiplied.
+    """
+    members = members_of(network)
+    if len(members) == 1:
+        return network(torch.cat(list(chunks), dim=0))
+    outputs: list[torch.Tensor | None] = [None] * len(chunks)
+    for j, member in enumerate(members):
+        mine = list(range(j, len(chunks), len(members)))
+        if not mine:
+            continue
+        out = member(torch.cat([chunks[i] for i in mine], dim=0))
+        for i, part in zip(mine, out.split([chunks[i].shape[0] for i in mine], dim=0), strict=True):
+            outputs[i] = part
+    return torch.cat(outputs, dim=0)  # type: ignore[arg-type]
+
+
+def members_in(state: dict[str, Any]) -> int:
+    """How many members a state dict holds: 1 for a plain network's keys."""
+    found = {int(m.group(1)) for key in state if (m := _MEMBER_KEY.match(key))}
+    if not found:
+        return 1
+    if found != set(range(len(found))):
+        raise ValueError(f"ensemble members are numbered {sorted(found)}, expected 0 to {len(found) - 1}")
+    if any(not _MEMBER_KEY.match(key) for key in state):
+        raise ValueError("the state dict mixes ensemble member keys with plain network keys")
+    return len(found)
+
+
+def combine(states: Sequence[dict[str, torch.Tensor]], *, float16: bool = False) -> dict[str, torch.Tensor]:
+    """One ensemble state dict from the plain state dicts of its members, in order."""
+    if len(states) < 2:
+        raise ValueError(f"an ensemble needs at least two members, got {len(states)}")
+    for i, state in enumerate(states):
+        if members_in(state) != 1:
+            raise ValueError(f"member {i} is itself an ensemble")
+        if set(state) != set(states[0]):
+            raise ValueError(f"member {i} has other tensors than member 0: not the same network")
+    out = {}
+    for i, state in enumerate(states):
+        for key, value in state.items():
+            value = value.detach().cpu()
+            out[f"members.{i}.{key}"] = value.half() if float16 and value.is_floating_point() else value
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    from appcore.weights import load_state_dict, save_weights_atomically
+    from radiology.registry import MODELS
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", choices=sorted(MODELS))
+    parser.add_argument("members", type=Path, nargs="+", help="weights of one network each, in order")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--float16", action="store_true", help="store the weights in float16 (half the size)")
+    args = parser.parse_args(argv)
+    states = [load_state_dict(p) for p in args.members]
+    state = combine(states, float16=args.float16)
+    # The result must load into the model's network with this many members, exactly.
+    spec = dataclasses.replace(MODELS[args.model], members=len(states))
+    spec.network().load_state_dict(state, strict=True)
+    save_weights_atomically(state, args.out)
+    size = args.out.stat().st_size / 1e6
+    print(f"{args.out}: {len(states)} members of {args.model}, {size:.1f} MB")
+
+
+if __name__ == "__main__":
+    main()
