@@ -26,6 +26,7 @@ from appcore.dicom import proxy as dicom_proxy
 from appcore.dicom.client import is_dicomweb_url
 from appcore.errors import RequestError, bad_request, conflict, not_found, too_large, too_many, unprocessable
 from appcore.files import staged_beside
+from appcore.lifecycle import children_stop_with_server, die_with_server, is_task_process
 from appcore.routes import limit_request_bodies, refuse_early, serve_in_threads
 from appcore.sessions import CheckedSessions
 from appcore.validation import check_device, check_image_id, check_upload_size
@@ -316,6 +317,8 @@ class RequestChecks:
     MONAI Label runs every endpoint on the server's one event loop; the routes of ``THREADED_ROUTES``
     run in worker threads here, with at most ``infer_concurrency`` infers at once. A refused upload
     is deleted (``UPLOAD_FUNCTIONS``) and the dataset download is streamed (``_download_dataset``).
+
+    Trainings and scoring runs (child processes) end with the server (``appcore.lifecycle``).
     """
 
     _infers: dict[str, Any]
@@ -323,7 +326,13 @@ class RequestChecks:
     _strategies: dict[str, Any]
     settings: Any  # the app's settings (``appcore.settings.AppSettings``): ``max_upload_mb`` is read
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        if is_task_process():
+            die_with_server()
+        super().__init__(*args, **kwargs)
+
     def on_init_complete(self) -> None:
+        children_stop_with_server()  # first: before anything starts a task
         super().on_init_complete()
         strict_form_json()
         for path, methods in THREADED_ROUTES:  # first: the refusing routes below go in front of them

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -85,7 +86,8 @@ def monailabel_server(
         yield Server(http, url, log_path, proc, tmp)
     finally:
         http.close()
-        os.killpg(proc.pid, 15)
+        with contextlib.suppress(ProcessLookupError):  # a test may have stopped the server and its tasks
+            os.killpg(proc.pid, 15)
         try:
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
