@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +59,13 @@ def checked_state_dict(path: Path | str, network: torch.nn.Module) -> dict[str, 
     expected = network.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
+    served, given = _networks_in(expected), _networks_in(state)
+    if served != given and (missing or unexpected):
+        if served > 1:
+            todo = f"combine {served} networks into one file first (radiology: python -m radiology.ensemble)"
+        else:
+            todo = "upload one network"
+        raise unprocessable(f"The model serves {_count(served)} and the file holds {_count(given)}: {todo}")
     if missing or unexpected:
         raise unprocessable(
             f"The weights are for another network: {len(missing)} of its {len(expected)} tensors missing "
@@ -72,3 +80,21 @@ def checked_state_dict(path: Path | str, network: torch.nn.Module) -> dict[str, 
         if state[key].is_floating_point() and not torch.isfinite(state[key]).all():
             raise unprocessable(f"The weights hold NaN or infinite values (in {key!r})")
     return state
+
+
+# The keys of an ensemble's weights (``radiology.ensemble.MeanOfMembers``): ``members.<i>.<key>``.
+MEMBER_KEY = re.compile(r"^members\.(\d+)\.")
+
+
+def member_numbers(state: dict[str, Any]) -> set[int]:
+    """The member numbers in an ensemble's state dict; empty for a plain network's."""
+    return {int(m.group(1)) for key in state if (m := MEMBER_KEY.match(key))}
+
+
+def _networks_in(state: dict[str, Any]) -> int:
+    """How many networks averaged a state dict holds (1 for a plain network)."""
+    return len(member_numbers(state)) or 1
+
+
+def _count(networks: int) -> str:
+    return "one network" if networks == 1 else f"{networks} networks averaged"

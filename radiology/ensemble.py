@@ -15,14 +15,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-_MEMBER_KEY = re.compile(r"^members\.(\d+)\.")
+from appcore.weights import MEMBER_KEY, load_state_dict, member_numbers, save_weights_atomically
+
 _TINY = 1e-12  # keeps log() finite where every member gives a class probability 0
 
 
@@ -68,12 +68,12 @@ def spread_over_members(network: torch.nn.Module, chunks: Sequence[torch.Tensor]
 
 def members_in(state: dict[str, Any]) -> int:
     """How many members a state dict holds: 1 for a plain network's keys."""
-    found = {int(m.group(1)) for key in state if (m := _MEMBER_KEY.match(key))}
+    found = member_numbers(state)
     if not found:
         return 1
     if found != set(range(len(found))):
         raise ValueError(f"ensemble members are numbered {sorted(found)}, expected 0 to {len(found) - 1}")
-    if any(not _MEMBER_KEY.match(key) for key in state):
+    if any(not MEMBER_KEY.match(key) for key in state):
         raise ValueError("the state dict mixes ensemble member keys with plain network keys")
     return len(found)
 
@@ -96,8 +96,7 @@ def combine(states: Sequence[dict[str, torch.Tensor]], *, float16: bool = False)
 
 
 def main(argv: list[str] | None = None) -> None:
-    from appcore.weights import load_state_dict, save_weights_atomically
-    from radiology.registry import MODELS
+    from radiology.registry import MODELS  # here: the registry's models import this module
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", choices=sorted(MODELS))

@@ -346,12 +346,14 @@ def test_uploaded_weights_are_checked_served_and_withdrawn(server) -> None:
     trained, shipped_bytes = served.read_bytes(), shipped.read_bytes()
     state = torch.load(shipped, weights_only=True)["model"]
     first = next(iter(state))
-    wrong_shape, with_nan = io.BytesIO(), io.BytesIO()
+    wrong_shape, with_nan, one_member = io.BytesIO(), io.BytesIO(), io.BytesIO()
     torch.save({**state, first: torch.zeros(2, 2)}, wrong_shape)
     torch.save({**state, first: torch.full_like(state[first], float("nan"))}, with_nan)
+    torch.save({k.removeprefix("members.0."): v for k, v in state.items() if k.startswith("members.0.")}, one_member)
     for content, match in [
         (b"PK\x03\x04 not a checkpoint", "not a PyTorch checkpoint"),
         (wrong_shape.getvalue(), "for another network"),
+        (one_member.getvalue(), "serves 4 networks averaged and the file holds one network"),
         (with_nan.getvalue(), "NaN"),
     ]:
         r = client.put("/model/hippocampus", files={"file": ("m.pt", content)})

@@ -74,3 +74,36 @@ def test_fitting_weights_are_returned(tmp_path: Path, nested: bool) -> None:
     state = _state()
     loaded = checked_state_dict(_saved(tmp_path, {"model": state} if nested else state), _net())
     assert loaded.keys() == state.keys() and all(torch.equal(loaded[k], state[k]) for k in state)
+
+
+def _members(state: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
+    return {f"members.{i}.{key}": v for i in range(k) for key, v in state.items()}
+
+
+class _Pair(torch.nn.Module):
+    """Two of ``_net`` side by side, named as an ensemble's members are."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.members = torch.nn.ModuleList([_net(), _net()])
+
+
+@pytest.mark.parametrize(
+    ("network", "content", "match"),
+    [
+        (
+            _Pair,
+            _state(),
+            "serves 2 networks averaged and the file holds one network: combine 2 networks into one file first",
+        ),
+        (_net, _members(_state(), 2), "serves one network and the file holds 2 networks averaged: upload one network"),
+        (_Pair, _members(_state(), 3), "serves 2 networks averaged and the file holds 3 networks averaged"),
+    ],
+)
+def test_one_network_for_an_ensemble_or_the_reverse_is_named(
+    tmp_path: Path, network: type, content: dict, match: str
+) -> None:
+    with pytest.raises(RequestError, match=match) as e:
+        checked_state_dict(_saved(tmp_path, content), network())
+    assert e.value.status_code == 422
+    assert checked_state_dict(_saved(tmp_path, _members(_state(), 2)), _Pair()).keys() == _Pair().state_dict().keys()
