@@ -6,6 +6,7 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
@@ -49,9 +50,9 @@ def _atomic_copy(src: str | Path, dest: str | Path) -> None:
         raise
 
 
-# Info fields the datastore keeps itself: when the file was stored, its file name and (in answers
-# only) its path on the server.
-SERVER_INFO_FIELDS = ("ts", "name", "path")
+# Info fields the datastore keeps itself: when the file was stored, its file name, the version of the
+# file it last saw (``CheckedLocalDatastore.FILE_VERSION``) and (in answers only) its path on the server.
+SERVER_INFO_FIELDS = ("ts", "name", "file_version", "path")
 
 
 def _client_fields(info: dict[str, Any], current: dict[str, Any], what: str) -> dict[str, Any]:
@@ -77,7 +78,9 @@ class CheckedLocalDatastore(LocalDatastore):
         datastore_path: the studies folder.
         allowed_values: gives the class values a label may contain for a save request.
         max_upload_mb: largest accepted image or label file.
-        on_image_replaced: called with the id after an upload replaced an image's file (so that what
+        on_image_replaced: called with the id after an upload replaced an image's file, or after the
+            file was found changed on disk (written over in the studies folder, while the server ran
+            or before it started: ``FILE_VERSION``), so that what
             was computed from the old file, an uncertainty score, can be dropped).
         **kwargs: passed to ``LocalDatastore``.
     """
@@ -95,22 +98,53 @@ class CheckedLocalDatastore(LocalDatastore):
         on_image_replaced: Callable[[str], None] | None = None,
         **kwargs: Any,
     ) -> None:
-        super().__init__(datastore_path, **kwargs)
         self._allowed_values = allowed_values
         self._max_upload_mb = max_upload_mb
-        self._on_image_replaced = on_image_replaced
+        self._on_image_replaced = on_image_replaced  # before the first reconcile, which may call it
+        self._modified_timer: threading.Timer | None = None
+        self._modified_lock = threading.Lock()
+        super().__init__(datastore_path, **kwargs)
+        handler = getattr(self, "_handler", None)  # the folder watcher, with auto_reload
+        if handler is not None:
+            handler.on_moved = self._on_any_event  # a file renamed into place (rsync, editors)
 
     # Attempts at reconciling after a change, and the pause between them: a request thread changing
     # the records while the watcher reads them ("dictionary changed size during iteration") passes.
     REFRESH_ATTEMPTS, REFRESH_PAUSE_S = 3, 0.2
 
+    # Image info key: ``"<mtime_ns>:<size>"`` of the image file when this datastore last saw it.
+    FILE_VERSION = "file_version"
+    # Seconds without a further modification of an image file before the folder is reconciled: a
+    # copy of a large file sends a modification event per write.
+    MODIFIED_QUIET_S = 1.0
+
+    def _on_modify_event(self, event: Any) -> None:
+        """MONAI Label heeds modifications of its own records only; an image file written over in
+        the studies folder is reconciled too, once it has been quiet for ``MODIFIED_QUIET_S``, so
+        that its change is noticed (``FILE_VERSION``)."""
+        super()._on_modify_event(event)
+        path = str(getattr(event, "src_path", ""))
+        folder = os.path.normpath(self._datastore.image_path())  # MONAI Label's ends in "/."
+        if getattr(event, "is_directory", False) or os.path.dirname(os.path.normpath(path)) != folder:
+            return
+        with self._modified_lock:
+            if self._modified_timer is not None:
+                self._modified_timer.cancel()
+            timer = threading.Timer(self.MODIFIED_QUIET_S, self._refresh_retrying, (event, self.refresh))
+            timer.daemon = True
+            self._modified_timer = timer
+            timer.start()
+
     def _on_any_event(self, event: Any) -> None:
         """A change in the studies folder (the watchdog thread's callback): reconcile, retrying a few
         times, and never let an error end the thread, which would stop every later refresh (MONAI
         Label's raises, for example, when the labels folder is removed)."""
+        self._refresh_retrying(event, lambda: super(CheckedLocalDatastore, self)._on_any_event(event))
+
+    def _refresh_retrying(self, event: Any, refresh: Callable[[], None]) -> None:
         for attempt in range(1, self.REFRESH_ATTEMPTS + 1):
             try:
-                super()._on_any_event(event)
+                refresh()
                 return
             except Exception as e:
                 if attempt == self.REFRESH_ATTEMPTS:
@@ -120,6 +154,39 @@ class CheckedLocalDatastore(LocalDatastore):
                     )
                 else:
                     time.sleep(self.REFRESH_PAUSE_S)
+
+    def _reconcile_datastore(self) -> None:
+        super()._reconcile_datastore()
+        self._notice_changed_images()
+
+    def _file_version(self, image_id: str, ext: str) -> str | None:
+        try:
+            st = (Path(self._datastore.image_path()) / self._filename(image_id, ext)).stat()
+        except OSError:
+            return None
+        return f"{st.st_mtime_ns}:{st.st_size}"
+
+    def _notice_changed_images(self) -> list[str]:
+        """Record each image file's version; an image whose file changed since it was recorded (a
+        copy written over it in the studies folder) is reported to ``on_image_replaced`` like an
+        upload that replaces it. Returns the changed ids."""
+        changed, recorded = [], False
+        for image_id, obj in list(self._datastore.objects.items()):
+            version = self._file_version(image_id, obj.image.ext)
+            seen = obj.image.info.get(self.FILE_VERSION)
+            if version is None or version == seen:
+                continue
+            obj.image.info[self.FILE_VERSION] = version
+            recorded = True
+            if seen is not None:
+                changed.append(image_id)
+        if recorded:
+            self._update_datastore_file()
+        for image_id in changed:
+            logger.info("Image %s changed on disk since it was last seen: its score is dropped", image_id)
+            if self._on_image_replaced is not None:
+                self._on_image_replaced(image_id)
+        return changed
 
     def _existing(self, image_id: str) -> Any:
         """The image's record; 400 for a path, 404 for an unknown id (a subclass may return None for
@@ -295,6 +362,7 @@ class CheckedLocalDatastore(LocalDatastore):
             info = dict(image_info or {})
             info["ts"] = int(time.time())
             info["name"] = name
+            info[self.FILE_VERSION] = self._file_version(image_id, ext)  # this upload is no change on disk
             self._datastore.objects[image_id] = ImageLabelModel(image=DataModel(info=info, ext=ext), labels=labels)
             self._update_datastore_file(lock=False)
         if existing is not None and self._on_image_replaced is not None:

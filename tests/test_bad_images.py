@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -209,6 +210,26 @@ def test_scoring_skips_images_it_cannot_rank_and_scores_the_others(app) -> None:
 
 
 @requires_shared
+def test_an_image_written_over_in_the_studies_folder_loses_its_score(app, tmp_path: Path) -> None:
+    """The same for a file written over outside the server (a re-export into the folder): noticed when
+    the datastore next reconciles (the folder watcher, or the next start)."""
+    store = app.score_store()
+    app._scoring_methods["epistemic"]({}, app.datastore())
+    case = CASES["hippocampus"][1][1].name.split(".")[0]
+    assert case in store.load() and case not in app.unscored_images()
+    image = Path(app.datastore().get_image_uri(case))
+    source = nib.load(image)
+    old_score = store.load()[case]
+    brighter = np.asarray(source.dataobj, np.float32) * 1.5
+    nib.save(nib.Nifti1Image(np.flip(brighter, 0).copy(), source.affine), image)  # another image, same grid
+    later = image.stat().st_mtime + 5
+    os.utime(image, (later, later))
+    app.datastore().refresh()
+    assert case not in store.load() and case in app.unscored_images()
+    app._scoring_methods["epistemic"]({}, app.datastore())  # the next run scores the new file
+    assert store.load()[case].value != old_score.value and case not in app.unscored_images()
+
+
 def test_an_image_replaced_by_upload_loses_the_score_of_the_old_file(app, tmp_path: Path) -> None:
     """A score describes the file it was computed on: once the file is replaced, the image is unscored
     (ranked after the scored ones, and scored by the next run) instead of ranked as the old file was."""

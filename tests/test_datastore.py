@@ -1,7 +1,9 @@
 from __future__ import annotations
 
+import os
 import re
 import shutil
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -444,3 +446,86 @@ def test_naming_a_label_s_model_afterwards_is_checked_as_a_save_is(
             store.update_label_info("hippocampus_001", "final", info)
         assert e.value.status_code == status
         assert "model" not in store.get_label_info("hippocampus_001", "final")
+
+
+def _write_over(image: Path, value: float) -> None:
+    """Another program writes a new file over ``image`` (same name, other content, a later time)."""
+    src = nib.load(image)
+    write_nifti(image, np.full(src.shape, value, np.float32), src.affine)
+    later = image.stat().st_mtime + 5
+    os.utime(image, (later, later))
+
+
+def _replaced_store(studies: Path, **kwargs) -> tuple[CheckedLocalDatastore, list[str]]:
+    replaced: list[str] = []
+    store = CheckedLocalDatastore(
+        str(studies), allowed_values=lambda params: {0, 1, 2}, on_image_replaced=replaced.append, **kwargs
+    )
+    return store, replaced
+
+
+def test_an_image_written_over_in_the_folder_is_reported_once(store: CheckedLocalDatastore, tmp_path: Path) -> None:
+    studies = tmp_path / "studies"
+    store, replaced = _replaced_store(studies)
+    assert replaced == [], "the first sight of a file records it and reports nothing"
+    image = Path(store.get_image_uri("case1"))
+    _write_over(image, 7.0)
+    store.refresh()
+    assert replaced == ["case1"]
+    store.refresh()
+    assert replaced == ["case1"], "reported once per change"
+    upload = write_nifti(tmp_path / "up.nii.gz", np.full((10, 12, 8), 2.0, np.float32), nib.load(image).affine)
+    store.add_image("case1", str(upload), {})
+    store.refresh()
+    assert replaced == ["case1", "case1"], "an upload is reported by add_image, and not again as a change on disk"
+    assert "file_version" in store.get_image_info("case1")
+
+
+def test_a_change_while_the_server_was_down_is_noticed_at_start(store: CheckedLocalDatastore, tmp_path: Path) -> None:
+    studies = tmp_path / "studies"
+    _write_over(studies / "case1.nii.gz", 3.0)
+    _, replaced = _replaced_store(studies)  # the datastore file written by ``store`` holds the old version
+    assert replaced == ["case1"]
+    _, replaced = _replaced_store(studies)
+    assert replaced == []
+
+
+def test_a_modification_event_reconciles_for_images_only(
+    store: CheckedLocalDatastore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[str] = []
+    monkeypatch.setattr(store, "refresh", lambda: calls.append("refresh"))
+    monkeypatch.setattr(CheckedLocalDatastore, "MODIFIED_QUIET_S", 0.3)
+    labels = Path(store._datastore.label_path("final"))
+    for path, expected in [
+        (tmp_path / "studies" / "case1.nii.gz", ["refresh"]),
+        (labels / "case1.nii.gz", []),  # labels are saved through the server, which records them
+        (tmp_path / "studies" / "sub", []),
+    ]:
+        calls.clear()
+        store._on_modify_event(SimpleNamespace(src_path=str(path), is_directory=path.name == "sub"))
+        time.sleep(0.6)
+        assert calls == expected, path
+    # A copy in progress: one event per write, one reconcile once the writes have stopped.
+    calls.clear()
+    image = SimpleNamespace(src_path=str(tmp_path / "studies" / "case1.nii.gz"), is_directory=False)
+    for _ in range(10):
+        store._on_modify_event(image)
+        time.sleep(0.05)
+    assert calls == []
+    time.sleep(0.6)
+    assert calls == ["refresh"]
+
+
+def test_the_folder_watcher_notices_an_image_written_over(store: CheckedLocalDatastore, tmp_path: Path) -> None:
+    studies = tmp_path / "studies"
+    watched, replaced = _replaced_store(studies, auto_reload=True)
+    try:
+        _write_over(studies / "case1.nii.gz", 5.0)
+        deadline = time.monotonic() + 10
+        while not replaced and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert replaced[:1] == ["case1"], "the watcher did not report the file written over"
+    finally:
+        watched._observer.stop()
+        watched._observer.join(timeout=10)
