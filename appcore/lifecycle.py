@@ -12,6 +12,12 @@ Linux for ``SIGTERM`` when its parent dies (``PR_SET_PDEATHSIG``), and ends at o
 is already gone. The server, on ``SIGTERM`` or ``SIGINT``, first kills its running children, then
 lets uvicorn shut down as before. A training killed this way publishes nothing: weights are
 written to a temporary file and renamed (``appcore.weights``).
+
+Uvicorn's shutdown waits for requests still in progress (an upload, a ``run_sync`` training), and
+MONAI Label's task queue starts the next queued task as soon as the running one ends. So from the
+stop signal on, ``server_stopping()`` is true in the server (its in-process trainings stop at the
+next step and publish nothing), and ``STOPPING_ENV`` is set, so that a task started after it ends
+before doing anything.
 """
 
 from __future__ import annotations
@@ -28,9 +34,23 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 SERVER_PID_ENV = "ACTIVE_LABEL_SERVER_PID"
+STOPPING_ENV = "ACTIVE_LABEL_SERVER_STOPPING"
 TASK_MODULE = "monailabel.interfaces.utils.app"  # what MONAI Label runs as a training or scoring child
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+_STOPPING = threading.Event()
+
+
+def server_stopping() -> bool:
+    """Whether the server this runs in has been told to stop: trainings in its process end early
+    and publish nothing."""
+    return _STOPPING.is_set()
+
+
+def mark_stopping() -> None:
+    """From now on ``server_stopping()`` is true here and tasks started by this process end at once."""
+    _STOPPING.set()
+    os.environ[STOPPING_ENV] = "1"  # what MONAI Label's task processes inherit
 
 
 def is_task_process() -> bool:
@@ -45,6 +65,9 @@ def die_with_server() -> bool:
 
     Returns whether the request was made (Linux, and a server recorded in ``SERVER_PID_ENV``).
     """
+    if os.environ.get(STOPPING_ENV):
+        logger.warning("The server that started this task is stopping: the task ends without running")
+        os.kill(os.getpid(), signal.SIGTERM)
     server = os.environ.get(SERVER_PID_ENV, "")
     if not server.isdigit() or not sys.platform.startswith("linux"):
         return False
@@ -100,6 +123,7 @@ def children_stop_with_server() -> bool:
             continue
 
         def handler(signum: int, frame: Any, previous: Any = previous) -> None:
+            mark_stopping()
             stopped = stop_children()
             if stopped:
                 logger.info("Stopped %d background task(s) on %s", stopped, signal.Signals(signum).name)

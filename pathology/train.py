@@ -13,6 +13,7 @@ import torch
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.train import TrainTask
 
+from appcore.lifecycle import server_stopping
 from pathology.data import read_instances
 from pathology.postprocess import rasterize
 from pathology.spec import NucleiSpec
@@ -106,7 +107,10 @@ class NucleiTrainer(TrainTask):
             lr=self._lr,
             seed=int(time.time()),
             device=device,
+            on_step=lambda step, loss: server_stopping(),  # a run inside the server (run_sync)
         )
+        if server_stopping():
+            raise RuntimeError("The server was told to stop during the training: served weights unchanged")
         state = network.state_dict()
         if not all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point()):
             raise RuntimeError("Training produced NaN or Inf weights; served weights unchanged")

@@ -22,6 +22,7 @@ from monailabel.tasks.train.basic_train import BasicTrainTask, Context
 
 from appcore.errors import RequestError
 from appcore.files import write_json
+from appcore.lifecycle import server_stopping
 from appcore.precision import autocast
 from appcore.validation import check_segmentable, label_values, nifti_header
 from appcore.weights import load_state_dict, save_weights_atomically
@@ -293,7 +294,16 @@ class SegmentationTrainer(BasicTrainTask):
         if context.evaluator is not None and started_from and Path(started_from).exists():
             # After MONAI's CheckpointLoader, which is attached to STARTED before this handler.
             context.trainer.add_event_handler(Events.STARTED, lambda _: self._validate_start(context))
+        context.trainer.add_event_handler(Events.ITERATION_COMPLETED, self._end_if_server_stops)
         context.trainer.add_event_handler(Events.COMPLETED, lambda _: self._publish(context))
+
+    @staticmethod
+    def _end_if_server_stops(engine: Any) -> None:
+        """A run inside the server process (``run_sync``) ends at the next step once the server is told
+        to stop; a run in a task process is killed with it instead (``appcore.lifecycle``)."""
+        if server_stopping() and not engine.should_terminate:
+            logger.warning("The server is stopping: this training ends now and publishes nothing")
+            engine.terminate()
 
     def _validate_start(self, context: Context) -> None:
         """Validate the loaded weights before the first epoch; they become epoch 0 of the run.
@@ -312,6 +322,9 @@ class SegmentationTrainer(BasicTrainTask):
 
     def _publish(self, context: Context) -> None:
         outcome: dict[str, Any] = {"published": False, "start_val_dice": self._starting_dice}
+        if server_stopping():  # ignite completes a terminated run too
+            self._record({**outcome, "stopped": "the server was told to stop during the run"})
+            return
         try:
             outcome["published"] = self._publish_best(context, outcome)
         finally:

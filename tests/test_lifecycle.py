@@ -12,10 +12,12 @@ import textwrap
 import time
 from pathlib import Path
 
+import numpy as np
 import psutil
 import pytest
 
-from appcore.lifecycle import SERVER_PID_ENV, die_with_server, is_task_process, stop_children
+from appcore import lifecycle
+from appcore.lifecycle import SERVER_PID_ENV, STOPPING_ENV, die_with_server, is_task_process, stop_children
 from tests.conftest import HIPPO, ROOT, requires_shared
 from tests.servers import monailabel_server
 
@@ -97,6 +99,58 @@ def test_a_task_whose_server_is_already_gone_stops_at_once() -> None:
         task.kill()
 
 
+def test_a_task_started_while_its_server_stops_ends_before_running() -> None:
+    # MONAI Label's queue starts the next task as soon as the running one is killed; uvicorn's
+    # shutdown may still wait for an upload meanwhile.
+    task = python(TASK, env={SERVER_PID_ENV: str(os.getpid()), STOPPING_ENV: "1"})
+    try:
+        assert task.wait(timeout=30) == -signal.SIGTERM
+        assert task.stdout.read() == ""
+    finally:
+        task.kill()
+
+
+@pytest.fixture
+def stopping(monkeypatch: pytest.MonkeyPatch):
+    """The server process (here: pytest's) has been told to stop; undone afterwards."""
+    monkeypatch.setenv(STOPPING_ENV, "")  # restored (removed) by monkeypatch after mark_stopping sets it
+    lifecycle.mark_stopping()
+    yield
+    lifecycle._STOPPING.clear()
+
+
+@requires_shared
+@pytest.mark.slow
+def test_a_training_inside_the_server_ends_and_publishes_nothing_once_it_stops(tmp_path: Path, stopping) -> None:
+    from tests.apps import make_app
+
+    app = make_app(tmp_path, "hippocampus", labelled=2)
+    app.train({"model": "hippocampus", "max_epochs": 200, "train_batch_size": 1, "device": "cpu"})
+    assert not app.served_path("hippocampus").exists(), "a run ended by the server's stop published weights"
+    last = app._trainers["hippocampus"].stats()["last_run"]
+    assert last["published"] is False and "told to stop" in last["stopped"]
+
+
+@pytest.mark.slow
+def test_a_pathology_training_inside_the_server_ends_and_publishes_nothing(tmp_path: Path, stopping) -> None:
+    from PIL import Image
+
+    from pathology.app import PathologyApp
+
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (128, 128, 3), dtype=np.uint8)).save(studies / "tile.png")
+    mask = np.zeros((128, 128), np.uint16)
+    mask[40:60, 40:60] = 1
+    Image.fromarray(mask).save(tmp_path / "label.png")
+    app = PathologyApp(str(tmp_path / "app"), str(studies), {"models": "nuclei", "score_on_start": "false"})
+    app.datastore().save_label("tile", str(tmp_path / "label.png"), "final", {})
+    with pytest.raises(RuntimeError, match="told to stop"):
+        app._trainers["nuclei"]({"max_epochs": 500, "train_batch_size": 2, "device": "cpu"}, app.datastore())
+    assert not app.served_path.exists()
+
+
 def test_outside_a_server_nothing_is_asked(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(SERVER_PID_ENV, raising=False)
     assert die_with_server() is False
@@ -139,11 +193,13 @@ def test_the_stop_signal_kills_the_tasks_first_then_reaches_the_server_s_own_han
         assert children_stop_with_server()  # twice: still one wrapper
         os.kill(os.getpid(), signal.SIGTERM)
         task.wait(timeout=10)
+        from appcore.lifecycle import server_stopping
         print(task.returncode, seen, os.environ["ACTIVE_LABEL_SERVER_PID"] == str(os.getpid()), flush=True)
+        print(server_stopping(), os.environ.get("ACTIVE_LABEL_SERVER_STOPPING"), flush=True)
         """
     )
     out, _ = proc.communicate(timeout=60)
-    assert out.split() == [str(-signal.SIGKILL), f"[{int(signal.SIGTERM)}]", "True"]
+    assert out.split() == [str(-signal.SIGKILL), f"[{int(signal.SIGTERM)}]", "True", "True", "1"]
 
 
 def _training_child(server_pid: int, timeout: float = 120) -> psutil.Process:
