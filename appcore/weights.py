@@ -43,7 +43,8 @@ def checked_state_dict(path: Path | str, network: torch.nn.Module) -> dict[str, 
 
     Accepted: a ``torch.save`` file of a state dict, bare or under ``"model"`` (as this project
     writes them), read with ``weights_only`` (no code runs), with the network's parameter names
-    and shapes and only finite values.
+    and shapes, floating-point values where the network has them (any precision), and only finite
+    values.
     """
     from appcore.errors import unprocessable
 
@@ -60,7 +61,7 @@ def checked_state_dict(path: Path | str, network: torch.nn.Module) -> dict[str, 
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     served, given = _networks_in(expected), _networks_in(state)
-    if served != given and (missing or unexpected):
+    if served != given and _one_network(state) == _one_network(expected):
         if served > 1:
             todo = f"combine {served} networks into one file first (radiology: python -m radiology.ensemble)"
         else:
@@ -76,6 +77,11 @@ def checked_state_dict(path: Path | str, network: torch.nn.Module) -> dict[str, 
             raise unprocessable(
                 f"The weights are for another network: {key!r} has shape {tuple(state[key].shape)}, "
                 f"the served network's {tuple(want.shape)}"
+            )
+        if want.is_floating_point() and not state[key].is_floating_point():
+            raise unprocessable(
+                f"The weights are for another network: {key!r} holds {state[key].dtype} values, "
+                "the served network's are floating point"
             )
         if state[key].is_floating_point() and not torch.isfinite(state[key]).all():
             raise unprocessable(f"The weights hold NaN or infinite values (in {key!r})")
@@ -94,6 +100,12 @@ def member_numbers(state: dict[str, Any]) -> set[int]:
 def _networks_in(state: dict[str, Any]) -> int:
     """How many networks averaged a state dict holds (1 for a plain network)."""
     return len(member_numbers(state)) or 1
+
+
+def _one_network(state: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of one network of ``state``: member 0's for an ensemble, all for a plain one."""
+    prefix = "members.0." if member_numbers(state) else ""
+    return {k.removeprefix(prefix): tuple(v.shape) for k, v in state.items() if k.startswith(prefix)}
 
 
 def _count(networks: int) -> str:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import pickle
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -104,14 +105,25 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--float16", action="store_true", help="store the weights in float16 (half the size)")
     args = parser.parse_args(argv)
-    states = [load_state_dict(p) for p in args.members]
-    state = combine(states, float16=args.float16)
-    # The result must load into the model's network with this many members, exactly.
-    spec = dataclasses.replace(MODELS[args.model], members=len(states))
-    spec.network().load_state_dict(state, strict=True)
+    model = MODELS[args.model]
+    try:
+        states = [load_state_dict(p) for p in args.members]
+        state = combine(states, float16=args.float16)
+        # The result must load into the model's architecture with this many members, exactly.
+        dataclasses.replace(model, members=len(states)).network().load_state_dict(state, strict=True)
+    except (OSError, EOFError, pickle.UnpicklingError, ValueError, RuntimeError) as e:  # unreadable or unfit
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        parser.error(f"cannot combine these weights for {args.model}: {first}")
+    if args.out.is_dir():
+        parser.error(f"--out {args.out} is a folder; give the file to write")
     save_weights_atomically(state, args.out)
     size = args.out.stat().st_size / 1e6
     print(f"{args.out}: {len(states)} members of {args.model}, {size:.1f} MB")
+    if len(states) != model.members:
+        print(
+            f"note: {args.model} serves {model.members} network(s) (ModelSpec.members): the server refuses this "
+            "file; radiology.evaluate and benchmarks.hippocampus_variants read any count"
+        )
 
 
 if __name__ == "__main__":

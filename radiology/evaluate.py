@@ -77,6 +77,8 @@ def main(argv: list[str] | None = None) -> None:
     cases = msd_cases(args.data)
     if args.split != "all":
         cases = split_cases(cases)[args.split]
+    if args.json and not args.json.parent.is_dir():  # before minutes of scoring, not after
+        parser.error(f"--json {args.json}: folder {args.json.parent} does not exist")
     channels = tuple(int(c) for c in args.channels.split(",")) if args.channels else None
     result = evaluate(args.model, args.weights, cases, channels, cpu_bf16=not args.float32)
     if args.json:

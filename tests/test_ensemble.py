@@ -172,15 +172,33 @@ def test_float16_weights_load_into_the_float32_network_and_predict_alike() -> No
     assert float((got.argmax(1) == want.argmax(1)).float().mean()) > 0.99
 
 
-def test_the_command_writes_what_the_model_loads_and_refuses_other_networks(tmp_path: Path) -> None:
+def test_the_command_writes_what_the_model_loads_and_refuses_other_networks(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     for i in range(2):
         save_weights_atomically(HIPPOCAMPUS.unet().state_dict(), tmp_path / f"m{i}.pt")
         save_weights_atomically(SMALL.unet().state_dict(), tmp_path / f"small{i}.pt")
     out = tmp_path / "e.pt"
-    with pytest.raises(RuntimeError, match="size mismatch"):
-        ensemble.main(["hippocampus", str(tmp_path / "small0.pt"), str(tmp_path / "small1.pt"), "--out", str(out)])
-    assert not out.exists()
-    ensemble.main(["hippocampus", str(tmp_path / "m0.pt"), str(tmp_path / "m1.pt"), "--out", str(out), "--float16"])
+    m0, m1, small0, small1 = (str(tmp_path / f"{n}.pt") for n in ("m0", "m1", "small0", "small1"))
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint")
+    for members, message in [
+        ([small0, small1], "cannot combine these weights for hippocampus: Error(s) in loading state_dict"),
+        ([m0], "an ensemble needs at least two members"),
+        ([m0, str(tmp_path / "absent.pt")], "No such file or directory"),
+        ([m0, str(garbage)], "cannot combine these weights for hippocampus"),
+    ]:
+        with pytest.raises(SystemExit):
+            ensemble.main(["hippocampus", *members, "--out", str(out)])
+        assert message in capsys.readouterr().err
+        assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == sorted(
+            ["garbage.pt", "m0.pt", "m1.pt", "small0.pt", "small1.pt"]
+        ), "nothing written, not even a temporary file"
+    with pytest.raises(SystemExit):
+        ensemble.main(["hippocampus", m0, m1, "--out", str(tmp_path)])
+    assert "is a folder" in capsys.readouterr().err
+    ensemble.main(["hippocampus", m0, m1, "--out", str(out), "--float16"])
+    assert "note: hippocampus serves 4 network(s)" in capsys.readouterr().out  # two: for experiments only
     dataclasses.replace(HIPPOCAMPUS, members=2).network().load_state_dict(load_state_dict(out), strict=True)
     one = (tmp_path / "m0.pt").stat().st_size
     assert 0.9 * one < out.stat().st_size < 1.1 * one  # two members in half precision: the size of one

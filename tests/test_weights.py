@@ -55,6 +55,7 @@ def _state(**change: torch.Tensor) -> dict[str, torch.Tensor]:
         (_state(extra=torch.zeros(1)), "1 unknown"),
         (_state(**{"0.weight": torch.zeros(2, 1, 5, 5, 5)}), "has shape"),
         (_state(**{"1.weight": torch.tensor([1.0, float("nan")])}), "NaN or infinite"),
+        (_state(**{"0.weight": torch.zeros(2, 1, 3, 3, 3, dtype=torch.int64)}), "holds torch.int64 values"),
         ({"model": _state(**{"0.bias": torch.tensor([float("inf"), 0.0])})}, "NaN or infinite"),
     ],
 )
@@ -80,6 +81,14 @@ def _members(state: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
     return {f"members.{i}.{key}": v for i in range(k) for key, v in state.items()}
 
 
+class _Other(torch.nn.Module):
+    """A network with other layers than ``_net``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv3d(1, 4, 1)
+
+
 class _Pair(torch.nn.Module):
     """Two of ``_net`` side by side, named as an ensemble's members are."""
 
@@ -98,6 +107,9 @@ class _Pair(torch.nn.Module):
         ),
         (_net, _members(_state(), 2), "serves one network and the file holds 2 networks averaged: upload one network"),
         (_Pair, _members(_state(), 3), "serves 2 networks averaged and the file holds 3 networks averaged"),
+        # Other networks altogether: their count is not the point.
+        (_Other, _members(_state(), 2), "for another network"),
+        (_Pair, _Other().state_dict(), "for another network"),
     ],
 )
 def test_one_network_for_an_ensemble_or_the_reverse_is_named(
