@@ -38,6 +38,15 @@ def gone(pid: int, within: float) -> bool:
         time.sleep(0.1)
 
 
+def end(process: subprocess.Popen, *others: int) -> None:
+    """Kill ``process`` (and wait for it) and the processes ``others``, whichever still run."""
+    process.kill()
+    process.wait()
+    for pid in others:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            psutil.Process(pid).kill()
+
+
 def python(code: str, env: dict[str, str] | None = None, **kwargs) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-c", textwrap.dedent(code)],
@@ -79,10 +88,7 @@ def test_a_task_ends_when_its_server_is_killed() -> None:
         server.kill()  # as kill -9 or the out-of-memory killer would
         assert gone(task, within=10), "the task outlived its server"
     finally:
-        server.kill()
-        server.wait()
-        with contextlib.suppress(psutil.NoSuchProcess):
-            psutil.Process(task).kill()
+        end(server, task)
 
 
 @linux_only
@@ -170,10 +176,7 @@ def test_stop_children_kills_each_task_and_what_it_started(monkeypatch: pytest.M
         assert stop_children() == 1
         assert gone(training.pid, within=5) and gone(worker, within=5)
     finally:
-        training.kill()
-        training.wait()
-        with contextlib.suppress(psutil.NoSuchProcess):
-            psutil.Process(worker).kill()
+        end(training, worker)
 
 
 @linux_only
