@@ -183,7 +183,7 @@ class CheckedLocalDatastore(LocalDatastore):
         if recorded:
             self._update_datastore_file()
         for image_id in changed:
-            logger.info("Image %s changed on disk since it was last seen: its score is dropped", image_id)
+            logger.info("Image %s changed on disk since it was last seen", image_id)
             if self._on_image_replaced is not None:
                 self._on_image_replaced(image_id)
         return changed
