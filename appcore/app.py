@@ -165,6 +165,20 @@ def _delete_model(model: str) -> dict[str, Any]:
     return _running_app().remove_weights(model)
 
 
+def _records_stops(stop: Any) -> Any:
+    """``monailabel.endpoints.train.stop`` (``DELETE /train/``), also telling the app whose run it
+    stopped: ``/info``'s ``train_stats`` would otherwise go on describing the run before."""
+
+    def checked() -> Any:
+        result = stop()
+        if isinstance(result, dict) and result.get("status") == "STOPPED":
+            _running_app().on_training_stopped(dict(result.get("request") or {}).get("model"))
+        return result
+
+    checked.records_stops = True  # type: ignore[attr-defined]
+    return checked
+
+
 def _needs_input(run: Any) -> Any:
     """MONAI Label's ``run_inference`` or ``run_wsi_inference``, with a 4xx when there is nothing to segment."""
     signature = inspect.signature(run)
@@ -269,6 +283,10 @@ def checked_endpoints() -> list[str]:
     if model is not None and model.update_model is not _update_model:
         model.update_model, model.delete_model = _update_model, _delete_model
         changed.append("monailabel.endpoints.model")
+    train = sys.modules.get("monailabel.endpoints.train")
+    if train is not None and not getattr(train.stop, "records_stops", False):
+        train.stop = _records_stops(train.stop)
+        changed.append("monailabel.endpoints.train.stop")
     proxy = sys.modules.get("monailabel.endpoints.proxy")
     if proxy is not None and proxy.proxy_dicom is not dicom_proxy.proxy_dicom:
         proxy.proxy_dicom = dicom_proxy.proxy_dicom  # a thread and timeouts: a slow PACS no longer blocks the server
@@ -368,6 +386,10 @@ class RequestChecks:
     def new_network(self, model: str) -> torch.nn.Module:
         """An untrained instance of the network ``model`` serves, to check uploaded weights against."""
         raise NotImplementedError
+
+    def on_training_stopped(self, model: str | None) -> None:
+        """``DELETE /train/`` stopped the run of ``model`` (of every trainer for ``None``); by default
+        nothing is recorded."""
 
     def on_weights_changed(self, model: str) -> None:
         """Called after an upload replaced or a delete removed ``model``'s published weights."""

@@ -323,7 +323,7 @@ class SegmentationTrainer(BasicTrainTask):
     def _publish(self, context: Context) -> None:
         outcome: dict[str, Any] = {"published": False, "start_val_dice": self._starting_dice}
         if server_stopping():  # ignite completes a terminated run too
-            self._record({**outcome, "stopped": "the server was told to stop during the run"})
+            self.record_stopped("the server was told to stop during the run")
             return
         try:
             outcome["published"] = self._publish_best(context, outcome)
@@ -353,6 +353,10 @@ class SegmentationTrainer(BasicTrainTask):
         save_weights_atomically(state, self.served_path)
         logger.info("Published %s -> %s", best, self.served_path)
         return True
+
+    def record_stopped(self, how: str) -> None:
+        """A run was stopped before it completed (it published nothing): say so in ``last_run``."""
+        self._record({"published": False, "stopped": how})
 
     def _record(self, outcome: dict[str, Any]) -> None:
         """Add what the run did with its weights to MONAI Label's stats file as ``last_run``.
