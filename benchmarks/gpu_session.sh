@@ -34,7 +34,10 @@
 #   benchmarks/gpu_session.sh sgd                  # there: the shipped recipe with nnU-Net's optimiser
 #                                          # (radiology.offline --optimizer sgd --lr 1e-2): seeds 0 and 1
 #                                          # on the training cases (5436 steps) and, at the same time,
-#                                          # seed 0 on train+val (8527 steps). STEPS=N for a dry run
+#                                          # seed 0 on train+val (8527 steps). STEPS=N for a dry run.
+#                                          # Its rule in RESULTS.md (one network against one) is
+#                                          # superseded: hippocampus now averages four networks, so
+#                                          # commit a new rule (an SGD network as a member) first
 #
 # The recipes' epoch counts come from a 3-epoch calibration of all four at once, sized to fill 65%
 # of the time left (the AL simulation shares the GPU and CPUs with them); each also stops after
