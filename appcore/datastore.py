@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import nibabel as nib
-import numpy as np
 from filelock import FileLock
 from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastore
 
@@ -21,7 +20,6 @@ from appcore.archive import dataset_members, zip_chunks
 from appcore.errors import RequestError, conflict, not_found, unprocessable
 from appcore.files import staged_beside
 from appcore.validation import (
-    AFFINE_ATOL_MM,
     Geometry,
     check_image_id,
     check_upload_size,
@@ -375,4 +373,4 @@ class CheckedLocalDatastore(LocalDatastore):
         if not all(str(p).endswith((".nii", ".nii.gz")) for p in (current, upload)):
             return False
         old, new = (Geometry.of(nib.load(str(p))) for p in (current, upload))
-        return old.shape == new.shape and np.allclose(old.affine, new.affine, atol=AFFINE_ATOL_MM)
+        return old.differs_from(new) is None

@@ -154,6 +154,27 @@ class Geometry:
     def of(cls, img: nib.spatialimages.SpatialImage) -> Geometry:
         return cls(tuple(int(s) for s in img.shape[:3]), np.asarray(img.affine, dtype=np.float64))
 
+    def differs_from(self, other: Geometry) -> str | None:
+        """How this grid differs from ``other`` (shape first, then the affine to ``AFFINE_ATOL_MM``), or ``None``."""
+        if self.shape != other.shape:
+            return f"shape {self.shape} against {other.shape}"
+        if not np.allclose(self.affine, other.affine, atol=AFFINE_ATOL_MM):
+            return "the same shape, but other voxel-to-world affines"
+        return None
+
+
+def off_grid(label_path: str | Path, image_path: str | Path) -> str | None:
+    """Why a stored label no longer lies on its image's grid, or ``None`` (also where either file is
+    not NIfTI). Saving checks this; an image file written over in the studies folder afterwards can
+    break it, and such a pair would end every training run."""
+    if not all(str(p).endswith((".nii", ".nii.gz")) for p in (label_path, image_path)):
+        return None
+    label, image = Geometry.of(nifti_header(label_path, "label")), Geometry.of(nifti_header(image_path, "image"))
+    how = label.differs_from(image)
+    return (
+        f"it no longer lies on its image's grid ({how}): the image changed after the label was saved" if how else None
+    )
+
 
 def label_from_buffer(image_path: str | Path, buffer_path: str | Path) -> str:
     """A raw label buffer as OHIF sends it (one uint8 per voxel of the image's grid, x fastest)

@@ -24,7 +24,7 @@ from appcore.errors import RequestError
 from appcore.files import write_json
 from appcore.lifecycle import server_stopping
 from appcore.precision import autocast
-from appcore.validation import check_segmentable, label_values, nifti_header
+from appcore.validation import check_segmentable, label_values, nifti_header, off_grid
 from appcore.weights import load_state_dict, save_weights_atomically
 from radiology.modality import wrong_modality
 from radiology.spec import ModelSpec
@@ -63,12 +63,16 @@ def not_training_data(
     """Why a saved ``final`` label is not training data for ``spec``, or ``None`` if it is;
     ``neighbours`` are the other models served over the same datastore.
 
-    In order: a label holding values outside ``spec``'s is not its, whatever it was saved for. The
-    model it was saved for (``{"model": ...}`` in its save parameters, and every SEG from a PACS)
-    decides next. Then the viewer's segment names, where they are the label names of one served
+    In order: a label that no longer lies on its image's grid is nobody's (the image file was
+    written over after the save). A label holding values outside ``spec``'s is not its, whatever it
+    was saved for. The model it was saved for (``{"model": ...}`` in its save parameters, and every
+    SEG from a PACS) decides next. Then the viewer's segment names, where they are the label names of one served
     model. Last, a modality the image's values rule out (``radiology.modality``): an MR image's
     label is no training data for a CT model.
     """
+    moved = off_grid(label_path, image_path)
+    if moved:
+        return moved
     foreign = sorted(label_values(label_path) - spec.labels.allowed_values)
     if foreign:
         return f"it holds values {foreign}, which are not {spec.name}'s labels {sorted(spec.labels.ids)}"

@@ -259,6 +259,40 @@ def test_which_saved_labels_a_model_trains_on(
 
 
 @pytest.mark.parametrize(
+    ("label_shape", "shift_mm", "why"),
+    [
+        ((36, 50, 35), 0.0, r"shape \(36, 50, 35\) against \(36, 50, 36\)"),
+        ((36, 50, 36), 2.0, "the same shape, but other voxel-to-world affines"),
+        ((36, 50, 36), 1e-4, None),  # within the tolerance a save is checked with
+    ],
+)
+def test_a_label_whose_image_was_written_over_on_another_grid_is_skipped(
+    tmp_path: Path, caplog, label_shape: tuple, shift_mm: float, why: str | None
+) -> None:
+    # Saving checks the grid; an image file written over in the studies folder afterwards can break it,
+    # and such a pair would end the whole run (MONAI's transforms meet two shapes).
+    image = np.full((36, 50, 36), 20.0, np.float32)
+    image[10:20, 20:30, 10:20] = 60.0
+    label = np.zeros(label_shape, np.uint8)
+    label[10:20, 20:30, 10:20] = 1
+    moved = np.eye(4)
+    moved[0, 3] = shift_mm
+    cases = [
+        {
+            "image": _volume(tmp_path / "case.nii.gz", image),
+            "label": str(write_nifti(tmp_path / "l.nii.gz", label, moved)),
+        }
+    ]
+    trainer = SegmentationTrainer(HIPPOCAMPUS, str(tmp_path / "run"), str(tmp_path / "s.pt"))
+    if why is None:
+        assert trainer.pre_process({}, _Cases(cases)) == cases  # type: ignore[arg-type]
+    else:
+        with pytest.raises(ValueError, match=r"No 'final' label to train 'hippocampus' on \(skipped case"):
+            trainer.pre_process({}, _Cases(cases))  # type: ignore[arg-type]
+        assert re.search(rf"skips case: it no longer lies on its image's grid \({why}\)", caplog.text), caplog.text
+
+
+@pytest.mark.parametrize(
     ("n", "split", "validating"),
     [
         (4, 0.2, []),  # under 5 labels nothing validates
