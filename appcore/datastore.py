@@ -110,7 +110,7 @@ class CheckedLocalDatastore(LocalDatastore):
     # the records while the watcher reads them ("dictionary changed size during iteration") passes.
     REFRESH_ATTEMPTS, REFRESH_PAUSE_S = 3, 0.2
 
-    # Image info key: ``"<mtime_ns>:<size>"`` of the image file when this datastore last saw it.
+    # Image info key: the version of the image file when this datastore last saw it (``_file_version``).
     FILE_VERSION = "file_version"
     # Seconds without a further modification of an image file before the folder is reconciled: a
     # copy of a large file sends a modification event per write.
@@ -154,15 +154,29 @@ class CheckedLocalDatastore(LocalDatastore):
                     time.sleep(self.REFRESH_PAUSE_S)
 
     def _reconcile_datastore(self) -> None:
+        before = set(self._datastore.objects)
         super()._reconcile_datastore()
+        self._report_replaced(sorted(before - set(self._datastore.objects)))  # files removed from the folder
         self._notice_changed_images()
 
+    def _report_replaced(self, image_ids: list[str]) -> None:
+        if self._on_image_replaced is not None:
+            for image_id in image_ids:
+                self._on_image_replaced(image_id)
+
     def _file_version(self, image_id: str, ext: str) -> str | None:
+        """The file's size and, for a gzip file, its trailer (the CRC-32 and length of the content,
+        so a copy or ``touch`` that keeps the content is no change); its mtime otherwise."""
+        path = Path(self._datastore.image_path()) / self._filename(image_id, ext)
         try:
-            st = (Path(self._datastore.image_path()) / self._filename(image_id, ext)).stat()
+            size = path.stat().st_size
+            if ext.endswith(".gz") and size >= 18:  # a gzip header and trailer at least
+                with path.open("rb") as f:
+                    f.seek(-8, os.SEEK_END)
+                    return f"{size}:crc{f.read(8).hex()}"
+            return f"{size}:{path.stat().st_mtime_ns}"
         except OSError:
             return None
-        return f"{st.st_mtime_ns}:{st.st_size}"
 
     def _notice_changed_images(self) -> list[str]:
         """Record each image file's version; an image whose file changed since it was recorded (a
@@ -181,9 +195,8 @@ class CheckedLocalDatastore(LocalDatastore):
         if recorded:
             self._update_datastore_file()
         for image_id in changed:
-            logger.info("Image %s changed on disk since it was last seen", image_id)
-            if self._on_image_replaced is not None:
-                self._on_image_replaced(image_id)
+            logger.debug("Image %s changed on disk since it was last seen", image_id)
+        self._report_replaced(changed)
         return changed
 
     def _existing(self, image_id: str) -> Any:
@@ -247,6 +260,12 @@ class CheckedLocalDatastore(LocalDatastore):
     def remove_image(self, image_id: str) -> None:
         self._existing(image_id)
         super().remove_image(image_id)
+        if image_id in self._datastore.objects:
+            # With the folder watcher, MONAI Label leaves the record to the watcher's reconcile, which an
+            # upload under the same id right after could beat: the new file would keep the old score.
+            self._datastore.objects.pop(image_id)
+            self._update_datastore_file()
+            self._report_replaced([image_id])
 
     def remove_label(self, label_id: str, label_tag: str) -> None:
         self._existing_label(label_id, label_tag)

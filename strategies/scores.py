@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -13,6 +15,8 @@ from filelock import FileLock
 
 from appcore.files import write_json
 
+logger = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class Score:
@@ -21,7 +25,7 @@ class Score:
     Args:
         value: the ranking score (higher is more uncertain).
         model_version: identifies the weights that produced it; a score from other weights is stale.
-        ts: when it was computed (seconds since the epoch).
+        ts: when its computation began, before the image was read (seconds since the epoch).
         extra: further measures computed on the same passes (for example ``bald``, ``tta``, and
             ``embedding``, a list of floats).
     """
@@ -83,19 +87,35 @@ class ScoreStore:
         return FileLock(str(self.path.with_name(f".{self.path.name}.lock")))
 
     def update(self, new: dict[str, Score]) -> None:
+        """Store ``new`` scores, except those begun (``ts``) before their image's file changed."""
         with self._changing():
+            forgotten = json.loads(self.forgotten_path.read_text()) if self.forgotten_path.exists() else {}
+            stale = sorted(k for k, v in new.items() if v.ts < forgotten.get(k, float("-inf")))
+            if stale:
+                logger.info("Not storing the scores of %s: their files changed while they were scored", stale)
             scores = self.load()
-            scores.update(new)
+            scores.update({k: v for k, v in new.items() if k not in stale})
             write_json(self.path, {k: asdict(v) for k, v in scores.items()})
 
     def forget(self, image_id: str) -> None:
-        """Drop an image's score and unusable mark: its file was replaced, so they describe another
-        image. It is then unscored (ranked last, and scored by the next run)."""
+        """Drop an image's score and unusable mark: its file was replaced or removed, so they describe
+        another image. It is then unscored (ranked last, and scored by the next run). A score computed
+        from the old file by a run still going (begun before now) is not taken afterwards (``update``)."""
         with self._changing():
             for path in (self.path, self.unusable_path):
                 content = json.loads(path.read_text()) if path.exists() else {}
                 if content.pop(image_id, None) is not None:
                     write_json(path, content)
+                    if path == self.path:
+                        logger.info("Dropped the score of %s: its file was replaced or removed", image_id)
+            forgotten = json.loads(self.forgotten_path.read_text()) if self.forgotten_path.exists() else {}
+            forgotten[image_id] = time.time()
+            write_json(self.forgotten_path, forgotten)
+
+    @property
+    def forgotten_path(self) -> Path:
+        """When each image's score was last dropped: scores computed before that are stale."""
+        return self.path.with_name(f"{self.path.stem}.forgotten.json")
 
     # Images the last scoring run could not score (unreadable, not a volume, constant), with the
     # reason, in a file beside the scores: strategies leave them out until a run scores them.

@@ -57,6 +57,7 @@ class UncertaintyScoring(ScoringMethod):
         pending: dict[str, Score] = {}
         skipped: dict[str, str] = {}
         for image in stale:
+            begun = time.time()  # before the file is read: a change after it makes this score stale
             try:
                 measures = scorer.score(datastore.get_image_uri(image))
             except HTTPException as e:
@@ -71,7 +72,7 @@ class UncertaintyScoring(ScoringMethod):
                 continue
             value = measures[self.key]
             extra = {k: v for k, v in measures.items() if k != self.key}
-            pending[image] = Score(value=value, model_version=version, ts=time.time(), extra=extra)
+            pending[image] = Score(value=value, model_version=version, ts=begun, extra=extra)
             if len(pending) >= self.flush_every:
                 self.store.update(pending)
                 pending = {}

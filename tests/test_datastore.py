@@ -418,6 +418,26 @@ def test_a_model_with_no_label_of_its_own_is_a_409_before_training_starts(two_mo
     assert re.search(
         r"No 'final' label to train 'organs_ct' on \(skipped hippocampus_001: the image is no CT", refusal.detail
     )
+    assert appcore.app._cannot_train({}, b"{}") is None, "POST /train/: one of the models has a label to train on"
+
+
+@requires_shared
+def test_training_every_model_with_no_label_for_any_is_a_409(two_models, tmp_path: Path, monkeypatch) -> None:
+    import appcore.app
+
+    monkeypatch.setattr(appcore.app, "_running_app", lambda: two_models)
+    img = nib.load(HIPPO / "imagesTr" / "hippocampus_001.nii.gz")
+    label = np.zeros(img.shape, np.uint8)
+    label[10:20, 10:20, 10:20] = 1
+    two_models.datastore().save_label(
+        "hippocampus_001", _label_file(tmp_path / "l.nii.gz", label, img.affine), "final", {}
+    )
+    # The image is written over on another grid afterwards: its label is no model's training data.
+    image = Path(two_models.datastore().get_image_uri("hippocampus_001"))
+    nib.save(nib.Nifti1Image(np.zeros((20, 20, 20), np.float32), img.affine), image)
+    refusal = appcore.app._cannot_train({}, b"{}")
+    assert refusal is not None and refusal.status_code == 409
+    assert refusal.detail.count("no longer lies on its image's grid") == 2, refusal.detail  # one reason per model
 
 
 @requires_shared
@@ -529,3 +549,45 @@ def test_the_folder_watcher_notices_an_image_written_over(store: CheckedLocalDat
     finally:
         watched._observer.stop()
         watched._observer.join(timeout=10)
+
+
+def test_an_image_removed_loses_what_was_computed_from_it(store: CheckedLocalDatastore, tmp_path: Path) -> None:
+    studies = tmp_path / "studies"
+    write_nifti(studies / "case2.nii.gz", np.ones((10, 12, 8), np.float32), nib.load(studies / "case1.nii.gz").affine)
+    store, replaced = _replaced_store(studies)
+    store.remove_image("case1")  # DELETE /datastore/image
+    assert replaced == ["case1"]
+    (studies / "case2.nii.gz").unlink()  # removed from the folder
+    store.refresh()
+    assert replaced == ["case1", "case2"]
+
+
+def test_with_the_folder_watcher_a_removed_image_is_reported_at_once(
+    store: CheckedLocalDatastore, tmp_path: Path
+) -> None:
+    studies = tmp_path / "studies"
+    watched, replaced = _replaced_store(studies, auto_reload=True)
+    try:
+        watched.remove_image("case1")
+        assert replaced == ["case1"] and "case1" not in watched.list_images(), "not left to the watcher"
+        upload = write_nifti(tmp_path / "new.nii.gz", np.ones((10, 12, 8), np.float32), np.eye(4))
+        watched.add_image("case1", str(upload), {})  # a new image under the old id, at once
+        time.sleep(1.5)  # the watcher's events for both
+        assert replaced == ["case1"], replaced
+    finally:
+        watched._observer.stop()
+        watched._observer.join(timeout=10)
+
+
+def test_a_file_rewritten_with_the_same_content_is_no_change(store: CheckedLocalDatastore, tmp_path: Path) -> None:
+    studies = tmp_path / "studies"
+    store, replaced = _replaced_store(studies)
+    image = studies / "case1.nii.gz"
+    later = image.stat().st_mtime + 60
+    os.utime(image, (later, later))  # touch, or a copy that does not keep times
+    store.refresh()
+    copy = tmp_path / "copy.nii.gz"
+    shutil.copyfile(image, copy)
+    os.replace(copy, image)
+    store.refresh()
+    assert replaced == [], "a .nii.gz file's version is its content's CRC-32 and size, not its time"

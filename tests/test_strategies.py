@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import random
 import threading
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -185,6 +186,18 @@ def test_score_store_forgets_one_image(tmp_path: Path) -> None:
         store.forget(image_id)
     assert (set(store.load()), store.unusable()) == ({"b"}, {"d": "EOFError"})
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_a_score_begun_before_its_image_changed_is_not_stored(tmp_path: Path) -> None:
+    # A scoring run (another process) read the old file; the server then dropped the score; the run
+    # flushes afterwards.
+    store = ScoreStore(tmp_path / "s.json")
+    begun = time.time()
+    store.forget("a")
+    store.update({"a": Score(0.9, "v1", begun - 1.0, {}), "b": Score(0.4, "v1", begun - 1.0, {})})
+    assert set(store.load()) == {"b"}
+    store.update({"a": Score(0.8, "v1", time.time() + 1.0, {})})  # the next run reads the new file
+    assert store.load()["a"].value == 0.8
 
 
 def test_score_store_measures_and_embeddings(tmp_path: Path) -> None:
