@@ -92,11 +92,12 @@ def _cannot_train(params: dict[str, Any], body: bytes) -> RequestError | None:
             return error
     if not app.datastore().get_labeled_images():
         return conflict("No image has a 'final' label yet; save at least one (PUT /datastore/label) before training")
-    check = getattr(app._trainers.get(model), "no_training_data", None)
-    if check is not None:  # labels, but are any of them this model's?
-        why = check(app.datastore())
-        if why is not None:
-            return conflict(why)
+    # Labels, but are any of them the model's? For POST /train/ (every model), refused only when no
+    # model has any: MONAI Label then trains the models one after the other.
+    checks = [getattr(t, "no_training_data", None) for n, t in app._trainers.items() if model in (None, n)]
+    reasons = [why for check in checks if check is not None and (why := check(app.datastore())) is not None]
+    if reasons and len(reasons) == len(checks):
+        return conflict(" ".join(reasons))
     return None
 
 
@@ -172,7 +173,11 @@ def _records_stops(stop: Any) -> Any:
     def checked() -> Any:
         result = stop()
         if isinstance(result, dict) and result.get("status") == "STOPPED":
-            _running_app().on_training_stopped(dict(result.get("request") or {}).get("model"))
+            try:  # MONAI Label's task start time, local time to the second
+                started = datetime.strptime(str(result.get("start_ts")), "%Y-%m-%d %H:%M:%S").timestamp()
+            except ValueError:
+                started = None
+            _running_app().on_training_stopped(dict(result.get("request") or {}).get("model"), started)
         return result
 
     checked.records_stops = True  # type: ignore[attr-defined]
@@ -387,9 +392,9 @@ class RequestChecks:
         """An untrained instance of the network ``model`` serves, to check uploaded weights against."""
         raise NotImplementedError
 
-    def on_training_stopped(self, model: str | None) -> None:
-        """``DELETE /train/`` stopped the run of ``model`` (of every trainer for ``None``); by default
-        nothing is recorded."""
+    def on_training_stopped(self, model: str | None, started: float | None) -> None:
+        """``DELETE /train/`` stopped the run of ``model`` (of every trainer for ``None``) begun at
+        ``started`` (seconds since the epoch, if known); by default nothing is recorded."""
 
     def on_weights_changed(self, model: str) -> None:
         """Called after an upload replaced or a delete removed ``model``'s published weights."""

@@ -93,10 +93,10 @@ class RadiologyApp(RequestChecks, MONAILabelApp):
     def new_network(self, model: str) -> torch.nn.Module:
         return self.specs[model].network()
 
-    def on_training_stopped(self, model: str | None) -> None:
+    def on_training_stopped(self, model: str | None, started: float | None) -> None:
         for name, trainer in self._trainers.items():
             if model in (None, name):
-                trainer.record_stopped("stopped by DELETE /train/")
+                trainer.record_stopped("stopped by DELETE /train/", unless_recorded_since=started)
 
     def on_weights_changed(self, model: str) -> None:
         if self.settings.score_after_train and model == self.settings.al_model and self._scoring_methods:

@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import os
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -358,8 +359,16 @@ class SegmentationTrainer(BasicTrainTask):
         logger.info("Published %s -> %s", best, self.served_path)
         return True
 
-    def record_stopped(self, how: str) -> None:
-        """A run was stopped before it completed (it published nothing): say so in ``last_run``."""
+    def record_stopped(self, how: str, *, unless_recorded_since: float | None = None) -> None:
+        """A run was stopped before it completed (it published nothing): say so in ``last_run``.
+
+        Not where the run recorded its outcome after ``unless_recorded_since`` (its start): it was
+        stopped after its training, while the process rescored images, and ``last_run`` is right.
+        """
+        if unless_recorded_since is not None:
+            last = self.stats().get("last_run") or {}
+            if float(last.get("at", float("-inf"))) >= unless_recorded_since:
+                return
         self._record({"published": False, "stopped": how})
 
     def _record(self, outcome: dict[str, Any]) -> None:
@@ -369,7 +378,7 @@ class SegmentationTrainer(BasicTrainTask):
         """
         path = Path(self._stats_path)
         stats = json.loads(path.read_text()) if path.exists() else {}
-        stats["last_run"] = outcome
+        stats["last_run"] = {**outcome, "at": round(time.time(), 3)}  # seconds since the epoch
         write_json(path, stats)
 
     def stats(self) -> dict[str, Any]:

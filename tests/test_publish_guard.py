@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import time
 from pathlib import Path
 
 import nibabel as nib
@@ -80,7 +81,9 @@ def test_with_nothing_to_validate_on_a_completed_run_publishes_as_before(tmp_pat
     result = app.train({"model": "hippocampus", "max_epochs": 1, "train_batch_size": 2, "device": "cpu"})
     assert not result.get("eval")
     assert app.served_path("hippocampus").exists()
-    assert app._trainers["hippocampus"].stats()["last_run"] == {"published": True, "start_val_dice": None}
+    last = app._trainers["hippocampus"].stats()["last_run"]
+    assert {k: v for k, v in last.items() if k != "at"} == {"published": True, "start_val_dice": None}
+    assert abs(last["at"] - time.time()) < 600, "when the run recorded its outcome"
 
 
 def test_validation_labels_without_foreground_keep_the_served_weights(

@@ -4,6 +4,7 @@ labelled images it trains and validates on, and which checkpoints it publishes."
 from __future__ import annotations
 
 import re
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -357,7 +358,18 @@ def test_a_failed_run_is_recorded_as_the_last_run(tmp_path: Path, monkeypatch) -
     monkeypatch.setattr(BasicTrainTask, "train", fails)
     with pytest.raises(RuntimeError, match="index 3"):
         trainer.train(0, 1, {"name": "train_01"}, [])
-    assert trainer.stats()["last_run"] == {
+    assert {k: v for k, v in trainer.stats()["last_run"].items() if k != "at"} == {
         "published": False,
         "failed": "RuntimeError: index 3 is out of bounds for dimension 1 with size 3",
     }
+
+
+def test_a_stop_after_the_run_recorded_its_outcome_keeps_it(tmp_path: Path) -> None:
+    # DELETE /train/ while the training process rescores after publishing: the run's last_run stays.
+    trainer = SegmentationTrainer(HIPPOCAMPUS, str(tmp_path / "run"), str(tmp_path / "s.pt"))
+    started = time.time() - 5
+    trainer._record({"published": True})
+    trainer.record_stopped("stopped by DELETE /train/", unless_recorded_since=started)
+    assert trainer.stats()["last_run"]["published"] is True
+    trainer.record_stopped("stopped by DELETE /train/", unless_recorded_since=time.time() + 5)  # a later run
+    assert trainer.stats()["last_run"]["stopped"] == "stopped by DELETE /train/"
