@@ -169,12 +169,12 @@ class CheckedLocalDatastore(LocalDatastore):
         so a copy or ``touch`` that keeps the content is no change); its mtime otherwise."""
         path = Path(self._datastore.image_path()) / self._filename(image_id, ext)
         try:
-            size = path.stat().st_size
-            if ext.endswith(".gz") and size >= 18:  # a gzip header and trailer at least
+            st = path.stat()
+            if ext.endswith(".gz") and st.st_size >= 18:  # a gzip header and trailer at least
                 with path.open("rb") as f:
                     f.seek(-8, os.SEEK_END)
-                    return f"{size}:crc{f.read(8).hex()}"
-            return f"{size}:{path.stat().st_mtime_ns}"
+                    return f"{st.st_size}:crc{f.read(8).hex()}"
+            return f"{st.st_size}:{st.st_mtime_ns}"
         except OSError:
             return None
 

@@ -67,9 +67,9 @@ def not_training_data(
     In order: a label that no longer lies on its image's grid is nobody's (the image file was
     written over after the save). A label holding values outside ``spec``'s is not its, whatever it
     was saved for. The model it was saved for (``{"model": ...}`` in its save parameters, and every
-    SEG from a PACS) decides next. Then the viewer's segment names, where they are the label names of one served
-    model. Last, a modality the image's values rule out (``radiology.modality``): an MR image's
-    label is no training data for a CT model.
+    SEG from a PACS) decides next. Then the viewer's segment names, where they are the label names
+    of one served model. Last, a modality the image's values rule out (``radiology.modality``): an
+    MR image's label is no training data for a CT model.
     """
     moved = off_grid(label_path, image_path)
     if moved:

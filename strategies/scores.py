@@ -18,6 +18,11 @@ from appcore.files import write_json
 logger = logging.getLogger(__name__)
 
 
+def _json_or_empty(path: Path) -> dict[str, Any]:
+    """A store file's content as it is on disk now (read under ``ScoreStore._changing``), ``{}`` if absent."""
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
 @dataclass(frozen=True)
 class Score:
     """One image's uncertainty under one model version.
@@ -89,7 +94,7 @@ class ScoreStore:
     def update(self, new: dict[str, Score]) -> None:
         """Store ``new`` scores, except those begun (``ts``) before their image's file changed."""
         with self._changing():
-            forgotten = json.loads(self.forgotten_path.read_text()) if self.forgotten_path.exists() else {}
+            forgotten = _json_or_empty(self.forgotten_path)
             stale = sorted(k for k, v in new.items() if v.ts < forgotten.get(k, float("-inf")))
             if stale:
                 logger.info("Not storing the scores of %s: their files changed while they were scored", stale)
@@ -103,12 +108,12 @@ class ScoreStore:
         from the old file by a run still going (begun before now) is not taken afterwards (``update``)."""
         with self._changing():
             for path in (self.path, self.unusable_path):
-                content = json.loads(path.read_text()) if path.exists() else {}
+                content = _json_or_empty(path)
                 if content.pop(image_id, None) is not None:
                     write_json(path, content)
                     if path == self.path:
                         logger.info("Dropped the score of %s: its file was replaced or removed", image_id)
-            forgotten = json.loads(self.forgotten_path.read_text()) if self.forgotten_path.exists() else {}
+            forgotten = _json_or_empty(self.forgotten_path)
             forgotten[image_id] = time.time()
             write_json(self.forgotten_path, forgotten)
 
