@@ -101,6 +101,10 @@ class CheckedLocalDatastore(LocalDatastore):
         self._on_image_replaced = on_image_replaced  # before the first reconcile, which may call it
         self._modified_timer: threading.Timer | None = None
         self._modified_lock = threading.Lock()
+        # Held while the records are reconciled with the folder and while a removal drops its record:
+        # the watcher's reconcile (another thread) compares the records before and after, and one that
+        # began before a removal would report the removed image a second time.
+        self._records_lock = threading.RLock()
         super().__init__(datastore_path, **kwargs)
         handler = getattr(self, "_handler", None)  # the folder watcher, with auto_reload
         if handler is not None:
@@ -154,10 +158,11 @@ class CheckedLocalDatastore(LocalDatastore):
                     time.sleep(self.REFRESH_PAUSE_S)
 
     def _reconcile_datastore(self) -> None:
-        before = set(self._datastore.objects)
-        super()._reconcile_datastore()
-        self._report_replaced(sorted(before - set(self._datastore.objects)))  # files removed from the folder
-        self._notice_changed_images()
+        with self._records_lock:
+            before = set(self._datastore.objects)
+            super()._reconcile_datastore()
+            self._report_replaced(sorted(before - set(self._datastore.objects)))  # files removed from the folder
+            self._notice_changed_images()
 
     def _report_replaced(self, image_ids: list[str]) -> None:
         if self._on_image_replaced is not None:
@@ -260,12 +265,13 @@ class CheckedLocalDatastore(LocalDatastore):
     def remove_image(self, image_id: str) -> None:
         self._existing(image_id)
         super().remove_image(image_id)
-        if image_id in self._datastore.objects:
-            # With the folder watcher, MONAI Label leaves the record to the watcher's reconcile, which an
-            # upload under the same id right after could beat: the new file would keep the old score.
-            self._datastore.objects.pop(image_id)
-            self._update_datastore_file()
-            self._report_replaced([image_id])
+        with self._records_lock:
+            if image_id in self._datastore.objects:
+                # With the folder watcher, MONAI Label leaves the record to the watcher's reconcile, which
+                # an upload under the same id right after could beat: the new file would keep the old score.
+                self._datastore.objects.pop(image_id)
+                self._update_datastore_file()
+                self._report_replaced([image_id])
 
     def remove_label(self, label_id: str, label_tag: str) -> None:
         self._existing_label(label_id, label_tag)
@@ -370,7 +376,7 @@ class CheckedLocalDatastore(LocalDatastore):
             )
         name = self._filename(image_id, ext)
         dest = Path(self._datastore.image_path()) / name
-        with FileLock(self._lock_file):
+        with self._records_lock, FileLock(self._lock_file):  # no reconcile sees half of it
             _atomic_copy(image_filename, dest)
             if existing is not None and existing.image.ext != ext:  # the same image in another format
                 (Path(self._datastore.image_path()) / self._filename(image_id, existing.image.ext)).unlink(

@@ -3,6 +3,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -10,6 +11,7 @@ from types import SimpleNamespace
 import nibabel as nib
 import numpy as np
 import pytest
+from monailabel.datastore.local import LocalDatastore
 
 from appcore.datastore import CheckedLocalDatastore
 from appcore.errors import RequestError
@@ -577,6 +579,38 @@ def test_with_the_folder_watcher_a_removed_image_is_reported_at_once(
     finally:
         watched._observer.stop()
         watched._observer.join(timeout=10)
+
+
+def test_a_removal_racing_the_watcher_s_reconcile_is_reported_once(
+    store: CheckedLocalDatastore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The watcher's reconcile (another thread) that began before DELETE /datastore/image removed the
+    record must not report the image again after the removal did: a second report could land after a
+    new upload under the same id and forget that one's score."""
+    studies = tmp_path / "studies"
+    store, replaced = _replaced_store(studies)
+    started, go = threading.Event(), threading.Event()
+    original = LocalDatastore._reconcile_datastore
+
+    def paused_once(self: LocalDatastore) -> None:
+        if not started.is_set():
+            started.set()
+            go.wait(10)
+        original(self)
+
+    monkeypatch.setattr(LocalDatastore, "_reconcile_datastore", paused_once)
+    watcher = threading.Thread(target=store.refresh)  # has taken its view of the records, then pauses
+    watcher.start()
+    assert started.wait(10)
+    remover = threading.Thread(target=store.remove_image, args=("case1",))
+    remover.start()
+    remover.join(0.5)
+    go.set()
+    watcher.join(10)
+    remover.join(10)
+    assert not watcher.is_alive() and not remover.is_alive()
+    assert replaced == ["case1"], replaced
+    assert "case1" not in store.list_images()
 
 
 def test_a_file_rewritten_with_the_same_content_is_no_change(store: CheckedLocalDatastore, tmp_path: Path) -> None:
