@@ -54,23 +54,29 @@ class ScoreStore:
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
         self._lock = threading.Lock()
-        self._cache: dict[Path, tuple[int, dict[str, Any]]] = {}  # file -> (mtime, parsed content)
+        self._cache: dict[Path, tuple[tuple[int, ...], dict[str, Any]]] = {}  # file -> (its stat, parsed content)
 
     def _read(self, path: Path, parse: Callable[[dict[str, Any]], dict[str, Any]]) -> dict[str, Any]:
         """The file's content (``{}`` while there is none), parsed again only when the file changed:
-        strategies read it on every next-sample request."""
+        strategies read it on every next-sample request. Each write replaces the file (a new inode),
+        so a change is seen where two writes fall in one tick of a coarse clock and share an mtime."""
         with self._lock:
             try:
-                mtime = path.stat().st_mtime_ns
+                st = path.stat()
             except FileNotFoundError:
                 return {}
+            key = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
             cached = self._cache.get(path)
-            if cached is None or cached[0] != mtime:
-                cached = self._cache[path] = (mtime, parse(json.loads(path.read_text())))
+            if cached is None or cached[0] != key:
+                cached = self._cache[path] = (key, parse(json.loads(path.read_text())))
             return dict(cached[1])
 
+    @staticmethod
+    def _scores(raw: dict[str, Any]) -> dict[str, Score]:
+        return {k: Score(**v) for k, v in raw.items()}
+
     def load(self) -> dict[str, Score]:
-        return self._read(self.path, lambda raw: {k: Score(**v) for k, v in raw.items()})
+        return self._read(self.path, self._scores)
 
     def values(self, model_version: str | None = None) -> dict[str, float]:
         """Ranking values, only those computed by ``model_version`` when it is given."""
@@ -98,7 +104,7 @@ class ScoreStore:
             stale = sorted(k for k, v in new.items() if v.ts < forgotten.get(k, float("-inf")))
             if stale:
                 logger.info("Not storing the scores of %s: their files changed while they were scored", stale)
-            scores = self.load()
+            scores = self._scores(_json_or_empty(self.path))  # as it is now, whatever a cache holds
             scores.update({k: v for k, v in new.items() if k not in stale})
             write_json(self.path, {k: asdict(v) for k, v in scores.items()})
 

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import random
 import threading
 import time
@@ -341,6 +342,25 @@ def test_a_restarted_app_keeps_the_reservations(tmp_path: Path) -> None:
     assert restarted.book.reserved() == {first: "alice"}
     second = restarted._strategies["random"]({"client_id": "bob"}, restarted.datastore())["id"]
     assert second != first
+
+
+def test_a_writer_with_an_old_copy_loses_no_score_where_times_are_coarse(tmp_path: Path) -> None:
+    """Two writes within one tick of a coarse clock (Linux before 6.13, NFS) leave the file's mtime
+    as it was: a store that had read the file before must still merge into the file as it is now."""
+    path = tmp_path / "scores.json"
+    first, second = ScoreStore(path), ScoreStore(path)  # two processes
+    first.update({"a": Score(0.1, "v", 0.0, {})})
+    assert set(first.load()) == {"a"}  # read and kept
+    stamp = path.stat().st_mtime_ns
+    second.update({"b": Score(0.2, "v", 0.0, {})})
+    os.utime(path, ns=(stamp, stamp))  # the same tick
+    assert set(first.load()) == {"a", "b"}, "a reader keyed on mtime alone keeps its old copy"
+    first.update({"c": Score(0.3, "v", 0.0, {})})
+    assert set(ScoreStore(path).load()) == {"a", "b", "c"}
+    second.forget("a")
+    os.utime(path, ns=(stamp, stamp))
+    first.update({"d": Score(0.4, "v", 0.0, {})})
+    assert set(ScoreStore(path).load()) == {"b", "c", "d"}, "a forgotten score came back"
 
 
 def test_concurrent_score_updates_lose_nothing(tmp_path: Path) -> None:
