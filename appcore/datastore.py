@@ -239,8 +239,9 @@ class CheckedLocalDatastore(LocalDatastore):
     def update_image_info(self, image_id: str, info: dict[str, Any]) -> None:
         if self._existing(image_id) is None:
             raise conflict(f"Image {image_id!r} has not been opened on this server yet; its info can be set after that")
-        current = LocalDatastore.get_image_info(self, image_id)
-        super().update_image_info(image_id, _client_fields(info, current, f"Image {image_id!r}"))
+        with self._records_lock:
+            current = LocalDatastore.get_image_info(self, image_id)
+            super().update_image_info(image_id, _client_fields(info, current, f"Image {image_id!r}"))
 
     def get_label_info(self, label_id: str, label_tag: str) -> dict[str, Any]:
         self._existing_label(label_id, label_tag)
@@ -260,7 +261,8 @@ class CheckedLocalDatastore(LocalDatastore):
                     f"{what} holds values {foreign}, which are not among model {model!r}'s label values "
                     f'{sorted(allowed)}: save a corrected label with {{"model": "{model}"}} instead'
                 )
-        super().update_label_info(label_id, label_tag, fields)
+        with self._records_lock:
+            super().update_label_info(label_id, label_tag, fields)
 
     def remove_image(self, image_id: str) -> None:
         self._existing(image_id)
@@ -278,7 +280,7 @@ class CheckedLocalDatastore(LocalDatastore):
         super().remove_label(label_id, label_tag)
         # MONAI Label leaves the record to its folder watcher, which watches only the tag folders
         # that existed at start-up: a label of a newer tag stayed listed after its file was gone.
-        with FileLock(self._lock_file):
+        with self._records_lock, FileLock(self._lock_file):
             obj = self._datastore.objects.get(label_id)
             if obj is not None and obj.labels.pop(label_tag, None) is not None:
                 self._update_datastore_file(lock=False)
@@ -318,7 +320,7 @@ class CheckedLocalDatastore(LocalDatastore):
         return path
 
     def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any]) -> str:
-        obj = self._existing(image_id)
+        self._existing(image_id)
         check_image_id(label_tag, "Label tag")
         check_upload_size(label_filename, self._max_upload_mb, "label")
         label = load_nifti(label_filename, "label", self._max_upload_mb)
@@ -339,7 +341,12 @@ class CheckedLocalDatastore(LocalDatastore):
         with tempfile.TemporaryDirectory(dir=label_dir, prefix=".incoming-") as staging:
             staged = Path(staging) / name
             nib.save(out, staged)
-            with FileLock(self._lock_file):
+            with self._records_lock, FileLock(self._lock_file):
+                # The records as they are now: a re-read (another process wrote them) while the label
+                # was checked replaced the one looked up above, and a save there would be lost.
+                obj = self._datastore.objects.get(image_id)
+                if obj is None:
+                    raise conflict(f"Image {image_id!r} was removed while its label was being saved")
                 os.replace(staged, label_dir / name)
                 info = dict(label_info or {})
                 info["ts"] = int(time.time())

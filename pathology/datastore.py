@@ -22,7 +22,7 @@ from monailabel.datastore.local import DataModel, LocalDatastore
 from PIL import Image
 
 from appcore.datastore import CheckedLocalDatastore
-from appcore.errors import unprocessable
+from appcore.errors import conflict, unprocessable
 from appcore.files import staged_beside
 from appcore.validation import check_image_id, check_upload_size
 from pathology.annotations import Polygon, Shape, parse_asap_xml, parse_json
@@ -138,7 +138,7 @@ class PathologyDatastore(CheckedLocalDatastore):
         return _dimensions(current) == _dimensions(upload)
 
     def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any]) -> str:
-        obj = self._existing(image_id)
+        self._existing(image_id)
         check_image_id(label_tag, "Label tag")
         check_upload_size(label_filename, self._max_upload_mb, "label")
         raw = Path(label_filename).read_bytes()
@@ -165,7 +165,7 @@ class PathologyDatastore(CheckedLocalDatastore):
                 payload, ext = json.dumps(doc).encode(), ".json"
             else:
                 payload, ext = self._mask_png(rasterize(polygons, (dims[1], dims[0]))), ".png"
-        self._write_label(obj, image_id, label_tag, label_info, payload, ext)
+        self._write_label(image_id, label_tag, label_info, payload, ext)
         logger.info("Saved label %s/%s%s (%d nuclei)", label_tag, image_id, ext, count)
         return image_id
 
@@ -179,7 +179,7 @@ class PathologyDatastore(CheckedLocalDatastore):
         Image.fromarray(mask.astype(np.uint16)).save(buf, format="PNG")
         return buf.getvalue()
 
-    def _write_label(self, obj: Any, image_id: str, tag: str, info: dict[str, Any], payload: bytes, ext: str) -> None:
+    def _write_label(self, image_id: str, tag: str, info: dict[str, Any], payload: bytes, ext: str) -> None:
         label_dir = Path(self._datastore.label_path(tag))
         label_dir.mkdir(parents=True, exist_ok=True)
         name = self._filename(image_id, ext)
@@ -187,7 +187,10 @@ class PathologyDatastore(CheckedLocalDatastore):
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(payload)
-            with FileLock(self._lock_file):
+            with self._records_lock, FileLock(self._lock_file):
+                obj = self._datastore.objects.get(image_id)  # as they are now (``CheckedLocalDatastore.save_label``)
+                if obj is None:
+                    raise conflict(f"Image {image_id!r} was removed while its label was being saved")
                 previous = obj.labels.get(tag)
                 os.replace(tmp, label_dir / name)
                 if previous is not None and previous.ext != ext:

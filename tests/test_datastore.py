@@ -153,6 +153,32 @@ def labelled(store: CheckedLocalDatastore, tmp_path: Path, oblique_affine) -> Ch
     return store
 
 
+def test_a_save_while_another_process_rewrote_the_records_keeps_its_label(
+    store: CheckedLocalDatastore, tmp_path: Path, oblique_affine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another process (a training's or scoring's own datastore) may write the records file while a
+    label is being checked; the watcher's re-read then replaces the records. The save must land in
+    the records as they are, not in the copy it looked up before."""
+    import appcore.datastore
+
+    other = CheckedLocalDatastore(str(tmp_path / "studies"), allowed_values=lambda params: {0, 1, 2})
+    checked = appcore.datastore.validate_label_volume
+
+    def meanwhile(*args, **kwargs):
+        time.sleep(0.05)  # a later mtime than the records file's
+        other.update_image_info("case1", {"note": "from another process"})
+        store.refresh()  # the watcher's reaction to the records file changing
+        return checked(*args, **kwargs)
+
+    monkeypatch.setattr(appcore.datastore, "validate_label_volume", meanwhile)
+    label = _label_file(tmp_path / "l.nii.gz", np.ones((10, 12, 8), np.uint8), oblique_affine)
+    store.save_label("case1", label, "final", {"model": "hippocampus"})
+    assert store.get_label_info("case1", "final")["model"] == "hippocampus"
+    assert store.get_image_info("case1")["note"] == "from another process"
+    again = CheckedLocalDatastore(str(tmp_path / "studies"), allowed_values=lambda params: {0, 1, 2})
+    assert again.get_label_info("case1", "final")["model"] == "hippocampus", "the records file lacks the save"
+
+
 def test_info_read_can_be_sent_back_with_a_new_field(labelled: CheckedLocalDatastore) -> None:
     store = labelled
     image_before = store.get_image_info("case1")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -113,6 +114,27 @@ def test_tile_labels_are_stored_as_instance_masks(store: PathologyDatastore, tmp
     mask[5:9, 5:9], mask[40:50, 60:70] = 3, 700
     store.save_label("tile", _upload(tmp_path, "m.png", _png(mask)), "final", {})
     assert np.array_equal(np.asarray(Image.open(store.get_label_uri("tile", "final"))), mask)
+
+
+def test_a_save_while_another_process_rewrote_the_records_keeps_its_label(
+    store: PathologyDatastore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As for radiology (``tests/test_datastore.py``): the records re-read while a label was checked."""
+    import pathology.datastore
+
+    other = PathologyDatastore(store._datastore_path)
+    checked = pathology.datastore.check_shapes
+
+    def meanwhile(*args, **kwargs):
+        time.sleep(0.05)  # a later mtime than the records file's
+        other.update_image_info("tile", {"note": "from another process"})
+        store.refresh()  # the watcher's reaction to the records file changing
+        return checked(*args, **kwargs)
+
+    monkeypatch.setattr(pathology.datastore, "check_shapes", meanwhile)
+    store.save_label("tile", _upload(tmp_path, "a.xml", asap(SQUARE)), "final", {"model": "nuclei"})
+    assert store.get_label_info("tile", "final")["model"] == "nuclei"
+    assert PathologyDatastore(store._datastore_path).get_label_info("tile", "final")["model"] == "nuclei"
 
 
 @pytest.mark.parametrize(
