@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import TypeVar
 
 import nibabel as nib
 import numpy as np
 from monailabel.config import settings as ml_settings
+from monailabel.interfaces.app import MONAILabelApp
 
 from radiology.app import RadiologyApp
 from radiology.label_mapping import load_class_map, remap_by_name
 from radiology.registry import MODELS
 from tests.conftest import HIPPO, SPLEEN, TOTALSEG
+
+A = TypeVar("A", bound=MONAILabelApp)
 
 # Two real labelled volumes per model: (image, label, how to map label values onto the model's ids).
 CASES = {
@@ -37,13 +41,19 @@ def model_label(model: str, label: Path, class_map: Path | None, dest: Path) -> 
     return dest
 
 
-def unwatched_app(app_dir: Path, studies: Path, conf: dict[str, str]) -> RadiologyApp:
-    """A ``RadiologyApp`` without MONAI Label's folder watcher: tests refresh the datastore
-    themselves, and a watcher thread refreshing at the same moment races them (and outlives the
-    temporary folder)."""
+def unwatched_app(
+    app_dir: Path | str,
+    studies: Path | str,
+    conf: dict[str, str],
+    app_class: type[A] = RadiologyApp,  # type: ignore[assignment]
+) -> A:
+    """An app (``RadiologyApp`` unless ``app_class`` says otherwise) without MONAI Label's folder
+    watcher: tests refresh the datastore themselves, and a watcher thread refreshing at the same
+    moment races them (and outlives the temporary folder, holding one of the user's inotify
+    instances, of which there are 128 by default)."""
     watching, ml_settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD = ml_settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD, False
     try:
-        return RadiologyApp(str(app_dir), str(studies), conf)
+        return app_class(str(app_dir), str(studies), conf)
     finally:
         ml_settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD = watching
 

@@ -538,30 +538,56 @@ def test_a_change_while_the_server_was_down_is_noticed_at_start(store: CheckedLo
     assert replaced == []
 
 
+class _Timers:
+    """Stands in for ``threading.Timer`` in ``appcore.datastore``: the test fires the timers itself,
+    so nothing hangs on how soon a loaded machine schedules a thread."""
+
+    def __init__(self) -> None:
+        self.made: list[SimpleNamespace] = []
+
+    def __call__(self, interval: float, function, args=()) -> SimpleNamespace:
+        timer = SimpleNamespace(interval=interval, cancelled=False, started=False, daemon=False)
+        timer.start = lambda: setattr(timer, "started", True)
+        timer.cancel = lambda: setattr(timer, "cancelled", True)
+        timer.fire = lambda: function(*args)
+        self.made.append(timer)
+        return timer
+
+    def live(self) -> list[SimpleNamespace]:
+        return [t for t in self.made if t.started and not t.cancelled]
+
+
 def test_a_modification_event_reconciles_for_images_only(
     store: CheckedLocalDatastore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    import appcore.datastore
+
     calls: list[str] = []
     monkeypatch.setattr(store, "refresh", lambda: calls.append("refresh"))
-    monkeypatch.setattr(CheckedLocalDatastore, "MODIFIED_QUIET_S", 0.3)
+    timers = _Timers()
+    monkeypatch.setattr(appcore.datastore.threading, "Timer", timers)
     labels = Path(store._datastore.label_path("final"))
-    for path, expected in [
-        (tmp_path / "studies" / "case1.nii.gz", ["refresh"]),
-        (labels / "case1.nii.gz", []),  # labels are saved through the server, which records them
-        (tmp_path / "studies" / "sub", []),
+    for path, reconciles in [
+        (tmp_path / "studies" / "case1.nii.gz", True),
+        (labels / "case1.nii.gz", False),  # labels are saved through the server, which records them
+        (tmp_path / "studies" / "sub", False),
     ]:
-        calls.clear()
+        timers.made.clear()
         store._on_modify_event(SimpleNamespace(src_path=str(path), is_directory=path.name == "sub"))
-        time.sleep(0.6)
-        assert calls == expected, path
+        assert len(timers.live()) == int(reconciles), path
+        for timer in timers.live():
+            assert timer.interval == CheckedLocalDatastore.MODIFIED_QUIET_S
+            timer.fire()
+    assert calls == ["refresh"]
     # A copy in progress: one event per write, one reconcile once the writes have stopped.
     calls.clear()
+    timers.made.clear()
     image = SimpleNamespace(src_path=str(tmp_path / "studies" / "case1.nii.gz"), is_directory=False)
     for _ in range(10):
         store._on_modify_event(image)
-        time.sleep(0.05)
-    assert calls == []
-    time.sleep(0.6)
+    assert len(timers.made) == 10 and len(timers.live()) == 1, "each write restarts the quiet period"
+    assert timers.live()[0] is timers.made[-1]
+    timers.live()[0].fire()
     assert calls == ["refresh"]
 
 

@@ -237,7 +237,7 @@ def test_a_listing_remembers_an_unreachable_pacs_for_its_lifetime() -> None:
             raise PacsUnavailable("PACS at x did not answer")
         return ["series"]
 
-    listing = _TTL(1.0, query)
+    listing = _TTL(60.0, query)  # long enough that a late thread cannot outlive the remembered failure
     errors: list[str] = []
 
     def ask() -> None:
@@ -246,14 +246,12 @@ def test_a_listing_remembers_an_unreachable_pacs_for_its_lifetime() -> None:
         except PacsUnavailable as e:
             errors.append(e.detail)
 
-    started = time.monotonic()
     threads = [threading.Thread(target=ask) for _ in range(4)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert len(calls) == 1 and len(errors) == 4, "the waiting requests get the first one's 503"
-    assert time.monotonic() - started < 1.0, "one timeout, not four in turn"
+    assert len(calls) == 1 and len(errors) == 4, "one timeout, not four in turn: the others get the first one's 503"
     state["up"] = True
     listing.invalidate()  # a save elsewhere: ask again now
     assert listing.get() == ["series"] and len(calls) == 2

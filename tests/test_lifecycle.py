@@ -18,6 +18,7 @@ import pytest
 
 from appcore import lifecycle
 from appcore.lifecycle import SERVER_PID_ENV, STOPPING_ENV, die_with_server, is_task_process, stop_children
+from tests.apps import unwatched_app
 from tests.conftest import HIPPO, ROOT, requires_shared
 from tests.servers import monailabel_server
 
@@ -150,7 +151,7 @@ def test_a_pathology_training_inside_the_server_ends_and_publishes_nothing(tmp_p
     mask = np.zeros((128, 128), np.uint16)
     mask[40:60, 40:60] = 1
     Image.fromarray(mask).save(tmp_path / "label.png")
-    app = PathologyApp(str(tmp_path / "app"), str(studies), {"models": "nuclei", "score_on_start": "false"})
+    app = unwatched_app(tmp_path / "app", studies, {"models": "nuclei", "score_on_start": "false"}, PathologyApp)
     app.datastore().save_label("tile", str(tmp_path / "label.png"), "final", {})
     with pytest.raises(RuntimeError, match="told to stop"):
         app._trainers["nuclei"]({"max_epochs": 500, "train_batch_size": 2, "device": "cpu"}, app.datastore())
@@ -210,8 +211,9 @@ def _training_child(server_pid: int, timeout: float = 120) -> psutil.Process:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for child in psutil.Process(server_pid).children(recursive=True):
-            if "monailabel.interfaces.utils.app" in " ".join(child.cmdline()):
-                return child
+            with contextlib.suppress(psutil.Error):  # a child that ended meanwhile
+                if "monailabel.interfaces.utils.app" in " ".join(child.cmdline()):
+                    return child
         time.sleep(0.2)
     raise AssertionError("no training process appeared")
 

@@ -20,13 +20,14 @@ pytestmark = [requires_shared, pytest.mark.slow]
 EPOCHS = int(os.environ.get("ORGANS_CT_TEST_EPOCHS", "250"))
 
 
-def test_training_on_one_real_ct_makes_predictions_overlap_its_labels(tmp_path: Path) -> None:
+def test_training_on_one_real_ct_makes_predictions_overlap_its_labels(tmp_path: Path, seeded: None) -> None:
     app = make_app(tmp_path, "organs_ct", labelled=1)  # example_ct_sm with TotalSegmentator labels
     untrained = app.infer({"model": "organs_ct", "image": "example_ct_sm", "device": "cpu"})
     assert untrained["params"]["model_trained"] is False
     assert not np.asarray(nib.load(untrained["file"]).dataobj).any(), "untrained answers an empty label"
 
-    # Seeded: 150 unseeded epochs passed twice and once left the spleen at 0 (liver 0.68).
+    # Seeded: 150 unseeded epochs passed twice and once left the spleen at 0 (liver 0.68). Seeded
+    # again here, where the figures below were measured (the fixture unseeds after the test).
     set_determinism(seed=0)
     app.train({"model": "organs_ct", "max_epochs": EPOCHS, "train_batch_size": 4, "device": "cpu"})
     result = app.infer({"model": "organs_ct", "image": "example_ct_sm", "device": "cpu"})

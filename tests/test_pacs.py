@@ -156,7 +156,7 @@ def test_saving_a_ct_label_stores_a_coded_seg_and_saving_again_replaces_it(
     started = time.perf_counter()
     r = _put_label(server, uid, truth, volume.affine, "organs_ct", tmp_path)
     assert r.status_code == 200, r.text
-    assert time.perf_counter() - started < 30
+    assert time.perf_counter() - started < 60
     (seg,) = _segs(pacs, uid)
     assert seg.Modality == "SEG" and seg.StudyInstanceUID == str(
         pacs.client.search_series({"SeriesInstanceUID": uid})[0].StudyInstanceUID
@@ -345,7 +345,8 @@ def test_a_hung_pacs_holds_only_the_requests_that_need_it(server: Server, pacs: 
             time.sleep(0.5)
             r = server.http.get("/openapi.json")  # needs no PACS: answered while the others wait for it
             waited = time.perf_counter() - started
-            assert r.status_code == 200 and waited < 5, f"/openapi.json answered after {waited:.1f} s"
+            # well within the PACS's 15 s timeout, which the others wait for (slack for a loaded machine)
+            assert r.status_code == 200 and waited < 10, f"/openapi.json answered after {waited:.1f} s"
             r, info, removal, training = (f.result() for f in hung)
         assert r.status_code == 503 and "did not answer" in r.json()["detail"], r.text
         assert removal.status_code == 503 and "did not answer" in removal.json()["detail"], removal.text
@@ -384,7 +385,7 @@ def test_unreachable_pacs_at_start_fails_within_seconds(
     started = time.perf_counter()
     with pytest.raises(RuntimeError, match=rf"Cannot use the PACS given by --studies {url}: .*{match}.*make pacs"):
         RadiologyApp(str(tmp_path), url, {"models": "organs_ct", "score_on_start": "false"})
-    assert time.perf_counter() - started < 10
+    assert time.perf_counter() - started < 15  # the ping's 5 s timeout, not the queries' 15 s or a hang
 
 
 def test_dicomweb_client_refuses_a_non_http_url() -> None:

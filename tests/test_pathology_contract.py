@@ -23,6 +23,7 @@ from pathology.metrics import aji
 from pathology.registry import MODELS
 from pathology.spec import NUCLEI
 from pathology.weights import load_network
+from tests.apps import unwatched_app
 from tests.conftest import SHARED
 
 CPM = SHARED / "pathology" / "nuclei_cpm15"
@@ -37,7 +38,8 @@ def test_model_contract(tmp_path: Path, model: str) -> None:
     studies.mkdir()
     tile = cpm_tiles(CPM, ("image04",))[0]
     Image.fromarray(tile.image[:192, :192]).save(studies / "tile.png")
-    app = PathologyApp(str(app_dir), str(studies), {"models": model, "max_epochs": "1", "train_batch_size": "2"})
+    conf = {"models": model, "max_epochs": "1", "train_batch_size": "2"}
+    app = unwatched_app(app_dir, studies, conf, PathologyApp)
 
     info = app.info()
     assert model in info["models"] and model in info["trainers"]
@@ -72,7 +74,7 @@ def test_a_mask_over_the_pixel_budget_is_refused(tmp_path: Path, monkeypatch: py
     studies = tmp_path / "studies"
     studies.mkdir()
     Image.fromarray(cpm_tiles(CPM, ("image04",))[0].image[:96, :96]).save(studies / "tile.png")
-    app = PathologyApp(str(tmp_path / "app"), str(studies), {"models": "nuclei"})
+    app = unwatched_app(str(tmp_path / "app"), str(studies), {"models": "nuclei"}, PathologyApp)
     monkeypatch.setattr(pathology.infer, "MAX_MASK_PIXELS", 64 * 64)
     with pytest.raises(RequestError, match="POST /infer/wsi/<model> for the polygons") as e:
         app.infer({"model": "nuclei", "image": "tile"})
@@ -85,7 +87,7 @@ def test_train_without_labels_says_what_to_do(tmp_path: Path) -> None:
     studies = tmp_path / "studies"
     studies.mkdir()
     Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(studies / "t.png")
-    app = PathologyApp(str(tmp_path / "app"), str(studies), {"models": "nuclei"})
+    app = unwatched_app(str(tmp_path / "app"), str(studies), {"models": "nuclei"}, PathologyApp)
     with pytest.raises(ValueError, match="save at least one label"):
         app._trainers["nuclei"]({"max_epochs": 1}, app.datastore())
 
@@ -157,7 +159,7 @@ def test_qupath_readme_matches_the_registry(tmp_path: Path) -> None:
 
     text = (ROOT / "viewers_config" / "qupath" / "README.md").read_text()
     (tmp_path / "s").mkdir()
-    app = PathologyApp(str(tmp_path / "a"), str(tmp_path / "s"), {})
+    app = unwatched_app(str(tmp_path / "a"), str(tmp_path / "s"), {}, PathologyApp)
     for name in [*MODELS, *app._strategies, NUCLEUS.name, NUCLEUS.hex_color]:
         assert name in text, f"{name!r} missing from the QuPath README"
     assert f'{{"{NUCLEUS.name}": {NUCLEUS.id}}}' in text
@@ -165,16 +167,16 @@ def test_qupath_readme_matches_the_registry(tmp_path: Path) -> None:
 
 def test_the_app_measures_each_patch_once_for_the_two_entropy_strategies(tmp_path: Path) -> None:
     (tmp_path / "s").mkdir()
-    strategies = PathologyApp(str(tmp_path / "a"), str(tmp_path / "s"), {})._strategies
+    strategies = unwatched_app(str(tmp_path / "a"), str(tmp_path / "s"), {}, PathologyApp)._strategies
     assert strategies["wsi_uncertain"].store is strategies["wsi_diversity"].store
     assert len({id(strategies[name].store) for name in ("wsi_uncertain", "wsi_bald", "wsi_tta")}) == 3
 
 
 def test_the_patch_reservations_are_kept_across_a_restart(tmp_path: Path) -> None:
     (tmp_path / "s").mkdir()
-    strategies = PathologyApp(str(tmp_path / "a"), str(tmp_path / "s"), {})._strategies
+    strategies = unwatched_app(str(tmp_path / "a"), str(tmp_path / "s"), {}, PathologyApp)._strategies
     book = strategies["wsi_uncertain"]._book
     assert all(strategies[name]._book is book for name in strategies), "one book for every strategy"
     book.pick(["slide:0:0:256:256"], lambda free: free, "reader1")
-    restarted = PathologyApp(str(tmp_path / "a"), str(tmp_path / "s"), {})._strategies
+    restarted = unwatched_app(str(tmp_path / "a"), str(tmp_path / "s"), {}, PathologyApp)._strategies
     assert restarted["wsi_random"]._book.reserved() == {"slide:0:0:256:256": "reader1"}

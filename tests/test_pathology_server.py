@@ -342,7 +342,7 @@ def test_patches_are_measured_in_the_background_at_start_and_after_training(serv
     def done(text: str) -> bool:  # measured at start, then again after the new weights were noticed
         return measured in text and new_weights in text and measured in text[text.index(new_weights) :]
 
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 300  # the prefetcher looks every 10 s, then measures every image
     while not done(log.read_text()) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert done(log.read_text()), log.read_text()[-2000:]

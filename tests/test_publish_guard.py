@@ -66,7 +66,7 @@ def test_a_run_whose_epochs_all_validate_worse_keeps_the_served_weights(
     assert r["params"]["model_trained"] is True
 
 
-def test_a_run_with_a_better_epoch_publishes_it(tmp_path: Path) -> None:
+def test_a_run_with_a_better_epoch_publishes_it(tmp_path: Path, seeded: None) -> None:
     app = app_over_copies(tmp_path, 5)
     served = app.served_path("hippocampus")
     result = app.train({"model": "hippocampus", "max_epochs": 12, "train_batch_size": 4, "device": "cpu"})

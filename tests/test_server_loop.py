@@ -480,14 +480,17 @@ def test_a_training_with_run_sync_holds_neither_the_server_nor_a_second_training
 
     with ThreadPoolExecutor(1) as pool:
         running = pool.submit(train)
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 180
         while "Epoch: 1/30," not in (app_dir.parent / "server.log").read_text(errors="replace"):
             assert time.monotonic() < deadline and not running.done(), "the training did not start"
             time.sleep(0.2)
         started = time.monotonic()
         info = client.get("/info/")
         seconds = time.monotonic() - started
-        assert info.status_code == 200 and seconds < 2.0, f"/info waited {seconds:.1f} s for the training"
+        # Answered while the training goes on (it shares both cores, so not instantly): MONAI Label's
+        # answered only after the training's end.
+        assert info.status_code == 200 and not running.done(), f"/info waited {seconds:.1f} s, for the training"
+        assert seconds < 20, f"/info took {seconds:.1f} s during the training"
         second = client.post("/train/hippocampus", params={"run_sync": "true"}, json={"max_epochs": 1})
         background = client.post("/train/hippocampus", json={"max_epochs": 1})
         assert not running.done(), "the training ended before the checks: make it longer"

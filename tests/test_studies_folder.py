@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from radiology.app import RadiologyApp
+from tests.apps import unwatched_app
 
 
 def _app(root: Path, files: dict[str, bytes | None]) -> RadiologyApp:
@@ -21,7 +22,7 @@ def _app(root: Path, files: dict[str, bytes | None]) -> RadiologyApp:
         else:
             (studies / name).write_bytes(content)
     conf = {"models": "hippocampus", "score_on_start": "false", "score_new_images": "false"}
-    return RadiologyApp(str(root / "app"), str(studies), conf)
+    return unwatched_app(root / "app", studies, conf)
 
 
 def test_only_nifti_files_are_images(tmp_path: Path) -> None:
