@@ -399,7 +399,7 @@ class DicomWebDatastore(CheckedLocalDatastore):
 
     def _drop_cached_final(self, image_id: str) -> None:
         """Forget the cached ``final`` label of a series whose SEG is no longer in the PACS."""
-        with FileLock(self._lock_file):
+        with self._records_lock, FileLock(self._lock_file):
             local = self._datastore.objects.get(image_id)
             cached = local.labels.pop(DefaultLabelTag.FINAL.value, None) if local else None
             if cached is None:
