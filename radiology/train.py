@@ -179,6 +179,7 @@ class SegmentationTrainer(BasicTrainTask):
         self.cpu_bf16 = cpu_bf16
         self.neighbours = tuple(neighbours)
         self._starting_dice: float | None = None  # validation Dice of the weights the run started from
+        self._data: dict[str, Any] = {}  # what the run trained on and left out, for ``last_run``
 
     # -- what to train -------------------------------------------------------------------------
     def network(self, context: Context) -> torch.nn.Module:
@@ -250,15 +251,23 @@ class SegmentationTrainer(BasicTrainTask):
             + f'; save at least one label of this model (PUT /datastore/label, params {{"model": "{self.spec.name}"}})'
         )
 
+    # At most this many labels left out, with their reasons, in ``last_run`` (all are in the log).
+    SKIPPED_IN_STATS = 20
+
     def pre_process(self, request: dict, datastore: Datastore) -> list[dict]:
-        """The ``final`` labels this model trains on; each one left out is logged with the reason."""
+        """The ``final`` labels this model trains on; each one left out is logged with the reason,
+        and the run's ``last_run`` gives them too (``skipped``, the first ``SKIPPED_IN_STATS``)."""
         datalist, skipped = [], []
+        reasons: dict[str, str] = {}
         for case, image_id, reason in self.labels_with_reasons(datastore):
             if reason is None:
                 datalist.append(case)
             else:
                 skipped.append(image_id)
+                if len(reasons) < self.SKIPPED_IN_STATS:
+                    reasons[image_id] = reason
                 logger.warning("Training %s skips %s: %s", self.spec.name, image_id, reason)
+        self._data = {"skipped": reasons, "skipped_count": len(skipped)}
         if not datalist:
             raise ValueError(
                 self._nothing_to_train([f"{', '.join(skipped)}: reasons in the log above"] if skipped else [])
@@ -272,6 +281,7 @@ class SegmentationTrainer(BasicTrainTask):
         # Deterministic: the last images (by id) validate, so reruns compare like with like.
         datalist = sorted(datalist, key=lambda d: d["image"])
         train, val = (datalist[:-n_val], datalist[-n_val:]) if n_val else (datalist, [])
+        self._data.update(trained_on=len(train), validated_on=len(val))
         logger.info("Training %s on %d images, validating on %d", self.spec.name, len(train), len(val))
         return train, val
 
@@ -289,7 +299,7 @@ class SegmentationTrainer(BasicTrainTask):
         try:
             return super().train(rank, world_size, request, datalist)
         except Exception as e:  # /info's train_stats would otherwise still show the run before
-            self._record({"published": False, "failed": f"{type(e).__name__}: {e}"})
+            self._record({"published": False, "failed": f"{type(e).__name__}: {e}", **self._data})
             raise
 
     def finalize(self, context: Context) -> None:
@@ -326,7 +336,7 @@ class SegmentationTrainer(BasicTrainTask):
         logger.info("Validation Dice of the weights the run starts from: %.4f", self._starting_dice)
 
     def _publish(self, context: Context) -> None:
-        outcome: dict[str, Any] = {"published": False, "start_val_dice": self._starting_dice}
+        outcome: dict[str, Any] = {"published": False, "start_val_dice": self._starting_dice, **self._data}
         if server_stopping():  # ignite completes a terminated run too
             self.record_stopped("the server was told to stop during the run")
             return

@@ -52,7 +52,11 @@ def test_a_run_whose_epochs_all_validate_worse_keeps_the_served_weights(
     monkeypatch.setattr(
         SegmentationTrainer, "optimizer", lambda self, context: torch.optim.SGD(context.network.parameters(), lr=50.0)
     )
-    app = app_over_copies(tmp_path, 5)
+    app = app_over_copies(tmp_path, 6)
+    # The last copy's file is then written over on another grid: its label is left out, and says why.
+    moved = Path(app.datastore().get_image_uri("case5"))
+    image = nib.load(moved)
+    nib.save(nib.Nifti1Image(np.asarray(image.dataobj)[:-2], image.affine), moved)
     served = app.served_path("hippocampus")
     with caplog.at_level(logging.INFO, logger="radiology.train"):
         result = app.train({"model": "hippocampus", "max_epochs": 2, "train_batch_size": 2, "device": "cpu"})
@@ -61,6 +65,8 @@ def test_a_run_whose_epochs_all_validate_worse_keeps_the_served_weights(
     assert "served weights unchanged" in caplog.text
     last = app._trainers["hippocampus"].stats()["last_run"]
     assert last["published"] is False and last["best_val_dice"] == last["start_val_dice"] > 0.8
+    assert (last["trained_on"], last["validated_on"], last["skipped_count"]) == (4, 1, 1), last
+    assert list(last["skipped"]) == ["case5"] and "no longer lies on its image's grid" in last["skipped"]["case5"]
     assert result["eval"]["metrics"]["val_mean_dice"] < 0.5, "the last epoch validated far worse"
     r = app.infer({"model": "hippocampus", "image": "case0", "device": "cpu"})
     assert r["params"]["model_trained"] is True
@@ -82,7 +88,14 @@ def test_with_nothing_to_validate_on_a_completed_run_publishes_as_before(tmp_pat
     assert not result.get("eval")
     assert app.served_path("hippocampus").exists()
     last = app._trainers["hippocampus"].stats()["last_run"]
-    assert {k: v for k, v in last.items() if k != "at"} == {"published": True, "start_val_dice": None}
+    assert {k: v for k, v in last.items() if k != "at"} == {
+        "published": True,
+        "start_val_dice": None,
+        "trained_on": 2,
+        "validated_on": 0,
+        "skipped": {},
+        "skipped_count": 0,
+    }
     assert abs(last["at"] - time.time()) < 600, "when the run recorded its outcome"
 
 
