@@ -51,6 +51,8 @@ class AppSettings:
         tta_samples: test-time augmentations per image when scoring (``tta`` and the embedding used
             by ``diversity``; 0 turns both off).
         reservation_s: seconds an image handed out by a strategy stays reserved for that client.
+        max_k: the most images (pathology: patches) one next-sample request may ask for (``k``), as
+            each is then reserved for that client.
         max_epochs: default epochs of one ``/train`` run.
         train_batch_size: default patches per training step.
         val_split: share of labelled images held out for validation when at least 5 are labelled.
@@ -74,6 +76,7 @@ class AppSettings:
     mc_samples: int = 8
     tta_samples: int = 4
     reservation_s: float = 600.0
+    max_k: int = 50
     max_epochs: int = 20
     train_batch_size: int = 4
     val_split: float = 0.2
@@ -126,6 +129,7 @@ class AppSettings:
                 "sw_batch_size",
                 "max_upload_mb",
                 "infer_concurrency",
+                "max_k",
             ):
                 kwargs[key] = _parse_int(key, value, 1)
             elif key == "tta_samples":

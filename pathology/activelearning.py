@@ -100,7 +100,7 @@ class _PatchStrategy(Strategy):
         raise NotImplementedError
 
     def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any] | None:
-        k = request_k(request, 1)
+        k = request_k(request, 1, self._book)
         client = str(request.get("client_id") or "anonymous")
         image = _image(request, datastore, self._rng)
         patch = _pair(request, "patch_size", (1024, 1024))

@@ -100,7 +100,9 @@ class PathologyApp(RequestChecks, MONAILabelApp):
     def init_strategies(self) -> dict[str, Any]:
         first = next(iter(self.models))
         # One for all strategies (a patch is held whoever picked it), kept across a restart.
-        book = ReservationBook(self.settings.reservation_s, path=self.model_dir / "reservations.json")
+        book = ReservationBook(
+            self.settings.reservation_s, path=self.model_dir / "reservations.json", max_pick=self.settings.max_k
+        )
         spec, network = self.models[first].spec, lambda: self._infers[first].network()
         entropy = PatchMeasures(spec)  # one entropy pass per patch for both strategies that rank by it
         measuring = {

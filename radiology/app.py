@@ -60,7 +60,9 @@ class RadiologyApp(RequestChecks, MONAILabelApp):
         self.specs: dict[str, ModelSpec] = {name: MODELS[name] for name in self.settings.models}
         self.model_dir = Path(app_dir) / "model"
         # Kept in a file too: a restarted server must not hand an annotator's image to another.
-        self.book = ReservationBook(self.settings.reservation_s, path=self.model_dir / "reservations.json")
+        self.book = ReservationBook(
+            self.settings.reservation_s, path=self.model_dir / "reservations.json", max_pick=self.settings.max_k
+        )
         # One store for the strategies, the scoring method and the new-image check, so that the
         # score file is parsed once per change and not on every next-sample request.
         self._score_store = ScoreStore(self.model_dir / f"scores_{self.settings.al_model}.json")

@@ -20,7 +20,9 @@ ScoreSource = Callable[[], Mapping[str, float]]
 EmbeddingSource = Callable[[], Mapping[str, Sequence[float]]]
 
 
-def request_k(request: Mapping[str, Any], default: int) -> int:
+def request_k(request: Mapping[str, Any], default: int, book: ReservationBook | None = None) -> int:
+    """The request's ``k`` (``default`` when it gives none); a 400 for anything but a positive
+    integer, or for more than ``book`` lets one request hold (its ``max_pick``)."""
     raw = request.get("k", default)
     try:
         k = int(raw)  # a number, or a string of digits as a form field sends it
@@ -29,6 +31,11 @@ def request_k(request: Mapping[str, Any], default: int) -> int:
         integral = False
     if not integral or k < 1:
         raise bad_request(f"'k' must be a positive integer, got {raw!r}")
+    if book is not None and book.window_s > 0 and book.max_pick is not None and k > book.max_pick:
+        raise bad_request(
+            f"'k' is {k}: one request is handed at most {book.max_pick} (--conf max_k), since each is "
+            f"then held for this client for {book.window_s:g} s (--conf reservation_s)"
+        )
     return k
 
 
@@ -72,7 +79,7 @@ class RankedStrategy(Strategy):
         return self._scores is not None
 
     def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any] | None:
-        k = request_k(request, self._default_k)
+        k = request_k(request, self._default_k, self._book)
         client = str(request.get("client_id") or "anonymous")
         candidates = sorted(datastore.get_unlabeled_images("final"))
         if self._unusable is not None:

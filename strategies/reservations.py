@@ -25,12 +25,24 @@ class ReservationBook:
         clock: time source in seconds since the epoch (injected for tests).
         path: a JSON file that keeps the reservations across a server restart (written after each
             change, read at start); ``None`` keeps them in memory only.
+        max_pick: the most items one request may be handed (and so hold), ``None`` for no limit; a
+            request for more is refused (``strategies.ranked.request_k``) rather than letting one
+            client reserve every image for ``window_s``.
     """
 
-    def __init__(self, window_s: float, clock: Callable[[], float] = time.time, path: Path | str | None = None) -> None:
+    def __init__(
+        self,
+        window_s: float,
+        clock: Callable[[], float] = time.time,
+        path: Path | str | None = None,
+        max_pick: int | None = None,
+    ) -> None:
         if window_s < 0:
             raise ValueError(f"window_s must be >= 0, got {window_s}")
+        if max_pick is not None and max_pick < 1:
+            raise ValueError(f"max_pick must be >= 1, got {max_pick}")
         self.window_s = window_s
+        self.max_pick = max_pick
         self._clock = clock
         self._path = Path(path) if path is not None else None
         self._held: dict[str, tuple[float, str]] = self._load()

@@ -178,5 +178,7 @@ def test_the_patch_reservations_are_kept_across_a_restart(tmp_path: Path) -> Non
     book = strategies["wsi_uncertain"]._book
     assert all(strategies[name]._book is book for name in strategies), "one book for every strategy"
     book.pick(["slide:0:0:256:256"], lambda free: free, "reader1")
-    restarted = unwatched_app(str(tmp_path / "a"), str(tmp_path / "s"), {}, PathologyApp)._strategies
+    assert book.max_pick == 50, "--conf max_k's default"
+    restarted = unwatched_app(str(tmp_path / "a"), str(tmp_path / "s"), {"max_k": "8"}, PathologyApp)._strategies
     assert restarted["wsi_random"]._book.reserved() == {"slide:0:0:256:256": "reader1"}
+    assert restarted["wsi_random"]._book.max_pick == 8

@@ -97,6 +97,14 @@ def test_wsi_random_hands_out_k_grid_patches_never_twice_within_the_window(store
     assert strategy({"image": "small", "patch_size": [100, 100], "client_id": "c"}, store) is None
 
 
+def test_more_patches_than_max_k_is_a_400(store: PathologyDatastore) -> None:
+    strategy = WSIRandom(random.Random(0), ReservationBook(600, max_pick=2))
+    with pytest.raises(RequestError, match="one request is handed at most 2") as e:
+        strategy({"image": "small", "patch_size": [100, 100], "k": 3}, store)
+    assert e.value.status_code == 400
+    assert len(strategy({"image": "small", "patch_size": [100, 100], "k": 2}, store)["bboxes"]) == 2
+
+
 @pytest.mark.parametrize(
     ("request_", "status"),
     [

@@ -40,6 +40,8 @@ def test_defaults_are_the_documented_ones() -> None:
     assert (s.mc_samples, s.tta_samples, s.reservation_s, s.max_epochs, s.train_batch_size) == (8, 4, 600.0, 20, 4)
     assert (s.val_split, s.max_upload_mb, s.sw_batch_size, s.infer_concurrency) == (0.2, 1024, 1, 2)
     assert (s.score_after_train, s.score_on_start, s.score_new_images, s.cpu_bf16) == (True, True, True, True)
+    assert s.max_k == 50
+    assert AppSettings.from_conf({"max_k": "5"}, AVAILABLE).max_k == 5
 
 
 @pytest.mark.parametrize(
@@ -54,6 +56,7 @@ def test_defaults_are_the_documented_ones() -> None:
         ({"tta_samples": "-1"}, "tta_samples: must be at least 0"),
         ({"max_upload_mb": "0"}, "max_upload_mb: must be at least 1"),
         ({"reservation_s": "-1"}, "reservation_s: must be at least 0"),
+        ({"max_k": "0"}, "max_k: must be at least 1"),
         ({"val_split": "0.95"}, "val_split: must be below 0.9"),
         ({"score_on_start": "maybe"}, "expected true or false"),
         ({"cpu_bf16": "bf16"}, "cpu_bf16: expected true or false"),

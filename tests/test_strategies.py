@@ -74,6 +74,21 @@ def test_bad_k_is_a_400(k: object) -> None:
     assert e.value.status_code == 400
 
 
+@pytest.mark.parametrize(("window", "cap", "k", "refused"), [(600, 3, 4, True), (600, 3, 3, False), (0, 3, 4, False)])
+def test_a_k_over_the_cap_is_a_400_where_picks_are_held(window: float, cap: int, k: int, refused: bool) -> None:
+    """One request must not reserve every image for the window (``--conf max_k``); without holds,
+    a large ``k`` takes nothing from anyone."""
+    strategy = RankedStrategy("test", book=ReservationBook(window, max_pick=cap), rng=random.Random(0))
+    ds = FakeDatastore(list("abcde"), set())
+    if refused:
+        with pytest.raises(RequestError, match=r"'k' is 4: one request is handed at most 3 \(--conf max_k\)") as e:
+            strategy({"k": k}, ds)
+        assert e.value.status_code == 400
+        assert len(strategy({"k": cap}, ds)["ids"]) == cap
+    else:
+        assert len(strategy({"k": k}, ds)["ids"]) == k
+
+
 @pytest.mark.parametrize("k", [2, 2.0, "2"])
 def test_whole_k_in_any_json_form_is_taken(k: object) -> None:
     assert len(_strategy()({"k": k}, FakeDatastore(list("abc"), set()))["ids"]) == 2
@@ -337,11 +352,13 @@ def test_a_restarted_app_keeps_the_reservations(tmp_path: Path) -> None:
     app = make_app(tmp_path, "hippocampus", labelled=0)
     first = app._strategies["random"]({"client_id": "alice"}, app.datastore())["id"]
     restarted = unwatched_app(
-        tmp_path / "app", tmp_path / "studies", {"models": "hippocampus", "score_on_start": "false"}
+        tmp_path / "app", tmp_path / "studies", {"models": "hippocampus", "score_on_start": "false", "max_k": "1"}
     )
     assert restarted.book.reserved() == {first: "alice"}
     second = restarted._strategies["random"]({"client_id": "bob"}, restarted.datastore())["id"]
     assert second != first
+    with pytest.raises(RequestError, match="at most 1 .--conf max_k."):  # the app's book has the cap
+        restarted._strategies["epistemic"]({"client_id": "bob", "k": 2}, restarted.datastore())
 
 
 def test_a_writer_with_an_old_copy_loses_no_score_where_times_are_coarse(tmp_path: Path) -> None:
