@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -101,9 +102,9 @@ class CheckedLocalDatastore(LocalDatastore):
         self._on_image_replaced = on_image_replaced  # before the first reconcile, which may call it
         self._modified_timer: threading.Timer | None = None
         self._modified_lock = threading.Lock()
-        # Held while the records are reconciled with the folder and while a removal drops its record:
-        # the watcher's reconcile (another thread) compares the records before and after, and one that
-        # began before a removal would report the removed image a second time.
+        # Held by whatever changes or replaces the records in this process: the watcher's reconcile and
+        # re-read (another thread) compare or swap them whole, and a change made meanwhile was lost
+        # (a label saved into a record the re-read had dropped) or reported twice (a removal).
         self._records_lock = threading.RLock()
         super().__init__(datastore_path, **kwargs)
         handler = getattr(self, "_handler", None)  # the folder watcher, with auto_reload
@@ -124,7 +125,8 @@ class CheckedLocalDatastore(LocalDatastore):
         """MONAI Label heeds modifications of its own records only; an image file written over in
         the studies folder is reconciled too, once it has been quiet for ``MODIFIED_QUIET_S``, so
         that its change is noticed (``FILE_VERSION``)."""
-        super()._on_modify_event(event)
+        with self._records_lock:  # the records file changed: MONAI Label's re-reads it, replacing them
+            super()._on_modify_event(event)
         path = str(getattr(event, "src_path", ""))
         folder = os.path.normpath(self._datastore.image_path())  # MONAI Label's ends in "/."
         if getattr(event, "is_directory", False) or os.path.dirname(os.path.normpath(path)) != folder:
@@ -156,6 +158,16 @@ class CheckedLocalDatastore(LocalDatastore):
                     )
                 else:
                     time.sleep(self.REFRESH_PAUSE_S)
+
+    @contextlib.contextmanager
+    def _changing_records(self) -> Iterator[None]:
+        """Held while a request changes the records and writes them: no reconcile or re-read in this
+        process meanwhile, the records as another process (a training's, a batch infer's) last wrote
+        them, and MONAI Label's file lock. Write with ``_update_datastore_file(lock=False)``."""
+        with self._records_lock:
+            self._init_from_datastore_file()
+            with FileLock(self._lock_file):
+                yield
 
     def _reconcile_datastore(self) -> None:
         with self._records_lock:
@@ -240,6 +252,7 @@ class CheckedLocalDatastore(LocalDatastore):
         if self._existing(image_id) is None:
             raise conflict(f"Image {image_id!r} has not been opened on this server yet; its info can be set after that")
         with self._records_lock:
+            self._init_from_datastore_file()  # another process's changes first
             current = LocalDatastore.get_image_info(self, image_id)
             super().update_image_info(image_id, _client_fields(info, current, f"Image {image_id!r}"))
 
@@ -262,12 +275,14 @@ class CheckedLocalDatastore(LocalDatastore):
                     f'{sorted(allowed)}: save a corrected label with {{"model": "{model}"}} instead'
                 )
         with self._records_lock:
+            self._init_from_datastore_file()  # another process's changes first
             super().update_label_info(label_id, label_tag, fields)
 
     def remove_image(self, image_id: str) -> None:
         self._existing(image_id)
         super().remove_image(image_id)
         with self._records_lock:
+            self._init_from_datastore_file()
             if image_id in self._datastore.objects:
                 # With the folder watcher, MONAI Label leaves the record to the watcher's reconcile, which
                 # an upload under the same id right after could beat: the new file would keep the old score.
@@ -280,7 +295,7 @@ class CheckedLocalDatastore(LocalDatastore):
         super().remove_label(label_id, label_tag)
         # MONAI Label leaves the record to its folder watcher, which watches only the tag folders
         # that existed at start-up: a label of a newer tag stayed listed after its file was gone.
-        with self._records_lock, FileLock(self._lock_file):
+        with self._changing_records():
             obj = self._datastore.objects.get(label_id)
             if obj is not None and obj.labels.pop(label_tag, None) is not None:
                 self._update_datastore_file(lock=False)
@@ -341,12 +356,10 @@ class CheckedLocalDatastore(LocalDatastore):
         with tempfile.TemporaryDirectory(dir=label_dir, prefix=".incoming-") as staging:
             staged = Path(staging) / name
             nib.save(out, staged)
-            with self._records_lock, FileLock(self._lock_file):
+            with self._changing_records():
                 # The records as they are now: a re-read (another process wrote them) while the label
                 # was checked replaced the one looked up above, and a save there would be lost.
-                obj = self._datastore.objects.get(image_id)
-                if obj is None:
-                    raise conflict(f"Image {image_id!r} was removed while its label was being saved")
+                obj = self._present(image_id)
                 os.replace(staged, label_dir / name)
                 info = dict(label_info or {})
                 info["ts"] = int(time.time())
@@ -371,19 +384,20 @@ class CheckedLocalDatastore(LocalDatastore):
         new_id, ext = self._to_id(os.path.basename(image_filename))
         image_id = image_id or new_id
         check_image_id(image_id)
-        existing = self._datastore.objects.get(image_id)
-        labels = dict(existing.labels) if existing is not None else {}
-        current = LocalDatastore.get_image_uri(self, image_id) if labels else ""
-        # a new file under a labelled id must keep the labels on it
-        if current and Path(current).exists() and not self._same_grid(current, image_filename):
-            raise conflict(
-                f"Image {image_id!r} has labels ({', '.join(sorted(labels))}) on its current grid and the "
-                f"uploaded file's grid differs; delete it first (DELETE /datastore/image?id={image_id}) "
-                "or upload it under a new id"
-            )
         name = self._filename(image_id, ext)
         dest = Path(self._datastore.image_path()) / name
-        with self._records_lock, FileLock(self._lock_file):  # no reconcile sees half of it
+        # The labels as they are when the file is replaced: a save just before must not be dropped.
+        with self._changing_records():
+            existing = self._datastore.objects.get(image_id)
+            labels = dict(existing.labels) if existing is not None else {}
+            current = LocalDatastore.get_image_uri(self, image_id) if labels else ""
+            # a new file under a labelled id must keep the labels on it
+            if current and Path(current).exists() and not self._same_grid(current, image_filename):
+                raise conflict(
+                    f"Image {image_id!r} has labels ({', '.join(sorted(labels))}) on its current grid and the "
+                    f"uploaded file's grid differs; delete it first (DELETE /datastore/image?id={image_id}) "
+                    "or upload it under a new id"
+                )
             _atomic_copy(image_filename, dest)
             if existing is not None and existing.image.ext != ext:  # the same image in another format
                 (Path(self._datastore.image_path()) / self._filename(image_id, existing.image.ext)).unlink(
@@ -398,6 +412,14 @@ class CheckedLocalDatastore(LocalDatastore):
         if existing is not None and self._on_image_replaced is not None:
             self._on_image_replaced(image_id)
         return image_id
+
+    def _present(self, image_id: str) -> Any:
+        """The image's record, under ``_changing_records``: 409 if the image was removed meanwhile
+        (its record, or already its file), since a label saved now would outlive it."""
+        obj = self._datastore.objects.get(image_id)
+        if obj is None or not (Path(self._datastore.image_path()) / self._filename(image_id, obj.image.ext)).exists():
+            raise conflict(f"Image {image_id!r} was removed while its label was being saved")
+        return obj
 
     def _same_grid(self, current: str | Path, upload: str | Path) -> bool:
         """Whether labels on the image at ``current`` lie on the file ``upload`` as well, to the

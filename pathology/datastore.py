@@ -17,12 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from filelock import FileLock
 from monailabel.datastore.local import DataModel, LocalDatastore
 from PIL import Image
 
 from appcore.datastore import CheckedLocalDatastore
-from appcore.errors import conflict, unprocessable
+from appcore.errors import unprocessable
 from appcore.files import staged_beside
 from appcore.validation import check_image_id, check_upload_size
 from pathology.annotations import Polygon, Shape, parse_asap_xml, parse_json
@@ -187,10 +186,8 @@ class PathologyDatastore(CheckedLocalDatastore):
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(payload)
-            with self._records_lock, FileLock(self._lock_file):
-                obj = self._datastore.objects.get(image_id)  # as they are now (``CheckedLocalDatastore.save_label``)
-                if obj is None:
-                    raise conflict(f"Image {image_id!r} was removed while its label was being saved")
+            with self._changing_records():
+                obj = self._present(image_id)  # the record as it is now (``CheckedLocalDatastore.save_label``)
                 previous = obj.labels.get(tag)
                 os.replace(tmp, label_dir / name)
                 if previous is not None and previous.ext != ext:

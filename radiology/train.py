@@ -338,7 +338,7 @@ class SegmentationTrainer(BasicTrainTask):
     def _publish(self, context: Context) -> None:
         outcome: dict[str, Any] = {"published": False, "start_val_dice": self._starting_dice, **self._data}
         if server_stopping():  # ignite completes a terminated run too
-            self.record_stopped("the server was told to stop during the run")
+            self._record({"published": False, "stopped": "the server was told to stop during the run", **self._data})
             return
         try:
             outcome["published"] = self._publish_best(context, outcome)

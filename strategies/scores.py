@@ -51,6 +51,9 @@ class Score:
 class ScoreStore:
     """A small JSON file ``{image_id: Score}``; readers never see a half-written file."""
 
+    # Seconds after a write during which the cache does not trust the file's stat (``_read``).
+    RACY_S = 2.0
+
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
         self._lock = threading.Lock()
@@ -58,8 +61,9 @@ class ScoreStore:
 
     def _read(self, path: Path, parse: Callable[[dict[str, Any]], dict[str, Any]]) -> dict[str, Any]:
         """The file's content (``{}`` while there is none), parsed again only when the file changed:
-        strategies read it on every next-sample request. Each write replaces the file (a new inode),
-        so a change is seen where two writes fall in one tick of a coarse clock and share an mtime."""
+        strategies read it on every next-sample request. A file written in the last ``RACY_S`` is
+        read again whatever its stat says: two writes within one tick of a coarse clock (Linux before
+        6.13, NFS) share an mtime, and a freed inode number is soon reused."""
         with self._lock:
             try:
                 st = path.stat()
@@ -67,7 +71,8 @@ class ScoreStore:
                 return {}
             key = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
             cached = self._cache.get(path)
-            if cached is None or cached[0] != key:
+            racy = time.time() - st.st_mtime < self.RACY_S
+            if cached is None or cached[0] != key or racy:
                 cached = self._cache[path] = (key, parse(json.loads(path.read_text())))
             return dict(cached[1])
 

@@ -202,7 +202,7 @@ def test_scoring_skips_images_it_cannot_rank_and_scores_the_others(app) -> None:
     assert {c[0].name.split(".")[0] for c in CASES["hippocampus"]} <= set(scored), "the real cases are ranked"
     assert not unrankable & set(scored), "nothing unrankable is ranked"
     for name in ("random", "epistemic", "diversity"):
-        picked = app._strategies[name]({"k": 100, "client_id": name}, app.datastore())
+        picked = app._strategies[name]({"k": 50, "client_id": name}, app.datastore())
         assert picked and set(picked["ids"]) >= {c[0].name.split(".")[0] for c in CASES["hippocampus"]}, picked
         assert not unrankable & set(picked["ids"]), f"{name} hands out an image it cannot use"
         for image_id in picked["ids"]:  # free them for the next strategy
@@ -242,7 +242,7 @@ def test_an_image_replaced_by_upload_loses_the_score_of_the_old_file(app, tmp_pa
     app.datastore().add_image(case, blank, {})
 
     assert case not in store.load() and case in app.unscored_images()
-    picked = app._strategies["epistemic"]({"k": 100, "client_id": "replaced"}, app.datastore())
+    picked = app._strategies["epistemic"]({"k": 50, "client_id": "replaced"}, app.datastore())
     assert picked["ids"][-1] == case, "ranked after every scored image"
     for image_id in picked["ids"]:
         app.book.release(image_id)

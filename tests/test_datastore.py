@@ -179,6 +179,75 @@ def test_a_save_while_another_process_rewrote_the_records_keeps_its_label(
     assert again.get_label_info("case1", "final")["model"] == "hippocampus", "the records file lacks the save"
 
 
+def test_an_upload_over_an_image_keeps_a_label_saved_meanwhile(
+    store: CheckedLocalDatastore, tmp_path: Path, oblique_affine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A new file for a labelled image keeps its labels; a label another request saves while the
+    upload is checked must be among them, not lost with the list the upload looked at first."""
+    first = _label_file(tmp_path / "o.nii.gz", np.ones((10, 12, 8), np.uint8), oblique_affine)
+    store.save_label("case1", first, "original", {})
+    upload = tmp_path / "up" / "case1.nii.gz"
+    upload.parent.mkdir()
+    shutil.copy(store.get_image_uri("case1"), upload)
+    same_grid = CheckedLocalDatastore._same_grid
+    saving: list[threading.Thread] = []
+
+    def meanwhile(self, current, new):
+        final = _label_file(tmp_path / "f.nii.gz", np.ones((10, 12, 8), np.uint8), oblique_affine)
+        saver = threading.Thread(target=self.save_label, args=("case1", final, "final", {"model": "hippocampus"}))
+        saver.start()
+        saving.append(saver)
+        saver.join(0.5)  # long enough to finish, unless it must wait for the upload
+        return same_grid(self, current, new)
+
+    monkeypatch.setattr(CheckedLocalDatastore, "_same_grid", meanwhile)
+    store.add_image("case1", str(upload), {})
+    saving[0].join(10)
+    assert sorted(store.get_labels_by_image_id("case1")) == ["final", "original"]
+    assert store.get_label_info("case1", "final")["model"] == "hippocampus"
+
+
+def test_a_label_saved_after_its_image_was_removed_is_refused(
+    store: CheckedLocalDatastore, tmp_path: Path, oblique_affine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A save that reaches the records after a removal deleted the image's file (its record not yet
+    dropped) would leave a label for no image, which a later upload under that id would inherit."""
+    import appcore.datastore
+
+    checked = appcore.datastore.validate_label_volume
+
+    def meanwhile(*args, **kwargs):
+        Path(store.get_image_uri("case1")).unlink()  # DELETE /datastore/image, halfway
+        return checked(*args, **kwargs)
+
+    monkeypatch.setattr(appcore.datastore, "validate_label_volume", meanwhile)
+    label = _label_file(tmp_path / "l.nii.gz", np.ones((10, 12, 8), np.uint8), oblique_affine)
+    with pytest.raises(RequestError, match="was removed while its label was being saved") as e:
+        store.save_label("case1", label, "final", {})
+    assert e.value.status_code == 409
+    assert not list(Path(store._datastore.label_path("final")).glob("case1*")), "no label file left behind"
+
+
+def test_the_watcher_s_reread_of_the_records_waits_for_a_change_in_progress(
+    store: CheckedLocalDatastore, tmp_path: Path
+) -> None:
+    """MONAI Label's watcher replaces the records whole when their file changes on disk; meanwhile a
+    request changing a record (``_changing_records``) would write into a copy no longer served."""
+    other = CheckedLocalDatastore(str(tmp_path / "studies"), allowed_values=lambda params: {0, 1, 2})
+    time.sleep(0.05)
+    other.update_image_info("case1", {"note": "from another process"})  # the records file changes
+    event = SimpleNamespace(src_path=store._datastore_config_path, is_directory=False)
+    store._ignore_event_config = False  # the event of its own last write has passed
+    before = store._datastore
+    with store._records_lock:
+        watcher = threading.Thread(target=store._on_modify_event, args=(event,))
+        watcher.start()
+        watcher.join(0.5)
+        assert watcher.is_alive() and store._datastore is before, "re-read the records under a change"
+    watcher.join(10)
+    assert store._datastore is not before and store.get_image_info("case1")["note"] == "from another process"
+
+
 def test_info_read_can_be_sent_back_with_a_new_field(labelled: CheckedLocalDatastore) -> None:
     store = labelled
     image_before = store.get_image_info("case1")
@@ -565,7 +634,7 @@ def test_a_modification_event_reconciles_for_images_only(
     calls: list[str] = []
     monkeypatch.setattr(store, "refresh", lambda: calls.append("refresh"))
     timers = _Timers()
-    monkeypatch.setattr(appcore.datastore.threading, "Timer", timers)
+    monkeypatch.setattr(appcore.datastore, "threading", SimpleNamespace(Timer=timers))  # this module's only
     labels = Path(store._datastore.label_path("final"))
     for path, reconciles in [
         (tmp_path / "studies" / "case1.nii.gz", True),

@@ -13,7 +13,6 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 import pydicom
-from filelock import FileLock
 from monailabel.interfaces.datastore import DefaultLabelTag
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
@@ -399,7 +398,7 @@ class DicomWebDatastore(CheckedLocalDatastore):
 
     def _drop_cached_final(self, image_id: str) -> None:
         """Forget the cached ``final`` label of a series whose SEG is no longer in the PACS."""
-        with self._records_lock, FileLock(self._lock_file):
+        with self._changing_records():
             local = self._datastore.objects.get(image_id)
             cached = local.labels.pop(DefaultLabelTag.FINAL.value, None) if local else None
             if cached is None:
