@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import logging
 import os
 import shutil
@@ -131,6 +132,8 @@ class CheckedLocalDatastore(LocalDatastore):
         folder = os.path.normpath(self._datastore.image_path())  # MONAI Label's ends in "/."
         if getattr(event, "is_directory", False) or os.path.dirname(os.path.normpath(path)) != folder:
             return
+        if not any(fnmatch.fnmatch(os.path.basename(path), pattern) for pattern in self._extensions):
+            return  # the records file (each write of it), its lock, a partial copy: no image
         with self._modified_lock:
             if self._modified_timer is not None:
                 self._modified_timer.cancel()

@@ -640,6 +640,8 @@ def test_a_modification_event_reconciles_for_images_only(
         (tmp_path / "studies" / "case1.nii.gz", True),
         (labels / "case1.nii.gz", False),  # labels are saved through the server, which records them
         (tmp_path / "studies" / "sub", False),
+        (Path(store._datastore_config_path), False),  # the records, written by every change
+        (tmp_path / "studies" / ".case2.nii.gz.partial", False),  # a copy in progress under another name
     ]:
         timers.made.clear()
         store._on_modify_event(SimpleNamespace(src_path=str(path), is_directory=path.name == "sub"))
