@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -84,3 +85,19 @@ def seeded() -> Iterator[None]:
         yield
     finally:
         set_determinism(seed=None)
+
+
+def records_rewritten_during(
+    monkeypatch: pytest.MonkeyPatch, module: object, check: str, store: object, other: object, image_id: str
+) -> None:
+    """While ``store`` runs ``module.check`` (a step of its label save), another process's datastore
+    (``other``, on the same folder) writes the records file and ``store``'s folder watcher re-reads it."""
+    checked = getattr(module, check)
+
+    def meanwhile(*args, **kwargs):
+        time.sleep(0.05)  # a later mtime than the records file's
+        other.update_image_info(image_id, {"note": "from another process"})  # type: ignore[attr-defined]
+        store.refresh()  # type: ignore[attr-defined]  # the watcher's reaction to the records file changing
+        return checked(*args, **kwargs)
+
+    monkeypatch.setattr(module, check, meanwhile)

@@ -16,7 +16,7 @@ from monailabel.datastore.local import LocalDatastore
 from appcore.datastore import CheckedLocalDatastore
 from appcore.errors import RequestError
 from tests.apps import unwatched_app
-from tests.conftest import HIPPO, requires_shared, write_nifti
+from tests.conftest import HIPPO, records_rewritten_during, requires_shared, write_nifti
 
 
 @pytest.fixture
@@ -162,15 +162,7 @@ def test_a_save_while_another_process_rewrote_the_records_keeps_its_label(
     import appcore.datastore
 
     other = CheckedLocalDatastore(str(tmp_path / "studies"), allowed_values=lambda params: {0, 1, 2})
-    checked = appcore.datastore.validate_label_volume
-
-    def meanwhile(*args, **kwargs):
-        time.sleep(0.05)  # a later mtime than the records file's
-        other.update_image_info("case1", {"note": "from another process"})
-        store.refresh()  # the watcher's reaction to the records file changing
-        return checked(*args, **kwargs)
-
-    monkeypatch.setattr(appcore.datastore, "validate_label_volume", meanwhile)
+    records_rewritten_during(monkeypatch, appcore.datastore, "validate_label_volume", store, other, "case1")
     label = _label_file(tmp_path / "l.nii.gz", np.ones((10, 12, 8), np.uint8), oblique_affine)
     store.save_label("case1", label, "final", {"model": "hippocampus"})
     assert store.get_label_info("case1", "final")["model"] == "hippocampus"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +13,7 @@ from PIL import Image
 from appcore.errors import RequestError
 from pathology.annotations import parse_asap_xml, parse_json
 from pathology.datastore import PathologyDatastore
-from tests.conftest import SHARED
+from tests.conftest import SHARED, records_rewritten_during
 
 SLIDE = SHARED / "pathology" / "wsi" / "CMU-1-Small-Region.svs"
 SQUARE = [[10, 10], [30, 10], [30, 30], [10, 30]]
@@ -123,15 +122,7 @@ def test_a_save_while_another_process_rewrote_the_records_keeps_its_label(
     import pathology.datastore
 
     other = PathologyDatastore(store._datastore_path)
-    checked = pathology.datastore.check_shapes
-
-    def meanwhile(*args, **kwargs):
-        time.sleep(0.05)  # a later mtime than the records file's
-        other.update_image_info("tile", {"note": "from another process"})
-        store.refresh()  # the watcher's reaction to the records file changing
-        return checked(*args, **kwargs)
-
-    monkeypatch.setattr(pathology.datastore, "check_shapes", meanwhile)
+    records_rewritten_during(monkeypatch, pathology.datastore, "check_shapes", store, other, "tile")
     store.save_label("tile", _upload(tmp_path, "a.xml", asap(SQUARE)), "final", {"model": "nuclei"})
     assert store.get_label_info("tile", "final")["model"] == "nuclei"
     assert PathologyDatastore(store._datastore_path).get_label_info("tile", "final")["model"] == "nuclei"
