@@ -163,14 +163,20 @@ class CheckedLocalDatastore(LocalDatastore):
                     time.sleep(self.REFRESH_PAUSE_S)
 
     @contextlib.contextmanager
-    def _changing_records(self) -> Iterator[None]:
-        """Held while a request changes the records and writes them: no reconcile or re-read in this
-        process meanwhile, the records as another process (a training's, a batch infer's) last wrote
-        them, and MONAI Label's file lock. Write with ``_update_datastore_file(lock=False)``."""
+    def _current_records(self) -> Iterator[None]:
+        """Held while a request changes the records: no reconcile or re-read in this process
+        meanwhile, and the records as another process (a training's, a batch infer's) last wrote them.
+        Write with ``_update_datastore_file()``."""
         with self._records_lock:
             self._init_from_datastore_file()
-            with FileLock(self._lock_file):
-                yield
+            yield
+
+    @contextlib.contextmanager
+    def _changing_records(self) -> Iterator[None]:
+        """``_current_records`` and MONAI Label's file lock too, for a change that writes files beside
+        the records. Write with ``_update_datastore_file(lock=False)``."""
+        with self._current_records(), FileLock(self._lock_file):
+            yield
 
     def _reconcile_datastore(self) -> None:
         with self._records_lock:
@@ -254,8 +260,7 @@ class CheckedLocalDatastore(LocalDatastore):
     def update_image_info(self, image_id: str, info: dict[str, Any]) -> None:
         if self._existing(image_id) is None:
             raise conflict(f"Image {image_id!r} has not been opened on this server yet; its info can be set after that")
-        with self._records_lock:
-            self._init_from_datastore_file()  # another process's changes first
+        with self._current_records():
             current = LocalDatastore.get_image_info(self, image_id)
             super().update_image_info(image_id, _client_fields(info, current, f"Image {image_id!r}"))
 
@@ -277,15 +282,13 @@ class CheckedLocalDatastore(LocalDatastore):
                     f"{what} holds values {foreign}, which are not among model {model!r}'s label values "
                     f'{sorted(allowed)}: save a corrected label with {{"model": "{model}"}} instead'
                 )
-        with self._records_lock:
-            self._init_from_datastore_file()  # another process's changes first
+        with self._current_records():
             super().update_label_info(label_id, label_tag, fields)
 
     def remove_image(self, image_id: str) -> None:
         self._existing(image_id)
         super().remove_image(image_id)
-        with self._records_lock:
-            self._init_from_datastore_file()
+        with self._current_records():
             if image_id in self._datastore.objects:
                 # With the folder watcher, MONAI Label leaves the record to the watcher's reconcile, which
                 # an upload under the same id right after could beat: the new file would keep the old score.
