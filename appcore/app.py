@@ -17,6 +17,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, BinaryIO
 
+import nibabel as nib
 import torch
 from fastapi import HTTPException
 from monailabel.interfaces.app import MONAILabelApp
@@ -29,7 +30,7 @@ from appcore.files import staged_beside
 from appcore.lifecycle import children_stop_with_server, die_with_server, is_task_process
 from appcore.routes import limit_request_bodies, refuse_early, serve_in_threads
 from appcore.sessions import CheckedSessions
-from appcore.validation import check_device, check_image_id, check_upload_size
+from appcore.validation import check_device, check_image_id, check_upload_size, check_volume
 from appcore.weights import checked_state_dict
 
 logger = logging.getLogger(__name__)
@@ -381,7 +382,12 @@ class RequestChecks:
             ml_settings.MONAI_LABEL_SESSION_PATH,
             ml_settings.MONAI_LABEL_SESSION_EXPIRY,
             max_upload_mb=self.settings.max_upload_mb,
+            image_check=self.check_storable_image,
         )
+
+    def check_storable_image(self, header: nib.Nifti1Image, what: str) -> None:
+        """Refuse (4xx) an uploaded image or session image by its header; an app adds its models' limits."""
+        check_volume(header, what)
 
     # -- weights (PUT and DELETE /model/{model}) -------------------------------------------------
     def published_weights(self, model: str) -> Path:

@@ -24,6 +24,7 @@ from appcore.files import staged_beside
 from appcore.validation import (
     Geometry,
     check_image_id,
+    check_label_geometry,
     check_upload_size,
     check_volume,
     label_values,
@@ -35,6 +36,8 @@ logger = logging.getLogger(__name__)
 
 # Given a save request's parameters, the label values that request may contain.
 AllowedValues = Callable[[dict[str, Any]], Collection[int]]
+# Refuses (4xx) an uploaded image by its header (named by the second argument) before its voxels are read.
+ImageCheck = Callable[[nib.Nifti1Image, str], None]
 
 
 def _atomic_copy(src: str | Path, dest: str | Path) -> None:
@@ -82,6 +85,8 @@ class CheckedLocalDatastore(LocalDatastore):
             file was found changed on disk (written over in the studies folder, while the server ran
             or before it started: ``FILE_VERSION``), so that what
             was computed from the old file, an uncertainty score, can be dropped).
+        image_check: refuses an uploaded image by its header, before any voxel is decoded (a
+            radiology app: when no served model can segment it); by default ``check_volume``.
         **kwargs: passed to ``LocalDatastore``.
     """
 
@@ -96,9 +101,11 @@ class CheckedLocalDatastore(LocalDatastore):
         allowed_values: AllowedValues,
         max_upload_mb: int = 1024,
         on_image_replaced: Callable[[str], None] | None = None,
+        image_check: ImageCheck = check_volume,
         **kwargs: Any,
     ) -> None:
         self._allowed_values = allowed_values
+        self._image_check = image_check
         self._max_upload_mb = max_upload_mb
         self._on_image_replaced = on_image_replaced  # before the first reconcile, which may call it
         self._modified_timer: threading.Timer | None = None
@@ -344,9 +351,12 @@ class CheckedLocalDatastore(LocalDatastore):
         self._existing(image_id)
         check_image_id(label_tag, "Label tag")
         check_upload_size(label_filename, self._max_upload_mb, "label")
-        label = load_nifti(label_filename, "label", self._max_upload_mb)
         image = nib.load(super().get_image_uri(image_id))
         image_geometry = Geometry.of(image)
+        # Judged by its header against the image's grid before any voxel is decoded.
+        label = load_nifti(
+            label_filename, "label", self._max_upload_mb, check=lambda lb: check_label_geometry(lb, image_geometry)
+        )
         allowed = self._allowed_values(label_info or {})
         data = validate_label_volume(label, image_geometry, allowed)
 
@@ -386,7 +396,7 @@ class CheckedLocalDatastore(LocalDatastore):
                     f"Images are stored as NIfTI ({' or '.join(self.image_suffixes)}); the uploaded file's name "
                     f"ends in {''.join(Path(image_filename).suffixes) or 'no extension'!r}",
                 )
-            check_volume(load_nifti(image_filename, "image", self._max_upload_mb), "image")
+            load_nifti(image_filename, "image", self._max_upload_mb, check=lambda img: self._image_check(img, "image"))
         new_id, ext = self._to_id(os.path.basename(image_filename))
         image_id = image_id or new_id
         check_image_id(image_id)

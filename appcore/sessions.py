@@ -14,13 +14,15 @@ import tarfile
 import tempfile
 import zipfile
 import zlib
+from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+import nibabel as nib
 from monailabel.utils.sessions import Sessions
 
 from appcore.errors import RequestError, too_large, unprocessable
-from appcore.validation import check_image_id
+from appcore.validation import check_image_id, check_volume, load_nifti
 
 
 def _tree_size(path: str | Path) -> int:
@@ -94,15 +96,35 @@ def _discard(path: str | Path) -> None:
 
 
 class CheckedSessions(Sessions):
-    """MONAI Label's sessions with the upload held to ``max_upload_mb``, archives included once unpacked.
+    """MONAI Label's sessions with the upload held to ``max_upload_mb``, archives included once unpacked,
+    and each NIfTI image judged by its header with ``image_check`` (an app refuses an image no served
+    model can segment) before any of its voxels is decoded.
 
     A refused upload is deleted and nothing is added to the session store.
     """
 
-    def __init__(self, store_path: str = "", expiry: int = 3600, *, max_upload_mb: int = 1024) -> None:
+    def __init__(
+        self,
+        store_path: str = "",
+        expiry: int = 3600,
+        *,
+        max_upload_mb: int = 1024,
+        image_check: Callable[[nib.Nifti1Image, str], None] = check_volume,
+    ) -> None:
         super().__init__(store_path, expiry)
         self.max_bytes = max_upload_mb * 2**20
         self.max_upload_mb = max_upload_mb
+        self.image_check = image_check
+
+    def _check_images(self, data_file: str | Path) -> None:
+        """Judge every NIfTI file of the upload (or of the unpacked archive) by its header, with
+        ``image_check``, before the session is kept: its voxels are then read through once, streamed."""
+        path = Path(data_file)
+        files = [p for p in path.rglob("*") if p.is_file()] if path.is_dir() else [path]
+        for f in files:
+            if f.name.lower().endswith((".nii", ".nii.gz")):
+                what = "session image"
+                load_nifti(f, what, self.max_upload_mb, check=lambda img, what=what: self.image_check(img, what))
 
     def add_session(
         self, data_file: str, expiry: int = 0, uncompress: bool = False, session_id: Any = None
@@ -123,6 +145,7 @@ class CheckedSessions(Sessions):
                     raise
                 Path(data_file).unlink(missing_ok=True)
                 data_file, uncompress = folder, False
+            self._check_images(data_file)
         except RequestError:
             _discard(data_file)
             raise

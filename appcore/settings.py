@@ -66,6 +66,11 @@ class AppSettings:
         sw_batch_size: sliding windows evaluated per forward pass at inference.
         infer_concurrency: the most infers (and WSI infers) computed at once; more requests wait for
             a slot. Each holds a volume's network activations, so this bounds the server's memory.
+        infer_memory_mb: the most memory (MB) one radiology infer may take, estimated from the image's
+            header before any voxel is read (``appcore.validation.infer_memory_mb``); a larger image
+            is refused with a 413, at infer and at upload. ``infer_concurrency`` infers at once take
+            at most that many times as much: the defaults (2 x 640 MB) keep a server with the shipped
+            models under 2 GB whatever it is sent (``benchmarks/RESULTS.md``, "Attacks").
         cpu_bf16: run the radiology networks (infer, scoring and ``/train``) in bfloat16 on CPUs that
             compute it natively (AMX or AVX512-BF16; ``appcore.precision``); ``false`` keeps float32
             everywhere. No effect on older CPUs or on CUDA, which always uses mixed precision.
@@ -86,6 +91,7 @@ class AppSettings:
     score_new_images: bool = True
     sw_batch_size: int = 1
     infer_concurrency: int = 2
+    infer_memory_mb: int = 640
     cpu_bf16: bool = True
 
     @classmethod
@@ -129,6 +135,7 @@ class AppSettings:
                 "sw_batch_size",
                 "max_upload_mb",
                 "infer_concurrency",
+                "infer_memory_mb",
                 "max_k",
             ):
                 kwargs[key] = _parse_int(key, value, 1)

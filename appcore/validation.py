@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import gzip
 import os
 import re
 import tempfile
-import zlib
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import nibabel as nib
 import numpy as np
@@ -79,64 +80,148 @@ def check_upload_size(path: str | Path, max_mb: int, what: str) -> None:
         )
 
 
-class _Oversized(Exception):
-    pass
-
-
-def _gunzip(raw: bytes, limit: int | None) -> bytes:
-    """Decompress a gzip upload, stopping past ``limit`` bytes instead of filling the memory."""
-    z = zlib.decompressobj(wbits=31)
-    out = z.decompress(raw, 0 if limit is None else limit + 1)
-    if limit is not None and len(out) > limit:
-        raise _Oversized
-    return out
-
-
 def _unreadable(what: str, e: Exception, path: str | Path) -> RequestError:
     """A 422 with nibabel's reason, naming the file by its name only (not the server's folders)."""
     reason = str(e).replace(str(path), Path(path).name)
     return unprocessable(f"The {what} is not a readable NIfTI file ({type(e).__name__}: {reason})")
 
 
-def nifti_header(path: str | Path, what: str) -> nib.Nifti1Image:
-    """Open a ``.nii``/``.nii.gz`` file reading its header only; a 422 that names ``what`` if it cannot."""
-    try:
+def _is_gzip(path: str | Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(2) == b"\x1f\x8b"
+
+
+def _open_stream(path: str | Path) -> BinaryIO:
+    """The file's bytes as NIfTI stores them: decompressed on the fly when gzipped, whatever its name."""
+    return gzip.GzipFile(path, "rb") if _is_gzip(path) else open(path, "rb")  # noqa: SIM115 (returned)
+
+
+def _read_header(path: str | Path) -> nib.Nifti1Image:
+    """A NIfTI image of ``path`` with only its header read (voxels stay on disk, behind a proxy).
+
+    Uploads may arrive in a temporary file without the client's extension, which ``nib.load``
+    needs; such a file is opened by its content instead (gzip or not, NIfTI-1 or NIfTI-2).
+    """
+    if str(path).endswith((".nii", ".nii.gz")):
         return nib.load(str(path))
+    with _open_stream(path) as f:
+        first = f.read(4)
+    sizeof_hdr = {int.from_bytes(first, "little"), int.from_bytes(first, "big")}
+    klass = nib.Nifti2Image if 540 in sizeof_hdr else nib.Nifti1Image
+    holder = nib.FileHolder(filename=str(path), fileobj=_open_stream(path))
+    return klass.from_file_map({"header": holder, "image": holder})
+
+
+def nifti_header(path: str | Path, what: str) -> nib.Nifti1Image:
+    """Open a NIfTI file reading its header only; a 422 that names ``what`` if it cannot."""
+    try:
+        img = _read_header(path)
     except Exception as e:  # nibabel raises many unrelated types for corrupt files
         raise _unreadable(what, e, path) from None
-
-
-def load_nifti(path: str | Path, what: str, max_mb: int | None = None) -> nib.Nifti1Image:
-    """Open and fully read a NIfTI file, turning any decoding error into a 422 that names ``what``.
-
-    With ``max_mb``, voxel data over that size once decompressed is refused with a 413 before it is
-    read: a small gzip file can hold gigabytes of zeros.
-    """
-    limit = None if max_mb is None else max_mb * 2**20
-    too_big = f"The {what} holds over {max_mb} MB of voxel data once decompressed, the limit (--conf max_upload_mb)"
-    if str(path).endswith((".nii", ".nii.gz")):
-        img = nifti_header(path, what)  # the voxels are read below
-    else:
-        # Uploads may arrive in a temporary file without the client's extension.
-        try:
-            raw = Path(path).read_bytes()
-            if raw[:2] == b"\x1f\x8b":
-                raw = _gunzip(raw, None if limit is None else limit + 2**20)  # room for header and extensions
-            img = nib.Nifti1Image.from_bytes(raw)
-        except _Oversized:
-            raise too_large(too_big) from None
-        except Exception as e:
-            raise _unreadable(what, e, path) from None
     if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image):
         raise unprocessable(f"The {what} must be NIfTI (.nii or .nii.gz), got {type(img).__name__}")
-    if limit is not None and int(np.prod(img.shape, dtype=np.int64)) * img.get_data_dtype().itemsize > limit:
-        raise too_large(too_big)
-    check_scalar_voxels(img, what)
-    try:
-        img.get_fdata(dtype=np.float32)  # force a full read: a truncated gzip fails here, not later
-    except Exception as e:
-        raise _unreadable(what, e, path) from None
     return img
+
+
+def voxel_data_bytes(img: nib.Nifti1Image) -> int:
+    """Bytes of voxel data the header declares (in the file's own dtype), as decompressed."""
+    return int(np.prod(img.shape, dtype=np.float64)) * img.get_data_dtype().itemsize
+
+
+# Bytes read (decompressed) at a time when a NIfTI file's voxel data is checked without decoding it.
+STREAM_CHUNK = 16 * 2**20
+
+
+def check_voxel_stream(path: str | Path, img: nib.Nifti1Image, what: str) -> None:
+    """Refuse (422) a file that ends before the voxel data its header declares (a truncated gzip,
+    say), reading it in ``STREAM_CHUNK`` pieces: no decoded copy of the volume is ever held."""
+    needed = int(img.header.get_data_offset()) + voxel_data_bytes(img)
+    got = 0
+    try:
+        with _open_stream(path) as f:
+            while got < needed:
+                chunk = f.read(min(STREAM_CHUNK, needed - got))
+                if not chunk:
+                    break
+                got += len(chunk)
+    except Exception as e:  # a corrupt gzip stream: EOFError, zlib.error, BadGzipFile
+        raise _unreadable(what, e, path) from None
+    if got < needed:
+        raise unprocessable(
+            f"The {what} ends after {got:,} bytes of its {needed:,} (header and voxel data): the file is truncated"
+        )
+
+
+def open_nifti(path: str | Path, what: str, max_mb: int | None = None) -> nib.Nifti1Image:
+    """Open a NIfTI file judging it by its header alone: a 422 for a file that is not NIfTI, holds
+    no scalar voxels or has an unusable voxel-to-world affine (``check_affine``); with ``max_mb``, a
+    413 for voxel data over that size once decompressed (a small gzip file can declare gigabytes
+    of zeros). Nothing of the voxel data is read: ``check_voxel_stream`` does that, streamed."""
+    img = nifti_header(path, what)
+    if max_mb is not None and voxel_data_bytes(img) > max_mb * 2**20:
+        raise too_large(
+            f"The {what} holds over {max_mb} MB of voxel data once decompressed "
+            f"({voxel_data_bytes(img) / 2**20:,.0f} MB: {' x '.join(map(str, img.shape))} {img.get_data_dtype()}), "
+            "the limit (--conf max_upload_mb): crop or resample it"
+        )
+    check_scalar_voxels(img, what)
+    check_affine(img, what)
+    return img
+
+
+def load_nifti(
+    path: str | Path,
+    what: str,
+    max_mb: int | None = None,
+    check: Callable[[nib.Nifti1Image], None] | None = None,
+) -> nib.Nifti1Image:
+    """``open_nifti``, then ``check`` (more header checks of the caller's), then the voxel data read
+    through once, streamed, so that a truncated file is a 422 now and not a failure later. Every
+    refusal comes before any voxel is decoded; the image returned reads its voxels on demand."""
+    img = open_nifti(path, what, max_mb)
+    if check is not None:
+        check(img)
+    check_voxel_stream(path, img, what)
+    return img
+
+
+# Voxel sizes (mm) a header may give. Outside, the file is broken or in another unit: no scan has
+# voxels under a micrometre or over ten metres.
+VOXEL_SIZE_RANGE_MM = (1e-4, 1e5)
+# How far (mm) a file's qform and sform may disagree: both are stored in float32.
+QFORM_SFORM_ATOL_MM = 1e-2
+
+
+def check_affine(img: nib.spatialimages.SpatialImage, what: str) -> None:
+    """Refuse (422) a voxel-to-world affine that no resampling can use: NaN or infinite entries, a
+    zero, absurd or collinear voxel axis (not invertible), or a NIfTI qform and sform that place
+    the voxels in different places (viewers differ on which they show)."""
+    affine = np.asarray(img.affine, dtype=np.float64)
+    fix = "rewrite the file's header with the scanner geometry (3D Slicer or nibabel can)"
+    if not np.all(np.isfinite(affine)):
+        raise unprocessable(f"The {what} has a voxel-to-world affine with NaN or infinite entries: {fix}")
+    sizes = np.linalg.norm(affine[:3, :3], axis=0)
+    low, high = VOXEL_SIZE_RANGE_MM
+    if np.any(sizes < low) or np.any(sizes > high):
+        raise unprocessable(
+            f"The {what} has voxels of {' x '.join(f'{v:g}' for v in sizes)} mm, outside "
+            f"[{low:g}, {high:g}] mm (zero, or in another unit than mm): {fix}"
+        )
+    if abs(np.linalg.det(affine[:3, :3])) < 1e-6 * float(np.prod(sizes)):
+        raise unprocessable(
+            f"The {what} has a singular voxel-to-world affine (its voxel axes are collinear), so it cannot be "
+            f"resampled: {fix}"
+        )
+    header = getattr(img, "header", None)
+    if isinstance(header, nib.Nifti1Header) and header["qform_code"] > 0 and header["sform_code"] > 0:
+        qform, sform = header.get_qform(), header.get_sform()
+        if not (np.all(np.isfinite(qform)) and np.allclose(qform, sform, atol=QFORM_SFORM_ATOL_MM)):
+            raise unprocessable(
+                f"The {what} has a qform and an sform that disagree (voxel (0, 0, 0) at "
+                f"{np.round(qform[:3, 3], 2).tolist()} against {np.round(sform[:3, 3], 2).tolist()} mm, or other "
+                "axes): viewers differ on which they use; write the file with one of them (qform_code or "
+                "sform_code 0) or both equal"
+            )
 
 
 # How far (mm) a label's or a replacement image's voxel-to-world affine may be from the image's.
@@ -201,9 +286,10 @@ def check_volume_shape(shape: tuple[int, ...], what: str) -> None:
 
 
 def check_volume(img: nib.spatialimages.SpatialImage, what: str) -> None:
-    """``check_volume_shape`` and ``check_scalar_voxels``."""
+    """``check_volume_shape``, ``check_scalar_voxels`` and ``check_affine``: all from the header."""
     check_volume_shape(img.shape, what)
     check_scalar_voxels(img, what)
+    check_affine(img, what)
 
 
 def check_scalar_voxels(img: nib.spatialimages.SpatialImage, what: str) -> None:
@@ -222,44 +308,101 @@ def check_scalar_voxels(img: nib.spatialimages.SpatialImage, what: str) -> None:
 MAX_RESAMPLED_VOXELS = 2**27
 
 
-def check_resampled_size(
-    shape: tuple[int, ...], affine: np.ndarray, spacing: tuple[float, ...], what: str, limit: int = MAX_RESAMPLED_VOXELS
-) -> None:
-    """Refuse (422) a volume whose grid at ``spacing`` (mm along the world's R, A, S axes, as a
-    model resamples after reorienting) would exceed ``limit`` voxels or be a single voxel, naming
-    both grids."""
+def resampled_shape(shape: tuple[int, ...], affine: np.ndarray, spacing: tuple[float, ...]) -> tuple[int, ...]:
+    """The grid of a volume of ``shape`` voxels once resampled to ``spacing`` (mm along the world's
+    R, A, S axes, as a model resamples after reorienting)."""
     sizes = nib.affines.voxel_sizes(affine)
     world_axis = nib.orientations.io_orientation(affine)[:, 0]  # NaN for an axis with no direction
     target = []
     for n, size, axis in zip(shape[:3], sizes, world_axis, strict=False):
         step = spacing[int(axis)] if np.isfinite(axis) else min(spacing)
         target.append(max(1, round(n * float(size) / step)))
-    grids = (
+    return tuple(target)
+
+
+def _grids(shape: tuple[int, ...], affine: np.ndarray, spacing: tuple[float, ...], what: str) -> str:
+    sizes = nib.affines.voxel_sizes(affine)
+    return (
         f"The {what} is {' x '.join(map(str, shape[:3]))} voxels of "
         f"{' x '.join(f'{float(v):g}' for v in sizes)} mm; at the model's spacing "
         f"({' x '.join(f'{v:g}' for v in spacing)} mm) that is"
     )
+
+
+def check_resampled_size(
+    shape: tuple[int, ...], affine: np.ndarray, spacing: tuple[float, ...], what: str, limit: int = MAX_RESAMPLED_VOXELS
+) -> None:
+    """Refuse (422) a volume whose grid at ``spacing`` (``resampled_shape``) would exceed ``limit``
+    voxels or be a single voxel, naming both grids."""
+    target = resampled_shape(shape, affine, spacing)
     voxels = int(np.prod(target, dtype=np.float64))
     if voxels > limit:
         raise unprocessable(
-            f"{grids} {' x '.join(map(str, target))} voxels, over the {limit:,} this server resamples for a "
-            "model: crop the image, or check the voxel size in its header"
+            f"{_grids(shape, affine, spacing, what)} {' x '.join(map(str, target))} voxels, over the {limit:,} this "
+            "server resamples for a model: crop the image, or check the voxel size in its header"
         )
     if voxels == 1:
-        raise unprocessable(f"{grids} a single voxel: nothing to segment; check the voxel size in its header")
+        raise unprocessable(
+            f"{_grids(shape, affine, spacing, what)} a single voxel: nothing to segment; check the voxel size in "
+            "its header"
+        )
 
 
-def check_segmentable(img: nib.spatialimages.SpatialImage, spacing: tuple[float, ...], what: str) -> None:
-    """What infer refuses (422) by the header alone, for a model resampling to ``spacing``: not a
-    3D volume, complex or RGB voxels, or too large a grid once resampled."""
+# What one infer holds at its peak, by voxel, measured on this project's CPU with ``python -m
+# benchmarks.attacks`` and per step (2026-12-07; about 30% above the peaks measured, to be safe):
+# - on the image's own grid: the decoded volume (its dtype and float32), the sampling grid and
+#   output of the inverse resampling (``Invertd``: 3 + 1 float32), its reorientation and the label
+#   written: 24 bytes a voxel;
+# - on the grid resampled to the model's spacing: the input, the sliding-window output (one
+#   float32 per class), its weight map and the class index (int64, then float32): 24 bytes a voxel
+#   and 4 more per class;
+# - the network's activations for one window and the libraries' working buffers: 160 MB.
+INFER_FIXED_MB = 160
+INFER_BYTES_PER_VOXEL = 24
+INFER_BYTES_PER_RESAMPLED_VOXEL = 24
+INFER_BYTES_PER_RESAMPLED_VOXEL_AND_CLASS = 4
+
+
+def infer_memory_mb(shape: tuple[int, ...], affine: np.ndarray, spacing: tuple[float, ...], classes: int) -> float:
+    """Peak memory (MB) one infer of a volume of ``shape`` with ``affine`` takes for a model of
+    ``classes`` classes (background included) resampling to ``spacing``; see ``INFER_FIXED_MB``."""
+    original = float(np.prod(shape[:3], dtype=np.float64))
+    resampled = float(np.prod(resampled_shape(shape, affine, spacing), dtype=np.float64))
+    per_resampled = INFER_BYTES_PER_RESAMPLED_VOXEL + INFER_BYTES_PER_RESAMPLED_VOXEL_AND_CLASS * classes
+    return INFER_FIXED_MB + (original * INFER_BYTES_PER_VOXEL + resampled * per_resampled) / 2**20
+
+
+def check_infer_memory(
+    img: nib.spatialimages.SpatialImage, spacing: tuple[float, ...], classes: int, budget_mb: int, what: str
+) -> None:
+    """Refuse (413) a volume one infer of which would take over ``budget_mb`` (``infer_memory_mb``),
+    from its header: no voxel is decoded."""
+    need = infer_memory_mb(img.shape, img.affine, spacing, classes)
+    if need > budget_mb:
+        target = resampled_shape(img.shape, img.affine, spacing)
+        raise too_large(
+            f"{_grids(img.shape, img.affine, spacing, what)} {' x '.join(map(str, target))} voxels: segmenting it "
+            f"would take about {need:,.0f} MB, over the {budget_mb:,} MB one infer may use (--conf infer_memory_mb). "
+            "Crop the image to the region to segment or resample it to a coarser grid; or, on a server with the "
+            "memory, raise infer_memory_mb"
+        )
+
+
+def check_segmentable(
+    img: nib.spatialimages.SpatialImage,
+    spacing: tuple[float, ...],
+    what: str,
+    *,
+    classes: int | None = None,
+    budget_mb: int | None = None,
+) -> None:
+    """What infer refuses by the header alone, for a model resampling to ``spacing``: not a 3D
+    volume, complex or RGB voxels, an unusable affine or too large a grid once resampled (422),
+    and with ``classes`` and ``budget_mb``, a volume that needs more memory than that (413)."""
     check_volume(img, what)
     check_resampled_size(img.shape, img.affine, spacing, what)
-
-
-def _spatial_array(img: nib.spatialimages.SpatialImage, what: str) -> np.ndarray:
-    check_volume_shape(img.shape, what)
-    data = np.asanyarray(img.dataobj)
-    return data[..., 0] if data.ndim == 4 else data
+    if classes is not None and budget_mb is not None:
+        check_infer_memory(img, spacing, classes, budget_mb, what)
 
 
 def label_values(path: str | Path) -> frozenset[int]:
@@ -268,6 +411,42 @@ def label_values(path: str | Path) -> frozenset[int]:
 
 
 LABEL_VALUE_TOLERANCE = 1e-3
+
+
+def check_label_geometry(
+    label: nib.spatialimages.SpatialImage, image: Geometry, *, atol_mm: float = AFFINE_ATOL_MM
+) -> None:
+    """Refuse (422) a label that is not a volume on ``image``'s grid (shape, then affine), from its header."""
+    check_volume_shape(label.shape, "label")
+    shape = tuple(int(n) for n in label.shape[:3])
+    if shape != image.shape:
+        raise unprocessable(f"Label shape {shape} does not match the image shape {image.shape}")
+    if not np.allclose(np.asarray(label.affine), image.affine, atol=atol_mm):
+        raise unprocessable(
+            "Label geometry does not match the image: voxel-to-world affines differ "
+            f"(label spacing {np.round(nib.affines.voxel_sizes(label.affine), 4).tolist()}, "
+            f"image spacing {np.round(nib.affines.voxel_sizes(image.affine), 4).tolist()}; "
+            f"label origin {np.round(label.affine[:3, 3], 3).tolist()}, "
+            f"image origin {np.round(image.affine[:3, 3], 3).tolist()})"
+        )
+
+
+# Voxels of a label checked at a time: its values are converted and checked slab by slab, so a
+# float64 copy of the whole volume is never made.
+LABEL_SLAB_VOXELS = 2**22
+# Wrong label values a refusal lists at most.
+MAX_VALUES_LISTED = 20
+
+
+def _stored_voxels(img: nib.spatialimages.SpatialImage, shape: tuple[int, ...]) -> tuple[np.ndarray, float, float]:
+    """The voxels as stored (the file's own dtype, unscaled) in ``shape``, and the scaling to apply."""
+    proxy = img.dataobj
+    if hasattr(proxy, "get_unscaled"):
+        raw = np.asanyarray(proxy.get_unscaled())
+        slope, inter = float(proxy.slope), float(proxy.inter)
+    else:  # an image made in memory
+        raw, slope, inter = np.asanyarray(proxy), 1.0, 0.0
+    return raw.reshape(shape), slope, inter
 
 
 def validate_label_volume(
@@ -279,39 +458,57 @@ def validate_label_volume(
 ) -> np.ndarray:
     """Check a label against its image and the allowed class values; return it as a uint8 array.
 
+    The header is checked first (``check_label_geometry``), then the voxels are decoded in the
+    file's own dtype and checked a slab of ``LABEL_SLAB_VOXELS`` at a time.
+
     Raises:
         RequestError: 422 with what was expected and what came, for a wrong shape, a different
             voxel grid (affine), non-integer values or values outside ``allowed``.
     """
-    data = _spatial_array(label, "label")
-    if tuple(data.shape) != image.shape:
-        raise unprocessable(f"Label shape {tuple(data.shape)} does not match the image shape {image.shape}")
-    if not np.allclose(np.asarray(label.affine), image.affine, atol=atol_mm):
-        raise unprocessable(
-            "Label geometry does not match the image: voxel-to-world affines differ "
-            f"(label spacing {np.round(nib.affines.voxel_sizes(label.affine), 4).tolist()}, "
-            f"image spacing {np.round(nib.affines.voxel_sizes(image.affine), 4).tolist()}; "
-            f"label origin {np.round(label.affine[:3, 3], 3).tolist()}, "
-            f"image origin {np.round(image.affine[:3, 3], 3).tolist()})"
-        )
-    if not np.all(np.isfinite(data)):
-        raise unprocessable("Label contains NaN or infinite values")
-    rounded = np.rint(data)
-    # Stored scaling (int16 10, 20 with slope 0.1, say) reads as 1.0000000149: within 0.001 is an id.
-    if np.abs(rounded - data).max(initial=0) > LABEL_VALUE_TOLERANCE:
-        raise unprocessable("Label values must be integers (class ids); found fractional values")
-    values = {int(v) for v in np.unique(rounded)}
-    extra = sorted(values - set(allowed))
+    check_label_geometry(label, image, atol_mm=atol_mm)
+    raw, slope, inter = _stored_voxels(label, image.shape)
+    scaled = slope != 1.0 or inter != 0.0 or raw.dtype.kind == "f"
+    out = np.empty(image.shape, dtype=np.uint8)
+    allowed_set = {int(v) for v in allowed}
+    extra: set[int] = set()
+    step = max(1, LABEL_SLAB_VOXELS // max(1, image.shape[0] * image.shape[1]))
+    for z in range(0, image.shape[2], step):
+        slab = raw[:, :, z : z + step]
+        if scaled:
+            values = slab.astype(np.float64) * slope + inter
+            if not np.all(np.isfinite(values)):
+                raise unprocessable("Label contains NaN or infinite values")
+            rounded = np.rint(values)
+            # Stored scaling (int16 10, 20 with slope 0.1, say) reads as 1.0000000149: within 0.001 is an id.
+            if np.abs(rounded - values).max(initial=0) > LABEL_VALUE_TOLERANCE:
+                raise unprocessable("Label values must be integers (class ids); found fractional values")
+            slab = rounded
+        extra |= {int(v) for v in np.unique(slab)} - allowed_set
+        if len(extra) > MAX_VALUES_LISTED:
+            break
+        if extra:
+            continue  # the other slabs are still read, so that the message lists each wrong value
+        out[:, :, z : z + step] = slab
     if extra:
-        raise unprocessable(f"Label contains values {extra} that are not class ids; allowed values: {sorted(allowed)}")
-    return rounded.astype(np.uint8)
+        listed = sorted(extra)[:MAX_VALUES_LISTED]
+        more = " and more" if len(extra) > len(listed) else ""
+        raise unprocessable(
+            f"Label contains values {listed}{more} that are not class ids; allowed values: {sorted(allowed)}"
+        )
+    return out
 
 
 __all__ = [
     "Geometry",
     "RequestError",
     "check_image_id",
+    "check_affine",
+    "check_infer_memory",
+    "check_label_geometry",
     "check_upload_size",
+    "check_voxel_stream",
+    "infer_memory_mb",
     "load_nifti",
+    "open_nifti",
     "validate_label_volume",
 ]

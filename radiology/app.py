@@ -149,6 +149,7 @@ class RadiologyApp(RequestChecks, MONAILabelApp):
             allowed_values=self.allowed_label_values,
             max_upload_mb=self.settings.max_upload_mb,
             on_image_replaced=self._score_store.forget,  # its score was the old file's
+            image_check=self.check_storable_image,
             extensions=list(NIFTI_PATTERNS),  # MONAI Label's default adds JPEG, PNG, TIFF and SVS files
             auto_reload=ml_settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
             read_only=ml_settings.MONAI_LABEL_DATASTORE_READ_ONLY,
@@ -250,17 +251,21 @@ class RadiologyApp(RequestChecks, MONAILabelApp):
                 f"the uploaded file has {suffix!r}",
             )
         if image.lower().endswith((".nii", ".nii.gz")):
+            spec = self.specs.get(request.get("model", ""))
+
+            def segmentable(header: nib.Nifti1Image) -> None:
+                if spec is None:  # an unknown model, which MONAI Label's infer answers with a 404
+                    check_volume(header, what)
+                else:
+                    self.check_segmentable(header, spec, what)
+
+            # Judged by the header (grid, affine, memory) before any voxel is decoded.
             if image == request.get("image"):  # an upload (or a session's file), not a stored image
                 what = "uploaded image"
-                header = load_nifti(image, what, self.settings.max_upload_mb)
-            else:  # the header only: a 2D or multi-component image would fail in the network
+                load_nifti(image, what, self.settings.max_upload_mb, check=segmentable)
+            else:  # the header only: the voxels are read once, by the infer
                 what = f"image {request.get('image')!r}"
-                header = nifti_header(image, what)
-            spec = self.specs.get(request.get("model", ""))
-            if spec is None:  # an unknown model, which MONAI Label's infer answers with a 404
-                check_volume(header, what)
-            else:
-                check_segmentable(header, spec.spacing, what)
+                segmentable(nifti_header(image, what))
         try:
             result = super().infer(request, datastore)
         except Exception as e:
@@ -272,6 +277,28 @@ class RadiologyApp(RequestChecks, MONAILabelApp):
                 f"The image {request.get('image')!r} cannot be read: {type(cause).__name__}: {cause}"
             ) from None
         return as_requested_format(result, request)  # NRRD for OHIF
+
+    def check_segmentable(self, header: nib.Nifti1Image, spec: ModelSpec, what: str) -> None:
+        """Refuse, from its header, an image ``spec`` cannot segment within ``infer_memory_mb``
+        (``appcore.validation.check_segmentable``)."""
+        check_segmentable(header, spec.spacing, what, classes=spec.num_classes, budget_mb=self.settings.infer_memory_mb)
+
+    def check_storable_image(self, header: nib.Nifti1Image, what: str) -> None:
+        """Refuse an upload (image or session) that no served model could segment, from its header:
+        413 when a model refuses it for memory (it is too large), else 422, with every model's reason."""
+        check_volume(header, what)
+        refusals: dict[str, RequestError] = {}
+        for name, spec in self.specs.items():
+            try:
+                self.check_segmentable(header, spec, what)
+                return
+            except RequestError as e:
+                refusals[name] = e
+        status = 413 if any(e.status_code == 413 for e in refusals.values()) else 422
+        if len(refusals) == 1:
+            raise RequestError(status, next(iter(refusals.values())).detail)
+        reasons = " ".join(f"{name}: {e.detail}." for name, e in refusals.items())
+        raise RequestError(status, f"No served model can segment the {what}. {reasons}")
 
     @staticmethod
     def _session_series(folder: str) -> str:

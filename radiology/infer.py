@@ -98,14 +98,15 @@ class SegmentationInfer(BasicInferTask):
 
     def run_inferer(self, data: dict[str, Any], convert_to_batch: bool = True, device: str = "cuda") -> dict:
         image = data[self.input_key]
-        if self.get_path() is None:
-            # Untrained: answer with an empty label on the right grid instead of random noise.
-            data[self.output_label_key] = torch.zeros((self.spec.num_classes, *image.shape[1:]), dtype=torch.float32)
-            data["untrained"] = True
-            return data
+        # Refused for an untrained model too: a client must learn the image is unusable before labelling it.
         if float(image.max()) == float(image.min()):
             why = self._uniform_why()
             raise unprocessable(f"Every voxel of the image has the same value {why}: there is nothing to segment")
+        if self.get_path() is None:
+            # Untrained: an empty label instead of random noise, written straight on the input's grid
+            # (``writer``): no class scores are made and nothing is resampled back.
+            data["untrained"] = True
+            return data
         network = self._get_network(device, data)
         with torch.inference_mode(), autocast(device, cpu_bf16=self._cpu_bf16):
             logits = self.inferer(data)(image[None].to(device), network)
@@ -121,6 +122,8 @@ class SegmentationInfer(BasicInferTask):
         return "(a blank or all-NaN volume)"
 
     def post_transforms(self, data: Any = None) -> list:
+        if data is not None and data.get("untrained"):
+            return []  # nothing to undo: ``writer`` answers zeros on the input's grid
         return [
             ClassIndexd(keys=self.output_label_key),
             self._invert,
@@ -128,8 +131,11 @@ class SegmentationInfer(BasicInferTask):
         ]
 
     def writer(self, data: dict[str, Any], extension: Any = None, dtype: Any = None) -> tuple[str, dict]:
-        pred = np.asarray(torch.as_tensor(data[self.output_label_key]).cpu().numpy(), dtype=np.uint8)
         source = str(data.get("image_path", ""))
+        if data.get("untrained"):
+            pred = np.zeros(nib.load(source).shape[:3], dtype=np.uint8)
+        else:
+            pred = np.asarray(torch.as_tensor(data[self.output_label_key]).cpu().numpy(), dtype=np.uint8)
         try:
             img = restore_nifti_header(pred, source)
         except nib.filebasedimages.ImageFileError as e:

@@ -99,7 +99,7 @@ def preprocess(spec: ModelSpec, *, with_label: bool, load: bool = True) -> list[
         EnsureTyped(keys=keys, dtype="float32", track_meta=True),
         FiniteValuesd(keys="image"),
         Orientationd(keys=keys, axcodes="RAS"),
-        Spacingd(keys=keys, pixdim=spec.spacing, mode=modes),
+        Spacingd(keys=keys, pixdim=spec.spacing, mode=modes, dtype=torch.float32),
         intensity_transform(spec),
     ]
     return steps

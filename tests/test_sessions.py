@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import gzip
 import io
 import tarfile
 import zipfile
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
 import pytest
 
 from appcore.errors import RequestError
@@ -109,10 +112,11 @@ def test_a_refused_archive_leaves_no_session(sessions: CheckedSessions, tmp_path
 
 
 def test_an_archive_becomes_a_session_folder(sessions: CheckedSessions, tmp_path: Path) -> None:
+    volume = gzip.compress(nib.Nifti1Image(np.zeros((4, 5, 6), np.uint8), np.eye(4)).to_bytes())
     upload = _received(tmp_path, "one.zip", b"")
-    _zip(upload, {"case.nii.gz": b"volume"})
+    _zip(upload, {"case.nii.gz": volume})
     session_id, info = sessions.add_session(str(upload), uncompress=True)
-    assert (Path(info.image) / "case.nii.gz").read_bytes() == b"volume"
+    assert (Path(info.image) / "case.nii.gz").read_bytes() == volume
     assert sessions.get_session(session_id).image == info.image
 
 

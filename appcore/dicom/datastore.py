@@ -26,6 +26,7 @@ from appcore.labels import LabelSet
 from appcore.validation import (
     Geometry,
     check_image_id,
+    check_label_geometry,
     check_upload_size,
     label_from_buffer,
     load_nifti,
@@ -332,9 +333,12 @@ class DicomWebDatastore(CheckedLocalDatastore):
         modality = str(self.get_image_info(image_id).get("Modality", ""))
         model, labels = self._labels_for(info, modality)
         check_upload_size(label_filename, self._max_upload_mb, "label")
-        image = nib.load(image_uri)
-        label = load_nifti(label_filename, "label", self._max_upload_mb)
-        data = validate_label_volume(label, Geometry.of(image), labels.allowed_values)
+        geometry = Geometry.of(nib.load(image_uri))
+        # Judged by its header against the series' grid before any voxel is decoded.
+        label = load_nifti(
+            label_filename, "label", self._max_upload_mb, check=lambda lb: check_label_geometry(lb, geometry)
+        )
+        data = validate_label_volume(label, geometry, labels.allowed_values)
         # One save or removal per series at a time: two clients saving at once would each delete
         # only the SEGs listed before both stored theirs, and leave two.
         with self._lock_for(f"labels of {image_id}"):
