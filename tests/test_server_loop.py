@@ -80,8 +80,8 @@ def test_active_learning_loop_over_http(server: tuple[httpx.Client, Path, Path])
     assert r.status_code == 200, r.text
     pred_path.write_bytes(r.content)
     assert nib.load(pred_path).shape == nib.load(CASES[1]).shape
+    # a corrupt NIfTI is refused when the session is made, by its header, not at its first infer
     r = client.put("/session/", files={"files": ("bad.nii.gz", b"\x1f\x8bnot a volume")})
-    r = client.post("/infer/hippocampus", params={"image": "", "session_id": r.json()["session_id"]})
     assert r.status_code == 422 and "not a readable NIfTI" in r.json()["detail"], r.text
 
     # 1c. nothing to train on or download before the first saved label: refused at once
