@@ -352,6 +352,9 @@ class CheckedLocalDatastore(LocalDatastore):
         check_image_id(label_tag, "Label tag")
         check_upload_size(label_filename, self._max_upload_mb, "label")
         image = nib.load(super().get_image_uri(image_id))
+        # An image in the studies folder was never checked as an upload is: a label on a grid no
+        # served model could segment would only be decoded (its size) and skipped by every training.
+        self._image_check(image, f"image {image_id!r}")
         image_geometry = Geometry.of(image)
         # Judged by its header against the image's grid before any voxel is decoded.
         label = load_nifti(

@@ -76,13 +76,18 @@ def check_shapes(shapes: list[Shape], dimensions: tuple[int, int]) -> list[Polyg
 
 
 def read_label_mask(raw_path: str, dimensions: tuple[int, int]) -> np.ndarray:
-    """An instance mask upload, checked: single channel, integer ids, the tile's size."""
+    """An instance mask upload, checked: single channel, integer ids, the tile's size (from the PNG's
+    header, before its pixels are decoded: a small PNG can declare a huge image of zeros)."""
     try:
         with Image.open(raw_path) as im:
-            im.load()
-            arr = np.asarray(im)
+            size = im.size
+            if size == tuple(dimensions):
+                im.load()
+                arr = np.asarray(im)
     except Exception as e:  # Pillow raises several types for corrupt files
         raise unprocessable(f"The label is not a readable PNG ({type(e).__name__}: {e})") from None
+    if size != tuple(dimensions):
+        raise unprocessable(f"Mask is {size[0]} x {size[1]} pixels; the image is {dimensions[0]} x {dimensions[1]}")
     if arr.ndim == 3 and arr.shape[2] in (3, 4) and np.array_equal(arr[..., 0], arr[..., 1]):
         arr = arr[..., 0]  # greyscale saved as RGB(A)
     if arr.ndim != 2:

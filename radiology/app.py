@@ -189,6 +189,7 @@ class RadiologyApp(RequestChecks, MONAILabelApp):
                 val_split=self.settings.val_split,
                 cpu_bf16=self.settings.cpu_bf16,
                 neighbours=[other for other in self.specs.values() if other is not spec],
+                memory_budget_mb=self.settings.infer_memory_mb,
             )
             for name, spec in self.specs.items()
         }
@@ -229,7 +230,12 @@ class RadiologyApp(RequestChecks, MONAILabelApp):
                 f"augmentation disagreement and feature embedding ({s.tta_samples} augmentations); "
                 "rescores only stale images",
                 scorer=lambda: MCDropoutScorer(
-                    spec, paths, samples=s.mc_samples, tta_samples=s.tta_samples, cpu_bf16=s.cpu_bf16
+                    spec,
+                    paths,
+                    samples=s.mc_samples,
+                    tta_samples=s.tta_samples,
+                    cpu_bf16=s.cpu_bf16,
+                    memory_budget_mb=s.infer_memory_mb,
                 ),
                 store=self.score_store(),
                 key="entropy",

@@ -35,14 +35,16 @@ from radiology.uncertainty import numpy_dropout, torch_seeded_rng
 logger = logging.getLogger(__name__)
 
 
-def cannot_segment(image_path: str, spec: ModelSpec) -> str | None:
+def cannot_segment(image_path: str, spec: ModelSpec, memory_budget_mb: int | None = None) -> str | None:
     """Why infer would refuse this stored image by its header (complex or RGB voxels, not a volume,
-    too large a grid at the model's spacing, unreadable), or ``None``. A label saved on such an
-    image would otherwise fail every training run, not only its own case."""
+    an unusable affine, too large a grid at the model's spacing or, with ``memory_budget_mb``, for
+    that memory; unreadable), or ``None``. A label saved on such an image would otherwise fail every
+    training run (validation segments whole volumes as infer does), not only its own case."""
     if not image_path.endswith((".nii", ".nii.gz")):
         return None
     try:
-        check_segmentable(nifti_header(image_path, "image"), spec.spacing, "image")
+        header = nifti_header(image_path, "image")
+        check_segmentable(header, spec.spacing, "image", classes=spec.num_classes, budget_mb=memory_budget_mb)
     except RequestError as e:
         return str(e.detail)
     return None
@@ -139,6 +141,8 @@ class SegmentationTrainer(BasicTrainTask):
             (``appcore.precision``); CUDA trains with MONAI's mixed precision either way.
         neighbours: the other models served over the same datastore, whose labels are not this
             model's training data (``not_training_data``).
+        memory_budget_mb: images one infer of which would take more memory (``--conf
+            infer_memory_mb``) are left out, with the reason, as infer refuses them.
     """
 
     def __init__(
@@ -152,7 +156,9 @@ class SegmentationTrainer(BasicTrainTask):
         val_split: float = 0.2,
         cpu_bf16: bool = True,
         neighbours: Sequence[ModelSpec] = (),
+        memory_budget_mb: int | None = None,
     ) -> None:
+        self.memory_budget_mb = memory_budget_mb
         shipped = spec.shipped_weights_path
         super().__init__(
             model_dir=model_dir,
@@ -228,7 +234,7 @@ class SegmentationTrainer(BasicTrainTask):
         ids = {os.path.realpath(datastore.get_image_uri(i)): i for i in datastore.get_labeled_images()}
         for case in cases:
             known = ids.get(os.path.realpath(case["image"]))
-            reason = cannot_segment(case["image"], self.spec)
+            reason = cannot_segment(case["image"], self.spec, self.memory_budget_mb)
             if reason is None:
                 info = datastore.get_label_info(known, "final") if known else {}
                 reason = not_training_data(self.spec, self.neighbours, info, case["label"], case["image"])

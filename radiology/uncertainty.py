@@ -23,7 +23,7 @@ from monai.transforms import Compose
 
 from appcore.networks import bottleneck
 from appcore.precision import autocast
-from appcore.validation import check_resampled_size, check_scalar_voxels
+from appcore.validation import check_affine, check_infer_memory, check_resampled_size, check_scalar_voxels
 from appcore.weights import load_state_dict
 from radiology.ensemble import members_of, spread_over_members
 from radiology.modality import wrong_modality
@@ -249,6 +249,7 @@ class MCDropoutScorer:
         tta_samples: int = 4,
         device: str | None = None,
         cpu_bf16: bool = True,
+        memory_budget_mb: int | None = None,
     ):
         if not 0 <= tta_samples <= len(TTA_AUGMENTS):
             raise ValueError(f"tta_samples must be between 0 and {len(TTA_AUGMENTS)}, got {tta_samples}")
@@ -258,6 +259,7 @@ class MCDropoutScorer:
         self.augments = TTA_AUGMENTS[:tta_samples]
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.cpu_bf16 = cpu_bf16
+        self.memory_budget_mb = memory_budget_mb
         self._network: torch.nn.Module | None = None
         self._pre = Compose(preprocess(spec, with_label=False))
 
@@ -302,9 +304,9 @@ class MCDropoutScorer:
         return self.score_tensor(image)
 
     def _refuse_what_infer_refuses(self, image_path: str) -> None:
-        """The 422 infer gives a NIfTI file whose header it refuses (complex or RGB voxels, a grid too
-        large once resampled): scoring skips the image with that reason and never ranks it. A header
-        that cannot be read is left to the loader to report."""
+        """The 4xx infer gives a NIfTI file whose header it refuses (complex or RGB voxels, an unusable
+        affine, a grid too large once resampled or for ``memory_budget_mb``): scoring skips the image
+        with that reason and never ranks it. A header that cannot be read is left to the loader to report."""
         if not image_path.endswith((".nii", ".nii.gz")):
             return
         try:
@@ -313,7 +315,11 @@ class MCDropoutScorer:
             return
         check_scalar_voxels(header, "image")
         if len(header.shape) in (3, 4):
+            check_affine(header, "image")
             check_resampled_size(header.shape, header.affine, self.spec.spacing, "image")
+            if self.memory_budget_mb is not None:
+                spec = self.spec
+                check_infer_memory(header, spec.spacing, spec.num_classes, self.memory_budget_mb, "image")
 
     @torch.no_grad()
     def score_tensor(self, image: torch.Tensor) -> dict[str, Any]:

@@ -249,3 +249,51 @@ def test_real_ct_volumes_still_infer(app: RadiologyApp, tmp_path: Path, image: P
     upload = _received(tmp_path, image)
     label = nib.load(app.infer({"model": "organs_ct", "image": str(upload)})["file"])
     assert label.shape == nib.load(image).shape[:3]
+
+
+# -- pathology: a mask's size comes from its header -----------------------------------------------
+
+
+def test_a_pathology_mask_of_another_size_is_refused_before_its_pixels_are_decoded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from PIL import Image, ImageFile
+
+    from pathology.datastore import read_label_mask
+
+    path = tmp_path / "mask.png"
+    Image.fromarray(np.zeros((300, 200), np.uint16)).save(path)
+
+    def decoded(self: ImageFile.ImageFile) -> None:
+        raise AssertionError("the pixels were decoded")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", decoded)
+    with pytest.raises(RequestError, match="Mask is 200 x 300 pixels; the image is 100 x 100") as e:
+        read_label_mask(str(path), (100, 100))
+    assert e.value.status_code == 422
+
+
+# -- images in the studies folder, which no upload check saw --------------------------------------
+
+
+def test_a_label_for_a_stored_image_over_the_budget_is_refused_before_it_is_decoded(app: RadiologyApp, bombs) -> None:
+    (Path(app.studies) / "huge.nii.gz").write_bytes(bombs["768"].read_bytes())
+    app.datastore().refresh()
+    try:
+        match = r"No served model can segment the image 'huge'\..*over the 640 MB"
+        _refused(lambda: app.datastore().save_label("huge", str(bombs["768"]), "final", {}), 413, match)
+    finally:
+        (Path(app.studies) / "huge.nii.gz").unlink()
+        app.datastore().refresh()
+
+
+@pytest.mark.parametrize("model", ["organs_ct", "hippocampus"])
+def test_scoring_and_training_skip_a_stored_image_over_the_budget(bombs, model: str) -> None:
+    from radiology.train import cannot_segment
+    from radiology.uncertainty import MCDropoutScorer
+
+    spec = MODELS[model]
+    path = str(bombs["512"])
+    assert "over the 640 MB one infer may use" in (cannot_segment(path, spec, 640) or "")
+    scorer = MCDropoutScorer(spec, [], samples=2, tta_samples=0, memory_budget_mb=640)
+    _refused(lambda: scorer.score(path), 413, "over the 640 MB one infer may use")
