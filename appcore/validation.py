@@ -123,6 +123,12 @@ def nifti_header(path: str | Path, what: str) -> nib.Nifti1Image:
     return img
 
 
+def header_only(shape: tuple[int, ...], affine: np.ndarray, dtype: type = np.int16) -> nib.Nifti1Image:
+    """A NIfTI image of ``shape`` and ``affine`` holding no voxels (a zero-stride view), for judging
+    a volume by its geometry before it is decoded (a DICOM series, say)."""
+    return nib.Nifti1Image(np.broadcast_to(np.zeros((), dtype), shape), np.asarray(affine, dtype=np.float64))
+
+
 def voxel_data_bytes(img: nib.Nifti1Image) -> int:
     """Bytes of voxel data the header declares (in the file's own dtype), as decompressed."""
     return int(np.prod(img.shape, dtype=np.float64)) * img.get_data_dtype().itemsize

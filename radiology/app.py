@@ -8,7 +8,7 @@ import os
 import threading
 import time
 import zlib
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,7 @@ from appcore.dicom.prepare import load_series_folder
 from appcore.errors import RequestError, not_found, root_cause, unprocessable
 from appcore.labels import LabelSet
 from appcore.settings import AppSettings
-from appcore.validation import check_segmentable, check_volume, load_nifti, nifti_header
+from appcore.validation import check_segmentable, check_volume, header_only, load_nifti, nifti_header
 from radiology.infer import SegmentationInfer
 from radiology.registry import MODELS
 from radiology.spec import ModelSpec
@@ -245,8 +245,16 @@ class RadiologyApp(RequestChecks, MONAILabelApp):
     # -- request checks --------------------------------------------------------------------------
     def infer(self, request: dict[str, Any], datastore: Datastore | None = None) -> dict[str, Any]:
         image = self.request_image(request, datastore, self.settings.max_upload_mb)
+        spec = self.specs.get(request.get("model", ""))
+
+        def segmentable(header: nib.Nifti1Image, what: str) -> None:
+            if spec is None:  # an unknown model, which MONAI Label's infer answers with a 404
+                check_volume(header, what)
+            else:
+                self.check_segmentable(header, spec, what)
+
         if image == request.get("image") and os.path.isdir(image):  # a session of several or unpacked files
-            image = self._session_series(image)
+            image = self._session_series(image, check=lambda h: segmentable(h, "session's series"))
             request = {**request, "image": image}
         if image == request.get("image") and not image.lower().endswith((".nii", ".nii.gz")):
             # The label is written on the image's NIfTI header, so nothing else can be answered.
@@ -257,21 +265,13 @@ class RadiologyApp(RequestChecks, MONAILabelApp):
                 f"the uploaded file has {suffix!r}",
             )
         if image.lower().endswith((".nii", ".nii.gz")):
-            spec = self.specs.get(request.get("model", ""))
-
-            def segmentable(header: nib.Nifti1Image) -> None:
-                if spec is None:  # an unknown model, which MONAI Label's infer answers with a 404
-                    check_volume(header, what)
-                else:
-                    self.check_segmentable(header, spec, what)
-
             # Judged by the header (grid, affine, memory) before any voxel is decoded.
             if image == request.get("image"):  # an upload (or a session's file), not a stored image
                 what = "uploaded image"
-                load_nifti(image, what, self.settings.max_upload_mb, check=segmentable)
+                load_nifti(image, what, self.settings.max_upload_mb, check=lambda h: segmentable(h, what))
             else:  # the header only: the voxels are read once, by the infer
                 what = f"image {request.get('image')!r}"
-                segmentable(nifti_header(image, what))
+                segmentable(nifti_header(image, what), what)
         try:
             result = super().infer(request, datastore)
         except Exception as e:
@@ -307,9 +307,10 @@ class RadiologyApp(RequestChecks, MONAILabelApp):
         raise RequestError(status, f"No served model can segment the {what}. {reasons}")
 
     @staticmethod
-    def _session_series(folder: str) -> str:
+    def _session_series(folder: str, check: Callable[[nib.Nifti1Image], None] | None = None) -> str:
         """The volume a session's folder holds: its one NIfTI file, else the series its DICOM files make,
-        as NIfTI beside them (checked as a PACS series is)."""
+        as NIfTI beside them (checked as a PACS series is, and by ``check`` from its grid before any
+        pixel data is decoded)."""
         volume_path = Path(folder) / "series.nii.gz"
         if not volume_path.exists():
             niftis = [
@@ -325,7 +326,9 @@ class RadiologyApp(RequestChecks, MONAILabelApp):
                     "or the DICOM files of one series"
                 )
             try:
-                volume = load_series_folder(folder)
+                volume = load_series_folder(
+                    folder, check=None if check is None else lambda shape, affine: check(header_only(shape, affine))
+                )
             except ValueError as e:
                 raise unprocessable(f"The session's files cannot be segmented: {e}") from None
             staged = volume_path.with_name(f".{os.getpid()}.{threading.get_ident()}.nii.gz")

@@ -297,3 +297,29 @@ def test_scoring_and_training_skip_a_stored_image_over_the_budget(bombs, model: 
     assert "over the 640 MB one infer may use" in (cannot_segment(path, spec, 640) or "")
     scorer = MCDropoutScorer(spec, [], samples=2, tta_samples=0, memory_budget_mb=640)
     _refused(lambda: scorer.score(path), 413, "over the 640 MB one infer may use")
+
+
+def test_a_session_of_dicom_files_is_judged_by_its_grid_before_the_pixels_are_decoded(
+    app: RadiologyApp, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dataclasses import replace
+
+    from pydicom.dataset import Dataset
+
+    from appcore.dicom.prepare import nifti_to_series
+
+    folder = tmp_path / "received"
+    folder.mkdir()
+    ct = nib.Nifti1Image(np.full((128, 128, 30), -1000, np.int16), np.eye(4))
+    for k, ds in enumerate(nifti_to_series(ct, name="ct", modality="CT")):
+        ds.save_as(folder / f"{k:03d}.dcm", write_like_original=False)
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))  # the session's folder counts as an upload
+    # 128 x 128 x 30 at 1 mm needs a little over the 160 MB every infer holds
+    monkeypatch.setattr(app, "settings", replace(app.settings, infer_memory_mb=170))
+
+    def decoded(self: Dataset) -> None:
+        raise AssertionError("the pixel data was decoded")
+
+    monkeypatch.setattr(Dataset, "pixel_array", property(decoded))
+    match = r"The session's series is 128 x 128 x 30 voxels.*over the 170 MB one infer may use"
+    _refused(lambda: app.infer({"model": "organs_ct", "image": str(folder)}), 413, match)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import nibabel as nib
@@ -77,17 +77,20 @@ def read_series_folder(folder: Path) -> list[Dataset]:
     return datasets
 
 
-def load_series_folder(folder: str | Path) -> SeriesVolume:
+def load_series_folder(
+    folder: str | Path, check: Callable[[tuple[int, int, int], np.ndarray], None] | None = None
+) -> SeriesVolume:
     """The one series a folder of DICOM files holds (a MONAI Label session of a series' files).
 
     Raises ``ValueError`` unless the files hold exactly one series, ``SeriesRefused`` (a
-    ``ValueError`` too) for one that is not a regular grid.
+    ``ValueError`` too) for one that is not a regular grid; ``check`` (``load_series``) may refuse
+    its grid before any pixel data is decoded.
     """
     datasets = read_series_folder(Path(folder))
     uids = sorted({str(ds.get("SeriesInstanceUID", "")) for ds in datasets})
     if len(uids) != 1:
         raise ValueError(f"The files hold {len(uids)} DICOM series; send the files of one series")
-    return load_series(datasets, uids[0])
+    return load_series(datasets, uids[0], check)
 
 
 def nifti_to_series(

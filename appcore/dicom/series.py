@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import nibabel as nib
@@ -144,9 +144,20 @@ def _mm(gaps: np.ndarray) -> str:
     return ", ".join(f"{v:g}" for v in values[:6]) + (", ..." if len(values) > 6 else "")
 
 
-def load_series(datasets: Sequence[Dataset], series_uid: str) -> SeriesVolume:
-    """Decode a checked series (any transfer syntax pydicom's handlers read) into a ``SeriesVolume``."""
+def load_series(
+    datasets: Sequence[Dataset],
+    series_uid: str,
+    check: Callable[[tuple[int, int, int], np.ndarray], None] | None = None,
+) -> SeriesVolume:
+    """Decode a checked series (any transfer syntax pydicom's handlers read) into a ``SeriesVolume``.
+
+    ``check`` is given the volume's shape and voxel-to-world affine (RAS) before any pixel data is
+    decoded, and may refuse it by raising.
+    """
     geometry = series_geometry(datasets, series_uid)
+    if check is not None:
+        first = datasets[geometry.order[0]]
+        check((int(first.Columns), int(first.Rows), len(geometry.order)), geometry.affine)
     slices = []
     for i in geometry.order:
         ds = datasets[i]
