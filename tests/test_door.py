@@ -524,3 +524,13 @@ def test_logs_sessions_and_answers_over_http(server: tuple[httpx.Client, Path]) 
     for path in ("/info/", "/datastore/?output=all", "/datastore/?output=train", "/datastore/"):
         r = client.get(path)
         assert r.status_code == 200 and str(root) not in r.text, (path, r.text[:500])
+
+
+def test_an_unreadable_tile_is_named_by_its_file_name_only(tmp_path: Path) -> None:
+    from pathology.wsi import read_tile
+
+    bad = tmp_path / "tmpupload.png"
+    bad.write_bytes(b"not an image")
+    with pytest.raises(RequestError, match="tmpupload.png") as e:
+        read_tile(bad, "uploaded image")
+    assert str(tmp_path) not in e.value.detail
