@@ -709,8 +709,8 @@ class RequestChecks:
     starts a background training or scoring for an unknown name, for parameters of the wrong type
     or with no label to learn from, whose failure shows only later in the task's status. Here: 404
     for an unknown model, strategy or scoring method, 422 for such parameters and form fields, 409
-    for a training before any ``final`` label, and a 400 for image paths outside the server's upload
-    and session folders. Batch infer runs on the CPU where there is no CUDA device and skips an
+    for a training before any ``final`` label, and a 400 for any image path but the upload or session
+    image the request's own endpoint wrote (``server_files``). Batch infer runs on the CPU where there is no CUDA device and skips an
     image it cannot segment instead of ending.
 
     MONAI Label also copies an uploaded model file (``PUT /model/{model}``) over the served one
