@@ -126,6 +126,7 @@ _TRAIN_KEYS = (
     "gpus",
     "tracking_experiment_name",
     "tracking_run_name",
+    "client_id",  # MONAI Label's client adds it to every request's parameters; training ignores it
 )
 
 
@@ -150,6 +151,8 @@ def _bad_train_param(key: str, value: Any, model: str | None) -> RequestError | 
         picked = value[0] if isinstance(value, list) and value else value
         if value is not None and picked not in choices:
             return unprocessable(f"Training parameter {key!r} must be one of {list(choices)}, got {value!r}")
+    if key == "client_id" and not isinstance(value, str | None):
+        return unprocessable(f"Training parameter 'client_id' must be a string, got {value!r}")
     if key in ("pretrained", "multi_gpu") and not isinstance(value, bool):
         return unprocessable(f"Training parameter {key!r} must be true or false, got {value!r}")
     if key == "gpus" and not (
@@ -710,8 +713,8 @@ class RequestChecks:
     or with no label to learn from, whose failure shows only later in the task's status. Here: 404
     for an unknown model, strategy or scoring method, 422 for such parameters and form fields, 409
     for a training before any ``final`` label, and a 400 for any image path but the upload or session
-    image the request's own endpoint wrote (``server_files``). Batch infer runs on the CPU where there is no CUDA device and skips an
-    image it cannot segment instead of ending.
+    image the request's own endpoint wrote (``server_files``). Batch infer runs on the CPU where
+    there is no CUDA device and skips an image it cannot segment instead of ending.
 
     MONAI Label also copies an uploaded model file (``PUT /model/{model}``) over the served one
     unchecked and in place, and its ``DELETE`` removes whatever file is served, shipped weights

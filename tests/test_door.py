@@ -134,6 +134,8 @@ SLICER = {  # what 3D Slicer's module sends: every option /info lists, as picked
     [
         (SLICER, "hippocampus", None, None),
         ({**SLICER, "model": "hippocampus"}, "hippocampus", None, None),
+        ({"max_epochs": 1, "client_id": "slicer"}, "hippocampus", None, None),  # MONAILabelClient adds client_id
+        ({"client_id": ["x"]}, "hippocampus", 422, "'client_id' must be a string"),
         ({"name": "/some/dir"}, "hippocampus", 400, "'name' '/some/dir' contains a path"),
         ({"name": "../../../tmp/x"}, "hippocampus", 400, "contains a path"),
         ({"name": ".."}, "hippocampus", 400, "contains a path"),
