@@ -327,6 +327,7 @@ def serve_own_log(app_dir: str | Path, port: int) -> Path:
 
         get_logs.own_log = True  # type: ignore[attr-defined]
         logs.get_logs = get_logs
+    logger.info("This server logs to %s from here on; GET /logs/ serves it (--conf expose_logs true)", path.name)
     return path
 
 

@@ -536,3 +536,25 @@ def test_an_unreadable_tile_is_named_by_its_file_name_only(tmp_path: Path) -> No
     with pytest.raises(RequestError, match="tmpupload.png") as e:
         read_tile(bad, "uploaded image")
     assert str(tmp_path) not in e.value.detail
+
+
+@requires_shared
+@pytest.mark.slow
+def test_exposed_logs_are_this_servers_own(tmp_path: Path) -> None:
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    shutil.copyfile(CASES[0], studies / CASES[0].name)
+    conf = {"models": "hippocampus", "score_on_start": "false", "expose_logs": "true"}
+    with monailabel_server(tmp_path, str(studies), conf) as running:
+        shared = tmp_path / "app" / "logs" / "app.log"
+        shared.parent.mkdir(parents=True, exist_ok=True)
+        with shared.open("a") as f:
+            f.write("a line another server of this app folder wrote\n")
+        r = running.http.put("/session/", files={"files": (CASES[0].name, CASES[0].read_bytes())})
+        assert r.status_code == 200, r.text
+        r = running.http.get("/logs/", params={"text": "true", "lines": 5000})
+        assert r.status_code == 200, r.text
+        assert "This server logs to" in r.text and "Session ID" in r.text, r.text[-2000:]
+        assert "another server" not in r.text, r.text[-2000:]
+        port = running.url.rsplit(":", 1)[1]
+        assert (tmp_path / "app" / "logs" / f"server-{port}.log").stat().st_size > 0
