@@ -8,11 +8,12 @@ import inspect
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator, Sequence, Set
 from datetime import datetime
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -30,7 +31,7 @@ from appcore.files import staged_beside
 from appcore.lifecycle import children_stop_with_server, die_with_server, is_task_process
 from appcore.routes import limit_request_bodies, refuse_early, serve_in_threads
 from appcore.sessions import CheckedSessions
-from appcore.validation import check_device, check_image_id, check_upload_size, check_volume
+from appcore.validation import MAX_ID_BYTES, check_device, check_image_id, check_upload_size, check_volume
 from appcore.weights import checked_state_dict
 
 logger = logging.getLogger(__name__)
@@ -45,33 +46,174 @@ def _running_app() -> MONAILabelApp:
 def _unknown_scoring(params: dict[str, Any], body: bytes) -> RequestError | None:
     methods = sorted(_running_app()._scoring_methods)
     if params["method"] in methods:
-        return None
+        return _bad_task_params(body, "Scoring", "method", params["method"])
     return not_found(f"Unknown scoring method {params['method']!r}; scoring methods: {methods}")
 
 
+def _unknown_scoring_all(params: dict[str, Any], body: bytes) -> RequestError | None:
+    return _bad_task_params(body, "Scoring", "method", None)
+
+
+def _bad_batch_infer(params: dict[str, Any], body: bytes) -> RequestError | None:
+    return _bad_task_params(body, "Batch infer", "model", params.get("model"))
+
+
+def _bad_task_param(key: str, value: Any, what: str, name_key: str, name: str | None) -> RequestError | None:
+    if key == "bundle_path":  # MONAI Label adds it to the task process's PYTHONPATH
+        return unprocessable(f"{what} parameter 'bundle_path' is not accepted from requests: it names server code")
+    if key == name_key and value != name:
+        return unprocessable(f"{what} parameter {key!r} ({value!r}) differs from the one in the path ({name!r})")
+    if key == "gpus" and not (
+        value in ("", "all") or (isinstance(value, str) and all(g.strip().isdigit() for g in value.split(",")))
+    ):
+        return unprocessable(f"{what} parameter 'gpus' must be 'all' or GPU numbers such as '0,1', got {value!r}")
+    try:
+        if key == "label_tag":
+            check_image_id(value, f"{what} parameter 'label_tag'")
+        if key == "images" and not isinstance(value, str):
+            if not isinstance(value, list):
+                return unprocessable(f"{what} parameter 'images' must be all, labeled, unlabeled or a list of ids")
+            for image in value:
+                check_image_id(image)
+    except RequestError as e:
+        return e
+    return None
+
+
+def _bad_task_params(body: bytes, what: str, name_key: str, name: str | None) -> RequestError | None:
+    """Why the JSON ``body`` of a scoring or batch infer request is refused, or None: MONAI Label merges
+    it into the task's request, top-level keys and (``POST /scoring/``) the ones nested per method."""
+    try:
+        params = json.loads(body) if body.strip() else {}
+    except ValueError:
+        return None  # FastAPI answers malformed JSON with its own 422
+    if not isinstance(params, dict):
+        return None
+    nested = [(k, v) for inner in params.values() if isinstance(inner, dict) for k, v in inner.items()]
+    for key, value in [*params.items(), *nested]:
+        error = _bad_task_param(key, value, what, name_key, name)
+        if error is not None:
+            return error
+    return None
+
+
 # Training parameters MONAI Label passes on unchecked, with their smallest value.
-_TRAIN_COUNTS = {"max_epochs": 1, "train_batch_size": 1, "val_batch_size": 1}
+_TRAIN_COUNTS = {"max_epochs": 1, "train_batch_size": 1, "val_batch_size": 1, "early_stop_patience": -1}
+# Choices of MONAI Label's BasicTrainTask configuration that a client (3D Slicer) sends back as picked.
+_TRAIN_CHOICES = {
+    "dataset": ("SmartCacheDataset", "CacheDataset", "PersistentDataset", "Dataset"),
+    "dataloader": ("ThreadDataLoader", "DataLoader"),
+    "tracking": ("None", "none", ""),
+}
+# Parameters MONAI Label would turn into server paths or a child's environment: never from a client.
+_TRAIN_REFUSED = {
+    "bundle_path": "it would put a server folder on the training process's PYTHONPATH",
+    "train_ds": "it names a server file read as the list of training images",
+    "val_ds": "it names a server file read as the list of validation images",
+    "tracking_uri": "it names where experiment tracking writes on the server",
+    "distributed_url": "it names the rendezvous of a multi-GPU run",
+    "distributed_backend": "the server picks it",
+    "run_id": "the server sets it",
+}
+_TRAIN_KEYS = (
+    *_TRAIN_COUNTS,
+    *_TRAIN_CHOICES,
+    "model",
+    "name",
+    "device",
+    "val_split",
+    "pretrained",
+    "multi_gpu",
+    "gpus",
+    "tracking_experiment_name",
+    "tracking_run_name",
+    "client_id",  # MONAI Label's client adds it to every request's parameters; training ignores it
+)
 
 
-def _bad_train_params(body: bytes) -> RequestError | None:
+def _bad_train_param(key: str, value: Any, model: str | None) -> RequestError | None:
+    """Why one training parameter is refused, or None. ``model``: the model the parameters are for."""
+    if key in _TRAIN_REFUSED and value not in ("", None):  # 3D Slicer sends every option, tracking_uri ""
+        return unprocessable(f"Training parameter {key!r} is not accepted from requests: {_TRAIN_REFUSED[key]}")
+    if key not in _TRAIN_KEYS and key not in _TRAIN_REFUSED:
+        return unprocessable(f"Unknown training parameter {key!r}; accepted: {sorted(_TRAIN_KEYS)}")
+    if key == "model" and value != model:
+        where = f"model {model!r}'s" if model else "POST /train/'s top-level"
+        return unprocessable(
+            f"Training parameter 'model' ({value!r}) in {where} parameters would train another model; "
+            "leave it out (POST /train/<model> names the model)"
+        )
+    if key in _TRAIN_COUNTS:
+        least = _TRAIN_COUNTS[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            return unprocessable(f"Training parameter {key!r} must be an integer of at least {least}, got {value!r}")
+    if key in _TRAIN_CHOICES:
+        choices = _TRAIN_CHOICES[key]
+        picked = value[0] if isinstance(value, list) and value else value
+        if value is not None and picked not in choices:
+            return unprocessable(f"Training parameter {key!r} must be one of {list(choices)}, got {value!r}")
+    if key == "client_id" and not isinstance(value, str | None):
+        return unprocessable(f"Training parameter 'client_id' must be a string, got {value!r}")
+    if key in ("pretrained", "multi_gpu") and not isinstance(value, bool):
+        return unprocessable(f"Training parameter {key!r} must be true or false, got {value!r}")
+    if key == "gpus" and not (
+        value in ("", "all") or (isinstance(value, str) and all(g.strip().isdigit() for g in value.split(",")))
+    ):
+        return unprocessable(f"Training parameter 'gpus' must be 'all' or GPU numbers such as '0,1', got {value!r}")
+    if key == "val_split" and (isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 1):
+        return unprocessable(f"Training parameter 'val_split' must be a number in [0, 1), got {value!r}")
+    try:
+        if key == "device":
+            check_device(value, "Training")
+        if key == "name":  # BasicTrainTask writes and deletes checkpoints in <model folder>/<name>
+            check_image_id(value, "Training parameter 'name'")
+        if key.startswith("tracking_") and value:
+            check_image_id(value, f"Training parameter {key!r}")
+    except RequestError as e:
+        return e
+    return None
+
+
+def _bad_model_train_params(params: Any, model: str | None) -> RequestError | None:
+    if not isinstance(params, dict):
+        return unprocessable(f"Training parameters of model {model!r} must be a JSON object, got {params!r}")
+    return next((e for k, v in params.items() if (e := _bad_train_param(k, v, model)) is not None), None)
+
+
+def _bad_train_params(
+    body: bytes, model: str | None = None, trainers: Collection[str] | None = None
+) -> RequestError | None:
+    """Why the JSON ``body`` of ``POST /train/<model>`` (``trainers`` None) or of ``POST /train/`` (every
+    model in ``trainers``) is refused, or None.
+
+    Every parameter is checked against the ones MONAI Label's training reads (``_TRAIN_KEYS``);
+    unknown ones and those naming server paths (``_TRAIN_REFUSED``) are refused. ``POST /train/``
+    takes each model's parameters nested under its name, and MONAI Label merges the top-level ones
+    into every model's request (over the nested ones): both are checked.
+    """
     try:
         params = json.loads(body) if body.strip() else {}
     except ValueError:
         return None  # FastAPI answers malformed JSON with its own 422
     if not isinstance(params, dict):
         return None  # likewise
-    for key, least in _TRAIN_COUNTS.items():
-        value = params.get(key, least)
-        if isinstance(value, bool) or not isinstance(value, int) or value < least:
-            return unprocessable(f"Training parameter {key!r} must be an integer of at least {least}, got {value!r}")
-    try:
-        check_device(params.get("device"), "Training")
-    except RequestError as e:
-        return e
-    split = params.get("val_split", 0.0)
-    if isinstance(split, bool) or not isinstance(split, int | float) or not 0 <= split < 1:
-        return unprocessable(f"Training parameter 'val_split' must be a number in [0, 1), got {split!r}")
+    if trainers is None:
+        return _bad_model_train_params(params, model)
+    for key, value in params.items():
+        error = _bad_model_train_params(value, key) if key in trainers else _bad_train_param(key, value, None)
+        if error is not None:
+            return error
     return None
+
+
+def path_free_train_request(request: dict[str, Any]) -> None:
+    """Refuse, inside a training task, a request whose ``name`` is no plain name or that carries a
+    parameter naming server paths (``_TRAIN_REFUSED``): the endpoints refuse them first, this
+    guards every other way a request reaches the task."""
+    for key, why in _TRAIN_REFUSED.items():
+        if request.get(key) not in ("", None) and key != "run_id":
+            raise unprocessable(f"Training parameter {key!r} is not accepted from requests: {why}")
+    check_image_id(request.get("name", "train_01"), "Training parameter 'name'")
 
 
 # Held while a training requested with run_sync=true runs in the server's process (a background
@@ -85,12 +227,11 @@ def _cannot_train(params: dict[str, Any], body: bytes) -> RequestError | None:
         return too_many(_SYNC_TRAINING_RUNS)
     app = _running_app()
     model = params.get("model")
-    if model is not None:  # POST /train/<model>; POST /train/ nests parameters per model
-        if model not in app._trainers:
-            return not_found(f"Unknown model {model!r}; trainable models: {sorted(app._trainers)}")
-        error = _bad_train_params(body)
-        if error is not None:
-            return error
+    if model is not None and model not in app._trainers:  # POST /train/<model>; POST /train/ is every model
+        return not_found(f"Unknown model {model!r}; trainable models: {sorted(app._trainers)}")
+    error = _bad_train_params(body, model, trainers=None if model is not None else list(app._trainers))
+    if error is not None:
+        return error
     if not app.datastore().get_labeled_images():
         return conflict("No image has a 'final' label yet; save at least one (PUT /datastore/label) before training")
     # Labels, but are any of them the model's? For POST /train/ (every model), refused only when no
@@ -151,6 +292,46 @@ def _no_gpu_info(params: dict[str, Any], body: bytes) -> RequestError | None:
     return None
 
 
+def _hidden_logs(params: dict[str, Any], body: bytes) -> RequestError | None:
+    if not _running_app().settings.expose_logs:
+        return RequestError(
+            403,
+            "The server log is not served: it names images, clients and server folders and there is no "
+            "authentication yet; start the server with --conf expose_logs true to serve it (read it on the server "
+            "otherwise)",
+        )
+    return None
+
+
+def own_log_path(app_dir: str | Path, port: int) -> Path:
+    """This server's own log file: MONAI Label's ``logs/app.log`` is written by every server started on
+    the same app folder."""
+    return Path(app_dir) / "logs" / f"server-{port}.log"
+
+
+def serve_own_log(app_dir: str | Path, port: int) -> Path:
+    """Write this server's log to ``own_log_path`` (from now on, anew at each start) and make ``GET
+    /logs/`` answer it instead of the shared ``app.log``."""
+    path = own_log_path(app_dir, port)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    root = logging.getLogger()
+    if not any(isinstance(h, logging.FileHandler) and Path(h.baseFilename) == path.resolve() for h in root.handlers):
+        handler = logging.FileHandler(path, mode="w")
+        handler.setFormatter(logging.Formatter("[%(asctime)s] [%(process)s] [%(levelname)s] (%(name)s) - %(message)s"))
+        root.addHandler(handler)
+    logs = sys.modules.get("monailabel.endpoints.logs")
+    if logs is not None and not getattr(logs.get_logs, "own_log", False):
+        shared = logs.get_logs
+
+        def get_logs(logger_file: str, *args: Any) -> Any:
+            return shared(str(path), *args)
+
+        get_logs.own_log = True  # type: ignore[attr-defined]
+        logs.get_logs = get_logs
+    logger.info("This server logs to %s from here on; GET /logs/ serves it (--conf expose_logs true)", path.name)
+    return path
+
+
 def _no_dicomweb(params: dict[str, Any], body: bytes) -> RequestError | None:
     if not is_dicomweb_url(_running_app().studies):
         return not_found("The studies are a local folder, not a DICOMweb server: there is nothing to proxy")
@@ -185,8 +366,64 @@ def _records_stops(stop: Any) -> Any:
     return checked
 
 
+# The files the running infer request's endpoint wrote itself (the upload it saved, the session's
+# image), in the thread that serves the request: the only absolute paths ``request_image`` accepts.
+_REQUEST_FILES = threading.local()
+
+# Infer parameters (the ``params`` form field, merged into MONAI Label's request) that would name a
+# server file or replace the input the request names.
+_INFER_REFUSED = {
+    "image": "name the image with ?image=<id>, a file upload or ?session_id=",
+    "session": "name the session with ?session_id=",
+    "label": "send a label as the form field 'label'",
+    "file": "send a file as the form field 'file'",
+    "model_filename": "the server serves its own weights",
+}
+_EXTENSION = re.compile(r"(\.[A-Za-z0-9]{1,8}){1,2}")
+
+
+def server_files() -> frozenset[str]:
+    """The files the infer request served in this thread has written (empty outside one)."""
+    return frozenset(getattr(_REQUEST_FILES, "paths", ()))
+
+
+class _RecordingTasks:
+    """FastAPI's ``BackgroundTasks`` of a request, noting each file the endpoint queues for removal:
+    MONAI Label's infer endpoints queue the temporary file they saved an upload to just after writing
+    it, before they call the app's infer."""
+
+    def __init__(self, tasks: Any, paths: set[str]) -> None:
+        self._tasks, self._paths = tasks, paths
+
+    def add_task(self, func: Any, *args: Any, **kwargs: Any) -> None:
+        if getattr(func, "__name__", "") == "remove_file" and args and isinstance(args[0], str):
+            self._paths.add(args[0])
+        self._tasks.add_task(func, *args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._tasks, name)
+
+
+def _check_infer_params(params: object) -> None:
+    """Refuse (422) infer parameters that name server files or replace the request's input."""
+    if not isinstance(params, str) or not params.strip():
+        return
+    values = _FormJson.loads(params)
+    for key, why in _INFER_REFUSED.items():
+        if key in values:
+            raise unprocessable(f"Infer parameter {key!r} is not accepted in params: {why}")
+    extension = values.get("result_extension")
+    if extension is not None and not (isinstance(extension, str) and _EXTENSION.fullmatch(extension)):
+        raise unprocessable(
+            f"Infer parameter 'result_extension' must be a file extension such as .nrrd, got {extension!r}"
+        )
+    if values.get("label_tag") is not None:
+        check_image_id(values["label_tag"], "Infer parameter 'label_tag'")
+
+
 def _needs_input(run: Any) -> Any:
-    """MONAI Label's ``run_inference`` or ``run_wsi_inference``, with a 4xx when there is nothing to segment."""
+    """MONAI Label's ``run_inference`` or ``run_wsi_inference``, with a 4xx when there is nothing to
+    segment, and with the files its endpoint writes for the request noted (``server_files``)."""
     signature = inspect.signature(run)
 
     def checked(*args: Any, **kwargs: Any) -> Any:
@@ -199,15 +436,26 @@ def _needs_input(run: Any) -> Any:
                 "Name what to segment: ?image=<id> (GET /datastore/?output=all lists them), ?session_id=<id> "
                 "(PUT /session/ makes one) or a file in the form field 'file'"
             )
-        if session_id and not file and not image:
+        _check_infer_params(given.arguments.get("params"))
+        paths: set[str] = set()
+        if session_id:
             sessions = _running_app().sessions()
             if sessions is None:
                 raise not_found("Sessions are disabled on this server (MONAI_LABEL_SESSIONS=false)")
-            if sessions.get_session(session_id) is None:
+            session = sessions.get_session(session_id)
+            if session is None and not file and not image:
                 raise not_found(
                     f"Session {session_id!r} not found: it expired or never existed; PUT /session/ makes one"
                 )
-        return run(*args, **kwargs)
+            if session is not None:
+                paths.add(session.image)
+        if given.arguments.get("background_tasks") is not None:
+            given.arguments["background_tasks"] = _RecordingTasks(given.arguments["background_tasks"], paths)
+        _REQUEST_FILES.paths = paths
+        try:
+            return run(*given.args, **given.kwargs)
+        finally:
+            _REQUEST_FILES.paths = set()
 
     functools.update_wrapper(checked, run)  # run's signature, and the marks of other wrappers
     checked.checked = True  # type: ignore[attr-defined]
@@ -272,6 +520,127 @@ def _removes_uploads_on_error(function: Any) -> Any:
     return checked
 
 
+# MONAI Label's functions that name a temporary file or a session's file after an upload's file name.
+NAMED_UPLOAD_FUNCTIONS = (*UPLOAD_FUNCTIONS, ("monailabel.endpoints.session", "create_session"))
+
+
+def _short_upload_names(function: Any) -> Any:
+    """``function`` (an endpoint function taking uploads), refusing (400) an upload whose file name
+    could not name a file: MONAI Label answered a name over 255 bytes with a 500, and a session
+    upload left an empty folder behind."""
+    from starlette.datastructures import UploadFile
+
+    signature = inspect.signature(function)
+
+    def checked(*args: Any, **kwargs: Any) -> Any:
+        for value in signature.bind_partial(*args, **kwargs).arguments.values():
+            for upload in value if isinstance(value, list) else [value]:
+                name = os.path.basename(upload.filename or "") if isinstance(upload, UploadFile) else ""
+                if len(name.encode()) > MAX_ID_BYTES:
+                    raise bad_request(
+                        f"The uploaded file's name is {len(name.encode())} bytes long; at most {MAX_ID_BYTES} "
+                        "make a file name on the server: rename the file"
+                    )
+        return function(*args, **kwargs)
+
+    functools.update_wrapper(checked, function)  # its signature, and the marks of other wrappers
+    checked.short_names = True  # type: ignore[attr-defined]
+    return checked
+
+
+def _session_answer(info: Any) -> Any:
+    """A session's info as answered: the image's file name, not the session folder's server path."""
+    if not isinstance(info, dict):
+        return info
+    answered = {k: v for k, v in info.items() if k != "path"}
+    if isinstance(answered.get("image"), str):
+        answered["image"] = os.path.basename(answered["image"])
+    return answered
+
+
+def _no_session_paths(function: Any) -> Any:
+    """``monailabel.endpoints.session``'s ``create_session``, ``get_session`` or ``remove_session``,
+    answering without the server's paths (MONAI Label's clients use the session id only)."""
+
+    def checked(*args: Any, **kwargs: Any) -> Any:
+        answer = function(*args, **kwargs)
+        if isinstance(answer, dict) and "session_info" in answer:
+            return {**answer, "session_info": _session_answer(answer["session_info"])}
+        return _session_answer(answer)
+
+    functools.update_wrapper(checked, function)
+    checked.no_paths = True  # type: ignore[attr-defined]
+    return checked
+
+
+def _datastore_listing(listing: Any) -> Any:
+    """``monailabel.endpoints.datastore.datastore`` (``GET /datastore/``): ``output=train`` lists each
+    labelled image and label by its path in the studies folder, not the server's absolute path."""
+
+    def checked(output: Any = None) -> Any:
+        answer = listing(output)
+        if getattr(output, "value", output) != "train" or not isinstance(answer, list):
+            return answer
+        root = str(getattr(_running_app().datastore(), "_datastore_path", ""))
+
+        def relative(value: Any) -> Any:
+            if not isinstance(value, str) or not os.path.isabs(value):
+                return value
+            inside = root and os.path.realpath(value).startswith(os.path.realpath(root) + os.sep)
+            return os.path.relpath(os.path.realpath(value), os.path.realpath(root)) if inside else Path(value).name
+
+        return [{k: relative(v) for k, v in item.items()} if isinstance(item, dict) else item for item in answer]
+
+    functools.update_wrapper(checked, listing)
+    checked.relative = True  # type: ignore[attr-defined]
+    return checked
+
+
+def hide_server_paths(value: Any, folders: dict[str, str]) -> Any:
+    """``value`` (an answer: text, lists, dicts) with each of ``folders``' paths (key) written as its
+    name (value), longest first: ``/srv/apps/radiology/model/x`` becomes ``<app>/model/x``."""
+    if isinstance(value, str):
+        for folder in sorted(folders, key=len, reverse=True):
+            value = value.replace(folder, folders[folder])
+        return value
+    if isinstance(value, Sequence | Set) and not isinstance(value, bytes):  # MONAI Label's details: a deque
+        return [hide_server_paths(v, folders) for v in value]
+    if isinstance(value, dict):
+        return {k: hide_server_paths(v, folders) for k, v in value.items()}
+    return value
+
+
+def _server_folders() -> dict[str, str]:
+    """The server's folders a task's status may name (its log lines do), and how answers name them."""
+    from monailabel.config import settings as ml_settings
+
+    app = _running_app()
+    named = {
+        ml_settings.MONAI_LABEL_APP_DIR: "<app>",
+        str(getattr(app, "studies", "")): "<studies>",
+        tempfile.gettempdir(): "<tmp>",
+        str(getattr(app.sessions(), "store_path", "") or ""): "<sessions>",
+    }
+    folders = {}
+    for folder, name in named.items():
+        if folder and not is_dicomweb_url(folder):
+            folders[folder.rstrip(os.sep)] = name
+            folders[os.path.realpath(folder)] = name
+    return folders
+
+
+def _no_task_paths(status: Any) -> Any:
+    """``monailabel.endpoints.{train,scoring,batch_infer}.status`` (``GET /train/`` and the others),
+    answering without the server's folders: a task's request and its last log lines name them."""
+
+    def checked(*args: Any, **kwargs: Any) -> Any:
+        return hide_server_paths(status(*args, **kwargs), _server_folders())
+
+    functools.update_wrapper(checked, status)
+    checked.no_paths = True  # type: ignore[attr-defined]
+    return checked
+
+
 def _download_dataset(limit_cases: int | None = None) -> Any:
     """``monailabel.endpoints.datastore.download_dataset`` (``GET /datastore/dataset``), streamed:
     MONAI Label's wrote the archive to a temporary file it never deleted, inside the event loop."""
@@ -307,10 +676,28 @@ def checked_endpoints() -> list[str]:
         if module is not None and not getattr(getattr(module, function), "removes_uploads", False):
             setattr(module, function, _removes_uploads_on_error(getattr(module, function)))
             changed.append(f"{name}.{function}")
+    for name, function in NAMED_UPLOAD_FUNCTIONS:
+        module = sys.modules.get(name)
+        if module is not None and not getattr(getattr(module, function), "short_names", False):
+            setattr(module, function, _short_upload_names(getattr(module, function)))
+            changed.append(f"{name}.{function} (file names)")
     datastore = sys.modules.get("monailabel.endpoints.datastore")
     if datastore is not None and datastore.download_dataset is not _download_dataset:
         datastore.download_dataset = _download_dataset
         changed.append("monailabel.endpoints.datastore.download_dataset")
+    if datastore is not None and not getattr(datastore.datastore, "relative", False):
+        datastore.datastore = _datastore_listing(datastore.datastore)
+        changed.append("monailabel.endpoints.datastore.datastore")
+    for name in ("monailabel.endpoints.train", "monailabel.endpoints.scoring", "monailabel.endpoints.batch_infer"):
+        module = sys.modules.get(name)
+        if module is not None and not getattr(module.status, "no_paths", False):
+            module.status = _no_task_paths(module.status)
+            changed.append(f"{name}.status")
+    session = sys.modules.get("monailabel.endpoints.session")
+    for function in ("create_session", "get_session", "remove_session"):
+        if session is not None and not getattr(getattr(session, function), "no_paths", False):
+            setattr(session, function, _no_session_paths(getattr(session, function)))
+            changed.append(f"monailabel.endpoints.session.{function}")
     return changed
 
 
@@ -327,9 +714,9 @@ class RequestChecks:
     starts a background training or scoring for an unknown name, for parameters of the wrong type
     or with no label to learn from, whose failure shows only later in the task's status. Here: 404
     for an unknown model, strategy or scoring method, 422 for such parameters and form fields, 409
-    for a training before any ``final`` label, and a 400 for image paths outside the server's upload
-    and session folders. Batch infer runs on the CPU where there is no CUDA device and skips an
-    image it cannot segment instead of ending.
+    for a training before any ``final`` label, and a 400 for any image path but the upload or session
+    image the request's own endpoint wrote (``server_files``). Batch infer runs on the CPU where
+    there is no CUDA device and skips an image it cannot segment instead of ending.
 
     MONAI Label also copies an uploaded model file (``PUT /model/{model}``) over the served one
     unchecked and in place, and its ``DELETE`` removes whatever file is served, shipped weights
@@ -362,10 +749,17 @@ class RequestChecks:
         for path, methods in THREADED_ROUTES:  # first: the refusing routes below go in front of them
             serve_in_threads(path, methods, name=f"threaded {path}")
         refuse_early("/scoring/{method}", ["POST"], _unknown_scoring, name="refuse_scoring")
+        refuse_early("/scoring/", ["POST"], _unknown_scoring_all, name="refuse_scoring_all")
+        refuse_early("/batch/infer/{model}", ["POST"], _bad_batch_infer, name="refuse_batch_infer")
         refuse_early("/train/{model}", ["POST"], _cannot_train, name="refuse_train_model")
         refuse_early("/train/", ["POST"], _cannot_train, name="refuse_train_all")
         refuse_early("/infer/{model}", ["POST"], _unservable_infer, name="refuse_infer", read_body=False)
         refuse_early("/logs/gpu", ["GET"], _no_gpu_info, name="refuse_gpu_info")
+        refuse_early("/logs/", ["GET"], _hidden_logs, name="refuse_logs", read_body=False)
+        if self.settings.expose_logs:
+            from monailabel.config import settings as ml_settings
+
+            serve_own_log(ml_settings.MONAI_LABEL_APP_DIR, ml_settings.MONAI_LABEL_SERVER_PORT)
         proxy = "/proxy/dicom/{path:path}"
         refuse_early(proxy, ["GET", "POST"], _no_dicomweb, name="refuse_dicom_proxy", read_body=False)
         checked_endpoints()
@@ -462,25 +856,23 @@ class RequestChecks:
         self.on_weights_changed(model)
         return {}
 
-    def is_server_upload(self, path: str) -> bool:
-        """Whether ``path`` is a file the MONAI Label endpoints wrote: an upload or a session's image."""
-        parent = Path(path).resolve().parent
-        roots = [Path(tempfile.gettempdir()).resolve()]
-        sessions = self.sessions()
-        if sessions is not None:
-            roots.append(Path(sessions.store_path).resolve())
-        return any(parent == root or root in parent.parents for root in roots)
-
     def request_image(self, request: dict[str, Any], datastore: Datastore | None, max_upload_mb: int) -> str:
-        """The file an infer request names: an uploaded or session file, else a datastore image (404 if unknown)."""
+        """The file an infer request names: the upload or session image its endpoint wrote for this
+        very request (``server_files``), else a datastore image (404 if unknown).
+
+        Any other absolute path is a 400, the same whether or not it exists: a client never names a
+        server file, and cannot learn which exist."""
         self._known_model(request.get("model"))
         check_device(request.get("device"), "Infer")
         image = request.get("image")
-        if isinstance(image, str) and os.path.isabs(image) and os.path.exists(image):
-            if not self.is_server_upload(image):
-                raise bad_request("Image must be a datastore id or an uploaded file, not a server path")
+        if isinstance(image, str) and image in server_files():
             check_upload_size(image, max_upload_mb, "image")
             return image
+        if isinstance(image, str) and os.path.isabs(image):
+            raise bad_request(
+                "Image must be a datastore id (GET /datastore/?output=all lists them), a file uploaded in the "
+                "form field 'file' or a session (?session_id=), not a server path"
+            )
         check_image_id(image)
         return (datastore or self.datastore()).get_image_uri(image)
 

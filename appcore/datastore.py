@@ -58,6 +58,24 @@ def _atomic_copy(src: str | Path, dest: str | Path) -> None:
 SERVER_INFO_FIELDS = ("ts", "name", "file_version", "path")
 
 
+def check_save_params(params: object, what: str) -> dict[str, Any]:
+    """The parameters of a label save or an image upload, checked before anything is written.
+
+    A 422 for a field the server keeps (``SERVER_INFO_FIELDS``: it would be stored and answered as
+    the file's, a ``path`` included, which ``PUT .../info`` refuses to change) and for a ``model``
+    that is not a model's name (a list or an object was a 500)."""
+    params = dict(params or {})
+    kept = sorted(k for k in SERVER_INFO_FIELDS if k in params)
+    if kept:
+        raise unprocessable(
+            f"{what}: parameter(s) {', '.join(kept)} are set by the server when the file is stored; leave them out"
+        )
+    model = params.get("model")
+    if model is not None and not isinstance(model, str):
+        raise unprocessable(f'{what}: parameter "model" must be a model\'s name (a string), got {type(model).__name__}')
+    return params
+
+
 def _client_fields(info: dict[str, Any], current: dict[str, Any], what: str) -> dict[str, Any]:
     """``info`` without the server's fields, which a client may send back unchanged (as it read them)
     but not change: a 422 names any it tried to change, and nothing is updated."""
@@ -67,7 +85,8 @@ def _client_fields(info: dict[str, Any], current: dict[str, Any], what: str) -> 
             f"{what}: info field(s) {', '.join(changed)} are set by the server when the file is stored and "
             "cannot be changed; send them as read or leave them out"
         )
-    return {k: v for k, v in info.items() if k not in SERVER_INFO_FIELDS}
+    fields = {k: v for k, v in info.items() if k not in SERVER_INFO_FIELDS}
+    return check_save_params(fields, what)
 
 
 class CheckedLocalDatastore(LocalDatastore):
@@ -232,6 +251,13 @@ class CheckedLocalDatastore(LocalDatastore):
         self._report_replaced(changed)
         return changed
 
+    def label_tags(self) -> set[str]:
+        """The tags labels are stored under, and MONAI Label's two, which a new tag must not look like."""
+        tags = {"final", "original"}
+        for obj in list(self._datastore.objects.values()):
+            tags.update(obj.labels)
+        return tags
+
     def _existing(self, image_id: str) -> Any:
         """The image's record; 400 for a path, 404 for an unknown id (a subclass may return None for
         an image it knows but has not stored yet)."""
@@ -261,14 +287,21 @@ class CheckedLocalDatastore(LocalDatastore):
 
     # MONAI Label's local datastore answers these for unknown ids with an empty result or a 500.
     def get_image_info(self, image_id: str) -> dict[str, Any]:
+        """MONAI Label's, with ``path`` the file's name in the studies folder, not the server's path."""
         self._existing(image_id)
-        return super().get_image_info(image_id)
+        return self._answered_info(image_id, super().get_image_info(image_id))
+
+    def _answered_info(self, image_id: str, info: dict[str, Any]) -> dict[str, Any]:
+        obj = self._datastore.objects.get(image_id)
+        if "path" in info and obj is not None:
+            info = {**info, "path": self._filename(image_id, obj.image.ext)}
+        return info
 
     def update_image_info(self, image_id: str, info: dict[str, Any]) -> None:
         if self._existing(image_id) is None:
             raise conflict(f"Image {image_id!r} has not been opened on this server yet; its info can be set after that")
         with self._current_records():
-            current = LocalDatastore.get_image_info(self, image_id)
+            current = self._answered_info(image_id, LocalDatastore.get_image_info(self, image_id))
             super().update_image_info(image_id, _client_fields(info, current, f"Image {image_id!r}"))
 
     def get_label_info(self, label_id: str, label_tag: str) -> dict[str, Any]:
@@ -349,7 +382,8 @@ class CheckedLocalDatastore(LocalDatastore):
 
     def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any]) -> str:
         self._existing(image_id)
-        check_image_id(label_tag, "Label tag")
+        check_image_id(label_tag, "Label tag", existing=self.label_tags())
+        label_info = check_save_params(label_info, "Save label")
         check_upload_size(label_filename, self._max_upload_mb, "label")
         image = nib.load(super().get_image_uri(image_id))
         # An image in the studies folder was never checked as an upload is: a label on a grid no
@@ -390,7 +424,8 @@ class CheckedLocalDatastore(LocalDatastore):
 
     def add_image(self, image_id: str, image_filename: str, image_info: dict[str, Any]) -> str:
         if image_id:
-            check_image_id(image_id)
+            check_image_id(image_id, existing=list(self._datastore.objects))
+        image_info = check_save_params(image_info, "Image upload")
         check_upload_size(image_filename, self._max_upload_mb, "image")
         if self.image_suffixes is not None:
             if not str(image_filename).lower().endswith(self.image_suffixes):
@@ -402,7 +437,7 @@ class CheckedLocalDatastore(LocalDatastore):
             load_nifti(image_filename, "image", self._max_upload_mb, check=lambda img: self._image_check(img, "image"))
         new_id, ext = self._to_id(os.path.basename(image_filename))
         image_id = image_id or new_id
-        check_image_id(image_id)
+        check_image_id(image_id, existing=list(self._datastore.objects))
         name = self._filename(image_id, ext)
         dest = Path(self._datastore.image_path()) / name
         # The labels as they are when the file is replaced: a save just before must not be dropped.

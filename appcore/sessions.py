@@ -12,6 +12,7 @@ import os
 import shutil
 import tarfile
 import tempfile
+import uuid
 import zipfile
 import zlib
 from collections.abc import Callable
@@ -149,7 +150,8 @@ class CheckedSessions(Sessions):
         except RequestError:
             _discard(data_file)
             raise
-        return super().add_session(data_file, expiry, uncompress, session_id)
+        # MONAI Label's ids are uuid1: the time and the server's MAC address, so guessable.
+        return super().add_session(data_file, expiry, uncompress, session_id or str(uuid.uuid4()))
 
     def get_session(self, session_id: str, update_ts: bool = True, fetch_cache: bool = True) -> Any:
         check_image_id(session_id, "Session id")  # a session is a folder named by its id

@@ -74,6 +74,8 @@ class AppSettings:
         cpu_bf16: run the radiology networks (infer, scoring and ``/train``) in bfloat16 on CPUs that
             compute it natively (AMX or AVX512-BF16; ``appcore.precision``); ``false`` keeps float32
             everywhere. No effect on older CPUs or on CUDA, which always uses mixed precision.
+        expose_logs: serve this server's log at ``GET /logs/`` (a 403 otherwise: there is no
+            authentication yet, and the log names images, clients and server folders).
     """
 
     models: tuple[str, ...]
@@ -93,6 +95,7 @@ class AppSettings:
     infer_concurrency: int = 2
     infer_memory_mb: int = 640
     cpu_bf16: bool = True
+    expose_logs: bool = False
 
     @classmethod
     def from_conf(cls, conf: Mapping[str, str], available: Iterable[str]) -> AppSettings:
@@ -150,6 +153,6 @@ class AppSettings:
                 if split >= 0.9:
                     raise ValueError(f"--conf val_split: must be below 0.9, got {split}")
                 kwargs[key] = split
-            elif key in ("score_after_train", "score_on_start", "score_new_images", "cpu_bf16"):
+            elif key in ("score_after_train", "score_on_start", "score_new_images", "cpu_bf16", "expose_logs"):
                 kwargs[key] = _parse_bool(key, value)
         return cls(**kwargs)  # type: ignore[arg-type]

@@ -6,7 +6,8 @@ import gzip
 import os
 import re
 import tempfile
-from collections.abc import Callable, Collection
+import unicodedata
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -20,12 +21,33 @@ _ID_FORBIDDEN = re.compile(r"[/\\]")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 # Ids and tags become file names (with an extension, 255 bytes at most on common file systems).
 MAX_ID_BYTES = 200
+# Besides letters and digits (of any script), the characters an id or a tag may hold.
+_ID_PUNCTUATION = frozenset("._-+=@,()[] ")
+# Scripts whose letters pass for Latin ones ("fіnal" with a Cyrillic i): one id mixes none with Latin.
+_LOOKALIKE_SCRIPTS = ("CYRILLIC", "GREEK", "ARMENIAN", "CHEROKEE")
 
 
-def check_image_id(image_id: object, what: str = "Image id") -> str:
-    """Return ``image_id`` if it is a plain datastore id; refuse paths and traversal with a 400.
+def id_key(name: str) -> str:
+    """What two ids or tags are compared by: ``final``, ``Final`` and ``ＦＩＮＡＬ`` share one key."""
+    return unicodedata.normalize("NFKC", name).casefold()
 
-    ``what`` names the parameter in the message (label tags are checked the same way).
+
+def _scripts(name: str) -> set[str]:
+    return {unicodedata.name(c, "?").split()[0] for c in name if c.isalpha()}
+
+
+def check_image_id(image_id: object, what: str = "Image id", existing: Iterable[str] = ()) -> str:
+    """Return ``image_id`` if it is a plain datastore id; refuse anything else with a 400.
+
+    One rule for image ids, label tags and session ids alike (``what`` names the parameter in the
+    message). Refused: paths and traversal (``/``, ``\\``, ``..``, ``~``, a leading ``.``),
+    leading or trailing whitespace, control and invisible characters, characters other than letters,
+    digits and ``._-+=@,()[]`` and inner spaces, text that Unicode NFKC normalisation changes
+    (full-width letters, ligatures), Latin mixed with Cyrillic, Greek, Armenian or Cherokee letters
+    (look-alikes), and over ``MAX_ID_BYTES`` bytes. With ``existing`` (the ids or tags already
+    stored), an id that equals one of them once case and Unicode forms are ignored (``id_key``) but
+    differs from it is refused too, naming the one that exists: ``Final`` beside ``final`` would be
+    stored and trained as another tag.
     """
     if not isinstance(image_id, str) or not image_id.strip():
         raise bad_request(f"{what} is required: a plain name as GET /datastore/?output=all lists it")
@@ -39,11 +61,37 @@ def check_image_id(image_id: object, what: str = "Image id") -> str:
             f"{what} {image_id!r} contains a control character (a line break, a tab, NUL): "
             "ids and tags are plain names that become file names"
         )
+    if image_id != image_id.strip():
+        raise bad_request(f"{what} {image_id!r} starts or ends with whitespace; send it without")
     if image_id.startswith("."):
         raise bad_request(f"{what} {image_id!r} starts with '.': that names a hidden file, not an image or a tag")
     if len(image_id.encode()) > MAX_ID_BYTES:
         raise bad_request(
             f"{what} is {len(image_id.encode())} bytes long; at most {MAX_ID_BYTES} fit a file name with its extension"
+        )
+    odd = sorted({c for c in image_id if not (c.isalnum() or c in _ID_PUNCTUATION)})
+    if odd:
+        raise bad_request(
+            f"{what} {image_id!r} contains {', '.join(repr(c) for c in odd)}; ids and tags hold letters, digits, "
+            "inner spaces and ._-+=@,()[] only"
+        )
+    if unicodedata.normalize("NFKC", image_id) != image_id:
+        raise bad_request(
+            f"{what} {image_id!r} holds compatibility characters (full-width letters, ligatures); "
+            f"write it as {unicodedata.normalize('NFKC', image_id)!r}"
+        )
+    scripts = _scripts(image_id)
+    if "LATIN" in scripts and scripts.intersection(_LOOKALIKE_SCRIPTS):
+        raise bad_request(
+            f"{what} {image_id!r} mixes Latin letters with {', '.join(sorted(scripts - {'LATIN'}))} ones, "
+            "which look alike; write it in one script"
+        )
+    key = id_key(image_id)
+    twin = next((e for e in existing if e != image_id and id_key(e) == key), None)
+    if twin is not None:
+        raise bad_request(
+            f"{what} {image_id!r} differs from the existing {twin!r} only in case or Unicode form; "
+            f"use {twin!r} (ids and tags that look the same must be the same)"
         )
     return image_id
 

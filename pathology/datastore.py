@@ -20,7 +20,7 @@ import numpy as np
 from monailabel.datastore.local import DataModel, LocalDatastore
 from PIL import Image
 
-from appcore.datastore import CheckedLocalDatastore
+from appcore.datastore import CheckedLocalDatastore, check_save_params
 from appcore.errors import unprocessable
 from appcore.files import staged_beside
 from appcore.validation import check_image_id, check_upload_size
@@ -131,7 +131,8 @@ class PathologyDatastore(CheckedLocalDatastore):
 
     def add_image(self, image_id: str, image_filename: str, image_info: dict[str, Any]) -> str:
         if image_id:
-            check_image_id(image_id)
+            check_image_id(image_id, existing=list(self._datastore.objects))
+        check_save_params(image_info, "Image upload")
         check_upload_size(image_filename, self._max_upload_mb, "image")
         source = open_source(image_filename, "uploaded image")  # 422 unless Pillow or OpenSlide reads it
         if isinstance(source, SlideSource):
@@ -143,7 +144,8 @@ class PathologyDatastore(CheckedLocalDatastore):
 
     def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any]) -> str:
         self._existing(image_id)
-        check_image_id(label_tag, "Label tag")
+        check_image_id(label_tag, "Label tag", existing=self.label_tags())
+        label_info = check_save_params(label_info, "Save label")
         check_upload_size(label_filename, self._max_upload_mb, "label")
         raw = Path(label_filename).read_bytes()
         kind = _sniff(raw)

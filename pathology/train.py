@@ -120,8 +120,8 @@ class NucleiTrainer(TrainTask):
             "steps": steps,
             "epoch": epochs,
             "loss": round(float(np.mean(losses[-max(1, len(examples)) :])), 4),
-            "started_from": str(start) if start else None,
-            "published": str(self.served_path),
+            "started_from": start.name if start else None,  # file names, not the server's paths
+            "published": self.served_path.name,
             "seconds": round(time.perf_counter() - began, 1),
         }
         self.stats_path.parent.mkdir(parents=True, exist_ok=True)

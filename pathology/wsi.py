@@ -95,7 +95,10 @@ def read_tile(path: str | Path, what: str = "image") -> np.ndarray:
             im.load()
             return np.asarray(im.convert("RGB"))
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise unprocessable(f"The {what} is not a readable PNG/JPEG image or slide ({type(e).__name__}: {e})") from None
+        reason = str(e).replace(str(path), Path(path).name)  # the file's name, not the server's path
+        raise unprocessable(
+            f"The {what} is not a readable PNG/JPEG image or slide ({type(e).__name__}: {reason})"
+        ) from None
 
 
 def open_source(path: str | Path, what: str = "image") -> RegionSource:
@@ -106,7 +109,8 @@ def open_source(path: str | Path, what: str = "image") -> RegionSource:
         try:
             return SlideSource(openslide.OpenSlide(str(path)))
         except openslide.OpenSlideError as e:
-            raise unprocessable(f"OpenSlide cannot read the {what} ({e})") from None
+            reason = str(e).replace(str(path), Path(path).name)
+            raise unprocessable(f"OpenSlide cannot read the {what} ({reason})") from None
     suffix = "".join(Path(path).suffixes).lower()
     if suffix.endswith((".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide", ".tif", ".tiff")):
         # A slide extension that OpenSlide does not recognise: say so rather than a Pillow error.

@@ -21,6 +21,7 @@ from monai.transforms import AsDiscreted, EnsureTyped
 from monailabel.interfaces.datastore import Datastore
 from monailabel.tasks.train.basic_train import BasicTrainTask, Context
 
+from appcore.app import path_free_train_request
 from appcore.errors import RequestError
 from appcore.files import write_json
 from appcore.lifecycle import server_stopping
@@ -298,6 +299,12 @@ class SegmentationTrainer(BasicTrainTask):
             return str(self.served_path)
         return self._load_path if pretrained else None
 
+    def __call__(self, request: dict, datastore: Datastore) -> dict:
+        # MONAI Label builds the run's folder from ``name`` (and reads a datalist from ``train_ds``):
+        # a request that reached the task without the endpoint's checks is refused here too.
+        path_free_train_request(request)
+        return super().__call__(request, datastore)
+
     def train(self, rank: int, world_size: int, request: dict, datalist: list) -> dict:
         # A stale best checkpoint from an earlier (perhaps stopped) run must not be published.
         stale = Path(self._model_dir) / request["name"] / self._key_metric_filename
@@ -399,5 +406,6 @@ class SegmentationTrainer(BasicTrainTask):
 
     def stats(self) -> dict[str, Any]:
         stats = super().stats()
-        stats["served_weights"] = str(self.served_path) if self.served_path.exists() else None
+        # The file's name, not its path on the server (the model folder holds it).
+        stats["served_weights"] = self.served_path.name if self.served_path.exists() else None
         return stats

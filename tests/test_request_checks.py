@@ -11,6 +11,7 @@ import pytest
 from appcore.app import (
     FORM_JSON_MODULES,
     INFER_FUNCTIONS,
+    NAMED_UPLOAD_FUNCTIONS,
     UPLOAD_FUNCTIONS,
     _bad_train_params,
     _removes_uploads_on_error,
@@ -70,8 +71,12 @@ def test_form_fields_must_be_json_objects(endpoint_modules: list) -> None:
 
 @pytest.fixture
 def endpoint_functions(monkeypatch: pytest.MonkeyPatch) -> None:
-    replaced = [*UPLOAD_FUNCTIONS, ("monailabel.endpoints.model", "update_model")]
-    for name, function in [*replaced, ("monailabel.endpoints.datastore", "download_dataset")]:
+    replaced = [*NAMED_UPLOAD_FUNCTIONS, ("monailabel.endpoints.model", "update_model")]
+    sessions = [("monailabel.endpoints.session", f) for f in ("get_session", "remove_session")]
+    sessions += [(f"monailabel.endpoints.{m}", "status") for m in ("train", "scoring", "batch_infer")]
+    sessions += [("monailabel.endpoints.train", "stop")]
+    kept = [("monailabel.endpoints.datastore", "download_dataset"), ("monailabel.endpoints.datastore", "datastore")]
+    for name, function in [*replaced, *kept, *sessions]:
         module = importlib.import_module(name)
         monkeypatch.setattr(module, function, getattr(module, function))  # restored after the test
     model = importlib.import_module("monailabel.endpoints.model")
@@ -84,10 +89,15 @@ def endpoint_functions(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_infer_with_nothing_to_segment_is_a_422() -> None:
     changed = [
         "monailabel.endpoints.model",
+        "monailabel.endpoints.train.stop",
         "monailabel.endpoints.proxy",
         *(name for name, _ in INFER_FUNCTIONS),
         *(f"{name}.{function}" for name, function in UPLOAD_FUNCTIONS),
+        *(f"{name}.{function} (file names)" for name, function in NAMED_UPLOAD_FUNCTIONS),
         "monailabel.endpoints.datastore.download_dataset",
+        "monailabel.endpoints.datastore.datastore",
+        *(f"monailabel.endpoints.{m}.status" for m in ("train", "scoring", "batch_infer")),
+        *(f"monailabel.endpoints.session.{f}" for f in ("create_session", "get_session", "remove_session")),
     ]
     assert checked_endpoints() == changed
     assert checked_endpoints() == [], "installing twice is harmless"

@@ -17,7 +17,7 @@ from monailabel.interfaces.datastore import DefaultLabelTag
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
-from appcore.datastore import AllowedValues, CheckedLocalDatastore
+from appcore.datastore import AllowedValues, CheckedLocalDatastore, check_save_params
 from appcore.dicom.client import DicomWebClient, OrthancAdmin, PacsUnavailable
 from appcore.dicom.seg import SEG_MANUFACTURER, label_to_seg, seg_to_label
 from appcore.dicom.series import SeriesRefused, load_series, series_geometry
@@ -312,7 +312,8 @@ class DicomWebDatastore(CheckedLocalDatastore):
     # -- labels ------------------------------------------------------------------------------------
     def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any]) -> str:
         image_uri = self.get_image_uri(image_id)
-        check_image_id(label_tag, "Label tag")
+        check_image_id(label_tag, "Label tag", existing=self.label_tags())
+        label_info = check_save_params(label_info, "Save label")
         if not str(label_filename).endswith(".bin"):
             return self._save_label(image_id, image_uri, label_filename, label_tag, label_info)
         # OHIF sends a raw label buffer on the image's grid
