@@ -22,6 +22,7 @@ from fastapi import HTTPException
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.datastore import Datastore
 
+from appcore.cross_site import guard_cross_site, server_policy
 from appcore.dicom import proxy as dicom_proxy
 from appcore.dicom.client import is_dicomweb_url
 from appcore.errors import RequestError, bad_request, conflict, not_found, too_large, too_many, unprocessable
@@ -370,6 +371,7 @@ class RequestChecks:
         checked_endpoints()
         mb = self.settings.max_upload_mb
         limit_request_bodies((mb + 1) * 2**20, limit_mb=mb)  # room for the form around a file
+        guard_cross_site(server_policy(self.settings.cors_origins, self.settings.allowed_hosts))
 
     # -- sessions --------------------------------------------------------------------------------
     def _load_sessions(self, load: bool = False) -> CheckedSessions | None:

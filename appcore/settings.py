@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, fields
+
+from appcore.cross_site import normal_host, normal_origin
 
 MAX_TTA_SAMPLES = 6  # the test-time augmentations radiology.uncertainty defines
 
@@ -28,6 +30,14 @@ def _parse_int(key: str, value: str, minimum: int) -> int:
     if n < minimum:
         raise ValueError(f"--conf {key}: must be at least {minimum}, got {n}")
     return n
+
+
+def _parse_list(key: str, value: str, normal: Callable[[str], str]) -> tuple[str, ...]:
+    """A comma-separated list, each item put in ``normal`` form (which raises on a malformed one)."""
+    try:
+        return tuple(dict.fromkeys(normal(item) for item in value.split(",") if item.strip()))
+    except ValueError as e:
+        raise ValueError(f"--conf {key}: {e}") from None
 
 
 def _parse_float(key: str, value: str, minimum: float) -> float:
@@ -69,6 +79,10 @@ class AppSettings:
         cpu_bf16: run the radiology networks (infer, scoring and ``/train``) in bfloat16 on CPUs that
             compute it natively (AMX or AVX512-BF16; ``appcore.precision``); ``false`` keeps float32
             everywhere. No effect on older CPUs or on CUDA, which always uses mixed precision.
+        cors_origins: origins of other viewers' web pages allowed to use the API (CORS, and requests
+            that change something); none by default: only the server's own pages (``/ohif/``).
+        allowed_hosts: host names the server may be reached by besides ``localhost`` and IP
+            addresses (against DNS rebinding; ``appcore.cross_site``).
     """
 
     models: tuple[str, ...]
@@ -87,6 +101,8 @@ class AppSettings:
     sw_batch_size: int = 1
     infer_concurrency: int = 2
     cpu_bf16: bool = True
+    cors_origins: tuple[str, ...] = ()
+    allowed_hosts: tuple[str, ...] = ()
 
     @classmethod
     def from_conf(cls, conf: Mapping[str, str], available: Iterable[str]) -> AppSettings:
@@ -145,4 +161,8 @@ class AppSettings:
                 kwargs[key] = split
             elif key in ("score_after_train", "score_on_start", "score_new_images", "cpu_bf16"):
                 kwargs[key] = _parse_bool(key, value)
+            elif key == "cors_origins":
+                kwargs[key] = _parse_list(key, value, normal_origin)
+            elif key == "allowed_hosts":
+                kwargs[key] = _parse_list(key, value, normal_host)
         return cls(**kwargs)  # type: ignore[arg-type]
