@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, fields
 
@@ -83,6 +84,8 @@ class AppSettings:
             that change something); none by default: only the server's own pages (``/ohif/``).
         allowed_hosts: host names the server may be reached by besides ``localhost`` and IP
             addresses (against DNS rebinding; ``appcore.cross_site``).
+        body_timeout_s: seconds a request body may pause between two chunks before the request is
+            answered with a 408.
     """
 
     models: tuple[str, ...]
@@ -103,6 +106,7 @@ class AppSettings:
     cpu_bf16: bool = True
     cors_origins: tuple[str, ...] = ()
     allowed_hosts: tuple[str, ...] = ()
+    body_timeout_s: float = 60.0
 
     @classmethod
     def from_conf(cls, conf: Mapping[str, str], available: Iterable[str]) -> AppSettings:
@@ -165,4 +169,8 @@ class AppSettings:
                 kwargs[key] = _parse_list(key, value, normal_origin)
             elif key == "allowed_hosts":
                 kwargs[key] = _parse_list(key, value, normal_host)
+            elif key == "body_timeout_s":
+                kwargs[key] = _parse_float(key, value, 0.1)
+                if not math.isfinite(kwargs[key]):
+                    raise ValueError(f"--conf body_timeout_s: expected a number of seconds, got {value!r}")
         return cls(**kwargs)  # type: ignore[arg-type]
