@@ -24,12 +24,13 @@ from fastapi import HTTPException
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.datastore import Datastore
 
+from appcore.cross_site import guard_cross_site, server_policy
 from appcore.dicom import proxy as dicom_proxy
 from appcore.dicom.client import is_dicomweb_url
 from appcore.errors import RequestError, bad_request, conflict, not_found, too_large, too_many, unprocessable
 from appcore.files import staged_beside
 from appcore.lifecycle import children_stop_with_server, die_with_server, is_task_process
-from appcore.routes import limit_request_bodies, refuse_early, serve_in_threads
+from appcore.routes import limit_request_bodies, refuse_early, serve_in_threads, time_request_bodies
 from appcore.sessions import CheckedSessions
 from appcore.validation import MAX_ID_BYTES, check_device, check_image_id, check_upload_size, check_volume
 from appcore.weights import checked_state_dict
@@ -765,6 +766,8 @@ class RequestChecks:
         checked_endpoints()
         mb = self.settings.max_upload_mb
         limit_request_bodies((mb + 1) * 2**20, limit_mb=mb)  # room for the form around a file
+        time_request_bodies(self.settings.body_timeout_s)
+        guard_cross_site(server_policy(self.settings.cors_origins, self.settings.allowed_hosts))
 
     # -- sessions --------------------------------------------------------------------------------
     def _load_sessions(self, load: bool = False) -> CheckedSessions | None:

@@ -25,8 +25,25 @@ def bad_request(detail: str) -> RequestError:
     return RequestError(400, detail)
 
 
+def forbidden(detail: str) -> RequestError:
+    return RequestError(403, detail)
+
+
 def not_found(detail: str) -> RequestError:
     return RequestError(404, detail)
+
+
+def method_not_allowed(detail: str, allowed: str) -> RequestError:
+    error = RequestError(405, detail)
+    error.headers = {"Allow": allowed}
+    return error
+
+
+def request_timeout(detail: str) -> RequestError:
+    """A 408; the connection is closed after it, as the rest of the body may still be on its way."""
+    error = RequestError(408, detail)
+    error.headers = {"Connection": "close"}
+    return error
 
 
 def conflict(detail: str) -> RequestError:

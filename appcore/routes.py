@@ -13,7 +13,7 @@ from collections.abc import Callable, Collection
 from typing import Any
 from urllib.parse import parse_qsl
 
-from appcore.errors import RequestError, too_large
+from appcore.errors import RequestError, request_timeout, too_large
 
 # Given a request's path and query parameters and its body, why it is refused, or None to let
 # MONAI Label's route answer.
@@ -120,14 +120,17 @@ def serve_in_threads(path: str, methods: Collection[str], name: str, threads: in
     infer, an upload's checks or a PACS round trip holds the server's only event loop: every other
     request (``/info``, the viewer's DICOMweb proxy, another clinician's infer) waits for it. Here
     the whole request, body parsing included, runs with ``asyncio.run`` in a worker thread;
-    its ``receive`` and ``send`` are those of the server's loop, called across threads. Each route
-    has ``threads`` threads of its own (more requests wait for one), so slow uploads cannot take the
-    threads ``/info`` needs. Returns whether the route is in place (False outside a server).
+    its ``send`` is that of the server's loop, called across threads. Each route has ``threads``
+    threads of its own (more requests wait for one), so busy uploads cannot take the threads
+    ``/info`` needs. The body is received on the server's loop before a thread is taken
+    (``_receive_body``): a client that announces a body and stalls holds no thread, and gets the
+    408 of ``time_request_bodies``. Returns whether the route is in place (False outside a server).
     """
     routes = _server_routes()
     if routes is None:
         return False
     import asyncio
+    import tempfile
 
     import anyio.to_thread
     from starlette.routing import Route
@@ -149,12 +152,122 @@ def serve_in_threads(path: str, methods: Collection[str], name: str, threads: in
 
                 return called
 
-            def serve() -> None:
-                asyncio.run(route.handle({**scope, **child}, on_server_loop(receive), on_server_loop(send)))
+            with tempfile.SpooledTemporaryFile(max_size=SPOOLED_IN_MEMORY) as body:
+                try:
+                    if not await _receive_body(receive, body):
+                        return None  # the client went away
+                except RequestError as e:  # a stalled body (408), one over the size limit (413)
+                    return await _error_response(e)(scope, receive, send)
 
-            await anyio.to_thread.run_sync(serve, limiter=self.limiter)
+                def serve() -> None:
+                    replay = _replayed(body, on_server_loop(receive))
+                    asyncio.run(route.handle({**scope, **child}, replay, on_server_loop(send)))
+
+                await anyio.to_thread.run_sync(serve, limiter=self.limiter)
 
     return insert_first(_Threaded(path, _answered_in_handle, methods=list(methods), name=name))
+
+
+SPOOLED_IN_MEMORY = 1 << 20  # a received body over this size waits for its thread in a temporary file
+
+
+async def _receive_body(receive: Any, body: Any) -> bool:
+    """Write the whole request body from ``receive`` into the file ``body`` and go back to its start;
+    False if the client left first."""
+    more = True
+    while more:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return False
+        body.write(message.get("body", b""))
+        more = message.get("more_body", False)
+    body.seek(0)
+    return True
+
+
+def _replayed(body: Any, receive: Any) -> Any:
+    """A ``receive`` that gives ``body`` (a file) in chunks, then what ``receive`` gives (a disconnect)."""
+    done = False
+
+    async def replay() -> dict[str, Any]:
+        nonlocal done
+        if done:
+            return await receive()
+        chunk = body.read(SPOOLED_IN_MEMORY)
+        done = body.tell() >= _size(body)
+        return {"type": "http.request", "body": chunk, "more_body": not done}
+
+    return replay
+
+
+def _size(file: Any) -> int:
+    here = file.tell()
+    end = file.seek(0, 2)
+    file.seek(here)
+    return end
+
+
+def _error_response(error: RequestError) -> Any:
+    from starlette.responses import JSONResponse
+
+    return JSONResponse({"detail": error.detail}, status_code=error.status_code, headers=error.headers)
+
+
+def time_request_bodies(idle_s: float) -> bool:
+    """Answer a request whose body pauses for more than ``idle_s`` seconds between chunks with a 408.
+
+    A client that announces a body (``Content-Length``, or chunked) and then sends nothing held its
+    request open for as long as it liked: with MONAI Label's endpoints it held a coroutine, and
+    behind ``serve_in_threads`` a worker thread, so 16 such connections blocked every label save.
+    Wraps the running server's ASGI stack (as ``limit_request_bodies``); the ``receive`` of every
+    request raises the 408 (``appcore.errors.request_timeout``) until the body is complete, after
+    which waiting (for a disconnect, during a streamed answer) is not timed. Returns whether it
+    did (False outside a server).
+    """
+    server = sys.modules.get("monailabel.app")
+    app = getattr(server, "app", None)
+    stack = getattr(app, "middleware_stack", None)
+    if stack is None:
+        return False
+    if isinstance(stack, _BodyTimeout):
+        stack.idle_s = idle_s
+    else:
+        app.middleware_stack = _BodyTimeout(stack, idle_s)
+    return True
+
+
+class _BodyTimeout:
+    """The ASGI layer of ``time_request_bodies``."""
+
+    def __init__(self, app: Any, idle_s: float) -> None:
+        self.app, self.idle_s = app, idle_s
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            receive = self._timed(receive)
+        await self.app(scope, receive, send)
+
+    def _timed(self, receive: Any) -> Any:
+        import asyncio
+
+        complete = False
+
+        async def timed() -> Any:
+            nonlocal complete
+            if complete:
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.idle_s)
+            except TimeoutError:
+                raise request_timeout(
+                    f"The request body stopped arriving: nothing came for {self.idle_s:g} s "
+                    "(--conf body_timeout_s). Send the whole body without pausing; nothing of this "
+                    "request was stored"
+                ) from None
+            complete = message.get("type") != "http.request" or not message.get("more_body", False)
+            return message
+
+        return timed
 
 
 def limit_request_bodies(max_bytes: int, *, limit_mb: float | None = None) -> bool:

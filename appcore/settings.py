@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import math
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, fields
+
+from appcore.cross_site import normal_host, normal_origin
 
 MAX_TTA_SAMPLES = 6  # the test-time augmentations radiology.uncertainty defines
 
@@ -28,6 +31,14 @@ def _parse_int(key: str, value: str, minimum: int) -> int:
     if n < minimum:
         raise ValueError(f"--conf {key}: must be at least {minimum}, got {n}")
     return n
+
+
+def _parse_list(key: str, value: str, normal: Callable[[str], str]) -> tuple[str, ...]:
+    """A comma-separated list, each item put in ``normal`` form (which raises on a malformed one)."""
+    try:
+        return tuple(dict.fromkeys(normal(item) for item in value.split(",") if item.strip()))
+    except ValueError as e:
+        raise ValueError(f"--conf {key}: {e}") from None
 
 
 def _parse_float(key: str, value: str, minimum: float) -> float:
@@ -76,6 +87,12 @@ class AppSettings:
             everywhere. No effect on older CPUs or on CUDA, which always uses mixed precision.
         expose_logs: serve this server's log at ``GET /logs/`` (a 403 otherwise: there is no
             authentication yet, and the log names images, clients and server folders).
+        cors_origins: origins of other viewers' web pages allowed to use the API (CORS, and requests
+            that change something); none by default: only the server's own pages (``/ohif/``).
+        allowed_hosts: host names the server may be reached by besides ``localhost`` and IP
+            addresses (against DNS rebinding; ``appcore.cross_site``).
+        body_timeout_s: seconds a request body may pause between two chunks before the request is
+            answered with a 408.
     """
 
     models: tuple[str, ...]
@@ -96,6 +113,9 @@ class AppSettings:
     infer_memory_mb: int = 640
     cpu_bf16: bool = True
     expose_logs: bool = False
+    cors_origins: tuple[str, ...] = ()
+    allowed_hosts: tuple[str, ...] = ()
+    body_timeout_s: float = 60.0
 
     @classmethod
     def from_conf(cls, conf: Mapping[str, str], available: Iterable[str]) -> AppSettings:
@@ -155,4 +175,12 @@ class AppSettings:
                 kwargs[key] = split
             elif key in ("score_after_train", "score_on_start", "score_new_images", "cpu_bf16", "expose_logs"):
                 kwargs[key] = _parse_bool(key, value)
+            elif key == "cors_origins":
+                kwargs[key] = _parse_list(key, value, normal_origin)
+            elif key == "allowed_hosts":
+                kwargs[key] = _parse_list(key, value, normal_host)
+            elif key == "body_timeout_s":
+                kwargs[key] = _parse_float(key, value, 0.1)
+                if not math.isfinite(kwargs[key]):
+                    raise ValueError(f"--conf body_timeout_s: expected a number of seconds, got {value!r}")
         return cls(**kwargs)  # type: ignore[arg-type]

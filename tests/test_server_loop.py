@@ -416,7 +416,7 @@ def test_gpu_information_without_a_gpu_is_a_404(server) -> None:
 def test_an_announced_huge_upload_is_refused_before_its_body_is_sent(server) -> None:
     client, studies, _ = server
     head = (
-        "PUT /datastore/label?image=hippocampus_001&tag=final HTTP/1.1\r\nHost: server\r\n"
+        "PUT /datastore/label?image=hippocampus_001&tag=final HTTP/1.1\r\nHost: 127.0.0.1\r\n"
         "Content-Type: multipart/form-data; boundary=b\r\nContent-Length: 5000000000\r\n\r\n"
     )
     with socket.create_connection((client.base_url.host, client.base_url.port), timeout=30) as s:
