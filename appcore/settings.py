@@ -69,6 +69,8 @@ class AppSettings:
         cpu_bf16: run the radiology networks (infer, scoring and ``/train``) in bfloat16 on CPUs that
             compute it natively (AMX or AVX512-BF16; ``appcore.precision``); ``false`` keeps float32
             everywhere. No effect on older CPUs or on CUDA, which always uses mixed precision.
+        keep_versions: how many of a model's newest weight versions keep their file
+            (``appcore.versions``); the served version and the shipped weights are always kept.
     """
 
     models: tuple[str, ...]
@@ -87,6 +89,7 @@ class AppSettings:
     sw_batch_size: int = 1
     infer_concurrency: int = 2
     cpu_bf16: bool = True
+    keep_versions: int = 5
 
     @classmethod
     def from_conf(cls, conf: Mapping[str, str], available: Iterable[str]) -> AppSettings:
@@ -130,6 +133,7 @@ class AppSettings:
                 "max_upload_mb",
                 "infer_concurrency",
                 "max_k",
+                "keep_versions",
             ):
                 kwargs[key] = _parse_int(key, value, 1)
             elif key == "tta_samples":
