@@ -82,7 +82,9 @@ def write_bundle(
     (out / "configs").mkdir(parents=True, exist_ok=True)
     (out / "models").mkdir(exist_ok=True)
     (out / "docs").mkdir(exist_ok=True)
-    torch.save(network.state_dict(), out / "models" / "model.pt")  # float32, as the bundle runs it
+    # As stored (the shipped hippocampus weights are float16: half the size); loading casts to the
+    # network's float32, as the server's loading does.
+    torch.save(state, out / "models" / "model.pt")
     torch.jit.script(network).save(str(out / "models" / "model.ts"))
     chain = lineage(store, number)
     full = {
@@ -92,7 +94,6 @@ def write_bundle(
         "monai_version": monai.__version__,
         "pytorch_version": torch.__version__.split("+")[0],
         "numpy_version": np.__version__,
-        "optional_packages_version": {},
         "required_packages_version": {},
         **metadata,
         "served_version": number,
