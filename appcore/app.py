@@ -421,16 +421,21 @@ class RequestChecks:
             ]
         return info
 
-    def training_running(self) -> str | None:
-        """What training runs or waits to run now (for a refusal's message), or ``None``."""
+    def training_running(self, model: str) -> str | None:
+        """What training of ``model``'s weights (of any model sharing them, of every model) runs or
+        waits to run now, for a refusal's message; ``None`` if none."""
         from monailabel.utils.async_tasks.utils import tasks
 
         if _SYNC_TRAINING.locked():
             return "a training requested with run_sync=true runs"
+        folder = self.version_store(model).folder
         for task in tasks("train"):
-            if task.get("status") in ("SUBMITTED", "RUNNING"):
-                model = dict(task.get("request") or {}).get("model") or "every model"
-                return f"a training of {model} (started {task.get('start_ts')}) is {task['status'].lower()}"
+            trained = dict(task.get("request") or {}).get("model")
+            if task.get("status") not in ("SUBMITTED", "RUNNING"):
+                continue
+            if trained is None or trained not in self._infers or self.version_store(trained).folder == folder:
+                what = trained or "every model"
+                return f"a training of {what} (started {task.get('start_ts')}) is {task['status'].lower()}"
         return None
 
     def on_training_stopped(self, model: str | None, started: float | None) -> None:
@@ -497,7 +502,7 @@ class RequestChecks:
         """Serve ``model``'s weights ``version`` again (0: the shipped ones); 404 for an unknown model or
         version. Refused (409, not queued) while a training runs: its publish would replace them."""
         self._known_model(model)
-        running = self.training_running()
+        running = self.training_running(model)
         if running:
             raise conflict(
                 f"Not served: {running}, and its publish would replace the weights served; this request is "

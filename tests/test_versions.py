@@ -284,3 +284,45 @@ def test_versions_rollback_and_export_over_http(tmp_path: Path) -> None:
         assert http.delete("/model/hippocampus").status_code == 200
         assert http.get("/model/hippocampus/versions").json()["served_version"] == 0
         assert http.delete("/model/hippocampus").status_code == 404
+
+
+class _Models:
+    """What ``RequestChecks.training_running`` reads of an app: its models and their version stores."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._infers = {"hippocampus": None, "organs_ct": None, "nuclei": None, "nuclick": None}
+
+    def version_store(self, model: str) -> VersionStore:
+        published = "nuclei" if model in ("nuclei", "nuclick") else model  # the pathology models share one file
+        return store_beside(self.root / f"{published}.pt", model, None)
+
+
+@pytest.mark.parametrize(
+    ("trained", "status", "rolled_back", "refused"),
+    [
+        ("hippocampus", "RUNNING", "hippocampus", "a training of hippocampus .* is running"),
+        ("hippocampus", "SUBMITTED", "hippocampus", "a training of hippocampus .* is submitted"),
+        (None, "RUNNING", "organs_ct", "a training of every model"),
+        ("nuclick", "RUNNING", "nuclei", "a training of nuclick"),  # the same weights
+        ("organs_ct", "RUNNING", "hippocampus", None),  # another model's weights
+        ("hippocampus", "DONE", "hippocampus", None),
+    ],
+)
+def test_rollback_is_refused_only_while_its_weights_train(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    trained: str | None,
+    status: str,
+    rolled_back: str,
+    refused: str | None,
+) -> None:
+    from monailabel.utils.async_tasks import utils
+
+    from appcore.app import RequestChecks
+
+    request = {"model": trained} if trained else {}
+    task = {"id": "t", "status": status, "request": request, "start_ts": "2026-12-07 10:00:00"}
+    monkeypatch.setitem(utils.background_tasks, "train", [task])
+    why = RequestChecks.training_running(_Models(tmp_path), rolled_back)  # type: ignore[arg-type]
+    assert why is None if refused is None else re.search(refused, why or "")
