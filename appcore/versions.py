@@ -129,12 +129,12 @@ class VersionStore:
         A published file that the records do not describe (written before versions were kept, or by
         hand) is taken in as a version of its own at the next change; until then it reads as ``None``.
         """
-        if not self.published.exists():
+        try:
+            stamp = self.published.stat().st_mtime_ns
+        except FileNotFoundError:  # never published, withdrawn, or the shipped weights served again
             return SHIPPED if self.shipped else None
         state = self._state()
-        if state.get("published_mtime_ns") == self.published.stat().st_mtime_ns:
-            return state.get("served")
-        return None
+        return state.get("served") if state.get("published_mtime_ns") == stamp else None
 
     def versions(self) -> list[dict[str, Any]]:
         """Every version's record, oldest first, each with ``served`` (bool) and ``weights_kept``."""
