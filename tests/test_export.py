@@ -223,3 +223,27 @@ def test_bundle_loads_in_monai_labels_bundle_app(tmp_path: Path, monkeypatch: py
         {"image": str(image), "device": "cpu"}
     )
     assert agreement(np.asarray(nib.load(answer).dataobj), np.asarray(nib.load(served).dataobj)) >= AGREEMENT
+
+
+@pytest.mark.skipif(not TILE.exists(), reason=f"real pathology tile {TILE} is absent")
+def test_nuclei_bundle_loads_in_monai_labels_bundle_app(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("torchvision", "torchvision.utils"):  # as above
+        stub = types.ModuleType(name)
+        stub.make_grid = stub.save_image = stub.utils = None  # type: ignore[attr-defined]
+        monkeypatch.setitem(sys.modules, name, stub)
+    from monailabel.tasks.infer.bundle import BundleInferTask
+
+    from pathology import export as pathology_export
+    from pathology.infer import NucleiInfer
+    from pathology.registry import MODELS as PATHOLOGY
+
+    spec = PATHOLOGY["nuclei"].spec
+    store = store_beside(tmp_path / "model" / "nuclei.pt", "nuclei", spec.shipped_weights_path)
+    task = BundleInferTask(str(pathology_export.export_bundle(spec, store, 0, tmp_path / "bundle")), {})
+    assert task.is_valid() and task.labels == {"nucleus": 1} and task.dimension == 2
+    # MONAI Label writes with ITK, whose PNG writer takes no 32-bit ids: the mask comes as NIfTI,
+    # (1, width, height) as MONAI reads a PNG.
+    answer, _ = task({"image": str(TILE), "device": "cpu", "result_extension": ".nii.gz"})
+    served, _ = NucleiInfer(spec, [str(spec.shipped_weights_path)], name="nuclei")({"image": str(TILE)})
+    mask = np.asarray(nib.load(answer).dataobj)[0].T
+    assert agreement(mask, np.asarray(Image.open(served))) >= AGREEMENT
