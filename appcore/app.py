@@ -33,6 +33,7 @@ from appcore.lifecycle import children_stop_with_server, die_with_server, is_tas
 from appcore.routes import limit_request_bodies, refuse_early, serve_in_threads, time_request_bodies
 from appcore.sessions import CheckedSessions
 from appcore.validation import MAX_ID_BYTES, check_device, check_image_id, check_upload_size, check_volume
+from appcore.versions import VersionStore, store_beside
 from appcore.weights import checked_state_dict
 
 logger = logging.getLogger(__name__)
@@ -340,7 +341,8 @@ def _no_dicomweb(params: dict[str, Any], body: bytes) -> RequestError | None:
 
 
 def _update_model(background_tasks: Any, model: str, file: Any) -> dict[str, Any]:
-    """``monailabel.endpoints.model.update_model`` (``PUT /model/{model}``), checked."""
+    """``monailabel.endpoints.model.update_model`` (``PUT /model/{model}``), checked; the route of
+    ``appcore.model_routes`` answers first and passes the client's id too."""
     return _running_app().replace_weights(model, file.file)
 
 
@@ -747,6 +749,9 @@ class RequestChecks:
         children_stop_with_server()  # first: before anything starts a task
         super().on_init_complete()
         strict_form_json()
+        from appcore.model_routes import add_model_routes
+
+        add_model_routes()  # before the threaded routes, which hand PUT /model/{model} on to it
         for path, methods in THREADED_ROUTES:  # first: the refusing routes below go in front of them
             serve_in_threads(path, methods, name=f"threaded {path}")
         refuse_early("/scoring/{method}", ["POST"], _unknown_scoring, name="refuse_scoring")
@@ -795,6 +800,47 @@ class RequestChecks:
         """An untrained instance of the network ``model`` serves, to check uploaded weights against."""
         raise NotImplementedError
 
+    def shipped_weights(self, model: str) -> Path | None:
+        """``model``'s shipped weights (its version 0), or ``None`` where it ships none."""
+        return None
+
+    def version_store(self, model: str) -> VersionStore:
+        """The versions of ``model``'s weights (``appcore.versions``), kept beside its published file;
+        models that share one published file share its versions."""
+        return store_beside(
+            self.published_weights(model), model, self.shipped_weights(model), keep=self.settings.keep_versions
+        )
+
+    def info(self) -> dict[str, Any]:
+        """MONAI Label's ``/info``, each model with its weight versions (the image lists left out:
+        ``GET /model/<model>/versions`` has them) and the one served (``served_version``)."""
+        info = super().info()  # type: ignore[misc]
+        for name, entry in info.get("models", {}).items():
+            store = self.version_store(name)
+            entry["served_version"] = store.served_version()
+            entry["versions"] = [
+                {k: v for k, v in r.items() if k not in ("trained_images", "validated_images")}
+                for r in store.versions()
+            ]
+        return info
+
+    def training_running(self, model: str) -> str | None:
+        """What training of ``model``'s weights (of any model sharing them, of every model) runs or
+        waits to run now, for a refusal's message; ``None`` if none."""
+        from monailabel.utils.async_tasks.utils import tasks
+
+        if _SYNC_TRAINING.locked():
+            return "a training requested with run_sync=true runs"
+        folder = self.version_store(model).folder
+        for task in tasks("train"):
+            trained = dict(task.get("request") or {}).get("model")
+            if task.get("status") not in ("SUBMITTED", "RUNNING"):
+                continue
+            if trained is None or trained not in self._infers or self.version_store(trained).folder == folder:
+                what = trained or "every model"
+                return f"a training of {what} (started {task.get('start_ts')}) is {task['status'].lower()}"
+        return None
+
     def on_training_stopped(self, model: str | None, started: float | None) -> None:
         """``DELETE /train/`` stopped the run of ``model`` (of every trainer for ``None``) begun at
         ``started`` (seconds since the epoch, if known); by default nothing is recorded."""
@@ -806,13 +852,14 @@ class RequestChecks:
         if model not in self._infers:
             raise not_found(f"Unknown model {model!r}; served models: {sorted(self._infers)}")
 
-    def replace_weights(self, model: str, source: BinaryIO) -> dict[str, Any]:
+    def replace_weights(self, model: str, source: BinaryIO, client_id: str | None = None) -> dict[str, Any]:
         """Publish uploaded weights for ``model`` once they are known to fit its network.
 
         The upload is written beside the published file, checked (a PyTorch checkpoint read without
         running code, the network's tensor names and shapes, finite values: 422 otherwise; 413 over
-        ``max_upload_mb``) and renamed over it, so infer and scoring see the old weights or the new
-        ones, never a half-written or foreign file. The shipped weights are never written.
+        ``max_upload_mb``), kept as a new version (``started_by`` ``client_id``) and renamed over the
+        published file, so infer and scoring see the old weights or the new ones, never a
+        half-written or foreign file. The shipped weights are never written.
         """
         from monailabel.utils.others.generic import file_checksum
 
@@ -836,28 +883,37 @@ class RequestChecks:
             if size == 0:
                 raise unprocessable("The uploaded weights are empty (0 bytes)")
             checked_state_dict(staged, self.new_network(model))
-            os.replace(staged, target)
+            record = {"source": "upload", "started_by": client_id}
+            version = self.version_store(model).publish(lambda path: os.replace(staged, path), record)
         finally:
             Path(staged).unlink(missing_ok=True)
         logger.info("Weights of %s replaced by an upload (%d bytes): %s", model, size, target)
         self.on_weights_changed(model)
-        return {"checksum": file_checksum(str(target)), "modified_time": int(target.stat().st_mtime)}
+        checksum = file_checksum(str(target))
+        return {"checksum": checksum, "modified_time": int(target.stat().st_mtime), "version": version["version"]}
 
     def remove_weights(self, model: str) -> dict[str, Any]:
         """Withdraw ``model``'s published weights (kept as ``<file>.<time>.deleted``); it then serves
         its shipped weights, or none. 404 when nothing is published: shipped weights are never removed."""
         self._known_model(model)
-        target = self.published_weights(model)
-        if not target.exists():
-            raise not_found(
-                f"Model {model!r} has no published weights to delete: it serves its shipped weights or none. "
-                f"Only weights a training run or PUT /model/{model} published can be deleted"
-            )
-        stamp = datetime.now().strftime("%Y%m%d_%H%M%S_%f")  # two deletes in one second keep both files
-        os.replace(target, target.with_name(f"{target.name}.{stamp}.deleted"))
-        logger.info("Published weights of %s withdrawn: %s", model, target)
+        withdrawn = self.version_store(model).withdraw()  # 404 when nothing is published
+        logger.info("Published weights of %s withdrawn (version %s)", model, withdrawn)
         self.on_weights_changed(model)
         return {}
+
+    def serve_version(self, model: str, version: int) -> dict[str, Any]:
+        """Serve ``model``'s weights ``version`` again (0: the shipped ones); 404 for an unknown model or
+        version. Refused (409, not queued) while a training runs: its publish would replace them."""
+        self._known_model(model)
+        running = self.training_running(model)
+        if running:
+            raise conflict(
+                f"Not served: {running}, and its publish would replace the weights served; this request is "
+                "refused, not queued: send it again once the training has ended (GET /train/ says when)"
+            )
+        record = self.version_store(model).serve(version)
+        self.on_weights_changed(model)
+        return record
 
     def request_image(self, request: dict[str, Any], datastore: Datastore | None, max_upload_mb: int) -> str:
         """The file an infer request names: the upload or session image its endpoint wrote for this

@@ -93,6 +93,8 @@ class AppSettings:
             addresses (against DNS rebinding; ``appcore.cross_site``).
         body_timeout_s: seconds a request body may pause between two chunks before the request is
             answered with a 408.
+        keep_versions: how many of a model's newest weight versions keep their file
+            (``appcore.versions``); the served version and the shipped weights are always kept.
     """
 
     models: tuple[str, ...]
@@ -116,6 +118,7 @@ class AppSettings:
     cors_origins: tuple[str, ...] = ()
     allowed_hosts: tuple[str, ...] = ()
     body_timeout_s: float = 60.0
+    keep_versions: int = 5
 
     @classmethod
     def from_conf(cls, conf: Mapping[str, str], available: Iterable[str]) -> AppSettings:
@@ -160,6 +163,7 @@ class AppSettings:
                 "infer_concurrency",
                 "infer_memory_mb",
                 "max_k",
+                "keep_versions",
             ):
                 kwargs[key] = _parse_int(key, value, 1)
             elif key == "tta_samples":

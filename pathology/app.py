@@ -66,6 +66,16 @@ class PathologyApp(RequestChecks, MONAILabelApp):
     def new_network(self, model: str) -> torch.nn.Module:
         return self.models[model].spec.network()
 
+    def shipped_weights(self, model: str) -> Path | None:
+        return self.models[model].spec.shipped_weights_path
+
+    def export_bundle(self, model: str, version: int, out: Path) -> Path:
+        """Version ``version`` of the network ``model`` runs as a MONAI Bundle in ``out``
+        (``pathology.export``; ``nuclick`` shares the network and exports the nuclei bundle)."""
+        from pathology.export import export_bundle
+
+        return export_bundle(self.models[model].spec, self.version_store(model), version, out)
+
     # -- datastore -------------------------------------------------------------------------------
     def init_datastore(self) -> Datastore:
         if not os.path.isdir(self.studies):
@@ -94,6 +104,7 @@ class PathologyApp(RequestChecks, MONAILabelApp):
             self.model_dir / "nuclei_train_stats.json",
             max_epochs=self.settings.max_epochs,
             batch_size=self.settings.train_batch_size,
+            versions=self.version_store(next(iter(self.models))),
         )
         return dict.fromkeys(self.models, trainer)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -77,6 +78,11 @@ def targets(mask: np.ndarray) -> np.ndarray:
     return np.stack([(mask > 0).astype(np.float32), normalised_distance(mask)])
 
 
+def normalise(x: Any) -> Any:
+    """RGB values 0-255 (an array or tensor of floats) to the network's [-1, 1]."""
+    return (x / 127.5) - 1.0
+
+
 def to_input(rgb: np.ndarray) -> np.ndarray:
     """Network input (3, H, W) float32 in [-1, 1] from an RGB uint8 array."""
-    return (rgb.astype(np.float32).transpose(2, 0, 1) / 127.5) - 1.0
+    return normalise(rgb.astype(np.float32).transpose(2, 0, 1))

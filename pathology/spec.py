@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from monai.networks.nets import UNet
@@ -63,15 +64,19 @@ class NucleiSpec:
 
     def network(self) -> torch.nn.Module:
         """A fresh, untrained network."""
-        return UNet(
-            spatial_dims=2,
-            in_channels=3,
-            out_channels=2,
-            channels=self.channels,
-            strides=self.strides,
-            num_res_units=self.num_res_units,
-            norm="batch",
-        )
+        return UNet(**self.unet_args())
+
+    def unet_args(self) -> dict[str, Any]:
+        """The arguments of MONAI's ``UNet`` (an exported bundle's ``network_def`` has them too)."""
+        return {
+            "spatial_dims": 2,
+            "in_channels": 3,
+            "out_channels": 2,
+            "channels": list(self.channels),
+            "strides": list(self.strides),
+            "num_res_units": self.num_res_units,
+            "norm": "batch",
+        }
 
 
 NUCLEI = NucleiSpec()

@@ -13,7 +13,9 @@ import torch
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.train import TrainTask
 
+from appcore.errors import RequestError
 from appcore.lifecycle import server_stopping
+from appcore.versions import VersionStore, store_beside
 from pathology.data import read_instances
 from pathology.postprocess import rasterize
 from pathology.spec import NucleiSpec
@@ -70,6 +72,7 @@ class NucleiTrainer(TrainTask):
         max_epochs: int = 20,
         batch_size: int = 4,
         learning_rate: float = 5e-4,
+        versions: VersionStore | None = None,
     ) -> None:
         super().__init__("Fine-tune the nuclei network on the saved final labels")
         self.spec = spec
@@ -77,6 +80,7 @@ class NucleiTrainer(TrainTask):
         self.shipped_path = Path(shipped_path) if shipped_path else None
         self.stats_path = Path(stats_path)
         self._max_epochs, self._batch_size, self._lr = max_epochs, batch_size, learning_rate
+        self.versions = versions or store_beside(self.served_path, "nuclei", self.shipped_path)
 
     def config(self) -> dict[str, Any]:
         return {"max_epochs": self._max_epochs, "train_batch_size": self._batch_size}
@@ -95,6 +99,10 @@ class NucleiTrainer(TrainTask):
         batch = int(request.get("train_batch_size", self._batch_size))
         steps = max(1, epochs * len(examples))
         start = self.start_path()
+        try:  # the version the run starts from (a published file the records do not describe taken in)
+            parent = self.versions.served_record()["version"] if start else None
+        except RequestError:
+            parent = None
         device = "cuda" if torch.cuda.is_available() and request.get("device", "cuda") != "cpu" else "cpu"
         network = load_network(self.spec, start, device) if start else self.spec.network().to(device)
         began = time.perf_counter()
@@ -114,7 +122,15 @@ class NucleiTrainer(TrainTask):
         state = network.state_dict()
         if not all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point()):
             raise RuntimeError("Training produced NaN or Inf weights; served weights unchanged")
-        save_weights_atomically(state, self.served_path)
+        record = {
+            "source": "training",
+            "started_by": str(request.get("client_id") or request.get("user") or "anonymous"),
+            "parent": parent,
+            "trained_images": [Path(r["image"]).name.split(".")[0] for r in records],
+            "validated_images": [],
+            "steps": steps,
+        }
+        version = self.versions.publish(lambda path: save_weights_atomically(state, path), record)
         stats = {
             "images": len(examples),
             "steps": steps,
@@ -122,6 +138,7 @@ class NucleiTrainer(TrainTask):
             "loss": round(float(np.mean(losses[-max(1, len(examples)) :])), 4),
             "started_from": start.name if start else None,  # file names, not the server's paths
             "published": self.served_path.name,
+            "version": version["version"],
             "seconds": round(time.perf_counter() - began, 1),
         }
         self.stats_path.parent.mkdir(parents=True, exist_ok=True)

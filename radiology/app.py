@@ -95,6 +95,15 @@ class RadiologyApp(RequestChecks, MONAILabelApp):
     def new_network(self, model: str) -> torch.nn.Module:
         return self.specs[model].network()
 
+    def shipped_weights(self, model: str) -> Path | None:
+        return self.specs[model].shipped_weights_path
+
+    def export_bundle(self, model: str, version: int, out: Path) -> Path:
+        """Version ``version`` of ``model`` as a MONAI Bundle in ``out`` (``radiology.export``)."""
+        from radiology.export import export_bundle
+
+        return export_bundle(self.specs[model], self.version_store(model), version, out)
+
     def on_training_stopped(self, model: str | None, started: float | None) -> None:
         for name, trainer in self._trainers.items():
             if model in (None, name):
@@ -190,6 +199,7 @@ class RadiologyApp(RequestChecks, MONAILabelApp):
                 cpu_bf16=self.settings.cpu_bf16,
                 neighbours=[other for other in self.specs.values() if other is not spec],
                 memory_budget_mb=self.settings.infer_memory_mb,
+                versions=self.version_store(name),
             )
             for name, spec in self.specs.items()
         }

@@ -35,10 +35,13 @@ class MeanOfMembers(torch.nn.Module):
         if len(members) < 2:
             raise ValueError(f"an ensemble needs at least two members, got {len(members)}")
         self.members = torch.nn.ModuleList(members)
+        self.tiny = _TINY  # an attribute, not the global: TorchScript (a bundle's model.ts) compiles it
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        mean = torch.stack([torch.softmax(m(x).float(), dim=1) for m in self.members]).mean(0)
-        return mean.clamp_min(_TINY).log()
+        probabilities: list[torch.Tensor] = []
+        for member in self.members:  # a loop, not a comprehension over the ModuleList: TorchScript
+            probabilities.append(torch.softmax(member(x).float(), dim=1))
+        return torch.stack(probabilities).mean(0).clamp_min(self.tiny).log()
 
 
 def members_of(network: torch.nn.Module) -> list[torch.nn.Module]:

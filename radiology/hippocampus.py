@@ -29,4 +29,5 @@ HIPPOCAMPUS = ModelSpec(
     members=4,
     learning_rate=5e-4,
     samples_per_image=1,
+    training_data="Medical Segmentation Decathlon Task04 Hippocampus, 160 cases (CC-BY-SA 4.0)",
 )

@@ -36,6 +36,57 @@ def restore_nifti_header(pred: np.ndarray, source: str) -> nib.Nifti1Image:
     return out
 
 
+class ModelWindowInferer(Inferer):
+    """MONAI's Gaussian sliding window, the window sized per input by ``radiology.windows.infer_window``.
+
+    The one inferer of the server's infer and of an exported bundle (``radiology.export``), whose
+    ``inference.json`` instantiates it by ``_target_``: a fixed window there would tile larger
+    volumes otherwise than the server does.
+
+    Args:
+        roi_size: the training patch, the smallest window.
+        max_scale: a window may grow up to this many times ``roi_size`` per axis.
+        multiple: window sides are multiples of this (the network's downsampling factor).
+        sw_batch_size: windows per forward pass.
+        overlap: overlap of neighbouring windows.
+    """
+
+    def __init__(
+        self,
+        roi_size: tuple[int, ...] | list[int],
+        *,
+        max_scale: float = 1.0,
+        multiple: int = 1,
+        sw_batch_size: int = 1,
+        overlap: float = OVERLAP,
+    ) -> None:
+        super().__init__()
+        self.roi_size = tuple(int(r) for r in roi_size)
+        self.max_scale, self.multiple = float(max_scale), int(multiple)
+        self.sw_batch_size, self.overlap = int(sw_batch_size), float(overlap)
+
+    def window(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The window for an input of spatial ``shape``."""
+        overlap, scale, multiple = self.overlap, self.max_scale, self.multiple
+        return infer_window(shape, self.roi_size, overlap=overlap, max_scale=scale, multiple=multiple)
+
+    def __call__(self, inputs: torch.Tensor, network: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+        window = SlidingWindowInferer(
+            roi_size=self.window(tuple(inputs.shape[2:])),
+            sw_batch_size=self.sw_batch_size,
+            overlap=self.overlap,
+            mode="gaussian",
+        )
+        return window(inputs, network, *args, **kwargs)
+
+
+def window_inferer(spec: ModelSpec, sw_batch_size: int = 1) -> ModelWindowInferer:
+    """``spec``'s inferer (``ModelWindowInferer``)."""
+    return ModelWindowInferer(
+        spec.roi_size, max_scale=spec.max_window_scale, multiple=spec.size_multiple, sw_batch_size=sw_batch_size
+    )
+
+
 class SegmentationInfer(BasicInferTask):
     """Sliding-window segmentation with the model's pre-processing undone exactly on the output.
 
@@ -84,17 +135,7 @@ class SegmentationInfer(BasicInferTask):
         return self._pre
 
     def inferer(self, data: Any = None) -> Inferer:
-        roi: tuple[int, ...] = self.spec.roi_size
-        if data is not None and self.input_key in data:
-            shape = tuple(data[self.input_key].shape[1:])
-            roi = infer_window(
-                shape,
-                roi,
-                overlap=OVERLAP,
-                max_scale=self.spec.max_window_scale,
-                multiple=self.spec.size_multiple,
-            )
-        return SlidingWindowInferer(roi_size=roi, sw_batch_size=self._sw_batch_size, overlap=OVERLAP, mode="gaussian")
+        return window_inferer(self.spec, self._sw_batch_size)
 
     def run_inferer(self, data: dict[str, Any], convert_to_batch: bool = True, device: str = "cuda") -> dict:
         image = data[self.input_key]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from monai.networks.nets import UNet
@@ -65,6 +66,8 @@ class ModelSpec:
         members: how many such UNets the model serves, their class probabilities averaged
             (``radiology.ensemble.MeanOfMembers``); 1 serves a plain UNet. Training in the server
             fine-tunes them together; offline training (``radiology.offline``) trains one at a time.
+        training_data: what the shipped weights were trained on and its licence (an exported
+            bundle's metadata says it); ``None`` for a model that ships no weights.
     """
 
     name: str
@@ -83,6 +86,7 @@ class ModelSpec:
     max_window_scale: float = 1.5
     flip_axes: tuple[int, ...] = ()
     members: int = 1
+    training_data: str | None = None
 
     def __post_init__(self) -> None:
         if len(self.strides) != len(self.channels) - 1:
@@ -120,12 +124,17 @@ class ModelSpec:
 
     def unet(self) -> torch.nn.Module:
         """One fresh, untrained UNet of this model's architecture."""
-        return UNet(
-            spatial_dims=3,
-            in_channels=1,
-            out_channels=self.num_classes,
-            channels=self.channels,
-            strides=self.strides,
-            num_res_units=2,
-            dropout=self.dropout,
-        )
+        return UNet(**self.unet_args())
+
+    def unet_args(self) -> dict[str, Any]:
+        """The arguments of MONAI's ``UNet`` for one network of this model (an exported bundle's
+        ``network_def`` has them too)."""
+        return {
+            "spatial_dims": 3,
+            "in_channels": 1,
+            "out_channels": self.num_classes,
+            "channels": list(self.channels),
+            "strides": list(self.strides),
+            "num_res_units": 2,
+            "dropout": self.dropout,
+        }

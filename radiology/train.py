@@ -27,6 +27,7 @@ from appcore.files import write_json
 from appcore.lifecycle import server_stopping
 from appcore.precision import autocast
 from appcore.validation import check_segmentable, label_values, nifti_header, off_grid
+from appcore.versions import VersionStore, store_beside
 from appcore.weights import load_state_dict, save_weights_atomically
 from radiology.modality import wrong_modality
 from radiology.spec import ModelSpec
@@ -144,6 +145,8 @@ class SegmentationTrainer(BasicTrainTask):
             model's training data (``not_training_data``).
         memory_budget_mb: images one infer of which would take more memory (``--conf
             infer_memory_mb``) are left out, with the reason, as infer refuses them.
+        versions: where a completed run publishes, as a new version (``appcore.versions``); by
+            default the versions kept beside ``served_path``.
     """
 
     def __init__(
@@ -158,6 +161,7 @@ class SegmentationTrainer(BasicTrainTask):
         cpu_bf16: bool = True,
         neighbours: Sequence[ModelSpec] = (),
         memory_budget_mb: int | None = None,
+        versions: VersionStore | None = None,
     ) -> None:
         self.memory_budget_mb = memory_budget_mb
         shipped = spec.shipped_weights_path
@@ -187,6 +191,9 @@ class SegmentationTrainer(BasicTrainTask):
         self.neighbours = tuple(neighbours)
         self._starting_dice: float | None = None  # validation Dice of the weights the run started from
         self._data: dict[str, Any] = {}  # what the run trained on and left out, for ``last_run``
+        self.versions = versions or store_beside(self.served_path, spec.name, spec.shipped_weights_path)
+        self._run: dict[str, Any] = {}  # who started the run, from which version, on which images
+        self._image_ids: dict[str, str] = {}  # image path -> datastore id, of the run's data
 
     # -- what to train -------------------------------------------------------------------------
     def network(self, context: Context) -> torch.nn.Module:
@@ -266,9 +273,11 @@ class SegmentationTrainer(BasicTrainTask):
         and the run's ``last_run`` gives them too (``skipped``, the first ``SKIPPED_IN_STATS``)."""
         datalist, skipped = [], []
         reasons: dict[str, str] = {}
+        self._image_ids: dict[str, str] = {}
         for case, image_id, reason in self.labels_with_reasons(datastore):
             if reason is None:
                 datalist.append(case)
+                self._image_ids[case["image"]] = image_id
             else:
                 skipped.append(image_id)
                 if len(reasons) < self.SKIPPED_IN_STATS:
@@ -289,6 +298,9 @@ class SegmentationTrainer(BasicTrainTask):
         datalist = sorted(datalist, key=lambda d: d["image"])
         train, val = (datalist[:-n_val], datalist[-n_val:]) if n_val else (datalist, [])
         self._data.update(trained_on=len(train), validated_on=len(val))
+        ids = self._image_ids
+        self._run["trained_images"] = [ids.get(d["image"], Path(d["image"]).name) for d in train]
+        self._run["validated_images"] = [ids.get(d["image"], Path(d["image"]).name) for d in val]
         logger.info("Training %s on %d images, validating on %d", self.spec.name, len(train), len(val))
         return train, val
 
@@ -309,11 +321,23 @@ class SegmentationTrainer(BasicTrainTask):
         # A stale best checkpoint from an earlier (perhaps stopped) run must not be published.
         stale = Path(self._model_dir) / request["name"] / self._key_metric_filename
         stale.unlink(missing_ok=True)
+        # Before anything loads: the version this run starts from (load_path reads the same file).
+        self._run = {
+            "started_by": str(request.get("client_id") or request.get("user") or "anonymous"),
+            "parent": self._served_version(),
+        }
         try:
             return super().train(rank, world_size, request, datalist)
         except Exception as e:  # /info's train_stats would otherwise still show the run before
             self._record({"published": False, "failed": f"{type(e).__name__}: {e}", **self._data})
             raise
+
+    def _served_version(self) -> int | None:
+        """The version served now, a published file the records do not describe taken in first."""
+        try:
+            return int(self.versions.served_record()["version"])
+        except RequestError:  # no weights at all: an untrained model
+            return None
 
     def finalize(self, context: Context) -> None:
         super().finalize(context)
@@ -378,8 +402,19 @@ class SegmentationTrainer(BasicTrainTask):
         if not all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point()):
             logger.error("Best checkpoint holds NaN or Inf weights; served weights unchanged")
             return False
-        save_weights_atomically(state, self.served_path)
-        logger.info("Published %s -> %s", best, self.served_path)
+        record = {
+            "source": "training",
+            **self._run,
+            "start_val_dice": self._starting_dice,
+            "best_val_dice": outcome.get("best_val_dice"),
+            "best_epoch": int(getattr(context.evaluator.state, "best_metric_epoch", -1))
+            if context.evaluator is not None
+            else None,
+            "epochs": int(context.trainer.state.epoch),
+        }
+        version = self.versions.publish(lambda path: save_weights_atomically(state, path), record)
+        outcome["version"] = version["version"]
+        logger.info("Published %s -> %s as version %d", best, self.served_path, version["version"])
         return True
 
     def record_stopped(self, how: str, *, unless_recorded_since: float | None = None) -> None:

@@ -95,8 +95,14 @@ def test_with_nothing_to_validate_on_a_completed_run_publishes_as_before(tmp_pat
         "validated_on": 0,
         "skipped": {},
         "skipped_count": 0,
+        "version": 1,
     }
     assert abs(last["at"] - time.time()) < 600, "when the run recorded its outcome"
+    # The published weights are version 1, which says what it was trained on and started from.
+    (record,) = [r for r in app.version_store("hippocampus").versions() if r["version"] == 1]
+    assert record["served"] and record["source"] == "training" and record["parent"] == 0
+    assert record["trained_images"] == ["case0", "case1"] and record["validated_images"] == []
+    assert record["started_by"] == "anonymous"
 
 
 def test_validation_labels_without_foreground_keep_the_served_weights(

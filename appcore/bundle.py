@@ -1,0 +1,128 @@
+"""Writing one version of a served model as a MONAI Bundle in the model-zoo layout.
+
+The apps give the parts that differ (``radiology.export``, ``pathology.export``): the
+``inference.json`` config and the model-specific metadata. This module writes them with the
+weights (``models/model.pt``, a plain state dict as in the model zoo; ``models/model.ts``, the
+network compiled with TorchScript) and the version history, which it reads from the version store.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+import monai
+import numpy as np
+import torch
+
+from appcore.versions import SHIPPED, VersionStore
+from appcore.weights import load_state_dict
+
+# The model zoo's metadata schema the written ``metadata.json`` follows (its required keys).
+METADATA_SCHEMA = (
+    "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/meta_schema_20220324.json"
+)
+
+# Where a site's own labels come from; their licence is the site's to state.
+SERVER_LABELS = "labels saved on this server by its annotators (licence: the site's own terms for its images)"
+
+
+def lineage(store: VersionStore, number: int) -> list[dict[str, Any]]:
+    """Version ``number``'s record and those it started from (``parent``), newest first; image lists
+    shortened to counts."""
+    records = {r["version"]: r for r in store.versions()}
+    chain, seen = [], set()
+    current: int | None = number
+    while current is not None and current in records and current not in seen:
+        seen.add(current)
+        record = {k: v for k, v in records[current].items() if k not in ("served", "weights")}
+        chain.append(record)
+        current = record.get("parent")
+    return chain
+
+
+def data_licences(chain: list[dict[str, Any]], shipped_data: str | None) -> list[str]:
+    """What the weights of a version were trained on, through its lineage, with the licences known."""
+    out = []
+    if any(r["version"] == SHIPPED for r in chain) and shipped_data:
+        out.append(f"shipped weights: {shipped_data}")
+    if any(r.get("source") == "training" for r in chain):
+        out.append(f"fine-tuning: {SERVER_LABELS}")
+    if any(r.get("source") in ("upload", "found") for r in chain):
+        out.append("uploaded or found weights: unknown training data and licence (ask who uploaded them)")
+    return out or ["unknown"]
+
+
+def write_bundle(
+    out: Path,
+    *,
+    store: VersionStore,
+    number: int,
+    network: torch.nn.Module,
+    inference: dict[str, Any],
+    metadata: dict[str, Any],
+    readme: str,
+) -> Path:
+    """Write version ``number`` of ``store``'s model as a bundle in ``out`` (created; must be empty).
+
+    ``network`` is an untrained instance of the served network; ``metadata`` holds the model's own
+    keys, to which the version's history, versions of the libraries and the schema are added.
+    """
+    store.record(number)  # 404 for an unknown version or one whose weights were removed
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out} is not empty; give a new or empty folder to export into")
+    with store.reading(number) as weights:  # not removed meanwhile by a publish's pruning
+        state = load_state_dict(weights)
+    network.load_state_dict(state, strict=True)
+    network = network.float().eval()
+    (out / "configs").mkdir(parents=True, exist_ok=True)
+    (out / "models").mkdir(exist_ok=True)
+    (out / "docs").mkdir(exist_ok=True)
+    # As stored (the shipped hippocampus weights are float16: half the size); loading casts to the
+    # network's float32, as the server's loading does.
+    torch.save(state, out / "models" / "model.pt")
+    torch.jit.script(network).save(str(out / "models" / "model.ts"))
+    chain = lineage(store, number)
+    full = {
+        "schema": METADATA_SCHEMA,
+        "version": f"{number}.0.0",
+        "changelog": {f"{r['version']}.0.0": _describe(r) for r in chain},
+        "monai_version": monai.__version__,
+        "pytorch_version": torch.__version__.split("+")[0],
+        "numpy_version": np.__version__,
+        "required_packages_version": {},
+        **metadata,
+        "served_version": number,
+        "version_history": chain,
+        "data_licence": data_licences(chain, metadata.get("training_data")),
+        "exported_from": {"model": store.model, "version": number, "host": platform.node()},
+    }
+    _write_json(out / "configs" / "metadata.json", full)
+    _write_json(out / "configs" / "inference.json", inference)
+    (out / "docs" / "README.md").write_text(readme)
+    return out
+
+
+def _describe(record: dict[str, Any]) -> str:
+    source = record.get("source")
+    if source == "shipped":
+        return "the weights shipped with the server"
+    if source == "training":
+        figures = ", ".join(
+            f"{k} {record[k]:.4f}" for k in ("start_val_dice", "best_val_dice") if record.get(k) is not None
+        )
+        return (
+            f"fine-tuned on the server from version {record.get('parent')} by {record.get('started_by')} at "
+            f"{record.get('published_at')}: {len(record.get('trained_images', []))} training and "
+            f"{len(record.get('validated_images', []))} validation labels" + (f"; {figures}" if figures else "")
+        )
+    return f"{source} by {record.get('started_by')} at {record.get('published_at')}"
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=2) + "\n")
+    os.chmod(path, 0o644)

@@ -1,0 +1,93 @@
+"""The ``/model`` routes for weight versions, rollback and export, in front of MONAI Label's own.
+
+- ``GET /model/{model}?format=raw|bundle&version=N``: the weights file (MONAI Label's answer) or a
+  MONAI Bundle as a zip, of version N or of the served one.
+- ``GET /model/{model}/versions``: every version's record and which one is served.
+- ``PUT /model/{model}/serve?version=N``: serve version N again (0: the shipped weights), no restart.
+- ``PUT /model/{model}?client_id=...``: upload weights (checked, ``RequestChecks.replace_weights``),
+  recorded as started by ``client_id``.
+
+Every route here depends on ``ADMIN``, the one place a role check goes: it is MONAI Label's
+``RBAC`` for its admin role, which lets every request through while MONAI Label's authentication
+is off (``MONAI_LABEL_AUTH_ENABLE``, off by default) and checks the role when it is on.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import zipfile
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, Depends, UploadFile
+from monailabel.config import settings as ml_settings
+from monailabel.endpoints.user.auth import RBAC
+from starlette.background import BackgroundTask
+from starlette.responses import FileResponse
+
+from appcore.routes import insert_first
+
+ADMIN = Depends(RBAC(ml_settings.MONAI_LABEL_AUTH_ROLE_ADMIN))
+
+
+class ModelFormat(StrEnum):
+    """What ``GET /model/{model}`` answers."""
+
+    raw = "raw"  # the weights file, as MONAI Label answers it
+    bundle = "bundle"  # a MONAI Bundle in the model-zoo layout, zipped
+
+
+def _app() -> Any:
+    from monailabel.interfaces.utils.app import app_instance
+
+    return app_instance()
+
+
+def download(model: str, format: ModelFormat = ModelFormat.raw, version: int | None = None, user: Any = ADMIN) -> Any:
+    app = _app()
+    app._known_model(model)
+    store = app.version_store(model)
+    record = store.served_record() if version is None else store.record(version)
+    if format is ModelFormat.raw:
+        path = store.weights_path(record["version"])
+        return FileResponse(path, media_type="application/octet-stream", filename=f"{model}_v{record['version']}.pt")
+    work = Path(tempfile.mkdtemp(prefix="bundle."))
+    try:
+        folder = app.export_bundle(model, record["version"], work / model)
+        archive = work / f"{model}_v{record['version']}.zip"
+        with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as z:
+            for path in sorted(folder.rglob("*")):
+                if path.is_file():
+                    z.write(path, Path(model) / path.relative_to(folder))
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    cleanup = BackgroundTask(shutil.rmtree, work, ignore_errors=True)
+    return FileResponse(archive, media_type="application/zip", filename=archive.name, background=cleanup)
+
+
+def versions(model: str, user: Any = ADMIN) -> dict[str, Any]:
+    app = _app()
+    app._known_model(model)
+    store = app.version_store(model)
+    return {"model": model, "served_version": store.served_version(), "versions": store.versions()}
+
+
+def serve(model: str, version: int, user: Any = ADMIN) -> dict[str, Any]:
+    return _app().serve_version(model, version)
+
+
+def upload(model: str, file: UploadFile, client_id: str | None = None, user: Any = ADMIN) -> Any:
+    return _app().replace_weights(model, file.file, client_id)
+
+
+def add_model_routes() -> bool:
+    """Put this module's routes first in the running server's router; False outside a server."""
+    router = APIRouter(prefix="/model", tags=["Model"])
+    router.add_api_route("/{model}/versions", versions, methods=["GET"], name="model_versions")
+    router.add_api_route("/{model}/serve", serve, methods=["PUT"], name="model_serve_version")
+    router.add_api_route("/{model}", download, methods=["GET"], name="model_download_versioned")
+    router.add_api_route("/{model}", upload, methods=["PUT"], name="model_upload_versioned")
+    return all([insert_first(route) for route in router.routes])
