@@ -18,6 +18,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 from fastapi import BackgroundTasks
 from starlette.datastructures import UploadFile
@@ -40,7 +41,7 @@ from appcore.errors import RequestError
 from appcore.sessions import CheckedSessions
 from appcore.settings import AppSettings
 from appcore.validation import check_image_id
-from tests.conftest import HIPPO, requires_shared
+from tests.conftest import HIPPO, requires_shared, write_nifti
 from tests.servers import monailabel_server
 
 TRAINERS = ["hippocampus", "organs_ct"]
@@ -347,7 +348,7 @@ def test_upload_names_too_long_for_a_file_are_a_400(name: str) -> None:
 def test_session_ids_are_random_and_answers_carry_no_server_path(tmp_path: Path) -> None:
     upload = tmp_path / "upload" / "scan.nii.gz"
     upload.parent.mkdir()
-    upload.write_bytes(b"x" * 10)
+    write_nifti(upload, np.zeros((8, 8, 8), np.float32))  # sessions judge the file by its header
     sessions = CheckedSessions(str(tmp_path / "sessions"), 3600)
     session_id, info = sessions.add_session(str(upload))
     assert uuid.UUID(session_id).version == 4
