@@ -402,15 +402,14 @@ class SegmentationTrainer(BasicTrainTask):
         if not all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point()):
             logger.error("Best checkpoint holds NaN or Inf weights; served weights unchanged")
             return False
+        evaluator, trainer = getattr(context, "evaluator", None), getattr(context, "trainer", None)
         record = {
             "source": "training",
             **self._run,
             "start_val_dice": self._starting_dice,
             "best_val_dice": outcome.get("best_val_dice"),
-            "best_epoch": int(getattr(context.evaluator.state, "best_metric_epoch", -1))
-            if context.evaluator is not None
-            else None,
-            "epochs": int(context.trainer.state.epoch),
+            "best_epoch": int(evaluator.state.best_metric_epoch) if evaluator is not None else None,
+            "epochs": int(trainer.state.epoch) if trainer is not None else None,
         }
         version = self.versions.publish(lambda path: save_weights_atomically(state, path), record)
         outcome["version"] = version["version"]
