@@ -26,13 +26,37 @@ METADATA_SCHEMA = (
     "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/meta_schema_20220324.json"
 )
 
+# What the model zoo's bundles carry as ``configs/logging.conf``: MONAI's runner reads it.
+LOGGING_CONF = """[loggers]
+keys=root
+
+[handlers]
+keys=consoleHandler
+
+[formatters]
+keys=fullFormatter
+
+[logger_root]
+level=INFO
+handlers=consoleHandler
+
+[handler_consoleHandler]
+class=StreamHandler
+level=INFO
+formatter=fullFormatter
+args=(sys.stdout,)
+
+[formatter_fullFormatter]
+format=%(asctime)s - %(name)s - %(levelname)s - %(message)s
+"""
+
 # Where a site's own labels come from; their licence is the site's to state.
 SERVER_LABELS = "labels saved on this server by its annotators (licence: the site's own terms for its images)"
 
 
 def lineage(store: VersionStore, number: int) -> list[dict[str, Any]]:
-    """Version ``number``'s record and those it started from (``parent``), newest first; image lists
-    shortened to counts."""
+    """Version ``number``'s record and those it started from (``parent``), newest first, each with the
+    images it was trained and validated on."""
     records = {r["version"]: r for r in store.versions()}
     chain, seen = [], set()
     current: int | None = number
@@ -104,6 +128,7 @@ def write_bundle(
     _write_json(out / "configs" / "metadata.json", full)
     _write_json(out / "configs" / "inference.json", inference)
     (out / "docs" / "README.md").write_text(readme)
+    (out / "configs" / "logging.conf").write_text(LOGGING_CONF)
     return out
 
 

@@ -22,6 +22,7 @@ from PIL import Image
 from appcore.errors import RequestError
 from appcore.versions import store_beside
 from appcore.weights import save_weights_atomically
+from pathology.export import main as pathology_main
 from radiology import export as radiology_export
 from radiology.infer import SegmentationInfer
 from radiology.registry import MODELS
@@ -175,8 +176,9 @@ def test_ensemble_torchscript_averages_the_members(tmp_path: Path) -> None:
         (["--out", "EXISTING"], "is not empty; give a new or empty folder"),
     ],
 )
+@pytest.mark.parametrize("package", ["radiology", "pathology"])
 def test_export_command_refusals(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], match: str
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], match: str, package: str
 ) -> None:
     existing = tmp_path / "existing"
     existing.mkdir()
@@ -184,7 +186,8 @@ def test_export_command_refusals(
     args = [str(existing) if a == "EXISTING" else a for a in args]
     out = [] if "--out" in args else ["--out", str(tmp_path / "new")]
     with pytest.raises(SystemExit) as caught:
-        radiology_export.main(["hippocampus", "--app-dir", str(tmp_path / "app"), *args, *out])
+        model, main = ("hippocampus", radiology_export.main) if package == "radiology" else ("nuclei", pathology_main)
+        main([model, "--app-dir", str(tmp_path / "app"), *args, *out])
     assert caught.value.code == 2
     assert re.search(match, capsys.readouterr().err)
     assert (existing / "file").read_text() == "kept"
