@@ -390,6 +390,17 @@ def server_files() -> frozenset[str]:
     return frozenset(getattr(_REQUEST_FILES, "paths", ()))
 
 
+@contextlib.contextmanager
+def request_files(paths: set[str]) -> Iterator[None]:
+    """Within this block, ``paths`` (a set the request's endpoint may still add to) are the files
+    this thread's request wrote (``server_files``); none after it."""
+    _REQUEST_FILES.paths = paths
+    try:
+        yield
+    finally:
+        _REQUEST_FILES.paths = set()
+
+
 class _RecordingTasks:
     """FastAPI's ``BackgroundTasks`` of a request, noting each file the endpoint queues for removal:
     MONAI Label's infer endpoints queue the temporary file they saved an upload to just after writing
@@ -454,11 +465,8 @@ def _needs_input(run: Any) -> Any:
                 paths.add(session.image)
         if given.arguments.get("background_tasks") is not None:
             given.arguments["background_tasks"] = _RecordingTasks(given.arguments["background_tasks"], paths)
-        _REQUEST_FILES.paths = paths
-        try:
+        with request_files(paths):
             return run(*given.args, **given.kwargs)
-        finally:
-            _REQUEST_FILES.paths = set()
 
     functools.update_wrapper(checked, run)  # run's signature, and the marks of other wrappers
     checked.checked = True  # type: ignore[attr-defined]

@@ -12,6 +12,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from appcore.app import request_files
 from appcore.errors import RequestError
 from appcore.sessions import CheckedSessions
 from appcore.settings import AppSettings
@@ -66,6 +67,12 @@ def _received(tmp_path: Path, source: Path) -> Path:
     return dest
 
 
+def _infer_upload(app: RadiologyApp, model: str, path: str | Path) -> dict:
+    """``app.infer`` of ``path`` as the infer endpoint passes a file it wrote for this request."""
+    with request_files({str(path)}):
+        return app.infer({"model": model, "image": str(path)})
+
+
 def _refused(call: Callable[[], object], status: int, match: str) -> float:
     started = time.monotonic()
     with pytest.raises(RequestError, match=match) as e:
@@ -106,7 +113,7 @@ def test_an_infer_upload_over_the_memory_budget_is_refused_before_it_is_read(
 ) -> None:
     upload = _received(tmp_path, bombs["512"])
     match = r"uploaded image is 512 x 512 x 512 voxels.*would take about [\d,]+ MB, over the 640 MB"
-    _refused(lambda: app.infer({"model": "organs_ct", "image": str(upload)}), 413, match)
+    _refused(lambda: _infer_upload(app, "organs_ct", upload), 413, match)
 
 
 def test_the_memory_budget_is_an_option() -> None:
@@ -130,7 +137,7 @@ def test_an_untrained_model_refuses_a_uniform_image_as_a_trained_one_does(app: R
     path = tmp_path / "blank.nii.gz"
     nib.save(nib.Nifti1Image(np.zeros(CASE_SHAPE, np.float32), np.diag([2.0, 2.0, 3.0, 1.0])), path)
     with pytest.raises(RequestError, match=r"same value within the model's window \[-175, 250\] HU") as e:
-        app.infer({"model": "organs_ct", "image": str(path)})
+        _infer_upload(app, "organs_ct", path)
     assert e.value.status_code == 422
 
 
@@ -221,7 +228,7 @@ def test_an_unusable_affine_is_a_422_at_every_entry_point(
     assert len(sessions) == 0
     for model in ("hippocampus", "organs_ct"):
         upload = str(_received(tmp_path, path))
-        _refused(lambda m=model, u=upload: app.infer({"model": m, "image": u}), 422, f"The uploaded image {match}")
+        _refused(lambda m=model, u=upload: _infer_upload(app, m, u), 422, f"The uploaded image {match}")
     # written straight into the studies folder: stored, but never a 500 at infer
     (Path(app.studies) / "stored_bad.nii.gz").write_bytes(path.read_bytes())
     store.refresh()
@@ -247,7 +254,7 @@ def test_an_unusable_affine_is_a_422_at_every_entry_point(
 )
 def test_real_ct_volumes_still_infer(app: RadiologyApp, tmp_path: Path, image: Path) -> None:
     upload = _received(tmp_path, image)
-    label = nib.load(app.infer({"model": "organs_ct", "image": str(upload)})["file"])
+    label = nib.load(_infer_upload(app, "organs_ct", upload)["file"])
     assert label.shape == nib.load(image).shape[:3]
 
 
@@ -322,4 +329,4 @@ def test_a_session_of_dicom_files_is_judged_by_its_grid_before_the_pixels_are_de
 
     monkeypatch.setattr(Dataset, "pixel_array", property(decoded))
     match = r"The session's series is 128 x 128 x 30 voxels.*over the 170 MB one infer may use"
-    _refused(lambda: app.infer({"model": "organs_ct", "image": str(folder)}), 413, match)
+    _refused(lambda: _infer_upload(app, "organs_ct", folder), 413, match)
