@@ -12,6 +12,7 @@ import pytest
 import torch
 from monai.data import MetaTensor
 
+from appcore.app import request_files
 from appcore.errors import RequestError
 from radiology.transforms import FiniteValuesd
 from tests.apps import CASES, make_app
@@ -47,8 +48,14 @@ def _upload(tmp_path: Path, name: str, data: np.ndarray, affine: np.ndarray) -> 
     return str(path)
 
 
+def _infer(app, image: str | Path) -> dict:
+    """``app.infer`` of an uploaded file, as the infer endpoint passes the file it wrote for the request."""
+    with request_files({str(image)}):
+        return app.infer({"model": "hippocampus", "image": str(image)})
+
+
 def _label(app, image: str) -> np.ndarray:
-    return np.asarray(nib.load(app.infer({"model": "hippocampus", "image": image})["file"]).dataobj)
+    return np.asarray(nib.load(_infer(app, image)["file"]).dataobj)
 
 
 @requires_shared
@@ -74,7 +81,7 @@ def test_only_volumes_are_segmented(app, tmp_path: Path, shape: tuple[int, ...],
     path = _upload(tmp_path, "upload.nii.gz", np.random.default_rng(0).random(shape, np.float32), affine)
     if refused:
         with pytest.raises(RequestError, match="must be a 3D volume") as e:
-            app.infer({"model": "hippocampus", "image": path})
+            _infer(app, path)
         assert e.value.status_code == 422
     else:
         assert _label(app, path).shape == shape[:3]
@@ -87,7 +94,7 @@ def test_a_uniform_image_is_a_422_not_the_network_guessing_on_a_blank(app, tmp_p
     src = nib.load(CASES["hippocampus"][0][0])
     path = _upload(tmp_path, "uniform.nii.gz", np.full(src.shape, value, np.float32), src.affine)
     with pytest.raises(RequestError, match="same value .*nothing to segment") as e:
-        app.infer({"model": "hippocampus", "image": path})
+        _infer(app, path)
     assert e.value.status_code == 422
 
 
@@ -96,7 +103,7 @@ def test_an_upload_too_large_once_resampled_is_a_422_not_a_failed_allocation(app
     path = tmp_path / "metres.nii.gz"
     _metres(path)
     with pytest.raises(RequestError, match="uploaded image is 35 x 51 x 35 voxels.*over the 134,217,728") as e:
-        app.infer({"model": "hippocampus", "image": str(path)})
+        _infer(app, path)
     assert e.value.status_code == 422
 
 
@@ -133,7 +140,7 @@ def test_an_upload_of_non_scalar_voxels_is_a_422_that_says_so(app, tmp_path: Pat
     path = tmp_path / "upload.nii.gz"
     write(path)
     with pytest.raises(RequestError, match=f"The uploaded image {match}") as e:
-        app.infer({"model": "hippocampus", "image": str(path)})
+        _infer(app, path)
     assert e.value.status_code == 422
 
 
