@@ -78,7 +78,7 @@ _metadata.version = _pretend
 
 
 @requires_shared
-def test_a_server_on_another_monailabel_stops_with_the_message(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_server_on_another_monailabel_stops_with_the_message(tmp_path: Path) -> None:
     """A real server whose monailabel reports 0.9.0 (a ``sitecustomize`` changes the version lookup)."""
     site = tmp_path / "site"
     site.mkdir()
@@ -166,7 +166,8 @@ def test_rows_are_unique_and_name_what_replaces() -> None:
     keys = [row.key for row in ROWS]
     assert len(keys) == len(set(keys)), [k for k in keys if keys.count(k) > 1]
     for row in ROWS:
-        assert row.since == MONAILABEL_VERSION and row.why, row.key
+        assert isinstance(row.kind, Kind) and isinstance(row.why, str) and row.why, row.key
+        assert row.since == MONAILABEL_VERSION, row.key
         if not isinstance(row.replacement, str):
             assert callable(row.replacement), row.key
 

@@ -203,6 +203,27 @@ def no_auto_scoring(app: Any) -> None:
     app._auto_update_scoring = False
 
 
+def local_index(store: Any) -> Any:
+    """``LocalDatastore._datastore``: its index of images and labels (``objects``, ``image_path()``,
+    ``label_path(tag)``, ``label(id, tag)``), which the checked datastores keep current."""
+    return store._datastore
+
+
+@dataclass(frozen=True)
+class TrainFiles:
+    """Where MONAI Label's ``BasicTrainTask`` keeps a trainer's files (its private members)."""
+
+    model_dir: str  # ``_model_dir``: each run's folder is ``<model_dir>/<request name>``
+    key_metric_filename: str  # ``_key_metric_filename``: the best checkpoint's name in a run's folder
+    load_path: str | None  # ``_load_path``: the weights the task was configured to start from
+    stats_path: str  # ``_stats_path``: the stats file ``/info``'s ``train_stats`` reads
+
+
+def train_files(task: Any) -> TrainFiles:
+    """A ``BasicTrainTask``'s files: ``_model_dir``, ``_key_metric_filename``, ``_load_path``, ``_stats_path``."""
+    return TrainFiles(task._model_dir, task._key_metric_filename, task._load_path, task._stats_path)
+
+
 def batch_infer(app: Any, request: dict[str, Any], datastore: Any, infer: Callable[..., Any]) -> Any:
     """``MONAILabelApp._batch_infer``: MONAI Label's batch infer loop, each image through ``infer``."""
     return app._batch_infer(request, datastore, infer)

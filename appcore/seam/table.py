@@ -14,7 +14,18 @@ from appcore.datastore import CheckedLocalDatastore
 from appcore.dicom import proxy as dicom_proxy
 from appcore.dicom.ohif import serve_ohif_config
 from appcore.routes import limit_request_bodies, serve_in_threads, time_request_bodies
-from appcore.seam import Kind, Row, batch_infer, infers, no_auto_scoring, scoring_methods, strategies, trainers
+from appcore.seam import (
+    Kind,
+    Row,
+    batch_infer,
+    infers,
+    local_index,
+    no_auto_scoring,
+    scoring_methods,
+    strategies,
+    train_files,
+    trainers,
+)
 
 _EP = "monailabel.endpoints"
 _APP = "monailabel.interfaces.app:MONAILabelApp"
@@ -232,10 +243,14 @@ ROWS: tuple[Row, ...] = (
         "the task processes to stop with the server",
     ),
     # -- private members of LocalDatastore, read or overridden by appcore.datastore's subclass --------
+    _private(
+        f"{_LOCAL}._datastore",
+        local_index,
+        "its index of images and labels: checked writes keep it current",
+    ),
     *(
         _private(f"{_LOCAL}.{member}", CheckedLocalDatastore, why)
         for member, why in (
-            ("_datastore", "its index of images and labels: checked writes keep it current"),
             ("_datastore_path", "the index file's folder (DICOMweb cache)"),
             ("_extensions", "the file patterns the folder watcher notices"),
             ("_filename", "an image's or label's file name"),
@@ -255,7 +270,7 @@ ROWS: tuple[Row, ...] = (
     ),
     # -- private members of MONAI Label's tasks, read by radiology's subclasses ----------------------
     *(
-        _private(f"{_TRAIN}.{member}", "radiology.train.SegmentationTrainer", why)
+        _private(f"{_TRAIN}.{member}", train_files, why)
         for member, why in (
             ("_model_dir", "where MONAI Label writes a run's files: a stale best-metric file is removed"),
             ("_key_metric_filename", "the best-metric file's name"),
