@@ -10,7 +10,6 @@ import logging
 import os
 import re
 import shutil
-import sys
 import tempfile
 import threading
 from collections.abc import Collection, Iterator, Sequence, Set
@@ -24,13 +23,11 @@ from fastapi import HTTPException
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.datastore import Datastore
 
-from appcore.cross_site import guard_cross_site, server_policy
-from appcore.dicom import proxy as dicom_proxy
+from appcore import seam
 from appcore.dicom.client import is_dicomweb_url
 from appcore.errors import RequestError, bad_request, conflict, not_found, too_large, too_many, unprocessable
 from appcore.files import staged_beside
 from appcore.lifecycle import children_stop_with_server, die_with_server, is_task_process
-from appcore.routes import limit_request_bodies, refuse_early, serve_in_threads, time_request_bodies
 from appcore.sessions import CheckedSessions
 from appcore.validation import MAX_ID_BYTES, check_device, check_image_id, check_upload_size, check_volume
 from appcore.versions import VersionStore, store_beside
@@ -46,7 +43,7 @@ def _running_app() -> MONAILabelApp:
 
 
 def _unknown_scoring(params: dict[str, Any], body: bytes) -> RequestError | None:
-    methods = sorted(_running_app()._scoring_methods)
+    methods = sorted(seam.scoring_methods(_running_app()))
     if params["method"] in methods:
         return _bad_task_params(body, "Scoring", "method", params["method"])
     return not_found(f"Unknown scoring method {params['method']!r}; scoring methods: {methods}")
@@ -229,16 +226,16 @@ def _cannot_train(params: dict[str, Any], body: bytes) -> RequestError | None:
         return too_many(_SYNC_TRAINING_RUNS)
     app = _running_app()
     model = params.get("model")
-    if model is not None and model not in app._trainers:  # POST /train/<model>; POST /train/ is every model
-        return not_found(f"Unknown model {model!r}; trainable models: {sorted(app._trainers)}")
-    error = _bad_train_params(body, model, trainers=None if model is not None else list(app._trainers))
+    if model is not None and model not in seam.trainers(app):  # POST /train/<model>; POST /train/ is every model
+        return not_found(f"Unknown model {model!r}; trainable models: {sorted(seam.trainers(app))}")
+    error = _bad_train_params(body, model, trainers=None if model is not None else list(seam.trainers(app)))
     if error is not None:
         return error
     if not app.datastore().get_labeled_images():
         return conflict("No image has a 'final' label yet; save at least one (PUT /datastore/label) before training")
     # Labels, but are any of them the model's? For POST /train/ (every model), refused only when no
     # model has any: MONAI Label then trains the models one after the other.
-    checks = [getattr(t, "no_training_data", None) for n, t in app._trainers.items() if model in (None, n)]
+    checks = [getattr(t, "no_training_data", None) for n, t in seam.trainers(app).items() if model in (None, n)]
     reasons = [why for check in checks if check is not None and (why := check(app.datastore())) is not None]
     if reasons and len(reasons) == len(checks):
         return conflict(" ".join(reasons))
@@ -273,19 +270,9 @@ class _FormJson:
         return value
 
 
-# MONAI Label's endpoint modules whose only ``json.loads`` calls read request form fields.
+# MONAI Label's endpoint modules whose only ``json.loads`` calls read request form fields: their
+# ``json`` is ``_FormJson`` (``appcore.seam.table``).
 FORM_JSON_MODULES = ("monailabel.endpoints.datastore", "monailabel.endpoints.infer", "monailabel.endpoints.wsi_infer")
-
-
-def strict_form_json() -> list[str]:
-    """Give the loaded ``FORM_JSON_MODULES`` the checking ``json``; returns the modules changed."""
-    changed = []
-    for name in FORM_JSON_MODULES:
-        module = sys.modules.get(name)
-        if module is not None and getattr(module, "json", None) in (json, _FormJson):
-            module.json = _FormJson
-            changed.append(name)
-    return changed
 
 
 def _no_gpu_info(params: dict[str, Any], body: bytes) -> RequestError | None:
@@ -311,9 +298,22 @@ def own_log_path(app_dir: str | Path, port: int) -> Path:
     return Path(app_dir) / "logs" / f"server-{port}.log"
 
 
+_OWN_LOG: Path | None = None  # this server's own log, once ``serve_own_log`` made it
+
+
+def _own_log_reader(shared: Any) -> Any:
+    """``monailabel.endpoints.logs.get_logs``, reading this server's own log (``serve_own_log``)
+    instead of the file MONAI Label names; ``shared`` is MONAI Label's function."""
+
+    def get_logs(logger_file: str, *args: Any) -> Any:
+        return shared(str(_OWN_LOG or logger_file), *args)
+
+    return get_logs
+
+
 def serve_own_log(app_dir: str | Path, port: int) -> Path:
-    """Write this server's log to ``own_log_path`` (from now on, anew at each start) and make ``GET
-    /logs/`` answer it instead of the shared ``app.log``."""
+    """Write this server's log to ``own_log_path`` (from now on, anew at each start); ``GET /logs/``
+    answers it instead of the shared ``app.log`` (``_own_log_reader``, a row of ``appcore.seam.table``)."""
     path = own_log_path(app_dir, port)
     path.parent.mkdir(parents=True, exist_ok=True)
     root = logging.getLogger()
@@ -321,15 +321,8 @@ def serve_own_log(app_dir: str | Path, port: int) -> Path:
         handler = logging.FileHandler(path, mode="w")
         handler.setFormatter(logging.Formatter("[%(asctime)s] [%(process)s] [%(levelname)s] (%(name)s) - %(message)s"))
         root.addHandler(handler)
-    logs = sys.modules.get("monailabel.endpoints.logs")
-    if logs is not None and not getattr(logs.get_logs, "own_log", False):
-        shared = logs.get_logs
-
-        def get_logs(logger_file: str, *args: Any) -> Any:
-            return shared(str(path), *args)
-
-        get_logs.own_log = True  # type: ignore[attr-defined]
-        logs.get_logs = get_logs
+    global _OWN_LOG
+    _OWN_LOG = path
     logger.info("This server logs to %s from here on; GET /logs/ serves it (--conf expose_logs true)", path.name)
     return path
 
@@ -662,56 +655,6 @@ def _download_dataset(limit_cases: int | None = None) -> Any:
     return StreamingResponse(chunks, media_type="application/zip", headers=headers)  # iterated in the thread pool
 
 
-def checked_endpoints() -> list[str]:
-    """Put this module's checks into MONAI Label's endpoint functions that are loaded; returns those changed."""
-    changed = []
-    model = sys.modules.get("monailabel.endpoints.model")
-    if model is not None and model.update_model is not _update_model:
-        model.update_model, model.delete_model = _update_model, _delete_model
-        changed.append("monailabel.endpoints.model")
-    train = sys.modules.get("monailabel.endpoints.train")
-    if train is not None and not getattr(train.stop, "records_stops", False):
-        train.stop = _records_stops(train.stop)
-        changed.append("monailabel.endpoints.train.stop")
-    proxy = sys.modules.get("monailabel.endpoints.proxy")
-    if proxy is not None and proxy.proxy_dicom is not dicom_proxy.proxy_dicom:
-        proxy.proxy_dicom = dicom_proxy.proxy_dicom  # a thread and timeouts: a slow PACS no longer blocks the server
-        changed.append("monailabel.endpoints.proxy")
-    for name, function in INFER_FUNCTIONS:
-        module = sys.modules.get(name)
-        if module is not None and not getattr(getattr(module, function), "checked", False):
-            setattr(module, function, _needs_input(getattr(module, function)))
-            changed.append(name)
-    for name, function in UPLOAD_FUNCTIONS:
-        module = sys.modules.get(name)
-        if module is not None and not getattr(getattr(module, function), "removes_uploads", False):
-            setattr(module, function, _removes_uploads_on_error(getattr(module, function)))
-            changed.append(f"{name}.{function}")
-    for name, function in NAMED_UPLOAD_FUNCTIONS:
-        module = sys.modules.get(name)
-        if module is not None and not getattr(getattr(module, function), "short_names", False):
-            setattr(module, function, _short_upload_names(getattr(module, function)))
-            changed.append(f"{name}.{function} (file names)")
-    datastore = sys.modules.get("monailabel.endpoints.datastore")
-    if datastore is not None and datastore.download_dataset is not _download_dataset:
-        datastore.download_dataset = _download_dataset
-        changed.append("monailabel.endpoints.datastore.download_dataset")
-    if datastore is not None and not getattr(datastore.datastore, "relative", False):
-        datastore.datastore = _datastore_listing(datastore.datastore)
-        changed.append("monailabel.endpoints.datastore.datastore")
-    for name in ("monailabel.endpoints.train", "monailabel.endpoints.scoring", "monailabel.endpoints.batch_infer"):
-        module = sys.modules.get(name)
-        if module is not None and not getattr(module.status, "no_paths", False):
-            module.status = _no_task_paths(module.status)
-            changed.append(f"{name}.status")
-    session = sys.modules.get("monailabel.endpoints.session")
-    for function in ("create_session", "get_session", "remove_session"):
-        if session is not None and not getattr(getattr(session, function), "no_paths", False):
-            setattr(session, function, _no_session_paths(getattr(session, function)))
-            changed.append(f"monailabel.endpoints.session.{function}")
-    return changed
-
-
 _SLOTS_LOCK = threading.Lock()
 
 
@@ -741,11 +684,10 @@ class RequestChecks:
     is deleted (``UPLOAD_FUNCTIONS``) and the dataset download is streamed (``_download_dataset``).
 
     Trainings and scoring runs (child processes) end with the server (``appcore.lifecycle``).
+    Every change this makes to MONAI Label is a row of ``appcore.seam.table``, applied and checked
+    against the installed monailabel in ``on_init_complete`` (``appcore.seam.install``).
     """
 
-    _infers: dict[str, Any]
-    _trainers: dict[str, Any]
-    _strategies: dict[str, Any]
     settings: Any  # the app's settings (``appcore.settings.AppSettings``): ``max_upload_mb`` is read
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -756,31 +698,13 @@ class RequestChecks:
     def on_init_complete(self) -> None:
         children_stop_with_server()  # first: before anything starts a task
         super().on_init_complete()
-        strict_form_json()
-        from appcore.model_routes import add_model_routes
-
-        add_model_routes()  # before the threaded routes, which hand PUT /model/{model} on to it
-        for path, methods in THREADED_ROUTES:  # first: the refusing routes below go in front of them
-            serve_in_threads(path, methods, name=f"threaded {path}")
-        refuse_early("/scoring/{method}", ["POST"], _unknown_scoring, name="refuse_scoring")
-        refuse_early("/scoring/", ["POST"], _unknown_scoring_all, name="refuse_scoring_all")
-        refuse_early("/batch/infer/{model}", ["POST"], _bad_batch_infer, name="refuse_batch_infer")
-        refuse_early("/train/{model}", ["POST"], _cannot_train, name="refuse_train_model")
-        refuse_early("/train/", ["POST"], _cannot_train, name="refuse_train_all")
-        refuse_early("/infer/{model}", ["POST"], _unservable_infer, name="refuse_infer", read_body=False)
-        refuse_early("/logs/gpu", ["GET"], _no_gpu_info, name="refuse_gpu_info")
-        refuse_early("/logs/", ["GET"], _hidden_logs, name="refuse_logs", read_body=False)
         if self.settings.expose_logs:
             from monailabel.config import settings as ml_settings
 
             serve_own_log(ml_settings.MONAI_LABEL_APP_DIR, ml_settings.MONAI_LABEL_SERVER_PORT)
-        proxy = "/proxy/dicom/{path:path}"
-        refuse_early(proxy, ["GET", "POST"], _no_dicomweb, name="refuse_dicom_proxy", read_body=False)
-        checked_endpoints()
-        mb = self.settings.max_upload_mb
-        limit_request_bodies((mb + 1) * 2**20, limit_mb=mb)  # room for the form around a file
-        time_request_bodies(self.settings.body_timeout_s)
-        guard_cross_site(server_policy(self.settings.cors_origins, self.settings.allowed_hosts))
+        # Every route, rebinding and ASGI layer in front of MONAI Label, and the private members read,
+        # checked against the installed monailabel: a SeamError here stops the server.
+        seam.install(self)
 
     # -- sessions --------------------------------------------------------------------------------
     def _load_sessions(self, load: bool = False) -> CheckedSessions | None:
@@ -821,8 +745,12 @@ class RequestChecks:
 
     def info(self) -> dict[str, Any]:
         """MONAI Label's ``/info``, each model with its weight versions (the image lists left out:
-        ``GET /model/<model>/versions`` has them) and the one served (``served_version``)."""
+        ``GET /model/<model>/versions`` has them) and the one served (``served_version``), and what
+        ``appcore.seam`` changed in MONAI Label at start (``seam``: counts and the rows skipped)."""
         info = super().info()  # type: ignore[misc]
+        report = seam.last_report()
+        if report is not None:
+            info["seam"] = report.summary()
         for name, entry in info.get("models", {}).items():
             store = self.version_store(name)
             entry["served_version"] = store.served_version()
@@ -844,7 +772,7 @@ class RequestChecks:
             trained = dict(task.get("request") or {}).get("model")
             if task.get("status") not in ("SUBMITTED", "RUNNING"):
                 continue
-            if trained is None or trained not in self._infers or self.version_store(trained).folder == folder:
+            if trained is None or trained not in seam.infers(self) or self.version_store(trained).folder == folder:
                 what = trained or "every model"
                 return f"a training of {what} (started {task.get('start_ts')}) is {task['status'].lower()}"
         return None
@@ -857,8 +785,8 @@ class RequestChecks:
         """Called after an upload replaced or a delete removed ``model``'s published weights."""
 
     def _known_model(self, model: object) -> None:
-        if model not in self._infers:
-            raise not_found(f"Unknown model {model!r}; served models: {sorted(self._infers)}")
+        if model not in seam.infers(self):
+            raise not_found(f"Unknown model {model!r}; served models: {sorted(seam.infers(self))}")
 
     def replace_weights(self, model: str, source: BinaryIO, client_id: str | None = None) -> dict[str, Any]:
         """Publish uploaded weights for ``model`` once they are known to fit its network.
@@ -981,8 +909,8 @@ class RequestChecks:
 
     def next_sample(self, request: dict[str, Any]) -> dict[str, Any]:
         strategy = request.get("strategy")
-        if strategy not in self._strategies:
-            raise not_found(f"Unknown strategy {strategy!r}; strategies: {sorted(self._strategies)}")
+        if strategy not in seam.strategies(self):
+            raise not_found(f"Unknown strategy {strategy!r}; strategies: {sorted(seam.strategies(self))}")
         return super().next_sample(request)
 
     def batch_infer(self, request: dict[str, Any], datastore: Datastore | None = None) -> dict[str, Any]:
@@ -1002,12 +930,12 @@ class RequestChecks:
                 logger.warning("Batch infer skips %s: %s", req.get("image"), e.detail)
                 return {"skipped": e.detail}
 
-        return self._batch_infer(request, datastore or self.datastore(), infer_or_skip)
+        return seam.batch_infer(self, request, datastore or self.datastore(), infer_or_skip)
 
     def bundle_path(self, model: str | None) -> str | None:
         # MONAI Label asks this before it starts a training or batch infer process: the place to
         # refuse an unknown model with a 404 instead of a background task that fails later.
-        known = set(self._trainers) | set(self._infers)
+        known = set(seam.trainers(self)) | set(seam.infers(self))
         if model is not None and model not in known:
             raise not_found(f"Unknown model {model!r}; models: {sorted(known)}")
         return None

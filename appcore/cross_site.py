@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -208,9 +207,9 @@ def guard_cross_site(policy: CrossSitePolicy) -> bool:
     listed, replaced by one that allows those only, without credentials. Returns whether the
     server's stack was changed (False outside a server process).
     """
-    server = sys.modules.get("monailabel.app")
-    app = getattr(server, "app", None)
-    stack = getattr(app, "middleware_stack", None)
+    from appcore.seam import server_stack, set_server_stack
+
+    stack = server_stack()
     if stack is None:
         return False
     from starlette.middleware.cors import ALL_METHODS, CORSMiddleware
@@ -234,7 +233,7 @@ def guard_cross_site(policy: CrossSitePolicy) -> bool:
         stack.policy = policy
     else:
         stack = _CrossSiteGuard(stack, policy, JSONResponse)
-    app.middleware_stack = stack
+    set_server_stack(stack)
     logger.info(
         "CORS origins: %s; host names besides loopback and IP addresses: %s",
         sorted(policy.allowed_origins) or "none (same origin only)",

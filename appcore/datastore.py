@@ -18,6 +18,7 @@ import nibabel as nib
 from filelock import FileLock
 from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastore
 
+from appcore import seam
 from appcore.archive import dataset_members, zip_chunks
 from appcore.errors import RequestError, conflict, not_found, unprocessable
 from appcore.files import staged_beside
@@ -155,7 +156,7 @@ class CheckedLocalDatastore(LocalDatastore):
         with self._records_lock:  # the records file changed: MONAI Label's re-reads it, replacing them
             super()._on_modify_event(event)
         path = str(getattr(event, "src_path", ""))
-        folder = os.path.normpath(self._datastore.image_path())  # MONAI Label's ends in "/."
+        folder = os.path.normpath(seam.local_index(self).image_path())  # MONAI Label's ends in "/."
         if getattr(event, "is_directory", False) or os.path.dirname(os.path.normpath(path)) != folder:
             return
         if not any(fnmatch.fnmatch(os.path.basename(path), pattern) for pattern in self._extensions):
@@ -206,9 +207,9 @@ class CheckedLocalDatastore(LocalDatastore):
 
     def _reconcile_datastore(self) -> None:
         with self._records_lock:
-            before = set(self._datastore.objects)
+            before = set(seam.local_index(self).objects)
             super()._reconcile_datastore()
-            self._report_replaced(sorted(before - set(self._datastore.objects)))  # files removed from the folder
+            self._report_replaced(sorted(before - set(seam.local_index(self).objects)))  # files removed from the folder
             self._notice_changed_images()
 
     def _report_replaced(self, image_ids: list[str]) -> None:
@@ -219,7 +220,7 @@ class CheckedLocalDatastore(LocalDatastore):
     def _file_version(self, image_id: str, ext: str) -> str | None:
         """The file's size and, for a gzip file, its trailer (the CRC-32 and length of the content,
         so a copy or ``touch`` that keeps the content is no change); its mtime otherwise."""
-        path = Path(self._datastore.image_path()) / self._filename(image_id, ext)
+        path = Path(seam.local_index(self).image_path()) / self._filename(image_id, ext)
         try:
             st = path.stat()
             if ext.endswith(".gz") and st.st_size >= 18:  # a gzip header and trailer at least
@@ -235,7 +236,7 @@ class CheckedLocalDatastore(LocalDatastore):
         copy written over it in the studies folder) is reported to ``on_image_replaced`` like an
         upload that replaces it. Returns the changed ids."""
         changed, recorded = [], False
-        for image_id, obj in list(self._datastore.objects.items()):
+        for image_id, obj in list(seam.local_index(self).objects.items()):
             version = self._file_version(image_id, obj.image.ext)
             seen = obj.image.info.get(self.FILE_VERSION)
             if version is None or version == seen:
@@ -254,7 +255,7 @@ class CheckedLocalDatastore(LocalDatastore):
     def label_tags(self) -> set[str]:
         """The tags labels are stored under, and MONAI Label's two, which a new tag must not look like."""
         tags = {"final", "original"}
-        for obj in list(self._datastore.objects.values()):
+        for obj in list(seam.local_index(self).objects.values()):
             tags.update(obj.labels)
         return tags
 
@@ -262,7 +263,7 @@ class CheckedLocalDatastore(LocalDatastore):
         """The image's record; 400 for a path, 404 for an unknown id (a subclass may return None for
         an image it knows but has not stored yet)."""
         check_image_id(image_id)
-        obj = self._datastore.objects.get(image_id)
+        obj = seam.local_index(self).objects.get(image_id)
         if not obj:
             raise not_found(f"Image {image_id!r} is not in the datastore; GET /datastore/?output=all lists the ids")
         return obj
@@ -270,7 +271,7 @@ class CheckedLocalDatastore(LocalDatastore):
     def _existing_label(self, label_id: str, label_tag: str) -> Any:
         self._existing(label_id)  # 400 or 404 for the image; a known one not stored yet has no label either
         check_image_id(label_tag, "Label tag")
-        label = self._datastore.label(label_id, label_tag)
+        label = seam.local_index(self).label(label_id, label_tag)
         if not label:
             raise not_found(f"Image {label_id!r} has no {label_tag!r} label")
         return label
@@ -292,7 +293,7 @@ class CheckedLocalDatastore(LocalDatastore):
         return self._answered_info(image_id, super().get_image_info(image_id))
 
     def _answered_info(self, image_id: str, info: dict[str, Any]) -> dict[str, Any]:
-        obj = self._datastore.objects.get(image_id)
+        obj = seam.local_index(self).objects.get(image_id)
         if "path" in info and obj is not None:
             info = {**info, "path": self._filename(image_id, obj.image.ext)}
         return info
@@ -329,10 +330,10 @@ class CheckedLocalDatastore(LocalDatastore):
         self._existing(image_id)
         super().remove_image(image_id)
         with self._current_records():
-            if image_id in self._datastore.objects:
+            if image_id in seam.local_index(self).objects:
                 # With the folder watcher, MONAI Label leaves the record to the watcher's reconcile, which
                 # an upload under the same id right after could beat: the new file would keep the old score.
-                self._datastore.objects.pop(image_id)
+                seam.local_index(self).objects.pop(image_id)
                 self._update_datastore_file()
                 self._report_replaced([image_id])
 
@@ -342,7 +343,7 @@ class CheckedLocalDatastore(LocalDatastore):
         # MONAI Label leaves the record to its folder watcher, which watches only the tag folders
         # that existed at start-up: a label of a newer tag stayed listed after its file was gone.
         with self._changing_records():
-            obj = self._datastore.objects.get(label_id)
+            obj = seam.local_index(self).objects.get(label_id)
             if obj is not None and obj.labels.pop(label_tag, None) is not None:
                 self._update_datastore_file(lock=False)
 
@@ -363,7 +364,7 @@ class CheckedLocalDatastore(LocalDatastore):
             return dataset_members(datalist)
 
         def metadata() -> dict[str, bytes]:
-            return {"metadata.json": self._datastore.model_dump_json(exclude={"base_path"}).encode()}
+            return {"metadata.json": seam.local_index(self).model_dump_json(exclude={"base_path"}).encode()}
 
         return zip_chunks(members, metadata)
 
@@ -403,7 +404,7 @@ class CheckedLocalDatastore(LocalDatastore):
         out = nib.Nifti1Image(data, image_geometry.affine, header)
         out.header.set_slope_inter(1, 0)
 
-        label_dir = Path(self._datastore.label_path(label_tag))
+        label_dir = Path(seam.local_index(self).label_path(label_tag))
         label_dir.mkdir(parents=True, exist_ok=True)
         name = self._filename(image_id, ".nii.gz")
         with tempfile.TemporaryDirectory(dir=label_dir, prefix=".incoming-") as staging:
@@ -424,7 +425,7 @@ class CheckedLocalDatastore(LocalDatastore):
 
     def add_image(self, image_id: str, image_filename: str, image_info: dict[str, Any]) -> str:
         if image_id:
-            check_image_id(image_id, existing=list(self._datastore.objects))
+            check_image_id(image_id, existing=list(seam.local_index(self).objects))
         image_info = check_save_params(image_info, "Image upload")
         check_upload_size(image_filename, self._max_upload_mb, "image")
         if self.image_suffixes is not None:
@@ -437,12 +438,12 @@ class CheckedLocalDatastore(LocalDatastore):
             load_nifti(image_filename, "image", self._max_upload_mb, check=lambda img: self._image_check(img, "image"))
         new_id, ext = self._to_id(os.path.basename(image_filename))
         image_id = image_id or new_id
-        check_image_id(image_id, existing=list(self._datastore.objects))
+        check_image_id(image_id, existing=list(seam.local_index(self).objects))
         name = self._filename(image_id, ext)
-        dest = Path(self._datastore.image_path()) / name
+        dest = Path(seam.local_index(self).image_path()) / name
         # The labels as they are when the file is replaced: a save just before must not be dropped.
         with self._changing_records():
-            existing = self._datastore.objects.get(image_id)
+            existing = seam.local_index(self).objects.get(image_id)
             labels = dict(existing.labels) if existing is not None else {}
             current = LocalDatastore.get_image_uri(self, image_id) if labels else ""
             # a new file under a labelled id must keep the labels on it
@@ -454,14 +455,16 @@ class CheckedLocalDatastore(LocalDatastore):
                 )
             _atomic_copy(image_filename, dest)
             if existing is not None and existing.image.ext != ext:  # the same image in another format
-                (Path(self._datastore.image_path()) / self._filename(image_id, existing.image.ext)).unlink(
+                (Path(seam.local_index(self).image_path()) / self._filename(image_id, existing.image.ext)).unlink(
                     missing_ok=True
                 )
             info = dict(image_info or {})
             info["ts"] = int(time.time())
             info["name"] = name
             info[self.FILE_VERSION] = self._file_version(image_id, ext)  # this upload is no change on disk
-            self._datastore.objects[image_id] = ImageLabelModel(image=DataModel(info=info, ext=ext), labels=labels)
+            seam.local_index(self).objects[image_id] = ImageLabelModel(
+                image=DataModel(info=info, ext=ext), labels=labels
+            )
             self._update_datastore_file(lock=False)
         if existing is not None and self._on_image_replaced is not None:
             self._on_image_replaced(image_id)
@@ -470,8 +473,11 @@ class CheckedLocalDatastore(LocalDatastore):
     def _present(self, image_id: str) -> Any:
         """The image's record, under ``_changing_records``: 409 if the image was removed meanwhile
         (its record, or already its file), since a label saved now would outlive it."""
-        obj = self._datastore.objects.get(image_id)
-        if obj is None or not (Path(self._datastore.image_path()) / self._filename(image_id, obj.image.ext)).exists():
+        obj = seam.local_index(self).objects.get(image_id)
+        if (
+            obj is None
+            or not (Path(seam.local_index(self).image_path()) / self._filename(image_id, obj.image.ext)).exists()
+        ):
             raise conflict(f"Image {image_id!r} was removed while its label was being saved")
         return obj
 

@@ -21,13 +21,11 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from fastapi import APIRouter, Depends, UploadFile
+from fastapi import Depends, UploadFile
 from monailabel.config import settings as ml_settings
 from monailabel.endpoints.user.auth import RBAC
 from starlette.background import BackgroundTask
 from starlette.responses import FileResponse
-
-from appcore.routes import insert_first
 
 ADMIN = Depends(RBAC(ml_settings.MONAI_LABEL_AUTH_ROLE_ADMIN))
 
@@ -81,13 +79,3 @@ def serve(model: str, version: int, user: Any = ADMIN) -> dict[str, Any]:
 
 def upload(model: str, file: UploadFile, client_id: str | None = None, user: Any = ADMIN) -> Any:
     return _app().replace_weights(model, file.file, client_id)
-
-
-def add_model_routes() -> bool:
-    """Put this module's routes first in the running server's router; False outside a server."""
-    router = APIRouter(prefix="/model", tags=["Model"])
-    router.add_api_route("/{model}/versions", versions, methods=["GET"], name="model_versions")
-    router.add_api_route("/{model}/serve", serve, methods=["PUT"], name="model_serve_version")
-    router.add_api_route("/{model}", download, methods=["GET"], name="model_download_versioned")
-    router.add_api_route("/{model}", upload, methods=["PUT"], name="model_upload_versioned")
-    return all([insert_first(route) for route in router.routes])

@@ -2,18 +2,19 @@
 
 MONAI Label builds its FastAPI application before it creates the app and has no hook for extra
 checks; routes can still be inserted at the front of the router's list, where Starlette tries them
-first. Outside the server process (a training child, a test building the app in-process) there is no
-server and nothing is inserted.
+first (``appcore.seam.insert_first``; which routes, in ``appcore.seam.table``). Outside the server
+process (a training child, a test building the app in-process) there is no server and nothing is
+inserted.
 """
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Collection
 from typing import Any
 from urllib.parse import parse_qsl
 
 from appcore.errors import RequestError, request_timeout, too_large
+from appcore.seam import insert_first, server_routes, server_stack, set_server_stack
 
 # Given a request's path and query parameters and its body, why it is refused, or None to let
 # MONAI Label's route answer.
@@ -27,26 +28,6 @@ async def _answered_in_handle(request: Any) -> None:
     raise AssertionError("not called")
 
 
-def _server_routes() -> list[Any] | None:
-    server = sys.modules.get("monailabel.app")
-    if server is None or not hasattr(server, "app"):
-        return None
-    return server.app.router.routes
-
-
-def insert_first(route: Any) -> bool:
-    """Put ``route`` first in the running server's router unless a route of that name is there.
-
-    Returns whether such a route is in place (False outside a server process).
-    """
-    routes = _server_routes()
-    if routes is None:
-        return False
-    if not any(getattr(r, "name", None) == route.name for r in routes):
-        routes.insert(0, route)
-    return True
-
-
 def refuse_early(path: str, methods: Collection[str], refusal: Refusal, name: str, *, read_body: bool = True) -> bool:
     """Answer requests to ``path`` with the 4xx ``refusal`` gives, before MONAI Label's route sees them.
 
@@ -58,7 +39,7 @@ def refuse_early(path: str, methods: Collection[str], refusal: Refusal, name: st
     route) the body is not read, ``refusal`` gets ``b""`` and the request passes on untouched.
     ``refusal`` runs in a worker thread, so one that asks a hung PACS holds only its own request.
     """
-    routes = _server_routes()
+    routes = server_routes()
     if routes is None:
         return False
     from starlette.concurrency import run_in_threadpool
@@ -126,7 +107,7 @@ def serve_in_threads(path: str, methods: Collection[str], name: str, threads: in
     (``_receive_body``): a client that announces a body and stalls holds no thread, and gets the
     408 of ``time_request_bodies``. Returns whether the route is in place (False outside a server).
     """
-    routes = _server_routes()
+    routes = server_routes()
     if routes is None:
         return False
     import asyncio
@@ -224,15 +205,13 @@ def time_request_bodies(idle_s: float) -> bool:
     which waiting (for a disconnect, during a streamed answer) is not timed. Returns whether it
     did (False outside a server).
     """
-    server = sys.modules.get("monailabel.app")
-    app = getattr(server, "app", None)
-    stack = getattr(app, "middleware_stack", None)
+    stack = server_stack()
     if stack is None:
         return False
     if isinstance(stack, _BodyTimeout):
         stack.idle_s = idle_s
     else:
-        app.middleware_stack = _BodyTimeout(stack, idle_s)
+        set_server_stack(_BodyTimeout(stack, idle_s))
     return True
 
 
@@ -280,9 +259,7 @@ def limit_request_bodies(max_bytes: int, *, limit_mb: float | None = None) -> bo
     refused by the size checks behind the endpoints. Wraps the running server's ASGI stack, which
     Starlette has built before the app starts; returns whether it did (False outside a server).
     """
-    server = sys.modules.get("monailabel.app")
-    app = getattr(server, "app", None)
-    stack = getattr(app, "middleware_stack", None)
+    stack = server_stack()
     if stack is None:
         return False
     stated = max_bytes / 2**20 if limit_mb is None else limit_mb
@@ -329,5 +306,5 @@ def limit_request_bodies(max_bytes: int, *, limit_mb: float | None = None) -> bo
 
             return counted
 
-    app.middleware_stack = _BodyLimit(stack)
+    set_server_stack(_BodyLimit(stack))
     return True

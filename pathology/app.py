@@ -14,6 +14,7 @@ from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.datastore import Datastore
 from monailabel.utils.others.pathology import create_asap_annotations_xml, create_dsa_annotations_json
 
+from appcore import seam
 from appcore.app import RequestChecks
 from appcore.errors import bad_request
 from appcore.settings import AppSettings
@@ -50,7 +51,7 @@ class PathologyApp(RequestChecks, MONAILabelApp):
             description="Nuclei instance segmentation and interactive nuclei on H&E tiles and slides",
             version="0.1.0",
         )
-        self._auto_update_scoring = False
+        seam.no_auto_scoring(self)
 
     # -- weights ---------------------------------------------------------------------------------
     @property
@@ -114,7 +115,7 @@ class PathologyApp(RequestChecks, MONAILabelApp):
         book = ReservationBook(
             self.settings.reservation_s, path=self.model_dir / "reservations.json", max_pick=self.settings.max_k
         )
-        spec, network = self.models[first].spec, lambda: self._infers[first].network()
+        spec, network = self.models[first].spec, lambda: seam.infers(self)[first].network()
         entropy = PatchMeasures(spec)  # one entropy pass per patch for both strategies that rank by it
         measuring = {
             "wsi_uncertain": WSIUncertain(spec, network, book=book, shared=entropy),
@@ -151,7 +152,7 @@ class PathologyApp(RequestChecks, MONAILabelApp):
         output = request.get("output") or "dsa"
         if output not in OUTPUTS:
             raise bad_request(f"output must be one of {list(OUTPUTS)}, got {output!r}")
-        task: NucleiInfer = self._infers[request["model"]]
+        task: NucleiInfer = seam.infers(self)[request["model"]]
         source = open_source(path)
         try:
             region = check_region(request.get("location"), request.get("size"), source.dimensions)

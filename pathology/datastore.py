@@ -20,6 +20,7 @@ import numpy as np
 from monailabel.datastore.local import DataModel, LocalDatastore
 from PIL import Image
 
+from appcore import seam
 from appcore.datastore import CheckedLocalDatastore, check_save_params
 from appcore.errors import unprocessable
 from appcore.files import staged_beside
@@ -131,7 +132,7 @@ class PathologyDatastore(CheckedLocalDatastore):
 
     def add_image(self, image_id: str, image_filename: str, image_info: dict[str, Any]) -> str:
         if image_id:
-            check_image_id(image_id, existing=list(self._datastore.objects))
+            check_image_id(image_id, existing=list(seam.local_index(self).objects))
         check_save_params(image_info, "Image upload")
         check_upload_size(image_filename, self._max_upload_mb, "image")
         source = open_source(image_filename, "uploaded image")  # 422 unless Pillow or OpenSlide reads it
@@ -186,7 +187,7 @@ class PathologyDatastore(CheckedLocalDatastore):
         return buf.getvalue()
 
     def _write_label(self, image_id: str, tag: str, info: dict[str, Any], payload: bytes, ext: str) -> None:
-        label_dir = Path(self._datastore.label_path(tag))
+        label_dir = Path(seam.local_index(self).label_path(tag))
         label_dir.mkdir(parents=True, exist_ok=True)
         name = self._filename(image_id, ext)
         fd, tmp = staged_beside(label_dir / name)

@@ -18,6 +18,7 @@ from monailabel.config import settings as ml_settings
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.datastore import Datastore
 
+from appcore import seam
 from appcore.app import RequestChecks
 from appcore.datastore import CheckedLocalDatastore
 from appcore.dicom.client import is_dicomweb_url
@@ -78,7 +79,7 @@ class RadiologyApp(RequestChecks, MONAILabelApp):
         )
         # Scoring is triggered where it is needed (start, after training, on request), not on every
         # next-sample call, which in MONAI Label spawns a process each time.
-        self._auto_update_scoring = False
+        seam.no_auto_scoring(self)
 
     # -- weights ---------------------------------------------------------------------------------
     def served_path(self, name: str) -> Path:
@@ -105,12 +106,12 @@ class RadiologyApp(RequestChecks, MONAILabelApp):
         return export_bundle(self.specs[model], self.version_store(model), version, out)
 
     def on_training_stopped(self, model: str | None, started: float | None) -> None:
-        for name, trainer in self._trainers.items():
+        for name, trainer in seam.trainers(self).items():
             if model in (None, name):
                 trainer.record_stopped("stopped by DELETE /train/", unless_recorded_since=started)
 
     def on_weights_changed(self, model: str) -> None:
-        if self.settings.score_after_train and model == self.settings.al_model and self._scoring_methods:
+        if self.settings.score_after_train and model == self.settings.al_model and seam.scoring_methods(self):
             self.async_scoring("epistemic")  # the stored scores came from the weights served before
 
     # -- datastore -------------------------------------------------------------------------------
@@ -366,13 +367,13 @@ class RadiologyApp(RequestChecks, MONAILabelApp):
 
     def on_init_complete(self) -> None:
         super().on_init_complete()
-        if self.settings.score_on_start and self._scoring_methods:
+        if self.settings.score_on_start and seam.scoring_methods(self):
             self.async_scoring("epistemic")
 
     def next_sample(self, request: dict[str, Any]) -> dict[str, Any]:
         answer = super().next_sample(request)
-        ranked = getattr(self._strategies.get(request.get("strategy")), "ranks_by_score", False)
-        if ranked and self.settings.score_new_images and self._scoring_methods and self.unscored_images():
+        ranked = getattr(seam.strategies(self).get(request.get("strategy")), "ranks_by_score", False)
+        if ranked and self.settings.score_new_images and seam.scoring_methods(self) and self.unscored_images():
             self._start_scoring_unless_busy()
         return answer
 

@@ -21,6 +21,7 @@ from monai.transforms import AsDiscreted, EnsureTyped
 from monailabel.interfaces.datastore import Datastore
 from monailabel.tasks.train.basic_train import BasicTrainTask, Context
 
+from appcore import seam
 from appcore.app import path_free_train_request
 from appcore.errors import RequestError
 from appcore.files import write_json
@@ -309,7 +310,7 @@ class SegmentationTrainer(BasicTrainTask):
         """Start from what is served now: the last published weights, else the shipped ones."""
         if self.served_path.exists():
             return str(self.served_path)
-        return self._load_path if pretrained else None
+        return seam.train_files(self).load_path if pretrained else None
 
     def __call__(self, request: dict, datastore: Datastore) -> dict:
         # MONAI Label builds the run's folder from ``name`` (and reads a datalist from ``train_ds``):
@@ -319,7 +320,8 @@ class SegmentationTrainer(BasicTrainTask):
 
     def train(self, rank: int, world_size: int, request: dict, datalist: list) -> dict:
         # A stale best checkpoint from an earlier (perhaps stopped) run must not be published.
-        stale = Path(self._model_dir) / request["name"] / self._key_metric_filename
+        files = seam.train_files(self)
+        stale = Path(files.model_dir) / request["name"] / files.key_metric_filename
         stale.unlink(missing_ok=True)
         # Before anything loads: the version this run starts from (load_path reads the same file).
         self._run = {
@@ -383,7 +385,7 @@ class SegmentationTrainer(BasicTrainTask):
             self._record(outcome)
 
     def _publish_best(self, context: Context, outcome: dict[str, Any]) -> bool:
-        best = Path(context.output_dir) / self._key_metric_filename
+        best = Path(context.output_dir) / seam.train_files(self).key_metric_filename
         if not best.exists():
             logger.warning("Training completed without a checkpoint at %s; served weights unchanged", best)
             return False
@@ -433,7 +435,7 @@ class SegmentationTrainer(BasicTrainTask):
 
         The server trains in a child process; the file is how ``/info``'s ``train_stats`` learns it.
         """
-        path = Path(self._stats_path)
+        path = Path(seam.train_files(self).stats_path)
         stats = json.loads(path.read_text()) if path.exists() else {}
         stats["last_run"] = {**outcome, "at": round(time.time(), 3)}  # seconds since the epoch
         write_json(path, stats)

@@ -15,10 +15,19 @@ from appcore.app import (
     UPLOAD_FUNCTIONS,
     _bad_train_params,
     _removes_uploads_on_error,
-    checked_endpoints,
-    strict_form_json,
 )
 from appcore.errors import RequestError
+from appcore.seam import Kind, apply
+from appcore.seam.table import ROWS
+
+
+def _rebinds(*modules: str) -> list:
+    """The table's rebinding rows of MONAI Label's endpoint ``modules``."""
+    return [r for r in ROWS if r.kind is Kind.REBIND and r.target.split(":")[0] in modules and not r.when]
+
+
+def _applied(rows: list) -> list[str]:
+    return [o.row.target for o in apply(rows) if o.state == "applied" and o.reason != "already"]
 
 
 @pytest.mark.parametrize(
@@ -58,8 +67,9 @@ def endpoint_modules(monkeypatch: pytest.MonkeyPatch) -> list:
 
 
 def test_form_fields_must_be_json_objects(endpoint_modules: list) -> None:
-    assert strict_form_json() == list(FORM_JSON_MODULES)
-    assert strict_form_json() == list(FORM_JSON_MODULES), "installing twice is harmless"
+    rows = [r for r in _rebinds(*FORM_JSON_MODULES) if r.target.endswith(":json")]
+    assert _applied(rows) == [f"{name}:json" for name in FORM_JSON_MODULES]
+    assert _applied(rows) == [], "installing twice is harmless"
     for module in endpoint_modules:
         assert module.json.loads('{"model": "hippocampus"}') == {"model": "hippocampus"}
         assert module.json.dumps({"a": 1}) == '{"a": 1}'
@@ -88,19 +98,21 @@ def endpoint_functions(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.usefixtures("endpoint_functions")
 def test_infer_with_nothing_to_segment_is_a_422() -> None:
     changed = [
-        "monailabel.endpoints.model",
-        "monailabel.endpoints.train.stop",
-        "monailabel.endpoints.proxy",
-        *(name for name, _ in INFER_FUNCTIONS),
-        *(f"{name}.{function}" for name, function in UPLOAD_FUNCTIONS),
-        *(f"{name}.{function} (file names)" for name, function in NAMED_UPLOAD_FUNCTIONS),
-        "monailabel.endpoints.datastore.download_dataset",
-        "monailabel.endpoints.datastore.datastore",
-        *(f"monailabel.endpoints.{m}.status" for m in ("train", "scoring", "batch_infer")),
-        *(f"monailabel.endpoints.session.{f}" for f in ("create_session", "get_session", "remove_session")),
+        "monailabel.endpoints.model:update_model",
+        "monailabel.endpoints.model:delete_model",
+        "monailabel.endpoints.train:stop",
+        "monailabel.endpoints.proxy:proxy_dicom",
+        *(f"{name}:{function}" for name, function in INFER_FUNCTIONS),
+        *(f"{name}:{function}" for name, function in UPLOAD_FUNCTIONS),
+        *(f"{name}:{function}" for name, function in NAMED_UPLOAD_FUNCTIONS),
+        "monailabel.endpoints.datastore:download_dataset",
+        "monailabel.endpoints.datastore:datastore",
+        *(f"monailabel.endpoints.{m}:status" for m in ("train", "scoring", "batch_infer")),
+        *(f"monailabel.endpoints.session:{f}" for f in ("create_session", "get_session", "remove_session")),
     ]
-    assert checked_endpoints() == changed
-    assert checked_endpoints() == [], "installing twice is harmless"
+    rows = [r for r in _rebinds(*{t.split(":")[0] for t in changed}) if not r.target.endswith(":json")]
+    assert _applied(rows) == changed
+    assert _applied(rows) == [], "installing twice is harmless"
     for name, function in INFER_FUNCTIONS:
         run = getattr(importlib.import_module(name), function)
         for kwargs in ({}, {"image": "", "session_id": ""}):

@@ -17,6 +17,7 @@ from monailabel.interfaces.datastore import DefaultLabelTag
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
+from appcore import seam
 from appcore.datastore import AllowedValues, CheckedLocalDatastore, check_save_params
 from appcore.dicom.client import DicomWebClient, OrthancAdmin, PacsUnavailable
 from appcore.dicom.seg import SEG_MANUFACTURER, label_to_seg, seg_to_label
@@ -178,7 +179,7 @@ class DicomWebDatastore(CheckedLocalDatastore):
     def _existing(self, image_id: str) -> Any:
         """The local record of a series of the PACS (404 if the PACS has none), None until it is fetched."""
         self._series_meta(image_id)
-        return self._datastore.objects.get(image_id)
+        return seam.local_index(self).objects.get(image_id)
 
     def _existing_label(self, label_id: str, label_tag: str) -> Any:
         self.get_label_uri(label_id, label_tag)  # a SEG saved from elsewhere is read from the PACS first
@@ -261,7 +262,7 @@ class DicomWebDatastore(CheckedLocalDatastore):
     def get_image_uri(self, image_id: str) -> str:
         check_image_id(image_id)
         with self._lock_for(image_id):
-            obj = self._datastore.objects.get(image_id)
+            obj = seam.local_index(self).objects.get(image_id)
             if obj and Path(CheckedLocalDatastore.get_image_uri(self, image_id)).exists():
                 return CheckedLocalDatastore.get_image_uri(self, image_id)
             return self._fetch(image_id)
@@ -389,7 +390,7 @@ class DicomWebDatastore(CheckedLocalDatastore):
         if not segs:
             self._drop_cached_final(image_id)  # its SEG was deleted in the PACS (by an admin, another tool)
             return
-        local = self._datastore.objects.get(image_id)
+        local = seam.local_index(self).objects.get(image_id)
         cached = local.labels.get(DefaultLabelTag.FINAL.value) if local else None
         if cached and cached.info.get("SegSeriesInstanceUID") in {s for _, s in segs}:
             return
@@ -404,12 +405,13 @@ class DicomWebDatastore(CheckedLocalDatastore):
     def _drop_cached_final(self, image_id: str) -> None:
         """Forget the cached ``final`` label of a series whose SEG is no longer in the PACS."""
         with self._changing_records():
-            local = self._datastore.objects.get(image_id)
+            local = seam.local_index(self).objects.get(image_id)
             cached = local.labels.pop(DefaultLabelTag.FINAL.value, None) if local else None
             if cached is None:
                 return
             (
-                Path(self._datastore.label_path(DefaultLabelTag.FINAL.value)) / self._filename(image_id, cached.ext)
+                Path(seam.local_index(self).label_path(DefaultLabelTag.FINAL.value))
+                / self._filename(image_id, cached.ext)
             ).unlink(missing_ok=True)
             self._update_datastore_file(lock=False)
         logger.info("The PACS no longer holds a SEG for series %s: its cached label is forgotten", image_id)
@@ -433,7 +435,7 @@ class DicomWebDatastore(CheckedLocalDatastore):
         if label_tag == DefaultLabelTag.FINAL.value:
             self._segs.invalidate()  # a SEG saved elsewhere a moment ago is deleted too
             segs = self._segs.get().get(label_id, [])
-            if not segs and not self._datastore.label(label_id, label_tag):
+            if not segs and not seam.local_index(self).label(label_id, label_tag):
                 raise not_found(f"Series {label_id!r} has no 'final' label: the PACS holds no SEG for it")
             if self._orthanc is None:
                 raise bad_request(
@@ -451,7 +453,7 @@ class DicomWebDatastore(CheckedLocalDatastore):
             self._segs.invalidate()
             # Directly: the local removal would first sync with the PACS, which holds none of ours now.
             self._drop_cached_final(label_id)
-        elif self._datastore.label(label_id, label_tag):
+        elif seam.local_index(self).label(label_id, label_tag):
             super().remove_label(label_id, label_tag)
         else:
             raise not_found(f"Series {label_id!r} has no {label_tag!r} label")

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from appcore.routes import insert_first
+from appcore.seam import insert_first, server_app
 
 logger = logging.getLogger(__name__)
 
@@ -24,7 +23,7 @@ def serve_ohif_config(config: Path = CONFIG) -> bool:
     training child, a test building the app in-process) there is no server and nothing is done.
     Returns whether the route is in place.
     """
-    if "monailabel.app" not in sys.modules:
+    if server_app() is None:
         return False
     if not config.is_file():
         raise FileNotFoundError(f"OHIF configuration {config} is missing")
