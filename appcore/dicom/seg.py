@@ -18,6 +18,9 @@ SEG_MANUFACTURER = "active-label-server"
 BODY_STRUCTURE = Code("123037004", "SCT", "Anatomical Structure")
 ANATOMICAL_STRUCTURE = Code("91723000", "SCT", "Anatomical structure")
 SOFTWARE = "active-label-server 0.1.0"
+# A voxel of a fractional SEG (probability or occupancy) belongs to a segment from this value on:
+# the majority rule, the same cut as a binary SEG's 0/1 and a network's most likely class.
+FRACTION_IN = 0.5
 
 
 def rgb_to_dicom_lab(rgb: tuple[int, int, int]) -> list[int]:
@@ -121,7 +124,9 @@ def seg_to_label(seg: Dataset, sop_instance_uids: Sequence[str], labels: LabelSe
 
     Segments are matched to labels by SegmentLabel, ignoring case, else by the SNOMED CT code of their
     segmented property type (as another tool may name "Liver" what this server calls "liver"); a
-    segment matching no label is refused.
+    segment matching no label is refused. Segments may come in any order. A fractional SEG's voxel
+    belongs to a segment from ``FRACTION_IN`` (0.5) on. A SEG that does not say its frames keep the
+    source slices' spatial locations (OHIF's) is read on those slices all the same.
     """
     segmentation = hd.seg.Segmentation.from_dataset(seg, copy=False)
     ids = {
@@ -132,10 +137,12 @@ def seg_to_label(seg: Dataset, sop_instance_uids: Sequence[str], labels: LabelSe
         source_sop_instance_uids=list(sop_instance_uids),
         segment_numbers=sorted(ids),
         assert_missing_frames_are_empty=True,
-    )  # (slices, rows, columns, segments)
+        # OHIF's binary SEG omits SpatialLocationsPreserved; its frames are still the source slices
+        ignore_spatial_locations=True,
+    )  # (slices, rows, columns, segments); a fractional SEG's values scaled to [0, 1]
     out = np.zeros(masks.shape[:3], dtype=np.uint8)
     for channel, number in enumerate(sorted(ids)):
-        out[masks[..., channel] > 0] = ids[number]
+        out[masks[..., channel] >= FRACTION_IN] = ids[number]
     return out.transpose(2, 1, 0)
 
 
