@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 
 from appcore.dicom.prepare import fill_missing_uids, load_series_folder, nifti_to_series, read_series_folder, stable_uid
-from appcore.dicom.seg import dicom_lab_to_rgb, label_to_seg, rgb_to_dicom_lab, seg_to_label
+from appcore.dicom.seg import LABEL_MAP_SEG, dicom_lab_to_rgb, label_to_seg, rgb_to_dicom_lab, seg_to_label
 from appcore.dicom.series import SeriesRefused, load_series, series_geometry
 from radiology.registry import MODELS
 from tests.conftest import HIPPO, SHARED
+from tests.segs import foreign_seg, label_map_seg
 
 DICOM = SHARED / "dicom"
 requires_dicom = pytest.mark.skipif(not (DICOM / "ct_abdomen").is_dir(), reason=f"{DICOM} is absent")
@@ -257,59 +258,6 @@ def test_a_listing_remembers_an_unreachable_pacs_for_its_lifetime() -> None:
     assert listing.get() == ["series"] and len(calls) == 2
 
 
-def _foreign_seg(label: np.ndarray, sources: list, *, kind: str) -> object:
-    """A SEG as another program writes it, of a hippocampus label (``[column, row, slice]``): highdicom
-    with the segments in the other order (posterior 1, anterior 2), named as a person would, coded as
-    OHIF codes them (Tissue/Tissue), Manufacturer "Unspecified"; ``kind`` "binary", "fractional" (the
-    label's voxels 0.8, and 0.3 where a segment merely touches) or "ohif" (binary, and without
-    SpatialLocationsPreserved, as OHIF stores it)."""
-    import highdicom as hd
-    from pydicom.sr.codedict import codes
-
-    family = codes.cid7162.ArtificialIntelligence
-    algorithm = hd.AlgorithmIdentificationSequence(name="Other", family=family, version="9")
-    ours = {1: 2, 2: 1}  # segment number: our label id (posterior first)
-    descriptions = [
-        hd.seg.SegmentDescription(
-            segment_number=number,
-            segment_label={1: "Posterior", 2: "anterior "}[number],
-            segmented_property_category=codes.SCT.Tissue,
-            segmented_property_type=codes.SCT.Tissue,
-            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL,
-            algorithm_identification=algorithm,
-        )
-        for number in ours
-    ]
-    frames = label.transpose(2, 1, 0)  # (slices, rows, columns)
-    masks = np.stack([frames == ours[n] for n in sorted(ours)], axis=-1).astype(np.float32)
-    if kind == "fractional":
-        touched = np.roll(masks, 1, axis=1) * (1 - masks)  # one row beside each segment
-        masks = 0.8 * masks + 0.3 * touched
-    seg = hd.seg.Segmentation(
-        source_images=sources,
-        pixel_array=masks if kind == "fractional" else masks.astype(np.uint8),
-        segmentation_type=hd.seg.SegmentationTypeValues.FRACTIONAL
-        if kind == "fractional"
-        else hd.seg.SegmentationTypeValues.BINARY,
-        segment_descriptions=descriptions,
-        series_instance_uid=hd.UID(),
-        series_number=99,
-        sop_instance_uid=hd.UID(),
-        instance_number=1,
-        manufacturer="Unspecified",
-        manufacturer_model_name="Other viewer",
-        software_versions="OHIF-3.11.0",
-        device_serial_number="0",
-    )
-    if kind == "ohif":
-        for frame in seg.PerFrameFunctionalGroupsSequence:
-            for derivation in frame.get("DerivationImageSequence", []):
-                for source in derivation.SourceImageSequence:
-                    if "SpatialLocationsPreserved" in source:
-                        del source.SpatialLocationsPreserved
-    return seg
-
-
 @pytest.mark.parametrize("kind", ["binary", "fractional", "ohif"])
 def test_a_seg_another_program_wrote_reads_as_the_label_it_holds(kind: str) -> None:
     """Segments matched by name whatever their order and codes; a fractional SEG's voxel belongs to a
@@ -322,6 +270,47 @@ def test_a_seg_another_program_wrote_reads_as_the_label_it_holds(kind: str) -> N
     label = np.zeros(volume.data.shape, np.uint8)
     label[2:6, 2:5, 1:4] = 1  # anterior
     label[6:10, 5:8, 3:7] = 2  # posterior
-    seg = _foreign_seg(label, sources, kind=kind)
+    seg = foreign_seg(label, sources, kind=kind)
     assert [s.SegmentLabel for s in seg.SegmentSequence] == ["Posterior", "anterior "]
     assert np.array_equal(seg_to_label(seg, volume.sop_instance_uids, labels), label)
+
+
+def _hippocampus_phantom() -> tuple[np.ndarray, list, object]:
+    series = phantom_series(np.diag([-0.8, 0.8, 2.5, 1.0]))
+    volume = load_series(series, str(series[0].SeriesInstanceUID))
+    by_uid = {str(ds.SOPInstanceUID): ds for ds in series}
+    label = np.zeros(volume.data.shape, np.uint8)
+    label[2:6, 2:5, 1:4] = 1  # anterior
+    label[6:10, 5:8, 3:7] = 2  # posterior
+    return label, [by_uid[uid] for uid in volume.sop_instance_uids], volume
+
+
+@pytest.mark.parametrize(("rle", "by_position"), [(True, False), (False, False), (True, True)])
+def test_a_label_map_seg_reads_as_the_label_it_holds(rle: bool, by_position: bool) -> None:
+    label, sources, volume = _hippocampus_phantom()
+    seg = label_map_seg(label, sources, rle=rle, by_position=by_position)
+    assert seg.SOPClassUID == LABEL_MAP_SEG and seg.NumberOfFrames < len(sources), "painted slices only"
+    positions = [[float(v) for v in ds.ImagePositionPatient] for ds in sources]
+    labels = MODELS["hippocampus"].labels
+    assert np.array_equal(seg_to_label(seg, volume.sop_instance_uids, labels, positions), label)
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ("no_positions", r"frame 1 names none of the series' instances and lies at no slice position"),
+        ("unknown_value", r"pixel values \[7\] are no segment number of its SegmentSequence \(\[1, 2\]\)"),
+    ],
+)
+def test_a_label_map_seg_that_does_not_fit_the_series_is_refused(change: str, match: str) -> None:
+    label, sources, volume = _hippocampus_phantom()
+    if change == "unknown_value":
+        label[0, 0, 0] = 7  # written as it is: 7 is no segment
+    seg = label_map_seg(label, sources, rle=False, by_position=True)
+    if change == "unknown_value":
+        pixels = seg.pixel_array.copy()
+        pixels[0, 0, 0] = 7
+        seg.PixelData = pixels.tobytes()
+    positions = None if change == "no_positions" else [[float(v) for v in ds.ImagePositionPatient] for ds in sources]
+    with pytest.raises(ValueError, match=match):
+        seg_to_label(seg, volume.sop_instance_uids, MODELS["hippocampus"].labels, positions)
