@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 
 from appcore.dicom.prepare import fill_missing_uids, load_series_folder, nifti_to_series, read_series_folder, stable_uid
-from appcore.dicom.seg import dicom_lab_to_rgb, label_to_seg, rgb_to_dicom_lab, seg_to_label
+from appcore.dicom.seg import LABEL_MAP_SEG, dicom_lab_to_rgb, label_to_seg, rgb_to_dicom_lab, seg_to_label
 from appcore.dicom.series import SeriesRefused, load_series, series_geometry
 from radiology.registry import MODELS
 from tests.conftest import HIPPO, SHARED
+from tests.segs import foreign_seg, label_map_seg
 
 DICOM = SHARED / "dicom"
 requires_dicom = pytest.mark.skipif(not (DICOM / "ct_abdomen").is_dir(), reason=f"{DICOM} is absent")
@@ -255,3 +256,61 @@ def test_a_listing_remembers_an_unreachable_pacs_for_its_lifetime() -> None:
     state["up"] = True
     listing.invalidate()  # a save elsewhere: ask again now
     assert listing.get() == ["series"] and len(calls) == 2
+
+
+@pytest.mark.parametrize("kind", ["binary", "fractional", "ohif"])
+def test_a_seg_another_program_wrote_reads_as_the_label_it_holds(kind: str) -> None:
+    """Segments matched by name whatever their order and codes; a fractional SEG's voxel belongs to a
+    segment from 0.5 on (the threshold), so a voxel a segment only touches (0.3) stays background."""
+    labels = MODELS["hippocampus"].labels
+    series = phantom_series(np.diag([-0.8, 0.8, 2.5, 1.0]))
+    volume = load_series(series, str(series[0].SeriesInstanceUID))
+    by_uid = {str(ds.SOPInstanceUID): ds for ds in series}
+    sources = [by_uid[uid] for uid in volume.sop_instance_uids]
+    label = np.zeros(volume.data.shape, np.uint8)
+    label[2:6, 2:5, 1:4] = 1  # anterior
+    label[6:10, 5:8, 3:7] = 2  # posterior
+    seg = foreign_seg(label, sources, kind=kind)
+    assert [s.SegmentLabel for s in seg.SegmentSequence] == ["Posterior", "anterior "]
+    assert np.array_equal(seg_to_label(seg, volume.sop_instance_uids, labels), label)
+
+
+def _hippocampus_phantom() -> tuple[np.ndarray, list, object]:
+    series = phantom_series(np.diag([-0.8, 0.8, 2.5, 1.0]))
+    volume = load_series(series, str(series[0].SeriesInstanceUID))
+    by_uid = {str(ds.SOPInstanceUID): ds for ds in series}
+    label = np.zeros(volume.data.shape, np.uint8)
+    label[2:6, 2:5, 1:4] = 1  # anterior
+    label[6:10, 5:8, 3:7] = 2  # posterior
+    return label, [by_uid[uid] for uid in volume.sop_instance_uids], volume
+
+
+@pytest.mark.parametrize(("rle", "by_position"), [(True, False), (False, False), (True, True)])
+def test_a_label_map_seg_reads_as_the_label_it_holds(rle: bool, by_position: bool) -> None:
+    label, sources, volume = _hippocampus_phantom()
+    seg = label_map_seg(label, sources, rle=rle, by_position=by_position)
+    assert seg.SOPClassUID == LABEL_MAP_SEG and seg.NumberOfFrames < len(sources), "painted slices only"
+    positions = [[float(v) for v in ds.ImagePositionPatient] for ds in sources]
+    labels = MODELS["hippocampus"].labels
+    assert np.array_equal(seg_to_label(seg, volume.sop_instance_uids, labels, positions), label)
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ("no_positions", r"frame 1 names none of the series' instances and lies at no slice position"),
+        ("unknown_value", r"pixel values \[7\] are no segment number of its SegmentSequence \(\[1, 2\]\)"),
+    ],
+)
+def test_a_label_map_seg_that_does_not_fit_the_series_is_refused(change: str, match: str) -> None:
+    label, sources, volume = _hippocampus_phantom()
+    if change == "unknown_value":
+        label[0, 0, 0] = 7  # written as it is: 7 is no segment
+    seg = label_map_seg(label, sources, rle=False, by_position=True)
+    if change == "unknown_value":
+        pixels = seg.pixel_array.copy()
+        pixels[0, 0, 0] = 7
+        seg.PixelData = pixels.tobytes()
+    positions = None if change == "no_positions" else [[float(v) for v in ds.ImagePositionPatient] for ds in sources]
+    with pytest.raises(ValueError, match=match):
+        seg_to_label(seg, volume.sop_instance_uids, MODELS["hippocampus"].labels, positions)

@@ -10,6 +10,7 @@ import zipfile
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Literal
 
 import nibabel as nib
 import numpy as np
@@ -17,10 +18,11 @@ import pydicom
 import pytest
 
 from appcore.dicom.client import DicomWebClient
-from appcore.dicom.seg import dicom_lab_to_rgb, seg_to_label
+from appcore.dicom.seg import SEG_MANUFACTURER, dicom_lab_to_rgb, seg_to_label
 from appcore.dicom.series import load_series
 from radiology.label_mapping import load_class_map, remap_by_name
 from radiology.registry import MODELS
+from radiology.splits import msd_cases, split_cases
 from tests.conftest import HIPPO, SHARED, TOTALSEG, dice, requires_shared
 from tests.e2e.servers import (
     LoadedPacs,
@@ -31,10 +33,12 @@ from tests.e2e.servers import (
     requires_dicom_data,
     requires_orthanc,
 )
+from tests.segs import SegKind, foreign_seg, label_map_seg
 
 pytestmark = [requires_shared, requires_dicom_data, requires_orthanc, pytest.mark.slow]
 
-MR_CASES = ("hippocampus_001", "hippocampus_003")
+# hippocampus_008 is in the held-out test split (radiology/splits.py): the shipped model never trained on it.
+MR_CASES = ("hippocampus_008", "hippocampus_003")
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +109,12 @@ def test_mr_infer_segments_the_hippocampus(server: Server, pacs: LoadedPacs, tmp
     (tmp_path / "pred.nii.gz").write_bytes(r.content)
     pred, truth = nib.load(tmp_path / "pred.nii.gz"), nib.load(HIPPO / "labelsTr" / f"{case}.nii.gz")
     assert np.allclose(pred.affine, truth.affine) and pred.shape == truth.shape
-    assert dice(np.asarray(pred.dataobj) > 0, np.asarray(truth.dataobj) > 0) > 0.7
+    assert case in {c.id for c in split_cases(msd_cases(HIPPO))["test"]}, "a case the model never trained on"
+    # Measured on this case with the shipped weights: anterior 0.909, posterior 0.894 (the model card's
+    # held-out mean 0.881). The series round-trips exactly, so the margin (0.02) covers only a CPU that
+    # computes bfloat16 otherwise.
+    p, t = np.asarray(pred.dataobj), np.rint(np.asarray(truth.dataobj))
+    assert dice(p == 1, t == 1) > 0.89 and dice(p == 2, t == 2) > 0.87, (dice(p == 1, t == 1), dice(p == 2, t == 2))
 
 
 def test_gantry_tilted_series_is_refused_naming_it(server: Server, pacs: LoadedPacs) -> None:
@@ -223,32 +232,50 @@ def test_a_raw_label_buffer_of_the_wrong_size_is_a_422(
     assert [s.SeriesInstanceUID for s in _segs(pacs, uid)] == before
 
 
-def test_the_datastore_lists_every_series_with_its_seg(server: Server, pacs: LoadedPacs) -> None:
+@pytest.fixture
+def ct_labelled(server: Server, pacs: LoadedPacs, tmp_path: Path) -> str:
+    """ct_abdomen has a final label of this server's (its SEG in the PACS): saved here unless a test
+    before left one, so that a test needing it passes alone and in any order."""
+    uid = pacs.series["ct_abdomen"]
+    if not any(str(s.Manufacturer) == SEG_MANUFACTURER for s in _segs(pacs, uid)):
+        assert _put_ct_block(server, pacs, "organs_ct", 5, tmp_path).status_code == 200
+        time.sleep(5.5)  # the server reuses its listing of the PACS's SEGs for 5 s
+    return uid
+
+
+def _with_seg(pacs: LoadedPacs) -> set[str]:
+    return {uid for uid in pacs.series.values() if _segs(pacs, uid)}
+
+
+def test_the_datastore_lists_every_series_with_its_seg(server: Server, pacs: LoadedPacs, ct_labelled: str) -> None:
     listing = server.http.get("/datastore/", params={"output": "all"}).json()["objects"]
     assert set(listing) == {pacs.series[name] for name in ("ct_abdomen", "ct_head_ge", *MR_CASES)}, "fetched or not"
     assert {o["image"]["info"]["Modality"] for o in listing.values()} == {"CT", "MR"}
     labelled = {uid for uid, o in listing.items() if "final" in o["labels"]}
-    assert labelled == {pacs.series["ct_abdomen"]}, "saved by the test before"
-    assert server.http.get("/datastore/").json()["label_tags"]["final"] == 1
+    assert ct_labelled in labelled and labelled == _with_seg(pacs)
+    assert server.http.get("/datastore/").json()["label_tags"]["final"] == len(labelled)
 
 
-def test_the_dataset_download_holds_the_labelled_series_as_nifti(server: Server, pacs: LoadedPacs) -> None:
-    uid = pacs.series["ct_abdomen"]
+def test_the_dataset_download_holds_the_labelled_series_as_nifti(
+    server: Server, pacs: LoadedPacs, ct_labelled: str
+) -> None:
+    uid = ct_labelled
     r = server.http.get("/datastore/dataset")
     assert r.status_code == 200 and r.headers["content-type"] == "application/zip", r.text
     archive = zipfile.ZipFile(io.BytesIO(r.content))
-    assert sorted(archive.namelist()) == [f"image/{uid}.nii.gz", f"label/{uid}.nii.gz", "metadata.json"]
+    names = [f"{kind}/{u}.nii.gz" for u in sorted(_with_seg(pacs)) for kind in ("image", "label")]
+    assert sorted(archive.namelist()) == sorted([*names, "metadata.json"])
     image = nib.Nifti1Image.from_bytes(gzip.decompress(archive.read(f"image/{uid}.nii.gz")))
     label = nib.Nifti1Image.from_bytes(gzip.decompress(archive.read(f"label/{uid}.nii.gz")))
     assert image.shape == label.shape == _volume(pacs, "ct_abdomen").data.shape
     assert np.allclose(image.affine, label.affine)
 
 
-def test_removing_a_label_the_pacs_does_not_hold_is_a_404(server: Server, pacs: LoadedPacs) -> None:
-    for params in ({"id": pacs.series[MR_CASES[0]], "tag": "final"}, {"id": "1.2.3.4", "tag": "final"}):
+def test_removing_a_label_the_pacs_does_not_hold_is_a_404(server: Server, pacs: LoadedPacs, ct_labelled: str) -> None:
+    for params in ({"id": pacs.series["ct_head_ge"], "tag": "final"}, {"id": "1.2.3.4", "tag": "final"}):
         r = server.http.delete("/datastore/label", params=params)
         assert r.status_code == 404, r.text
-    assert len(_segs(pacs, pacs.series["ct_abdomen"])) == 1
+    assert len(_segs(pacs, ct_labelled)) == 1
 
 
 @pytest.fixture(scope="module")
@@ -292,6 +319,8 @@ def test_slicer_client_flow(mr_server: Server, server: Server, pacs: LoadedPacs,
         assert time.monotonic() < deadline, "training did not finish in 240 s"
         time.sleep(1)
     assert status["status"] == "DONE", status
+    last_run = client.info()["train_stats"]["hippocampus"]["last_run"]
+    assert last_run["published"] is True and last_run["trained_on"] >= 1 and not last_run["skipped"], last_run
 
 
 def _segs_source_slices(pacs: LoadedPacs, uid: str) -> list:
@@ -452,12 +481,8 @@ def test_a_seg_another_tool_stored_is_read_but_never_replaced_or_deleted(
         r = server.http.get("/datastore/label", params={"label": uid, "tag": "final"})
         assert r.status_code == 200, r.text
         assert np.array_equal(np.asarray(nib.Nifti1Image.from_bytes(gzip.decompress(r.content)).dataobj), theirs)
-        r = server.http.post("/train/organs_ct", json={"max_epochs": 1})
-        assert r.status_code != 404, r.text  # it is training data, not an unknown model 'Slicer'
-        deadline = time.monotonic() + 120
-        while server.http.get("/train/", params={"check_if_running": "true"}).status_code == 200:
-            assert time.monotonic() < deadline
-            time.sleep(1)
+        last_run = _train(server, "organs_ct")  # it is training data, not an unknown model 'Slicer'
+        assert last_run["published"] is True and last_run["trained_on"] == 1 and not last_run["skipped"], last_run
 
         r = server.http.delete("/datastore/label", params={"id": uid, "tag": "final"})
         assert r.status_code == 409 and "another tool stored" in r.json()["detail"], r.text
@@ -470,6 +495,55 @@ def test_a_seg_another_tool_stored_is_read_but_never_replaced_or_deleted(
         assert [str(s.SeriesInstanceUID) for s in _segs(pacs, uid)] == [foreign]
     finally:
         OrthancAdmin.for_dicomweb(pacs.orthanc.dicomweb_url).delete_series(foreign)
+
+
+def _train(server: Server, model: str) -> dict:
+    """Train ``model`` for one epoch; the run's ``last_run`` once it has ended (DONE)."""
+    r = server.http.post(f"/train/{model}", json={"max_epochs": 1, "train_batch_size": 2})
+    assert r.status_code == 200, r.text
+    deadline = time.monotonic() + 300
+    while (status := server.http.get("/train/").json()).get("status") not in ("DONE", "ERROR", "STOPPED"):
+        assert time.monotonic() < deadline, "training did not finish in 300 s"
+        time.sleep(1)
+    assert status["status"] == "DONE", status
+    return server.http.get("/info/").json()["train_stats"][model]["last_run"]
+
+
+@pytest.mark.parametrize("kind", ["binary", "fractional", "ohif", "label_map"])
+def test_a_seg_another_program_wrote_is_read_and_trained_on(
+    mr_server: Server, pacs: LoadedPacs, tmp_path: Path, kind: SegKind | Literal["label_map"]
+) -> None:
+    """A true label stored by another program (highdicom, segments in the other order, Tissue codes;
+    fractional; binary as OHIF stores it; OHIF's default Label Map SEG, RLE, its frames placed by
+    position only): served as that label, and a training uses it."""
+    from appcore.dicom.client import OrthancAdmin
+
+    case = MR_CASES[1]
+    uid = pacs.series[case]
+    ours = [str(s.SeriesInstanceUID) for s in _segs(pacs, uid)]
+    mr_server.http.delete("/datastore/label", params={"id": uid, "tag": "final"})  # a SEG a test saved, if any
+    volume = _volume(pacs, case)
+    truth = np.rint(np.asarray(nib.load(HIPPO / "labelsTr" / f"{case}.nii.gz").dataobj)).astype(np.uint8)
+    study = str(pacs.client.search_series({"SeriesInstanceUID": uid})[0].StudyInstanceUID)
+    by_uid = {str(ds.SOPInstanceUID): ds for ds in pacs.client.retrieve_series(study, uid)}
+    sources = [by_uid[u] for u in volume.sop_instance_uids]
+    if kind == "label_map":
+        seg = label_map_seg(truth, sources, rle=True, by_position=True)
+    else:
+        seg = foreign_seg(truth, sources, kind=kind)
+    pacs.client.store([seg])
+    foreign = str(seg.SeriesInstanceUID)
+    try:
+        time.sleep(5.5)  # the server reuses its listing of the PACS's SEGs for 5 s
+        r = mr_server.http.get("/datastore/label", params={"label": uid, "tag": "final"})
+        assert r.status_code == 200, r.text
+        assert np.array_equal(np.asarray(nib.Nifti1Image.from_bytes(gzip.decompress(r.content)).dataobj), truth)
+        labelled = {u for name, u in pacs.series.items() if name in MR_CASES and _segs(pacs, u)}
+        last_run = _train(mr_server, "hippocampus")
+        assert last_run["trained_on"] == len(labelled) and uid not in str(last_run["skipped"]), last_run
+    finally:
+        OrthancAdmin.for_dicomweb(pacs.orthanc.dicomweb_url).delete_series(foreign)
+    assert [str(s.SeriesInstanceUID) for s in _segs(pacs, uid)] == [], ours
 
 
 def _put_ct_block(server: Server, pacs: LoadedPacs, model: str, value: int, tmp: Path):

@@ -334,8 +334,13 @@ def test_submit_patch_and_label_then_train(server: tuple[httpx.Client, Path]) ->
 
 
 def test_patches_are_measured_in_the_background_at_start_and_after_training(server: tuple[httpx.Client, Path]) -> None:
-    # Runs after the training test above, which published new weights.
-    _, root = server
+    from pathology.spec import NUCLEI
+
+    client, root = server
+    # New weights served (as a training's publish does), whichever tests ran before this one.
+    shipped = NUCLEI.shipped_weights_path.read_bytes()
+    r = client.put("/model/nuclei", files={"file": ("nuclei.pt", shipped)})
+    assert r.status_code == 200, r.text
     log = root / "server.log"
     measured, new_weights = "patches measured in the background", "new weights served, measuring every image again"
 
@@ -346,3 +351,38 @@ def test_patches_are_measured_in_the_background_at_start_and_after_training(serv
     while not done(log.read_text()) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert done(log.read_text()), log.read_text()[-2000:]
+
+
+def test_wsi_uncertain_hands_out_the_patches_in_the_order_of_their_entropy(
+    server: tuple[httpx.Client, Path], tmp_path: Path
+) -> None:
+    """The ranking the server serves is the patches' foreground entropy under the served weights,
+    recomputed here: a slide of its own (no patch of it held by another test), every patch asked for."""
+    from pathology.activelearning import PatchMeasures
+    from pathology.spec import NUCLEI
+    from pathology.weights import load_network
+    from pathology.wsi import open_source
+    from strategies.patches import patch_grid
+
+    client, _ = server
+    upload = {"file": (SLIDE.name, SLIDE.read_bytes())}
+    r = client.put("/datastore/image", params={"image": "ranked_slide"}, files=upload)
+    assert r.status_code == 200, r.text
+    weights = client.get("/model/nuclei")
+    assert weights.status_code == 200, weights.text
+    (tmp_path / "served.pt").write_bytes(weights.content)
+    source = open_source(SLIDE)
+    try:
+        boxes = patch_grid(source.dimensions, (1024, 1024))
+        assert len(boxes) >= 3, "too few patches to tell an order"
+        body = {"image": "ranked_slide", "patch_size": [1024, 1024], "k": len(boxes), "client_id": "ranker"}
+        r = client.post("/activelearning/wsi_uncertain", json=body)
+        assert r.status_code == 200, r.text
+        measures, network = PatchMeasures(NUCLEI, measure="entropy"), load_network(NUCLEI, tmp_path / "served.pt")
+        entropy = {tuple(b): float(measures.measures(source, b, network)["entropy"]) for b in boxes}
+    finally:
+        source.close()
+    expected = sorted(entropy, key=lambda b: entropy[b], reverse=True)
+    gaps = np.diff(sorted(entropy.values()))
+    assert gaps.min() > 1e-4, f"near ties, the order would be arbitrary: {entropy}"
+    assert [tuple(b) for b in r.json()["bboxes"]] == expected, (r.json()["bboxes"], entropy)

@@ -12,7 +12,7 @@ import socket
 import tarfile
 import time
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 import torch
 
+from radiology.infer import SegmentationInfer
 from radiology.registry import MODELS
 from tests.conftest import HIPPO, SHARED, requires_shared
 from tests.servers import monailabel_server
@@ -32,16 +33,29 @@ CASES = sorted((HIPPO / "imagesTr").glob("*.nii.gz"))[:10]
 UNLABELLED = CASES[-1].name.split(".")[0] if CASES else "no_shared_data"  # never labelled by these tests
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[httpx.Client, Path, Path]]:
-    root = tmp_path_factory.mktemp("loop")
-    studies = root / "studies"
+def _copy_cases(studies: Path) -> None:
     studies.mkdir()
     for case in CASES:
         shutil.copyfile(case, studies / case.name)
-    conf = {"models": "hippocampus", "reservation_s": "600", "max_epochs": "1"}
-    with monailabel_server(root, str(studies), conf) as running:
-        yield running.http, studies, root / "app"
+
+
+CONF = {"models": "hippocampus", "reservation_s": "600", "max_epochs": "1"}
+
+
+@pytest.fixture
+def fresh_server(tmp_path: Path) -> Iterator[tuple[httpx.Client, Path, Path]]:
+    """A server of its own, nothing labelled or trained yet: the loop test starts from there whatever ran before."""
+    _copy_cases(tmp_path / "studies")
+    with monailabel_server(tmp_path, str(tmp_path / "studies"), CONF) as running:
+        yield running.http, tmp_path / "studies", tmp_path / "app"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[httpx.Client, Path, Path]]:
+    root = tmp_path_factory.mktemp("loop")
+    _copy_cases(root / "studies")
+    with monailabel_server(root, str(root / "studies"), CONF) as running:
+        yield running.http, root / "studies", root / "app"
 
 
 def _wait_idle(client: httpx.Client, path: str, timeout: float = 300) -> dict:
@@ -59,8 +73,112 @@ def _label_bytes(case: Path) -> bytes:
     return (HIPPO / "labelsTr" / case.name).read_bytes()
 
 
-def test_active_learning_loop_over_http(server: tuple[httpx.Client, Path, Path]) -> None:
-    client, studies, app_dir = server
+def _id(case: Path) -> str:
+    return case.name.split(".")[0]
+
+
+PROBE = CASES[4] if CASES else Path("no_shared_data")  # never labelled here: predictions are compared on it
+
+
+def _save_labels(client: httpx.Client, cases: list[Path]) -> None:
+    for case in cases:
+        params = {"image": _id(case), "tag": "final"}
+        r = client.put("/datastore/label", params=params, files={"label": (case.name, _label_bytes(case))})
+        assert r.status_code == 200, r.text
+
+
+def _served(client: httpx.Client) -> tuple[int | None, bytes]:
+    """The served version's number and its weights file, as the server answers them."""
+    versions = client.get("/model/hippocampus/versions")
+    assert versions.status_code == 200, versions.text
+    weights = client.get("/model/hippocampus")
+    assert weights.status_code == 200, weights.text
+    return versions.json()["served_version"], weights.content
+
+
+def _server_prediction(client: httpx.Client, case: Path) -> np.ndarray:
+    r = client.post("/infer/hippocampus", params={"image": _id(case), "output": "image"})
+    assert r.status_code == 200, r.text
+    return np.asarray(nib.Nifti1Image.from_bytes(gzip.decompress(r.content)).dataobj)
+
+
+def _version(weights: Path) -> str:
+    """The version a score carries when ``weights`` computed it (``radiology.uncertainty``)."""
+    st = weights.stat()
+    return f"{weights.name}:{st.st_mtime_ns}:{st.st_size}"
+
+
+def _wait_scores(app_dir: Path, images: set[str], version: str, timeout: float = 600) -> None:
+    """Wait until every image of ``images`` has a stored score computed by exactly ``version``.
+
+    The shipped and the published weights are both ``hippocampus.pt``: only time and size tell them apart."""
+    path = app_dir / "model" / "scores_hippocampus.json"
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            scores = json.loads(path.read_text())
+        except (FileNotFoundError, ValueError):  # not written yet
+            scores = {}
+        got = {i: scores.get(i, {}).get("model_version") for i in sorted(images)}
+        if all(v == version for v in got.values()):
+            return
+        assert time.monotonic() < deadline, f"not rescored under {version} within {timeout} s: {got}"
+        time.sleep(1)
+
+
+@pytest.fixture(scope="module")
+def predict(tmp_path_factory: pytest.TempPathFactory) -> Callable[[bytes], np.ndarray]:
+    """PROBE's label under the given weights, computed in this process by the server's infer task
+    with the server's default settings (``sw_batch_size`` 1, ``cpu_bf16``)."""
+    folder = tmp_path_factory.mktemp("weights")
+    cache: dict[str, np.ndarray] = {}
+
+    def run(weights: bytes) -> np.ndarray:
+        key = hashlib.sha256(weights).hexdigest()
+        if key not in cache:
+            path = folder / f"{key}.pt"
+            path.write_bytes(weights)
+            task = SegmentationInfer(MODELS["hippocampus"], [str(path)], sw_batch_size=1, cpu_bf16=True)
+            out, _ = task({"image": str(PROBE), "device": "cpu", "logging": "WARNING"})
+            cache[key] = np.asarray(nib.load(out).dataobj)
+            Path(out).unlink(missing_ok=True)
+        return cache[key]
+
+    return run
+
+
+@pytest.fixture(scope="module")
+def labelled(server: tuple[httpx.Client, Path, Path]) -> list[Path]:
+    """The module server has the true labels of the first three cases saved."""
+    _save_labels(server[0], CASES[:3])
+    return CASES[:3]
+
+
+@pytest.fixture(scope="module")
+def _trained_version(server: tuple[httpx.Client, Path, Path], labelled: list[Path]) -> tuple[int, bytes]:
+    client = server[0]
+    r = client.post("/train/hippocampus", json={"max_epochs": 1, "train_batch_size": 2})
+    assert r.status_code == 200, r.text
+    assert _wait_idle(client, "/train/")["status"] == "DONE"
+    number, weights = _served(client)
+    assert number and weights != MODELS["hippocampus"].shipped_weights_path.read_bytes(), "the training published"
+    return number, weights
+
+
+@pytest.fixture
+def trained(server: tuple[httpx.Client, Path, Path], _trained_version: tuple[int, bytes]) -> tuple[int, bytes]:
+    """The module server serves weights its own training published (served again if a test changed that)."""
+    number, weights = _trained_version
+    if _served(server[0])[0] != number:
+        r = server[0].put("/model/hippocampus/serve", params={"version": number})
+        assert r.status_code == 200, r.text
+    return number, weights
+
+
+def test_active_learning_loop_over_http(
+    fresh_server: tuple[httpx.Client, Path, Path], predict: Callable[[bytes], np.ndarray]
+) -> None:
+    client, studies, app_dir = fresh_server
     info = client.get("/info/").json()
     assert "hippocampus" in info["models"] and {"random", "epistemic"} <= set(info["strategies"])
 
@@ -112,7 +230,14 @@ def test_active_learning_loop_over_http(server: tuple[httpx.Client, Path, Path])
 
     # 3. train; the run publishes new served weights and rescoring follows
     served = app_dir / "model" / "hippocampus.pt"
+    shipped = MODELS["hippocampus"].shipped_weights_path
     assert not served.exists()
+    unlabelled = {_id(c) for c in CASES[3:]}
+    _wait_scores(app_dir, unlabelled, _version(shipped))  # the start-up scoring, under the shipped weights
+    before, shipped_weights = _served(client)
+    assert before == 0 and shipped_weights == shipped.read_bytes(), before
+    # the comparison itself: the server's answer is this process's infer with the same weights, voxel for voxel
+    assert np.array_equal(_server_prediction(client, PROBE), predict(shipped_weights))
     # as 3D Slicer's module sends it: every option /info lists, the first of a list of choices
     config = info["trainers"]["hippocampus"]["config"]
     slicer_params = {k: v[0] if isinstance(v, list) else v for k, v in config.items()}
@@ -120,18 +245,21 @@ def test_active_learning_loop_over_http(server: tuple[httpx.Client, Path, Path])
     assert r.status_code == 200, r.text
     status = _wait_idle(client, "/train/")
     assert status["status"] == "DONE", status
-    assert served.exists()
+    last_run = client.get("/info/").json()["train_stats"]["hippocampus"]["last_run"]
+    assert last_run["published"] is True and last_run["trained_on"] == 3, last_run
 
-    # 4. the next infer serves the new weights without a restart
-    r = client.post("/infer/hippocampus", params={"image": CASES[4].name.split(".")[0], "output": "json"})
-    assert r.status_code == 200 and r.json()["model_trained"] is True
+    # 4. a new version is served, without a restart: new weights, and the next infer is their network's
+    after, new_weights = _served(client)
+    assert after is not None and after > before, after
+    assert hashlib.sha256(new_weights).digest() != hashlib.sha256(shipped_weights).digest()
+    assert served.read_bytes() == new_weights
+    assert not np.array_equal(predict(new_weights), predict(shipped_weights)), "no voxel changed: nothing told apart"
+    assert np.array_equal(_server_prediction(client, PROBE), predict(new_weights)), "the shipped network answered"
 
-    # 5. scores exist for the unlabelled images, computed under the new weights
-    scores = json.loads((app_dir / "model" / "scores_hippocampus.json").read_text())
-    unlabelled = {c.name.split(".")[0] for c in CASES[3:]}
-    assert unlabelled <= set(scores)
-    version = {s["model_version"] for k, s in scores.items() if k in unlabelled}
-    assert len(version) == 1 and version.pop().startswith("hippocampus.pt:")
+    # 5. the unlabelled images are rescored, under exactly the new version (not the start-up scores)
+    # (the training's own process rescores: the stored scores, not /scoring/'s status, say under which weights)
+    assert _version(served) != _version(shipped)
+    _wait_scores(app_dir, unlabelled, _version(served))
 
     # 5b. batch infer (on the CPU here: MONAI Label's default spread over CUDA devices is skipped)
     r = client.post("/batch/infer/hippocampus", params={"images": "unlabeled"}, json={"max_batch_size": 2})
@@ -147,17 +275,23 @@ def test_active_learning_loop_over_http(server: tuple[httpx.Client, Path, Path])
     def ask(client_id: str) -> dict:
         return client.post("/activelearning/epistemic", json={"client_id": client_id}).json()
 
+    # ... and epistemic hands out the images in the order of the stored scores (the new weights')
+    scores = json.loads((app_dir / "model" / "scores_hippocampus.json").read_text())
+    ranked = sorted(unlabelled, key=lambda i: scores[i]["value"], reverse=True)
+    assert len({scores[i]["value"] for i in ranked}) == len(ranked), "ties: the order would be random"
     with ThreadPoolExecutor(4) as pool:
         picks = list(pool.map(ask, ["a", "b", "c", "d"]))
     ids = [p["id"] for p in picks]
-    assert len(set(ids)) == 4 and set(ids) <= unlabelled
-    batch = client.post("/activelearning/random", json={"client_id": "e", "k": 3}).json()
-    assert len(batch["ids"]) == 3 and not set(batch["ids"]) & set(ids)
+    assert len(set(ids)) == 4 and set(ids) == set(ranked[:4]), (ids, ranked)
+    r = client.post("/activelearning/epistemic", json={"client_id": "f", "k": 2})
+    assert r.json()["ids"] == ranked[4:6], (r.json(), ranked)
+    batch = client.post("/activelearning/random", json={"client_id": "e", "k": 1}).json()
+    assert batch["ids"] == ranked[6:], "the one image nobody holds"
 
 
-def test_a_labelled_image_is_not_replaced_by_one_on_another_grid(server) -> None:
+def test_a_labelled_image_is_not_replaced_by_one_on_another_grid(server, labelled: list[Path]) -> None:
     client, studies, _ = server
-    labelled = CASES[0].name.split(".")[0]  # labelled by the loop test
+    labelled = _id(labelled[0])
     upload = {"file": (CASES[1].name, CASES[1].read_bytes())}
     r = client.put("/datastore/image", params={"image": labelled}, files=upload)
     assert r.status_code == 409 and "has labels (final)" in r.json()["detail"], r.text
@@ -320,11 +454,9 @@ def test_wrong_shape_label_leaves_the_saved_one_intact(server) -> None:
     assert saved.read_bytes() == before
 
 
-def test_stopped_training_leaves_the_served_weights_alone(server) -> None:
+def test_stopped_training_leaves_the_served_weights_alone(server, trained: tuple[int, bytes]) -> None:
     client, _, app_dir = server
-    served = app_dir / "model" / "hippocampus.pt"
-    assert served.exists(), "runs after test_active_learning_loop_over_http, which publishes weights"
-    before = served.read_bytes()
+    assert _served(client) == trained
     r = client.post("/train/hippocampus", json={"max_epochs": 500, "train_batch_size": 2})
     assert r.status_code == 200, r.text
     deadline = time.monotonic() + 120
@@ -334,18 +466,21 @@ def test_stopped_training_leaves_the_served_weights_alone(server) -> None:
     r = client.delete("/train/")
     assert r.status_code == 200 and r.json()["status"] == "STOPPED"
     assert _wait_idle(client, "/train/", timeout=30)["status"] == "STOPPED"
-    assert served.read_bytes() == before
+    assert _served(client) == trained, "the same version, the same file"
     last_run = client.get("/info/").json()["train_stats"]["hippocampus"]["last_run"]
     assert last_run["published"] is False and last_run["stopped"] == "stopped by DELETE /train/", last_run
     assert client.post("/infer/hippocampus", params={"image": CASES[6].name.split(".")[0]}).status_code == 200
 
 
-def test_uploaded_weights_are_checked_served_and_withdrawn(server) -> None:
+def test_uploaded_weights_are_checked_served_and_withdrawn(
+    server, trained: tuple[int, bytes], predict: Callable[[bytes], np.ndarray]
+) -> None:
     client, _, app_dir = server
     served = app_dir / "model" / "hippocampus.pt"
     shipped = MODELS["hippocampus"].shipped_weights_path
-    assert served.exists(), "runs after test_active_learning_loop_over_http, which publishes weights"
-    trained, shipped_bytes = served.read_bytes(), shipped.read_bytes()
+    number, trained_bytes = trained
+    shipped_bytes = shipped.read_bytes()
+    probe_scored = {_id(PROBE), UNLABELLED}  # unlabelled whatever ran before
     state = torch.load(shipped, weights_only=True)["model"]
     first = next(iter(state))
     wrong_shape, with_nan, one_member = io.BytesIO(), io.BytesIO(), io.BytesIO()
@@ -360,25 +495,30 @@ def test_uploaded_weights_are_checked_served_and_withdrawn(server) -> None:
     ]:
         r = client.put("/model/hippocampus", files={"file": ("m.pt", content)})
         assert r.status_code == 422 and match in r.json()["detail"], r.text
-        assert served.read_bytes() == trained, "a refused upload leaves the served weights as they were"
+        assert _served(client) == trained, "a refused upload leaves the served weights as they were"
 
+    # an upload of the shipped network: a new version, served at once and rescored under it
     r = client.put("/model/hippocampus", files={"file": ("hippocampus.pt", shipped_bytes)})
     assert r.status_code == 200, r.text
     assert r.json()["checksum"] == "SHA256:" + hashlib.sha256(shipped_bytes).hexdigest()
-    assert served.read_bytes() == shipped_bytes
-    version = f"hippocampus.pt:{served.stat().st_mtime_ns}:{served.stat().st_size}"
-    scoring = _wait_idle(client, "/scoring/")
-    assert scoring["status"] == "DONE" and any(version in line for line in scoring["details"]), "rescored"
-    image = CASES[6].name.split(".")[0]
-    assert client.post("/infer/hippocampus", params={"image": image, "output": "json"}).json()["model_trained"]
+    uploaded, weights = _served(client)
+    assert uploaded is not None and uploaded > number and weights == shipped_bytes == served.read_bytes()
+    assert not np.array_equal(predict(trained_bytes), predict(shipped_bytes)), "no voxel changed: nothing told apart"
+    assert np.array_equal(_server_prediction(client, PROBE), predict(shipped_bytes)), "the trained network answered"
+    _wait_scores(app_dir, probe_scored, _version(served))
 
+    # withdrawn from the trained version: the shipped weights are served again, and scored again
+    r = client.put("/model/hippocampus/serve", params={"version": number})
+    assert r.status_code == 200, r.text
+    assert np.array_equal(_server_prediction(client, PROBE), predict(trained_bytes))
     assert client.delete("/model/hippocampus").status_code == 200
-    assert not served.exists() and len(list(served.parent.glob("hippocampus.pt.*.deleted"))) == 1
+    assert not served.exists() and len(list(served.parent.glob("hippocampus.pt.*.deleted"))) >= 1
     r = client.delete("/model/hippocampus")
     assert r.status_code == 404 and "no published weights" in r.json()["detail"], r.text
     assert shipped.read_bytes() == shipped_bytes, "the shipped weights are never deleted"
-    r = client.post("/infer/hippocampus", params={"image": image, "output": "json"})
-    assert r.status_code == 200 and r.json()["model_trained"], "the shipped weights are served again"
+    assert _served(client) == (0, shipped_bytes)
+    assert np.array_equal(_server_prediction(client, PROBE), predict(shipped_bytes)), "the shipped weights are served"
+    _wait_scores(app_dir, probe_scored, _version(shipped))
 
 
 def test_a_session_archive_is_unpacked_inside_the_session(server, tmp_path: Path) -> None:
@@ -448,7 +588,7 @@ def test_an_image_added_later_is_scored_when_the_next_sample_is_asked_for(server
 
 def test_concurrent_infers_answer_as_one_at_a_time(server) -> None:
     """Infer runs in worker threads now: requests overlap, and each answer must still be its own."""
-    client, _, _ = server
+    client, _, app_dir = server
     ids = [c.name.split(".")[0] for c in CASES[:4]]
 
     def label(image_id: str) -> np.ndarray:
@@ -457,15 +597,32 @@ def test_concurrent_infers_answer_as_one_at_a_time(server) -> None:
         return np.asarray(nib.Nifti1Image.from_bytes(gzip.decompress(r.content)).dataobj)
 
     alone = [label(i) for i in ids]
+    log = app_dir.parent / "server.log"
+    start = log.stat().st_size
     with ThreadPoolExecutor(8) as pool:
         together = list(pool.map(label, ids * 2))
     assert all(np.array_equal(a, b) for a, b in zip(alone * 2, together, strict=True))
 
+    # At most infer_concurrency (2, the default) computed at once, as the server's own log shows: MONAI
+    # Label's infer task logs its start ("Infer Request (final)") and its end ("Result Json Keys")
+    # inside the slot. Two at once are reached, so the eight requests did overlap.
+    with log.open("rb") as f:
+        f.seek(start)
+        lines = f.read().decode(errors="replace").splitlines()
+    running, peak, ended = 0, 0, 0
+    for line in lines:
+        if "Infer Request (final)" in line:
+            running += 1
+            peak = max(peak, running)
+        elif "Result Json Keys" in line:
+            running, ended = running - 1, ended + 1
+    assert ended == 8 and peak == 2, f"{ended} infers ended, at most {peak} at once"
 
-def test_a_training_with_run_sync_holds_neither_the_server_nor_a_second_training(server) -> None:
+
+def test_a_training_with_run_sync_holds_neither_the_server_nor_a_second_training(server, labelled) -> None:
     """``run_sync=true`` trains inside the request: MONAI Label ran it on the event loop, and every
     other request waited for the whole training."""
-    client, _, app_dir = server  # runs after the loop test, which saves labels to train on
+    client, _, app_dir = server
     result: dict[str, httpx.Response] = {}
 
     def train() -> None:

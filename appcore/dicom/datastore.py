@@ -468,14 +468,15 @@ class DicomWebDatastore(CheckedLocalDatastore):
 
     def _cache_seg(self, image_id: str, study: str, seg_series: str) -> None:
         image = nib.load(self.get_image_uri(image_id))
-        sop_uids = [str(h.SOPInstanceUID) for h in self.source_headers(image_id)]
+        headers = self.source_headers(image_id)
+        sop_uids = [str(h.SOPInstanceUID) for h in headers]
         model = self._seg_refs.get(seg_series, ("", "", False))[1]
         info = {"model": model} if model else {}
         model, labels = self._labels_for(info, str(self.get_image_info(image_id).get("Modality", "")))
         segs = self._client.retrieve_series(study, seg_series)
         if not segs:
             return
-        data = seg_to_label(segs[0], sop_uids, labels)
+        data = seg_to_label(segs[0], sop_uids, labels, [[float(v) for v in h.ImagePositionPatient] for h in headers])
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "label.nii.gz"
             nib.save(nib.Nifti1Image(data, image.affine), path)

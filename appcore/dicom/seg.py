@@ -18,6 +18,12 @@ SEG_MANUFACTURER = "active-label-server"
 BODY_STRUCTURE = Code("123037004", "SCT", "Anatomical Structure")
 ANATOMICAL_STRUCTURE = Code("91723000", "SCT", "Anatomical structure")
 SOFTWARE = "active-label-server 0.1.0"
+# The Label Map Segmentation Storage SOP class (OHIF's default when it stores a SEG): one frame per
+# slice whose pixel values are segment numbers. highdicom 0.22 does not read it ("not a Segmentation").
+LABEL_MAP_SEG = "1.2.840.10008.5.1.4.1.1.66.7"
+# A voxel of a fractional SEG (probability or occupancy) belongs to a segment from this value on:
+# the majority rule, the same cut as a binary SEG's 0/1 and a network's most likely class.
+FRACTION_IN = 0.5
 
 
 def rgb_to_dicom_lab(rgb: tuple[int, int, int]) -> list[int]:
@@ -116,13 +122,24 @@ def label_to_seg(
     )
 
 
-def seg_to_label(seg: Dataset, sop_instance_uids: Sequence[str], labels: LabelSet) -> np.ndarray:
+def seg_to_label(
+    seg: Dataset,
+    sop_instance_uids: Sequence[str],
+    labels: LabelSet,
+    positions: Sequence[Sequence[float]] | None = None,
+) -> np.ndarray:
     """The class-id volume (``[column, row, slice]``) of a SEG over the given source slices.
 
     Segments are matched to labels by SegmentLabel, ignoring case, else by the SNOMED CT code of their
     segmented property type (as another tool may name "Liver" what this server calls "liver"); a
-    segment matching no label is refused.
+    segment matching no label is refused. Segments may come in any order. A fractional SEG's voxel
+    belongs to a segment from ``FRACTION_IN`` (0.5) on. A SEG that does not say its frames keep the
+    source slices' spatial locations (OHIF's) is read on those slices all the same. A Label Map SEG
+    is read too (``label_map_to_label``); ``positions`` (each source slice's ImagePositionPatient) place
+    its frames that name no source instance.
     """
+    if str(seg.get("SOPClassUID", "")) == LABEL_MAP_SEG:
+        return label_map_to_label(seg, sop_instance_uids, labels, positions)
     segmentation = hd.seg.Segmentation.from_dataset(seg, copy=False)
     ids = {
         int(item.SegmentNumber): _label_of(item, labels, str(seg.SOPInstanceUID))
@@ -132,11 +149,73 @@ def seg_to_label(seg: Dataset, sop_instance_uids: Sequence[str], labels: LabelSe
         source_sop_instance_uids=list(sop_instance_uids),
         segment_numbers=sorted(ids),
         assert_missing_frames_are_empty=True,
-    )  # (slices, rows, columns, segments)
+        # OHIF's binary SEG omits SpatialLocationsPreserved; its frames are still the source slices
+        ignore_spatial_locations=True,
+    )  # (slices, rows, columns, segments); a fractional SEG's values scaled to [0, 1]
     out = np.zeros(masks.shape[:3], dtype=np.uint8)
     for channel, number in enumerate(sorted(ids)):
-        out[masks[..., channel] > 0] = ids[number]
+        out[masks[..., channel] >= FRACTION_IN] = ids[number]
     return out.transpose(2, 1, 0)
+
+
+def label_map_to_label(
+    seg: Dataset,
+    sop_instance_uids: Sequence[str],
+    labels: LabelSet,
+    positions: Sequence[Sequence[float]] | None = None,
+) -> np.ndarray:
+    """The class-id volume (``[column, row, slice]``) of a Label Map SEG over the given source slices.
+
+    Each frame's pixel values are segment numbers (0 background), matched to labels as in
+    ``seg_to_label``. A frame belongs to the source instance its DerivationImageSequence names, else
+    to the source slice at its ImagePositionPatient (``positions``, within 0.01 mm). Slices without a
+    frame are background.
+
+    Raises:
+        ValueError: a pixel value no segment describes, a frame of another size than the others or
+            that no source slice matches.
+    """
+    uid = str(seg.SOPInstanceUID)
+    ids = {int(item.SegmentNumber): _label_of(item, labels, uid) for item in seg.SegmentSequence}
+    frames = np.asarray(seg.pixel_array)
+    if frames.ndim == 2:  # a single frame
+        frames = frames[None]
+    values = {int(v) for v in np.unique(frames)} - {0}
+    if values - set(ids):
+        raise ValueError(
+            f"SEG {uid}: pixel values {sorted(values - set(ids))} are no segment number of its SegmentSequence "
+            f"({sorted(ids)})"
+        )
+    lut = np.zeros(max([*ids, *values, 0]) + 1, dtype=np.uint8)
+    for number, label_id in ids.items():
+        lut[number] = label_id
+    index = {u: i for i, u in enumerate(sop_instance_uids)}
+    groups = seg.get("PerFrameFunctionalGroupsSequence") or []
+    if len(groups) != len(frames):
+        raise ValueError(f"SEG {uid}: {len(frames)} frames but {len(groups)} per-frame functional groups")
+    out = np.zeros((len(sop_instance_uids), *frames.shape[1:]), dtype=np.uint8)
+    for k, group in enumerate(groups):
+        out[_frame_slice(group, index, positions, f"SEG {uid} frame {k + 1}")] = lut[frames[k]]
+    return out.transpose(2, 1, 0)
+
+
+def _frame_slice(group: Dataset, index: dict[str, int], positions: Sequence[Sequence[float]] | None, what: str) -> int:
+    """The source slice of one Label Map frame (see ``label_map_to_label``)."""
+    for derivation in group.get("DerivationImageSequence") or []:
+        for source in derivation.get("SourceImageSequence") or []:
+            ref = str(source.get("ReferencedSOPInstanceUID", ""))
+            if ref in index:
+                return index[ref]
+    plane = group.get("PlanePositionSequence") or []
+    if plane and positions is not None:
+        at = np.asarray([float(v) for v in plane[0].ImagePositionPatient])
+        distance = np.linalg.norm(np.asarray(positions, dtype=float) - at, axis=1)
+        if distance.min() <= 0.01:
+            return int(distance.argmin())
+    raise ValueError(
+        f"{what} names none of the series' instances and lies at no slice position of it: the SEG was "
+        "made on another series, or on a grid other than its slices"
+    )
 
 
 def _label_of(item: Dataset, labels: LabelSet, sop_uid: str) -> int:

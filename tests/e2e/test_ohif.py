@@ -1,7 +1,8 @@
 """OHIF in headless Chromium against the DICOMweb-backed server and a real Orthanc, end to end.
 
 Study list, a study opened in the MONAI Label mode, auto-segmentation shown in the viewport (a
-screenshot is kept in ``tests/e2e/artifacts/``), the label saved as a DICOM SEG in Orthanc, and
+screenshot is kept in a temporary folder whose path the test prints, or in
+``$E2E_ARTIFACTS`` when set), the label saved as a DICOM SEG in Orthanc, and
 "Next Sample" opening another study. Playwright drives the system's ``/usr/bin/chromium``; its
 own browser download is never used.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import os
 import shutil
 import time
 from collections.abc import Iterator
@@ -22,7 +24,7 @@ import pytest
 from PIL import Image
 
 from appcore.dicom.prepare import stable_uid
-from tests.conftest import ROOT, requires_shared
+from tests.conftest import requires_shared
 from tests.e2e.servers import (
     LoadedPacs,
     Server,
@@ -35,7 +37,6 @@ from tests.e2e.servers import (
 playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (requirements-dev.txt)")
 
 CHROMIUM = Path("/usr/bin/chromium")
-ARTIFACTS = ROOT / "tests" / "e2e" / "artifacts"
 CHROMIUM_ARGS = [
     "--no-sandbox",
     "--disable-gpu",
@@ -115,9 +116,19 @@ def server(pacs: LoadedPacs, tmp_path_factory: pytest.TempPathFactory) -> Iterat
 
 
 @pytest.fixture
-def page(server: Server) -> Iterator[object]:
-    shutil.rmtree(ARTIFACTS, ignore_errors=True)
-    ARTIFACTS.mkdir(parents=True)
+def artifacts(tmp_path: Path) -> Path:
+    """Where screenshots and the browser console go: ``$E2E_ARTIFACTS`` (emptied first) or a temporary
+    folder; never the source tree. The path is printed (pytest shows it with ``-s`` or on failure)."""
+    named = os.environ.get("E2E_ARTIFACTS")
+    folder = Path(named) if named else tmp_path / "artifacts"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    print(f"OHIF screenshots and console log: {folder}")
+    return folder
+
+
+@pytest.fixture
+def page(server: Server, artifacts: Path) -> Iterator[object]:
     with playwright.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
         context = browser.new_context(viewport={"width": 1400, "height": 900})
@@ -131,12 +142,12 @@ def page(server: Server) -> Iterator[object]:
         try:
             yield page
         finally:
-            (ARTIFACTS / "console.log").write_text("\n".join(console))
-            page.screenshot(path=str(ARTIFACTS / "last.png"))
+            (artifacts / "console.log").write_text("\n".join(console))
+            page.screenshot(path=str(artifacts / "last.png"))
             browser.close()
 
 
-def test_label_in_ohif_over_dicomweb(page, server: Server, pacs: LoadedPacs) -> None:
+def test_label_in_ohif_over_dicomweb(page, server: Server, pacs: LoadedPacs, artifacts: Path) -> None:
     first = pacs.series["hippocampus_001"]
     first_study = stable_uid("hippocampus_001", "study")
 
@@ -144,7 +155,7 @@ def test_label_in_ohif_over_dicomweb(page, server: Server, pacs: LoadedPacs) -> 
     page.goto(f"{server.url}/ohif/", wait_until="domcontentloaded")
     for patient in ("ct_abdomen", *MR_CASES):
         page.get_by_text(patient, exact=True).first.wait_for()
-    page.screenshot(path=str(ARTIFACTS / "1-study-list.png"))
+    page.screenshot(path=str(artifacts / "1-study-list.png"))
 
     # 2. Open one in the MONAI Label mode.
     page.get_by_text("hippocampus_001", exact=True).first.click()
@@ -168,7 +179,7 @@ def test_label_in_ohif_over_dicomweb(page, server: Server, pacs: LoadedPacs) -> 
         page.wait_for_timeout(500)
         after = look(canvases) or after
         drawn = new_colour(before, after) if after else 0
-    page.screenshot(path=str(ARTIFACTS / "2-segmentation.png"))
+    page.screenshot(path=str(artifacts / "2-segmentation.png"))
     assert after is not None and len(after) == 3  # axial, sagittal, coronal
     assert drawn > 1000, f"no segmentation drawn over the MR within 60 s ({drawn} new pixels)"
 
@@ -203,7 +214,7 @@ def test_label_in_ohif_over_dicomweb(page, server: Server, pacs: LoadedPacs) -> 
     assert opened in others
     page.locator(".cornerstone-canvas").first.wait_for()
     page.wait_for_timeout(2000)
-    page.screenshot(path=str(ARTIFACTS / "3-next-sample.png"))
+    page.screenshot(path=str(artifacts / "3-next-sample.png"))
 
     # 6. The viewer, reading the PACS through the server's proxy, shows the labelled study with its SEG.
     #    (Its study browser lists the open patient's studies: the proxy passes QIDO's query on, which
@@ -214,4 +225,4 @@ def test_label_in_ohif_over_dicomweb(page, server: Server, pacs: LoadedPacs) -> 
     page.goto(page.url.replace(opened, first_study))
     page.get_by_text("MR\\SEG", exact=True).wait_for()
     page.wait_for_timeout(2000)
-    page.screenshot(path=str(ARTIFACTS / "4-labelled-study.png"))
+    page.screenshot(path=str(artifacts / "4-labelled-study.png"))
