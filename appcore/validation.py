@@ -402,28 +402,72 @@ def check_resampled_size(
         )
 
 
-# What one infer holds at its peak, by voxel, measured on this project's CPU with ``python -m
-# benchmarks.attacks`` and per step (2026-12-07; about 30% above the peaks measured, to be safe):
-# - on the image's own grid: the decoded volume (its dtype and float32), the sampling grid and
-#   output of the inverse resampling (``Invertd``: 3 + 1 float32), its reorientation and the label
-#   written: 24 bytes a voxel;
-# - on the grid resampled to the model's spacing: the input, the sliding-window output (one
-#   float32 per class), its weight map and the class index (int64, then float32): 24 bytes a voxel
-#   and 4 more per class;
-# - the network's activations for one window and the libraries' working buffers: 160 MB.
+# What one infer holds at its peak, measured on this project's CPU per step (``python -m
+# benchmarks.attacks``, and step by step on a 512 x 512 x 300 int16 CT, 2026-12-07). Its steps
+# hold the image's own grid and the model's grid at different times, so the estimate is the
+# largest of three phases:
+# - the image's own grid, read and resampled (``INFER_MARGIN`` above the peaks measured): the
+#   decoding (nibabel's buffer and the array: twice the decoded dtype), the volume kept in its
+#   compact dtype and its reorientation (``radiology.transforms.CompactDtyped``: int16, uint8 and
+#   float32 stay as they are, anything else becomes float32), the cast to float32 before the
+#   resampling beside it, non-finite voxels replaced (a copy and a mask), and the resampling, which
+#   reads the float32 volume and builds a float32 sampling grid on the model's grid: 32 bytes a
+#   voxel there (``INFER_BYTES_PER_RESAMPLED_VOXEL_SAMPLING``);
+# - the model's grid, in the network (as measured before, about 30% above): the input, the
+#   sliding-window output (one float32 per class), its weight map and the class index: 24 bytes a
+#   voxel and 4 more per class, plus the network's activations for one window and the libraries'
+#   working buffers, 160 MB;
+# - the answer (``INFER_MARGIN`` above): the class map taken back to the image's grid by indexing
+#   (``radiology.inverse``: 1 byte a voxel; MONAI's ``Invertd`` took 16 and refused a routine CT)
+#   and its copy as the label is written, 3 bytes a voxel, beside the class map on the model's grid.
+# On the 512 x 512 x 300 int16 CT the first phase peaked at 453 MB over the idle process (the cast
+# to float32: 6 bytes a voxel), the network at 289 MB and the answer at 224 MB.
+INFER_MARGIN = 1.3
 INFER_FIXED_MB = 160
-INFER_BYTES_PER_VOXEL = 24
 INFER_BYTES_PER_RESAMPLED_VOXEL = 24
 INFER_BYTES_PER_RESAMPLED_VOXEL_AND_CLASS = 4
+INFER_BYTES_PER_RESAMPLED_VOXEL_SAMPLING = 32
+INFER_BYTES_PER_VOXEL_ANSWER = 3
+# The dtypes the pre-processing keeps until the image is reoriented (``CompactDtyped``).
+COMPACT_DTYPES = frozenset({"uint8", "int8", "int16", "float16", "float32"})
 
 
-def infer_memory_mb(shape: tuple[int, ...], affine: np.ndarray, spacing: tuple[float, ...], classes: int) -> float:
-    """Peak memory (MB) one infer of a volume of ``shape`` with ``affine`` takes for a model of
-    ``classes`` classes (background included) resampling to ``spacing``; see ``INFER_FIXED_MB``."""
+def bytes_per_voxel(dtype: np.dtype | str, *, scaled: bool = False) -> float:
+    """Peak bytes a voxel of the image's own grid takes while an image stored as ``dtype`` (and
+    ``scaled`` by a slope or intercept, decoded as float64 then) is read, reoriented and cast to
+    float32, before ``INFER_MARGIN``."""
+    stored = np.dtype(dtype)
+    decoded = np.dtype(np.float64) if scaled else stored  # as nibabel scales
+    reading = 2 * stored.itemsize + (decoded.itemsize if scaled else 0)  # file buffer, raw array, scaled
+    compact = decoded if decoded.name in COMPACT_DTYPES else np.dtype(np.float32)
+    cast = decoded.itemsize + 4  # the decoded (or compact) volume beside its float32 copy
+    c = compact.itemsize
+    finite = 2 * c + 1 if compact.kind == "f" else 2 * c  # NaN replaced: a copy and a mask; a flip: a copy
+    return float(max(reading, cast, finite))
+
+
+def infer_memory_mb(
+    shape: tuple[int, ...],
+    affine: np.ndarray,
+    spacing: tuple[float, ...],
+    classes: int,
+    *,
+    dtype: np.dtype | str = "float32",
+    scaled: bool = False,
+) -> float:
+    """Peak memory (MB) one infer of a volume of ``shape`` with ``affine``, stored as ``dtype``
+    (``scaled`` by a slope or intercept), takes for a model of ``classes`` classes (background
+    included) resampling to ``spacing``; see ``INFER_MARGIN``."""
     original = float(np.prod(shape[:3], dtype=np.float64))
     resampled = float(np.prod(resampled_shape(shape, affine, spacing), dtype=np.float64))
+    reading = max(
+        original * bytes_per_voxel(dtype, scaled=scaled),
+        original * 4 + resampled * INFER_BYTES_PER_RESAMPLED_VOXEL_SAMPLING,
+    )
+    answer = original * INFER_BYTES_PER_VOXEL_ANSWER + resampled * 8
     per_resampled = INFER_BYTES_PER_RESAMPLED_VOXEL + INFER_BYTES_PER_RESAMPLED_VOXEL_AND_CLASS * classes
-    return INFER_FIXED_MB + (original * INFER_BYTES_PER_VOXEL + resampled * per_resampled) / 2**20
+    network = INFER_FIXED_MB + resampled * per_resampled / 2**20
+    return max(INFER_MARGIN * max(reading, answer) / 2**20, network)
 
 
 def check_infer_memory(
@@ -431,7 +475,9 @@ def check_infer_memory(
 ) -> None:
     """Refuse (413) a volume one infer of which would take over ``budget_mb`` (``infer_memory_mb``),
     from its header: no voxel is decoded."""
-    need = infer_memory_mb(img.shape, img.affine, spacing, classes)
+    proxy = img.dataobj
+    scaled = float(getattr(proxy, "slope", 1.0)) != 1.0 or float(getattr(proxy, "inter", 0.0)) != 0.0
+    need = infer_memory_mb(img.shape, img.affine, spacing, classes, dtype=img.get_data_dtype(), scaled=scaled)
     if need > budget_mb:
         target = resampled_shape(img.shape, img.affine, spacing)
         raise too_large(

@@ -3,8 +3,9 @@
 Starts ``monailabel start_server`` (``tests.servers``) on a temporary studies folder holding one
 hippocampus case, with ``--conf models hippocampus,organs_ct``, and sends each attack in turn: small
 gzip files declaring huge grids (``tests.bombs``) as image upload, infer upload, label and session,
-images whose affine is NaN or singular, and normal infers for reference. Before each, the peak
-resident memory (``VmHWM``) of the server and its children is reset (``/proc/PID/clear_refs``);
+images whose affine is NaN or singular, normal infers for reference, the largest images the budget
+lets through (two at once) and a routine CT (512 x 512 x 300 int16 at 0.8 x 0.8 x 1 mm, synthetic).
+Before each, the peak resident memory (``VmHWM``) of the server and its children is reset (``/proc/PID/clear_refs``);
 during it, their summed RSS is sampled every 10 ms. Prints a Markdown table.
 
 Run it under a memory cap, in case::
@@ -114,10 +115,23 @@ def _largest(path: Path, model: str, voxel: float, budget_mb: int) -> Path:
 
     spec, affine = MODELS[model], np.diag([voxel, voxel, voxel, 1.0])
     side = 16
-    while infer_memory_mb((side + 1,) * 3, affine, spec.spacing, spec.num_classes) <= budget_mb:
+    while infer_memory_mb((side + 1,) * 3, affine, spec.spacing, spec.num_classes, dtype="float32") <= budget_mb:
         side += 1
     data = np.random.default_rng(0).normal(100, 30, (side, side, side)).astype(np.float32)
     nib.save(nib.Nifti1Image(data, affine), path)
+    return path
+
+
+def routine_ct(path: Path, shape: tuple[int, int, int] = (512, 512, 300)) -> Path:
+    """A synthetic CT-like int16 volume of ``shape`` at 0.8 x 0.8 x 1 mm, RAS: air around a body
+    cylinder of soft tissue with denser bands, and noise, in Hounsfield units."""
+    rng = np.random.default_rng(0)
+    x, y = np.ogrid[-1 : 1 : shape[0] * 1j, -1 : 1 : shape[1] * 1j]
+    body = (x**2 + y**2 < 0.8)[..., None]
+    bands = (60 * np.sin(np.linspace(0, 16, shape[2]))).astype(np.int16)
+    data = np.where(body, 40 + bands, -1000).astype(np.int16)
+    data += rng.integers(-20, 20, shape, dtype=np.int16)
+    nib.save(nib.Nifti1Image(data, np.diag([0.8, 0.8, 1.0, 1.0])), str(path))
     return path
 
 
@@ -147,6 +161,7 @@ def run(budget_mb: int) -> list[tuple[str, str, float, float, float, int]]:
             ("organs_ct", _largest(files / "largest_ct.nii.gz", "organs_ct", 4.0, budget_mb)),
             ("organs_ct", _largest(files / "largest_ct_1mm.nii.gz", "organs_ct", 1.0, budget_mb)),
         ]
+        routine = routine_ct(files / "routine_ct.nii.gz")
         weights = files / "organs_ct_random.pt"
         torch.manual_seed(0)
         torch.save(MODELS["organs_ct"].network().state_dict(), weights)
@@ -251,6 +266,25 @@ def run(budget_mb: int) -> list[tuple[str, str, float, float, float, int]]:
                     two_at_once,
                     path,
                 )
+            r = http.post("/infer/organs_ct", params={"output": "image"}, files=_file(routine))  # warm-up
+            assert r.status_code == 200, r.text
+            row(
+                "routine CT, 512 x 512 x 300 int16 at 0.8 x 0.8 x 1 mm: 1 organs_ct infer",
+                lambda: http.post("/infer/organs_ct", params={"output": "image"}, files=_file(routine)),
+                routine,
+            )
+
+            def two_cts() -> httpx.Response:
+                with ThreadPoolExecutor(2) as pool:
+                    answers = list(
+                        pool.map(
+                            lambda _: http.post("/infer/organs_ct", params={"output": "image"}, files=_file(routine)),
+                            range(2),
+                        )
+                    )
+                return max(answers, key=lambda r: r.status_code)
+
+            row("routine CT, 512 x 512 x 300 int16 at 0.8 x 0.8 x 1 mm: 2 organs_ct infers at once", two_cts, routine)
         return rows
     finally:
         shutil.rmtree(root, ignore_errors=True)

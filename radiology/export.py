@@ -89,12 +89,10 @@ def inference_config(spec: ModelSpec) -> dict[str, Any]:
             "transforms": [
                 {"_target_": "AsDiscreted", "keys": "pred", "argmax": True},
                 {
-                    "_target_": "Invertd",
+                    "_target_": "radiology.inverse.InvertClassIndexd",
                     "keys": "pred",
                     "transform": "@preprocessing",
-                    "orig_keys": "image",
-                    "nearest_interp": True,
-                    "to_tensor": True,
+                    "orig_key": "image",
                 },
                 {
                     "_target_": "SaveImaged",

@@ -11,12 +11,13 @@ import nibabel as nib
 import numpy as np
 import torch
 from monai.inferers import Inferer, SlidingWindowInferer
-from monai.transforms import Compose, Invertd, SqueezeDimd
+from monai.transforms import Compose, SqueezeDimd
 from monailabel.interfaces.tasks.infer_v2 import InferType
 from monailabel.tasks.infer.basic_infer import BasicInferTask
 
 from appcore.errors import unprocessable
 from appcore.precision import autocast
+from radiology.inverse import InvertClassIndexd
 from radiology.spec import CTWindow, ModelSpec
 from radiology.transforms import ClassIndexd, preprocess
 from radiology.windows import OVERLAP, infer_window
@@ -90,9 +91,11 @@ def window_inferer(spec: ModelSpec, sw_batch_size: int = 1) -> ModelWindowInfere
 class SegmentationInfer(BasicInferTask):
     """Sliding-window segmentation with the model's pre-processing undone exactly on the output.
 
-    The pre-processing objects are created once and reused, so that ``Invertd`` can replay each
-    recorded step (orientation, resampling) backwards; the label is written with the input file's
-    header, so shape, spacing, origin and orientation match it voxel for voxel.
+    The recorded steps (orientation, resampling) are undone on the class-index map by
+    ``InvertClassIndexd``: what ``Invertd`` answers, by separable indexing into uint8 (the
+    pre-processing objects are created once and reused, for its ``Invertd`` fallback); the label is
+    written with the input file's header, so shape, spacing, origin and orientation match it voxel
+    for voxel.
 
     Args:
         spec: the model.
@@ -117,7 +120,7 @@ class SegmentationInfer(BasicInferTask):
         self._sw_batch_size = sw_batch_size
         self._cpu_bf16 = cpu_bf16
         self._pre = preprocess(spec, with_label=False)
-        self._invert = Invertd(keys="pred", transform=Compose(self._pre), orig_keys="image", nearest_interp=True)
+        self._invert = InvertClassIndexd(keys="pred", transform=Compose(self._pre), orig_key="image")
 
     def is_valid(self) -> bool:
         # An untrained model is listed too: clients can save labels for it and start its training.

@@ -51,6 +51,28 @@ class ClassIndexd(MapTransform):
         return d
 
 
+class CompactDtyped(MapTransform):
+    """Voxels kept in the file's dtype where it is compact: integers of up to 16 bits (CT in int16,
+    MR in uint8 or int16) and float16/float32; any other dtype (int32, float64, ...) as float32.
+
+    ``preprocess`` casts to float32 once the image is reoriented, before it is resampled, so every
+    later step sees what it saw when the image was decoded as float32 (int16 and uint8 values are
+    exact in float32); the decoding and the reorientation (a flip of an LPS CT copies the volume),
+    though, take 2 bytes a voxel of an int16 CT instead of 4.
+    """
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            img = d[key]
+            if img.dtype not in COMPACT_DTYPES:
+                d[key] = img.to(torch.float32)
+        return d
+
+
+COMPACT_DTYPES = frozenset({torch.uint8, torch.int8, torch.int16, torch.float16, torch.float32})
+
+
 class FiniteValuesd(MapTransform):
     """Non-finite voxels (NaN or infinite, as outside a brain mask in processed MR) set to the image's
     finite minimum, read as background. Without this one NaN makes every normalised voxel NaN and
@@ -61,6 +83,8 @@ class FiniteValuesd(MapTransform):
         d = dict(data)
         for key in self.key_iterator(d):
             img = d[key]
+            if not img.is_floating_point():  # integers are finite, and their sum would be int64: 8 bytes a voxel
+                continue
             if bool(torch.isfinite(img.sum())):  # a sum is finite only if every voxel is: the common case
                 continue
             finite = torch.isfinite(img)
@@ -93,12 +117,16 @@ def preprocess(spec: ModelSpec, *, with_label: bool, load: bool = True) -> list[
     modes: Sequence[str] = ("bilinear", "nearest") if with_label else ("bilinear",)
     steps: list[MapTransform] = []
     if load:
-        steps.append(LoadImaged(keys=keys, image_only=True))
+        # In the file's dtype (``CompactDtyped``): float32 from the resampling on.
+        steps.append(LoadImaged(keys=keys, image_only=True, dtype=None))
     steps += [
         EnsureChannelFirstd(keys=keys),
-        EnsureTyped(keys=keys, dtype="float32", track_meta=True),
+        EnsureTyped(keys=keys, track_meta=True),
+        CompactDtyped(keys=keys),
         FiniteValuesd(keys="image"),
         Orientationd(keys=keys, axcodes="RAS"),
+        # float32 here rather than inside Spacingd, which would hold the file-dtype copy beside it
+        EnsureTyped(keys=keys, dtype="float32", track_meta=True),
         Spacingd(keys=keys, pixdim=spec.spacing, mode=modes, dtype=torch.float32),
         intensity_transform(spec),
     ]
