@@ -58,8 +58,11 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[httpx.Cli
         yield running.http, root / "studies", root / "app"
 
 
-def _wait_idle(client: httpx.Client, path: str, timeout: float = 300) -> dict:
-    """Poll the latest background task until it has ended (a new task is SUBMITTED before RUNNING)."""
+def _wait_idle(client: httpx.Client, path: str, timeout: float = 900) -> dict:
+    """Poll the latest background task until it has ended (a new task is SUBMITTED before RUNNING).
+
+    ``timeout`` only catches a hang: a training's task runs on through the rescoring that follows it,
+    which took over 300 s on a loaded 2-core machine."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         status = client.get(path).json()
