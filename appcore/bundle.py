@@ -54,6 +54,63 @@ format=%(asctime)s - %(name)s - %(levelname)s - %(message)s
 SERVER_LABELS = "labels saved on this server by its annotators (licence: the site's own terms for its images)"
 
 
+def inference_skeleton(
+    *,
+    imports: list[str],
+    pattern: str,
+    network_def: dict[str, Any],
+    preprocessing: list[dict[str, Any]],
+    inferer: dict[str, Any],
+    postprocessing: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """An ``inference.json`` with the ids of the model zoo and of MONAI Label's ``monaibundle`` app
+    (``network_def``, ``preprocessing``, ``inferer``, ``postprocessing``), segmenting each file of
+    ``dataset_dir`` matching ``pattern`` one at a time with MONAI's ``SupervisedEvaluator``; the
+    apps give the parts that differ."""
+    return {
+        "imports": ["$import glob", "$import os", "$import numpy", "$import torch", *imports],
+        "bundle_root": ".",
+        "dataset_dir": "/workspace/data",
+        "output_dir": "$@bundle_root + '/eval'",
+        "device": "$torch.device('cuda:0' if torch.cuda.is_available() else 'cpu')",
+        "datalist": f"$sorted(glob.glob(os.path.join(@dataset_dir, {pattern!r})))",
+        "network_def": network_def,
+        "network": "$@network_def.to(@device)",
+        "preprocessing": {"_target_": "Compose", "transforms": preprocessing},
+        "dataset": {"_target_": "Dataset", "data": "$[{'image': i} for i in @datalist]", "transform": "@preprocessing"},
+        "dataloader": {
+            "_target_": "DataLoader",
+            "dataset": "@dataset",
+            "batch_size": 1,
+            "shuffle": False,
+            "num_workers": 0,
+        },
+        "inferer": inferer,
+        "postprocessing": {"_target_": "Compose", "transforms": postprocessing},
+        "handlers": [
+            {
+                "_target_": "CheckpointLoader",
+                "load_path": "$@bundle_root + '/models/model.pt'",
+                "load_dict": {"model": "@network"},
+                "map_location": "@device",
+            },
+            {"_target_": "StatsHandler", "iteration_log": False},
+        ],
+        "evaluator": {
+            "_target_": "SupervisedEvaluator",
+            "device": "@device",
+            "val_data_loader": "@dataloader",
+            "network": "@network",
+            "inferer": "@inferer",
+            "postprocessing": "@postprocessing",
+            "val_handlers": "@handlers",
+            "amp": False,
+        },
+        "initialize": ["$monai.utils.set_determinism(seed=0)"],
+        "run": ["$@evaluator.run()"],
+    }
+
+
 def lineage(store: VersionStore, number: int) -> list[dict[str, Any]]:
     """Version ``number``'s record and those it started from (``parent``), newest first, each with the
     images it was trained and validated on."""

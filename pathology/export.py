@@ -24,7 +24,7 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import MapTransform
 
-from appcore.bundle import write_bundle
+from appcore.bundle import inference_skeleton, write_bundle
 from appcore.versions import VersionStore, store_beside
 from pathology.postprocess import instances_from_maps
 from pathology.spec import NUCLEI_LABELS, NUCLEUS, NucleiSpec
@@ -77,66 +77,34 @@ def inference_config(spec: NucleiSpec) -> dict[str, Any]:
         {"_target_": "Lambdad", "keys": "image", "func": "$normalise"},
         {"_target_": "DivisiblePadd", "keys": "image", "k": spec.divisor, "method": "end", "mode": "reflect"},
     ]
-    return {
-        "imports": ["$import glob", "$import os", "$import numpy", "$import torch"]
-        + ["$from pathology.data import normalise"],
-        "bundle_root": ".",
-        "dataset_dir": "/workspace/data",
-        "output_dir": "$@bundle_root + '/eval'",
-        "device": "$torch.device('cuda:0' if torch.cuda.is_available() else 'cpu')",
-        "datalist": "$sorted(glob.glob(os.path.join(@dataset_dir, '*.png')))",
-        "network_def": {"_target_": "UNet", **spec.unet_args()},
-        "network": "$@network_def.to(@device)",
-        "preprocessing": {"_target_": "Compose", "transforms": preprocessing},
-        "dataset": {"_target_": "Dataset", "data": "$[{'image': i} for i in @datalist]", "transform": "@preprocessing"},
-        "dataloader": {"_target_": "DataLoader", "dataset": "@dataset", "batch_size": 1, "shuffle": False},
-        "inferer": {"_target_": "SimpleInferer"},
-        "postprocessing": {
-            "_target_": "Compose",
-            "transforms": [
-                {
-                    "_target_": "pathology.export.NucleiInstancesd",
-                    "keys": "pred",
-                    "fg_threshold": spec.fg_threshold,
-                    "seed_threshold": spec.seed_threshold,
-                    "min_area": spec.min_area,
-                },
-                {
-                    "_target_": "SaveImaged",
-                    "keys": "pred",
-                    "output_dir": "@output_dir",
-                    "output_postfix": "seg",
-                    "output_ext": ".png",
-                    "output_dtype": "$numpy.uint16",
-                    "scale": None,
-                    "resample": False,
-                    "separate_folder": False,
-                    "writer": "PILWriter",
-                },
-            ],
-        },
-        "handlers": [
+    return inference_skeleton(
+        imports=["$from pathology.data import normalise"],
+        pattern="*.png",
+        network_def={"_target_": "UNet", **spec.unet_args()},
+        preprocessing=preprocessing,
+        inferer={"_target_": "SimpleInferer"},
+        postprocessing=[
             {
-                "_target_": "CheckpointLoader",
-                "load_path": "$@bundle_root + '/models/model.pt'",
-                "load_dict": {"model": "@network"},
-                "map_location": "@device",
+                "_target_": "pathology.export.NucleiInstancesd",
+                "keys": "pred",
+                "fg_threshold": spec.fg_threshold,
+                "seed_threshold": spec.seed_threshold,
+                "min_area": spec.min_area,
             },
-            {"_target_": "StatsHandler", "iteration_log": False},
+            {
+                "_target_": "SaveImaged",
+                "keys": "pred",
+                "output_dir": "@output_dir",
+                "output_postfix": "seg",
+                "output_ext": ".png",
+                "output_dtype": "$numpy.uint16",
+                "scale": None,
+                "resample": False,
+                "separate_folder": False,
+                "writer": "PILWriter",
+            },
         ],
-        "evaluator": {
-            "_target_": "SupervisedEvaluator",
-            "device": "@device",
-            "val_data_loader": "@dataloader",
-            "network": "@network",
-            "inferer": "@inferer",
-            "postprocessing": "@postprocessing",
-            "val_handlers": "@handlers",
-            "amp": False,
-        },
-        "initialize": ["$monai.utils.set_determinism(seed=0)"],
-        "run": ["$@evaluator.run()"],
-    }
+    )
 
 
 def metadata(spec: NucleiSpec) -> dict[str, Any]:

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from appcore.bundle import write_bundle
+from appcore.bundle import inference_skeleton, write_bundle
 from appcore.versions import VersionStore, store_beside
 from radiology.spec import CTWindow, ModelSpec
 
@@ -55,78 +55,37 @@ def inference_config(spec: ModelSpec) -> dict[str, Any]:
         {"_target_": "Spacingd", "keys": "image", "pixdim": list(spec.spacing), "mode": "bilinear"},
         intensity,
     ]
-    return {
-        "imports": ["$import glob", "$import os", "$import numpy", "$import torch", "$import radiology"],
-        "bundle_root": ".",
-        "dataset_dir": "/workspace/data",
-        "output_dir": "$@bundle_root + '/eval'",
-        "device": "$torch.device('cuda:0' if torch.cuda.is_available() else 'cpu')",
-        "datalist": "$sorted(glob.glob(os.path.join(@dataset_dir, '*.nii*')))",
-        "network_def": network_config(spec),
-        "network": "$@network_def.to(@device)",
-        "preprocessing": {"_target_": "Compose", "transforms": preprocessing},
-        "dataset": {
-            "_target_": "Dataset",
-            "data": "$[{'image': i} for i in @datalist]",
-            "transform": "@preprocessing",
-        },
-        "dataloader": {
-            "_target_": "DataLoader",
-            "dataset": "@dataset",
-            "batch_size": 1,
-            "shuffle": False,
-            "num_workers": 0,
-        },
-        "inferer": {
+    return inference_skeleton(
+        imports=["$import radiology"],
+        pattern="*.nii*",
+        network_def=network_config(spec),
+        preprocessing=preprocessing,
+        inferer={
             "_target_": "radiology.infer.ModelWindowInferer",
             "roi_size": list(spec.roi_size),
             "max_scale": spec.max_window_scale,
             "multiple": spec.size_multiple,
             "sw_batch_size": 1,
         },
-        "postprocessing": {
-            "_target_": "Compose",
-            "transforms": [
-                {"_target_": "AsDiscreted", "keys": "pred", "argmax": True},
-                {
-                    "_target_": "radiology.inverse.InvertClassIndexd",
-                    "keys": "pred",
-                    "transform": "@preprocessing",
-                    "orig_key": "image",
-                },
-                {
-                    "_target_": "SaveImaged",
-                    "keys": "pred",
-                    "output_dir": "@output_dir",
-                    "output_postfix": "seg",
-                    "output_dtype": "$numpy.uint8",
-                    "resample": False,
-                    "separate_folder": False,
-                },
-            ],
-        },
-        "handlers": [
+        postprocessing=[
+            {"_target_": "AsDiscreted", "keys": "pred", "argmax": True},
             {
-                "_target_": "CheckpointLoader",
-                "load_path": "$@bundle_root + '/models/model.pt'",
-                "load_dict": {"model": "@network"},
-                "map_location": "@device",
+                "_target_": "radiology.inverse.InvertClassIndexd",
+                "keys": "pred",
+                "transform": "@preprocessing",
+                "orig_key": "image",
             },
-            {"_target_": "StatsHandler", "iteration_log": False},
+            {
+                "_target_": "SaveImaged",
+                "keys": "pred",
+                "output_dir": "@output_dir",
+                "output_postfix": "seg",
+                "output_dtype": "$numpy.uint8",
+                "resample": False,
+                "separate_folder": False,
+            },
         ],
-        "evaluator": {
-            "_target_": "SupervisedEvaluator",
-            "device": "@device",
-            "val_data_loader": "@dataloader",
-            "network": "@network",
-            "inferer": "@inferer",
-            "postprocessing": "@postprocessing",
-            "val_handlers": "@handlers",
-            "amp": False,
-        },
-        "initialize": ["$monai.utils.set_determinism(seed=0)"],
-        "run": ["$@evaluator.run()"],
-    }
+    )
 
 
 def metadata(spec: ModelSpec) -> dict[str, Any]:
