@@ -8,9 +8,11 @@ network compiled with TorchScript) and the version history, which it reads from 
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
@@ -208,3 +210,44 @@ def _describe(record: dict[str, Any]) -> str:
 def _write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=2) + "\n")
     os.chmod(path, 0o644)
+
+
+def export_command(
+    argv: list[str] | None,
+    *,
+    description: str,
+    models: Collection[str],
+    app_dir: Path,
+    open_store: Callable[[str, Path], VersionStore],
+    export: Callable[[str, VersionStore, int, Path], object],
+) -> int:
+    """``python -m radiology.export`` and ``pathology.export``: write one version of a model
+    (``--version``, else the served one) as a bundle in ``--out``; a usage error names an unknown
+    model or version, or an ``--out`` that is not new or empty.
+
+    Args:
+        argv: the arguments (``sys.argv[1:]`` for None).
+        description: the command's help text.
+        models: the model names the app registers.
+        app_dir: the app's folder by default (``--app-dir``).
+        open_store: the version store of a model, given its name and the app's folder.
+        export: writes a model's version from its store into a folder.
+    """
+    from appcore.errors import RequestError
+
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", choices=sorted(models))
+    parser.add_argument("--version", type=int, default=None, help="version number (default: the served one)")
+    parser.add_argument("--app-dir", type=Path, default=app_dir, help="the app's folder")
+    parser.add_argument("--out", type=Path, required=True, help="new or empty folder for the bundle")
+    args = parser.parse_args(argv)
+    store = open_store(args.model, args.app_dir)
+    try:
+        version = store.served_record()["version"] if args.version is None else args.version
+        export(args.model, store, version, args.out)
+    except RequestError as e:
+        parser.error(str(e.detail))
+    except FileExistsError as e:
+        parser.error(str(e))
+    print(f"{args.out}: {args.model} version {version} as a MONAI Bundle")
+    return 0

@@ -13,7 +13,6 @@ server cuts into overlapping tiles (``pathology.wsi``), which the bundle does no
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Hashable, Mapping
 from pathlib import Path
@@ -24,7 +23,7 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import MapTransform
 
-from appcore.bundle import inference_skeleton, write_bundle
+from appcore.bundle import export_command, inference_skeleton, write_bundle
 from appcore.versions import VersionStore, store_beside
 from pathology.postprocess import instances_from_maps
 from pathology.spec import NUCLEI_LABELS, NUCLEUS, NucleiSpec
@@ -189,26 +188,17 @@ def export_bundle(spec: NucleiSpec, store: VersionStore, version: int, out: Path
 
 
 def main(argv: list[str] | None = None) -> int:
-    from appcore.errors import RequestError
     from pathology.registry import MODELS
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model", choices=sorted(MODELS))
-    parser.add_argument("--version", type=int, default=None, help="version number (default: the served one)")
-    parser.add_argument("--app-dir", type=Path, default=Path("apps/pathology"), help="the app's folder")
-    parser.add_argument("--out", type=Path, required=True, help="new or empty folder for the bundle")
-    args = parser.parse_args(argv)
-    spec = MODELS[args.model].spec
-    store = store_beside(args.app_dir / "model" / "nuclei.pt", args.model, spec.shipped_weights_path)
-    try:
-        version = store.served_record()["version"] if args.version is None else args.version
-        export_bundle(spec, store, version, args.out)
-    except RequestError as e:
-        parser.error(str(e.detail))
-    except FileExistsError as e:
-        parser.error(str(e))
-    print(f"{args.out}: {args.model} version {version} as a MONAI Bundle")
-    return 0
+    def open_store(model: str, app_dir: Path) -> VersionStore:
+        return store_beside(app_dir / "model" / "nuclei.pt", model, MODELS[model].spec.shipped_weights_path)
+
+    def export(model: str, store: VersionStore, version: int, out: Path) -> Path:
+        return export_bundle(MODELS[model].spec, store, version, out)
+
+    return export_command(
+        argv, description=__doc__, models=MODELS, app_dir=Path("apps/pathology"), open_store=open_store, export=export
+    )
 
 
 if __name__ == "__main__":

@@ -13,12 +13,11 @@ installed; ``models/model.ts`` (TorchScript) needs only torch.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 from typing import Any
 
-from appcore.bundle import inference_skeleton, write_bundle
+from appcore.bundle import export_command, inference_skeleton, write_bundle
 from appcore.versions import VersionStore, store_beside
 from radiology.spec import CTWindow, ModelSpec
 
@@ -172,26 +171,18 @@ def export_bundle(spec: ModelSpec, store: VersionStore, version: int, out: Path)
 
 
 def main(argv: list[str] | None = None) -> int:
-    from appcore.errors import RequestError
     from radiology.registry import MODELS
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model", choices=sorted(MODELS))
-    parser.add_argument("--version", type=int, default=None, help="version number (default: the served one)")
-    parser.add_argument("--app-dir", type=Path, default=Path("apps/radiology"), help="the app's folder")
-    parser.add_argument("--out", type=Path, required=True, help="new or empty folder for the bundle")
-    args = parser.parse_args(argv)
-    spec = MODELS[args.model]
-    store = store_beside(args.app_dir / "model" / f"{spec.name}.pt", spec.name, spec.shipped_weights_path)
-    try:
-        version = store.served_record()["version"] if args.version is None else args.version
-        export_bundle(spec, store, version, args.out)
-    except RequestError as e:
-        parser.error(str(e.detail))
-    except FileExistsError as e:
-        parser.error(str(e))
-    print(f"{args.out}: {spec.name} version {version} as a MONAI Bundle")
-    return 0
+    def open_store(model: str, app_dir: Path) -> VersionStore:
+        spec = MODELS[model]
+        return store_beside(app_dir / "model" / f"{spec.name}.pt", spec.name, spec.shipped_weights_path)
+
+    def export(model: str, store: VersionStore, version: int, out: Path) -> Path:
+        return export_bundle(MODELS[model], store, version, out)
+
+    return export_command(
+        argv, description=__doc__, models=MODELS, app_dir=Path("apps/radiology"), open_store=open_store, export=export
+    )
 
 
 if __name__ == "__main__":
