@@ -16,7 +16,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.conftest import ROOT
+from tests.conftest import HIPPO, ROOT
 
 
 def free_port() -> int:
@@ -93,3 +93,16 @@ def monailabel_server(
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, 9)
         log.close()
+
+
+@contextmanager
+def one_case_server(root: Path, **conf: str) -> Iterator[Server]:
+    """A radiology server on a studies folder of one real hippocampus case (``hippocampus_001``),
+    serving ``hippocampus`` with no scoring at start, and ``conf`` on top."""
+    case = HIPPO / "imagesTr" / "hippocampus_001.nii.gz"
+    studies = root / "studies"
+    studies.mkdir()
+    shutil.copyfile(case, studies / case.name)
+    base = {"models": "hippocampus", "score_on_start": "false", "score_new_images": "false"}
+    with monailabel_server(root, str(studies), {**base, **conf}) as running:
+        yield running

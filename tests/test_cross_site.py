@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-import shutil
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,7 +23,7 @@ from appcore.cross_site import CrossSitePolicy, guard_cross_site, normal_host, n
 from appcore.settings import AppSettings
 from radiology.registry import MODELS
 from tests.conftest import HIPPO, requires_shared
-from tests.servers import Server, monailabel_server
+from tests.servers import Server, one_case_server
 
 EVIL = "https://evil.example"
 VIEWER = "https://viewer.example.org:8443"
@@ -237,18 +236,8 @@ CASE = HIPPO / "imagesTr" / "hippocampus_001.nii.gz"
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    root = tmp_path_factory.mktemp("cross_site")
-    studies = root / "studies"
-    studies.mkdir()
-    shutil.copyfile(CASE, studies / CASE.name)
-    conf = {
-        "models": "hippocampus",
-        "score_on_start": "false",
-        "score_new_images": "false",
-        "cors_origins": VIEWER,
-        "allowed_hosts": "labeling.example.org",
-    }
-    with monailabel_server(root, str(studies), conf) as running:
+    conf = {"cors_origins": VIEWER, "allowed_hosts": "labeling.example.org"}
+    with one_case_server(tmp_path_factory.mktemp("cross_site"), **conf) as running:
         yield running
 
 

@@ -130,6 +130,15 @@ SLICER = {  # what 3D Slicer's module sends: every option /info lists, as picked
 }
 
 
+def _assert_refusal(error: RequestError | None, status: int | None, match: str | None) -> None:
+    """``error`` is None where ``status`` is, else a ``RequestError`` of ``status`` whose detail matches."""
+    if status is None:
+        assert error is None, error
+    else:
+        assert isinstance(error, RequestError) and error.status_code == status, error
+        assert re.search(match or "", error.detail), error.detail
+
+
 @pytest.mark.parametrize(
     ("params", "model", "status", "match"),
     [
@@ -157,11 +166,7 @@ SLICER = {  # what 3D Slicer's module sends: every option /info lists, as picked
 )
 def test_training_parameters_of_one_model(params: dict, model: str, status: int | None, match: str | None) -> None:
     error = _bad_train_params(json.dumps(params).encode(), model)
-    if status is None:
-        assert error is None, error
-    else:
-        assert isinstance(error, RequestError) and error.status_code == status, error
-        assert re.search(match, error.detail), error.detail
+    _assert_refusal(error, status, match)
 
 
 @pytest.mark.parametrize(
@@ -184,11 +189,7 @@ def test_training_parameters_of_one_model(params: dict, model: str, status: int 
 )
 def test_training_parameters_of_every_model(params: dict, status: int | None, match: str | None) -> None:
     error = _bad_train_params(json.dumps(params).encode(), None, trainers=TRAINERS)
-    if status is None:
-        assert error is None, error
-    else:
-        assert isinstance(error, RequestError) and error.status_code == status, error
-        assert re.search(match, error.detail), error.detail
+    _assert_refusal(error, status, match)
 
 
 @pytest.mark.parametrize(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-import shutil
 import socket
 import sys
 import time
@@ -24,7 +23,7 @@ from appcore.routes import serve_in_threads, time_request_bodies
 from appcore.settings import AppSettings
 from radiology.registry import MODELS
 from tests.conftest import HIPPO, requires_shared
-from tests.servers import Server, monailabel_server
+from tests.servers import Server, one_case_server
 
 
 async def _echo(request: Request) -> PlainTextResponse:
@@ -127,17 +126,7 @@ STALLED = 20  # more than the 16 threads of PUT /datastore/label
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    root = tmp_path_factory.mktemp("slow_bodies")
-    studies = root / "studies"
-    studies.mkdir()
-    shutil.copyfile(CASE, studies / CASE.name)
-    conf = {
-        "models": "hippocampus",
-        "score_on_start": "false",
-        "score_new_images": "false",
-        "body_timeout_s": str(TIMEOUT_S),
-    }
-    with monailabel_server(root, str(studies), conf) as running:
+    with one_case_server(tmp_path_factory.mktemp("slow_bodies"), body_timeout_s=str(TIMEOUT_S)) as running:
         yield running
 
 
