@@ -221,9 +221,12 @@ class DicomWebDatastore(CheckedLocalDatastore):
             status = super().status()
         except PacsUnavailable as e:
             return {"total": 0, "completed": 0, "label_tags": {}, "error": e.detail}
-        # ``final`` labels are the PACS's SEGs, fetched here or not (the local records know only fetched ones)
+        # ``final`` labels are the PACS's SEGs, fetched here or not (the local records know only fetched
+        # ones, and may still hold one whose SEG was deleted in the PACS since)
+        tags = {k: v for k, v in status["label_tags"].items() if k != DefaultLabelTag.FINAL.value}
         if status["completed"]:
-            status["label_tags"] = {**status["label_tags"], DefaultLabelTag.FINAL.value: status["completed"]}
+            tags[DefaultLabelTag.FINAL.value] = status["completed"]
+        status["label_tags"] = tags
         return status
 
     def json(self) -> dict[str, Any]:
