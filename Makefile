@@ -12,6 +12,8 @@ PORT ?= 8000
 TORCH ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo cuda || echo cpu)
 STAMP := $(VENV)/.installed-$(TORCH)
 PACS_PORT ?= 8042
+# Test order: `random` (a new seed each run, printed in pytest's header), a seed to replay one, or `off`.
+SHUFFLE ?= random
 # Debian packages for the PACS and browser tests (tests/test_pacs*.py, tests/e2e): installed once.
 SYSDEPS := $(VENV)/.sysdeps
 SYSDEPS_PKGS := orthanc orthanc-dicomweb chromium
@@ -47,7 +49,7 @@ lint: $(STAMP)
 
 test: $(STAMP) $(SYSDEPS)
 	$(VENV)/bin/ruff check .
-	MONAI_LABEL_TRACKING_ENABLED=false $(VPY) -m pytest -ra --durations=15
+	MONAI_LABEL_TRACKING_ENABLED=false $(VPY) -m pytest -ra --durations=15 --shuffle $(SHUFFLE)
 
 sysdeps: $(SYSDEPS)
 $(SYSDEPS): | $(STAMP)

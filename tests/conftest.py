@@ -101,3 +101,7 @@ def records_rewritten_during(
         return checked(*args, **kwargs)
 
     monkeypatch.setattr(module, check, meanwhile)
+
+
+# The suite's random-order option (``--shuffle``); hooks are picked up from this module's namespace.
+from tests.shuffle import pytest_addoption, pytest_collection_modifyitems, pytest_report_header  # noqa: E402, F401
