@@ -43,7 +43,7 @@ def monailabel_server(
     app: str = "radiology",
     env: Mapping[str, str] | None = None,
     timeout: float = 180,
-    http_timeout: float = 120,
+    http_timeout: float = 300,
 ) -> Iterator[Server]:
     """``monailabel start_server`` on a copy of ``apps/<app>`` in ``root/app``, on a free port.
 
