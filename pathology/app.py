@@ -106,6 +106,7 @@ class PathologyApp(RequestChecks, MONAILabelApp):
             max_epochs=self.settings.max_epochs,
             batch_size=self.settings.train_batch_size,
             versions=self.version_store(next(iter(self.models))),
+            review_gate=self.review_gate,
         )
         return dict.fromkeys(self.models, trainer)
 

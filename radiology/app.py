@@ -201,6 +201,7 @@ class RadiologyApp(RequestChecks, MONAILabelApp):
                 neighbours=[other for other in self.specs.values() if other is not spec],
                 memory_budget_mb=self.settings.infer_memory_mb,
                 versions=self.version_store(name),
+                review_gate=self.review_gate,
             )
             for name, spec in self.specs.items()
         }

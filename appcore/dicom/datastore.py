@@ -18,11 +18,12 @@ from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
 from appcore import seam
-from appcore.datastore import AllowedValues, CheckedLocalDatastore, check_save_params
+from appcore.datastore import AllowedValues, CheckedLocalDatastore, check_save_params, saving_as
 from appcore.dicom.client import DicomWebClient, OrthancAdmin, PacsUnavailable
 from appcore.dicom.seg import SEG_MANUFACTURER, label_to_seg, seg_to_label
 from appcore.dicom.series import SeriesRefused, load_series, series_geometry
 from appcore.errors import RequestError, bad_request, conflict, not_found, unprocessable
+from appcore.history import Origin
 from appcore.labels import LabelSet
 from appcore.validation import (
     Geometry,
@@ -431,7 +432,7 @@ class DicomWebDatastore(CheckedLocalDatastore):
         """Remove a label; for ``final`` that deletes the series' SEGs in the PACS (Orthanc only)."""
         self._series_meta(label_id)  # 400 for a path, 404 for a series the PACS does not have
         check_image_id(label_tag, "Label tag")
-        with self._lock_for(f"labels of {label_id}"):
+        with self._lock_for(f"labels of {label_id}"), self._tombstoned(label_id, label_tag):
             self._remove_label(label_id, label_tag)
 
     def _remove_label(self, label_id: str, label_tag: str) -> None:
@@ -483,9 +484,13 @@ class DicomWebDatastore(CheckedLocalDatastore):
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "label.nii.gz"
             nib.save(nib.Nifti1Image(data, image.affine), path)
-            super().save_label(
-                image_id, str(path), DefaultLabelTag.FINAL.value, {"model": model, "SegSeriesInstanceUID": seg_series}
-            )
+            with saving_as(Origin.pacs):  # kept as a version unless it is the one this server stored last
+                super().save_label(
+                    image_id,
+                    str(path),
+                    DefaultLabelTag.FINAL.value,
+                    {"model": model, "SegSeriesInstanceUID": seg_series},
+                )
 
 
 __all__ = ["DicomWebDatastore", "LabelsFor", "PacsUnavailable"]
