@@ -697,7 +697,7 @@ class RequestChecks:
         if is_task_process():
             die_with_server()
         super().__init__(*args, **kwargs)
-        store = self.datastore()
+        store = self.datastore() if hasattr(self, "datastore") else None  # a test's stand-in app has none
         if isinstance(store, CheckedLocalDatastore) and store.history is None:
             store.history = self.label_history()  # saves in task processes (batch infer) are kept too
 
@@ -713,7 +713,7 @@ class RequestChecks:
 
     def on_init_complete(self) -> None:
         children_stop_with_server()  # first: before anything starts a task
-        store = self.datastore()
+        store = self.datastore() if hasattr(self, "datastore") else None
         if isinstance(store, CheckedLocalDatastore):
             store.take_in_labels()  # labels saved before history was kept (datastore.json), or not recorded
         super().on_init_complete()
