@@ -1,6 +1,7 @@
-"""The project's state in one SQLite database in the model folder: label versions, reviews, tombstones, audit log.
+"""The project's state in one SQLite database in the model folder.
 
-SQLite in WAL mode lets the server's request threads, a training child and a scoring child read while
+Label versions, reviews, tombstones, the audit log and reservations are kept here. SQLite in WAL
+mode lets the server's request threads, a training child and a scoring child read while
 one of them writes, and a process killed with ``kill -9`` leaves the last committed transaction
 intact (the WAL is replayed by the next connection). Each thread of each process opens its own
 connection (a connection is never shared across threads or inherited over ``fork``), waits up to
@@ -78,6 +79,13 @@ _SCHEMA: tuple[str, ...] = (
         duration_ms REAL NOT NULL
     );
     CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    """,
+    """
+    CREATE TABLE reservations (
+        item TEXT PRIMARY KEY,           -- an image id, or a pathology patch
+        until REAL NOT NULL,             -- seconds since the epoch
+        client TEXT NOT NULL
+    );
     """,
 )
 

@@ -22,6 +22,7 @@ from appcore.history import HISTORY_DIR, LabelHistory, Origin, TrainOn, sha256_o
 from appcore.identity import User, current_user
 from appcore.projectdb import ProjectDB
 from appcore.settings import AppSettings
+from strategies.reservations import ReservationBook
 from tests.conftest import ROOT, write_nifti
 
 SHAPE = (10, 12, 8)
@@ -319,3 +320,55 @@ def test_the_database_is_shared_by_threads_and_processes(tmp_path: Path) -> None
     assert [p.wait(timeout=120) for p in procs] == [0, 0, 0]
     assert db.query("SELECT count(*) FROM meta")[0][0] == 150
     assert json.loads(json.dumps([dict(r) for r in db.query("SELECT * FROM meta LIMIT 1")]))
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 1_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_reservations_of_an_older_server_move_into_the_database(tmp_path: Path) -> None:
+    clock, path = _Clock(), tmp_path / "model" / "reservations.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps({"a": [clock.now + 30, "alice"], "b": [clock.now - 1, "bob"]}))  # b's hold ended
+    db = ProjectDB(tmp_path / "model" / "project.db")
+    book = ReservationBook(60, clock=clock, path=path, db=db)
+    assert book.reserved() == {"a": "alice"}
+    assert not path.exists() and path.with_name("reservations.json.migrated").exists()
+    assert book.pick(["a", "b", "c"], lambda free: free[:1], "carol") == ["b"]
+    restarted = ReservationBook(60, clock=clock, path=path, db=ProjectDB(db.path))  # a new server process
+    assert restarted.reserved() == {"a": "alice", "b": "carol"}
+    clock.now += 31
+    assert restarted.pick(["a", "b"], lambda free: free, "dan") == ["a"]
+    restarted.release("b")
+    assert book.reserved() == {"a": "dan"}
+
+
+_PICKER = """
+import sys, time
+from appcore.projectdb import ProjectDB
+from strategies.reservations import ReservationBook
+book = ReservationBook(600, db=ProjectDB(sys.argv[1]))
+got = []
+for _ in range(10):
+    got += book.pick([f"img{i}" for i in range(40)], lambda free: free[:1], sys.argv[2])
+print(",".join(got))
+"""
+
+
+def test_server_processes_sharing_the_database_never_hand_out_one_image_twice(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    db = tmp_path / "project.db"
+    ProjectDB(db).integrity()  # the schema, made once before the processes race
+    procs = [
+        subprocess.Popen([sys.executable, "-c", _PICKER, str(db), name], env=env, stdout=subprocess.PIPE, text=True)
+        for name in ("s1", "s2", "s3")
+    ]
+    handed = [out.strip().split(",") for out, _ in (p.communicate(timeout=120) for p in procs)]
+    every = [image for images in handed for image in images]
+    assert [len(images) for images in handed] == [10, 10, 10] and len(set(every)) == 30
+    owners = ReservationBook(600, db=ProjectDB(db)).reserved()
+    assert {owners[image] for image in handed[0]} == {"s1"}
