@@ -34,6 +34,7 @@ from appcore.projectdb import ProjectDB
 logger = logging.getLogger(__name__)
 
 HISTORY_DIR = "label_history"  # in the app's model folder
+REMOVED_IMAGES = ".removed_images"  # in the history folder: no image id starts with a dot
 
 
 class ReviewState(StrEnum):
@@ -342,7 +343,7 @@ class LabelHistory:
                 "INSERT INTO tombstones (kind, image, info, user, ts) VALUES ('image', ?, ?, ?, ?)",
                 (image, json.dumps({"info": info, "labels": labels}, default=str), user().name, time.time()),
             )
-            relative = f"{image}/.removed/{cursor.lastrowid}{_suffix(path)}"
+            relative = f"{REMOVED_IMAGES}/{cursor.lastrowid}/{image}{_suffix(path)}"
             _copy_atomic(path, self.root / relative)
             c.execute("UPDATE tombstones SET file = ? WHERE id = ?", (relative, cursor.lastrowid))
             row = c.execute("SELECT * FROM tombstones WHERE id = ?", (cursor.lastrowid,)).fetchone()

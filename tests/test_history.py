@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -19,6 +20,7 @@ import pytest
 from appcore.datastore import CheckedLocalDatastore
 from appcore.errors import RequestError
 from appcore.history import HISTORY_DIR, LabelHistory, Origin, TrainOn, sha256_of
+from appcore.history_routes import _AuditLog
 from appcore.identity import User, current_user
 from appcore.projectdb import ProjectDB
 from appcore.settings import AppSettings
@@ -372,3 +374,68 @@ def test_server_processes_sharing_the_database_never_hand_out_one_image_twice(tm
     assert [len(images) for images in handed] == [10, 10, 10] and len(set(every)) == 30
     owners = ReservationBook(600, db=ProjectDB(db)).reserved()
     assert {owners[image] for image in handed[0]} == {"s1"}
+
+
+def _asgi_call(app, method: str, path: str, who: str) -> list[dict]:
+    scope = {"type": "http", "method": method, "path": path, "query_string": b"image=a&client_id=c1", "headers": []}
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    async def run() -> None:
+        await app({**scope, "who": who}, receive, send)
+
+    asyncio.run(run())
+    return sent
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "who", "recorded"),
+    [
+        ("PUT", "/datastore/label", "alice", ("alice", "c1", 201)),
+        ("DELETE", "/datastore/image", "anonymous", ("anonymous", "c1", 200)),
+        ("POST", "/refused", "bob", ("anonymous", "c1", 401)),  # refused before the user is known
+        ("GET", "/datastore/label", "alice", None),
+        ("HEAD", "/datastore/label", "alice", None),
+    ],
+)
+def test_the_audit_layer_records_who_changed_what_and_the_result(
+    tmp_path: Path, method: str, path: str, who: str, recorded: tuple | None
+) -> None:
+    db = ProjectDB(tmp_path / "project.db")
+
+    async def endpoint(scope, receive, send) -> None:
+        status = 401 if scope["path"] == "/refused" else 201 if scope["method"] == "PUT" else 200
+        await send({"type": "http.response.start", "status": status, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    async def auth(scope, receive, send) -> None:  # an auth layer inside, setting the request's user
+        if scope["path"] == "/refused":
+            return await endpoint(scope, receive, send)
+        token = current_user.set(User(scope["who"]))
+        try:
+            await endpoint(scope, receive, send)
+        finally:
+            current_user.reset(token)
+
+    _asgi_call(_AuditLog(auth, db), method, path, who)
+    rows = [(r["user"], r["client"], r["status"]) for r in db.query("SELECT * FROM audit")]
+    assert rows == ([] if recorded is None else [recorded])
+    if recorded:
+        (entry,) = db.query("SELECT * FROM audit")
+        assert (entry["method"], entry["path"], entry["query"]) == (method, path, "image=a&client_id=c1")
+
+
+def test_a_request_that_fails_is_recorded_as_a_500(tmp_path: Path) -> None:
+    db = ProjectDB(tmp_path / "project.db")
+
+    async def failing(scope, receive, send) -> None:
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        _asgi_call(_AuditLog(failing, db), "POST", "/train/x", "alice")
+    assert [(r["path"], r["status"]) for r in db.query("SELECT * FROM audit")] == [("/train/x", 500)]
