@@ -350,11 +350,18 @@ class CheckedLocalDatastore(LocalDatastore):
 
     def remove_image(self, image_id: str) -> None:
         obj = self._existing(image_id)
+        tombstone = None
         if self.history is not None:  # first: the file, its info and its labels' versions are kept
             labels = {tag: self._keep_current_label(image_id, tag) for tag in list(obj.labels)}
             info = {k: v for k, v in obj.image.info.items() if k not in SERVER_INFO_FIELDS}
-            self.history.tombstone_image(image_id, LocalDatastore.get_image_uri(self, image_id), info, labels)
-        super().remove_image(image_id)
+            path = LocalDatastore.get_image_uri(self, image_id)
+            tombstone = self.history.tombstone_image(image_id, path, info, labels)
+        try:
+            super().remove_image(image_id)
+        except BaseException:
+            if tombstone is not None:  # nothing was removed: nothing to restore
+                self.history.drop_tombstone(tombstone["id"])  # type: ignore[union-attr]
+            raise
         with self._current_records():
             if image_id in seam.local_index(self).objects:
                 # With the folder watcher, MONAI Label leaves the record to the watcher's reconcile, which

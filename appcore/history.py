@@ -371,6 +371,11 @@ class LabelHistory:
         row = rows[0]
         return _tombstone_answer(row), (self.root / row["file"]) if row["file"] else None
 
+    def drop_tombstone(self, tombstone_id: int) -> None:
+        """Forget a tombstone whose removal did not happen (its kept file stays, unreferenced)."""
+        with self.db.transaction() as c:
+            c.execute("DELETE FROM tombstones WHERE id = ?", (tombstone_id,))
+
     def mark_restored(self, ids: Iterable[int]) -> None:
         with self.db.transaction() as c:
             for i in ids:

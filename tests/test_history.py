@@ -439,3 +439,15 @@ def test_a_request_that_fails_is_recorded_as_a_500(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError, match="boom"):
         _asgi_call(_AuditLog(failing, db), "POST", "/train/x", "alice")
     assert [(r["path"], r["status"]) for r in db.query("SELECT * FROM audit")] == [("/train/x", 500)]
+
+
+def test_a_removal_that_fails_leaves_no_tombstone(store: CheckedLocalDatastore, monkeypatch) -> None:
+    from monailabel.datastore.local import LocalDatastore
+
+    def fail(self, image_id: str) -> None:
+        raise PermissionError("read-only studies folder")
+
+    monkeypatch.setattr(LocalDatastore, "remove_image", fail)
+    with pytest.raises(PermissionError, match="read-only"):
+        store.remove_image("case1")
+    assert "case1" in store.list_images() and store.history.tombstones("case1") == []
