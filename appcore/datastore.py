@@ -410,7 +410,8 @@ class CheckedLocalDatastore(LocalDatastore):
         info = dict(label.info)
         who = User(str(info.get("user") or "unknown"))
         origin = Origin.found if versions else Origin.migrated
-        ts = info.get("ts") if isinstance(info.get("ts"), int | float) else None
+        # A migrated label's time is its save's; a found one's is now (its file's time is not known).
+        ts = info.get("ts") if not versions and isinstance(info.get("ts"), int | float) else None
         return self.history.record(image_id, tag, path, info=info, origin=origin, who=who, ts=ts, unless_same=True)[
             "version"
         ]
@@ -426,7 +427,11 @@ class CheckedLocalDatastore(LocalDatastore):
             for image_id, obj in list(seam.local_index(self).objects.items()):
                 for tag in list(obj.labels):
                     before = self.history.latest(image_id, tag)
-                    after = self._keep_current_label(image_id, tag)
+                    try:
+                        after = self._keep_current_label(image_id, tag)
+                    except OSError as e:  # one unreadable file must not stop the server's start
+                        logger.warning("Label %s/%s not taken into the history: %s", tag, image_id, e)
+                        continue
                     added += after is not None and (before is None or before["version"] != after)
         if added:
             logger.info("Label history: %d stored labels taken in as versions", added)

@@ -26,7 +26,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from appcore.errors import not_found, unprocessable
+from appcore.errors import RequestError, not_found, unprocessable
 from appcore.files import staged_beside
 from appcore.identity import User, user
 from appcore.projectdb import ProjectDB
@@ -192,7 +192,10 @@ class LabelHistory:
         recorded when the file is the last version's content (a label found again on disk)."""
         who = who or user()
         info = {k: v for k, v in (info or {}).items() if k not in ("ts", "name", "path", "file_version")}
-        model, version = proposal_of(info)
+        try:
+            model, version = proposal_of(info)
+        except RequestError:  # checked when saved; an older server's record may hold anything
+            model, version = None, None
         digest = sha256_of(path)
         client = who.client or (info.get("client_id") if isinstance(info.get("client_id"), str) else None)
         with self.db.transaction() as c:

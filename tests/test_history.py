@@ -17,6 +17,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from appcore import seam
 from appcore.datastore import CheckedLocalDatastore
 from appcore.errors import RequestError
 from appcore.history import HISTORY_DIR, LabelHistory, Origin, TrainOn, sha256_of
@@ -245,12 +246,14 @@ def test_labels_saved_before_history_migrate_at_start(
     plain.save_label("case1", _label(tmp_path, oblique_affine, 1), "final", {"model": "m"})
     plain.update_label_info("case1", "final", {"user": "dora"})  # MONAI Label's info endpoint records a user
     saved_ts = plain.get_label_info("case1", "final")["ts"]
+    seam.local_index(plain).objects["case1"].labels["final"].info["proposal"] = "v3"  # an older client's
+    plain._update_datastore_file()
 
     again = CheckedLocalDatastore(str(studies), allowed_values=lambda p: {0, 1, 2}, history=history, auto_reload=False)
     assert again.take_in_labels() == 1
     [record] = history.versions("case1", "final")
     assert (record["version"], record["origin"], record["user"], record["ts"]) == (1, "migrated", "dora", saved_ts)
-    assert record["info"]["model"] == "m"
+    assert record["info"]["model"] == "m" and record["proposal"] is None
     assert again.take_in_labels() == 0  # nothing new on the next start
     # A label written over behind the server's back (or by a process killed before it recorded) is "found".
     Path(again.get_label_uri("case1", "final")).write_bytes(Path(_label(tmp_path, oblique_affine, 2)).read_bytes())
