@@ -118,7 +118,10 @@ class ProjectDB:
         conn.row_factory = sqlite3.Row
         conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
         conn.execute("PRAGMA journal_mode = WAL")
-        conn.execute("PRAGMA synchronous = FULL")  # a committed version survives a power cut too
+        # WAL with NORMAL: a commit survives the process being killed (kill -9, the OOM killer) and the
+        # file is never corrupted; a power cut may roll back the last commits (a version's file, synced
+        # before its row, is then taken in as "found" at the next start). FULL cost 7 ms per commit here.
+        conn.execute("PRAGMA synchronous = NORMAL")
         conn.execute("PRAGMA foreign_keys = ON")
         self._local.held = (os.getpid(), conn)
         self._ensure_schema(conn)
