@@ -6,6 +6,7 @@ import gzip
 import io
 import json
 import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -179,3 +180,43 @@ def test_nuclei_training_leaves_out_what_review_does(tmp_path: Path, gate, kept,
     trainer._reviewed = lambda records, datastore: NucleiTrainer._reviewed(trainer, records, datastore)
     why = NucleiTrainer.no_training_data(trainer, store)  # type: ignore[arg-type]
     assert why is None if refusal is None else refusal in why
+
+
+@pytest.mark.slow
+@requires_shared
+def test_a_training_process_trains_on_approved_labels_only(server: Server) -> None:
+    http = server.http
+
+    def save(image: str) -> None:
+        case = f"{image}.nii.gz"
+        if image != IMAGE:  # the server's own case is there already
+            files = {"file": (case, (CASE.parent / case).read_bytes())}
+            r = http.put("/datastore/image", params={"image": image}, files=files)
+            assert r.status_code == 200, r.text
+        r = http.put(
+            "/datastore/label",
+            params={"image": image, "tag": "final"},
+            data={"params": json.dumps({"model": "hippocampus"})},
+            files={"label": (case, (HIPPO / "labelsTr" / case).read_bytes())},
+        )
+        assert r.status_code == 200, r.text
+
+    save(IMAGE)
+    save("hippocampus_003")
+    review = {"tag": "final", "state": "rejected", "comment": "posterior missing"}
+    assert http.put("/datastore/label/review", params={"image": "hippocampus_003", **review}).status_code == 200
+    r = http.post("/train/hippocampus", json={"max_epochs": 1})
+    assert r.status_code == 409 and "rejected by anonymous: posterior missing" in r.json()["detail"], r.text
+
+    r = http.put("/datastore/label/review", params={"image": IMAGE, "tag": "final", "state": "approved"})
+    assert r.status_code == 200, r.text
+    r = http.post("/train/hippocampus", json={"max_epochs": 1, "train_batch_size": 1})
+    assert r.status_code == 200, r.text
+    deadline = time.monotonic() + 600  # a hang guard on a loaded machine, not a speed bound
+    while (status := http.get("/train/").json()).get("status") not in ("DONE", "ERROR", "STOPPED"):
+        assert time.monotonic() < deadline, "training did not finish in 600 s"
+        time.sleep(1)
+    assert status["status"] == "DONE", status
+    last_run = http.get("/info/").json()["train_stats"]["hippocampus"]["last_run"]
+    assert last_run["trained_on"] == 1, last_run
+    assert "rejected by anonymous" in last_run["skipped"]["hippocampus_003"], last_run

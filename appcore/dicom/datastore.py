@@ -432,7 +432,7 @@ class DicomWebDatastore(CheckedLocalDatastore):
         """Remove a label; for ``final`` that deletes the series' SEGs in the PACS (Orthanc only)."""
         self._series_meta(label_id)  # 400 for a path, 404 for a series the PACS does not have
         check_image_id(label_tag, "Label tag")
-        with self._lock_for(f"labels of {label_id}"), self._tombstoned(label_id, label_tag):
+        with self._lock_for(f"labels of {label_id}"):
             self._remove_label(label_id, label_tag)
 
     def _remove_label(self, label_id: str, label_tag: str) -> None:
@@ -451,12 +451,13 @@ class DicomWebDatastore(CheckedLocalDatastore):
                     f"Series {label_id!r} has only SEGs another tool stored in the PACS ({len(segs)}); "
                     "this server deletes only its own: delete those in the PACS or the tool that made them"
                 )
-            for seg_series in ours:
-                self._orthanc.delete_series(seg_series)
-                self._seg_refs.pop(seg_series, None)
-            self._segs.invalidate()
-            # Directly: the local removal would first sync with the PACS, which holds none of ours now.
-            self._drop_cached_final(label_id)
+            with self._tombstoned(label_id, label_tag):  # the cached label kept as a version first
+                for seg_series in ours:
+                    self._orthanc.delete_series(seg_series)
+                    self._seg_refs.pop(seg_series, None)
+                self._segs.invalidate()
+                # Directly: the local removal would first sync with the PACS, which holds none of ours now.
+                self._drop_cached_final(label_id)
         elif seam.local_index(self).label(label_id, label_tag):
             super().remove_label(label_id, label_tag)
         else:
