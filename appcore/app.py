@@ -24,10 +24,13 @@ from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.datastore import Datastore
 
 from appcore import seam
+from appcore.datastore import CheckedLocalDatastore
 from appcore.dicom.client import is_dicomweb_url
 from appcore.errors import RequestError, bad_request, conflict, not_found, too_large, too_many, unprocessable
 from appcore.files import staged_beside
+from appcore.history import HISTORY_DIR, LabelHistory
 from appcore.lifecycle import children_stop_with_server, die_with_server, is_task_process
+from appcore.projectdb import project_db
 from appcore.sessions import CheckedSessions
 from appcore.validation import MAX_ID_BYTES, check_device, check_image_id, check_upload_size, check_volume
 from appcore.versions import VersionStore, store_beside
@@ -694,9 +697,25 @@ class RequestChecks:
         if is_task_process():
             die_with_server()
         super().__init__(*args, **kwargs)
+        store = self.datastore() if hasattr(self, "datastore") else None  # a test's stand-in app has none
+        if isinstance(store, CheckedLocalDatastore) and store.history is None:
+            store.history = self.label_history()  # saves in task processes (batch infer) are kept too
+
+    # -- label history, reviews, audit (``appcore.history``) -------------------------------------
+    def label_history(self) -> LabelHistory:
+        """The label versions, reviews and tombstones in this app's model folder (``project.db``)."""
+        model_dir = Path(getattr(self, "model_dir", None) or Path(self.app_dir) / "model")
+        return LabelHistory(project_db(model_dir), model_dir / HISTORY_DIR)
+
+    def review_gate(self, image_id: str) -> str | None:
+        """Why ``image_id``'s ``final`` label is not training data by its review (``--conf train_on``), or None."""
+        return self.label_history().not_for_training(image_id, self.settings.train_on)
 
     def on_init_complete(self) -> None:
         children_stop_with_server()  # first: before anything starts a task
+        store = self.datastore() if hasattr(self, "datastore") else None
+        if isinstance(store, CheckedLocalDatastore):
+            store.take_in_labels()  # labels saved before history was kept (datastore.json), or not recorded
         super().on_init_complete()
         if self.settings.expose_logs:
             from monailabel.config import settings as ml_settings

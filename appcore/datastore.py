@@ -11,6 +11,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Collection, Iterator
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,8 @@ from appcore import seam
 from appcore.archive import dataset_members, zip_chunks
 from appcore.errors import RequestError, conflict, not_found, unprocessable
 from appcore.files import staged_beside
+from appcore.history import LabelHistory, Origin, proposal_of
+from appcore.identity import User
 from appcore.validation import (
     Geometry,
     check_image_id,
@@ -54,6 +57,20 @@ def _atomic_copy(src: str | Path, dest: str | Path) -> None:
         raise
 
 
+# How the label being saved in this context came to be, and the version it restores (``LabelHistory``).
+_ORIGIN: ContextVar[tuple[Origin, int | None]] = ContextVar("label_origin", default=(Origin.save, None))
+
+
+@contextlib.contextmanager
+def saving_as(origin: Origin, restored_from: int | None = None) -> Iterator[None]:
+    """Label saves within this block are recorded in the history as ``origin`` (restoring ``restored_from``)."""
+    token = _ORIGIN.set((origin, restored_from))
+    try:
+        yield
+    finally:
+        _ORIGIN.reset(token)
+
+
 # Info fields the datastore keeps itself: when the file was stored, its file name, the version of the
 # file it last saw (``CheckedLocalDatastore.FILE_VERSION``) and (in answers only) its path on the server.
 SERVER_INFO_FIELDS = ("ts", "name", "file_version", "path")
@@ -74,6 +91,7 @@ def check_save_params(params: object, what: str) -> dict[str, Any]:
     model = params.get("model")
     if model is not None and not isinstance(model, str):
         raise unprocessable(f'{what}: parameter "model" must be a model\'s name (a string), got {type(model).__name__}')
+    proposal_of(params)  # 422 for a malformed "proposal"
     return params
 
 
@@ -107,6 +125,8 @@ class CheckedLocalDatastore(LocalDatastore):
             was computed from the old file, an uncertainty score, can be dropped).
         image_check: refuses an uploaded image by its header, before any voxel is decoded (a
             radiology app: when no served model can segment it); by default ``check_volume``.
+        history: where every stored label is kept as a version and removals as tombstones
+            (``appcore.history``); None keeps no history.
         **kwargs: passed to ``LocalDatastore``.
     """
 
@@ -122,8 +142,10 @@ class CheckedLocalDatastore(LocalDatastore):
         max_upload_mb: int = 1024,
         on_image_replaced: Callable[[str], None] | None = None,
         image_check: ImageCheck = check_volume,
+        history: LabelHistory | None = None,
         **kwargs: Any,
     ) -> None:
+        self.history = history
         self._allowed_values = allowed_values
         self._image_check = image_check
         self._max_upload_mb = max_upload_mb
@@ -327,8 +349,19 @@ class CheckedLocalDatastore(LocalDatastore):
             super().update_label_info(label_id, label_tag, fields)
 
     def remove_image(self, image_id: str) -> None:
-        self._existing(image_id)
-        super().remove_image(image_id)
+        obj = self._existing(image_id)
+        tombstone = None
+        if self.history is not None:  # first: the file, its info and its labels' versions are kept
+            labels = {tag: self._keep_current_label(image_id, tag) for tag in list(obj.labels)}
+            info = {k: v for k, v in obj.image.info.items() if k not in SERVER_INFO_FIELDS}
+            path = LocalDatastore.get_image_uri(self, image_id)
+            tombstone = self.history.tombstone_image(image_id, path, info, labels)
+        try:
+            super().remove_image(image_id)
+        except BaseException:
+            if tombstone is not None:  # nothing was removed: nothing to restore
+                self.history.drop_tombstone(tombstone["id"])  # type: ignore[union-attr]
+            raise
         with self._current_records():
             if image_id in seam.local_index(self).objects:
                 # With the folder watcher, MONAI Label leaves the record to the watcher's reconcile, which
@@ -339,13 +372,128 @@ class CheckedLocalDatastore(LocalDatastore):
 
     def remove_label(self, label_id: str, label_tag: str) -> None:
         self._existing_label(label_id, label_tag)
-        super().remove_label(label_id, label_tag)
-        # MONAI Label leaves the record to its folder watcher, which watches only the tag folders
-        # that existed at start-up: a label of a newer tag stayed listed after its file was gone.
-        with self._changing_records():
-            obj = seam.local_index(self).objects.get(label_id)
-            if obj is not None and obj.labels.pop(label_tag, None) is not None:
-                self._update_datastore_file(lock=False)
+        with self._tombstoned(label_id, label_tag):
+            super().remove_label(label_id, label_tag)
+            # MONAI Label leaves the record to its folder watcher, which watches only the tag folders
+            # that existed at start-up: a label of a newer tag stayed listed after its file was gone.
+            with self._changing_records():
+                obj = seam.local_index(self).objects.get(label_id)
+                if obj is not None and obj.labels.pop(label_tag, None) is not None:
+                    self._update_datastore_file(lock=False)
+
+    # -- history (``appcore.history``) ---------------------------------------------------------------
+    def _record_version(self, image_id: str, tag: str, path: str | Path, info: dict[str, Any]) -> None:
+        """Keep the label file just stored at ``path`` as a version, as the request's user."""
+        if self.history is None:
+            return
+        origin, restored_from = _ORIGIN.get()
+        try:
+            again = origin is Origin.pacs  # a SEG read back that this server stored is no new version
+            self.history.record(
+                image_id, tag, path, info=info, origin=origin, restored_from=restored_from, unless_same=again
+            )
+        except Exception:  # the label is stored; the next start takes it in as "found"
+            logger.exception("Label %s/%s was saved but could not be kept as a version", tag, image_id)
+
+    def _keep_current_label(self, image_id: str, tag: str) -> int | None:
+        """The version number of the label file stored now, recording it first if its content is not
+        the last version's (saved before history was kept, or by a process killed before it recorded)."""
+        if self.history is None:
+            return None
+        obj = seam.local_index(self).objects.get(image_id)
+        label = obj.labels.get(tag) if obj is not None else None
+        path = Path(seam.local_index(self).label_path(tag)) / self._filename(image_id, label.ext) if label else None
+        if path is None or not path.is_file():
+            latest = self.history.latest(image_id, tag)
+            return latest["version"] if latest else None
+        versions = self.history.versions(image_id, tag)
+        info = dict(label.info)
+        who = User(str(info.get("user") or "unknown"))
+        origin = Origin.found if versions else Origin.migrated
+        # A migrated label's time is its save's; a found one's is now (its file's time is not known).
+        ts = info.get("ts") if not versions and isinstance(info.get("ts"), int | float) else None
+        return self.history.record(image_id, tag, path, info=info, origin=origin, who=who, ts=ts, unless_same=True)[
+            "version"
+        ]
+
+    def take_in_labels(self) -> int:
+        """Record every stored label whose file is not its last version (at start: labels saved before
+        history was kept, listed in MONAI Label's ``datastore.json``, or by a process killed between
+        storing and recording). Returns how many versions were added."""
+        if self.history is None:
+            return 0
+        added = 0
+        with self._records_lock:
+            for image_id, obj in list(seam.local_index(self).objects.items()):
+                for tag in list(obj.labels):
+                    before = self.history.latest(image_id, tag)
+                    try:
+                        after = self._keep_current_label(image_id, tag)
+                    except OSError as e:  # one unreadable file must not stop the server's start
+                        logger.warning("Label %s/%s not taken into the history: %s", tag, image_id, e)
+                        continue
+                    added += after is not None and (before is None or before["version"] != after)
+        if added:
+            logger.info("Label history: %d stored labels taken in as versions", added)
+        return added
+
+    @contextlib.contextmanager
+    def _tombstoned(self, image_id: str, tag: str) -> Iterator[None]:
+        """Around a label's removal: its stored file kept as a version first, a tombstone after."""
+        version = self._keep_current_label(image_id, tag)
+        yield
+        if self.history is not None:
+            self.history.tombstone_label(image_id, tag, version)
+
+    def restore_label(self, image_id: str, tag: str, version: int) -> dict[str, Any]:
+        """Save version ``version`` of the label again (checked as any save; a new version, origin
+        ``restore``), closing a tombstone of that label; returns the new version's record."""
+        history = self._history()
+        self._existing(image_id)
+        record = history.version(image_id, tag, version)
+        path = history.file(image_id, tag, version)
+        with saving_as(Origin.restore, version):
+            self.restore_label_file(image_id, str(path), tag, record["info"])
+        open_ones = [t["id"] for t in history.tombstones(image_id) if t["kind"] == "label" and t["tag"] == tag]
+        history.mark_restored(open_ones)
+        return history.latest(image_id, tag) or record
+
+    def restore_label_file(self, image_id: str, path: str, tag: str, info: dict[str, Any]) -> None:
+        """Store a kept version's file as the label (a subclass whose stored form is not an upload's overrides)."""
+        self.save_label(image_id, path, tag, info)
+
+    def restore_removed(self, image_id: str, tag: str | None = None) -> dict[str, Any]:
+        """Undo the last removal of ``image_id``'s ``tag`` label, or of the image (with its labels)
+        when ``tag`` is None; 404 when there is none, 409 when the image exists again."""
+        history = self._history()
+        check_image_id(image_id)
+        if tag is not None:
+            check_image_id(tag, "Label tag")
+            tombstone, _ = history.open_tombstone(image_id, tag)
+            if tombstone["version"] is None:
+                raise not_found(f"The removed {tag!r} label of {image_id!r} left no version to restore")
+            return {"image": image_id, "tag": tag, "restored": self.restore_label(image_id, tag, tombstone["version"])}
+        tombstone, kept = history.open_tombstone(image_id, None)
+        if image_id in seam.local_index(self).objects:
+            raise conflict(
+                f"Image {image_id!r} exists again (uploaded after its removal); remove it first or restore under it "
+                "only its labels (POST /datastore/label/restore)"
+            )
+        if kept is None or not kept.is_file():
+            raise not_found(f"The kept file of removed image {image_id!r} is missing")
+        with saving_as(Origin.restore):
+            self.add_image(image_id, str(kept), dict(tombstone["info"].get("info") or {}))
+        labels = {}
+        for label_tag, version in (tombstone["info"].get("labels") or {}).items():
+            if version is not None:
+                labels[label_tag] = self.restore_label(image_id, label_tag, int(version))["version"]
+        history.mark_restored([tombstone["id"]])
+        return {"image": image_id, "labels": labels}
+
+    def _history(self) -> LabelHistory:
+        if self.history is None:
+            raise not_found("This datastore keeps no label history")
+        return self.history
 
     def dataset_archive(self, limit_cases: int | None = None) -> Iterator[bytes]:
         """The labelled images and their ``final`` labels as a ZIP archive, produced chunk by chunk as
@@ -420,6 +568,7 @@ class CheckedLocalDatastore(LocalDatastore):
                 info["name"] = name
                 obj.labels[label_tag] = DataModel(info=info, ext=".nii.gz")
                 self._update_datastore_file(lock=False)
+                self._record_version(image_id, label_tag, label_dir / name, info)
         logger.info("Saved label %s/%s (%s values %s)", label_tag, name, data.shape, sorted(set(data.ravel().tolist())))
         return image_id
 

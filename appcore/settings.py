@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, fields
 
 from appcore.cross_site import normal_host, normal_origin
+from appcore.history import TrainOn
 
 MAX_TTA_SAMPLES = 6  # the test-time augmentations radiology.uncertainty defines
 
@@ -95,6 +96,8 @@ class AppSettings:
             answered with a 408.
         keep_versions: how many of a model's newest weight versions keep their file
             (``appcore.versions``); the served version and the shipped weights are always kept.
+        train_on: which ``final`` labels training uses: ``submitted`` (every label whose current version
+            is not rejected) or ``approved`` (only those a reviewer approved; ``docs/history.md``).
     """
 
     models: tuple[str, ...]
@@ -119,6 +122,7 @@ class AppSettings:
     allowed_hosts: tuple[str, ...] = ()
     body_timeout_s: float = 60.0
     keep_versions: int = 5
+    train_on: TrainOn = TrainOn.submitted
 
     @classmethod
     def from_conf(cls, conf: Mapping[str, str], available: Iterable[str]) -> AppSettings:
@@ -183,6 +187,11 @@ class AppSettings:
                 kwargs[key] = _parse_list(key, value, normal_origin)
             elif key == "allowed_hosts":
                 kwargs[key] = _parse_list(key, value, normal_host)
+            elif key == "train_on":
+                choices = [t.value for t in TrainOn]
+                if value.strip().lower() not in choices:
+                    raise ValueError(f"--conf train_on: expected one of {choices}, got {value!r}")
+                kwargs[key] = TrainOn(value.strip().lower())
             elif key == "body_timeout_s":
                 kwargs[key] = _parse_float(key, value, 0.1)
                 if not math.isfinite(kwargs[key]):

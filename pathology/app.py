@@ -17,6 +17,7 @@ from monailabel.utils.others.pathology import create_asap_annotations_xml, creat
 from appcore import seam
 from appcore.app import RequestChecks
 from appcore.errors import bad_request
+from appcore.projectdb import project_db
 from appcore.settings import AppSettings
 from pathology.activelearning import PatchMeasures, WSIDiverse, WSIRandom, WSIUncertain
 from pathology.datastore import PathologyDatastore
@@ -106,6 +107,7 @@ class PathologyApp(RequestChecks, MONAILabelApp):
             max_epochs=self.settings.max_epochs,
             batch_size=self.settings.train_batch_size,
             versions=self.version_store(next(iter(self.models))),
+            review_gate=self.review_gate,
         )
         return dict.fromkeys(self.models, trainer)
 
@@ -113,7 +115,10 @@ class PathologyApp(RequestChecks, MONAILabelApp):
         first = next(iter(self.models))
         # One for all strategies (a patch is held whoever picked it), kept across a restart.
         book = ReservationBook(
-            self.settings.reservation_s, path=self.model_dir / "reservations.json", max_pick=self.settings.max_k
+            self.settings.reservation_s,
+            path=self.model_dir / "reservations.json",  # an older server's, moved into the database
+            max_pick=self.settings.max_k,
+            db=project_db(self.model_dir),
         )
         spec, network = self.models[first].spec, lambda: seam.infers(self)[first].network()
         entropy = PatchMeasures(spec)  # one entropy pass per patch for both strategies that rank by it

@@ -176,6 +176,24 @@ class PathologyDatastore(CheckedLocalDatastore):
         logger.info("Saved label %s/%s%s (%d nuclei)", label_tag, image_id, ext, count)
         return image_id
 
+    def restore_label_file(self, image_id: str, path: str, tag: str, info: dict[str, Any]) -> None:
+        """A kept slide label is this server's polygon document, which ``save_label`` does not take as an
+        upload: it is stored as it was once it still fits the slide's size; a tile's PNG mask is saved again."""
+        raw = Path(path).read_bytes()
+        if not path.endswith(".json"):
+            return self.save_label(image_id, path, tag, info)
+        doc = json.loads(raw)
+        source = open_source(LocalDatastore.get_image_uri(self, image_id))
+        dims = source.dimensions
+        if isinstance(source, SlideSource):
+            source.close()
+        if list(doc.get("size", [])) != list(dims):
+            raise unprocessable(
+                f"The kept label was drawn on a slide of size {doc.get('size')}; image {image_id!r} is {list(dims)} now"
+            )
+        self._write_label(image_id, tag, check_save_params(info, "Restore label"), raw, ".json")
+        return None
+
     @staticmethod
     def _mask_png(mask: np.ndarray) -> bytes:
         if mask.max() > np.iinfo(np.uint16).max:
@@ -205,6 +223,7 @@ class PathologyDatastore(CheckedLocalDatastore):
                 stored["name"] = name
                 obj.labels[tag] = DataModel(info=stored, ext=ext)
                 self._update_datastore_file(lock=False)
+                self._record_version(image_id, tag, label_dir / name, stored)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise

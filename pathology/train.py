@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +62,8 @@ class NucleiTrainer(TrainTask):
             step per labelled image.
         batch_size: default crops per step.
         learning_rate: peak AdamW learning rate of the one-cycle schedule.
+        versions: where a completed run publishes, as a new version (``appcore.versions``).
+        review_gate: given an image id, why its ``final`` label is left out by review, or None.
     """
 
     def __init__(
@@ -73,8 +77,10 @@ class NucleiTrainer(TrainTask):
         batch_size: int = 4,
         learning_rate: float = 5e-4,
         versions: VersionStore | None = None,
+        review_gate: Callable[[str], str | None] | None = None,
     ) -> None:
         super().__init__("Fine-tune the nuclei network on the saved final labels")
+        self.review_gate = review_gate
         self.spec = spec
         self.served_path = Path(served_path)
         self.shipped_path = Path(shipped_path) if shipped_path else None
@@ -90,10 +96,37 @@ class NucleiTrainer(TrainTask):
             return self.served_path
         return self.shipped_path if self.shipped_path and self.shipped_path.exists() else None
 
-    def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any]:
+    def no_training_data(self, datastore: Datastore) -> str | None:
+        """Why no saved label is training data (for a 409 before a run starts), or None."""
         records = datastore.datalist()
         if not records:
-            raise ValueError("No 'final' labels to train on; save at least one label (PUT /datastore/label) first")
+            return "No 'final' labels to train on; save at least one label (PUT /datastore/label) first"
+        if not self._reviewed(records, datastore):
+            return (
+                f"No 'final' label to train on: review leaves out all {len(records)} (rejected, or not approved "
+                "under --conf train_on approved; PUT /datastore/label/review approves one)"
+            )
+        return None
+
+    def _reviewed(self, records: list[dict[str, Any]], datastore: Datastore) -> list[dict[str, Any]]:
+        """``records`` without the labels review leaves out (``review_gate``), each logged with the reason."""
+        if self.review_gate is None:
+            return records
+        ids = {os.path.realpath(datastore.get_image_uri(i)): i for i in datastore.get_labeled_images()}
+        kept = []
+        for record in records:
+            image_id = ids.get(os.path.realpath(record["image"]))
+            reason = self.review_gate(image_id) if image_id else None
+            if reason is None:
+                kept.append(record)
+            else:
+                logger.warning("Training nuclei skips %s: %s", image_id, reason)
+        return kept
+
+    def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any]:
+        records = self._reviewed(datastore.datalist(), datastore)
+        if not records:
+            raise ValueError(self.no_training_data(datastore) or "No 'final' labels to train on")
         examples = [example_from_label(r["image"], r["label"]) for r in records]
         epochs = int(request.get("max_epochs", self._max_epochs))
         batch = int(request.get("train_batch_size", self._batch_size))

@@ -27,6 +27,7 @@ from appcore.dicom.ohif import as_requested_format, serve_ohif_config
 from appcore.dicom.prepare import load_series_folder
 from appcore.errors import RequestError, not_found, root_cause, unprocessable
 from appcore.labels import LabelSet
+from appcore.projectdb import project_db
 from appcore.settings import AppSettings
 from appcore.validation import check_segmentable, check_volume, header_only, load_nifti, nifti_header
 from radiology.infer import SegmentationInfer
@@ -62,7 +63,10 @@ class RadiologyApp(RequestChecks, MONAILabelApp):
         self.model_dir = Path(app_dir) / "model"
         # Kept in a file too: a restarted server must not hand an annotator's image to another.
         self.book = ReservationBook(
-            self.settings.reservation_s, path=self.model_dir / "reservations.json", max_pick=self.settings.max_k
+            self.settings.reservation_s,
+            path=self.model_dir / "reservations.json",  # an older server's, moved into the database
+            max_pick=self.settings.max_k,
+            db=project_db(self.model_dir),
         )
         # One store for the strategies, the scoring method and the new-image check, so that the
         # score file is parsed once per change and not on every next-sample request.
@@ -201,6 +205,7 @@ class RadiologyApp(RequestChecks, MONAILabelApp):
                 neighbours=[other for other in self.specs.values() if other is not spec],
                 memory_budget_mb=self.settings.infer_memory_mb,
                 versions=self.version_store(name),
+                review_gate=self.review_gate,
             )
             for name, spec in self.specs.items()
         }

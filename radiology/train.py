@@ -8,7 +8,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -148,6 +148,8 @@ class SegmentationTrainer(BasicTrainTask):
             infer_memory_mb``) are left out, with the reason, as infer refuses them.
         versions: where a completed run publishes, as a new version (``appcore.versions``); by
             default the versions kept beside ``served_path``.
+        review_gate: given an image id, why its ``final`` label is left out by review (rejected,
+            or not approved under ``--conf train_on approved``), or None (``appcore.history``).
     """
 
     def __init__(
@@ -163,8 +165,10 @@ class SegmentationTrainer(BasicTrainTask):
         neighbours: Sequence[ModelSpec] = (),
         memory_budget_mb: int | None = None,
         versions: VersionStore | None = None,
+        review_gate: Callable[[str], str | None] | None = None,
     ) -> None:
         self.memory_budget_mb = memory_budget_mb
+        self.review_gate = review_gate
         shipped = spec.shipped_weights_path
         super().__init__(
             model_dir=model_dir,
@@ -247,6 +251,8 @@ class SegmentationTrainer(BasicTrainTask):
             if reason is None:
                 info = datastore.get_label_info(known, "final") if known else {}
                 reason = not_training_data(self.spec, self.neighbours, info, case["label"], case["image"])
+            if reason is None and known and self.review_gate is not None:
+                reason = self.review_gate(known)  # rejected, or not approved under --conf train_on approved
             yield case, known or Path(case["image"]).name, reason
 
     def no_training_data(self, datastore: Datastore) -> str | None:

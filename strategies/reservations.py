@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
@@ -10,6 +11,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from appcore.files import write_json
+from appcore.projectdb import ProjectDB
 
 logger = logging.getLogger(__name__)
 
@@ -24,7 +26,12 @@ class ReservationBook:
         window_s: how long a handed-out image stays reserved; 0 disables reservations.
         clock: time source in seconds since the epoch (injected for tests).
         path: a JSON file that keeps the reservations across a server restart (written after each
-            change, read at start); ``None`` keeps them in memory only.
+            change, read at start); ``None`` keeps them in memory only. With ``db``: the JSON file of
+            an older server, whose reservations are moved into the database at first use (the file
+            is then renamed ``<name>.migrated``).
+        db: the project database (``appcore.projectdb``) that keeps the reservations instead of
+            ``path``: every process on the model folder (several servers included) then shares
+            them, and a pick is one write transaction, so no two processes hand out one image.
         max_pick: the most items one request may be handed (and so hold), ``None`` for no limit; a
             request for more is refused (``strategies.ranked.request_k``) rather than letting one
             client reserve every image for ``window_s``.
@@ -36,6 +43,7 @@ class ReservationBook:
         clock: Callable[[], float] = time.time,
         path: Path | str | None = None,
         max_pick: int | None = None,
+        db: ProjectDB | None = None,
     ) -> None:
         if window_s < 0:
             raise ValueError(f"window_s must be >= 0, got {window_s}")
@@ -45,7 +53,9 @@ class ReservationBook:
         self.max_pick = max_pick
         self._clock = clock
         self._path = Path(path) if path is not None else None
-        self._held: dict[str, tuple[float, str]] = self._load()
+        self._db = db
+        self._migrated = False
+        self._held: dict[str, tuple[float, str]] = {} if db is not None else self._load()
         self._lock = threading.Lock()
 
     def _load(self) -> dict[str, tuple[float, str]]:
@@ -69,19 +79,69 @@ class ReservationBook:
             if until <= now:
                 del self._held[image]
 
+    # -- in the project database ------------------------------------------------------------------
+    def _database(self) -> ProjectDB:
+        """The database (a book made with one), once the JSON file of an older server has been moved into it."""
+        if self._db is None:
+            raise RuntimeError("This reservation book keeps its reservations in memory or a JSON file")
+        if not self._migrated:
+            if self._path is not None and self._path.exists():
+                held = self._load()
+                with self._db.transaction() as c:
+                    c.executemany(
+                        "INSERT OR IGNORE INTO reservations (item, until, client) VALUES (?, ?, ?)",
+                        [(item, until, client) for item, (until, client) in held.items()],
+                    )
+                with contextlib.suppress(FileNotFoundError):  # another process moved it first
+                    self._path.rename(self._path.with_name(self._path.name + ".migrated"))
+                logger.info(
+                    "Reservations of %s moved into %s (%d held)", self._path.name, self._db.path.name, len(held)
+                )
+            self._migrated = True
+        return self._db
+
+    def _db_reserved(self) -> dict[str, str]:
+        rows = self._database().query("SELECT item, client FROM reservations WHERE until > ?", (self._clock(),))
+        return {r["item"]: r["client"] for r in rows}
+
+    def _db_pick(
+        self, candidates: Sequence[str], choose: Callable[[list[str]], list[str]], client_id: str
+    ) -> list[str]:
+        with self._database().transaction() as c:  # the write lock first: another process waits here
+            now = self._clock()
+            c.execute("DELETE FROM reservations WHERE until <= ?", (now,))
+            held = {r[0] for r in c.execute("SELECT item FROM reservations")}
+            free = [x for x in candidates if x not in held]
+            chosen = choose(free) if free else []
+            if self.window_s > 0 and chosen:
+                c.executemany(
+                    "INSERT OR REPLACE INTO reservations (item, until, client) VALUES (?, ?, ?)",
+                    [(item, now + self.window_s, client_id) for item in chosen],
+                )
+            return chosen
+
     def reserved(self) -> dict[str, str]:
         """Currently reserved images and the client holding each."""
+        if self._db is not None:
+            return self._db_reserved()
         with self._lock:
             self._expire(self._clock())
             return {image: client for image, (_, client) in self._held.items()}
 
     def release(self, image: str) -> None:
+        if self._db is not None:
+            with self._database().transaction() as c:
+                c.execute("DELETE FROM reservations WHERE item = ?", (image,))
+            return
         with self._lock:
             if self._held.pop(image, None) is not None:
                 self._save()
 
     def pick(self, candidates: Sequence[str], choose: Callable[[list[str]], list[str]], client_id: str) -> list[str]:
         """Reserve and return ``choose(free candidates)`` for ``client_id``."""
+        if self._db is not None:
+            with self._lock:  # one transaction at a time from this process's threads
+                return self._db_pick(candidates, choose, client_id)
         with self._lock:
             now = self._clock()
             self._expire(now)

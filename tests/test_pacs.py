@@ -580,3 +580,34 @@ def test_a_seg_deleted_in_the_pacs_is_no_longer_served_from_the_cache(
     assert server.http.get("/datastore/label/info", params={"label": uid, "tag": "final"}).status_code == 404
     stats = server.http.get("/datastore/", params={"output": "stats"}).json()
     assert stats["label_tags"].get("final", 0) == stats["completed"]
+
+
+def test_seg_history_is_kept_on_the_server_and_a_removed_seg_restored(
+    server: Server, pacs: LoadedPacs, tmp_path: Path
+) -> None:
+    uid, labels = pacs.series["ct_abdomen"], MODELS["organs_ct"].labels
+    volume = _volume(pacs, "ct_abdomen")
+
+    def versions() -> list[dict]:
+        return server.http.get("/datastore/label/versions", params={"image": uid, "tag": "final"}).json()["versions"]
+
+    before = len(versions())
+    assert _put_ct_block(server, pacs, "organs_ct", 1, tmp_path).status_code == 200
+    assert _put_ct_block(server, pacs, "organs_ct", 5, tmp_path).status_code == 200
+    kept = versions()[before:]
+    assert [(v["origin"], v["info"]["model"]) for v in kept] == [("save", "organs_ct")] * 2
+    first = server.http.get("/datastore/label", params={"label": uid, "tag": "final", "version": kept[0]["version"]})
+    path = tmp_path / "first.nii.gz"
+    path.write_bytes(first.content)
+    assert set(np.unique(np.asarray(nib.load(path).dataobj)).tolist()) == {0, 1}
+    (seg,) = _segs(pacs, uid)  # the PACS holds the current one only
+
+    assert server.http.delete("/datastore/label", params={"id": uid, "tag": "final"}).status_code == 200
+    assert not _segs(pacs, uid)
+    r = server.http.post("/datastore/restore", params={"image": uid, "tag": "final"})
+    assert r.status_code == 200 and r.json()["restored"]["restored_from"] == kept[1]["version"], r.text
+    (restored,) = _segs(pacs, uid)  # stored again as a SEG, with the removed version's voxels
+    assert restored.SeriesInstanceUID != seg.SeriesInstanceUID
+    assert np.array_equal(
+        seg_to_label(restored, volume.sop_instance_uids, labels), seg_to_label(seg, volume.sop_instance_uids, labels)
+    )

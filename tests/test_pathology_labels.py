@@ -179,3 +179,39 @@ def test_slide_labels_are_stored_as_polygons(store: PathologyDatastore, tmp_path
         store.save_label("slide", _upload(tmp_path, "o.xml", asap([[2200, 10], [2300, 10], [2300, 40]])), "final", {})
     with pytest.raises(RequestError, match="masks are for PNG/JPEG tiles"):
         store.save_label("slide", _upload(tmp_path, "m.png", _png(np.zeros((5, 5), np.uint8))), "final", {})
+
+
+@pytest.mark.parametrize(
+    ("image", "first", "second"),
+    [
+        ("tile", asap(SQUARE), asap([[40, 20], [60, 20], [60, 50]])),
+        pytest.param(
+            "slide",
+            asap([[100, 100], [200, 100], [200, 180]]),
+            asap([[300, 300], [400, 300], [400, 380]]),
+            marks=pytest.mark.skipif(not SLIDE.exists(), reason=f"real slide {SLIDE} is absent"),
+        ),
+    ],
+)
+def test_a_replaced_tile_or_slide_label_is_restored_from_its_version(
+    tmp_path: Path, image: str, first: bytes, second: bytes
+) -> None:
+    from appcore.history import LabelHistory
+    from appcore.projectdb import ProjectDB
+
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    Image.fromarray(np.full((60, 80, 3), 200, np.uint8)).save(studies / "tile.png")
+    if SLIDE.exists():
+        shutil.copyfile(SLIDE, studies / "slide.svs")
+    history = LabelHistory(ProjectDB(tmp_path / "model" / "project.db"), tmp_path / "model" / "history")
+    store = PathologyDatastore(str(studies), history=history, auto_reload=False)
+    store.save_label(image, _upload(tmp_path, "1.xml", first), "final", {"model": "nuclei"})
+    kept = Path(store.get_label_uri(image, "final")).read_bytes()
+    store.save_label(image, _upload(tmp_path, "2.xml", second), "final", {})
+    assert Path(store.get_label_uri(image, "final")).read_bytes() != kept
+
+    restored = store.restore_label(image, "final", 1)
+    assert (restored["version"], restored["restored_from"]) == (3, 1)
+    assert Path(store.get_label_uri(image, "final")).read_bytes() == kept
+    assert store.get_label_info(image, "final")["model"] == "nuclei"

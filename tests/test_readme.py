@@ -49,5 +49,5 @@ def test_options_table_matches_settings() -> None:
         if isinstance(value, tuple):  # a list option: empty by default
             documented[f.name] = ", ".join(value) or "none"
         else:
-            documented[f.name] = str(value).lower() if isinstance(value, bool) else f"{value:g}"
+            documented[f.name] = str(value).lower() if isinstance(value, bool | str) else f"{value:g}"
     assert options == documented

@@ -18,11 +18,12 @@ from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
 from appcore import seam
-from appcore.datastore import AllowedValues, CheckedLocalDatastore, check_save_params
+from appcore.datastore import AllowedValues, CheckedLocalDatastore, check_save_params, saving_as
 from appcore.dicom.client import DicomWebClient, OrthancAdmin, PacsUnavailable
 from appcore.dicom.seg import SEG_MANUFACTURER, label_to_seg, seg_to_label
 from appcore.dicom.series import SeriesRefused, load_series, series_geometry
 from appcore.errors import RequestError, bad_request, conflict, not_found, unprocessable
+from appcore.history import Origin
 from appcore.labels import LabelSet
 from appcore.validation import (
     Geometry,
@@ -450,12 +451,13 @@ class DicomWebDatastore(CheckedLocalDatastore):
                     f"Series {label_id!r} has only SEGs another tool stored in the PACS ({len(segs)}); "
                     "this server deletes only its own: delete those in the PACS or the tool that made them"
                 )
-            for seg_series in ours:
-                self._orthanc.delete_series(seg_series)
-                self._seg_refs.pop(seg_series, None)
-            self._segs.invalidate()
-            # Directly: the local removal would first sync with the PACS, which holds none of ours now.
-            self._drop_cached_final(label_id)
+            with self._tombstoned(label_id, label_tag):  # the cached label kept as a version first
+                for seg_series in ours:
+                    self._orthanc.delete_series(seg_series)
+                    self._seg_refs.pop(seg_series, None)
+                self._segs.invalidate()
+                # Directly: the local removal would first sync with the PACS, which holds none of ours now.
+                self._drop_cached_final(label_id)
         elif seam.local_index(self).label(label_id, label_tag):
             super().remove_label(label_id, label_tag)
         else:
@@ -483,9 +485,13 @@ class DicomWebDatastore(CheckedLocalDatastore):
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "label.nii.gz"
             nib.save(nib.Nifti1Image(data, image.affine), path)
-            super().save_label(
-                image_id, str(path), DefaultLabelTag.FINAL.value, {"model": model, "SegSeriesInstanceUID": seg_series}
-            )
+            with saving_as(Origin.pacs):  # kept as a version unless it is the one this server stored last
+                super().save_label(
+                    image_id,
+                    str(path),
+                    DefaultLabelTag.FINAL.value,
+                    {"model": model, "SegSeriesInstanceUID": seg_series},
+                )
 
 
 __all__ = ["DicomWebDatastore", "LabelsFor", "PacsUnavailable"]

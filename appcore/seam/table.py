@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from appcore import app as checks
-from appcore import model_routes
+from appcore import history_routes, model_routes
 from appcore.cross_site import guard_cross_site, server_policy
 from appcore.datastore import CheckedLocalDatastore
 from appcore.dicom import proxy as dicom_proxy
@@ -50,6 +50,11 @@ def guard_sites(app: Any) -> None:
     guard_cross_site(server_policy(app.settings.cors_origins, app.settings.allowed_hosts))
 
 
+def audit_log(app: Any) -> None:
+    """``appcore.history_routes.audit_requests`` into the app's project database."""
+    history_routes.audit_requests(app.label_history().db)
+
+
 def _rebind(target: str, replacement: Any, why: str, *, wraps: bool = False, when: str = "") -> Row:
     return Row(target, Kind.REBIND, replacement, why, wraps=wraps, when=when)
 
@@ -80,6 +85,10 @@ ROWS: tuple[Row, ...] = (
             ("GET", "{model}", model_routes.download, "model_download_versioned", "serves one version or a bundle"),
             ("PUT", "{model}", model_routes.upload, "model_upload_versioned", "a checked upload, naming its client"),
         )
+    ),
+    *(
+        Row(f"{m} {p}", Kind.ROUTE_IN_FRONT, endpoint, why, name=name, how="api")
+        for m, p, endpoint, name, why in history_routes.ROUTES
     ),
     *(
         Row(
@@ -221,6 +230,13 @@ ROWS: tuple[Row, ...] = (
         guard_sites,
         "every origin is allowed, with credentials; no host check",
         name="_CrossSiteGuard",
+    ),
+    Row(
+        "middleware: audit log",
+        Kind.MIDDLEWARE,
+        audit_log,
+        "no record of who changed what; outermost, so refusals by inner layers are recorded",
+        name="_AuditLog",
     ),
     # -- private members read or set, through the accessors of appcore.seam --------------------------
     _private(f"{_APP}._infers", infers, "the infer tasks by name: no public accessor"),
