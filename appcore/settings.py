@@ -51,6 +51,9 @@ def _parse_float(key: str, value: str, minimum: float) -> float:
     return x
 
 
+_BOOL_KEYS = ("score_after_train", "score_on_start", "score_new_images", "cpu_bf16", "expose_logs", "allow_anonymous")
+
+
 @dataclass(frozen=True)
 class AppSettings:
     """Options a user passes as ``--conf KEY VALUE`` to ``monailabel start_server``.
@@ -95,6 +98,8 @@ class AppSettings:
             answered with a 408.
         keep_versions: how many of a model's newest weight versions keep their file
             (``appcore.versions``); the served version and the shipped weights are always kept.
+        allow_anonymous: let the server listen on a non-loopback address with authentication off
+            (``MONAI_LABEL_AUTH_ENABLE``); without it such a start is refused (``appcore.auth``).
     """
 
     models: tuple[str, ...]
@@ -119,6 +124,7 @@ class AppSettings:
     allowed_hosts: tuple[str, ...] = ()
     body_timeout_s: float = 60.0
     keep_versions: int = 5
+    allow_anonymous: bool = False
 
     @classmethod
     def from_conf(cls, conf: Mapping[str, str], available: Iterable[str]) -> AppSettings:
@@ -177,7 +183,7 @@ class AppSettings:
                 if split >= 0.9:
                     raise ValueError(f"--conf val_split: must be below 0.9, got {split}")
                 kwargs[key] = split
-            elif key in ("score_after_train", "score_on_start", "score_new_images", "cpu_bf16", "expose_logs"):
+            elif key in _BOOL_KEYS:
                 kwargs[key] = _parse_bool(key, value)
             elif key == "cors_origins":
                 kwargs[key] = _parse_list(key, value, normal_origin)
