@@ -124,7 +124,7 @@ class NucleiTrainer(TrainTask):
             raise RuntimeError("Training produced NaN or Inf weights; served weights unchanged")
         record = {
             "source": "training",
-            "started_by": str(request.get("client_id") or request.get("user") or "anonymous"),
+            "started_by": str(request.get("started_by") or "anonymous"),
             "parent": parent,
             "trained_images": [Path(r["image"]).name.split(".")[0] for r in records],
             "validated_images": [],

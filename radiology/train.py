@@ -325,7 +325,7 @@ class SegmentationTrainer(BasicTrainTask):
         stale.unlink(missing_ok=True)
         # Before anything loads: the version this run starts from (load_path reads the same file).
         self._run = {
-            "started_by": str(request.get("client_id") or request.get("user") or "anonymous"),
+            "started_by": str(request.get("started_by") or "anonymous"),
             "parent": self._served_version(),
         }
         try:
