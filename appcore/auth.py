@@ -314,8 +314,8 @@ class Realm:
 
     def cached_keys(self, kid: str | None) -> list[Any] | None:
         """The keys to try on a token with ``kid``, or None when the keys must be fetched first."""
-        if self._fetched_at is None:
-            return None
+        if self._fetched_at is None or not self._keys:
+            return None  # fetch (or say in a worker thread that the realm gave none)
         if kid is not None and kid not in self._keys and self._may_fetch():
             return None
         return self._candidates(kid)
@@ -325,7 +325,7 @@ class Realm:
         worker thread). Raises ``RealmUnavailable`` when the realm gave none."""
         with self._lock:
             unknown = kid is not None and kid not in self._keys
-            if (self._fetched_at is None or unknown) and self._may_fetch():
+            if (self._fetched_at is None or unknown or not self._keys) and self._may_fetch():
                 self._refresh()
         if not self._keys:
             raise RealmUnavailable(
@@ -585,10 +585,10 @@ class AuthLayer:
 
     async def _user(self, scope: Any, needed: Role) -> User:
         assert self.verifier is not None
+        if needed is Role.PUBLIC:  # a stale token sent along does not keep a client from logging in
+            return ANONYMOUS
         token = bearer(scope.get("headers") or [])
         if token is None:
-            if needed is Role.PUBLIC:
-                return ANONYMOUS
             raise unauthorized(
                 "This endpoint needs a bearer token (Authorization: Bearer <token>); log in with "
                 "POST /auth/token (3D Slicer: the MONAI Label module's login)",
