@@ -642,7 +642,17 @@ def guard_requests(app: Any) -> bool:
     else:
         names = {role.name.lower(): name for role, name in role_names().items()}
         logger.info("Authentication on: tokens of the realm %s, roles %s", check.realm.uri, names)
+        # The keys, fetched now in the background: the log says at start whether the realm answers,
+        # and the first request does not wait for it.
+        threading.Thread(target=_prefetch, args=(check.realm,), name="realm-keys", daemon=True).start()
     return True
+
+
+def _prefetch(realm: Realm) -> None:
+    try:
+        realm.keys(None)
+    except HTTPException as e:
+        logger.error("%s", e.detail)
 
 
 # -- MONAI Label's own checks -------------------------------------------------------------------------

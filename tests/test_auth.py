@@ -665,3 +665,27 @@ def test_weights_upload_and_training_started_by_token_user(server: Server, realm
     assert status["status"] == "DONE", status
     versions = server.http.get("/model/hippocampus/versions", headers=admin).json()["versions"]
     assert (versions[-1]["source"], versions[-1]["started_by"]) == ("training", "root"), versions[-1]
+
+
+@needs_data
+def test_unreachable_realm_is_named_at_start_and_a_503(tmp_path: Path) -> None:
+    """A realm that does not answer: the server starts, logs that it gave no key, and answers a
+    token's request with a 503 naming the realm (not a 401: the token may be fine)."""
+    from tests.servers import free_port
+
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    (studies / CASE.name).write_bytes(CASE.read_bytes())
+    nowhere = f"http://127.0.0.1:{free_port()}/realms/none"
+    env = {"MONAI_LABEL_AUTH_ENABLE": "true", "MONAI_LABEL_AUTH_REALM_URI": nowhere, "MONAI_LABEL_AUTH_TIMEOUT": "2"}
+    conf = {"models": "hippocampus", "score_on_start": "false", "score_new_images": "false"}
+    token = StandInRealm().token("anna", [ANNOTATOR])
+    with monailabel_server(tmp_path, str(studies), conf, env=env, probe="/auth/") as running:
+        deadline = time.monotonic() + 60  # said at start, before any request needs a key
+        while "[ERROR] (appcore.auth:" not in (log := running.log.read_text()) or nowhere not in log:
+            assert time.monotonic() < deadline, log[-3000:]
+            time.sleep(0.5)
+        assert f"The authentication realm {nowhere} gave no key" in log
+        r = running.http.get("/info/", headers={"Authorization": f"Bearer {token}"})
+        assert r.status_code == 503, r.text
+        assert nowhere in r.json()["detail"] and "MONAI_LABEL_AUTH_REALM_URI" in r.json()["detail"]
