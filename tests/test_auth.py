@@ -689,3 +689,20 @@ def test_unreachable_realm_is_named_at_start_and_a_503(tmp_path: Path) -> None:
         r = running.http.get("/info/", headers={"Authorization": f"Bearer {token}"})
         assert r.status_code == 503, r.text
         assert nowhere in r.json()["detail"] and "MONAI_LABEL_AUTH_REALM_URI" in r.json()["detail"]
+
+
+def test_refused_before_the_body_is_read(server: Server) -> None:
+    """A request without a token that announces a 10 MB body and sends none is answered 401 at once
+    (not after --conf body_timeout_s, and nothing of it is received)."""
+    import socket
+    from urllib.parse import urlsplit
+
+    url = urlsplit(server.url)
+    with socket.create_connection((url.hostname, url.port), timeout=30) as s:
+        s.sendall(
+            b"PUT /datastore/label?image=hippocampus_001&tag=final HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            b"Content-Type: multipart/form-data; boundary=x\r\nContent-Length: 10000000\r\n\r\n"
+        )
+        answer = s.recv(4096).decode("latin-1")
+    assert answer.startswith("HTTP/1.1 401"), answer
+    assert "www-authenticate: bearer" in answer.lower(), answer
