@@ -125,6 +125,7 @@ class NucleiTrainer(TrainTask):
         record = {
             "source": "training",
             "started_by": str(request.get("started_by") or "anonymous"),
+            "client": request.get("client_id"),  # the client's own name, not who it is
             "parent": parent,
             "trained_images": [Path(r["image"]).name.split(".")[0] for r in records],
             "validated_images": [],

@@ -326,6 +326,7 @@ class SegmentationTrainer(BasicTrainTask):
         # Before anything loads: the version this run starts from (load_path reads the same file).
         self._run = {
             "started_by": str(request.get("started_by") or "anonymous"),
+            "client": request.get("client_id"),  # the client's own name, not who it is
             "parent": self._served_version(),
         }
         try:

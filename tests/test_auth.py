@@ -664,7 +664,8 @@ def test_weights_upload_and_training_started_by_token_user(server: Server, realm
         time.sleep(1)
     assert status["status"] == "DONE", status
     versions = server.http.get("/model/hippocampus/versions", headers=admin).json()["versions"]
-    assert (versions[-1]["source"], versions[-1]["started_by"]) == ("training", "root"), versions[-1]
+    run = versions[-1]
+    assert (run["source"], run["started_by"], run["client"]) == ("training", "root", "spoofed"), run
 
 
 @needs_data
