@@ -10,6 +10,7 @@ import logging
 import os
 import re
 import shutil
+import sys
 import tempfile
 import threading
 from collections.abc import Collection, Iterator, Sequence, Set
@@ -23,7 +24,8 @@ from fastapi import HTTPException
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.datastore import Datastore
 
-from appcore import seam
+from appcore import identity, seam
+from appcore.auth import check_open_door, listening_host
 from appcore.datastore import CheckedLocalDatastore
 from appcore.dicom.client import is_dicomweb_url
 from appcore.errors import RequestError, bad_request, conflict, not_found, too_large, too_many, unprocessable
@@ -116,6 +118,7 @@ _TRAIN_REFUSED = {
     "distributed_url": "it names the rendezvous of a multi-GPU run",
     "distributed_backend": "the server picks it",
     "run_id": "the server sets it",
+    "started_by": "the server sets it to the request's user (its token)",
 }
 _TRAIN_KEYS = (
     *_TRAIN_COUNTS,
@@ -213,7 +216,7 @@ def path_free_train_request(request: dict[str, Any]) -> None:
     parameter naming server paths (``_TRAIN_REFUSED``): the endpoints refuse them first, this
     guards every other way a request reaches the task."""
     for key, why in _TRAIN_REFUSED.items():
-        if request.get(key) not in ("", None) and key != "run_id":
+        if request.get(key) not in ("", None) and key not in ("run_id", "started_by"):
             raise unprocessable(f"Training parameter {key!r} is not accepted from requests: {why}")
     check_image_id(request.get("name", "train_01"), "Training parameter 'name'")
 
@@ -363,6 +366,23 @@ def _records_stops(stop: Any) -> Any:
 
     checked.records_stops = True  # type: ignore[attr-defined]
     return checked
+
+
+def _signed_by_user(run: Any) -> Any:
+    """``monailabel.endpoints.train.run_model`` or ``run`` (``POST /train/...``), with the request's
+    user (``appcore.identity``, set from its token) as the run's ``started_by``: the request is
+    written for the training process here, at request time, as the process cannot see the token.
+    A client cannot send ``started_by`` itself (``_TRAIN_REFUSED``)."""
+    signature = inspect.signature(run)
+
+    def signed(*args: Any, **kwargs: Any) -> Any:
+        bound = signature.bind(*args, **kwargs)
+        params = dict(bound.arguments.get("params") or {})
+        params["started_by"] = identity.user().name
+        bound.arguments["params"] = params
+        return run(*bound.args, **bound.kwargs)
+
+    return signed
 
 
 # The files the running infer request's endpoint wrote itself (the upload it saved, the session's
@@ -712,14 +732,20 @@ class RequestChecks:
         return self.label_history().not_for_training(image_id, self.settings.train_on)
 
     def on_init_complete(self) -> None:
-        children_stop_with_server()  # first: before anything starts a task
+        from monailabel.config import settings as ml_settings
+
+        # First: a server that would listen on the network with no authentication does not start.
+        check_open_door(
+            listening_host(sys.argv),
+            enabled=ml_settings.MONAI_LABEL_AUTH_ENABLE,
+            allow_anonymous=self.settings.allow_anonymous,
+        )
+        children_stop_with_server()  # before anything starts a task
         store = self.datastore() if hasattr(self, "datastore") else None
         if isinstance(store, CheckedLocalDatastore):
             store.take_in_labels()  # labels saved before history was kept (datastore.json), or not recorded
         super().on_init_complete()
         if self.settings.expose_logs:
-            from monailabel.config import settings as ml_settings
-
             serve_own_log(ml_settings.MONAI_LABEL_APP_DIR, ml_settings.MONAI_LABEL_SERVER_PORT)
         # Every route, rebinding and ASGI layer in front of MONAI Label, and the private members read,
         # checked against the installed monailabel: a SeamError here stops the server.
@@ -812,7 +838,8 @@ class RequestChecks:
 
         The upload is written beside the published file, checked (a PyTorch checkpoint read without
         running code, the network's tensor names and shapes, finite values: 422 otherwise; 413 over
-        ``max_upload_mb``), kept as a new version (``started_by`` ``client_id``) and renamed over the
+        ``max_upload_mb``), kept as a new version (``started_by`` the request's user, ``client`` the
+        ``client_id`` the client named itself by) and renamed over the
         published file, so infer and scoring see the old weights or the new ones, never a
         half-written or foreign file. The shipped weights are never written.
         """
@@ -838,7 +865,7 @@ class RequestChecks:
             if size == 0:
                 raise unprocessable("The uploaded weights are empty (0 bytes)")
             checked_state_dict(staged, self.new_network(model))
-            record = {"source": "upload", "started_by": client_id}
+            record = {"source": "upload", "started_by": identity.user().name, "client": client_id}
             version = self.version_store(model).publish(lambda path: os.replace(staged, path), record)
         finally:
             Path(staged).unlink(missing_ok=True)

@@ -5,11 +5,11 @@
 - ``GET /model/{model}/versions``: every version's record and which one is served.
 - ``PUT /model/{model}/serve?version=N``: serve version N again (0: the shipped weights), no restart.
 - ``PUT /model/{model}?client_id=...``: upload weights (checked, ``RequestChecks.replace_weights``),
-  recorded as started by ``client_id``.
+  recorded as started by the request's user, ``client_id`` kept as the client's name.
 
-Every route here depends on ``ADMIN``, the one place a role check goes: it is MONAI Label's
-``RBAC`` for its admin role, which lets every request through while MONAI Label's authentication
-is off (``MONAI_LABEL_AUTH_ENABLE``, off by default) and checks the role when it is on.
+Who may call them is decided before they run, by ``appcore.auth`` (its role table: admin). Each
+also depends on ``ADMIN``, MONAI Label's ``RBAC`` for its admin role, as MONAI Label's own
+``/model`` routes do; it lets every request through while authentication is off.
 """
 
 from __future__ import annotations

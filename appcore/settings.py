@@ -52,6 +52,9 @@ def _parse_float(key: str, value: str, minimum: float) -> float:
     return x
 
 
+_BOOL_KEYS = ("score_after_train", "score_on_start", "score_new_images", "cpu_bf16", "expose_logs", "allow_anonymous")
+
+
 @dataclass(frozen=True)
 class AppSettings:
     """Options a user passes as ``--conf KEY VALUE`` to ``monailabel start_server``.
@@ -98,6 +101,8 @@ class AppSettings:
             (``appcore.versions``); the served version and the shipped weights are always kept.
         train_on: which ``final`` labels training uses: ``submitted`` (every label whose current version
             is not rejected) or ``approved`` (only those a reviewer approved; ``docs/history.md``).
+        allow_anonymous: let the server listen on a non-loopback address with authentication off
+            (``MONAI_LABEL_AUTH_ENABLE``); without it such a start is refused (``appcore.auth``).
     """
 
     models: tuple[str, ...]
@@ -123,6 +128,7 @@ class AppSettings:
     body_timeout_s: float = 60.0
     keep_versions: int = 5
     train_on: TrainOn = TrainOn.submitted
+    allow_anonymous: bool = False
 
     @classmethod
     def from_conf(cls, conf: Mapping[str, str], available: Iterable[str]) -> AppSettings:
@@ -181,7 +187,7 @@ class AppSettings:
                 if split >= 0.9:
                     raise ValueError(f"--conf val_split: must be below 0.9, got {split}")
                 kwargs[key] = split
-            elif key in ("score_after_train", "score_on_start", "score_new_images", "cpu_bf16", "expose_logs"):
+            elif key in _BOOL_KEYS:
                 kwargs[key] = _parse_bool(key, value)
             elif key == "cors_origins":
                 kwargs[key] = _parse_list(key, value, normal_origin)

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.strategy import Strategy
 
+from appcore import identity
 from appcore.errors import bad_request, not_found
 from appcore.networks import bottleneck
 from appcore.validation import check_image_id
@@ -101,7 +102,7 @@ class _PatchStrategy(Strategy):
 
     def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any] | None:
         k = request_k(request, 1, self._book)
-        client = str(request.get("client_id") or "anonymous")
+        owner = identity.user().name  # from the token, not the free-form client_id
         image = _image(request, datastore, self._rng)
         patch = _pair(request, "patch_size", (1024, 1024))
         uri = datastore.get_image_uri(image)
@@ -112,7 +113,7 @@ class _PatchStrategy(Strategy):
             if isinstance(source, SlideSource):
                 source.close()
         by_key = {patch_key(image, box): box for box in ranked}
-        chosen = self._book.pick(list(by_key), lambda free: free[:k], client)
+        chosen = self._book.pick(list(by_key), lambda free: free[:k], owner)
         if not chosen:
             logger.info("No patch of %s is free (%d patches, all reserved)", image, len(by_key))
             return None

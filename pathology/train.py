@@ -157,7 +157,8 @@ class NucleiTrainer(TrainTask):
             raise RuntimeError("Training produced NaN or Inf weights; served weights unchanged")
         record = {
             "source": "training",
-            "started_by": str(request.get("client_id") or request.get("user") or "anonymous"),
+            "started_by": str(request.get("started_by") or "anonymous"),
+            "client": request.get("client_id"),  # the client's own name, not who it is
             "parent": parent,
             "trained_images": [Path(r["image"]).name.split(".")[0] for r in records],
             "validated_images": [],

@@ -331,7 +331,8 @@ class SegmentationTrainer(BasicTrainTask):
         stale.unlink(missing_ok=True)
         # Before anything loads: the version this run starts from (load_path reads the same file).
         self._run = {
-            "started_by": str(request.get("client_id") or request.get("user") or "anonymous"),
+            "started_by": str(request.get("started_by") or "anonymous"),
+            "client": request.get("client_id"),  # the client's own name, not who it is
             "parent": self._served_version(),
         }
         try:

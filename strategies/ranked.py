@@ -10,6 +10,7 @@ from typing import Any
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.strategy import Strategy
 
+from appcore import identity
 from appcore.errors import bad_request
 from strategies.reservations import ReservationBook
 from strategies.selection import diverse_top_k, top_k
@@ -80,13 +81,13 @@ class RankedStrategy(Strategy):
 
     def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any] | None:
         k = request_k(request, self._default_k, self._book)
-        client = str(request.get("client_id") or "anonymous")
+        owner = identity.user().name  # from the token, not the free-form client_id
         candidates = sorted(datastore.get_unlabeled_images("final"))
         if self._unusable is not None:
             unusable = set(self._unusable())
             candidates = [c for c in candidates if c not in unusable]
         scores = dict(self._scores()) if self._scores else {}
-        chosen = self._book.pick(candidates, lambda free: self.choose(free, scores, k, datastore), client)
+        chosen = self._book.pick(candidates, lambda free: self.choose(free, scores, k, datastore), owner)
         if not chosen:
             logger.info("No unlabelled image is free (%d candidates, all reserved or none)", len(candidates))
             return None

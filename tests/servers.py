@@ -44,10 +44,12 @@ def monailabel_server(
     env: Mapping[str, str] | None = None,
     timeout: float = 180,
     http_timeout: float = 300,
+    probe: str = "/info/",
 ) -> Iterator[Server]:
     """``monailabel start_server`` on a copy of ``apps/<app>`` in ``root/app``, on a free port.
 
-    Waits until ``/info/`` answers (failing with the server log if the process dies first) and
+    Waits until ``probe`` answers (with authentication on, a public route such as ``/auth/``),
+    failing with the server log if the process dies first, and
     stops the whole process group on exit. The server's temporary files go to ``root/tmp``.
     """
     app_dir = root / "app"
@@ -77,11 +79,11 @@ def monailabel_server(
         while True:
             assert proc.poll() is None, log_path.read_text()[-3000:]
             try:
-                if http.get("/info/").status_code == 200:
+                if http.get(probe).status_code == 200:
                     break
             except httpx.TransportError:
                 pass
-            assert time.monotonic() < deadline, f"server did not answer /info within {timeout} s"
+            assert time.monotonic() < deadline, f"server did not answer {probe} within {timeout} s"
             time.sleep(0.5)
         yield Server(http, url, log_path, proc, tmp)
     finally:

@@ -41,6 +41,7 @@ def test_defaults_are_the_documented_ones() -> None:
     assert (s.val_split, s.max_upload_mb, s.sw_batch_size, s.infer_concurrency) == (0.2, 1024, 1, 2)
     assert (s.score_after_train, s.score_on_start, s.score_new_images, s.cpu_bf16) == (True, True, True, True)
     assert s.max_k == 50
+    assert s.allow_anonymous is False and AppSettings.from_conf({"allow_anonymous": "true"}, AVAILABLE).allow_anonymous
     assert AppSettings.from_conf({"max_k": "5"}, AVAILABLE).max_k == 5
 
 
@@ -60,6 +61,7 @@ def test_defaults_are_the_documented_ones() -> None:
         ({"val_split": "0.95"}, "val_split: must be below 0.9"),
         ({"score_on_start": "maybe"}, "expected true or false"),
         ({"cpu_bf16": "bf16"}, "cpu_bf16: expected true or false"),
+        ({"allow_anonymous": "perhaps"}, "allow_anonymous: expected true or false"),
         ({"epochs": "3"}, r"Unknown --conf option\(s\) \['epochs'\]"),
     ],
 )

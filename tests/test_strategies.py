@@ -349,10 +349,15 @@ def test_next_sample_parses_the_score_file_once_per_change(tmp_path: Path, monke
 
 @requires_shared
 def test_a_restarted_app_keeps_the_reservations(tmp_path: Path) -> None:
+    from appcore.identity import User, current_user
     from tests.apps import make_app, unwatched_app
 
     app = make_app(tmp_path, "hippocampus", labelled=0)
-    first = app._strategies["random"]({"client_id": "alice"}, app.datastore())["id"]
+    as_alice = current_user.set(User("alice"))  # the owner is the request's user (its token), not client_id
+    try:
+        first = app._strategies["random"]({"client_id": "slicer"}, app.datastore())["id"]
+    finally:
+        current_user.reset(as_alice)
     restarted = unwatched_app(
         tmp_path / "app", tmp_path / "studies", {"models": "hippocampus", "score_on_start": "false", "max_k": "1"}
     )

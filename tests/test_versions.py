@@ -219,7 +219,8 @@ def test_versions_rollback_and_export_over_http(tmp_path: Path) -> None:
         assert r.status_code == 200 and r.json()["served_version"] == 0, r.text
         assert [v["source"] for v in r.json()["versions"]] == ["shipped"]
 
-        # An upload is version 1, started by the client that sent it; /info lists it as served.
+        # An upload is version 1, started by the request's user (anonymous: authentication is off;
+        # client_id names the client only); /info lists it as served.
         upload = {"file": ("w.pt", shipped.read_bytes())}
         r = http.put("/model/hippocampus", params={"client_id": "alice"}, files=upload)
         assert r.status_code == 200 and r.json()["version"] == 1, r.text
@@ -227,8 +228,9 @@ def test_versions_rollback_and_export_over_http(tmp_path: Path) -> None:
         assert info["served_version"] == 1
         assert [(v["version"], v["source"], v["started_by"], v["served"]) for v in info["versions"]] == [
             (0, "shipped", None, False),
-            (1, "upload", "alice", True),
+            (1, "upload", "anonymous", True),
         ]
+        assert info["versions"][1]["client"] == "alice"
 
         # Rollback to the shipped weights and back, no restart; infer answers throughout.
         for version in (0, 1, 0):
@@ -252,7 +254,7 @@ def test_versions_rollback_and_export_over_http(tmp_path: Path) -> None:
             assert r.status_code == status and re.search(words, r.text), (path, params, r.text)
 
         # A training run: rollback is refused while it runs (not queued); an export meanwhile is of
-        # a published version; the run's version records its data, client and starting version.
+        # a published version; the run's version records its data, user and starting version.
         label = HIPPO / "labelsTr" / CASE.name
         r = http.put(
             "/datastore/label",
@@ -276,7 +278,7 @@ def test_versions_rollback_and_export_over_http(tmp_path: Path) -> None:
         r = http.get("/model/hippocampus/versions")
         run = r.json()["versions"][-1]
         assert run["source"] == "training" and run["version"] == 2 and run["served"], r.text
-        assert run["started_by"] == "bob" and run["parent"] == 0 and run["trained_images"] == ["hippocampus_001"]
+        assert run["started_by"] == "anonymous" and run["parent"] == 0 and run["trained_images"] == ["hippocampus_001"]
         r = http.put("/model/hippocampus/serve", params={"version": 1})
         assert r.status_code == 200, r.text
 

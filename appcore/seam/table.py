@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from appcore import app as checks
-from appcore import history_routes, model_routes
+from appcore import auth, history_routes, model_routes
 from appcore.cross_site import guard_cross_site, server_policy
 from appcore.datastore import CheckedLocalDatastore
 from appcore.dicom import proxy as dicom_proxy
@@ -85,6 +85,14 @@ ROWS: tuple[Row, ...] = (
             ("GET", "{model}", model_routes.download, "model_download_versioned", "serves one version or a bundle"),
             ("PUT", "{model}", model_routes.upload, "model_upload_versioned", "a checked upload, naming its client"),
         )
+    ),
+    Row(
+        "POST /auth/token",
+        Kind.ROUTE_IN_FRONT,
+        auth.token,
+        "calls the realm on the event loop; a refused password is a 500",
+        name="auth_token",
+        how="api",
     ),
     *(
         Row(f"{m} {p}", Kind.ROUTE_IN_FRONT, endpoint, why, name=name, how="api")
@@ -168,6 +176,15 @@ ROWS: tuple[Row, ...] = (
         "/info's train_stats would go on describing the run before",
         wraps=True,
     ),
+    _rebind(
+        f"{_EP}.user.auth:from_token",
+        auth.from_token,
+        "jwt.decode without algorithms refuses every token under PyJWT 2; RBAC wants exact roles",
+    ),
+    *(
+        _rebind(f"{_EP}.train:{function}", checks._signed_by_user, "a run names no user", wraps=True)
+        for function in ("run_model", "run")
+    ),
     _rebind(f"{_EP}.proxy:proxy_dicom", dicom_proxy.proxy_dicom, "a slow PACS blocks the server's event loop"),
     *(
         _rebind(f"{module}:{function}", checks._needs_input, "an infer with nothing to segment is a 500", wraps=True)
@@ -223,6 +240,13 @@ ROWS: tuple[Row, ...] = (
         time_bodies,
         "a stalled body holds its request (and thread) forever",
         name="_BodyTimeout",
+    ),
+    Row(
+        "middleware: authentication and roles",
+        Kind.MIDDLEWARE,
+        auth.guard_requests,
+        "no token check before the body is read, and no role on most routes",
+        name="AuthLayer",
     ),
     Row(
         "middleware: CORSMiddleware",
