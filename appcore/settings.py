@@ -95,6 +95,8 @@ class AppSettings:
             answered with a 408.
         keep_versions: how many of a model's newest weight versions keep their file
             (``appcore.versions``); the served version and the shipped weights are always kept.
+        max_clicks: the most clicks (every label's and background's together) one request to an
+            interactive model may carry; more are a 422 (``radiology.interactive``).
     """
 
     models: tuple[str, ...]
@@ -119,6 +121,7 @@ class AppSettings:
     allowed_hosts: tuple[str, ...] = ()
     body_timeout_s: float = 60.0
     keep_versions: int = 5
+    max_clicks: int = 200
 
     @classmethod
     def from_conf(cls, conf: Mapping[str, str], available: Iterable[str]) -> AppSettings:
@@ -164,6 +167,7 @@ class AppSettings:
                 "infer_memory_mb",
                 "max_k",
                 "keep_versions",
+                "max_clicks",
             ):
                 kwargs[key] = _parse_int(key, value, 1)
             elif key == "tta_samples":

@@ -30,6 +30,7 @@ from appcore.labels import LabelSet
 from appcore.settings import AppSettings
 from appcore.validation import check_segmentable, check_volume, header_only, load_nifti, nifti_header
 from radiology.infer import SegmentationInfer
+from radiology.interactive import InteractiveInfer, base_model, click_engine, interactive_name, parse_clicks
 from radiology.registry import MODELS
 from radiology.spec import ModelSpec
 from radiology.train import SegmentationTrainer
@@ -105,6 +106,9 @@ class RadiologyApp(RequestChecks, MONAILabelApp):
 
         return export_bundle(self.specs[model], self.version_store(model), version, out)
 
+    def has_weights(self, model: str) -> bool:
+        return model in self.specs  # an interactive model serves its automatic model's proposal
+
     def on_training_stopped(self, model: str | None, started: float | None) -> None:
         for name, trainer in seam.trainers(self).items():
             if model in (None, name):
@@ -178,15 +182,19 @@ class RadiologyApp(RequestChecks, MONAILabelApp):
 
     # -- tasks -----------------------------------------------------------------------------------
     def init_infers(self) -> dict[str, Any]:
-        return {
-            name: SegmentationInfer(
+        infers: dict[str, Any] = {}
+        for name, spec in self.specs.items():
+            infers[name] = SegmentationInfer(
                 spec,
                 self.weight_paths(name),
                 sw_batch_size=self.settings.sw_batch_size,
                 cpu_bf16=self.settings.cpu_bf16,
             )
-            for name, spec in self.specs.items()
-        }
+        for name, spec in self.specs.items():  # after the automatic ones: Slicer offers the first model
+            infers[interactive_name(name)] = InteractiveInfer(
+                spec, infers[name], click_engine(spec), max_clicks=self.settings.max_clicks
+            )
+        return infers
 
     def init_trainers(self) -> dict[str, Any]:
         return {
@@ -256,7 +264,8 @@ class RadiologyApp(RequestChecks, MONAILabelApp):
     # -- request checks --------------------------------------------------------------------------
     def infer(self, request: dict[str, Any], datastore: Datastore | None = None) -> dict[str, Any]:
         image = self.request_image(request, datastore, self.settings.max_upload_mb)
-        spec = self.specs.get(request.get("model", ""))
+        model = str(request.get("model", ""))
+        spec = self.specs.get(base_model(model))
 
         def segmentable(header: nib.Nifti1Image, what: str) -> None:
             if spec is None:  # an unknown model, which MONAI Label's infer answers with a 404
@@ -283,6 +292,9 @@ class RadiologyApp(RequestChecks, MONAILabelApp):
             else:  # the header only: the voxels are read once, by the infer
                 what = f"image {request.get('image')!r}"
                 segmentable(nifti_header(image, what), what)
+            if spec is not None and model != spec.name:  # an interactive model: its clicks, before any work
+                shape = tuple(nifti_header(image, "image").shape[:3])
+                parse_clicks(request, spec, shape, self.settings.max_clicks)
         try:
             result = super().infer(request, datastore)
         except Exception as e:
