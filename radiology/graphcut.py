@@ -63,7 +63,7 @@ class GraphCutParams:
     softness: float = 8.0
     smoothness: float = 0.3
     prior: float = 2.0
-    refine_mm: float = 8.0
+    refine_mm: float = 4.0
 
 
 def voxel_spacing(affine: np.ndarray) -> np.ndarray:
@@ -181,7 +181,13 @@ class GeodesicGraphCut:
             # clicks say those are wrong, and the geodesic decides them afresh.
             parts, _ = ndimage.label(proposed)
             wrong = np.unique([parts[q] for q in inside])
-            fg |= ndimage.binary_erosion(proposed, iterations=1) & ~np.isin(parts, wrong[wrong > 0])
+            interior = ndimage.binary_erosion(proposed, iterations=1)
+            kept = interior & ~np.isin(parts, wrong[wrong > 0])
+            if interior.any() and not kept.any():
+                # The clicks fall in every part: only the interior near them is in question.
+                near = seed_mask(crop.shape, inside, ball_offsets(2 * p.refine_mm, spacing))
+                kept = interior & ~near
+            fg |= kept
         fg &= ~bg
         if not fg.any():
             return np.zeros(crop.shape, bool)
