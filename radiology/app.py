@@ -29,8 +29,16 @@ from appcore.errors import RequestError, not_found, root_cause, unprocessable
 from appcore.labels import LabelSet
 from appcore.settings import AppSettings
 from appcore.validation import check_segmentable, check_volume, header_only, load_nifti, nifti_header
+from radiology.graphcut import GeodesicGraphCut
 from radiology.infer import SegmentationInfer
-from radiology.interactive import InteractiveInfer, base_model, click_engine, interactive_name, parse_clicks
+from radiology.interactive import (
+    InteractiveInfer,
+    ScribblesInfer,
+    base_model,
+    click_engine,
+    interactive_name,
+    scribbles_name,
+)
 from radiology.registry import MODELS
 from radiology.spec import ModelSpec
 from radiology.train import SegmentationTrainer
@@ -194,6 +202,9 @@ class RadiologyApp(RequestChecks, MONAILabelApp):
             infers[interactive_name(name)] = InteractiveInfer(
                 spec, infers[name], click_engine(spec), max_clicks=self.settings.max_clicks
             )
+            infers[scribbles_name(name)] = ScribblesInfer(
+                spec, infers[name], GeodesicGraphCut(spec.labels.name_to_id())
+            )
         return infers
 
     def init_trainers(self) -> dict[str, Any]:
@@ -292,9 +303,9 @@ class RadiologyApp(RequestChecks, MONAILabelApp):
             else:  # the header only: the voxels are read once, by the infer
                 what = f"image {request.get('image')!r}"
                 segmentable(nifti_header(image, what), what)
-            if spec is not None and model != spec.name:  # an interactive model: its clicks, before any work
-                shape = tuple(nifti_header(image, "image").shape[:3])
-                parse_clicks(request, spec, shape, self.settings.max_clicks)
+            task = seam.infers(self).get(model)
+            if hasattr(task, "check_request"):  # clicks or scribbles: refused before any work
+                task.check_request(request, tuple(nifti_header(image, "image").shape[:3]))
         try:
             result = super().infer(request, datastore)
         except Exception as e:

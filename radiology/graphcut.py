@@ -175,26 +175,71 @@ class GeodesicGraphCut:
         inside = [q for q in inside if all(0 <= c < n for c, n in zip(q, crop.shape, strict=True))]
         fg = seed_mask(crop.shape, [tuple(np.asarray(q) - origin) for q in mine], offsets)
         bg = seed_mask(crop.shape, inside, offsets)
+        return self._segment_masks(crop, spacing, fg, bg, proposed)
+
+    def refine(
+        self,
+        image: np.ndarray,
+        affine: np.ndarray,
+        foreground: np.ndarray,
+        background: np.ndarray,
+        proposal: np.ndarray | None,
+    ) -> np.ndarray:
+        """One structure from painted strokes (scribbles): ``foreground`` and ``background`` voxel
+        masks of ``image``'s grid, ``proposal`` (a mask) the structure as it is now, if any. Outside
+        the crop around the strokes and the proposal, the proposal stays."""
+        image = np.asarray(image, dtype=np.float32)
+        spacing = voxel_spacing(affine)
+        out = np.zeros(image.shape, bool) if proposal is None else np.asarray(proposal, bool).copy()
+        if not foreground.any() and (proposal is None or not background.any()):
+            return out
+        points = [tuple(int(c) for c in q) for q in np.argwhere(foreground | background)[[0, -1]]]
+        box = self._box(image.shape, spacing, points, None if proposal is None else out, [])
+        if proposal is not None:  # strokes anywhere near the proposal: the box covers them all
+            where = np.argwhere(foreground | background | out)
+            low, high = where.min(0), where.max(0) + 1
+            margin = np.ceil(self.params.refine_mm / spacing).astype(int)
+            box = tuple(
+                slice(int(max(a - m, 0)), int(min(b + m, n)))
+                for a, b, m, n in zip(low, high, margin, image.shape, strict=True)
+            )
+        out[box] = self._segment_masks(
+            image[box], spacing, foreground[box], background[box], None if proposal is None else out[box]
+        )
+        return out
+
+    def _segment_masks(
+        self,
+        crop: np.ndarray,
+        spacing: np.ndarray,
+        marked: np.ndarray,
+        bg: np.ndarray,
+        proposed: np.ndarray | None,
+    ) -> np.ndarray:
+        """One structure on a crop: ``marked`` voxels are the user's (clicks' balls, strokes), ``bg``
+        the background's, ``proposed`` the structure as proposed."""
+        p = self.params
+        marked = marked & ~bg
+        fg = marked.copy()
         if proposed is not None:
             # The proposal's interior is a seed too (the clicks correct it, they do not start over), but
-            # for its connected parts that a background click (or another label's) falls in: the
-            # clicks say those are wrong, and the geodesic decides them afresh.
+            # for its connected parts that a background mark (another label's click, a background click
+            # or stroke) falls in: the marks say those are wrong, and the geodesic decides them afresh.
             parts, _ = ndimage.label(proposed)
-            wrong = np.unique([parts[q] for q in inside])
+            wrong = np.unique(parts[bg])
             interior = ndimage.binary_erosion(proposed, iterations=1)
             kept = interior & ~np.isin(parts, wrong[wrong > 0])
             if interior.any() and not kept.any():
-                # The clicks fall in every part: only the interior near them is in question.
-                near = seed_mask(crop.shape, inside, ball_offsets(2 * p.refine_mm, spacing))
+                # The marks fall in every part: only the interior near them is in question.
+                near = ndimage.distance_transform_edt(~bg, sampling=spacing) <= 2 * p.refine_mm
                 kept = interior & ~near
             fg |= kept
         fg &= ~bg
         if not fg.any():
             return np.zeros(crop.shape, bool)
-        # The intensity the label is sought by: under its clicks where it has some (a proposal can hold
-        # other tissue), else under the proposal's seeds.
-        clicked = seed_mask(crop.shape, [tuple(np.asarray(q) - origin) for q in mine], offsets) & ~bg
-        clicked = clicked if clicked.any() else fg
+        # The intensity the structure is sought by: under the user's marks where there are some (a
+        # proposal can hold other tissue), else under the proposal's seeds.
+        clicked = marked if marked.any() else fg
 
         factors = _coarsening(crop.shape, spacing, p.max_voxels)
         image = _block_mean(crop.astype(np.float32), factors)
@@ -210,9 +255,8 @@ class GeodesicGraphCut:
             mask = mask[tuple(slice(0, n) for n in crop.shape)]
         mask |= fg
         mask &= ~bg
-        if proposed is not None:  # beyond the proposal, a click corrects its neighbourhood only
-            clicks_mask = seed_mask(crop.shape, [tuple(np.asarray(q) - origin) for q in mine], offsets)
-            near = ndimage.distance_transform_edt(~clicks_mask, sampling=spacing) <= p.refine_mm
+        if proposed is not None:  # beyond the proposal, a mark corrects its neighbourhood only
+            near = ndimage.distance_transform_edt(~marked, sampling=spacing) <= p.refine_mm
             mask &= proposed | near
         return mask
 

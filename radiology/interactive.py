@@ -58,8 +58,11 @@ def interactive_name(model: str) -> str:
 
 
 def base_model(name: str) -> str:
-    """The automatic model an interactive model's name refers to (``name`` itself otherwise)."""
-    return name[: -len(SUFFIX)] if name.endswith(SUFFIX) else name
+    """The automatic model an interactive or scribbles model's name refers to (``name`` itself otherwise)."""
+    for suffix in (SUFFIX, "_scribbles"):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
 
 
 def _coordinate(value: Any) -> int | None:
@@ -186,6 +189,10 @@ class InteractiveInfer(BasicInferTask):
     def post_transforms(self, data: Any = None) -> list:
         return []
 
+    def check_request(self, request: Mapping[str, Any], shape: tuple[int, ...]) -> None:
+        """422 for bad clicks, before any work (``parse_clicks``)."""
+        parse_clicks(request, self.spec, shape, self.max_clicks)
+
     def info(self) -> dict[str, Any]:
         info = super().info()
         info["trained"] = self.automatic.get_path() is not None
@@ -263,3 +270,143 @@ def automatic_proposal(spec: ModelSpec) -> Callable[[Path], np.ndarray] | None:
             Path(out).unlink(missing_ok=True)
 
     return propose
+
+
+SCRIBBLES_SUFFIX = "_scribbles"
+"""``<model>_scribbles`` refines one label of ``<model>`` from painted strokes."""
+
+# MONAI Label's scribbles segments, by the names Slicer gives them in ``label_info``.
+FOREGROUND_SCRIBBLES, BACKGROUND_SCRIBBLES = "foreground_scribbles", "background_scribbles"
+
+
+def scribbles_name(model: str) -> str:
+    return f"{model}{SCRIBBLES_SUFFIX}"
+
+
+def scribble_values(params: Mapping[str, Any], spec: ModelSpec) -> tuple[int, int, dict[str, int]]:
+    """The label values of the foreground and background strokes and of each segment in a scribbles
+    volume: by ``label_info`` (``[{"name": ..., "id": ...}]``, as Slicer sends it), else MONAI
+    Label's defaults (background ``len(labels) + 1``, foreground ``len(labels) + 2``)."""
+    n = len(spec.labels.name_to_id())
+    info = params.get("label_info") or []
+    if not isinstance(info, list) or not all(
+        isinstance(e, dict) and isinstance(e.get("name"), str) and _coordinate(e.get("id")) is not None for e in info
+    ):
+        raise unprocessable(
+            'Infer parameter label_info must be a list of {"name": ..., "id": ...} (segment names and their '
+            f"values in the scribbles volume), got {info!r}"
+        )
+    ids = {e["name"]: _coordinate(e["id"]) for e in info}
+    return ids.get(FOREGROUND_SCRIBBLES, n + 2), ids.get(BACKGROUND_SCRIBBLES, n + 1), ids  # type: ignore[return-value]
+
+
+class ScribblesInfer(BasicInferTask):
+    """``<model>_scribbles``: one label of the model refined from foreground and background strokes.
+
+    MONAI Label's scribbles contract: the request's ``label`` file is a label volume on the image's
+    grid holding the strokes (and, as Slicer sends it, every other segment too), ``label_info`` names
+    its values, ``selected_label_name`` the label to refine (the model's only label by default). The
+    label as it is now is that segment's voxels in the volume when it is there, else the automatic
+    model's proposal. The answer is that label alone, 1 on the image's grid.
+
+    Args:
+        spec: the model.
+        automatic: its infer task (the proposal where the volume does not hold the label).
+        engine: refines the label (``GeodesicGraphCut.refine``).
+    """
+
+    def __init__(self, spec: ModelSpec, automatic: SegmentationInfer, engine: GeodesicGraphCut) -> None:
+        super().__init__(
+            path=None,
+            network=None,
+            type=InferType.SCRIBBLES,
+            labels=spec.labels.name_to_id(),
+            dimension=3,
+            description=f"{spec.description}: one label refined from foreground/background scribbles",
+        )
+        self.spec, self.automatic, self.engine = spec, automatic, engine
+
+    def is_valid(self) -> bool:
+        return True
+
+    def pre_transforms(self, data: Any = None) -> list:
+        return []
+
+    def post_transforms(self, data: Any = None) -> list:
+        return []
+
+    def info(self) -> dict[str, Any]:
+        info = super().info()
+        info["modality"] = self.spec.modality
+        info["automatic_model"] = self.spec.name
+        return info
+
+    def check_request(self, request: Mapping[str, Any], shape: tuple[int, ...]) -> None:
+        """422 for a request the scribbles cannot refine, before any work."""
+        self.selected(request)
+        scribble_values(request, self.spec)
+        load_scribbles(request.get("label"), shape)
+
+    def selected(self, params: Mapping[str, Any]) -> str:
+        names = list(self.spec.labels.name_to_id())
+        name = params.get("selected_label_name", names[0] if len(names) == 1 else None)
+        if name not in names:
+            raise unprocessable(
+                f"Name the label the scribbles refine in 'selected_label_name', one of {names}; got {name!r}"
+            )
+        return str(name)
+
+    def __call__(self, request: dict[str, Any], callbacks: Any = None) -> tuple[str, dict[str, Any]]:
+        image_path = str(request["image"])
+        source = nib.load(image_path)
+        name = self.selected(request)
+        strokes = load_scribbles(request.get("label"), tuple(source.shape[:3]))
+        fg_value, bg_value, ids = scribble_values(request, self.spec)
+        label_id = self.spec.labels.name_to_id()[name]
+        if name in ids:
+            proposal: np.ndarray | None = strokes == ids[name]
+        else:
+            auto = self.automatic.get_path() is not None
+            proposal = None
+            if auto:
+                out, _ = self.automatic({**request, "model": self.spec.name})
+                try:
+                    proposal = np.asarray(nib.load(out).dataobj) == label_id
+                finally:
+                    Path(out).unlink(missing_ok=True)
+        image = np.asarray(source.dataobj, dtype=np.float32)
+        finite = np.isfinite(image)
+        if not finite.all():
+            image = np.where(finite, image, image[finite].min() if finite.any() else 0.0)
+        mask = self.engine.refine(image, source.affine, strokes == fg_value, strokes == bg_value, proposal)
+        fd, out = tempfile.mkstemp(suffix=".nii.gz")
+        os.close(fd)
+        nib.save(restore_nifti_header(mask.astype(np.uint8), image_path), out)
+        return out, {
+            "selected_label_name": name,
+            "label_names": {name: 1},
+            "foreground_voxels": int((strokes == fg_value).sum()),
+            "background_voxels": int((strokes == bg_value).sum()),
+        }
+
+
+def load_scribbles(path: Any, shape: tuple[int, ...]) -> np.ndarray:
+    """The scribbles volume of a request (its uploaded ``label`` file), checked against the image's grid.
+
+    Raises:
+        RequestError: 422 when there is none, it is no readable NIfTI, or its grid is not the image's.
+    """
+    if not isinstance(path, str) or not os.path.isfile(path):
+        raise unprocessable("Send the scribbles as a label volume in the form field 'label' (NIfTI, the image's grid)")
+    try:
+        img = nib.load(path)
+    except Exception as e:  # nibabel raises many types for a file it cannot read
+        raise unprocessable(f"The scribbles volume cannot be read as NIfTI: {type(e).__name__}: {e}") from None
+    grid = tuple(int(n) for n in img.shape)
+    if grid[:3] != tuple(shape) or any(n != 1 for n in grid[3:]):  # judged by the header, before any voxel
+        raise unprocessable(f"The scribbles volume has shape {grid}; the image's is {tuple(shape)}")
+    try:
+        data = np.asarray(img.dataobj).reshape(shape)
+    except Exception as e:
+        raise unprocessable(f"The scribbles volume cannot be read as NIfTI: {type(e).__name__}: {e}") from None
+    return np.rint(np.nan_to_num(data)).astype(np.int64)

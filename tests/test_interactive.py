@@ -231,6 +231,23 @@ def test_slicer_clicks_through_the_client_on_a_real_server(tmp_path: Path) -> No
         versions = server.http.get("/model/organs_ct_interactive/versions")
         assert versions.status_code == 404 and "no weights of its own" in versions.text
 
+        # Scribbles as Slicer sends them: every segment exported into one volume, named by label_info.
+        assert info["models"]["organs_ct_scribbles"]["type"] == "scribbles"
+        segments = np.zeros(source.shape, np.uint8)
+        segments[np.asarray(values) == 5] = 1  # the liver from the clicks above
+        segments[tuple(centre)] = 3  # a foreground stroke
+        strokes = tmp_path / "scribbles.nii.gz"
+        nib.save(nib.Nifti1Image(segments, source.affine), strokes)
+        label_info = [{"name": "liver", "id": 1}, {"name": "background_scribbles", "id": 2}]
+        label_info += [{"name": "foreground_scribbles", "id": 3}]
+        params = {"label_info": label_info, "selected_label_name": "liver", "result_extension": ".nrrd"}
+        out, answer = client.infer("organs_ct_scribbles", "ct", params, label_in=str(strokes))
+        refined, _ = nrrd.read(out, index_order="F")
+        assert answer["selected_label_name"] == "liver" and set(np.unique(refined)) <= {0, 1}
+        assert dice(refined == 1, np.asarray(values) == 5) > 0.8, "strokes inside the label keep it"
+        with pytest.raises(MONAILabelClientException, match="422.*selected_label_name"):
+            client.infer("organs_ct_scribbles", "ct", {"selected_label_name": "lung"}, label_in=str(strokes))
+
 
 def remapped_truth() -> np.ndarray:
     from radiology.label_mapping import load_class_map, remap_by_name
@@ -252,3 +269,41 @@ def test_ten_clicks_segment_the_liver_of_a_real_ct() -> None:
     session = next(s for s in ct_sessions(SHARED) if s.name.endswith("liver"))
     run_session(click_engine(ORGANS_CT), session, 10)
     assert session.dice[0] == 0.0 and session.dice[10] >= LIVER_MARGIN, session.dice
+
+
+# -- scribbles ---------------------------------------------------------------------------------------
+def test_scribbles_refine_a_proposal() -> None:
+    image, truth, affine = phantom()
+    engine = GeodesicGraphCut(LABELS)
+    proposal = (truth == 1) | (((np.indices(truth.shape).transpose(1, 2, 3, 0) - np.array(C)) ** 2).sum(-1) <= 169)
+    background = seed_mask(truth.shape, [C], ball_offsets(3.0, (1.0, 1.0, 1.0)))
+    nothing = np.zeros_like(background)
+    assert np.array_equal(engine.refine(image, affine, nothing, nothing, proposal), proposal), "no strokes"
+    fixed = engine.refine(image, affine, nothing, background, proposal)
+    assert dice(fixed, truth == 1) > 0.95, "a background stroke in the false ball removes it"
+    grown = engine.refine(image, affine, seed_mask(truth.shape, [B], ball_offsets(3.0, (1, 1, 1))), nothing, None)
+    assert dice(grown, truth == 2) > 0.65, "strokes alone segment (no proposal)"
+
+
+@pytest.mark.parametrize(
+    ("params", "volume", "match"),
+    [
+        ({"selected_label_name": "liver"}, None, "Send the scribbles as a label volume in the form field 'label'"),
+        ({"selected_label_name": "liver"}, (20, 30, 9), r"scribbles volume has shape \(20, 30, 9\); the image's is"),
+        ({"selected_label_name": "lung"}, SHAPE, r"'selected_label_name', one of \['spleen'"),
+        ({}, SHAPE, "'selected_label_name'"),
+        ({"selected_label_name": "liver", "label_info": [{"name": "x"}]}, SHAPE, "label_info must be a list of"),
+        ({"selected_label_name": "liver", "label_info": "x"}, SHAPE, "label_info must be a list of"),
+    ],
+)
+def test_bad_scribbles_are_a_422_that_says_what(tmp_path: Path, params: dict, volume: Any, match: str) -> None:
+    from radiology.interactive import ScribblesInfer
+
+    task = ScribblesInfer(ORGANS_CT, None, GeodesicGraphCut(ORGANS_CT.labels.name_to_id()))  # type: ignore[arg-type]
+    request = dict(params)
+    if volume is not None:
+        request["label"] = str(tmp_path / "s.nii.gz")
+        nib.save(nib.Nifti1Image(np.zeros(volume, np.uint8), np.eye(4)), request["label"])
+    with pytest.raises(RequestError, match=match) as refused:
+        task.check_request(request, SHAPE)
+    assert refused.value.status_code == 422
