@@ -394,11 +394,13 @@ _REQUEST_FILES = threading.local()
 _INFER_REFUSED = {
     "image": "name the image with ?image=<id>, a file upload or ?session_id=",
     "session": "name the session with ?session_id=",
-    "label": "send a label as the form field 'label'",
+    "label": "send a label as the form field 'label' (a segment name, letters, digits, '_', '-' or spaces, is taken)",
     "file": "send a file as the form field 'file'",
     "model_filename": "the server serves its own weights",
 }
 _EXTENSION = re.compile(r"(\.[A-Za-z0-9]{1,8}){1,2}")
+# A segment's name (Slicer sends the current one as ``label`` with clicks): never a path.
+_SEGMENT_NAME = re.compile(r"[A-Za-z0-9_\- ]{1,64}")
 
 
 def server_files() -> frozenset[str]:
@@ -434,11 +436,16 @@ class _RecordingTasks:
         return getattr(self._tasks, name)
 
 
-def _check_infer_params(params: object) -> None:
-    """Refuse (422) infer parameters that name server files or replace the request's input."""
+def _check_infer_params(params: object) -> object:
+    """Refuse (422) infer parameters that name server files or replace the request's input; the
+    parameters to pass on (a segment name in ``label``, as Slicer's click tools send it, moves to
+    ``label_name``, so that ``label`` stays the uploaded label file)."""
     if not isinstance(params, str) or not params.strip():
-        return
+        return params
     values = _FormJson.loads(params)
+    if isinstance(values.get("label"), str) and _SEGMENT_NAME.fullmatch(values["label"]):
+        values["label_name"] = values.pop("label")
+        params = json.dumps(values)
     for key, why in _INFER_REFUSED.items():
         if key in values:
             raise unprocessable(f"Infer parameter {key!r} is not accepted in params: {why}")
@@ -449,6 +456,7 @@ def _check_infer_params(params: object) -> None:
         )
     if values.get("label_tag") is not None:
         check_image_id(values["label_tag"], "Infer parameter 'label_tag'")
+    return params
 
 
 def _needs_input(run: Any) -> Any:
@@ -466,7 +474,8 @@ def _needs_input(run: Any) -> Any:
                 "Name what to segment: ?image=<id> (GET /datastore/?output=all lists them), ?session_id=<id> "
                 "(PUT /session/ makes one) or a file in the form field 'file'"
             )
-        _check_infer_params(given.arguments.get("params"))
+        if "params" in given.arguments:
+            given.arguments["params"] = _check_infer_params(given.arguments["params"])
         paths: set[str] = set()
         if session_id:
             sessions = _running_app().sessions()
@@ -797,6 +806,8 @@ class RequestChecks:
         if report is not None:
             info["seam"] = report.summary()
         for name, entry in info.get("models", {}).items():
+            if not self.has_weights(name):
+                continue
             store = self.version_store(name)
             entry["served_version"] = store.served_version()
             entry["versions"] = [
@@ -829,9 +840,23 @@ class RequestChecks:
     def on_weights_changed(self, model: str) -> None:
         """Called after an upload replaced or a delete removed ``model``'s published weights."""
 
-    def _known_model(self, model: object) -> None:
+    def _known_infer(self, model: object) -> None:
+        """404 for a model infer does not serve."""
         if model not in seam.infers(self):
             raise not_found(f"Unknown model {model!r}; served models: {sorted(seam.infers(self))}")
+
+    def has_weights(self, model: str) -> bool:
+        """Whether the served ``model`` has weights of its own (versions, uploads); an app whose
+        models include some without (an interactive model on another's proposal) says so."""
+        return True
+
+    def _known_model(self, model: object) -> None:
+        """404 for a model that has no weights here (the weights routes)."""
+        if model not in seam.infers(self):
+            raise not_found(f"Unknown model {model!r}; served models: {sorted(seam.infers(self))}")
+        if not self.has_weights(str(model)):
+            own = sorted(m for m in seam.infers(self) if self.has_weights(m))
+            raise not_found(f"Model {model!r} has no weights of its own; models with weights: {own}")
 
     def replace_weights(self, model: str, source: BinaryIO, client_id: str | None = None) -> dict[str, Any]:
         """Publish uploaded weights for ``model`` once they are known to fit its network.
@@ -903,7 +928,7 @@ class RequestChecks:
 
         Any other absolute path is a 400, the same whether or not it exists: a client never names a
         server file, and cannot learn which exist."""
-        self._known_model(request.get("model"))
+        self._known_infer(request.get("model"))
         check_device(request.get("device"), "Infer")
         image = request.get("image")
         if isinstance(image, str) and image in server_files():

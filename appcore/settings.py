@@ -103,6 +103,8 @@ class AppSettings:
             is not rejected) or ``approved`` (only those a reviewer approved; ``docs/history.md``).
         allow_anonymous: let the server listen on a non-loopback address with authentication off
             (``MONAI_LABEL_AUTH_ENABLE``); without it such a start is refused (``appcore.auth``).
+        max_clicks: the most clicks (every label's and background's together) one request to an
+            interactive model may carry; more are a 422 (``radiology.interactive``).
     """
 
     models: tuple[str, ...]
@@ -129,6 +131,7 @@ class AppSettings:
     keep_versions: int = 5
     train_on: TrainOn = TrainOn.submitted
     allow_anonymous: bool = False
+    max_clicks: int = 200
 
     @classmethod
     def from_conf(cls, conf: Mapping[str, str], available: Iterable[str]) -> AppSettings:
@@ -174,6 +177,7 @@ class AppSettings:
                 "infer_memory_mb",
                 "max_k",
                 "keep_versions",
+                "max_clicks",
             ):
                 kwargs[key] = _parse_int(key, value, 1)
             elif key == "tta_samples":

@@ -30,7 +30,16 @@ from appcore.labels import LabelSet
 from appcore.projectdb import project_db
 from appcore.settings import AppSettings
 from appcore.validation import check_segmentable, check_volume, header_only, load_nifti, nifti_header
+from radiology.graphcut import GeodesicGraphCut
 from radiology.infer import SegmentationInfer
+from radiology.interactive import (
+    InteractiveInfer,
+    ScribblesInfer,
+    base_model,
+    click_engine,
+    interactive_name,
+    scribbles_name,
+)
 from radiology.registry import MODELS
 from radiology.spec import ModelSpec
 from radiology.train import SegmentationTrainer
@@ -109,6 +118,9 @@ class RadiologyApp(RequestChecks, MONAILabelApp):
 
         return export_bundle(self.specs[model], self.version_store(model), version, out)
 
+    def has_weights(self, model: str) -> bool:
+        return model in self.specs  # an interactive model serves its automatic model's proposal
+
     def on_training_stopped(self, model: str | None, started: float | None) -> None:
         for name, trainer in seam.trainers(self).items():
             if model in (None, name):
@@ -182,15 +194,22 @@ class RadiologyApp(RequestChecks, MONAILabelApp):
 
     # -- tasks -----------------------------------------------------------------------------------
     def init_infers(self) -> dict[str, Any]:
-        return {
-            name: SegmentationInfer(
+        infers: dict[str, Any] = {}
+        for name, spec in self.specs.items():
+            infers[name] = SegmentationInfer(
                 spec,
                 self.weight_paths(name),
                 sw_batch_size=self.settings.sw_batch_size,
                 cpu_bf16=self.settings.cpu_bf16,
             )
-            for name, spec in self.specs.items()
-        }
+        for name, spec in self.specs.items():  # after the automatic ones: Slicer offers the first model
+            infers[interactive_name(name)] = InteractiveInfer(
+                spec, infers[name], click_engine(spec), max_clicks=self.settings.max_clicks
+            )
+            infers[scribbles_name(name)] = ScribblesInfer(
+                spec, infers[name], GeodesicGraphCut(spec.labels.name_to_id())
+            )
+        return infers
 
     def init_trainers(self) -> dict[str, Any]:
         return {
@@ -261,7 +280,8 @@ class RadiologyApp(RequestChecks, MONAILabelApp):
     # -- request checks --------------------------------------------------------------------------
     def infer(self, request: dict[str, Any], datastore: Datastore | None = None) -> dict[str, Any]:
         image = self.request_image(request, datastore, self.settings.max_upload_mb)
-        spec = self.specs.get(request.get("model", ""))
+        model = str(request.get("model", ""))
+        spec = self.specs.get(base_model(model))
 
         def segmentable(header: nib.Nifti1Image, what: str) -> None:
             if spec is None:  # an unknown model, which MONAI Label's infer answers with a 404
@@ -288,6 +308,9 @@ class RadiologyApp(RequestChecks, MONAILabelApp):
             else:  # the header only: the voxels are read once, by the infer
                 what = f"image {request.get('image')!r}"
                 segmentable(nifti_header(image, what), what)
+            task = seam.infers(self).get(model)
+            if hasattr(task, "check_request"):  # clicks or scribbles: refused before any work
+                task.check_request(request, tuple(nifti_header(image, "image").shape[:3]))
         try:
             result = super().infer(request, datastore)
         except Exception as e:

@@ -292,7 +292,9 @@ def test_slicer_client_flow(mr_server: Server, server: Server, pacs: LoadedPacs,
 
     client = MONAILabelClient(mr_server.url, tmpdir=str(tmp_path), client_id="slicer")
     info = client.info()
-    assert list(info["models"]) == ["hippocampus"] and "random" in info["strategies"]
+    automatic = [m for m, entry in info["models"].items() if entry["type"] == "segmentation"]
+    assert automatic == ["hippocampus"] and "random" in info["strategies"]
+    assert info["models"]["hippocampus_interactive"]["type"] == "deepedit"
     assert info["datastore"]["total"] == len(MR_CASES)
     mr = {pacs.series[c] for c in MR_CASES if not _segs(pacs, pacs.series[c])}
     sample = client.next_sample("random", {"client_id": "slicer"})
