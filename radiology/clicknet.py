@@ -10,13 +10,16 @@ trained with simulated clicks (``research.radiology.clicks_training``).
 
 With no clicks at all the engine answers the automatic model's own label (the proposal when the
 caller has one, else the automatic network run here), so a session starts from the same label as
-``/infer/<model>``. Clicks arrive in voxel indices of the image as sent and are mapped to the
-model's grid through the voxel-to-world affines (reorientation and resampling included), and the
-answer is taken back to the image's grid as the automatic infer does it (``radiology.inverse``).
+``/infer/<model>``. With clicks it answers, by default, the automatic model's log-probabilities
+plus what the clicks change in the click network's, plus ``click_weight`` times the guidance maps
+(``ClickNet``). Clicks arrive in voxel indices of the image as sent and are mapped to the model's
+grid through the voxel-to-world affines (reorientation and resampling included), and the answer is
+taken back to the image's grid as the automatic infer does it (``radiology.inverse``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
@@ -39,6 +42,8 @@ from radiology.spec import WEIGHTS_DIR, ModelSpec
 from radiology.transforms import class_index, preprocess
 
 BACKGROUND = "background"
+CLICK_WEIGHT = 3.0
+"""Default ``ClickNet.click_weight`` (the model card says how it was chosen)."""
 SIGMA = 2.0
 """Width (standard deviation, in voxels of the model's grid) of a click's guidance Gaussian."""
 
@@ -127,6 +132,17 @@ class ClickNet:
             exists used (as ``SegmentationInfer`` serves them); its label answers a request with no
             clicks and no proposal.
         sigma: the guidance Gaussians' width, as the network was trained with.
+        click_weight: added, times each class's guidance map, to the log-probability of that class
+            before the argmax, so that a click holds near it where the networks are unsure (a voxel
+            whose winning margin is under ``click_weight`` times the map there takes the click's
+            class; the clicked voxel itself, unless the margin there is over ``click_weight``).
+            0: the networks alone.
+        on_automatic: apply the clicks' effect to the automatic model's answer: the automatic
+            log-probabilities plus the click network's with the clicks minus its own with none.
+            The automatic model (an ensemble of four for the hippocampus) is better than the one
+            network the click network started from, and a first click then changes the label near
+            it instead of swapping one network's answer for another's. The two no-click passes
+            are kept for the last image. ``False``: the click network's answer alone.
         cpu_bf16: on the CPU, run the networks in bfloat16 where the CPU computes it natively.
         device: where the networks run.
     """
@@ -138,6 +154,8 @@ class ClickNet:
         weights: Path,
         automatic_weights: Sequence[Path] = (),
         sigma: float = SIGMA,
+        click_weight: float = CLICK_WEIGHT,
+        on_automatic: bool = True,
         cpu_bf16: bool = True,
         device: str = "cpu",
     ) -> None:
@@ -145,6 +163,10 @@ class ClickNet:
         self.weights = Path(weights)
         self.automatic_weights = [Path(p) for p in automatic_weights]
         self.sigma = float(sigma)
+        self.on_automatic = on_automatic
+        if not click_weight >= 0:
+            raise ValueError(f"click_weight must be 0 or more, got {click_weight}")
+        self.click_weight = float(click_weight)
         self.cpu_bf16 = cpu_bf16
         self.device = torch.device(device)
         self.channels = guidance_channels(spec)
@@ -153,6 +175,7 @@ class ClickNet:
         self._lock = threading.Lock()
         self._network: torch.nn.Module | None = None
         self._automatic: tuple[Path, float, torch.nn.Module] | None = None
+        self._cache: tuple[tuple, torch.Tensor, torch.Tensor] | None = None
 
     def network(self) -> torch.nn.Module:
         """The click network, loaded at the first call."""
@@ -203,8 +226,9 @@ class ClickNet:
         return self._run(image, affine, clicks)
 
     def network_answer(self, image: np.ndarray, affine: np.ndarray, clicks: Clicks) -> np.ndarray:
-        """The click network's label for ``clicks``, also with none (then its guidance maps are all 0)."""
-        return self._run(image, affine, clicks)
+        """The click network's own label for ``clicks`` (not applied to the automatic model's answer),
+        also with none (then its guidance maps are all 0)."""
+        return self._run(image, affine, clicks, alone=True)
 
     def model_points(self, data_image: MetaTensor, source_affine: np.ndarray, clicks: Clicks) -> list[torch.Tensor]:
         """Each guidance channel's clicks in (fractional) voxel coordinates of the model's grid."""
@@ -216,8 +240,37 @@ class ClickNet:
             points.append(torch.from_numpy((homogeneous @ to_model.T)[:, :3]).float())
         return points
 
+    def _scores(self, network: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """Class log-probabilities ``[C, *spatial]`` of ``network`` on ``x`` (``[1, channels, *spatial]``)."""
+        with autocast(self.device, cpu_bf16=self.cpu_bf16):
+            logits = window_inferer(self.spec)(x.to(self.device), network)
+        return torch.log_softmax(logits[0].float().cpu(), dim=0)
+
+    def _base(
+        self, image: np.ndarray, affine: np.ndarray, model_image: MetaTensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The automatic model's log-probabilities and the click network's with no clicks, for this
+        image; the last image's are kept, as a session sends the same image with every click."""
+        automatic = self.automatic_network()
+        key = (
+            hashlib.blake2b(np.ascontiguousarray(image).tobytes(), digest_size=16).hexdigest(),
+            image.shape,
+            str(image.dtype),
+            affine.tobytes(),
+            self._automatic[:2] if self._automatic else None,
+        )
+        cached = self._cache
+        if cached is not None and cached[0] == key:
+            return cached[1], cached[2]
+        x = model_image.as_tensor()[None]
+        base = self._scores(automatic, x)
+        silent = torch.zeros((1, self.spec.num_classes, *x.shape[2:]))
+        reference = self._scores(self.network(), torch.cat([x, silent], dim=1))
+        self._cache = (key, base, reference)
+        return base, reference
+
     @torch.inference_mode()
-    def _run(self, image: np.ndarray, affine: np.ndarray, clicks: Clicks | None) -> np.ndarray:
+    def _run(self, image: np.ndarray, affine: np.ndarray, clicks: Clicks | None, *, alone: bool = False) -> np.ndarray:
         affine = np.asarray(affine, np.float64)
         meta = {
             MetaKeys.ORIGINAL_CHANNEL_DIM: "no_channel",
@@ -227,13 +280,16 @@ class ClickNet:
         data = self._pre({"image": MetaTensor(torch.as_tensor(np.asarray(image)), affine=affine, meta=meta)})
         model_image = data["image"]
         if clicks is None:
-            network, x = self.automatic_network(), model_image.as_tensor()[None]
+            scores = self._scores(self.automatic_network(), model_image.as_tensor()[None])
         else:
             maps = guidance_maps(self.model_points(model_image, affine, clicks), model_image.shape[1:], self.sigma)
-            network, x = self.network(), torch.cat([model_image.as_tensor(), maps])[None]
-        with autocast(self.device, cpu_bf16=self.cpu_bf16):
-            logits = window_inferer(self.spec)(x.to(self.device), network)
-        pred = MetaTensor(class_index(logits[0].float().cpu()).to(torch.float32), meta=dict(model_image.meta))
+            scores = self._scores(self.network(), torch.cat([model_image.as_tensor(), maps])[None])
+            if self.on_automatic and not alone:
+                # What the clicks change in the click network, applied to the automatic model's answer.
+                base, reference = self._base(image, affine, model_image)
+                scores = base + (scores - reference)
+            scores = scores + self.click_weight * maps
+        pred = MetaTensor(class_index(scores).to(torch.float32), meta=dict(model_image.meta))
         out = self._invert({"image": model_image, "pred": pred})["pred"]
         return np.asarray(torch.as_tensor(out)[0].numpy(), dtype=np.uint8)
 

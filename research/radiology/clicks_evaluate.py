@@ -111,6 +111,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--automatic", type=Path, help="the automatic model's weights (default: shipped)")
     parser.add_argument("--split", default="test", choices=["train", "val", "test", "all"])
     parser.add_argument("--clicks", type=int, default=max(REPORTED))
+    parser.add_argument("--alone", action="store_true", help="the click network alone (ClickNet on_automatic=False)")
+    parser.add_argument("--click-weight", type=float, help="ClickNet.click_weight (default: the engine's)")
     parser.add_argument("--limit", type=int, help="only the first N cases (a smoke run)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", type=Path, help="also write per-case curves and times here")
@@ -125,7 +127,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.split != "all":
         cases = split_cases(cases)[args.split]
     cases = cases[: args.limit] if args.limit else cases
-    engine = ClickNet(spec, weights=args.weights, automatic_weights=[automatic])
+    options = {} if args.click_weight is None else {"click_weight": args.click_weight}
+    engine = ClickNet(spec, weights=args.weights, automatic_weights=[automatic], on_automatic=not args.alone, **options)
     per_case = {c.id: evaluate_case(engine, c.image, c.label, args.clicks) for c in cases}
     own = [no_click_network_dice(engine, c.image, c.label) for c in cases]
     summary = summarise(per_case, own)
