@@ -1,0 +1,1 @@
+"""Offline research code: training, evaluation and experiments that import the serving packages."""

@@ -1,0 +1,1 @@
+"""Offline research code for the radiology app."""
