@@ -204,7 +204,7 @@ class RadiologyApp(RequestChecks, MONAILabelApp):
             )
         for name, spec in self.specs.items():  # after the automatic ones: Slicer offers the first model
             infers[interactive_name(name)] = InteractiveInfer(
-                spec, infers[name], click_engine(spec), max_clicks=self.settings.max_clicks
+                spec, infers[name], click_engine(spec, self.weight_paths(name)), max_clicks=self.settings.max_clicks
             )
             infers[scribbles_name(name)] = ScribblesInfer(
                 spec, infers[name], GeodesicGraphCut(spec.labels.name_to_id())

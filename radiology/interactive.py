@@ -15,7 +15,7 @@ import os
 import tempfile
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,21 +36,29 @@ SUFFIX = "_interactive"
 """``<model>_interactive`` is the interactive model of ``<model>``."""
 
 
-def graph_cut_engine(spec: ModelSpec) -> ClickEngine:
+def graph_cut_engine(spec: ModelSpec, served: Sequence[Path] = ()) -> ClickEngine:
     """The generic engine: graph cut with a geodesic prior from the clicks (``radiology.graphcut``)."""
     return GeodesicGraphCut(spec.labels.name_to_id())
 
 
+def hippocampus_engine(spec: ModelSpec, served: Sequence[Path] = ()) -> ClickEngine:
+    """The click-conditioned hippocampus network (``radiology.clicknet``) on the served automatic weights."""
+    from radiology.clicknet import hippocampus_clicks
+
+    return hippocampus_clicks(automatic_weights=list(served) or [spec.shipped_weights_path])
+
+
 # The click engine of each model, one line per model; a model not listed gets the generic engine.
-ENGINES: dict[str, Callable[[ModelSpec], ClickEngine]] = {
-    "hippocampus": graph_cut_engine,
+# An engine factory takes the model and its served automatic weights (candidates, oldest first).
+ENGINES: dict[str, Callable[[ModelSpec, Sequence[Path]], ClickEngine]] = {
+    "hippocampus": hippocampus_engine,
     "organs_ct": graph_cut_engine,
 }
 
 
-def click_engine(spec: ModelSpec) -> ClickEngine:
+def click_engine(spec: ModelSpec, served: Sequence[Path] = ()) -> ClickEngine:
     """The click engine registered for ``spec`` (the generic one if none is)."""
-    return ENGINES.get(spec.name, graph_cut_engine)(spec)
+    return ENGINES.get(spec.name, graph_cut_engine)(spec, served)
 
 
 def interactive_name(model: str) -> str:
