@@ -95,6 +95,8 @@ class AppSettings:
             answered with a 408.
         keep_versions: how many of a model's newest weight versions keep their file
             (``appcore.versions``); the served version and the shipped weights are always kept.
+        train_after_labels: start a training of the model once this many labels were saved from the
+            OHIF labeling panel since the last one it started (0: only when asked).
     """
 
     models: tuple[str, ...]
@@ -119,6 +121,7 @@ class AppSettings:
     allowed_hosts: tuple[str, ...] = ()
     body_timeout_s: float = 60.0
     keep_versions: int = 5
+    train_after_labels: int = 0
 
     @classmethod
     def from_conf(cls, conf: Mapping[str, str], available: Iterable[str]) -> AppSettings:
@@ -166,6 +169,8 @@ class AppSettings:
                 "keep_versions",
             ):
                 kwargs[key] = _parse_int(key, value, 1)
+            elif key == "train_after_labels":
+                kwargs[key] = _parse_int(key, value, 0)
             elif key == "tta_samples":
                 kwargs[key] = _parse_int(key, value, 0)
                 if kwargs[key] > MAX_TTA_SAMPLES:
