@@ -45,7 +45,7 @@ demo: $(STAMP)
 # Orthanc loaded with the demo studies (in the background, stopped with the server), the server on
 # it, OHIF at http://$(HOST):$(PORT)/ohif/ with the labeling panel in its segmentation mode.
 serve: $(STAMP) $(SYSDEPS) $(OHIF_STAMP)
-	@set -m; $(VPY) -m appcore.dicom.pacs --storage pacs/storage --port $(PACS_PORT) --shared $(SHARED) \
+	@mkdir -p pacs; set -m; $(VPY) -m appcore.dicom.pacs --storage pacs/storage --port $(PACS_PORT) --shared $(SHARED) \
 		> pacs/orthanc.log 2>&1 & pacs=$$!; trap "kill -TERM $$pacs 2>/dev/null; wait $$pacs" EXIT; \
 	until grep -q "Orthanc is serving DICOMweb" pacs/orthanc.log; do \
 		kill -0 $$pacs 2>/dev/null || { cat pacs/orthanc.log; exit 1; }; sleep 1; done; \
