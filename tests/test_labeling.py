@@ -148,3 +148,96 @@ def test_ohif_is_served_below_ohif_with_isolation_headers(dist: Path, path: str,
 def test_a_missing_ohif_says_how_to_install_it(tmp_path: Path) -> None:
     answer = ohif_response("", tmp_path)
     assert answer.status_code == 503 and b"run `make ohif`" in answer.body
+
+
+class _App:
+    """What ``Labeling._train_if_due`` asks of the app: the setting and whether a training runs."""
+
+    def __init__(self, every: int, running: bool) -> None:
+        self.settings = type("Settings", (), {"train_after_labels": every})()
+        self.running = running
+
+    def training_running(self, model: str) -> str | None:
+        return "a training of hippocampus is running" if self.running else None
+
+
+@pytest.mark.parametrize(
+    ("every", "running", "saves", "started_at"),
+    [
+        (0, False, 4, []),  # off: only when asked
+        (1, False, 3, [1, 2, 3]),
+        (2, False, 5, [2, 4]),  # the count starts again after each start
+        (2, True, 4, []),  # never beside a running training; the labels still count
+    ],
+)
+def test_training_starts_after_n_labels_saved_from_the_viewer(
+    monkeypatch: pytest.MonkeyPatch, every: int, running: bool, saves: int, started_at: list[int]
+) -> None:
+    from appcore.dicom import labeling
+
+    started: list[str] = []
+    monkeypatch.setattr("monailabel.endpoints.train.run_model", lambda model, params: started.append(model))
+    app = _App(every, running)
+    monkeypatch.setattr(labeling.Labeling, "app", staticmethod(lambda: app))
+    panel = labeling.Labeling()
+    answers = [panel._train_if_due("hippocampus") for _ in range(saves)]
+    assert [i + 1 for i, yes in enumerate(answers) if yes] == started_at
+    assert started == ["hippocampus"] * len(started_at)
+
+
+class _Store:
+    """Stands in for the DICOMweb datastore (an instance of it, without a PACS)."""
+
+    @staticmethod
+    def make() -> object:
+        from appcore.dicom.datastore import DicomWebDatastore
+
+        class Store(DicomWebDatastore):
+            def __init__(self) -> None:  # no PACS, no cache folder
+                pass
+
+            def series_info(self, image_id: str) -> dict[str, str]:
+                return {"StudyInstanceUID": "1.2", "Modality": "MR", "SeriesDescription": ""}
+
+        return Store()
+
+
+class _PanelApp:
+    def __init__(self, store: object, picked: dict[str, str]) -> None:
+        self._store, self._picked = store, picked
+
+    def datastore(self) -> object:
+        return self._store
+
+    def next_sample(self, request: dict[str, object]) -> dict[str, str]:
+        return self._picked
+
+    def dicom_labels(self, params: dict[str, object], modality: str) -> tuple[str, object]:
+        return "hippocampus", LABELS
+
+
+@pytest.mark.parametrize(
+    ("store", "call", "status", "match"),
+    [
+        ("folder", lambda p: p.proposal("1.2.3"), 409, "works on a PACS: start the server with --studies http"),
+        ("pacs", lambda p: p.next_case("random", " "), 422, "client_id is empty"),
+        ("pacs", lambda p: p.next_case("random", "ann"), 404, "No case left for 'ann' with strategy 'random'"),
+        (
+            "pacs",
+            lambda p: p.save("1.2.3", frames_of(volume(), model="organs_ct")),
+            422,
+            "Series 1.2.3 is labelled with 'hippocampus''s labels, not 'organs_ct'",
+        ),
+    ],
+    ids=["no PACS", "no annotator", "nothing left", "other model"],
+)
+def test_panel_requests_that_cannot_be_served_say_why(
+    monkeypatch: pytest.MonkeyPatch, store: str, call: object, status: int, match: str
+) -> None:
+    from appcore.dicom import labeling
+
+    app = _PanelApp(_Store.make() if store == "pacs" else object(), {})
+    monkeypatch.setattr(labeling.Labeling, "app", staticmethod(lambda: app))
+    with pytest.raises(RequestError, match=match) as refused:
+        call(labeling.Labeling())  # type: ignore[operator]
+    assert refused.value.status_code == status
