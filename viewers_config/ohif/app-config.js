@@ -15,6 +15,13 @@ window.config = {
     mode: {
       '@ohif/mode-segmentation': {
         leftPanels: { $unshift: ['labeling.panelModule.labeling'] },
+        // Undo and redo of label map edits from the keyboard too (OHIF binds no key to them).
+        'ohif.hotkeyBindings': {
+          $push: [
+            { commandName: 'undo', label: 'Undo', keys: ['ctrl+z'], isEditable: true },
+            { commandName: 'redo', label: 'Redo', keys: ['ctrl+y'], isEditable: true },
+          ],
+        },
       },
     },
   },

@@ -21,7 +21,7 @@ const CASE_KEY = 'labeling.case';
 const api = path => new URL(path, window.location.origin).toString();
 
 let services = null;
-const ui = { root: null, message: '', error: false, progress: null, training: '', busy: false, strategies: [] };
+const ui = { root: null, message: '', error: false, progress: null, training: '', busy: false, strategies: [], epochs: '' };
 let loading = null; // the promise of the proposal being put into the viewer
 
 // -- small helpers ----------------------------------------------------------------------------------
@@ -401,6 +401,10 @@ function render() {
   const name = element('input', { 'data-cy': 'labeling-annotator', value: annotator(), style: FIELD });
   name.addEventListener('change', () => localStorage.setItem('labeling.annotator', name.value.trim() || annotator()));
   const epochs = element('input', { 'data-cy': 'labeling-epochs', type: 'number', min: '1', placeholder: 'server default', style: FIELD });
+  epochs.value = ui.epochs || ''; // kept across the panel's re-renders
+  epochs.addEventListener('input', () => {
+    ui.epochs = epochs.value;
+  });
   const disabled = ui.busy ? { disabled: 'disabled' } : {};
   const p = ui.progress;
   root.replaceChildren(
