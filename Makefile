@@ -1,4 +1,4 @@
-# Two commands do all set-up: `make serve` (demo server) and `make test` (the whole suite).
+# Two commands do all set-up: `make serve` (PACS demo with OHIF) and `make test` (the whole suite).
 SHELL := /bin/bash
 PY ?= python3
 VENV := .venv
@@ -18,7 +18,13 @@ SHUFFLE ?= random
 SYSDEPS := $(VENV)/.sysdeps
 SYSDEPS_PKGS := orthanc orthanc-dicomweb chromium
 
-.PHONY: venv serve test lint demo bench clean pacs sysdeps
+# OHIF viewer (@ohif/app's built dist from the npm registry), pinned and checked; served at /ohif/.
+OHIF_VERSION := 3.13.2
+OHIF_SHA256 := b189d3963bfc58e9394a9db8c7be75d07beb029ec211dbb126d47b62969dd3f1
+OHIF_DIST := viewers_config/ohif/dist
+OHIF_STAMP := $(OHIF_DIST)/.installed-$(OHIF_VERSION)
+
+.PHONY: venv serve serve-folder test lint demo bench clean pacs sysdeps ohif
 
 # Idempotent: reinstalls only when a requirements file or pyproject.toml changed.
 venv: $(STAMP)
@@ -38,16 +44,38 @@ $(STAMP): requirements.txt requirements-dev.txt requirements-torch-$(TORCH).txt 
 demo: $(STAMP)
 	$(VPY) -m radiology.demo --source $(SHARED)/hippocampus_mr --dest $(STUDIES)
 
-serve: $(STAMP)
+# Orthanc loaded with the demo studies (in the background, stopped with the server), the server on
+# it, OHIF at http://$(HOST):$(PORT)/ohif/ with the labeling panel in its segmentation mode.
+serve: $(STAMP) $(SYSDEPS) $(OHIF_STAMP)
+	@mkdir -p pacs; set -m; $(VPY) -m appcore.dicom.pacs --storage pacs/storage --port $(PACS_PORT) --shared $(SHARED) \
+		> pacs/orthanc.log 2>&1 & pacs=$$!; trap "kill -TERM $$pacs 2>/dev/null; wait $$pacs" EXIT; \
+	until grep -q "Orthanc is serving DICOMweb" pacs/orthanc.log; do \
+		kill -0 $$pacs 2>/dev/null || { cat pacs/orthanc.log; exit 1; }; sleep 1; done; \
+	echo "PACS: http://127.0.0.1:$(PACS_PORT)/dicom-web (log: pacs/orthanc.log)"; \
+	echo "Open http://$(HOST):$(PORT)/ohif/ , open a study in the Segmentation mode, then press Next case"; \
+	MONAI_LABEL_TRACKING_ENABLED=false $(VENV)/bin/monailabel start_server --app apps/radiology \
+		--studies http://127.0.0.1:$(PACS_PORT)/dicom-web --conf models $(MODELS) --host $(HOST) --port $(PORT)
+
+# The same server on a folder of NIfTI images (no PACS, no OHIF labeling): 3D Slicer's way.
+serve-folder: $(STAMP)
 	@test -d "$(STUDIES)" || $(VPY) -m radiology.demo --source $(SHARED)/hippocampus_mr --dest $(STUDIES)
 	MONAI_LABEL_TRACKING_ENABLED=false $(VENV)/bin/monailabel start_server --app apps/radiology \
 		--studies $(STUDIES) --conf models $(MODELS) --host $(HOST) --port $(PORT)
+
+ohif: $(OHIF_STAMP)
+$(OHIF_STAMP):
+	rm -rf $(OHIF_DIST) work/ohif-pack && mkdir -p $(OHIF_DIST) work/ohif-pack
+	cd work/ohif-pack && npm pack --silent @ohif/app@$(OHIF_VERSION)
+	echo "$(OHIF_SHA256)  work/ohif-pack/ohif-app-$(OHIF_VERSION).tgz" | sha256sum -c -
+	tar -xzf work/ohif-pack/ohif-app-$(OHIF_VERSION).tgz -C $(OHIF_DIST) --strip-components=2 package/dist
+	rm -rf work/ohif-pack
+	touch $(OHIF_STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-test: $(STAMP) $(SYSDEPS)
+test: $(STAMP) $(SYSDEPS) $(OHIF_STAMP)
 	$(VENV)/bin/ruff check .
 	MONAI_LABEL_TRACKING_ENABLED=false $(VPY) -m pytest -ra --durations=15 --shuffle $(SHUFFLE)
 

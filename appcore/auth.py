@@ -116,11 +116,15 @@ ROLE_TABLE: tuple[tuple[str, str, Role], ...] = (
     ("GET", "/batch/infer", U),
     ("GET", "/ohif/{path:path}", U),
     ("GET", "/proxy/dicom/{path:path}", U),
+    ("GET", "/labeling/status", U),  # the OHIF labeling panel's progress and models
     # annotating
     ("POST", "/infer/{model}", AN),
     ("POST", "/infer/wsi/{model}", AN),
     ("POST", "/infer/wsi_v2/{model}", AN),
     ("POST", "/activelearning/{strategy}", AN),
+    ("POST", "/labeling/next", AN),  # reserves a case, as /activelearning does
+    ("GET", "/labeling/proposal", AN),  # runs the model
+    ("PUT", "/labeling/label", AN),
     ("PUT", "/datastore/label", AN),
     ("PUT", "/datastore/label/info", AN),
     ("PUT", "/datastore/updatelabelinfo", AN),

@@ -105,6 +105,8 @@ class AppSettings:
             (``MONAI_LABEL_AUTH_ENABLE``); without it such a start is refused (``appcore.auth``).
         max_clicks: the most clicks (every label's and background's together) one request to an
             interactive model may carry; more are a 422 (``radiology.interactive``).
+        train_after_labels: start a training of the model once this many labels were saved from the
+            OHIF labeling panel since the last one it started (0: only when asked).
     """
 
     models: tuple[str, ...]
@@ -132,6 +134,7 @@ class AppSettings:
     train_on: TrainOn = TrainOn.submitted
     allow_anonymous: bool = False
     max_clicks: int = 200
+    train_after_labels: int = 0
 
     @classmethod
     def from_conf(cls, conf: Mapping[str, str], available: Iterable[str]) -> AppSettings:
@@ -180,6 +183,8 @@ class AppSettings:
                 "max_clicks",
             ):
                 kwargs[key] = _parse_int(key, value, 1)
+            elif key == "train_after_labels":
+                kwargs[key] = _parse_int(key, value, 0)
             elif key == "tta_samples":
                 kwargs[key] = _parse_int(key, value, 0)
                 if kwargs[key] > MAX_TTA_SAMPLES:

@@ -23,7 +23,7 @@ from appcore.app import RequestChecks
 from appcore.datastore import CheckedLocalDatastore
 from appcore.dicom.client import is_dicomweb_url
 from appcore.dicom.datastore import DicomWebDatastore, open_dicomweb_datastore
-from appcore.dicom.ohif import as_requested_format, serve_ohif_config
+from appcore.dicom.ohif import as_requested_format, serve_ohif
 from appcore.dicom.prepare import load_series_folder
 from appcore.errors import RequestError, not_found, root_cause, unprocessable
 from appcore.labels import LabelSet
@@ -160,7 +160,7 @@ class RadiologyApp(RequestChecks, MONAILabelApp):
 
     def init_datastore(self) -> Datastore:
         if is_dicomweb_url(self.studies):
-            serve_ohif_config()
+            serve_ohif()
             return open_dicomweb_datastore(
                 self.studies,
                 modalities=tuple(sorted({spec.modality for spec in self.specs.values()})),

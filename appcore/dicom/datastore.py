@@ -329,8 +329,23 @@ class DicomWebDatastore(CheckedLocalDatastore):
         finally:
             Path(converted).unlink(missing_ok=True)
 
+    def save_final_if_unchanged(
+        self, image_id: str, label_filename: str, label_info: dict[str, Any], expected_final: str
+    ) -> str:
+        """Save a ``final`` label (a NIfTI file) unless the series' label in the PACS is no longer
+        ``expected_final`` (``final_state`` when the case was handed out): a 409 then, nothing stored."""
+        image_uri = self.get_image_uri(image_id)
+        info = check_save_params(label_info, "Save label")
+        return self._save_label(image_id, image_uri, label_filename, DefaultLabelTag.FINAL.value, info, expected_final)
+
     def _save_label(
-        self, image_id: str, image_uri: str, label_filename: str, label_tag: str, label_info: dict[str, Any]
+        self,
+        image_id: str,
+        image_uri: str,
+        label_filename: str,
+        label_tag: str,
+        label_info: dict[str, Any],
+        expected_final: str | None = None,
     ) -> str:
         if label_tag != DefaultLabelTag.FINAL.value:
             return super().save_label(image_id, label_filename, label_tag, label_info)
@@ -348,7 +363,34 @@ class DicomWebDatastore(CheckedLocalDatastore):
         # One save or removal per series at a time: two clients saving at once would each delete
         # only the SEGs listed before both stored theirs, and leave two.
         with self._lock_for(f"labels of {image_id}"):
+            if expected_final is not None:
+                self._check_final_unchanged(image_id, expected_final)
             return self._replace_seg(image_id, label_filename, data, labels, model, info)
+
+    def final_state(self, image_id: str) -> str:
+        """What the PACS holds as the series' ``final`` label now: its SEG series uids, sorted and
+        comma-joined ("" for none). Compared at a save to tell whether someone saved in between."""
+        self._series_meta(image_id)
+        self._segs.invalidate()
+        return ",".join(sorted(uid for _, uid in self._segs.get().get(image_id, [])))
+
+    def _check_final_unchanged(self, image_id: str, expected: str) -> None:
+        now = self.final_state(image_id)
+        if now != expected:
+            raise conflict(
+                f"Series {image_id} was saved by someone else since it was handed to you (its label in the PACS is "
+                f"now SEG {now or 'none (deleted)'}, it was {expected or 'none'}); nothing was stored. Open the case "
+                "again to see that label, then correct and save it"
+            )
+
+    def series_info(self, image_id: str) -> dict[str, str]:
+        """The study and modality of one of the PACS's series (404 if it has none such), without fetching it."""
+        meta = self._series_meta(image_id)
+        return {
+            "StudyInstanceUID": str(meta.get("StudyInstanceUID", "")),
+            "Modality": str(meta.get("Modality", "")),
+            "SeriesDescription": str(meta.get("SeriesDescription", "")),
+        }
 
     def _replace_seg(
         self, image_id: str, label_filename: str, data: np.ndarray, labels: LabelSet, model: str, info: dict[str, Any]

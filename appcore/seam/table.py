@@ -11,8 +11,9 @@ from appcore import app as checks
 from appcore import auth, history_routes, model_routes
 from appcore.cross_site import guard_cross_site, server_policy
 from appcore.datastore import CheckedLocalDatastore
+from appcore.dicom import labeling
 from appcore.dicom import proxy as dicom_proxy
-from appcore.dicom.ohif import serve_ohif_config
+from appcore.dicom.ohif import serve_ohif
 from appcore.routes import limit_request_bodies, serve_in_threads, time_request_bodies
 from appcore.seam import (
     Kind,
@@ -153,13 +154,22 @@ ROWS: tuple[Row, ...] = (
         "a 500 on a local studies folder",
         read_body=False,
     ),
-    Row(
-        "GET /ohif/app-config.js",
-        Kind.ROUTE_IN_FRONT,
-        serve_ohif_config,
-        "the wheel's OHIF configuration cannot be set",
-        name="ohif_app_config",
-        how="app",
+    *(
+        Row(f"GET {path}", Kind.ROUTE_IN_FRONT, serve_ohif, why, name=name, how="app")
+        for path, name, why in (
+            ("/ohif/app-config.js", "ohif_app_config", "the wheel's OHIF configuration cannot be set"),
+            ("/ohif/labeling/{name}", "ohif_extension", "the labeling panel is an extension of OHIF 3.13"),
+            ("/ohif/{path:path}", "ohif_viewer", "the wheel's OHIF cannot save a label: OHIF 3.13 is served"),
+        )
+    ),
+    *(
+        Row(f"{m} {p}", Kind.ROUTE_IN_FRONT, endpoint, "the OHIF labeling panel's server side", name=name, how="api")
+        for m, p, endpoint, name in (
+            ("POST", "/labeling/next", labeling.next_case, "labeling_next"),
+            ("GET", "/labeling/proposal", labeling.proposal, "labeling_proposal"),
+            ("PUT", "/labeling/label", labeling.save_label, "labeling_save"),
+            ("GET", "/labeling/status", labeling.status, "labeling_status"),
+        )
     ),
     # -- names rebound in MONAI Label's endpoint modules (they look them up at each request) -----------
     *(

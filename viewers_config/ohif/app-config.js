@@ -1,14 +1,30 @@
 /*
- * OHIF configuration served by the radiology server at /ohif/app-config.js (see appcore/dicom/ohif.py),
- * in place of the one inside the monailabel wheel. OHIF reaches the PACS only through the server's
- * DICOMweb proxy (/proxy/dicom/...), which forwards to the --studies URL: the browser needs no
- * access to the PACS and no CORS set-up there.
+ * OHIF 3.13 configuration served by the radiology server at /ohif/app-config.js (appcore/dicom/ohif.py).
+ * OHIF reaches the PACS only through the server's DICOMweb proxy (/proxy/dicom/...), which forwards to
+ * the --studies URL: the browser needs no access to the PACS and no CORS set-up there. The labeling
+ * extension (viewers_config/ohif/extension/labeling.js, a plain ES module) adds its panel to the
+ * segmentation mode's left side, beside the study's series (docs/ohif.md).
  */
 window.config = {
   routerBasename: '/ohif/',
   showStudyList: true,
-  extensions: [],
+  extensions: ['/ohif/labeling/labeling.js'],
   modes: [],
+  disableConfirmationPrompts: true,
+  customizationService: {
+    mode: {
+      '@ohif/mode-segmentation': {
+        leftPanels: { $unshift: ['labeling.panelModule.labeling'] },
+        // Undo and redo of label map edits from the keyboard too (OHIF binds no key to them).
+        'ohif.hotkeyBindings': {
+          $push: [
+            { commandName: 'undo', label: 'Undo', keys: ['ctrl+z'], isEditable: true },
+            { commandName: 'redo', label: 'Redo', keys: ['ctrl+y'], isEditable: true },
+          ],
+        },
+      },
+    },
+  },
   showWarningMessageForCrossOrigin: false,
   showCPUFallbackMessage: false,
   showLoadingIndicator: true,
@@ -38,6 +54,9 @@ window.config = {
         // plugin) cannot turn JPEG 2000 into raw pixels; the browser decodes it instead.
         acceptHeader: ['multipart/related; type=application/octet-stream; transfer-syntax=*'],
         bulkDataURI: { enabled: true, relativeResolution: 'studies' },
+        // OHIF's own export stores the classic binary SEG (uncompressed), which the server reads;
+        // the labeling panel's Save goes through the server instead (docs/ohif.md says why).
+        segmentation: { store: { defaultMode: 'bitmap', transferSyntaxUID: '1.2.840.10008.1.2.1' } },
       },
     },
   ],

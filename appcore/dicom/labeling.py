@@ -1,0 +1,321 @@
+"""The OHIF labeling panel's routes (``/labeling/...``): next case, the model's proposal, save, status.
+
+The panel (``viewers_config/ohif/extension/labeling.js``) runs in OHIF 3.13's segmentation mode. A
+label travels between it and the server as per-slice frames named by SOP Instance UID (the
+viewer's labelmap images each reference one source image), so neither side needs the other's voxel
+order or orientation: a frame is ``rows x columns`` uint8, row-major, as the DICOM pixel data.
+
+- ``POST /labeling/next?strategy=S&client_id=C``: the strategy's pick, reserved for ``C`` as
+  ``/activelearning`` reserves it, with its study, model and labels; the proposal starts computing
+  at once, so it is often ready when the viewer has loaded the study.
+- ``GET /labeling/proposal?image=UID``: the series' ``final`` label where it has one, else the served
+  model's prediction, as frames; ``base`` says what the PACS held as the label then.
+- ``PUT /labeling/label?image=UID``: the viewer's labelmap, stored as the ``final`` label (a SEG in
+  the PACS, named, coloured and coded from the model's labels) unless someone saved the series since
+  ``base`` (409, nothing stored). Answers the progress (labelled / total).
+- ``GET /labeling/status``: progress, strategies, each model's served version, running training and
+  its last run (validation Dice, published or not).
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import tempfile
+import threading
+import zlib
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+from pydantic import BaseModel, Field
+
+from appcore import seam
+from appcore.errors import RequestError, conflict, not_found, unprocessable
+
+logger = logging.getLogger(__name__)
+
+# Proposals computed ahead (at hand-out), by (series, model, served version); the oldest are dropped.
+_KEEP_PROPOSALS = 16
+
+
+class LabelFrames(BaseModel):
+    """A labelmap as the panel sends it: one ``rows x columns`` uint8 frame per source instance."""
+
+    model: str = Field(description="the model whose labels the segments are")
+    instances: list[str] = Field(description="SOP Instance UIDs, one per frame, in the order of the frames")
+    rows: int = Field(gt=0, le=4096)
+    columns: int = Field(gt=0, le=4096)
+    segments: dict[str, str] = Field(description="segment index (the voxel value) -> segment name")
+    base: str = Field(description="the label the case had when handed out: the proposal's 'base'")
+    data: str = Field(description="base64 of the zlib-compressed frames")
+    client_id: str = ""
+
+
+def encode_frames(volume: np.ndarray) -> str:
+    """``volume`` (``[column, row, slice]``, the server's label order) as base64 of zlib-compressed
+    uint8 frames ``[slice][row][column]``."""
+    frames = np.ascontiguousarray(volume.astype(np.uint8).transpose(2, 1, 0))
+    return base64.b64encode(zlib.compress(frames.tobytes(), 1)).decode("ascii")
+
+
+def decode_frames(payload: LabelFrames, sop_instance_uids: Sequence[str], shape: tuple[int, int, int]) -> np.ndarray:
+    """The panel's frames as a ``[column, row, slice]`` volume in the series' slice order.
+
+    Raises:
+        RequestError: 422 when the frames are not the series' instances and grid, or not readable.
+    """
+    columns, rows, slices = shape
+    if (payload.rows, payload.columns) != (rows, columns):
+        raise unprocessable(
+            f"The label's frames are {payload.rows} x {payload.columns} (rows x columns) and the series' images "
+            f"{rows} x {columns}: the labelmap was made on another series; open the case again"
+        )
+    unknown = sorted(set(payload.instances) - set(sop_instance_uids))
+    missing = len(set(sop_instance_uids) - set(payload.instances))
+    if unknown or missing or len(payload.instances) != len(sop_instance_uids):
+        raise unprocessable(
+            f"The label must have one frame per image of the series ({slices}); it has {len(payload.instances)}, "
+            f"{len(unknown)} of another series (such as {unknown[:1]}) and {missing} of the series' images missing"
+        )
+    expected = slices * rows * columns
+    try:
+        packed = base64.b64decode(payload.data, validate=True)
+        inflater = zlib.decompressobj()
+        raw = inflater.decompress(packed, expected + 1)  # never more than the grid holds, whatever is sent
+    except (ValueError, zlib.error) as e:
+        raise unprocessable(f"The label's data is not base64 of zlib-compressed bytes: {e}") from None
+    if len(raw) != expected or not inflater.eof:
+        raise unprocessable(
+            f"The label's data holds {len(raw)}{'+' if not inflater.eof else ''} bytes once decompressed; "
+            f"{slices} frames of {rows} x {columns} are {expected}"
+        )
+    frames = np.frombuffer(raw, dtype=np.uint8).reshape(slices, rows, columns)
+    order = {uid: i for i, uid in enumerate(payload.instances)}
+    ordered = frames[[order[uid] for uid in sop_instance_uids]]
+    return ordered.transpose(2, 1, 0)
+
+
+def segment_values(segments: dict[str, str], labels: Any, model: str) -> np.ndarray:
+    """A lookup table from the viewer's segment index to the model's label id, matched by name
+    (ignoring case). A segment of another name is a 422 that lists the model's label names."""
+    by_name = {label.name.lower(): label.id for label in labels}
+    lut = np.zeros(256, dtype=np.uint8)
+    for index, name in segments.items():
+        if not index.isdigit() or not 0 < int(index) < 256:
+            raise unprocessable(f"Segment index {index!r} is not a labelmap value (1 to 255)")
+        label_id = by_name.get(name.strip().lower())
+        if label_id is None:
+            raise unprocessable(
+                f"Segment {name!r} is none of {model!r}'s labels {[label.name for label in labels]}: rename it to "
+                "one of them or delete it, then save again"
+            )
+        lut[int(index)] = label_id
+    return lut
+
+
+class Labeling:
+    """The panel's server side, over the running radiology app and its DICOMweb datastore."""
+
+    def __init__(self) -> None:
+        self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="proposal")
+        self._proposals: dict[tuple[str, str, int], Future[dict[str, Any]]] = {}
+        self._lock = threading.Lock()
+        self._saved_since_training: dict[str, int] = {}
+
+    # -- the app -----------------------------------------------------------------------------------
+    @staticmethod
+    def app() -> Any:
+        from monailabel.interfaces.utils.app import app_instance
+
+        return app_instance()
+
+    def store(self) -> Any:
+        from appcore.dicom.datastore import DicomWebDatastore
+
+        store = self.app().datastore()
+        if not isinstance(store, DicomWebDatastore):
+            raise conflict(
+                "The OHIF labeling panel works on a PACS: start the server with --studies http://.../dicom-web "
+                "(make serve does)"
+            )
+        return store
+
+    def model_for(self, image_id: str) -> tuple[str, Any, dict[str, str]]:
+        info = self.store().series_info(image_id)
+        model, labels = self.app().dicom_labels({}, info["Modality"])
+        return model, labels, info
+
+    def progress(self) -> dict[str, int]:
+        store = self.store()
+        labeled = len(store.get_labeled_images())
+        return {"labeled": labeled, "total": labeled + len(store.get_unlabeled_images())}
+
+    # -- next case ---------------------------------------------------------------------------------
+    def next_case(self, strategy: str, client_id: str) -> dict[str, Any]:
+        if not client_id.strip():
+            raise unprocessable("client_id is empty: the panel sends the annotator's name, which reserves the case")
+        result = self.app().next_sample({"strategy": strategy, "client_id": client_id, "k": 1}) or {}
+        image = result.get("id")
+        if not image:
+            raise not_found(
+                f"No case left for {client_id!r} with strategy {strategy!r}: every series is labelled, reserved by "
+                "another annotator or cannot be loaded"
+            )
+        model, labels, info = self.model_for(image)
+        self._proposal_future(image, model)  # computed while the viewer loads the study
+        return {
+            "image": image,
+            "study": info["StudyInstanceUID"],
+            "model": model,
+            "labels": _labels_json(labels),
+            "progress": self.progress(),
+        }
+
+    # -- proposal ----------------------------------------------------------------------------------
+    def _served_version(self, model: str) -> int:
+        return int(self.app().version_store(model).served_version() or 0)
+
+    def _proposal_future(self, image: str, model: str) -> Future[dict[str, Any]]:
+        key = (image, model, self._served_version(model))
+        with self._lock:
+            future = self._proposals.get(key)
+            if future is None or (future.done() and future.exception() is not None):
+                future = self._executor.submit(self._predict, image, model, key[2])
+                self._proposals[key] = future
+                while len(self._proposals) > _KEEP_PROPOSALS:
+                    self._proposals.pop(next(iter(self._proposals)))
+            return future
+
+    def _predict(self, image: str, model: str, version: int) -> dict[str, Any]:
+        result = self.app().infer({"model": model, "image": image})
+        path = result.get("file") or result.get("label")
+        try:
+            volume = np.asarray(nib.load(path).dataobj, dtype=np.uint8)
+        finally:
+            if path:
+                Path(path).unlink(missing_ok=True)
+        return {"volume": volume, "version": version}
+
+    def proposal(self, image: str) -> dict[str, Any]:
+        store = self.store()
+        model, labels, info = self.model_for(image)
+        base = store.final_state(image)
+        headers = store.source_headers(image)
+        if base:
+            volume = np.asarray(nib.load(store.get_label_uri(image, "final")).dataobj, dtype=np.uint8)
+            source, version = "final", None
+        else:
+            try:
+                predicted = self._proposal_future(image, model).result()
+            except RequestError:
+                raise
+            volume, source, version = predicted["volume"], "model", predicted["version"]
+        columns, rows, slices = volume.shape
+        return {
+            "image": image,
+            "study": info["StudyInstanceUID"],
+            "model": model,
+            "labels": _labels_json(labels),
+            "source": source,
+            "version": version,
+            "base": base,
+            "instances": [str(h.SOPInstanceUID) for h in headers],
+            "rows": rows,
+            "columns": columns,
+            "data": encode_frames(volume),
+        }
+
+    # -- save ----------------------------------------------------------------------------------------
+    def save(self, image: str, payload: LabelFrames) -> dict[str, Any]:
+        store = self.store()
+        model, labels, _ = self.model_for(image)
+        if payload.model != model:
+            raise unprocessable(f"Series {image} is labelled with {model!r}'s labels, not {payload.model!r}")
+        uri = store.get_image_uri(image)
+        grid = nib.load(uri)
+        sops = [str(h.SOPInstanceUID) for h in store.source_headers(image)]
+        frames = decode_frames(payload, sops, tuple(int(n) for n in grid.shape[:3]))
+        lut = segment_values(payload.segments, labels, model)
+        painted = {int(v) for v in np.unique(frames)} - {0}
+        unnamed = sorted(v for v in painted if not lut[v])
+        if unnamed:
+            raise unprocessable(f"Labelmap values {unnamed} belong to no segment the label names ({payload.segments})")
+        volume = lut[frames]
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "label.nii.gz"
+            nib.save(nib.Nifti1Image(volume, grid.affine), path)
+            info = {"model": model, "client_id": payload.client_id or "anonymous", "saved_from": "ohif"}
+            store.save_final_if_unchanged(image, str(path), info, payload.base)
+        logger.info("Label of series %s saved from OHIF by %s", image, payload.client_id or "anonymous")
+        started = self._train_if_due(model)
+        return {
+            "image": image,
+            "base": store.final_state(image),
+            "progress": self.progress(),
+            "training_started": started,
+        }
+
+    def _train_if_due(self, model: str) -> bool:
+        """Start a training of ``model`` once ``--conf train_after_labels`` labels were saved from the
+        viewer since the last one this counter started (0: never)."""
+        every = int(getattr(self.app().settings, "train_after_labels", 0))
+        with self._lock:
+            self._saved_since_training[model] = self._saved_since_training.get(model, 0) + 1
+            if not every or self._saved_since_training[model] < every or self.app().training_running(model):
+                return False
+            self._saved_since_training[model] = 0
+        from monailabel.endpoints.train import run_model
+
+        run_model(model, {})
+        logger.info("%d labels saved from the viewer: training %s started", every, model)
+        return True
+
+    # -- status --------------------------------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        app = self.app()
+        models = {}
+        for name in seam.infers(app):
+            trainer = seam.trainers(app).get(name)
+            stats = trainer.stats() if trainer is not None else {}
+            models[name] = {
+                "served_version": self._served_version(name),
+                "training": app.training_running(name),
+                "last_run": stats.get("last_run"),
+                # the best epoch's Dice as MONAI Label reports it: on the validation labels, or on the
+                # training labels themselves when there are fewer than 5 (nothing held out)
+                "best_metric": stats.get("best_metric"),
+            }
+        return {
+            "progress": self.progress(),
+            "strategies": sorted(seam.strategies(app)),
+            "models": models,
+            "train_after_labels": int(getattr(app.settings, "train_after_labels", 0)),
+        }
+
+
+def _labels_json(labels: Any) -> list[dict[str, Any]]:
+    return [{"id": label.id, "name": label.name, "color": list(label.color)} for label in labels]
+
+
+LABELING = Labeling()
+
+
+# -- the routes (FastAPI runs these plain functions in worker threads) -----------------------------------
+def next_case(strategy: str, client_id: str) -> dict[str, Any]:
+    return LABELING.next_case(strategy, client_id)
+
+
+def proposal(image: str) -> dict[str, Any]:
+    return LABELING.proposal(image)
+
+
+def save_label(image: str, payload: LabelFrames) -> dict[str, Any]:
+    return LABELING.save(image, payload)
+
+
+def status() -> dict[str, Any]:
+    return LABELING.status()
