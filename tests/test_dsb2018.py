@@ -1,4 +1,4 @@
-"""The DSB2018 split (committed, disjoint, complete), image types, wide augmentation, and the shipped weights on it."""
+"""The DSB2018 split (committed, disjoint, complete), image types, and the wide augmentation of offline training."""
 
 from __future__ import annotations
 
