@@ -23,10 +23,30 @@ class Tile:
     mask: np.ndarray
 
 
+def rgb_of(im: Image.Image) -> np.ndarray:
+    """An RGB uint8 array (H, W, 3) of a Pillow image (alpha and palettes dropped).
+
+    16-bit and 32-bit integer or float greyscale (as fluorescence cameras write) is stretched from
+    its own minimum to its maximum: Pillow's ``convert("RGB")`` clips it at 255 instead, which
+    turns a 12- or 16-bit fluorescence image nearly all white. Grey 8-bit images become three equal
+    channels, as the network was trained on.
+    """
+    if im.mode in ("I", "F") or im.mode.startswith("I;"):
+        values = np.asarray(im).astype(np.float64)
+        finite = values[np.isfinite(values)]
+        lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+        grey = np.zeros(values.shape, np.uint8)
+        if hi > lo:
+            scaled = (np.nan_to_num(values, nan=lo, posinf=hi, neginf=lo) - lo) * (255.0 / (hi - lo))
+            grey = np.clip(np.round(scaled), 0, 255).astype(np.uint8)
+        return np.repeat(grey[..., None], 3, axis=2)
+    return np.asarray(im.convert("RGB"))
+
+
 def read_rgb(path: str | Path) -> np.ndarray:
-    """An RGB uint8 array (H, W, 3) from any image Pillow reads (alpha and palettes dropped)."""
+    """An RGB uint8 array (H, W, 3) from any image Pillow reads (see :func:`rgb_of`)."""
     with Image.open(path) as im:
-        return np.asarray(im.convert("RGB"))
+        return rgb_of(im)
 
 
 def read_instances(path: str | Path) -> np.ndarray:

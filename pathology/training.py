@@ -33,27 +33,85 @@ class Example:
         return cls(to_input(rgb), targets(mask))
 
 
-def random_crop(example: Example, size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """A ``size`` x ``size`` crop (zero-padded where the image is smaller), flipped and rotated at random."""
+@dataclass(frozen=True)
+class Augment:
+    """Random changes of a training crop beyond flips and 90-degree rotations.
+
+    The defaults are the server trainer's (H&E tiles at one magnification); offline training on
+    several microscopes widens them.
+
+    Args:
+        zoom: range of the zoom factor, sampled log-uniformly (2.0 shows nuclei twice as large).
+        gain: range of the per-channel gain.
+        shift: largest per-channel offset, in the network's [-1, 1] units.
+        contrast: range of the global contrast factor.
+        invert: chance of inverting the crop (bright nuclei on dark, as in fluorescence, and back).
+        grey: chance of replacing the channels by their mean (greyscale brightfield).
+    """
+
+    zoom: tuple[float, float] = (1.0, 1.0)
+    gain: tuple[float, float] = (0.9, 1.1)
+    shift: float = 0.08
+    contrast: tuple[float, float] = (0.8, 1.2)
+    invert: float = 0.0
+    grey: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.zoom[0] <= self.zoom[1]:
+            raise ValueError(f"zoom must be a range 0 < low <= high, got {self.zoom}")
+        for name in ("invert", "grey"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} is a probability in [0, 1], got {getattr(self, name)}")
+
+
+def _resize(x: np.ndarray, size: int) -> np.ndarray:
+    """(C, h, w) float32 to (C, size, size), bilinear (antialiased when shrinking)."""
+    t = torch.from_numpy(np.ascontiguousarray(x))[None]
+    shrink = x.shape[1] > size
+    return F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False, antialias=shrink)[0].numpy()
+
+
+def random_crop(
+    example: Example, size: int, rng: np.random.Generator, augment: Augment = Augment()
+) -> tuple[np.ndarray, np.ndarray]:
+    """A ``size`` x ``size`` crop (padded where the image is smaller), zoomed, flipped, rotated and recoloured.
+
+    With a zoom other than 1 a square of ``size / zoom`` pixels is cut and resized to ``size``; the
+    normalised distance target does not depend on scale, so it is resized like the image.
+    """
     _, h, w = example.input.shape
-    ph, pw = max(size - h, 0), max(size - w, 0)
+    zoom = 1.0
+    if augment.zoom != (1.0, 1.0):
+        zoom = float(np.exp(rng.uniform(np.log(augment.zoom[0]), np.log(augment.zoom[1]))))
+    src = max(int(round(size / zoom)), 8)
+    ph, pw = max(src - h, 0), max(src - w, 0)
     x, t = example.input, example.target
     if ph or pw:
-        x = np.pad(x, ((0, 0), (0, ph), (0, pw)), constant_values=1.0)  # white, like empty glass
+        # Pad with the image's own background (white glass for H&E, black for fluorescence).
+        fill = np.median(x.reshape(3, -1), axis=1)
+        x = np.concatenate(
+            [np.pad(x[c : c + 1], ((0, 0), (0, ph), (0, pw)), constant_values=fill[c]) for c in range(3)]
+        )
         t = np.pad(t, ((0, 0), (0, ph), (0, pw)))
-    y0 = int(rng.integers(0, x.shape[1] - size + 1))
-    x0 = int(rng.integers(0, x.shape[2] - size + 1))
-    x, t = x[:, y0 : y0 + size, x0 : x0 + size], t[:, y0 : y0 + size, x0 : x0 + size]
+    y0 = int(rng.integers(0, x.shape[1] - src + 1))
+    x0 = int(rng.integers(0, x.shape[2] - src + 1))
+    x, t = x[:, y0 : y0 + src, x0 : x0 + src], t[:, y0 : y0 + src, x0 : x0 + src]
+    if src != size:
+        x, t = _resize(x, size), _resize(t, size)
     k = int(rng.integers(0, 4))
     x, t = np.rot90(x, k, axes=(1, 2)), np.rot90(t, k, axes=(1, 2))
     if rng.random() < 0.5:
         x, t = x[:, :, ::-1], t[:, :, ::-1]
     # Stain and scanner variation: per-channel gain and offset, and a global contrast change.
-    gain = rng.uniform(0.9, 1.1, size=(3, 1, 1)).astype(np.float32)
-    shift = rng.uniform(-0.08, 0.08, size=(3, 1, 1)).astype(np.float32)
-    contrast = np.float32(rng.uniform(0.8, 1.2))
+    gain = rng.uniform(*augment.gain, size=(3, 1, 1)).astype(np.float32)
+    shift = rng.uniform(-augment.shift, augment.shift, size=(3, 1, 1)).astype(np.float32)
+    contrast = np.float32(rng.uniform(*augment.contrast))
     x = np.clip((x * gain + shift) * contrast, -1.0, 1.0)
-    return np.ascontiguousarray(x), np.ascontiguousarray(t)
+    if augment.grey and rng.random() < augment.grey:
+        x = np.repeat(x.mean(axis=0, keepdims=True), 3, axis=0)
+    if augment.invert and rng.random() < augment.invert:
+        x = -x
+    return np.ascontiguousarray(x, dtype=np.float32), np.ascontiguousarray(t, dtype=np.float32)
 
 
 def loss_fn(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -87,15 +145,25 @@ def train_steps(
     on_step: Callable[[int, float], bool | None] | None = None,
     log_every: int = 50,
     time_budget_s: float | None = None,
+    augment: Augment = Augment(),
+    weights: Sequence[float] | None = None,
 ) -> list[float]:
     """Train ``network`` in place (AdamW, warm-up then cosine LR); returns the loss per step.
 
     Progress is the larger of ``step / steps`` and, with ``time_budget_s``, the elapsed share of that
     budget: on a shared CPU the schedule then still anneals to zero when time, not steps, runs out.
     ``on_step(step, loss)`` returning ``True`` stops early (a stop request from the server).
+    ``weights`` (one per example) make sampling proportional to them instead of uniform, to balance
+    sources of different sizes.
     """
     if not examples:
         raise ValueError("no training examples")
+    p = None
+    if weights is not None:
+        w = np.asarray(weights, dtype=np.float64)
+        if w.shape != (len(examples),) or not np.all(np.isfinite(w)) or (w < 0).any() or w.sum() <= 0:
+            raise ValueError(f"weights need one finite value >= 0 per example ({len(examples)}), not all 0")
+        p = w / w.sum()
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
     network.to(device).train()
@@ -111,7 +179,12 @@ def train_steps(
             break
         for group in optimizer.param_groups:
             group["lr"] = lr_at(progress, lr)
-        batch = [random_crop(examples[int(rng.integers(len(examples)))], spec.patch, rng) for _ in range(batch_size)]
+        picks = (
+            rng.choice(len(examples), size=batch_size, p=p)
+            if p is not None
+            else rng.integers(len(examples), size=batch_size)
+        )
+        batch = [random_crop(examples[int(i)], spec.patch, rng, augment) for i in picks]
         x = torch.from_numpy(np.stack([b[0] for b in batch])).to(device)
         t = torch.from_numpy(np.stack([b[1] for b in batch])).to(device)
         optimizer.zero_grad(set_to_none=True)

@@ -19,6 +19,7 @@ from PIL import Image, UnidentifiedImageError
 from scipy import ndimage
 
 from appcore.errors import bad_request, unprocessable
+from pathology.data import rgb_of
 from pathology.postprocess import Polygon, instance_polygons
 
 logger = logging.getLogger(__name__)
@@ -93,7 +94,7 @@ def read_tile(path: str | Path, what: str = "image") -> np.ndarray:
     try:
         with Image.open(path) as im:
             im.load()
-            return np.asarray(im.convert("RGB"))
+            return rgb_of(im)  # 16-bit fluorescence stretched, not clipped at 255
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         reason = str(e).replace(str(path), Path(path).name)  # the file's name, not the server's path
         raise unprocessable(
