@@ -1,9 +1,20 @@
 from __future__ import annotations
 
+from dataclasses import dataclass, fields
+
 import pytest
 
-from appcore.settings import AppSettings
+from appcore.settings import (
+    AppSettings,
+    PathologySettings,
+    RadiologySettings,
+    Settings,
+    option,
+    options_table,
+    parse_option,
+)
 from radiology.registry import MODELS
+from tests.conftest import ROOT
 
 AVAILABLE = list(MODELS)
 
@@ -66,3 +77,92 @@ def test_defaults_are_the_documented_ones() -> None:
 def test_bad_conf_raises(conf: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         AppSettings.from_conf(conf, AVAILABLE)
+
+
+# -- the common part and each app's own ------------------------------------------------------------
+
+RADIOLOGY_ONLY = sorted(set(RadiologySettings.options()) - set(Settings.options()))
+
+
+def test_the_split_keeps_every_option_somewhere() -> None:
+    assert set(PathologySettings.options()) == set(Settings.options())
+    assert (
+        sorted(
+            ["cpu_bf16", "infer_memory_mb", "mc_samples", "score_after_train", "score_new_images", "sw_batch_size"]
+            + ["tta_samples", "val_split"]
+        )
+        == RADIOLOGY_ONLY
+    )
+
+
+@pytest.mark.parametrize("key", RADIOLOGY_ONLY)
+def test_pathology_refuses_each_radiology_only_option(key: str) -> None:
+    match = (
+        rf"Unknown --conf option\(s\) \['{key}'\] for the pathology app \({key} \(an option of the radiology app\)\); "
+        r"valid options: \['al_model', "
+    )
+    with pytest.raises(ValueError, match=match):
+        PathologySettings.from_conf({key: "1"}, ["nuclei", "nuclick"])
+
+
+@pytest.mark.parametrize(
+    ("cls", "conf", "expected"),
+    [
+        (PathologySettings, {"max_k": "8", "score_on_start": "off"}, {"max_k": 8, "score_on_start": False}),
+        (
+            PathologySettings,
+            {"models": "nuclick", "reservation_s": "1.5"},
+            {"models": ("nuclick",), "reservation_s": 1.5},
+        ),
+        (PathologySettings, {"cors_origins": "https://A.example"}, {"cors_origins": ("https://a.example",)}),
+        (PathologySettings, {"preload": "true"}, {}),  # MONAI Label's own key, passed through
+        (RadiologySettings, {"val_split": "0"}, {"val_split": 0.0}),
+        (RadiologySettings, {"tta_samples": "6", "sw_batch_size": "2"}, {"tta_samples": 6, "sw_batch_size": 2}),
+        (RadiologySettings, {"allowed_hosts": "lab,lab"}, {"allowed_hosts": ("lab",)}),
+    ],
+)
+def test_each_option_is_parsed_by_its_field_type(cls: type[Settings], conf: dict, expected: dict) -> None:
+    s = cls.from_conf(conf, ["nuclei", "nuclick"] if cls is PathologySettings else AVAILABLE)
+    assert {k: getattr(s, k) for k in expected} == expected
+    for key, value in expected.items():
+        assert type(value) is type(getattr(s, key))
+
+
+@pytest.mark.parametrize(
+    ("cls", "conf", "match"),
+    [
+        (PathologySettings, {"max_epochs": "1.5"}, "--conf max_epochs: expected an integer, got '1.5'"),
+        (PathologySettings, {"reservation_s": "nan"}, "--conf reservation_s: expected a number of seconds, got 'nan'"),
+        (
+            RadiologySettings,
+            {"val_split": "inf"},
+            "--conf val_split: expected a number, got 'inf', which is not finite",
+        ),
+        (PathologySettings, {"expose_logs": "2"}, "--conf expose_logs: expected true or false, got '2'"),
+        (PathologySettings, {"epochs": "3"}, r"\['epochs'\] for the pathology app; valid options"),
+    ],
+)
+def test_bad_values_refused_per_app(cls: type[Settings], conf: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        cls.from_conf(conf, ["nuclei", "nuclick"] if cls is PathologySettings else AVAILABLE)
+
+
+def test_a_field_of_a_type_the_parser_does_not_read_is_named() -> None:
+    @dataclass(frozen=True)
+    class Odd(Settings):
+        ratio: complex = option(1j, doc="no parser for it")
+
+    with pytest.raises(TypeError, match=r"Settings field Odd.ratio has type <class 'complex'>"):
+        parse_option(Odd, "ratio", "1")
+
+
+def test_every_option_has_a_one_line_doc() -> None:
+    for cls in (Settings, RadiologySettings, PathologySettings):
+        for f in fields(cls):
+            assert f.metadata["doc"] and "\n" not in f.metadata["doc"], f.name
+
+
+def test_the_options_page_is_generated_from_the_fields() -> None:
+    """``docs/options.md`` holds the table ``python -m appcore.settings`` prints."""
+    page = (ROOT / "docs" / "options.md").read_text()
+    assert options_table() in page, "regenerate it: python -m appcore.settings"
