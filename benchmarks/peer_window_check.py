@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> None:
     app.datastore().save_label("example_ct_sm", str(label), "final", {"model": "organs_ct"})
     set_determinism(seed=0)
     app.train({"model": "organs_ct", "max_epochs": args.epochs, "train_batch_size": 4, "device": "cpu"})
-    weights = app.served_path("organs_ct")
+    weights = app.published_weights("organs_ct")
 
     preds = {}
     for scale in (1.0, spec.max_window_scale):

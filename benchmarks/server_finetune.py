@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> None:
                     result = app.train({"model": "hippocampus", "max_epochs": epochs})
                     seconds = time.perf_counter() - start
                     which = result.get("eval") or result["train"]
-                    published = app.served_path("hippocampus")
+                    published = app.published_weights("hippocampus")
                     # A run whose epochs all validate worse than the weights it started from publishes
                     # nothing (radiology.train): the shipped weights are still served.
                     served = published if published.exists() else MODELS["hippocampus"].shipped_weights_path

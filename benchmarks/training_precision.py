@@ -57,7 +57,7 @@ def train(
     app.train(
         {"model": model, "max_epochs": epochs, "train_batch_size": 4, "val_split": 0.0, "device": "cpu", **request}
     )
-    return (time.perf_counter() - start) / epochs, app.served_path(model)
+    return (time.perf_counter() - start) / epochs, app.published_weights(model)
 
 
 def organs_ct_pair(shared: Path, into: Path) -> tuple[Path, Path]:

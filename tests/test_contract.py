@@ -38,7 +38,7 @@ def test_model_contract(tmp_path: Path, model: str) -> None:
     shipped = spec.shipped_weights_path is not None
     assert first["params"]["model_trained"] is shipped
 
-    served = app.served_path(model)
+    served = app.published_weights(model)
     assert not served.exists()
     stats = app.train({"model": model, "max_epochs": 1, "train_batch_size": 2, "device": "cpu"})
     assert stats["epoch"] == 1

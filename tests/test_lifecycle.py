@@ -133,7 +133,7 @@ def test_a_training_inside_the_server_ends_and_publishes_nothing_once_it_stops(t
 
     app = make_app(tmp_path, "hippocampus", labelled=2)
     app.train({"model": "hippocampus", "max_epochs": 200, "train_batch_size": 1, "device": "cpu"})
-    assert not app.served_path("hippocampus").exists(), "a run ended by the server's stop published weights"
+    assert not app.published_weights("hippocampus").exists(), "a run ended by the server's stop published weights"
     last = app._trainers["hippocampus"].stats()["last_run"]
     assert last["published"] is False and "told to stop" in last["stopped"]
 
@@ -155,7 +155,7 @@ def test_a_pathology_training_inside_the_server_ends_and_publishes_nothing(tmp_p
     app.datastore().save_label("tile", str(tmp_path / "label.png"), "final", {})
     with pytest.raises(RuntimeError, match="told to stop"):
         app._trainers["nuclei"]({"max_epochs": 500, "train_batch_size": 2, "device": "cpu"}, app.datastore())
-    assert not app.served_path.exists()
+    assert not app.published_weights("nuclei").exists()
 
 
 def test_outside_a_server_nothing_is_asked(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -59,12 +59,12 @@ def test_model_contract(tmp_path: Path, model: str) -> None:
     label = tmp_path / "label.png"
     Image.fromarray(tile.mask[:192, :192].astype(np.uint16)).save(label)
     app.datastore().save_label("tile", str(label), "final", {})
-    assert not app.served_path.exists()
+    assert not app.published_weights(model).exists()
     stats = app.train({"model": model, "max_epochs": 1, "train_batch_size": 2, "device": "cpu"})
-    assert stats["steps"] == 1 and app.served_path.exists(), "a completed run publishes its weights"
+    assert stats["steps"] == 1 and app.published_weights(model).exists(), "a completed run publishes its weights"
     app.infer(request)
     served = app._infers[model].network().state_dict()
-    published = load_state_dict(app.served_path)
+    published = load_state_dict(app.published_weights(model))
     for key, value in served.items():
         assert torch.equal(value.cpu(), published[key]), f"infer does not serve the new weights ({key})"
 

@@ -57,7 +57,7 @@ def test_a_run_whose_epochs_all_validate_worse_keeps_the_served_weights(
     moved = Path(app.datastore().get_image_uri("case5"))
     image = nib.load(moved)
     nib.save(nib.Nifti1Image(np.asarray(image.dataobj)[:-2], image.affine), moved)
-    served = app.served_path("hippocampus")
+    served = app.published_weights("hippocampus")
     with caplog.at_level(logging.INFO, logger="radiology.train"):
         result = app.train({"model": "hippocampus", "max_epochs": 2, "train_batch_size": 2, "device": "cpu"})
     assert result["eval"]["best_metric_epoch"] == 0, "the starting weights are epoch 0 and stayed the best"
@@ -74,7 +74,7 @@ def test_a_run_whose_epochs_all_validate_worse_keeps_the_served_weights(
 
 def test_a_run_with_a_better_epoch_publishes_it(tmp_path: Path, seeded: None) -> None:
     app = app_over_copies(tmp_path, 5)
-    served = app.served_path("hippocampus")
+    served = app.published_weights("hippocampus")
     result = app.train({"model": "hippocampus", "max_epochs": 12, "train_batch_size": 4, "device": "cpu"})
     last = app._trainers["hippocampus"].stats()["last_run"]
     assert result["eval"]["best_metric_epoch"] >= 1
@@ -86,7 +86,7 @@ def test_with_nothing_to_validate_on_a_completed_run_publishes_as_before(tmp_pat
     app = app_over_copies(tmp_path, 2)  # under 5 labels: no validation images
     result = app.train({"model": "hippocampus", "max_epochs": 1, "train_batch_size": 2, "device": "cpu"})
     assert not result.get("eval")
-    assert app.served_path("hippocampus").exists()
+    assert app.published_weights("hippocampus").exists()
     last = app._trainers["hippocampus"].stats()["last_run"]
     assert {k: v for k, v in last.items() if k != "at"} == {
         "published": True,
@@ -117,7 +117,7 @@ def test_validation_labels_without_foreground_keep_the_served_weights(
         app.datastore().save_label(f"case{i}", str(empty), "final", {})
     with caplog.at_level(logging.INFO, logger="radiology.train"):
         app.train({"model": "hippocampus", "max_epochs": 1, "train_batch_size": 2, "device": "cpu"})
-    assert not app.served_path("hippocampus").exists()
+    assert not app.published_weights("hippocampus").exists()
     assert "No epoch beat the weights the run started from" in caplog.text
     last = app._trainers["hippocampus"].stats()["last_run"]
     assert last["published"] is False and last["start_val_dice"] == last["best_val_dice"] == 0.0
