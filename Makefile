@@ -34,10 +34,10 @@ $(STAMP): requirements.txt requirements-dev.txt requirements-torch-$(TORCH).txt 
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VPY) -m radiology.demo --source $(SHARED)/hippocampus_mr --dest $(STUDIES)
+	$(VPY) -m research.radiology.demo --source $(SHARED)/hippocampus_mr --dest $(STUDIES)
 
 serve: $(STAMP)
-	@test -d "$(STUDIES)" || $(VPY) -m radiology.demo --source $(SHARED)/hippocampus_mr --dest $(STUDIES)
+	@test -d "$(STUDIES)" || $(VPY) -m research.radiology.demo --source $(SHARED)/hippocampus_mr --dest $(STUDIES)
 	MONAI_LABEL_TRACKING_ENABLED=false $(VENV)/bin/monailabel start_server --app apps/radiology \
 		--studies $(STUDIES) --conf models $(MODELS) --host $(HOST) --port $(PORT)
 

@@ -1,7 +1,7 @@
 """Does weight averaging polish trained hippocampus weights? ``python -m benchmarks.hippocampus_swa --help``.
 
 Stochastic weight averaging, tried for issue 2 on the CPU: continue from trained weights with the
-shipped recipe's augmentation (``radiology.batch_augment``) at a constant learning rate, and average
+shipped recipe's augmentation (``research.radiology.batch_augment``) at a constant learning rate, and average
 the weights every ``--every`` steps after ``--start``. Every 100 steps it prints validation Dice of
 the current and of the averaged weights, against the starting weights' line. Judge on weights
 trained on the train split only (validation is then held out); the averaged weights go to ``--out``.
@@ -23,9 +23,9 @@ from torch.optim.swa_utils import AveragedModel
 
 from appcore.precision import training_autocast
 from appcore.weights import load_state_dict, save_weights_atomically
-from radiology.offline import batched_data, parse_augment, validate
 from radiology.registry import MODELS
-from radiology.splits import msd_cases, split_cases
+from research.radiology.offline import batched_data, parse_augment, validate
+from research.radiology.splits import msd_cases, split_cases
 
 # The shipped weights' augmentation (model card, "Training").
 SHIPPED_AUGMENT = "p_spatial=0.8,rotate=0.5,scale=0.75:1.3,translate=6,p_gamma=0.4,p_noise=0.2"

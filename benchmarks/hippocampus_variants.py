@@ -28,12 +28,12 @@ from monai.transforms import Compose
 
 from appcore.weights import load_state_dict
 from radiology.ensemble import members_in
-from radiology.offline import dice_per_class
 from radiology.registry import MODELS
-from radiology.splits import msd_cases, split_cases
 from radiology.transforms import class_index, validation_transforms
-from radiology.tta import AffineTTA
 from radiology.uncertainty import MCDropoutScorer
+from research.radiology.offline import dice_per_class
+from research.radiology.splits import msd_cases, split_cases
+from research.radiology.tta import AffineTTA
 
 SHIFT = 2  # voxels, along each axis both ways
 
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--affine-tta",
         action="store_true",
-        help="also score every model with test-time rotations and zooms (radiology.tta.AffineTTA: the "
+        help="also score every model with test-time rotations and zooms (research.radiology.tta.AffineTTA: the "
         "identity, +-0.15 rad about each axis, zooms 0.9 and 1.1; 9 passes), and print each model's gain",
     )
     parser.add_argument("--top", type=int, default=8, help="how many subsets to print")

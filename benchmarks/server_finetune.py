@@ -29,9 +29,9 @@ from pathlib import Path
 import torch
 
 from benchmarks.radiology import labelled_app
-from radiology.evaluate import evaluate
 from radiology.registry import MODELS
-from radiology.splits import msd_cases, split_cases
+from research.radiology.evaluate import evaluate
+from research.radiology.splits import msd_cases, split_cases
 
 HELD_OUT = 20  # the last test cases: scored, never trained on
 

@@ -129,8 +129,8 @@ def _oracle_picked_the_worst_segmented(out: Path, pool_dir: Path) -> None:
     import torch
 
     from benchmarks.active_learning import Data, Learner, Schedule
-    from radiology.offline import validate
-    from radiology.splits import msd_cases
+    from research.radiology.offline import validate
+    from research.radiology.splits import msd_cases
 
     run = json.loads((out / "runs" / "oracle_seed0.json").read_text())
     saved = torch.load(out / "runs" / "initial_seed0.pt", weights_only=False)

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from radiology.batch_augment import BatchAugment, pad_to
-from radiology.offline import main as offline_main
-from radiology.offline import make_optimizer, make_schedule, parse_augment, train_batched
 from radiology.registry import MODELS
-from radiology.splits import Case
+from research.radiology.batch_augment import BatchAugment, pad_to
+from research.radiology.offline import main as offline_main
+from research.radiology.offline import make_optimizer, make_schedule, parse_augment, train_batched
+from research.radiology.splits import Case
 from tests.conftest import dice, phantom_cases, phantom_msd_folder
 
 NO_INTENSITY = {"p_gamma": 0.0, "p_gain": 0.0, "p_shift": 0.0, "p_noise": 0.0}

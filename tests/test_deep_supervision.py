@@ -10,11 +10,11 @@ import pytest
 import torch
 from monai.losses import DeepSupervisionLoss, DiceCELoss
 
-from radiology.batch_augment import BatchAugment
-from radiology.deep_supervision import DeepSupervision, decoder_levels
-from radiology.offline import main as offline_main
-from radiology.offline import train_batched
 from radiology.registry import MODELS
+from research.radiology.batch_augment import BatchAugment
+from research.radiology.deep_supervision import DeepSupervision, decoder_levels
+from research.radiology.offline import main as offline_main
+from research.radiology.offline import train_batched
 from tests.conftest import phantom_cases, phantom_msd_folder
 
 SPEC = dataclasses.replace(MODELS["hippocampus"], members=1)  # offline training: one UNet per run

@@ -11,10 +11,11 @@ import pytest
 import torch
 
 from appcore.weights import load_state_dict, save_weights_atomically
-from radiology import ensemble
-from radiology.ensemble import MeanOfMembers, combine, members_in, spread_over_members
+from radiology.ensemble import MeanOfMembers, members_in, spread_over_members
 from radiology.hippocampus import HIPPOCAMPUS
 from radiology.uncertainty import TTA_AUGMENTS, mc_window, tta_window
+from research.radiology import combine as ensemble
+from research.radiology.combine import combine
 
 SMALL = dataclasses.replace(HIPPOCAMPUS, channels=(4, 8, 16, 32), members=1)
 

@@ -26,7 +26,7 @@ from pathology.export import main as pathology_main
 from radiology import export as radiology_export
 from radiology.infer import SegmentationInfer
 from radiology.registry import MODELS
-from radiology.splits import msd_cases, split_cases
+from research.radiology.splits import msd_cases, split_cases
 from tests.conftest import HIPPO, SHARED, requires_shared, write_nifti
 from tests.servers import monailabel_server
 

@@ -11,8 +11,8 @@ import numpy as np
 
 from radiology.hippocampus import HIPPOCAMPUS
 from radiology.infer import SegmentationInfer
-from radiology.offline import dice_per_class
-from radiology.splits import msd_cases, split_cases
+from research.radiology.offline import dice_per_class
+from research.radiology.splits import msd_cases, split_cases
 from tests.conftest import HIPPO, ROOT, requires_shared
 
 CARD = ROOT / "radiology" / "cards" / "hippocampus.md"

@@ -16,8 +16,8 @@ from appcore.settings import AppSettings
 from appcore.validation import infer_memory_mb
 from radiology.inverse import InvertClassIndexd, invert_class_index
 from radiology.registry import MODELS
-from radiology.splits import msd_cases, split_cases
 from radiology.transforms import CompactDtyped, preprocess
+from research.radiology.splits import msd_cases, split_cases
 from tests.conftest import HIPPO, SPLEEN, TOTALSEG, requires_shared, write_nifti
 
 AGREEMENT = 0.9999

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from radiology.label_mapping import load_class_map, remap_by_name
-from radiology.offline import dice_per_class
 from radiology.registry import MODELS
+from research.radiology.offline import dice_per_class
 from tests.conftest import TOTALSEG, requires_shared
 
 

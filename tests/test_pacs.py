@@ -22,7 +22,7 @@ from appcore.dicom.seg import SEG_MANUFACTURER, dicom_lab_to_rgb, seg_to_label
 from appcore.dicom.series import load_series
 from radiology.label_mapping import load_class_map, remap_by_name
 from radiology.registry import MODELS
-from radiology.splits import msd_cases, split_cases
+from research.radiology.splits import msd_cases, split_cases
 from tests.conftest import HIPPO, SHARED, TOTALSEG, dice, requires_shared
 from tests.e2e.servers import (
     LoadedPacs,
@@ -37,7 +37,7 @@ from tests.segs import SegKind, foreign_seg, label_map_seg
 
 pytestmark = [requires_shared, requires_dicom_data, requires_orthanc, pytest.mark.slow]
 
-# hippocampus_008 is in the held-out test split (radiology/splits.py): the shipped model never trained on it.
+# hippocampus_008 is in the held-out test split (research/radiology/splits.py): the shipped model never trained on it.
 MR_CASES = ("hippocampus_008", "hippocampus_003")
 
 

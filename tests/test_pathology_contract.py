@@ -19,10 +19,10 @@ from appcore.errors import RequestError
 from appcore.weights import load_state_dict
 from pathology.app import PathologyApp
 from pathology.data import cpm_tiles
-from pathology.metrics import aji
 from pathology.registry import MODELS
 from pathology.spec import NUCLEI
 from pathology.weights import load_network
+from research.pathology.metrics import aji
 from tests.apps import unwatched_app
 from tests.conftest import SHARED
 

@@ -8,10 +8,10 @@ from scipy import ndimage
 
 from appcore.errors import RequestError
 from pathology.data import normalised_distance
-from pathology.metrics import aji
 from pathology.nuclick import clicked_nuclei
 from pathology.postprocess import instance_polygons, instances_from_maps, polygon_area, rasterize
 from pathology.wsi import ArraySource, check_region, run_tiled, tile_boxes
+from research.pathology.metrics import aji
 
 
 def discs(shape: tuple[int, int], centres: list[tuple[int, int]], radius: int) -> np.ndarray:

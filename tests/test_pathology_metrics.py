@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pathology.metrics import aji, dice
+from research.pathology.metrics import aji, dice
 
 
 def _mask(*boxes: tuple[int, int, int, int, int], shape: tuple[int, int] = (10, 10)) -> np.ndarray:

@@ -13,10 +13,10 @@ import torch
 
 import pathology.weights
 from pathology.data import HELD_OUT, cpm_tiles
-from pathology.metrics import aji, dice
 from pathology.predict import predict_instances
 from pathology.spec import NUCLEI
 from pathology.weights import load_network
+from research.pathology.metrics import aji, dice
 from tests.conftest import SHARED
 
 CPM = SHARED / "pathology" / "nuclei_cpm15"
@@ -28,7 +28,9 @@ CONTRACT_TILE, MIN_DICE, MIN_AJI = "image04", 0.87, 0.65
 
 def test_shipped_weights_are_small_and_load() -> None:
     path = NUCLEI.shipped_weights_path
-    assert path.exists(), "pathology/weights/nuclei.pt is missing: train it with python -m pathology.offline train"
+    assert path.exists(), (
+        "pathology/weights/nuclei.pt is missing: train it with python -m research.pathology.offline train"
+    )
     assert path.stat().st_size <= 25 * 2**20
     load_network(NUCLEI, path)
 

@@ -12,9 +12,9 @@ import torch
 import appcore.precision as precision
 from radiology.hippocampus import HIPPOCAMPUS
 from radiology.infer import SegmentationInfer
-from radiology.offline import dice_per_class
-from radiology.splits import msd_cases, split_cases
 from radiology.uncertainty import MCDropoutScorer
+from research.radiology.offline import dice_per_class
+from research.radiology.splits import msd_cases, split_cases
 from tests.apps import make_app
 from tests.conftest import HIPPO, requires_shared
 

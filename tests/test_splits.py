@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from radiology.splits import Case, msd_cases, split_cases
+from research.radiology.splits import Case, msd_cases, split_cases
 from tests.conftest import HIPPO, requires_shared
 
 

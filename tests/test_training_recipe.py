@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from monai.transforms import RandFlipd
 
-from radiology.offline import train
 from radiology.registry import MODELS
 from radiology.transforms import augment
+from research.radiology.offline import train
 from tests.conftest import ROOT, phantom_cases
 
 
@@ -74,10 +74,11 @@ def test_gpu_and_simulation_code_imports_without_the_server() -> None:
     """The GPU machine has no monailabel: scoring, windows, offline training and the benchmarks must not need it."""
     code = (
         "import sys, json; "
-        "import radiology.uncertainty, radiology.windows, radiology.offline; "
+        "import radiology.uncertainty, radiology.windows, research.radiology.offline; "
         "import benchmarks.gpu, benchmarks.active_learning; "
         "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] == 'monailabel')))"
     )
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert json.loads(result.stdout.strip().splitlines()[-1]) == []
+

@@ -1,4 +1,4 @@
-"""Test-time rotations and zooms (radiology.tta): each pass is undone on the probabilities."""
+"""Test-time rotations and zooms (research.radiology.tta): each pass is undone on the probabilities."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from radiology.tta import AffineTTA, rotation, tta_matrices, voxel_affine
+from research.radiology.tta import AffineTTA, rotation, tta_matrices, voxel_affine
 
 
 def blob(shape: tuple[int, int, int], centre: tuple[float, float, float], radius: float) -> torch.Tensor:

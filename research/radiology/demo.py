@@ -1,4 +1,4 @@
-"""Prepare a demo studies folder from a real MSD dataset: ``python -m radiology.demo --help``.
+"""Prepare a demo studies folder from a real MSD dataset: ``python -m research.radiology.demo --help``.
 
 Only the test split's images are copied (no labels: labelling them is the clinician's job), so the
 shipped model's predictions in the demo are on cases it never saw in training.
@@ -10,7 +10,7 @@ import argparse
 import shutil
 from pathlib import Path
 
-from radiology.splits import msd_cases, split_cases
+from research.radiology.splits import msd_cases, split_cases
 
 
 def prepare(source: Path, dest: Path) -> list[Path]:

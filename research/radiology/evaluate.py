@@ -1,4 +1,4 @@
-"""Held-out Dice of a model through the server's own infer path: ``python -m radiology.evaluate --help``.
+"""Held-out Dice of a model through the server's own infer path: ``python -m research.radiology.evaluate --help``.
 
 Each case goes through ``SegmentationInfer`` exactly as ``/infer`` runs it, and Dice is computed on
 the image's original voxel grid against the reference label.
@@ -19,9 +19,9 @@ import torch
 from appcore.weights import load_state_dict
 from radiology.ensemble import members_in
 from radiology.infer import SegmentationInfer
-from radiology.offline import dice_per_class
 from radiology.registry import MODELS
-from radiology.splits import Case, msd_cases, split_cases
+from research.radiology.offline import dice_per_class
+from research.radiology.splits import Case, msd_cases, split_cases
 
 
 def evaluate(

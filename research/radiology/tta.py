@@ -1,7 +1,7 @@
 """Test-time augmentation by small rotations and zooms, undone on the class probabilities.
 
 Each pass resamples the pre-processed image with one fixed affine (``F.affine_grid``, built in voxel
-units about the centre like ``radiology.batch_augment.random_affine``), segments it, and resamples
+units about the centre like ``research.radiology.batch_augment.random_affine``), segments it, and resamples
 the probabilities back with the inverse affine; the passes' probabilities are averaged. Mirroring
 is left out on purpose: a network trained without it segments mirrored anatomy badly (RESULTS,
 "left-right mirroring at test time"), while rotations and zooms of this size lie well inside the

@@ -1,4 +1,4 @@
-"""Train a model's shipped weights from an MSD-layout folder: ``python -m radiology.offline --help``."""
+"""Train a model's shipped weights from an MSD-layout folder: ``python -m research.radiology.offline --help``."""
 
 from __future__ import annotations
 
@@ -21,12 +21,12 @@ from monai.transforms import Compose
 from monai.utils import set_determinism
 
 from appcore.weights import save_weights_atomically
-from radiology.batch_augment import BatchAugment, pad_to
-from radiology.deep_supervision import DeepSupervision
 from radiology.registry import MODELS
 from radiology.spec import ModelSpec
-from radiology.splits import Case, msd_cases, split_cases
 from radiology.transforms import class_index, training_transforms, validation_transforms
+from research.radiology.batch_augment import BatchAugment, pad_to
+from research.radiology.deep_supervision import DeepSupervision
+from research.radiology.splits import Case, msd_cases, split_cases
 
 logger = logging.getLogger(__name__)
 
@@ -215,7 +215,7 @@ def train_batched(
     timed and the remaining steps sized to fill the time (validation included). The learning rate
     follows one cycle over all steps. ``val_every`` counts steps; the best validation checkpoint
     goes to ``out``, as in ``train``. ``deep_supervision`` > 0 adds a loss on that many coarser
-    decoder levels (``radiology.deep_supervision``); the weights written are the UNet's alone.
+    decoder levels (``research.radiology.deep_supervision``); the weights written are the UNet's alone.
     ``optimizer_kind`` ``sgd`` swaps the AdamW one-cycle recipe for nnU-Net's SGD with polynomial
     decay and gradient clipping (``make_optimizer``, ``make_schedule``).
     """
@@ -344,7 +344,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workers", type=int, help="loader processes for augmentation (default 0)")
     parser.add_argument("--deadline-minutes", type=float, help="stop after the epoch that passes this many minutes")
     batched = parser.add_argument_group(
-        "batched training", "whole volumes on the device, augmented a batch at a time (radiology.batch_augment)"
+        "batched training",
+        "whole volumes on the device, augmented a batch at a time (research.radiology.batch_augment)",
     )
     batched.add_argument("--batched", action="store_true", help="use it (every volume must fit in the patch)")
     batched.add_argument("--steps", type=int, help="optimiser steps (instead of --epochs)")
@@ -402,7 +403,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
 
     # One network per run: a model that serves several (``members``) combines separately trained
-    # runs with ``python -m radiology.ensemble``.
+    # runs with ``python -m research.radiology.combine``.
     spec = dataclasses.replace(MODELS[args.model], members=1)
     if args.channels:
         spec = dataclasses.replace(spec, channels=tuple(int(c) for c in args.channels.split(",")))

@@ -1,4 +1,4 @@
-"""Train and evaluate the shipped nuclei weights: ``python -m pathology.offline {train,evaluate} --help``."""
+"""Train and evaluate the shipped nuclei weights: ``python -m research.pathology.offline {train,evaluate} --help``."""
 
 from __future__ import annotations
 
@@ -14,11 +14,11 @@ import numpy as np
 import torch
 
 from pathology.data import HELD_OUT, Tile, cpm_tiles, split_tiles
-from pathology.metrics import aji, dice
 from pathology.predict import instances, predict_instances, predict_maps
 from pathology.spec import NUCLEI, NucleiSpec
 from pathology.training import Example, train_steps
 from pathology.weights import load_network, save_weights_atomically
+from research.pathology.metrics import aji, dice
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""Research tools kept apart from the serving packages: offline training, evaluation, experiments."""

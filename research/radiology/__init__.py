@@ -1,0 +1,1 @@
+"""Radiology research: offline training, evaluation, splits, test-time augmentation experiments, the demo."""
