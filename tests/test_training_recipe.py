@@ -82,3 +82,33 @@ def test_gpu_and_simulation_code_imports_without_the_server() -> None:
     assert result.returncode == 0, result.stderr[-2000:]
     assert json.loads(result.stdout.strip().splitlines()[-1]) == []
 
+
+def test_server_and_offline_training_share_one_recipe(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Loss, optimiser and validation window come from ``radiology.recipe`` in both trainings."""
+    from radiology import recipe
+    from radiology.train import SegmentationTrainer
+    from research.radiology import offline
+
+    spec = MODELS["hippocampus"]
+    marks = {"loss": object(), "optimizer": object(), "window": []}
+    monkeypatch.setattr(recipe, "loss", lambda: marks["loss"])
+    monkeypatch.setattr(recipe, "optimizer", lambda params, lr: (marks["optimizer"], lr))
+    monkeypatch.setattr(recipe, "validation_window", lambda s, sw_batch_size: marks["window"].append(s) or "window")
+
+    server = SegmentationTrainer(spec, str(tmp_path / "m"), str(tmp_path / "m.pt"), cpu_bf16=False)
+    context = type("Context", (), {"network": spec.unet()})()
+    assert server.loss_function(context) is marks["loss"]
+    assert server.optimizer(context) == (marks["optimizer"], spec.learning_rate)
+    server.val_inferer(context)
+    assert offline.make_optimizer("adamw", [], 0.01) == (marks["optimizer"], 0.01)
+    assert marks["window"] == [spec]
+    assert offline.recipe is recipe, "the offline trainer reads the same module"
+
+
+@pytest.mark.parametrize(("model", "batch"), [("hippocampus", 2), ("organs_ct", 4)])
+def test_the_validation_window_is_the_model_roi_blended_as_at_inference(model: str, batch: int) -> None:
+    from radiology import recipe
+
+    window = recipe.validation_window(MODELS[model], sw_batch_size=batch)
+    assert (tuple(window.roi_size), window.sw_batch_size, window.overlap) == (MODELS[model].roi_size, batch, 0.25)
+    assert str(window.mode) in ("gaussian", "BlendMode.GAUSSIAN")

@@ -15,12 +15,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from monai.data import CacheDataset, DataLoader
-from monai.inferers import sliding_window_inference
-from monai.losses import DeepSupervisionLoss, DiceCELoss
+from monai.losses import DeepSupervisionLoss
 from monai.transforms import Compose
 from monai.utils import set_determinism
 
 from appcore.weights import save_weights_atomically
+from radiology import recipe
 from radiology.registry import MODELS
 from radiology.spec import ModelSpec
 from radiology.transforms import class_index, training_transforms, validation_transforms
@@ -81,7 +81,7 @@ def validate(spec: ModelSpec, model: torch.nn.Module, dataset: CacheDataset, dev
     totals = {c: 0.0 for c in spec.labels.ids}
     for item in dataset:
         image = item["image"][None].to(device)
-        logits = sliding_window_inference(image, spec.roi_size, 4, model, overlap=0.25, mode="gaussian")
+        logits = recipe.validation_window(spec, sw_batch_size=4)(image, model)
         pred = class_index(logits, 1)[0, 0].cpu().numpy()
         truth = item["label"][0].cpu().numpy().round().astype(np.int64)
         for c, d in dice_per_class(pred, truth, spec.labels.ids).items():
@@ -118,10 +118,10 @@ def train(
     )
 
     model = spec.network().to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-5)
+    optimizer = recipe.optimizer(model.parameters(), lr)
     steps = epochs * math.ceil(len(train_ds) * spec.samples_per_image / batch_size)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.05)
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    loss_fn = recipe.loss()
     use_amp = device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
 
@@ -173,7 +173,7 @@ SGD_CLIP = 12.0  # nnU-Net's gradient-norm cap for its SGD
 def make_optimizer(kind: str, params: Iterable[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
     """``adamw`` (this project's recipe) or ``sgd``: nnU-Net's SGD, Nesterov momentum 0.99, weight decay 3e-5."""
     if kind == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=1e-5)
+        return recipe.optimizer(params, lr)
     if kind == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=0.99, nesterov=True, weight_decay=3e-5)
     raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {kind!r}")
@@ -233,7 +233,7 @@ def train_batched(
 
     model = spec.network().to(device)
     trained: torch.nn.Module = model
-    loss_fn: torch.nn.Module = DiceCELoss(to_onehot_y=True, softmax=True)
+    loss_fn: torch.nn.Module = recipe.loss()
     if deep_supervision:
         trained = DeepSupervision(model, extra_levels=deep_supervision).to(device)
         # Weights 1, 0.5, 0.25, ... from the finest output down.
