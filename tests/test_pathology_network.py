@@ -1,7 +1,7 @@
 """The shipped nuclei network on its own, on the CPU and, where there is one, on CUDA.
 
 Nothing here imports MONAI Label, so these tests also run under a bare CUDA Python with MONAI
-(the lent GPU machine: ``benchmarks/gpu_session.sh pathology``). The app's contract is in
+(the lent GPU machine: ``benchmarks/gpu_session.sh pathology``, kept at commit 1fb81a5). The app's contract is in
 ``tests/test_pathology_contract.py``.
 """
 

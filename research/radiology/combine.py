@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> None:
     if len(states) != model.members:
         print(
             f"note: {args.model} serves {model.members} network(s) (ModelSpec.members): the server refuses this "
-            "file; research.radiology.evaluate and benchmarks.hippocampus_variants read any count"
+            "file; research.radiology.evaluate reads any count"
         )
 
 
