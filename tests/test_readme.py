@@ -1,10 +1,13 @@
-"""The README's tables of models and options are checked against the registry and the settings."""
+"""The README's models table is checked against the registry, its links against the docs pages."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import fields
 
-from appcore.settings import AppSettings
+import pytest
+
+from appcore.settings import PathologySettings, RadiologySettings, Settings
 from radiology.registry import MODELS
 from tests.conftest import ROOT
 
@@ -36,18 +39,29 @@ def test_models_table_matches_registry() -> None:
         assert weights.startswith("shipped" if spec.shipped_weights else "none")
 
 
-def test_options_table_matches_settings() -> None:
-    rows = _table_rows("`")
-    options = {k: _cells(v)[1] for k, v in rows.items() if v.count("|") == 4}
-    assert set(options) == {f.name for f in fields(AppSettings)}
-    defaults = AppSettings.from_conf({}, list(MODELS))
-    documented = {"models": "`all`", "al_model": "first of `models`"}
-    for f in fields(AppSettings):
-        value = getattr(defaults, f.name)
-        if f.name in documented:
-            continue
-        if isinstance(value, tuple):  # a list option: empty by default
-            documented[f.name] = ", ".join(value) or "none"
-        else:
-            documented[f.name] = str(value).lower() if isinstance(value, bool) else f"{value:g}"
-    assert options == documented
+@pytest.mark.parametrize("page", ["api", "options", "pacs", "pathology", "architecture", "seam"])
+def test_readme_links_each_reference_page(page: str) -> None:
+    assert f"](docs/{page}.md)" in README
+    assert (ROOT / "docs" / f"{page}.md").is_file()
+
+
+@pytest.mark.parametrize("page", ["README.md", *sorted(f"docs/{p.name}" for p in (ROOT / "docs").glob("*.md"))])
+def test_relative_links_resolve(page: str) -> None:
+    """Every link of the README and the docs to a file of this repository names one that exists."""
+    path = ROOT / page
+    targets = re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", path.read_text())
+    missing = [t for t in targets if "://" not in t and not (path.parent / t).exists()]
+    assert not missing, f"{page} links to missing files: {missing}"
+
+
+def test_options_page_lists_every_option_of_each_app() -> None:
+    rows = [line for line in (ROOT / "docs" / "options.md").read_text().splitlines() if line.startswith("| `")]
+    options = {_cells(row)[0].strip("`"): _cells(row)[1] for row in rows}
+    expected = {f.name: "both" for f in fields(Settings)}
+    expected |= {
+        f.name: app
+        for cls, app in ((RadiologySettings, "radiology"), (PathologySettings, "pathology"))
+        for f in fields(cls)
+        if f.name not in expected
+    }
+    assert options == expected
