@@ -12,7 +12,7 @@ PORT ?= 8000
 TORCH ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo cuda || echo cpu)
 STAMP := $(VENV)/.installed-$(TORCH)
 PACS_PORT ?= 8042
-# Debian packages for the PACS and browser tests (tests/test_pacs*.py, tests/e2e): installed once.
+# Debian packages for the PACS and browser tests (tests/appcore/test_pacs.py, tests/appcore/test_dicom_proxy.py, tests/e2e): installed once.
 SYSDEPS := $(VENV)/.sysdeps
 SYSDEPS_PKGS := orthanc orthanc-dicomweb chromium
 

@@ -118,7 +118,7 @@ def test_tile_labels_are_stored_as_instance_masks(store: PathologyDatastore, tmp
 def test_a_save_while_another_process_rewrote_the_records_keeps_its_label(
     store: PathologyDatastore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """As for radiology (``tests/test_datastore.py``): the records re-read while a label was checked."""
+    """As for radiology (``tests/appcore/test_datastore.py``): the records re-read while a label was checked."""
     import pathology.datastore
 
     other = PathologyDatastore(store._datastore_path)

@@ -2,7 +2,7 @@
 
 Nothing here imports MONAI Label, so these tests also run under a bare CUDA Python with MONAI
 (the lent GPU machine: ``benchmarks/gpu_session.sh pathology``, kept at commit 1fb81a5). The app's contract is in
-``tests/test_pathology_contract.py``.
+``tests/pathology/test_pathology_contract.py``.
 """
 
 from __future__ import annotations

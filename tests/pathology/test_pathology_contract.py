@@ -1,6 +1,6 @@
 """Contract of each registered pathology model through the app, in-process on real data.
 
-The shipped network alone (CPU and CUDA) is in ``tests/test_pathology_network.py``.
+The shipped network alone (CPU and CUDA) is in ``tests/pathology/test_pathology_network.py``.
 """
 
 from __future__ import annotations
