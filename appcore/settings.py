@@ -197,9 +197,9 @@ class Settings:
         unknown_keys = sorted(set(conf) - set(known) - PASSTHROUGH)
         if unknown_keys:
             others = [
-                f"{k} (an option of the {s.app} app)" for k in unknown_keys for s in APP_SETTINGS if k in s.options()
+                f"{k} is an option of the {s.app} app" for k in unknown_keys for s in APP_SETTINGS if k in s.options()
             ]
-            elsewhere = f" ({', '.join(others)})" if others else ""
+            elsewhere = f" ({'; '.join(others)})" if others else ""
             raise ValueError(
                 f"Unknown --conf option(s) {unknown_keys} for the {cls.app} app{elsewhere}; "
                 f"valid options: {sorted(known)}"

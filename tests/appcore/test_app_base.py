@@ -68,7 +68,7 @@ def test_pathology_ranks_patches_under_al_model(tmp_path: Path, monkeypatch: pyt
 
 
 def test_pathology_refuses_a_radiology_only_option(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match=r"\['infer_memory_mb'\] for the pathology app \(infer_memory_mb \(an option"):
+    with pytest.raises(ValueError, match=r"\['infer_memory_mb'\] for the pathology app \(infer_memory_mb is an option"):
         _pathology(tmp_path, {"infer_memory_mb": "4096"})
 
 

@@ -98,7 +98,7 @@ def test_the_split_keeps_every_option_somewhere() -> None:
 @pytest.mark.parametrize("key", RADIOLOGY_ONLY)
 def test_pathology_refuses_each_radiology_only_option(key: str) -> None:
     match = (
-        rf"Unknown --conf option\(s\) \['{key}'\] for the pathology app \({key} \(an option of the radiology app\)\); "
+        rf"Unknown --conf option\(s\) \['{key}'\] for the pathology app \({key} is an option of the radiology app\); "
         r"valid options: \['al_model', "
     )
     with pytest.raises(ValueError, match=match):
