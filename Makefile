@@ -14,7 +14,7 @@ STAMP := $(VENV)/.installed-$(TORCH)
 PACS_PORT ?= 8042
 # Test order: `random` (a new seed each run, printed in pytest's header), a seed to replay one, or `off`.
 SHUFFLE ?= random
-# Debian packages for the PACS and browser tests (tests/test_pacs*.py, tests/e2e): installed once.
+# Debian packages for the PACS and browser tests (tests/appcore/test_pacs.py, tests/appcore/test_dicom_proxy.py, tests/e2e): installed once.
 SYSDEPS := $(VENV)/.sysdeps
 SYSDEPS_PKGS := orthanc orthanc-dicomweb chromium
 
@@ -42,7 +42,7 @@ $(STAMP): requirements.txt requirements-dev.txt requirements-torch-$(TORCH).txt 
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VPY) -m radiology.demo --source $(SHARED)/hippocampus_mr --dest $(STUDIES)
+	$(VPY) -m research.radiology.demo --source $(SHARED)/hippocampus_mr --dest $(STUDIES)
 
 # Orthanc loaded with the demo studies (in the background, stopped with the server), the server on
 # it, OHIF at http://$(HOST):$(PORT)/ohif/ with the labeling panel in its segmentation mode.
@@ -58,7 +58,7 @@ serve: $(STAMP) $(SYSDEPS) $(OHIF_STAMP)
 
 # The same server on a folder of NIfTI images (no PACS, no OHIF labeling): 3D Slicer's way.
 serve-folder: $(STAMP)
-	@test -d "$(STUDIES)" || $(VPY) -m radiology.demo --source $(SHARED)/hippocampus_mr --dest $(STUDIES)
+	@test -d "$(STUDIES)" || $(VPY) -m research.radiology.demo --source $(SHARED)/hippocampus_mr --dest $(STUDIES)
 	MONAI_LABEL_TRACKING_ENABLED=false $(VENV)/bin/monailabel start_server --app apps/radiology \
 		--studies $(STUDIES) --conf models $(MODELS) --host $(HOST) --port $(PORT)
 

@@ -13,10 +13,10 @@ import shutil
 import sys
 import tempfile
 import threading
-from collections.abc import Collection, Iterator, Sequence, Set
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence, Set
 from datetime import datetime
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, ClassVar
 
 import nibabel as nib
 import torch
@@ -34,6 +34,7 @@ from appcore.history import HISTORY_DIR, LabelHistory
 from appcore.lifecycle import children_stop_with_server, die_with_server, is_task_process
 from appcore.projectdb import project_db
 from appcore.sessions import CheckedSessions
+from appcore.settings import Settings
 from appcore.validation import MAX_ID_BYTES, check_device, check_image_id, check_upload_size, check_volume
 from appcore.versions import VersionStore, store_beside
 from appcore.weights import checked_state_dict
@@ -693,8 +694,8 @@ _SLOTS_LOCK = threading.Lock()
 class RequestChecks:
     """Mixin for a ``MONAILabelApp``: a request the app cannot serve gets a 4xx before anything starts.
 
-    Put it before ``MONAILabelApp`` in the app's bases (``class App(RequestChecks, MONAILabelApp)``):
-    ``monailabel start_server`` finds the app class by a direct base named ``MONAILabelApp``.
+    Put it before ``MONAILabelApp`` in the app's bases (``class App(RequestChecks, MONAILabelApp)``);
+    ``LabelingApp`` does, and both apps extend it.
 
     MONAI Label (0.8.5) answers an unknown strategy or a form field that is not JSON with a 500, and
     starts a background training or scoring for an unknown name, for parameters of the wrong type
@@ -720,7 +721,7 @@ class RequestChecks:
     against the installed monailabel in ``on_init_complete`` (``appcore.seam.install``).
     """
 
-    settings: Any  # the app's settings (``appcore.settings.AppSettings``): ``max_upload_mb`` is read
+    settings: Any  # the app's settings (``appcore.settings.Settings``): ``max_upload_mb`` is read
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         if is_task_process():
@@ -1010,3 +1011,113 @@ class RequestChecks:
         if model is not None and model not in known:
             raise not_found(f"Unknown model {model!r}; models: {sorted(known)}")
         return None
+
+
+class LabelingApp(RequestChecks, MONAILabelApp):
+    """The base both apps extend: their registry, settings, model folder, reservations and weights.
+
+    An app names what it plugs in (class attributes) and builds its tasks; the construction they
+    share happens here once:
+
+    - ``registry``: the models it can serve (``{"name": entry}``); ``--conf models`` picks among them
+      (``self.models``, in the order asked for) and every task is built for those.
+    - ``settings_class``: its ``appcore.settings.Settings`` subclass; an option it does not have is
+      refused at start, with the list of those it has.
+    - ``reservation_book``: the class that keeps which client holds which image
+      (``strategies.reservations.ReservationBook``; appcore does not import strategies), one for all
+      strategies, kept in ``<app_dir>/model/reservations.json`` across a restart.
+    - weights: a model serves ``<app_dir>/model/<file>`` once a training or an upload published it
+      (``published_weights``; models that run one network share it), its shipped weights before.
+    - tasks: ``new_infer(model)`` for every served model and ``new_trainer(model)`` once per
+      published file (listed under every model that shares it).
+
+    MONAI Label's own scoring after each training (``_auto_update_scoring``) is off: the apps run
+    their own scoring where it is needed.
+
+    Args:
+        app_dir: the app's folder (``--app``); its ``model`` folder holds what the server writes.
+        studies: the studies folder or DICOMweb URL (``--studies``).
+        conf: the ``--conf`` pairs, parsed by ``settings_class``.
+    """
+
+    registry: ClassVar[Mapping[str, Any]]
+    settings_class: ClassVar[type[Settings]]
+    reservation_book: ClassVar[Callable[..., Any]]
+    app_name: ClassVar[str]
+    app_description: ClassVar[str]
+    app_version: ClassVar[str] = "0.1.0"
+
+    def __init__(self, app_dir: str, studies: str, conf: dict[str, str]) -> None:
+        self.settings = self.settings_class.from_conf(conf or {}, self.registry)
+        self.models: dict[str, Any] = {name: self.registry[name] for name in self.settings.models}
+        self.model_dir = Path(app_dir) / "model"
+        # Kept in a file too: a restarted server must not hand an annotator's image to another.
+        self.book = self.reservation_book(
+            self.settings.reservation_s,
+            path=self.model_dir / "reservations.json",  # an older server's, moved into the database
+            max_pick=self.settings.max_k,
+            db=project_db(self.model_dir),
+        )
+        self.prepare()
+        super().__init__(
+            app_dir=app_dir,
+            studies=studies,
+            conf=conf,
+            name=self.app_name,
+            description=self.app_description,
+            version=self.app_version,
+        )
+        # Scoring is triggered where it is needed (start, after training, on request), not by MONAI
+        # Label after every training in the server's process.
+        seam.no_auto_scoring(self)
+
+    def prepare(self) -> None:
+        """What the app sets up before MONAI Label builds its datastore and tasks (nothing by default)."""
+
+    # -- models and weights ------------------------------------------------------------------------
+    def spec(self, model: str) -> Any:
+        """``model``'s spec (its network, shipped weights, labels): the registry entry by default."""
+        return self.models[model]
+
+    def published_weights(self, model: str) -> Path:
+        return self.model_dir / f"{model}.pt"
+
+    def shipped_weights(self, model: str) -> Path | None:
+        return self.spec(model).shipped_weights_path
+
+    def new_network(self, model: str) -> torch.nn.Module:
+        return self.spec(model).network()
+
+    def weight_paths(self, model: str) -> list[str]:
+        """The files ``model`` may serve, in order of preference the last existing one: shipped, published."""
+        shipped = self.shipped_weights(model)
+        return [*([str(shipped)] if shipped else []), str(self.published_weights(model))]
+
+    def studies_folder(self) -> str:
+        """``--studies`` as a local folder; ``FileNotFoundError`` where there is none."""
+        if not os.path.isdir(self.studies):
+            raise FileNotFoundError(f"Studies folder {self.studies!r} does not exist; pass --studies DIR")
+        return self.studies
+
+    # -- tasks -------------------------------------------------------------------------------------
+    def new_infer(self, model: str) -> Any:
+        """The infer task of served model ``model``."""
+        raise NotImplementedError(f"{type(self).__name__} builds no infer task (define new_infer)")
+
+    def new_trainer(self, model: str) -> Any:
+        """The training task of ``model``'s published weights (shared by the models that share them)."""
+        raise NotImplementedError(f"{type(self).__name__} builds no training task (define new_trainer)")
+
+    def init_infers(self) -> dict[str, Any]:
+        return {name: self.new_infer(name) for name in self.models}
+
+    def init_trainers(self) -> dict[str, Any]:
+        # One trainer per published file: models running one network train the same weights.
+        by_file: dict[Path, Any] = {}
+        trainers = {}
+        for name in self.models:
+            path = self.published_weights(name)
+            if path not in by_file:
+                by_file[path] = self.new_trainer(name)
+            trainers[name] = by_file[path]
+        return trainers

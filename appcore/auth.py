@@ -88,7 +88,7 @@ P, U, AN, RV, AD = Role.PUBLIC, Role.USER, Role.ANNOTATOR, Role.REVIEWER, Role.A
 
 # (methods, path pattern as Starlette writes it, least role). HEAD goes with GET. A request whose
 # path several patterns match needs the highest of their roles; a path no pattern matches needs
-# ADMIN, so a route added without a row here is closed, not open (and tests/test_auth.py fails).
+# ADMIN, so a route added without a row here is closed, not open (and tests/appcore/test_auth.py fails).
 ROLE_TABLE: tuple[tuple[str, str, Role], ...] = (
     # pages of the server itself: no data
     ("GET", "/", P),

@@ -1,10 +1,20 @@
-"""The app's ``--conf`` options, parsed once into a frozen, typed object with every default here."""
+"""The apps' ``--conf`` options, parsed once into a frozen, typed object with every default here.
+
+``Settings`` holds the options both apps read; ``RadiologySettings`` and ``PathologySettings`` add
+each app's own. One parser reads every option from its dataclass field: the field's type says how
+(``bool``, ``int``, ``float``, ``str``, ``tuple[str, ...]``), its metadata the bounds and the
+one-line doc that ``docs/options.md`` is generated from (``python -m appcore.settings``). An option
+the app does not have is refused with the list of the ones it has.
+"""
 
 from __future__ import annotations
 
+import enum
 import math
+import typing
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, Field, dataclass, field, fields
+from typing import Any, ClassVar, TypeVar
 
 from appcore.cross_site import normal_host, normal_origin
 from appcore.history import TrainOn
@@ -13,6 +23,29 @@ MAX_TTA_SAMPLES = 6  # the test-time augmentations radiology.uncertainty defines
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
+
+# Keys MONAI Label or its clients pass through --conf that are not ours to validate.
+PASSTHROUGH = frozenset({"preload", "server_mode", "use_pretrained_model", "skip_scoring", "skip_strategies"})
+
+S = TypeVar("S", bound="Settings")
+
+
+def option(
+    default: Any = MISSING,
+    *,
+    doc: str,
+    least: float | None = None,
+    most: float | None = None,
+    below: float | None = None,
+    normal: Callable[[str], str] | None = None,
+    shown: str | None = None,
+) -> Any:
+    """A settings field: its ``default``, the one-line ``doc`` of ``docs/options.md``, and what the
+    parser checks: a number's bounds (``least`` <= value <= ``most``, value < ``below``), the
+    ``normal`` form of each item of a list (a function that raises ``ValueError`` on a bad one).
+    ``shown``: the default as the docs write it, where the field has none of its own."""
+    metadata = {"doc": doc, "least": least, "most": most, "below": below, "normal": normal, "shown": shown}
+    return field(default=default, metadata=metadata)
 
 
 def _parse_bool(key: str, value: str) -> bool:
@@ -24,125 +57,143 @@ def _parse_bool(key: str, value: str) -> bool:
     raise ValueError(f"--conf {key}: expected true or false, got {value!r}")
 
 
-def _parse_int(key: str, value: str, minimum: int) -> int:
+def _parse_number(key: str, value: str, kind: type, f: Field) -> int | float:
     try:
-        n = int(value)
+        n = kind(value)
     except ValueError:
-        raise ValueError(f"--conf {key}: expected an integer, got {value!r}") from None
-    if n < minimum:
-        raise ValueError(f"--conf {key}: must be at least {minimum}, got {n}")
+        what = "an integer" if kind is int else "a number"
+        raise ValueError(f"--conf {key}: expected {what}, got {value!r}") from None
+    if kind is float and not math.isfinite(n):
+        unit = " of seconds" if key.endswith("_s") else ""
+        raise ValueError(f"--conf {key}: expected a number{unit}, got {value!r}, which is not finite")
+    least, most, below = f.metadata["least"], f.metadata["most"], f.metadata["below"]
+    if least is not None and n < least:
+        raise ValueError(f"--conf {key}: must be at least {least}, got {n}")
+    if most is not None and n > most:
+        raise ValueError(f"--conf {key}: at most {most}, got {n}")
+    if below is not None and n >= below:
+        raise ValueError(f"--conf {key}: must be below {below}, got {n}")
     return n
 
 
-def _parse_list(key: str, value: str, normal: Callable[[str], str]) -> tuple[str, ...]:
-    """A comma-separated list, each item put in ``normal`` form (which raises on a malformed one)."""
+def _parse_list(key: str, value: str, f: Field) -> tuple[str, ...]:
+    """A comma-separated list, each item put in its ``normal`` form (which raises on a malformed one)."""
+    normal = f.metadata["normal"] or str.strip
     try:
         return tuple(dict.fromkeys(normal(item) for item in value.split(",") if item.strip()))
     except ValueError as e:
         raise ValueError(f"--conf {key}: {e}") from None
 
 
-def _parse_float(key: str, value: str, minimum: float) -> float:
-    try:
-        x = float(value)
-    except ValueError:
-        raise ValueError(f"--conf {key}: expected a number, got {value!r}") from None
-    if x < minimum:
-        raise ValueError(f"--conf {key}: must be at least {minimum}, got {x}")
-    return x
+def parse_option(cls: type[Settings], key: str, value: str) -> object:
+    """``value`` (a ``--conf`` string) as the type of ``cls``'s field ``key``, checked against its bounds.
 
-
-_BOOL_KEYS = ("score_after_train", "score_on_start", "score_new_images", "cpu_bf16", "expose_logs", "allow_anonymous")
+    Raises:
+        ValueError: a malformed or out-of-bounds value; the message names the option and what it expects.
+    """
+    f = {f.name: f for f in fields(cls)}[key]
+    kind = typing.get_type_hints(cls)[key]
+    if kind is bool:
+        return _parse_bool(key, value)
+    if kind in (int, float):
+        return _parse_number(key, value, kind, f)
+    if typing.get_origin(kind) is tuple:
+        return _parse_list(key, value, f)
+    if kind is str:
+        return value.strip()
+    if isinstance(kind, type) and issubclass(kind, enum.Enum):
+        choices = [str(member.value) for member in kind]
+        v = value.strip().lower()
+        if v not in choices:
+            raise ValueError(f"--conf {key}: expected one of {choices}, got {value!r}")
+        return kind(v)
+    raise TypeError(f"Settings field {cls.__name__}.{key} has type {kind!r}, which the --conf parser does not read")
 
 
 @dataclass(frozen=True)
-class AppSettings:
-    """Options a user passes as ``--conf KEY VALUE`` to ``monailabel start_server``.
+class Settings:
+    """Options a user passes as ``--conf KEY VALUE`` to ``monailabel start_server``, both apps alike.
 
-    Args:
-        models: models to serve, in order; the first one drives active learning unless ``al_model``.
-        al_model: the model whose uncertainty ranks images for ``epistemic``.
-        mc_samples: Monte Carlo dropout passes per image when scoring uncertainty.
-        tta_samples: test-time augmentations per image when scoring (``tta`` and the embedding used
-            by ``diversity``; 0 turns both off).
-        reservation_s: seconds an image handed out by a strategy stays reserved for that client.
-        max_k: the most images (pathology: patches) one next-sample request may ask for (``k``), as
-            each is then reserved for that client.
-        max_epochs: default epochs of one ``/train`` run.
-        train_batch_size: default patches per training step.
-        val_split: share of labelled images held out for validation when at least 5 are labelled.
-        max_upload_mb: largest label or image upload accepted (file size, and NIfTI voxel data once decompressed).
-        score_after_train: rescore the unlabelled images as soon as a training run finishes.
-        score_on_start: rescore stale images when the server starts. In the pathology app: measure the
-            patches of every image in the background, at start and again for new images and weights.
-        score_new_images: start a scoring run when a next-sample request of a strategy that ranks by
-            score finds unlabelled images that have no score yet (added since the last run: uploaded,
-            copied into the folder, new series in the PACS) and no training or scoring is running.
-        sw_batch_size: sliding windows evaluated per forward pass at inference.
-        infer_concurrency: the most infers (and WSI infers) computed at once; more requests wait for
-            a slot. Each holds a volume's network activations, so this bounds the server's memory.
-        infer_memory_mb: the most memory (MB) one radiology infer may take, estimated from the image's
-            header before any voxel is read (``appcore.validation.infer_memory_mb``); a larger image
-            is refused with a 413, at infer and at upload. ``infer_concurrency`` infers at once take
-            at most that many times as much: the defaults (2 x 640 MB) keep a server with the shipped
-            models under 2 GB whatever it is sent (``benchmarks/RESULTS.md``, "Attacks").
-        cpu_bf16: run the radiology networks (infer, scoring and ``/train``) in bfloat16 on CPUs that
-            compute it natively (AMX or AVX512-BF16; ``appcore.precision``); ``false`` keeps float32
-            everywhere. No effect on older CPUs or on CUDA, which always uses mixed precision.
-        expose_logs: serve this server's log at ``GET /logs/`` (a 403 otherwise: there is no
-            authentication yet, and the log names images, clients and server folders).
-        cors_origins: origins of other viewers' web pages allowed to use the API (CORS, and requests
-            that change something); none by default: only the server's own pages (``/ohif/``).
-        allowed_hosts: host names the server may be reached by besides ``localhost`` and IP
-            addresses (against DNS rebinding; ``appcore.cross_site``).
-        body_timeout_s: seconds a request body may pause between two chunks before the request is
-            answered with a 408.
-        keep_versions: how many of a model's newest weight versions keep their file
-            (``appcore.versions``); the served version and the shipped weights are always kept.
-        train_on: which ``final`` labels training uses: ``submitted`` (every label whose current version
-            is not rejected) or ``approved`` (only those a reviewer approved; ``docs/history.md``).
-        allow_anonymous: let the server listen on a non-loopback address with authentication off
-            (``MONAI_LABEL_AUTH_ENABLE``); without it such a start is refused (``appcore.auth``).
-        max_clicks: the most clicks (every label's and background's together) one request to an
-            interactive model may carry; more are a 422 (``radiology.interactive``).
-        train_after_labels: start a training of the model once this many labels were saved from the
-            OHIF labeling panel since the last one it started (0: only when asked).
+    An app's settings class adds its own fields; every field is an ``option`` (``docs/options.md``).
     """
 
-    models: tuple[str, ...]
-    al_model: str
-    mc_samples: int = 8
-    tta_samples: int = 4
-    reservation_s: float = 600.0
-    max_k: int = 50
-    max_epochs: int = 20
-    train_batch_size: int = 4
-    val_split: float = 0.2
-    max_upload_mb: int = 1024
-    score_after_train: bool = True
-    score_on_start: bool = True
-    score_new_images: bool = True
-    sw_batch_size: int = 1
-    infer_concurrency: int = 2
-    infer_memory_mb: int = 640
-    cpu_bf16: bool = True
-    expose_logs: bool = False
-    cors_origins: tuple[str, ...] = ()
-    allowed_hosts: tuple[str, ...] = ()
-    body_timeout_s: float = 60.0
-    keep_versions: int = 5
-    train_on: TrainOn = TrainOn.submitted
-    allow_anonymous: bool = False
-    max_clicks: int = 200
-    train_after_labels: int = 0
+    app: ClassVar[str] = "both"  # which app's options a class adds, as docs/options.md names it
+
+    models: tuple[str, ...] = option(
+        shown="`all`", doc="comma-separated models to serve, in order (`all`: every registered model)"
+    )
+    al_model: str = option(
+        shown="first of `models`",
+        doc="model whose uncertainty ranks the images (pathology: the patches) the strategies hand out",
+    )
+    reservation_s: float = option(600.0, least=0.0, doc="seconds an image handed out stays reserved for its client")
+    max_k: int = option(
+        50, least=1, doc="most images (pathology: patches) one next-sample request may ask for; more is a 400"
+    )
+    max_epochs: int = option(20, least=1, doc="epochs per training run (a request's `max_epochs` wins)")
+    train_batch_size: int = option(4, least=1, doc="patches per training step")
+    max_upload_mb: int = option(
+        1024, least=1, doc="largest accepted upload, and largest NIfTI voxel data once decompressed"
+    )
+    score_on_start: bool = option(
+        True,
+        doc="rescore stale images at start-up; pathology: measure slide patches in the background (at "
+        "start-up, for new images, after new weights)",
+    )
+    infer_concurrency: int = option(
+        2,
+        least=1,
+        doc="infers (radiology and WSI) computed at once; more requests wait for a slot (each holds a "
+        "volume's activations, so this bounds memory)",
+    )
+    expose_logs: bool = option(
+        False,
+        doc="serve this server's log at `GET /logs/` (written to `apps/<app>/logs/server-<port>.log`); a 403 "
+        "otherwise (with authentication on, admins only: the log names images, users and folders)",
+    )
+    cors_origins: tuple[str, ...] = option(
+        (),
+        normal=normal_origin,
+        doc="comma-separated origins of other viewers' pages allowed to use the API (CORS without credentials, "
+        "and requests that change something); the server's own pages need none",
+    )
+    allowed_hosts: tuple[str, ...] = option(
+        (),
+        normal=normal_host,
+        doc="comma-separated host names the server may be reached by besides `localhost` and IP addresses "
+        "(against DNS rebinding); once set, checked on every address",
+    )
+    body_timeout_s: float = option(
+        60.0, least=0.1, doc="seconds a request body may pause between two chunks before the request gets a 408"
+    )
+    keep_versions: int = option(
+        5,
+        least=1,
+        doc="newest weight versions per model whose file is kept (the served one and the shipped weights always are)",
+    )
+    train_on: TrainOn = option(
+        TrainOn.submitted,
+        shown="submitted",
+        doc="which `final` labels training uses: `submitted` (all but rejected ones) or `approved` (reviewed; "
+        "label history, review and audit log: [history.md](history.md))",
+    )
+    allow_anonymous: bool = option(
+        False,
+        doc="start with authentication off on a non-loopback `--host` (refused otherwise; [auth.md](auth.md))",
+    )
 
     @classmethod
-    def from_conf(cls, conf: Mapping[str, str], available: Iterable[str]) -> AppSettings:
-        """Validate ``conf`` (the ``--conf`` pairs) against the registered model names.
+    def options(cls) -> list[str]:
+        """The ``--conf`` keys this app takes."""
+        return [f.name for f in fields(cls)]
+
+    @classmethod
+    def from_conf(cls: type[S], conf: Mapping[str, str], available: Iterable[str]) -> S:
+        """Validate ``conf`` (the ``--conf`` pairs) against this app's options and registered model names.
 
         Raises:
-            ValueError: an unknown model, an unknown option or a malformed value; the message lists
-                the valid choices.
+            ValueError: an unknown model, an option this app does not have or a malformed value; the
+                message lists the valid choices.
         """
         available = list(available)
         raw = conf.get("models", "all").strip()
@@ -160,55 +211,111 @@ class AppSettings:
         if al_model not in models:
             raise ValueError(f"--conf al_model: {al_model!r} is not among the served models {list(models)}")
 
-        kwargs: dict[str, object] = {"models": models, "al_model": al_model}
-        known = {f.name for f in fields(cls)}
-        # Keys MONAI Label or its clients pass through --conf that are not ours to validate.
-        passthrough = {"preload", "server_mode", "use_pretrained_model", "skip_scoring", "skip_strategies"}
-        unknown_keys = sorted(set(conf) - known - passthrough)
+        known = cls.options()
+        unknown_keys = sorted(set(conf) - set(known) - PASSTHROUGH)
         if unknown_keys:
-            raise ValueError(f"Unknown --conf option(s) {unknown_keys}; valid options: {sorted(known)}")
+            others = [
+                f"{k} is an option of the {s.app} app" for k in unknown_keys for s in APP_SETTINGS if k in s.options()
+            ]
+            elsewhere = f" ({'; '.join(others)})" if others else ""
+            raise ValueError(
+                f"Unknown --conf option(s) {unknown_keys} for the {cls.app} app{elsewhere}; "
+                f"valid options: {sorted(known)}"
+            )
+        kwargs: dict[str, object] = {"models": models, "al_model": al_model}
         for key, value in conf.items():
-            if key in ("models", "al_model") or key in passthrough:
-                continue
-            if key in (
-                "mc_samples",
-                "max_epochs",
-                "train_batch_size",
-                "sw_batch_size",
-                "max_upload_mb",
-                "infer_concurrency",
-                "infer_memory_mb",
-                "max_k",
-                "keep_versions",
-                "max_clicks",
-            ):
-                kwargs[key] = _parse_int(key, value, 1)
-            elif key == "train_after_labels":
-                kwargs[key] = _parse_int(key, value, 0)
-            elif key == "tta_samples":
-                kwargs[key] = _parse_int(key, value, 0)
-                if kwargs[key] > MAX_TTA_SAMPLES:
-                    raise ValueError(f"--conf tta_samples: at most {MAX_TTA_SAMPLES}, got {kwargs[key]}")
-            elif key == "reservation_s":
-                kwargs[key] = _parse_float(key, value, 0.0)
-            elif key == "val_split":
-                split = _parse_float(key, value, 0.0)
-                if split >= 0.9:
-                    raise ValueError(f"--conf val_split: must be below 0.9, got {split}")
-                kwargs[key] = split
-            elif key in _BOOL_KEYS:
-                kwargs[key] = _parse_bool(key, value)
-            elif key == "cors_origins":
-                kwargs[key] = _parse_list(key, value, normal_origin)
-            elif key == "allowed_hosts":
-                kwargs[key] = _parse_list(key, value, normal_host)
-            elif key == "train_on":
-                choices = [t.value for t in TrainOn]
-                if value.strip().lower() not in choices:
-                    raise ValueError(f"--conf train_on: expected one of {choices}, got {value!r}")
-                kwargs[key] = TrainOn(value.strip().lower())
-            elif key == "body_timeout_s":
-                kwargs[key] = _parse_float(key, value, 0.1)
-                if not math.isfinite(kwargs[key]):
-                    raise ValueError(f"--conf body_timeout_s: expected a number of seconds, got {value!r}")
+            if key not in kwargs and key not in PASSTHROUGH:
+                kwargs[key] = parse_option(cls, key, value)
         return cls(**kwargs)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class RadiologySettings(Settings):
+    """The radiology app's options: the common ones and those of its scoring, training and infers."""
+
+    app: ClassVar[str] = "radiology"
+
+    mc_samples: int = option(8, least=1, doc="dropout passes per image when scoring")
+    tta_samples: int = option(
+        4,
+        least=0,
+        most=MAX_TTA_SAMPLES,
+        doc=f"test-time augmentations per image when scoring (`tta`, and the embedding `diversity` uses; 0 turns "
+        f"both off, at most {MAX_TTA_SAMPLES})",
+    )
+    val_split: float = option(
+        0.2, least=0.0, below=0.9, doc="share of labelled images used for validation (from 5 labelled images on)"
+    )
+    score_after_train: bool = option(True, doc="rescore after each completed training run")
+    score_new_images: bool = option(
+        True,
+        doc="when a next-sample request (any strategy but `random`) finds unlabelled images without a score, "
+        "start a scoring run in the background unless one or a training runs; until then they are ranked "
+        "after the scored images",
+    )
+    sw_batch_size: int = option(
+        1,
+        least=1,
+        doc="sliding windows per forward pass at inference (1 keeps the peak memory low; on a GPU more may be faster)",
+    )
+    infer_memory_mb: int = option(
+        640,
+        least=1,
+        doc="most memory (MB) one infer may take, estimated from the image's header before any voxel is read; "
+        "a larger image is a 413 at infer, and at upload when no served model fits (see below)",
+    )
+    cpu_bf16: bool = option(
+        True,
+        doc="run the networks (infer, scoring and `/train`) in bfloat16 on CPUs with native bfloat16 units "
+        "(Intel AMX or AVX512-BF16); no effect elsewhere; `false` keeps float32 (see below)",
+    )
+    max_clicks: int = option(
+        200,
+        least=1,
+        doc="most clicks one request to an interactive model (`<model>_interactive`, "
+        "[interactive.md](interactive.md)) may carry; more is a 422",
+    )
+    train_after_labels: int = option(
+        0,
+        least=0,
+        doc="start a training once this many labels were saved from the OHIF labeling panel since the last one it "
+        "started (0: only when asked; [ohif.md](ohif.md))",
+    )
+
+
+@dataclass(frozen=True)
+class PathologySettings(Settings):
+    """The pathology app's options: the common ones (it has none of its own yet)."""
+
+    app: ClassVar[str] = "pathology"
+
+
+# Every app's settings class, for the messages that name the app an option belongs to.
+APP_SETTINGS: tuple[type[Settings], ...] = (RadiologySettings, PathologySettings)
+
+# The radiology app's settings under the name they had before the split (tests and benchmarks use it).
+AppSettings = RadiologySettings
+
+
+def options_table() -> str:
+    """The markdown table of every ``--conf`` option, with the apps that take it (``docs/options.md``)."""
+    rows = ["| key | app | default | meaning |", "|---|---|---|---|"]
+    seen: set[str] = set()
+    for cls in (Settings, *APP_SETTINGS):
+        own = [f for f in fields(cls) if f.name not in seen]
+        for f in own:
+            seen.add(f.name)
+            if f.metadata["shown"] is not None:
+                default = f.metadata["shown"]
+            elif isinstance(f.default, tuple):
+                default = ", ".join(f.default) or "none"
+            elif isinstance(f.default, bool):
+                default = str(f.default).lower()
+            else:
+                default = f"{f.default:g}"
+            rows.append(f"| `{f.name}` | {cls.app} | {default} | {f.metadata['doc']} |")
+    return "\n".join(rows) + "\n"
+
+
+if __name__ == "__main__":
+    print(options_table(), end="")

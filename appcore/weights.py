@@ -63,7 +63,7 @@ def checked_state_dict(path: Path | str, network: torch.nn.Module) -> dict[str, 
     served, given = _networks_in(expected), _networks_in(state)
     if served != given and _one_network(state) == _one_network(expected):
         if served > 1:
-            todo = f"combine {served} networks into one file first (radiology: python -m radiology.ensemble)"
+            todo = f"combine {served} networks into one file first (radiology: python -m research.radiology.combine)"
         else:
             todo = "upload one network"
         raise unprocessable(f"The model serves {_count(served)} and the file holds {_count(given)}: {todo}")

@@ -42,12 +42,12 @@ from monai.transforms import Compose
 from monai.utils import set_determinism
 
 from appcore.precision import training_autocast
-from radiology.offline import validate
 from radiology.registry import MODELS
 from radiology.spec import ModelSpec
-from radiology.splits import Case, msd_cases
 from radiology.transforms import augment, preprocess
 from radiology.uncertainty import MCDropoutScorer
+from research.radiology.offline import validate
+from research.radiology.splits import Case, msd_cases
 from strategies.selection import RANKED_STRATEGIES, diverse_top_k, top_k
 
 logger = logging.getLogger(__name__)

@@ -2,7 +2,7 @@
 
     python -m benchmarks.al_split --source ../shared/data/hippocampus_mr --out work/al_hippocampus
 
-Writes ``OUT/pool`` (the training and validation cases of ``radiology.splits``; ``--pool-size``
+Writes ``OUT/pool`` (the training and validation cases of ``research.radiology.splits``; ``--pool-size``
 thins it) and ``OUT/test`` (its test cases, the ones the model card reports on), each with
 ``imagesTr/`` and ``labelsTr/`` of symbolic links to the source files. Nothing is copied.
 """
@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from radiology.splits import Case, msd_cases, split_cases
+from research.radiology.splits import Case, msd_cases, split_cases
 
 
 def link_cases(cases: list[Case], dest: Path) -> None:

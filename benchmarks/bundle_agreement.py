@@ -29,7 +29,7 @@ from pathology.registry import MODELS as PATHOLOGY
 from radiology import export as radiology_export
 from radiology.infer import SegmentationInfer
 from radiology.registry import MODELS
-from radiology.splits import msd_cases, split_cases
+from research.radiology.splits import msd_cases, split_cases
 
 
 def run_bundle(bundle: Path, inputs: Path, out: Path) -> None:

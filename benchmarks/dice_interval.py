@@ -1,4 +1,4 @@
-"""Bootstrap interval of a held-out mean Dice from ``radiology.evaluate --json`` output.
+"""Bootstrap interval of a held-out mean Dice from ``research.radiology.evaluate --json`` output.
 
 ``python -m benchmarks.dice_interval RESULT.json [--resamples N] [--seed S]`` resamples the cases
 with replacement and prints the mean of the classes with its 95% percentile interval, per class
@@ -30,7 +30,7 @@ def bootstrap_interval(values: np.ndarray, resamples: int, rng: np.random.Genera
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("result", type=Path, help="JSON written by radiology.evaluate --json (with per_case)")
+    parser.add_argument("result", type=Path, help="JSON written by research.radiology.evaluate --json (with per_case)")
     parser.add_argument("--resamples", type=int, default=10_000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--versus", type=Path, help="the same cases scored by another model: the paired difference")
@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> None:
     def read(path: Path) -> dict:
         per_case = json.loads(path.read_text()).get("per_case")
         if not per_case:
-            parser.error(f"{path} has no per_case Dice; write it with radiology.evaluate --json")
+            parser.error(f"{path} has no per_case Dice; write it with research.radiology.evaluate --json")
         return per_case
 
     per_case = read(args.result)

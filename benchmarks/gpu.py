@@ -14,7 +14,7 @@ volumes from ``DIR`` (the layout of ``../shared/data``):
   embedding), from the file on disk;
 - training: seconds per step of ``organs_ct`` (batch 2 of its training patches from a real labelled
   CT), forward, backward and AdamW step under autocast with a gradient scaler. Hippocampus seconds
-  per epoch come from ``radiology.offline``'s history, which times the whole epoch with its loader.
+  per epoch come from ``research.radiology.offline``'s history, which times the whole epoch with its loader.
 
 Medians after warm-up, with ``torch.cuda.synchronize`` before every clock read. Writing the
 label back to the input grid (``Invertd`` and NIfTI output) is not included. Prints a Markdown table.
@@ -36,13 +36,13 @@ from monai.losses import DiceCELoss
 from monai.transforms import Compose
 
 from appcore.weights import load_state_dict
-from radiology.offline import amp_step
 from radiology.registry import MODELS
 from radiology.spec import ModelSpec
-from radiology.splits import msd_cases, split_cases
 from radiology.transforms import augment, preprocess
 from radiology.uncertainty import MCDropoutScorer
 from radiology.windows import OVERLAP, infer_window
+from research.radiology.offline import amp_step
+from research.radiology.splits import msd_cases, split_cases
 
 
 def timed(fn: Callable[[], object], device: torch.device) -> float:

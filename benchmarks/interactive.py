@@ -134,9 +134,9 @@ def ct_sessions(data: Path) -> list[Session]:
 
 
 def hippocampus_sessions(data: Path, limit: int | None, proposal: Callable[[Path], np.ndarray] | None) -> list[Session]:
-    """The hippocampus test split (``radiology.splits``), both labels in one session."""
+    """The hippocampus test split (``research.radiology.splits``), both labels in one session."""
     from radiology.hippocampus import HIPPOCAMPUS
-    from radiology.splits import msd_cases, split_cases
+    from research.radiology.splits import msd_cases, split_cases
 
     cases = split_cases(msd_cases(data / "hippocampus_mr"))["test"][:limit]
     sessions = []

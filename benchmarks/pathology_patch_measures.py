@@ -32,11 +32,11 @@ from scipy.stats import spearmanr
 
 from pathology.activelearning import MC_DROPOUT, PROBE, WSIUncertain
 from pathology.data import cpm_tiles, split_tiles
-from pathology.metrics import aji, dice
 from pathology.predict import predict_instances
 from pathology.spec import NUCLEI
 from pathology.weights import load_network
 from pathology.wsi import ArraySource
+from research.pathology.metrics import aji, dice
 from strategies.patches import patch_grid
 
 ROOT = Path(__file__).resolve().parents[1]

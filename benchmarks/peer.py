@@ -409,7 +409,7 @@ def prepare_volumes(shared: Path, work: Path, mr_cases: int, big_ct: bool) -> Vo
     """The real volumes both apps see, and labelled CT pairs with labels in ``organs_ct`` ids."""
     from radiology.label_mapping import load_class_map, remap_by_name
     from radiology.registry import MODELS
-    from radiology.splits import msd_cases, split_cases
+    from research.radiology.splits import msd_cases, split_cases
 
     totalseg, spleen = shared / "totalseg_ct", shared / "spleen_ct"
     ct = [spleen / "imagesTr" / "spleen_2.nii.gz", totalseg / "example_ct_sm.nii.gz"]

@@ -7,7 +7,7 @@ through the app's own classes, the two precisions alternating image by image:
 - infer seconds per volume (``SegmentationInfer``, as ``/infer`` runs it) for both models;
 - epistemic scoring seconds per volume (``MCDropoutScorer`` with the app's 8 dropout passes and 4
   test-time augmentations);
-- held-out Dice of the shipped hippocampus weights in each precision (``radiology.evaluate``);
+- held-out Dice of the shipped hippocampus weights in each precision (``research.radiology.evaluate``);
 - how far the uncertainty ranking moves: Spearman correlation of each measure between the two
   precisions, and how many of the top-k images both pick.
 
@@ -31,11 +31,11 @@ from scipy.stats import spearmanr
 
 from appcore.precision import cpu_has_native_bf16
 from appcore.weights import save_weights_atomically
-from radiology.evaluate import evaluate
 from radiology.infer import SegmentationInfer
 from radiology.registry import MODELS
-from radiology.splits import msd_cases, split_cases
 from radiology.uncertainty import MCDropoutScorer
+from research.radiology.evaluate import evaluate
+from research.radiology.splits import msd_cases, split_cases
 
 ROOT = Path(__file__).resolve().parents[1]
 PRECISIONS = {"float32": False, "bfloat16": True}  # name -> cpu_bf16

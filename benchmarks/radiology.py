@@ -29,8 +29,8 @@ import torch
 from appcore.weights import save_weights_atomically
 from radiology.app import RadiologyApp
 from radiology.registry import MODELS
-from radiology.splits import msd_cases, split_cases
 from radiology.uncertainty import MCDropoutScorer
+from research.radiology.splits import msd_cases, split_cases
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_EPOCHS = 3

@@ -29,9 +29,9 @@ from pathlib import Path
 import torch
 
 from benchmarks.radiology import labelled_app
-from radiology.evaluate import evaluate
 from radiology.registry import MODELS
-from radiology.splits import msd_cases, split_cases
+from research.radiology.evaluate import evaluate
+from research.radiology.splits import msd_cases, split_cases
 
 HELD_OUT = 20  # the last test cases: scored, never trained on
 
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> None:
                     result = app.train({"model": "hippocampus", "max_epochs": epochs})
                     seconds = time.perf_counter() - start
                     which = result.get("eval") or result["train"]
-                    published = app.served_path("hippocampus")
+                    published = app.published_weights("hippocampus")
                     # A run whose epochs all validate worse than the weights it started from publishes
                     # nothing (radiology.train): the shipped weights are still served.
                     served = published if published.exists() else MODELS["hippocampus"].shipped_weights_path

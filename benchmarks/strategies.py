@@ -31,8 +31,8 @@ import torch  # noqa: E402
 from appcore.settings import AppSettings  # noqa: E402
 from radiology.app import RadiologyApp  # noqa: E402
 from radiology.registry import MODELS  # noqa: E402
-from radiology.splits import msd_cases  # noqa: E402
 from radiology.uncertainty import MCDropoutScorer  # noqa: E402
+from research.radiology.splits import msd_cases  # noqa: E402
 from strategies.scores import Score  # noqa: E402
 
 STRATEGY_NAMES = ("random", "epistemic", "bald", "tta", "diversity")

@@ -35,14 +35,14 @@ from monailabel.config import settings as ml_settings
 
 from appcore.precision import cpu_has_native_bf16
 from benchmarks.radiology import labelled_app
-from radiology.evaluate import evaluate
 from radiology.label_mapping import load_class_map, remap_by_name
-from radiology.offline import batched_data
 from radiology.registry import MODELS
-from radiology.splits import Case, msd_cases, split_cases
 from radiology.train import CpuForward
 from radiology.transforms import class_index
 from radiology.uncertainty import torch_seeded_rng
+from research.radiology.evaluate import evaluate
+from research.radiology.offline import batched_data
+from research.radiology.splits import Case, msd_cases, split_cases
 
 ROOT = Path(__file__).resolve().parents[1]
 PRECISIONS = {"float32": "false", "bfloat16": "true"}  # name -> --conf cpu_bf16
@@ -57,7 +57,7 @@ def train(
     app.train(
         {"model": model, "max_epochs": epochs, "train_batch_size": 4, "val_split": 0.0, "device": "cpu", **request}
     )
-    return (time.perf_counter() - start) / epochs, app.served_path(model)
+    return (time.perf_counter() - start) / epochs, app.published_weights(model)
 
 
 def organs_ct_pair(shared: Path, into: Path) -> tuple[Path, Path]:

@@ -3,27 +3,24 @@
 from __future__ import annotations
 
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any
 
-import torch
 from monailabel.config import settings as ml_settings
-from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.datastore import Datastore
 from monailabel.utils.others.pathology import create_asap_annotations_xml, create_dsa_annotations_json
 
 from appcore import seam
-from appcore.app import RequestChecks
+from appcore.app import LabelingApp
 from appcore.errors import bad_request
-from appcore.projectdb import project_db
-from appcore.settings import AppSettings
+from appcore.settings import PathologySettings
 from pathology.activelearning import PatchMeasures, WSIDiverse, WSIRandom, WSIUncertain
 from pathology.datastore import PathologyDatastore
 from pathology.infer import NucleiInfer
 from pathology.prefetch import PatchPrefetcher
-from pathology.registry import MODELS
+from pathology.registry import MODELS, PathologyModel
+from pathology.spec import NucleiSpec
 from pathology.train import NucleiTrainer
 from pathology.wsi import SlideSource, check_region, open_source
 from strategies.reservations import ReservationBook
@@ -33,43 +30,29 @@ logger = logging.getLogger(__name__)
 OUTPUTS = ("json", "asap", "dsa")
 
 
-class PathologyApp(RequestChecks, MONAILabelApp):
+class PathologyApp(LabelingApp):
     """MONAI Label app serving ``pathology.registry.MODELS`` chosen by ``--conf models``.
 
-    Weights: ``<app_dir>/model/nuclei.pt`` once a training run has published it, the shipped
-    ``pathology/weights/nuclei.pt`` before that; ``nuclei`` and ``nuclick`` share them.
+    Weights: ``<app_dir>/model/<file>`` (the file name of the network's shipped weights, ``nuclei.pt``)
+    once a training run has published it, the shipped ``pathology/weights/<file>`` before that; models
+    running one network (``nuclei`` and ``nuclick``) share them, and one trainer.
     """
 
-    def __init__(self, app_dir: str, studies: str, conf: dict[str, str]) -> None:
-        self.settings = AppSettings.from_conf(conf or {}, MODELS)
-        self.models = {name: MODELS[name] for name in self.settings.models}
-        self.model_dir = Path(app_dir) / "model"
-        super().__init__(
-            app_dir=app_dir,
-            studies=studies,
-            conf=conf,
-            name="Pathology (nuclei)",
-            description="Nuclei instance segmentation and interactive nuclei on H&E tiles and slides",
-            version="0.1.0",
-        )
-        seam.no_auto_scoring(self)
+    registry = MODELS
+    settings_class = PathologySettings
+    reservation_book = ReservationBook
+    app_name = "Pathology (nuclei)"
+    app_description = "Nuclei instance segmentation and interactive nuclei on H&E tiles and slides"
+
+    settings: PathologySettings
+    models: dict[str, PathologyModel]
 
     # -- weights ---------------------------------------------------------------------------------
-    @property
-    def served_path(self) -> Path:
-        return self.model_dir / "nuclei.pt"
-
-    def weight_paths(self, name: str) -> list[str]:
-        return [str(self.models[name].spec.shipped_weights_path), str(self.served_path)]
+    def spec(self, model: str) -> NucleiSpec:
+        return self.models[model].spec
 
     def published_weights(self, model: str) -> Path:
-        return self.served_path  # shared by every served model
-
-    def new_network(self, model: str) -> torch.nn.Module:
-        return self.models[model].spec.network()
-
-    def shipped_weights(self, model: str) -> Path | None:
-        return self.models[model].spec.shipped_weights_path
+        return self.model_dir / self.spec(model).shipped_weights  # shared by the models of one network
 
     def export_bundle(self, model: str, version: int, out: Path) -> Path:
         """Version ``version`` of the network ``model`` runs as a MONAI Bundle in ``out``
@@ -80,48 +63,36 @@ class PathologyApp(RequestChecks, MONAILabelApp):
 
     # -- datastore -------------------------------------------------------------------------------
     def init_datastore(self) -> Datastore:
-        if not os.path.isdir(self.studies):
-            raise FileNotFoundError(f"Studies folder {self.studies!r} does not exist; pass --studies DIR")
         return PathologyDatastore(
-            self.studies,
+            self.studies_folder(),
             max_upload_mb=self.settings.max_upload_mb,
             auto_reload=ml_settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
             read_only=ml_settings.MONAI_LABEL_DATASTORE_READ_ONLY,
         )
 
     # -- tasks -----------------------------------------------------------------------------------
-    def init_infers(self) -> dict[str, Any]:
-        return {
-            name: NucleiInfer(m.spec, self.weight_paths(name), name=name, nuclick=m.nuclick)
-            for name, m in self.models.items()
-        }
+    def new_infer(self, model: str) -> NucleiInfer:
+        return NucleiInfer(self.spec(model), self.weight_paths(model), name=model, nuclick=self.models[model].nuclick)
 
-    def init_trainers(self) -> dict[str, Any]:
-        # One trainer object for the shared network, listed under every served model name.
-        spec = next(iter(self.models.values())).spec
-        trainer = NucleiTrainer(
+    def new_trainer(self, model: str) -> NucleiTrainer:
+        spec, published = self.spec(model), self.published_weights(model)
+        return NucleiTrainer(
             spec,
-            self.served_path,
+            published,
             spec.shipped_weights_path,
-            self.model_dir / "nuclei_train_stats.json",
+            published.with_name(f"{published.stem}_train_stats.json"),
             max_epochs=self.settings.max_epochs,
             batch_size=self.settings.train_batch_size,
-            versions=self.version_store(next(iter(self.models))),
+            versions=self.version_store(model),
             review_gate=self.review_gate,
         )
-        return dict.fromkeys(self.models, trainer)
 
     def init_strategies(self) -> dict[str, Any]:
-        first = next(iter(self.models))
-        # One for all strategies (a patch is held whoever picked it), kept across a restart.
-        book = ReservationBook(
-            self.settings.reservation_s,
-            path=self.model_dir / "reservations.json",  # an older server's, moved into the database
-            max_pick=self.settings.max_k,
-            db=project_db(self.model_dir),
-        )
-        spec, network = self.models[first].spec, lambda: seam.infers(self)[first].network()
+        # The patches are ranked under the network of al_model (its infer task's, so the served weights).
+        ranking = self.settings.al_model
+        spec, network = self.spec(ranking), lambda: seam.infers(self)[ranking].network()
         entropy = PatchMeasures(spec)  # one entropy pass per patch for both strategies that rank by it
+        book = self.book  # one for all strategies: a patch is held whoever picked it
         measuring = {
             "wsi_uncertain": WSIUncertain(spec, network, book=book, shared=entropy),
             "wsi_bald": WSIUncertain(spec, network, book=book, measure="bald"),

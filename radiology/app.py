@@ -13,13 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import nibabel as nib
-import torch
 from monailabel.config import settings as ml_settings
-from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.datastore import Datastore
 
 from appcore import seam
-from appcore.app import RequestChecks
+from appcore.app import LabelingApp
 from appcore.datastore import CheckedLocalDatastore
 from appcore.dicom.client import is_dicomweb_url
 from appcore.dicom.datastore import DicomWebDatastore, open_dicomweb_datastore
@@ -27,8 +25,7 @@ from appcore.dicom.ohif import as_requested_format, serve_ohif
 from appcore.dicom.prepare import load_series_folder
 from appcore.errors import RequestError, not_found, root_cause, unprocessable
 from appcore.labels import LabelSet
-from appcore.projectdb import project_db
-from appcore.settings import AppSettings
+from appcore.settings import RadiologySettings
 from appcore.validation import check_segmentable, check_volume, header_only, load_nifti, nifti_header
 from radiology.graphcut import GeodesicGraphCut
 from radiology.infer import SegmentationInfer
@@ -59,58 +56,29 @@ NIFTI_PATTERNS = ("*.nii.gz", "*.nii")
 UNREADABLE = (EOFError, zlib.error, gzip.BadGzipFile, nib.filebasedimages.ImageFileError)
 
 
-class RadiologyApp(RequestChecks, MONAILabelApp):
+class RadiologyApp(LabelingApp):
     """MONAI Label app serving the models of ``radiology.registry.MODELS`` chosen by ``--conf models``.
 
     Weights: a model serves ``<app_dir>/model/<name>.pt`` once a training run has published it, and
     its shipped weights (``radiology/weights``) before that.
     """
 
-    def __init__(self, app_dir: str, studies: str, conf: dict[str, str]) -> None:
-        self.settings = AppSettings.from_conf(conf or {}, MODELS)
-        self.specs: dict[str, ModelSpec] = {name: MODELS[name] for name in self.settings.models}
-        self.model_dir = Path(app_dir) / "model"
-        # Kept in a file too: a restarted server must not hand an annotator's image to another.
-        self.book = ReservationBook(
-            self.settings.reservation_s,
-            path=self.model_dir / "reservations.json",  # an older server's, moved into the database
-            max_pick=self.settings.max_k,
-            db=project_db(self.model_dir),
-        )
+    registry = MODELS
+    settings_class = RadiologySettings
+    reservation_book = ReservationBook
+    app_name = "Radiology (active learning)"
+    app_description = "3D segmentation of CT and MR with active learning"
+
+    settings: RadiologySettings
+    models: dict[str, ModelSpec]
+
+    def prepare(self) -> None:
+        self.specs: dict[str, ModelSpec] = self.models
         # One store for the strategies, the scoring method and the new-image check, so that the
         # score file is parsed once per change and not on every next-sample request.
         self._score_store = ScoreStore(self.model_dir / f"scores_{self.settings.al_model}.json")
         self._new_images_lock = threading.Lock()
         self._new_images_scored_at = -float("inf")
-        super().__init__(
-            app_dir=app_dir,
-            studies=studies,
-            conf=conf,
-            name="Radiology (active learning)",
-            description="3D segmentation of CT and MR with active learning",
-            version="0.1.0",
-        )
-        # Scoring is triggered where it is needed (start, after training, on request), not on every
-        # next-sample call, which in MONAI Label spawns a process each time.
-        seam.no_auto_scoring(self)
-
-    # -- weights ---------------------------------------------------------------------------------
-    def served_path(self, name: str) -> Path:
-        return self.model_dir / f"{name}.pt"
-
-    def weight_paths(self, name: str) -> list[str]:
-        shipped = self.specs[name].shipped_weights_path
-        paths = [str(shipped)] if shipped else []
-        return [*paths, str(self.served_path(name))]
-
-    def published_weights(self, model: str) -> Path:
-        return self.served_path(model)
-
-    def new_network(self, model: str) -> torch.nn.Module:
-        return self.specs[model].network()
-
-    def shipped_weights(self, model: str) -> Path | None:
-        return self.specs[model].shipped_weights_path
 
     def export_bundle(self, model: str, version: int, out: Path) -> Path:
         """Version ``version`` of ``model`` as a MONAI Bundle in ``out`` (``radiology.export``)."""
@@ -168,10 +136,8 @@ class RadiologyApp(RequestChecks, MONAILabelApp):
                 labels_for=self.dicom_labels,
                 max_upload_mb=self.settings.max_upload_mb,
             )
-        if not os.path.isdir(self.studies):
-            raise FileNotFoundError(f"Studies folder {self.studies!r} does not exist; pass --studies DIR")
         store = CheckedLocalDatastore(
-            self.studies,
+            self.studies_folder(),
             allowed_values=self.allowed_label_values,
             max_upload_mb=self.settings.max_upload_mb,
             on_image_replaced=self._score_store.forget,  # its score was the old file's
@@ -194,14 +160,7 @@ class RadiologyApp(RequestChecks, MONAILabelApp):
 
     # -- tasks -----------------------------------------------------------------------------------
     def init_infers(self) -> dict[str, Any]:
-        infers: dict[str, Any] = {}
-        for name, spec in self.specs.items():
-            infers[name] = SegmentationInfer(
-                spec,
-                self.weight_paths(name),
-                sw_batch_size=self.settings.sw_batch_size,
-                cpu_bf16=self.settings.cpu_bf16,
-            )
+        infers: dict[str, Any] = super().init_infers()
         for name, spec in self.specs.items():  # after the automatic ones: Slicer offers the first model
             infers[interactive_name(name)] = InteractiveInfer(
                 spec, infers[name], click_engine(spec, self.weight_paths(name)), max_clicks=self.settings.max_clicks
@@ -211,23 +170,29 @@ class RadiologyApp(RequestChecks, MONAILabelApp):
             )
         return infers
 
-    def init_trainers(self) -> dict[str, Any]:
-        return {
-            name: SegmentationTrainer(
-                spec,
-                str(self.model_dir / name),
-                str(self.served_path(name)),
-                max_epochs=self.settings.max_epochs,
-                train_batch_size=self.settings.train_batch_size,
-                val_split=self.settings.val_split,
-                cpu_bf16=self.settings.cpu_bf16,
-                neighbours=[other for other in self.specs.values() if other is not spec],
-                memory_budget_mb=self.settings.infer_memory_mb,
-                versions=self.version_store(name),
-                review_gate=self.review_gate,
-            )
-            for name, spec in self.specs.items()
-        }
+    def new_infer(self, model: str) -> SegmentationInfer:
+        return SegmentationInfer(
+            self.specs[model],
+            self.weight_paths(model),
+            sw_batch_size=self.settings.sw_batch_size,
+            cpu_bf16=self.settings.cpu_bf16,
+        )
+
+    def new_trainer(self, model: str) -> SegmentationTrainer:
+        spec = self.specs[model]
+        return SegmentationTrainer(
+            spec,
+            str(self.model_dir / model),
+            str(self.published_weights(model)),
+            max_epochs=self.settings.max_epochs,
+            train_batch_size=self.settings.train_batch_size,
+            val_split=self.settings.val_split,
+            cpu_bf16=self.settings.cpu_bf16,
+            neighbours=[other for other in self.specs.values() if other is not spec],
+            memory_budget_mb=self.settings.infer_memory_mb,
+            versions=self.version_store(model),
+            review_gate=self.review_gate,
+        )
 
     def score_store(self) -> ScoreStore:
         return self._score_store

@@ -65,7 +65,7 @@ class ModelSpec:
             (``benchmarks/RESULTS.md``).
         members: how many such UNets the model serves, their class probabilities averaged
             (``radiology.ensemble.MeanOfMembers``); 1 serves a plain UNet. Training in the server
-            fine-tunes them together; offline training (``radiology.offline``) trains one at a time.
+            fine-tunes them together; offline training (``research.radiology.offline``) trains one at a time.
         training_data: what the shipped weights were trained on and its licence (an exported
             bundle's metadata says it); ``None`` for a model that ships no weights.
     """

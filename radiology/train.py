@@ -15,8 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 from ignite.engine import Events
-from monai.inferers import Inferer, SimpleInferer, SlidingWindowInferer
-from monai.losses import DiceCELoss
+from monai.inferers import Inferer, SimpleInferer
 from monai.transforms import AsDiscreted, EnsureTyped
 from monailabel.interfaces.datastore import Datastore
 from monailabel.tasks.train.basic_train import BasicTrainTask, Context
@@ -30,6 +29,7 @@ from appcore.precision import autocast
 from appcore.validation import check_segmentable, label_values, nifti_header, off_grid
 from appcore.versions import VersionStore, store_beside
 from appcore.weights import load_state_dict, save_weights_atomically
+from radiology import recipe
 from radiology.modality import wrong_modality
 from radiology.spec import ModelSpec
 from radiology.transforms import ClassIndexd, augment, preprocess
@@ -205,10 +205,10 @@ class SegmentationTrainer(BasicTrainTask):
         return self.spec.network()
 
     def optimizer(self, context: Context) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(context.network.parameters(), lr=self.spec.learning_rate, weight_decay=1e-5)
+        return recipe.optimizer(context.network.parameters(), self.spec.learning_rate)
 
     def loss_function(self, context: Context) -> torch.nn.Module:
-        return DiceCELoss(to_onehot_y=True, softmax=True)
+        return recipe.loss()
 
     def lr_scheduler_handler(self, context: Context) -> None:
         return None
@@ -237,8 +237,7 @@ class SegmentationTrainer(BasicTrainTask):
         return CpuForward(SimpleInferer(), cpu_bf16=self.cpu_bf16, rng=torch_seeded_rng())
 
     def val_inferer(self, context: Context) -> Inferer:
-        window = SlidingWindowInferer(roi_size=self.spec.roi_size, sw_batch_size=2, overlap=0.25, mode="gaussian")
-        return CpuForward(window, cpu_bf16=self.cpu_bf16)
+        return CpuForward(recipe.validation_window(self.spec, sw_batch_size=2), cpu_bf16=self.cpu_bf16)
 
     # -- which data --------------------------------------------------------------------------
     def labels_with_reasons(self, datastore: Datastore) -> Iterator[tuple[dict, str, str | None]]:

@@ -1,1 +1,1 @@
-"""Offline research code: training, evaluation and experiments that import the serving packages."""
+"""Research tools kept apart from the serving packages: offline training, evaluation, experiments."""

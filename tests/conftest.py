@@ -13,7 +13,7 @@ import pytest
 import torch
 from monai.utils import set_determinism
 
-from radiology.splits import Case
+from research.radiology.splits import Case
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("SHARED_DATA", ROOT.parent / "shared" / "data"))
@@ -54,7 +54,7 @@ def phantom_cases(folder: Path, n: int, shape: tuple[int, int, int] = (36, 50, 3
 
 
 def phantom_msd_folder(tmp_path: Path, n: int) -> Path:
-    """``n`` phantom cases in the MSD layout (no dataset.json), as ``radiology.offline`` reads them."""
+    """``n`` phantom cases in the MSD layout (no dataset.json), as ``research.radiology.offline`` reads them."""
     data = tmp_path / "msd"
     (data / "imagesTr").mkdir(parents=True)
     (data / "labelsTr").mkdir()

@@ -1,1 +1,1 @@
-"""Offline research code for the radiology app."""
+"""Radiology research: offline training, evaluation, splits, test-time augmentation experiments, the demo."""

@@ -27,8 +27,8 @@ import torch
 
 from radiology.clicknet import ClickNet, guidance_channels
 from radiology.registry import MODELS
-from radiology.splits import msd_cases, split_cases
 from research.radiology.annotator import mean_foreground_dice, standard_click
+from research.radiology.splits import msd_cases, split_cases
 
 REPORTED = (0, 1, 3, 5, 10)
 TARGET = 0.90

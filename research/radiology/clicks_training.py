@@ -6,7 +6,7 @@
 Starts from one member of the automatic model's weights, the guidance channels' first-layer
 weights zero (``radiology.clicknet.widen_input``). Each step draws a batch of training volumes
 (pre-processed, padded to the model's patch, augmented a batch at a time by
-``radiology.batch_augment``) and gives each sample clicks:
+``research.radiology.batch_augment``) and gives each sample clicks:
 
 - with probability ``--no-click`` none at all (so the no-click answer stays the automatic one's);
 - otherwise, with probability ``--random-clicks``, 0 to ``--max-initial`` clicks per class drawn
@@ -40,18 +40,18 @@ from scipy import ndimage
 
 from appcore.precision import training_autocast
 from appcore.weights import load_state_dict, save_weights_atomically
-from radiology.batch_augment import BatchAugment, pad_to
 from radiology.clicknet import SIGMA, click_network, guidance_maps, member_state, widen_input
-from radiology.offline import batched_data
 from radiology.registry import MODELS
 from radiology.spec import ModelSpec
-from radiology.splits import msd_cases, split_cases
 from research.radiology.annotator import (
     mean_foreground_dice,
     random_error_click,
     random_interior_voxel,
     standard_click,
 )
+from research.radiology.batch_augment import BatchAugment, pad_to
+from research.radiology.offline import batched_data
+from research.radiology.splits import msd_cases, split_cases
 
 logger = logging.getLogger(__name__)
 

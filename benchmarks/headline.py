@@ -1,0 +1,105 @@
+"""The headline table of ``benchmarks/RESULTS.md``: ``python -m benchmarks.headline``.
+
+Every figure is read from a results file stored in ``benchmarks/results/`` (nothing is rerun; the
+bootstrap interval is computed from the stored per-case Dice, in well under a second), and each row
+names the section of RESULTS.md, and so the command, that made its file. Prints Markdown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.dice_interval import bootstrap_interval
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+# Files and the RESULTS.md sections (anchors) they come from.
+ACCURACY = RESULTS / "cpu_ensemble" / "final4_test.json"
+ACCURACY_SECTION = "held-out-accuracy-hippocampus"
+PEER = RESULTS / "peer" / "quiet_2026-11-27.json"
+ACTIVE_LEARNING = RESULTS / "active_learning_gpu" / "curves.csv"
+ACTIVE_LEARNING_SECTION = "active-learning-does-it-save-labels-issue-5"
+TARGET_SHARE = 0.95  # of the whole-pool Dice (the run's full_pool rows), the level "labels to target" is read at
+
+
+def accuracy_rows(path: Path = ACCURACY, resamples: int = 10_000) -> list[str]:
+    """Held-out Dice of the shipped hippocampus model, with its 95% bootstrap interval over cases."""
+    result = json.loads(path.read_text())
+    per_case = np.array([float(np.mean(list(c.values()))) for c in result["per_case"].values()])
+    low, high = bootstrap_interval(per_case, resamples, np.random.default_rng(0))
+    classes = ", ".join(f"{name} {dice:.3f}" for name, dice in result["mean_dice"].items())
+    return [
+        f"| accuracy | `hippocampus` held-out Dice, {result['cases']} MSD test cases | "
+        f"**{result['mean_of_classes']:.3f}** (95% CI {low:.3f}-{high:.3f}; {classes}) | "
+        f"[Held-out accuracy](RESULTS.md#{ACCURACY_SECTION}) |"
+    ]
+
+
+def peer_rows(path: Path = PEER) -> list[str]:
+    """Speed and memory against MONAI Label's sample radiology app, as ratios (ours / sample)."""
+    run = json.loads(path.read_text())
+    rows = []
+    for row in run["rows"]:
+        ratio = row["ours"] / row["sample"]
+        target = f"; target <= {row['target']}x" if row["target"] else ""
+        rows.append(
+            f"| speed vs sample app | {row['measure']} | **{ratio:.2f}x** ({row['ours']:g} vs {row['sample']:g} "
+            f"{row['unit']}{target}) | [Side by side](RESULTS.md#{run['section']}) |"
+        )
+    return rows
+
+
+def labels_to_target(path: Path = ACTIVE_LEARNING) -> dict[str, float]:
+    """Per strategy, the labels at which its mean curve crosses ``TARGET_SHARE`` of the whole-pool
+    Dice (mean of the ``full_pool`` rows), read between rounds (a straight line between the two
+    rounds it crosses between)."""
+    curves: dict[str, dict[int, list[float]]] = {}
+    with path.open() as f:
+        for row in csv.DictReader(f):
+            curves.setdefault(row["strategy"], {}).setdefault(int(row["labelled"]), []).append(float(row["dice"]))
+    reference = float(np.mean([d for dice in curves.pop("full_pool").values() for d in dice]))
+    target = TARGET_SHARE * reference
+    crossing = {}
+    for strategy, points in curves.items():
+        mean = sorted((n, float(np.mean(d))) for n, d in points.items())
+        for (n0, d0), (n1, d1) in zip(mean, mean[1:], strict=False):
+            if d0 < target <= d1:
+                crossing[strategy] = n0 + (target - d0) / (d1 - d0) * (n1 - n0)
+                break
+            if d0 >= target:
+                crossing[strategy] = float(n0)
+                break
+    return crossing
+
+
+def active_learning_rows(path: Path = ACTIVE_LEARNING) -> list[str]:
+    crossing = labels_to_target(path)
+    random = crossing["random"]
+    best = min((s for s in crossing if s not in ("random", "oracle")), key=crossing.__getitem__)
+    ratio = crossing[best] / random
+    return [
+        f"| active learning | labels to {TARGET_SHARE:.0%} of whole-pool Dice, hippocampus (3 seeds, shipped "
+        f"network, GPU run) | random {random:.1f}, best `{best}` {crossing[best]:.1f}: **{ratio:.2f}x** "
+        f"(goal 0.5x: {'met' if ratio <= 0.5 else 'not met'}) | "
+        f"[Active learning](RESULTS.md#{ACTIVE_LEARNING_SECTION}) |"
+    ]
+
+
+def headline() -> str:
+    rows = ["| area | figure | value | section |", "|---|---|---|---|"]
+    rows += accuracy_rows() + peer_rows() + active_learning_rows()
+    return "\n".join(rows) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args(argv)
+    print(headline(), end="")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Pathology research: offline training of the nuclei network and its metrics."""

@@ -1,0 +1,54 @@
+"""``benchmarks/RESULTS.md`` opens with the headline table ``python -m benchmarks.headline`` prints."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from benchmarks import headline
+from tests.conftest import ROOT
+
+RESULTS = (ROOT / "benchmarks" / "RESULTS.md").read_text()
+
+
+def _anchor(heading: str) -> str:
+    """GitHub's anchor of a Markdown heading."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+ANCHORS = {_anchor(line.lstrip("#")) for line in RESULTS.splitlines() if line.startswith("#")}
+
+
+def test_results_page_opens_with_the_headline_table() -> None:
+    table = headline.headline()
+    top = RESULTS[: RESULTS.index("# History")]
+    assert table in top, "regenerate the table at the top of RESULTS.md: python -m benchmarks.headline"
+    assert len(table.splitlines()) <= 20, "one screen"
+
+
+def test_every_link_of_the_top_goes_to_a_section() -> None:
+    top = RESULTS[: RESULTS.index("# History")]
+    links = re.findall(r"\]\((?:RESULTS\.md)?#([^)]+)\)", top + headline.headline())
+    assert links and not sorted(set(links) - ANCHORS)
+
+
+@pytest.mark.parametrize("area", ["accuracy", "speed vs sample app", "active learning"])
+def test_the_headline_covers_each_area(area: str) -> None:
+    assert f"| {area} |" in headline.headline()
+
+
+def test_the_headline_figures_are_the_recorded_ones() -> None:
+    table = headline.headline()
+    assert "**0.881** (95% CI 0.870-0.891" in table  # the held-out accuracy section's figures
+    assert "random 8.9, best `bald` 7.4: **0.83x**" in table  # the active learning section's
+
+
+def test_the_maintained_benchmarks_are_the_ones_listed() -> None:
+    listed = set(re.findall(r"`python -m benchmarks\.(\w+)`", RESULTS[: RESULTS.index("# History")]))
+    present = {p.stem for p in (ROOT / "benchmarks").glob("*.py")} - {"__init__"}
+    assert listed == present
+
+
+def test_new_results_go_at_the_end() -> None:
+    assert "\n## New results\n" in RESULTS
