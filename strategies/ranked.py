@@ -11,6 +11,7 @@ from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.strategy import Strategy
 
 from appcore.errors import bad_request
+from appcore.identity import ANONYMOUS, user
 from strategies.reservations import ReservationBook
 from strategies.selection import diverse_top_k, top_k
 
@@ -37,6 +38,15 @@ def request_k(request: Mapping[str, Any], default: int, book: ReservationBook | 
             f"then held for this client for {book.window_s:g} s (--conf reservation_s)"
         )
     return k
+
+
+def holder(request: Mapping[str, Any]) -> str:
+    """Who a request's picks are reserved for: the authenticated user; with authentication off
+    (every request anonymous) the request's ``client_id``, else ``anonymous``."""
+    caller = user()
+    if caller.name != ANONYMOUS.name:
+        return caller.name
+    return str(request.get("client_id") or ANONYMOUS.name)
 
 
 class RankedStrategy(Strategy):
@@ -80,7 +90,7 @@ class RankedStrategy(Strategy):
 
     def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any] | None:
         k = request_k(request, self._default_k, self._book)
-        client = str(request.get("client_id") or "anonymous")
+        client = holder(request)
         candidates = sorted(datastore.get_unlabeled_images("final"))
         if self._unusable is not None:
             unusable = set(self._unusable())
