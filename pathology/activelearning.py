@@ -25,7 +25,7 @@ from pathology.predict import foreground_passes, predict_maps
 from pathology.spec import NucleiSpec
 from pathology.wsi import RegionSource, SlideSource, open_source
 from strategies.patches import Box, patch_grid, ranked_patches
-from strategies.ranked import request_k
+from strategies.ranked import holder, request_k
 from strategies.reservations import ReservationBook
 from strategies.selection import diverse_top_k
 
@@ -101,7 +101,7 @@ class _PatchStrategy(Strategy):
 
     def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any] | None:
         k = request_k(request, 1, self._book)
-        client = str(request.get("client_id") or "anonymous")
+        client = holder(request)
         image = _image(request, datastore, self._rng)
         patch = _pair(request, "patch_size", (1024, 1024))
         uri = datastore.get_image_uri(image)
