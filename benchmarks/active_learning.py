@@ -230,7 +230,9 @@ def predict_label(spec: ModelSpec, network: torch.nn.Module, image: torch.Tensor
     """The network's class per voxel of a pre-processed image, as ``radiology.offline.validate`` infers it."""
     network.eval()
     with torch.inference_mode():
-        logits = sliding_window_inference(image[None].to(device), spec.roi_size, 4, network, overlap=0.25, mode="gaussian")
+        logits = sliding_window_inference(
+            image[None].to(device), spec.roi_size, 4, network, overlap=0.25, mode="gaussian"
+        )
     return class_index(logits, 1)[0, 0].cpu().numpy().astype(np.int64)
 
 
@@ -294,7 +296,9 @@ def run_strategy(
             score_s = time.perf_counter() - start
             picked = choose(strategy, unlabelled, labelled, measures, schedule.per_round, rng)
             if schedule.effort:
-                efforts += [{"strategy": strategy, "seed": seed, "round": rnd, "case": c, **task.effort(c)} for c in picked]
+                efforts += [
+                    {"strategy": strategy, "seed": seed, "round": rnd, "case": c, **task.effort(c)} for c in picked
+                ]
             labelled += picked
             train_s = task.train(labelled, schedule.steps_per_round, rng)
         metrics = task.evaluate()
@@ -464,9 +468,10 @@ def summarise_effort(rows: list[dict]) -> str:
     for s in sorted({r["strategy"] for r in rows}, key=lambda s: (s != "random", s)):
         for seed in sorted({r["seed"] for r in rows if r["strategy"] == s}):
             mine = [r for r in rows if r["strategy"] == s and r["seed"] == seed]
-            for k in keys + [f"scratch_{k}" for k in keys]:
-                work = (min(r[k], r[k.removeprefix("scratch_") if k.startswith("scratch_") else f"scratch_{k}"]) if not k.startswith("scratch_") else r[k] for r in mine)
-                totals.setdefault(s, {}).setdefault(k, []).append(float(sum(work)))
+            for k in keys:
+                work = sum(min(r[k], r[f"scratch_{k}"]) for r in mine)
+                totals.setdefault(s, {}).setdefault(k, []).append(float(work))
+                totals[s].setdefault(f"scratch_{k}", []).append(float(sum(r[f"scratch_{k}"] for r in mine)))
             totals[s].setdefault("cases", []).append(float(len(mine)))
     lines = [
         "| strategy | seeds | cases | "
@@ -531,7 +536,9 @@ def main(argv: list[str] | None = None) -> None:
         "folder the --split file's ids name",
     )
     parser.add_argument("--test", type=Path, help="radiology: MSD-layout folder of cases to measure Dice on")
-    parser.add_argument("--split", type=Path, help="pathology: the pool/test split (benchmarks.al_split --app pathology)")
+    parser.add_argument(
+        "--split", type=Path, help="pathology: the pool/test split file (benchmarks.al_split --app pathology)"
+    )
     parser.add_argument(
         "--strategy",
         default=",".join(STRATEGIES),
@@ -597,13 +604,12 @@ def main(argv: list[str] | None = None) -> None:
         pool, test = msd_cases(args.pool), msd_cases(args.test)
         overlap = {c.id for c in pool} & {c.id for c in test}
         if overlap:
-            raise SystemExit(f"--pool and --test share cases {sorted(overlap)[:5]}...: the test folder must be held out")
+            raise SystemExit(
+                f"--pool and --test share cases {sorted(overlap)[:5]}...: the test folder must be held out"
+            )
         channels = tuple(_csv_list(args.channels, int)) if args.channels else spec.channels
         lr, crop = args.lr or spec.learning_rate, 0
-    if args.rounds == "all":
-        rounds = -(-(len(pool) - args.initial) // args.per_round)
-    else:
-        rounds = int(args.rounds)
+    rounds = -(-(len(pool) - args.initial) // args.per_round) if args.rounds == "all" else int(args.rounds)
     schedule = Schedule(
         model=model,
         channels=channels,

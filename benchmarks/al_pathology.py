@@ -18,6 +18,7 @@ import copy
 import dataclasses
 import json
 import random
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -84,11 +85,16 @@ def load_split(source: Path, split_file: Path) -> tuple[dict[str, Crop], dict[st
     split = json.loads(split_file.read_text())
     overlap = set(split["pool"]) & set(split["test"])
     if overlap:
-        raise SystemExit(f"{split_file}: pool and test share images {sorted(overlap)[:5]}...: the test must be held out")
+        raise SystemExit(
+            f"{split_file}: pool and test share images {sorted(overlap)[:5]}...: the test must be held out"
+        )
 
     def load(ids: Sequence[str]) -> dict[str, Crop]:
         return {
-            i: Crop(centre_crop(read_rgb(source / "images" / f"{i}.png")), centre_crop(read_instances(source / "masks" / f"{i}.png")))
+            i: Crop(
+                centre_crop(read_rgb(source / "images" / f"{i}.png")),
+                centre_crop(read_instances(source / "masks" / f"{i}.png")),
+            )
             for i in ids
         }
 
@@ -146,8 +152,6 @@ class PathologyTask:
         self._copies = {}
 
     def train(self, ids: Sequence[str], steps: int, rng: random.Random) -> float:
-        import time
-
         start = time.perf_counter()
         train_steps(
             self.network,
@@ -178,7 +182,10 @@ class PathologyTask:
             self._copies[measure] = scoring_copy(self.network, dropout=MC_DROPOUT if measure == "bald" else None)
         rgb = self.data[case].rgb
         out = box_measures(
-            ArraySource(rgb), (0, 0, rgb.shape[1], rgb.shape[0]), {measure: self._copies[measure]}, NUCLEI,
+            ArraySource(rgb),
+            (0, 0, rgb.shape[1], rgb.shape[0]),
+            {measure: self._copies[measure]},
+            NUCLEI,
             passes=self.mc_passes,
         )
         return {k: (np.asarray(v).tolist() if k == "embedding" else float(v)) for k, v in out.items()}
