@@ -492,6 +492,38 @@ def summarise_effort(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot_effort(rows: list[dict], path: Path) -> None:
+    """Cumulative correction work (the first measure with a from-scratch count) against images
+    labelled, per strategy (mean over seeds), and the work of drawing the whole pool from scratch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    key = next(k for k in rows[0] if f"scratch_{k}" in rows[0])
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    scratch_curve = None
+    for s in [s for s in STRATEGIES + DIAGNOSTICS if any(r["strategy"] == s for r in rows)]:
+        curves, scratch = [], []
+        for seed in sorted({r["seed"] for r in rows if r["strategy"] == s}):
+            mine = [r for r in rows if r["strategy"] == s and r["seed"] == seed]
+            curves.append(np.cumsum([min(r[key], r[f"scratch_{key}"]) for r in mine]))
+            scratch.append(np.cumsum([r[f"scratch_{key}"] for r in mine]))
+        n = min(len(c) for c in curves)
+        ax.plot(range(1, n + 1), np.mean([c[:n] for c in curves], axis=0), label=f"{s} ({len(curves)} seeds)")
+        scratch_curve = np.mean([c[:n] for c in scratch], axis=0)
+    if scratch_curve is not None:  # the whole pool drawn from scratch, whatever the order
+        ax.axhline(scratch_curve[-1], color="k", ls="--", lw=1, label="the whole pool from scratch")
+    ax.set_xlabel("images labelled, in the strategy's order")
+    ax.set_ylabel(f"cumulative {key} to correct")
+    ax.set_title("Labelling effort with the model retrained every round")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def write_results(out: Path, metrics: Sequence[str] = ("dice",)) -> str:
     """``curves.csv``, ``summary.md`` (one table per metric, the effort table when measured) and a plot
     per metric (``learning_curves.png`` for the first, ``learning_curves_<metric>.png`` for others)."""
@@ -517,6 +549,7 @@ def write_results(out: Path, metrics: Sequence[str] = ("dice",)) -> str:
             writer.writeheader()
             writer.writerows(efforts)
         parts.append(f"### Labelling effort (whole pool)\n\n{summarise_effort(efforts)}")
+        plot_effort(efforts, out / "effort.png")
     text = "\n".join(parts)
     (out / "summary.md").write_text(text)
     return text

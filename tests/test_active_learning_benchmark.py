@@ -232,6 +232,7 @@ def test_tiny_pathology_simulation_labels_the_whole_pool_and_counts_the_effort(t
     assert (out / "learning_curves.png").stat().st_size > 10_000
     assert (out / "learning_curves_dice.png").stat().st_size > 10_000
     assert (out / "effort.csv").read_text().startswith("strategy,seed,round,case,nuclei_add")
+    assert (out / "effort.png").stat().st_size > 10_000
 
 
 def test_a_pathology_split_whose_pool_and_test_overlap_is_refused(tmp_path: Path) -> None:
