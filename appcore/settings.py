@@ -171,6 +171,16 @@ class Settings:
         least=1,
         doc="newest weight versions per model whose file is kept (the served one and the shipped weights always are)",
     )
+    mc_samples: int = option(8, least=1, doc="dropout passes per image (pathology: per tile) when scoring")
+    score_after_train: bool = option(
+        True, doc="rescore the unlabelled images (pathology: tiles) after each completed training run"
+    )
+    score_new_images: bool = option(
+        True,
+        doc="when a next-sample request (any strategy but `random`) finds unlabelled images without a score, "
+        "start a scoring run in the background unless one or a training runs; until then they are ranked "
+        "after the scored images",
+    )
     train_on: TrainOn = option(
         TrainOn.submitted,
         shown="submitted",
@@ -235,7 +245,6 @@ class RadiologySettings(Settings):
 
     app: ClassVar[str] = "radiology"
 
-    mc_samples: int = option(8, least=1, doc="dropout passes per image when scoring")
     tta_samples: int = option(
         4,
         least=0,
@@ -245,13 +254,6 @@ class RadiologySettings(Settings):
     )
     val_split: float = option(
         0.2, least=0.0, below=0.9, doc="share of labelled images used for validation (from 5 labelled images on)"
-    )
-    score_after_train: bool = option(True, doc="rescore after each completed training run")
-    score_new_images: bool = option(
-        True,
-        doc="when a next-sample request (any strategy but `random`) finds unlabelled images without a score, "
-        "start a scoring run in the background unless one or a training runs; until then they are ranked "
-        "after the scored images",
     )
     sw_batch_size: int = option(
         1,

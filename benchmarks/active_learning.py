@@ -37,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from monai.inferers import sliding_window_inference
 from monai.losses import DiceCELoss
 from monai.transforms import Compose
 from monai.utils import set_determinism
@@ -44,7 +45,7 @@ from monai.utils import set_determinism
 from appcore.precision import training_autocast
 from radiology.registry import MODELS
 from radiology.spec import ModelSpec
-from radiology.transforms import augment, preprocess
+from radiology.transforms import augment, class_index, preprocess
 from radiology.uncertainty import MCDropoutScorer
 from research.radiology.offline import validate
 from research.radiology.splits import Case, msd_cases
@@ -56,12 +57,15 @@ STRATEGIES = ("random", "epistemic", "bald", "tta", "diversity")
 # Picks that read the true labels of the pool (what no server can do): bounds, not strategies.
 DIAGNOSTICS = ("oracle",)
 REFERENCE = "full_pool"
+APPS = ("radiology", "pathology")
 # Which measure ranks for each strategy: the server's own table (None there is the stored ranking
 # value, the predictive entropy, which also weighs the diversity strategy's picks).
 MEASURE = {name: key or "entropy" for name, (key, _) in RANKED_STRATEGIES.items()}
 MEASURE["diversity"] = "entropy"
 MEASURE["oracle"] = "error"
 TARGET_FRACTION = 0.95
+# How a metric is named in tables and plots.
+NAMES = {"dice": "Dice", "aji": "AJI"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,6 +84,8 @@ class Schedule:
     mc_samples: int
     tta_samples: int
     cpu_bf16: bool = True  # training and scoring in bfloat16 on a CPU with native units
+    effort: bool = False  # also measure the labelling effort of every case as it is labelled
+    crop: int = 0  # pathology: training crop size (radiology: 0, the model's ROI)
 
     def spec(self) -> ModelSpec:
         # One network trained from scratch per run, whatever the served model holds.
@@ -155,87 +161,170 @@ def choose(
     return top_k(unlabelled, scores, k, rng)
 
 
-def initial_state(out: Path, schedule: Schedule, data: Data, seed: int, device: torch.device) -> tuple[list, dict]:
+class RadiologyTask:
+    """The simulation's view of the radiology app: a ``Learner`` on ``Data`` scored by the server's
+    ``MCDropoutScorer``; what the shared loop (``run_strategy``) asks of every app."""
+
+    metric = "dice"
+
+    def __init__(self, schedule: Schedule, data: Data, device: torch.device) -> None:
+        self.schedule, self.data, self.device = schedule, data, device
+        self.spec = schedule.spec()
+        self.learner = Learner(self.spec, schedule.lr, device, schedule.cpu_bf16)
+        self.trained = False
+        self._scorer = MCDropoutScorer(
+            self.spec,
+            [],
+            samples=schedule.mc_samples,
+            tta_samples=schedule.tta_samples,
+            device=str(device),
+            cpu_bf16=schedule.cpu_bf16,
+        )
+
+    @property
+    def pool(self) -> list[str]:
+        return sorted(self.data.pool)
+
+    def start(self, seed: int) -> None:
+        """The fixed start of a run: a network trained from scratch (no shipped weights here)."""
+        set_determinism(seed)
+        self.learner = Learner(self.spec, self.schedule.lr, self.device, self.schedule.cpu_bf16)
+        self.trained = False
+
+    def state(self) -> dict:
+        return self.learner.state()
+
+    def load(self, state: dict) -> None:
+        self.learner.load(state)
+        self.trained = True
+
+    def train(self, ids: Sequence[str], steps: int, rng: random.Random) -> float:
+        self.trained = True
+        return self.learner.train(self.data, ids, steps, self.schedule.batch_size, rng)
+
+    def evaluate(self) -> dict[str, float]:
+        dice = self.learner.dice(self.data)
+        return {"dice": float(np.mean(list(dice.values()))), **{f"dice_{k}": v for k, v in dice.items()}}
+
+    def measures(self, case: str, strategy: str) -> dict:
+        self._scorer.use_network(self.learner.network)
+        return self._scorer.score_tensor(self.data.pool[case]["image"])
+
+    def error(self, case: str) -> float:
+        dice = validate(self.spec, self.learner.network, [self.data.pool[case]], self.device)
+        return 1.0 - float(np.mean(list(dice.values())))
+
+    def effort(self, case: str) -> dict[str, float]:
+        """Correcting the current model's label of ``case`` against drawing it from scratch: voxels
+        whose class is wrong, and axial slices with any such voxel (an untrained model's label is
+        no help: the case is drawn from scratch)."""
+        truth = self.data.pool[case]["label"][0].cpu().numpy().round().astype(np.int64)
+        if self.trained:
+            pred = predict_label(self.spec, self.learner.network, self.data.pool[case]["image"], self.device)
+        else:
+            pred = np.zeros_like(truth)
+        return volume_effort(pred, truth)
+
+
+def predict_label(spec: ModelSpec, network: torch.nn.Module, image: torch.Tensor, device: torch.device) -> np.ndarray:
+    """The network's class per voxel of a pre-processed image, as ``radiology.offline.validate`` infers it."""
+    network.eval()
+    with torch.inference_mode():
+        logits = sliding_window_inference(
+            image[None].to(device), spec.roi_size, 4, network, overlap=0.25, mode="gaussian"
+        )
+    return class_index(logits, 1)[0, 0].cpu().numpy().astype(np.int64)
+
+
+def volume_effort(pred: np.ndarray, truth: np.ndarray) -> dict[str, float]:
+    """Voxels and axial slices (last axis) to correct in ``pred`` to reach ``truth``, and the voxels and
+    slices drawn when labelling from scratch (every labelled voxel, every slice with one)."""
+    wrong = pred != truth
+    return {
+        "voxels": int(wrong.sum()),
+        "slices": int(wrong.any(axis=(0, 1)).sum()),
+        "scratch_voxels": int((truth > 0).sum()),
+        "scratch_slices": int((truth > 0).any(axis=(0, 1)).sum()),
+    }
+
+
+def initial_state(out: Path, schedule: Schedule, task, seed: int) -> tuple[list, dict]:
     """The seed's first labelled cases and the model trained on them (cached under ``out``)."""
     path = out / "runs" / f"initial_seed{seed}.pt"
-    ids = sorted(data.pool)
-    initial = sorted(random.Random(seed).sample(ids, schedule.initial))
+    initial = sorted(random.Random(seed).sample(task.pool, schedule.initial))
     if path.exists():
-        saved = torch.load(path, map_location=device, weights_only=False)
+        saved = torch.load(path, map_location="cpu", weights_only=False)
         if saved["initial"] == initial and saved["schedule"] == dataclasses.asdict(schedule):
             return initial, saved["state"]
-    set_determinism(seed)
-    learner = Learner(schedule.spec(), schedule.lr, device, schedule.cpu_bf16)
-    seconds = learner.train(data, initial, schedule.initial_steps, schedule.batch_size, random.Random(seed))
+    task.start(seed)
+    seconds = task.train(initial, schedule.initial_steps, random.Random(seed))
     logger.info("seed %d: initial model on %d cases in %.0f s", seed, len(initial), seconds)
-    state = learner.state()
+    state = task.state()
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"initial": initial, "schedule": dataclasses.asdict(schedule), "state": state}, path)
     return initial, state
 
 
 def run_strategy(
-    strategy: str, schedule: Schedule, data: Data, seed: int, initial: list[str], state: dict, device: torch.device
-) -> list[dict]:
-    """One simulated labelling campaign; a row per round (round 0 is the initial model)."""
-    spec = schedule.spec()
+    strategy: str, schedule: Schedule, task, seed: int, initial: list[str], state: dict
+) -> tuple[list[dict], list[dict]]:
+    """One simulated labelling campaign, the same for every app (``task``): a row per round (round 0
+    is the initial model) and the labelling effort of every case, each measured on the model the
+    annotator would have corrected (the start model for the initial cases, the model of the round
+    before for a picked one)."""
+    efforts = []
+    if schedule.effort:
+        task.start(seed)
+        efforts = [{"strategy": strategy, "seed": seed, "round": 0, "case": c, **task.effort(c)} for c in initial]
     set_determinism(seed + 1000)
-    learner = Learner(spec, schedule.lr, device, schedule.cpu_bf16)
-    learner.load(state)
+    task.load(state)
     rng = random.Random(f"{strategy}-{seed}")
-    scorer = MCDropoutScorer(
-        spec,
-        [],
-        samples=schedule.mc_samples,
-        tta_samples=schedule.tta_samples,
-        device=str(device),
-        cpu_bf16=schedule.cpu_bf16,
-    )
     labelled = list(initial)
     measures: dict[str, dict] = {}  # kept across rounds, like the server's score store
     rows = []
     for rnd in range(schedule.rounds + 1):
         picked, train_s, score_s = [], 0.0, 0.0
         if rnd > 0:
-            unlabelled = sorted(set(data.pool) - set(labelled))
-            if strategy == "oracle":
-                start = time.perf_counter()
-                for case in unlabelled:  # the current model's true error on each case
-                    dice = validate(spec, learner.network, [data.pool[case]], device)
-                    measures[case] = {"error": 1.0 - float(np.mean(list(dice.values())))}
-                score_s = time.perf_counter() - start
-            elif strategy != "random":
-                start = time.perf_counter()
-                scorer.use_network(learner.network)
+            unlabelled = sorted(set(task.pool) - set(labelled))
+            start = time.perf_counter()
+            if strategy == "oracle":  # the current model's true error on each case
                 for case in unlabelled:
-                    measures[case] = scorer.score_tensor(data.pool[case]["image"])
-                score_s = time.perf_counter() - start
+                    measures[case] = {"error": task.error(case)}
+            elif strategy != "random":
+                for case in unlabelled:
+                    measures[case] = task.measures(case, strategy)
+            score_s = time.perf_counter() - start
             picked = choose(strategy, unlabelled, labelled, measures, schedule.per_round, rng)
+            if schedule.effort:
+                efforts += [
+                    {"strategy": strategy, "seed": seed, "round": rnd, "case": c, **task.effort(c)} for c in picked
+                ]
             labelled += picked
-            train_s = learner.train(data, labelled, schedule.steps_per_round, schedule.batch_size, rng)
-        dice = learner.dice(data)
-        rows.append(row(strategy, seed, rnd, len(labelled), dice, train_s, score_s, picked))
-        logger.info("%s seed %d round %d: %d labelled, Dice %.4f", strategy, seed, rnd, len(labelled), rows[-1]["dice"])
-    return rows
+            train_s = task.train(labelled, schedule.steps_per_round, rng)
+        metrics = task.evaluate()
+        rows.append(row(strategy, seed, rnd, len(labelled), metrics, train_s, score_s, picked))
+        logger.info(
+            "%s seed %d round %d: %d labelled, %s %.4f",
+            *(strategy, seed, rnd, len(labelled), task.metric, rows[-1][task.metric]),
+        )
+    return rows, efforts
 
 
-def run_reference(schedule: Schedule, data: Data, seed: int, device: torch.device) -> list[dict]:
-    """A model trained from scratch on the whole pool for the same total steps as a campaign."""
-    set_determinism(seed)
-    learner = Learner(schedule.spec(), schedule.lr, device, schedule.cpu_bf16)
+def run_reference(schedule: Schedule, task, seed: int) -> list[dict]:
+    """A model trained from the run's fixed start on the whole pool for the same total steps as a campaign."""
+    task.start(seed)
     steps = schedule.initial_steps + schedule.rounds * schedule.steps_per_round
-    seconds = learner.train(data, sorted(data.pool), steps, schedule.batch_size, random.Random(seed))
-    return [row(REFERENCE, seed, schedule.rounds, len(data.pool), learner.dice(data), seconds, 0.0, [])]
+    seconds = task.train(task.pool, steps, random.Random(seed))
+    return [row(REFERENCE, seed, schedule.rounds, len(task.pool), task.evaluate(), seconds, 0.0, [])]
 
 
-def row(strategy, seed, rnd, n, dice: dict[str, float], train_s, score_s, picked) -> dict:
+def row(strategy, seed, rnd, n, metrics: dict[str, float], train_s, score_s, picked) -> dict:
     return {
         "strategy": strategy,
         "seed": seed,
         "round": rnd,
         "labelled": n,
-        "dice": round(float(np.mean(list(dice.values()))), 4),
-        **{f"dice_{k}": round(v, 4) for k, v in dice.items()},
+        **{k: round(float(v), 4) for k, v in metrics.items()},
         "train_s": round(train_s, 1),
         "score_s": round(score_s, 1),
         "picked": ";".join(picked),
@@ -275,9 +364,10 @@ def labels_interpolated(curve: dict[int, float], target: float) -> float | None:
     return None
 
 
-def summarise(rows: list[dict]) -> tuple[str, dict]:
-    """A markdown table: per strategy, mean Dice by labelled count and the labels needed for 95%."""
-    ref = [r["dice"] for r in rows if r["strategy"] == REFERENCE]
+def summarise(rows: list[dict], metric: str = "dice") -> tuple[str, dict]:
+    """A markdown table: per strategy, the mean ``metric`` by labelled count and the labels needed
+    to reach 95% of the whole-pool reference's."""
+    ref = [r[metric] for r in rows if r["strategy"] == REFERENCE]
     if not ref:
         return "No reference run yet.\n", {}
     reference = float(np.mean(ref))
@@ -285,7 +375,7 @@ def summarise(rows: list[dict]) -> tuple[str, dict]:
     curves: dict[str, dict[int, list[float]]] = {}
     for r in rows:
         if r["strategy"] != REFERENCE:
-            curves.setdefault(r["strategy"], {}).setdefault(int(r["labelled"]), []).append(float(r["dice"]))
+            curves.setdefault(r["strategy"], {}).setdefault(int(r["labelled"]), []).append(float(r[metric]))
     seeds = {s: len({r["seed"] for r in rows if r["strategy"] == s}) for s in curves}
     counts = sorted({n for c in curves.values() for n in c})
     means = {s: {n: float(np.mean(v)) for n, v in c.items()} for s, c in curves.items()}
@@ -295,11 +385,11 @@ def summarise(rows: list[dict]) -> tuple[str, dict]:
     for s in curves:
         found = []
         for seed in sorted({r["seed"] for r in rows if r["strategy"] == s}):
-            curve = {int(r["labelled"]): float(r["dice"]) for r in rows if r["strategy"] == s and r["seed"] == seed}
+            curve = {int(r["labelled"]): float(r[metric]) for r in rows if r["strategy"] == s and r["seed"] == seed}
             found.append(labels_needed(curve, target))
         per_seed[s] = found
     lines = [
-        f"Reference (`{REFERENCE}`, {len(ref)} seeds, whole pool): mean Dice {reference:.4f}; "
+        f"Reference (`{REFERENCE}`, {len(ref)} seeds, whole pool): mean {NAMES.get(metric, metric)} {reference:.4f}; "
         f"target {TARGET_FRACTION:.0%} of it = {target:.4f}.",
         "",
         "| strategy | seeds | " + " | ".join(f"{n} labelled" for n in counts) + " | labels to target (mean curve) "
@@ -327,26 +417,27 @@ def summarise(rows: list[dict]) -> tuple[str, dict]:
     return "\n".join(lines) + "\n", info
 
 
-def plot(rows: list[dict], path: Path, target: float | None) -> None:
+def plot(rows: list[dict], path: Path, target: float | None, metric: str = "dice") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    name = NAMES.get(metric, metric)
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     for s in [s for s in STRATEGIES + DIAGNOSTICS if any(r["strategy"] == s for r in rows)]:
         by_n: dict[int, list[float]] = {}
         for r in rows:
             if r["strategy"] == s:
-                by_n.setdefault(int(r["labelled"]), []).append(float(r["dice"]))
+                by_n.setdefault(int(r["labelled"]), []).append(float(r[metric]))
         ns = sorted(by_n)
         mean = np.array([np.mean(by_n[n]) for n in ns])
         ax.plot(ns, mean, marker="o", ms=3, label=f"{s} ({len(by_n[ns[0]])} seeds)")
         ax.fill_between(ns, [min(by_n[n]) for n in ns], [max(by_n[n]) for n in ns], alpha=0.15)
     if target is not None:
-        ax.axhline(target, color="k", ls="--", lw=1, label=f"{TARGET_FRACTION:.0%} of whole-pool Dice")
+        ax.axhline(target, color="k", ls="--", lw=1, label=f"{TARGET_FRACTION:.0%} of whole-pool {name}")
     ax.set_xlabel("labelled cases")
-    ax.set_ylabel("mean Dice on the test folder")
+    ax.set_ylabel(f"mean {name} on the test folder")
     ax.set_title("Simulated active learning (band: min-max over seeds)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -355,7 +446,87 @@ def plot(rows: list[dict], path: Path, target: float | None) -> None:
     plt.close(fig)
 
 
-def write_results(out: Path) -> str:
+def read_efforts(out: Path) -> list[dict]:
+    rows = []
+    for path in sorted((out / "runs").glob("*.json")):
+        rows += json.loads(path.read_text()).get("effort", [])
+    return rows
+
+
+def summarise_effort(rows: list[dict]) -> str:
+    """Per strategy, the correction work of labelling the whole pool in its order (summed over the
+    pool, mean over seeds) against drawing every case from scratch, and against random's order.
+
+    Every measure ``m`` with a ``scratch_m`` beside it is one column: the total, and the share of
+    the from-scratch work it saves. Per case the work is the smaller of correcting the model's
+    label and drawing from scratch (an annotator clears a label that is worse than none).
+    """
+    if not rows:
+        return "No effort measured.\n"
+    keys = [k for k in rows[0] if f"scratch_{k}" in rows[0]]
+    totals: dict[str, dict[str, list[float]]] = {}
+    for s in sorted({r["strategy"] for r in rows}, key=lambda s: (s != "random", s)):
+        for seed in sorted({r["seed"] for r in rows if r["strategy"] == s}):
+            mine = [r for r in rows if r["strategy"] == s and r["seed"] == seed]
+            for k in keys:
+                work = sum(min(r[k], r[f"scratch_{k}"]) for r in mine)
+                totals.setdefault(s, {}).setdefault(k, []).append(float(work))
+                totals[s].setdefault(f"scratch_{k}", []).append(float(sum(r[f"scratch_{k}"] for r in mine)))
+            totals[s].setdefault("cases", []).append(float(len(mine)))
+    lines = [
+        "| strategy | seeds | cases | "
+        + " | ".join(f"{k}: to correct (from scratch) | {k}: saved by the loop | {k} vs random" for k in keys)
+        + " |",
+        "|---|---|---|" + "---|---|---|" * len(keys),
+    ]
+    for s, t in totals.items():
+        cells = []
+        for k in keys:
+            mean, scratch = float(np.mean(t[k])), float(np.mean(t[f"scratch_{k}"]))
+            saved = 1.0 - mean / scratch if scratch else 0.0
+            rnd = totals.get("random", {}).get(k)
+            vs = f"{mean / float(np.mean(rnd)):.2f}x" if rnd and np.mean(rnd) else "n/a"
+            spread = f" ± {np.std(t[k]):,.0f}" if len(t[k]) > 1 else ""
+            cells.append(f"{mean:,.0f}{spread} ({scratch:,.0f}) | {saved:.1%} | {vs}")
+        lines.append(f"| {s} | {len(t[keys[0]])} | {np.mean(t['cases']):.0f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_effort(rows: list[dict], path: Path) -> None:
+    """Cumulative correction work (the first measure with a from-scratch count) against images
+    labelled, per strategy (mean over seeds), and the work of drawing the whole pool from scratch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    key = next(k for k in rows[0] if f"scratch_{k}" in rows[0])
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    scratch_curve = None
+    for s in [s for s in STRATEGIES + DIAGNOSTICS if any(r["strategy"] == s for r in rows)]:
+        curves, scratch = [], []
+        for seed in sorted({r["seed"] for r in rows if r["strategy"] == s}):
+            mine = [r for r in rows if r["strategy"] == s and r["seed"] == seed]
+            curves.append(np.cumsum([min(r[key], r[f"scratch_{key}"]) for r in mine]))
+            scratch.append(np.cumsum([r[f"scratch_{key}"] for r in mine]))
+        n = min(len(c) for c in curves)
+        ax.plot(range(1, n + 1), np.mean([c[:n] for c in curves], axis=0), label=f"{s} ({len(curves)} seeds)")
+        scratch_curve = np.mean([c[:n] for c in scratch], axis=0)
+    if scratch_curve is not None:  # the whole pool drawn from scratch, whatever the order
+        ax.axhline(scratch_curve[-1], color="k", ls="--", lw=1, label="the whole pool from scratch")
+    ax.set_xlabel("images labelled, in the strategy's order")
+    ax.set_ylabel(f"cumulative {key} to correct")
+    ax.set_title("Labelling effort with the model retrained every round")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_results(out: Path, metrics: Sequence[str] = ("dice",)) -> str:
+    """``curves.csv``, ``summary.md`` (one table per metric, the effort table when measured) and a plot
+    per metric (``learning_curves.png`` for the first, ``learning_curves_<metric>.png`` for others)."""
     rows = read_runs(out)
     if not rows:
         raise SystemExit(f"No runs under {out / 'runs'} yet")
@@ -364,10 +535,24 @@ def write_results(out: Path) -> str:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
-    table, info = summarise(rows)
-    (out / "summary.md").write_text(table)
-    plot(rows, out / "learning_curves.png", info.get("target"))
-    return table
+    parts = []
+    for i, metric in enumerate(metrics):
+        table, info = summarise(rows, metric)
+        parts.append(table if len(metrics) == 1 else f"### {NAMES.get(metric, metric)}\n\n{table}")
+        name = "learning_curves.png" if i == 0 else f"learning_curves_{metric}.png"
+        plot(rows, out / name, info.get("target"), metric)
+    efforts = read_efforts(out)
+    if efforts:
+        fields = list(efforts[0])
+        with open(out / "effort.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(efforts)
+        parts.append(f"### Labelling effort (whole pool)\n\n{summarise_effort(efforts)}")
+        plot_effort(efforts, out / "effort.png")
+    text = "\n".join(parts)
+    (out / "summary.md").write_text(text)
+    return text
 
 
 def _csv_list(text: str, cast=str) -> list:
@@ -376,8 +561,17 @@ def _csv_list(text: str, cast=str) -> list:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pool", type=Path, help="MSD-layout folder of labelled cases to pick from")
-    parser.add_argument("--test", type=Path, help="MSD-layout folder of cases to measure Dice on")
+    parser.add_argument("--app", choices=APPS, default="radiology", help="which app's model, data and measures")
+    parser.add_argument(
+        "--pool",
+        type=Path,
+        help="radiology: MSD-layout folder of labelled cases to pick from; pathology: the images/ + masks/ "
+        "folder the --split file's ids name",
+    )
+    parser.add_argument("--test", type=Path, help="radiology: MSD-layout folder of cases to measure Dice on")
+    parser.add_argument(
+        "--split", type=Path, help="pathology: the pool/test split file (benchmarks.al_split --app pathology)"
+    )
     parser.add_argument(
         "--strategy",
         default=",".join(STRATEGIES),
@@ -385,17 +579,23 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--initial", type=int, default=4, help="labelled cases at the start")
     parser.add_argument("--per-round", type=int, default=4, help="cases the strategy picks per round")
-    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--rounds", default="6", help="rounds, or 'all': as many as label the whole pool")
     parser.add_argument("--seed", default="0,1,2", help="comma list of seeds")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/active_learning"))
-    parser.add_argument("--model", default="hippocampus", choices=sorted(MODELS))
-    parser.add_argument("--channels", help="UNet channels for the simulation (default: the model's)")
+    parser.add_argument("--model", default=None, help="radiology model (default hippocampus)")
+    parser.add_argument("--channels", help="radiology: UNet channels for the simulation (default: the model's)")
     parser.add_argument("--initial-steps", type=int, default=150)
     parser.add_argument("--steps-per-round", type=int, default=60)
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--lr", type=float, help="learning rate (default: the model's)")
+    parser.add_argument("--lr", type=float, help="learning rate (default: the model's; pathology 1e-3)")
+    parser.add_argument("--crop", type=int, default=0, help="pathology: training crop size (default: the model's)")
     parser.add_argument("--mc-samples", type=int, default=8)
     parser.add_argument("--tta-samples", type=int, default=4)
+    parser.add_argument(
+        "--effort",
+        action="store_true",
+        help="also count the correction work of every case as it is labelled (with --rounds all: the whole pool)",
+    )
     parser.add_argument(
         "--float32",
         action="store_true",
@@ -408,46 +608,71 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     args.out.mkdir(parents=True, exist_ok=True)
+    metrics = ("aji", "dice") if args.app == "pathology" else ("dice",)
     if args.plot_only:
-        print(write_results(args.out))
+        print(write_results(args.out, metrics))
         return
-    if not (args.pool and args.test):
-        parser.error("--pool and --test are required (unless --plot-only)")
     strategies = _csv_list(args.strategy)
     unknown = sorted(set(strategies) - set(STRATEGIES + DIAGNOSTICS))
     if unknown:
         parser.error(f"unknown strategies {unknown}; choose from {list(STRATEGIES + DIAGNOSTICS)}")
     torch.set_num_threads(args.threads)
-    spec = MODELS[args.model]
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    start = time.perf_counter()
+    if args.app == "pathology":
+        if not (args.pool and args.split):
+            parser.error("--app pathology needs --pool (the images/ + masks/ folder) and --split (unless --plot-only)")
+        from benchmarks.al_pathology import PathologyTask, load_split
+        from pathology.spec import NUCLEI
+
+        pool, test = load_split(args.pool, args.split)
+        model, channels, lr, crop = "nuclei", NUCLEI.channels, args.lr or 1e-3, args.crop or NUCLEI.patch
+    else:
+        if not (args.pool and args.test):
+            parser.error("--pool and --test are required (unless --plot-only)")
+        model = args.model or "hippocampus"
+        if model not in MODELS:
+            parser.error(f"unknown model {model!r}; choose from {sorted(MODELS)}")
+        spec = MODELS[model]
+        pool, test = msd_cases(args.pool), msd_cases(args.test)
+        overlap = {c.id for c in pool} & {c.id for c in test}
+        if overlap:
+            raise SystemExit(
+                f"--pool and --test share cases {sorted(overlap)[:5]}...: the test folder must be held out"
+            )
+        channels = tuple(_csv_list(args.channels, int)) if args.channels else spec.channels
+        lr, crop = args.lr or spec.learning_rate, 0
+    rounds = -(-(len(pool) - args.initial) // args.per_round) if args.rounds == "all" else int(args.rounds)
     schedule = Schedule(
-        model=args.model,
-        channels=tuple(_csv_list(args.channels, int)) if args.channels else spec.channels,
+        model=model,
+        channels=channels,
         initial=args.initial,
         per_round=args.per_round,
-        rounds=args.rounds,
+        rounds=rounds,
         initial_steps=args.initial_steps,
         steps_per_round=args.steps_per_round,
         batch_size=args.batch_size,
-        lr=args.lr or spec.learning_rate,
+        lr=lr,
         mc_samples=args.mc_samples,
         tta_samples=args.tta_samples,
         cpu_bf16=not args.float32,
+        effort=args.effort,
+        crop=crop,
     )
-    pool, test = msd_cases(args.pool), msd_cases(args.test)
-    overlap = {c.id for c in pool} & {c.id for c in test}
-    if overlap:
-        raise SystemExit(f"--pool and --test share cases {sorted(overlap)[:5]}...: the test folder must be held out")
     need = schedule.initial + schedule.per_round * schedule.rounds
-    if need > len(pool):
+    if need > len(pool) and args.rounds != "all":
         raise SystemExit(f"the schedule labels {need} cases but the pool has {len(pool)}")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    start = time.perf_counter()
-    data = Data(schedule.spec(), pool, test)
+    if args.app == "pathology":
+        task = PathologyTask(
+            pool, test, lr=lr, batch_size=schedule.batch_size, crop=crop, mc_passes=schedule.mc_samples
+        )
+        where = {"pool": str(args.pool), "split": str(args.split)}
+    else:
+        task = RadiologyTask(schedule, Data(schedule.spec(), pool, test), device)
+        where = {"pool": str(args.pool), "test": str(args.test)}
     logger.info("loaded %d pool and %d test cases in %.0f s", len(pool), len(test), time.perf_counter() - start)
     # As it reads back from JSON (tuples become lists), so a finished run is recognised and skipped.
-    meta = json.loads(
-        json.dumps({"schedule": dataclasses.asdict(schedule), "pool": str(args.pool), "test": str(args.test)})
-    )
+    meta = json.loads(json.dumps({"schedule": dataclasses.asdict(schedule), **where}))
     for seed in _csv_list(args.seed, int):
         jobs = ([] if args.no_reference else [REFERENCE]) + strategies
         for name in jobs:
@@ -455,15 +680,18 @@ def main(argv: list[str] | None = None) -> None:
             if path.exists() and json.loads(path.read_text())["meta"] == meta:
                 continue
             began = time.perf_counter()
+            efforts: list[dict] = []
             if name == REFERENCE:
-                rows = run_reference(schedule, data, seed, device)
+                rows = run_reference(schedule, task, seed)
             else:
-                initial, state = initial_state(args.out, schedule, data, seed, device)
-                rows = run_strategy(name, schedule, data, seed, initial, state, device)
+                initial, state = initial_state(args.out, schedule, task, seed)
+                rows, efforts = run_strategy(name, schedule, task, seed, initial, state)
             path.parent.mkdir(parents=True, exist_ok=True)
             payload = {"meta": meta, "seconds": round(time.perf_counter() - began, 1), "rows": rows}
+            if efforts:
+                payload["effort"] = efforts
             path.write_text(json.dumps(payload, indent=1))
-            print(write_results(args.out), flush=True)
+            print(write_results(args.out, metrics), flush=True)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import logging
 import os
 import random
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -18,7 +18,6 @@ import torch.nn.functional as F
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.strategy import Strategy
 
-from appcore import identity
 from appcore.errors import bad_request, not_found
 from appcore.networks import bottleneck
 from appcore.validation import check_image_id
@@ -26,7 +25,7 @@ from pathology.predict import foreground_passes, predict_maps
 from pathology.spec import NucleiSpec
 from pathology.wsi import RegionSource, SlideSource, open_source
 from strategies.patches import Box, patch_grid, ranked_patches
-from strategies.ranked import request_k
+from strategies.ranked import holder, request_k
 from strategies.reservations import ReservationBook
 from strategies.selection import diverse_top_k
 
@@ -102,7 +101,7 @@ class _PatchStrategy(Strategy):
 
     def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any] | None:
         k = request_k(request, 1, self._book)
-        owner = identity.user().name  # from the token, not the free-form client_id
+        client = holder(request)
         image = _image(request, datastore, self._rng)
         patch = _pair(request, "patch_size", (1024, 1024))
         uri = datastore.get_image_uri(image)
@@ -113,7 +112,7 @@ class _PatchStrategy(Strategy):
             if isinstance(source, SlideSource):
                 source.close()
         by_key = {patch_key(image, box): box for box in ranked}
-        chosen = self._book.pick(list(by_key), lambda free: free[:k], owner)
+        chosen = self._book.pick(list(by_key), lambda free: free[:k], client)
         if not chosen:
             logger.info("No patch of %s is free (%d patches, all reserved)", image, len(by_key))
             return None
@@ -167,6 +166,81 @@ MEASURES = {
 }
 
 
+def scoring_copy(network: torch.nn.Module, *, dropout: float | None = None) -> torch.nn.Module:
+    """A private copy of the served network in evaluation mode, with ``dropout`` injected on the
+    input of its bottleneck (its deepest layer) when given: the Monte Carlo dropout behind ``bald``,
+    the nuclei network having been trained without dropout."""
+    private = copy.deepcopy(network).eval()
+    if dropout is not None:
+        layer = bottleneck(private)
+        if layer is None:
+            logger.warning("%s: the network has no bottleneck to drop out; bald is 0", type(network).__name__)
+        else:
+            layer.register_forward_pre_hook(lambda _m, args: (F.dropout(args[0], dropout, training=True), *args[1:]))
+    return private
+
+
+def window_measures(
+    measure: str, network: torch.nn.Module, spec: NucleiSpec, rgb: np.ndarray, *, passes: int = MC_PASSES
+) -> dict[str, Any]:
+    """One measure of an RGB window (H, W, 3): ``entropy`` (with the window's mean bottleneck
+    features as ``embedding``), ``bald`` over ``passes`` Monte Carlo passes (``network`` is a
+    ``scoring_copy`` with dropout) or ``tta``."""
+    if measure == "bald":
+        return {"bald": mutual_information(foreground_passes(network, spec, rgb, passes))}
+    if measure == "tta":
+        maps = []
+        for axes in FLIPS:
+            flipped = np.ascontiguousarray(np.flip(rgb, axes)) if axes else rgb
+            fg = predict_maps(network, spec, flipped).foreground
+            maps.append(np.flip(fg, axes) if axes else fg)
+        return {"tta": tta_disagreement(maps)}
+    if measure != "entropy":
+        raise ValueError(f"measure must be one of {sorted(MEASURES)}, got {measure!r}")
+    layer, captured = bottleneck(network), []
+    hook = layer.register_forward_hook(lambda _m, _i, out: captured.append(out)) if layer is not None else None
+    try:
+        fg = predict_maps(network, spec, rgb).foreground
+    finally:
+        if hook is not None:
+            hook.remove()
+    features = captured[0].float().flatten(2).mean(2)[0].cpu().numpy() if captured else np.zeros(0)
+    return {"entropy": patch_uncertainty(fg), "embedding": features}
+
+
+def probe_windows(box: Box) -> list[Box]:
+    """The ``PROBE``-sized windows at the corners of ``box`` (the box itself when smaller) that
+    measure it: at most four, whatever the box's size, so that a measure costs the same for every patch."""
+    x, y, w, h = box
+    pw, ph = min(PROBE, w), min(PROBE, h)
+    xs = sorted({x, x + w - pw}) if w > pw else [x]
+    ys = sorted({y, y + h - ph}) if h > ph else [y]
+    return [(px, py, pw, ph) for py in ys for px in xs]
+
+
+def box_measures(
+    source: RegionSource,
+    box: Box,
+    networks: Mapping[str, torch.nn.Module],
+    spec: NucleiSpec,
+    *,
+    passes: int = MC_PASSES,
+) -> dict[str, Any]:
+    """The measures named by ``networks`` (each computed on its network) of a box of ``source``: each
+    the mean over the box's non-glass probe windows; 0 when every window is glass (nothing to label)."""
+    windows: list[dict[str, Any]] = []
+    for px, py, pw, ph in probe_windows(box):
+        rgb = source.read(px, py, pw, ph)
+        if rgb.mean() <= GLASS:
+            window: dict[str, Any] = {}
+            for measure, network in networks.items():
+                window.update(window_measures(measure, network, spec, rgb, passes=passes))
+            windows.append(window)
+    if not windows:
+        return dict.fromkeys(networks, 0.0)
+    return {name: np.mean([m[name] for m in windows], axis=0) for name in windows[0]}
+
+
 class PatchMeasures:
     """One measure of slide patches under the served nuclei network, kept for later requests.
 
@@ -202,51 +276,11 @@ class PatchMeasures:
         self._private: torch.nn.Module | None = None  # the copy of _scored_with that measures run on
 
     def _scoring_copy(self, network: torch.nn.Module) -> torch.nn.Module:
-        private = copy.deepcopy(network).eval()
-        if self.measure == "bald":
-            layer = bottleneck(private)
-            if layer is None:
-                logger.warning("%s: the network has no bottleneck to drop out; bald is 0", type(network).__name__)
-            else:
-                p = self._dropout
-                layer.register_forward_pre_hook(lambda _m, args: (F.dropout(args[0], p, training=True), *args[1:]))
-        return private
-
-    def _window(self, rgb: np.ndarray, network: torch.nn.Module) -> dict[str, Any]:
-        if self.measure == "bald":
-            return {"bald": mutual_information(foreground_passes(network, self.spec, rgb, MC_PASSES))}
-        if self.measure == "tta":
-            maps = []
-            for axes in FLIPS:
-                flipped = np.ascontiguousarray(np.flip(rgb, axes)) if axes else rgb
-                fg = predict_maps(network, self.spec, flipped).foreground
-                maps.append(np.flip(fg, axes) if axes else fg)
-            return {"tta": tta_disagreement(maps)}
-        layer, captured = bottleneck(network), []
-        hook = layer.register_forward_hook(lambda _m, _i, out: captured.append(out)) if layer is not None else None
-        try:
-            fg = predict_maps(network, self.spec, rgb).foreground
-        finally:
-            if hook is not None:
-                hook.remove()
-        features = captured[0].float().flatten(2).mean(2)[0].cpu().numpy() if captured else np.zeros(0)
-        return {"entropy": patch_uncertainty(fg), "embedding": features}
+        return scoring_copy(network, dropout=self._dropout if self.measure == "bald" else None)
 
     def measures(self, source: RegionSource, box: Box, network: torch.nn.Module) -> dict[str, Any]:
         """The patch's measures: each the mean over its non-glass probe windows (0 if all glass)."""
-        x, y, w, h = box
-        pw, ph = min(PROBE, w), min(PROBE, h)
-        xs = sorted({x, x + w - pw}) if w > pw else [x]
-        ys = sorted({y, y + h - ph}) if h > ph else [y]
-        windows = []
-        for py in ys:
-            for px in xs:
-                rgb = source.read(px, py, pw, ph)
-                if rgb.mean() <= GLASS:
-                    windows.append(self._window(rgb, network))
-        if not windows:
-            return {self.measure: 0.0}
-        return {name: np.mean([m[name] for m in windows], axis=0) for name in windows[0]}
+        return box_measures(source, box, {self.measure: network}, self.spec)
 
     def scored(
         self, source: RegionSource, boxes: list[Box], version: str, network: torch.nn.Module, who: str

@@ -21,21 +21,32 @@ from pathology.infer import NucleiInfer
 from pathology.prefetch import PatchPrefetcher
 from pathology.registry import MODELS, PathologyModel
 from pathology.spec import NucleiSpec
+from pathology.tile_scoring import TileScorer
 from pathology.train import NucleiTrainer
 from pathology.wsi import SlideSource, check_region, open_source
+from strategies.background import BackgroundScoring
+from strategies.ranked import DiverseStrategy, RankedStrategy
 from strategies.reservations import ReservationBook
+from strategies.scores import ScoreStore
+from strategies.scoring import UncertaintyScoring
+from strategies.selection import RANKED_STRATEGIES
 
 logger = logging.getLogger(__name__)
 
 OUTPUTS = ("json", "asap", "dsa")
 
 
-class PathologyApp(LabelingApp):
+class PathologyApp(BackgroundScoring, LabelingApp):
     """MONAI Label app serving ``pathology.registry.MODELS`` chosen by ``--conf models``.
 
     Weights: ``<app_dir>/model/<file>`` (the file name of the network's shipped weights, ``nuclei.pt``)
     once a training run has published it, the shipped ``pathology/weights/<file>`` before that; models
     running one network (``nuclei`` and ``nuclick``) share them, and one trainer.
+
+    Next sample: the ``wsi_*`` strategies pick patches of one slide; ``random``, ``epistemic``
+    (also ``entropy``), ``bald``, ``tta`` and ``diversity`` pick whole images of a folder of tiles,
+    ranked by the scores of ``POST /scoring/epistemic`` (``pathology.tile_scoring``), which runs at
+    start, after a training run or new weights, and for new images, as in the radiology app.
     """
 
     registry = MODELS
@@ -46,6 +57,10 @@ class PathologyApp(LabelingApp):
 
     settings: PathologySettings
     models: dict[str, PathologyModel]
+
+    def prepare(self) -> None:
+        # Tile scores: one store for the strategies, the scoring method and the new-image check.
+        self._score_store = ScoreStore(self.model_dir / "scores_tiles.json")
 
     # -- weights ---------------------------------------------------------------------------------
     def spec(self, model: str) -> NucleiSpec:
@@ -66,6 +81,7 @@ class PathologyApp(LabelingApp):
         return PathologyDatastore(
             self.studies_folder(),
             max_upload_mb=self.settings.max_upload_mb,
+            on_image_replaced=self._score_store.forget,  # its score was the old file's
             auto_reload=ml_settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
             read_only=ml_settings.MONAI_LABEL_DATASTORE_READ_ONLY,
         )
@@ -87,6 +103,9 @@ class PathologyApp(LabelingApp):
             review_gate=self.review_gate,
         )
 
+    def score_store(self) -> ScoreStore:
+        return self._score_store
+
     def init_strategies(self) -> dict[str, Any]:
         # The patches are ranked under the network of al_model (its infer task's, so the served weights).
         ranking = self.settings.al_model
@@ -100,7 +119,38 @@ class PathologyApp(LabelingApp):
             "wsi_diversity": WSIDiverse(spec, network, book=book, shared=entropy),
         }
         self._prefetcher = PatchPrefetcher(list(measuring.values()), self.datastore, network)
-        return {"wsi_random": WSIRandom(book=book), **measuring}
+        return {"wsi_random": WSIRandom(book=book), **measuring, **self._tile_strategies()}
+
+    def _tile_strategies(self) -> dict[str, Any]:
+        """Whole tiles of the folder, the radiology app's strategies over the tile scores."""
+        store = self.score_store()
+        tiles: dict[str, Any] = {
+            "random": RankedStrategy(
+                "Random unlabelled tile, never one another annotator holds", book=self.book, unusable=store.unusable
+            )
+        }
+        for name, (key, what) in RANKED_STRATEGIES.items():
+            tiles[name] = RankedStrategy(
+                f"Most uncertain unlabelled tiles under the nuclei network ({what})",
+                book=self.book,
+                scores=lambda key=key: store.measure(key),
+                unusable=store.unusable,
+            )
+        tiles["entropy"] = RankedStrategy(
+            "The same as epistemic (the name this app's strategies use for the measure)",
+            book=self.book,
+            scores=lambda: store.measure(None),
+            unusable=store.unusable,
+        )
+        tiles["diversity"] = DiverseStrategy(
+            "A batch of k uncertain tiles unlike each other and the labelled ones "
+            "(foreground entropy x distance in the nuclei network's feature space)",
+            book=self.book,
+            scores=lambda: store.measure(None),
+            embeddings=store.embeddings,
+            unusable=store.unusable,
+        )
+        return tiles
 
     def on_init_complete(self) -> None:
         super().on_init_complete()
@@ -108,9 +158,31 @@ class PathologyApp(LabelingApp):
             # Patch measures in the background: at start, then for new images and new weights, so
             # that the first next-patch request on a slide need not measure it.
             self._prefetcher.start()
+            self.async_scoring("epistemic")  # tile scores, in a child process
 
     def init_scoring_methods(self) -> dict[str, Any]:
-        return {}
+        ranking = self.settings.al_model  # the tiles are scored under al_model's served weights
+        spec, paths, passes = self.spec(ranking), self.weight_paths(ranking), self.settings.mc_samples
+        return {
+            "epistemic": UncertaintyScoring(
+                "Uncertainty of every unlabelled tile under the nuclei network: foreground entropy and "
+                f"features, BALD ({passes} dropout passes), flip disagreement; rescores only stale tiles",
+                scorer=lambda: TileScorer(spec, paths, passes=passes),
+                store=self.score_store(),
+                key="entropy",
+            )
+        }
+
+    def train(self, request: dict[str, Any]) -> dict[str, Any]:
+        result = super().train(request)
+        if self.settings.score_after_train:  # every model shares the one network the tiles are scored with
+            result = dict(result or {})
+            result["scoring"] = self.scoring({"method": "epistemic"})
+        return result
+
+    def on_weights_changed(self, model: str) -> None:
+        if self.settings.score_after_train and seam.scoring_methods(self):
+            self.async_scoring("epistemic")  # the stored scores came from the weights served before
 
     # -- requests --------------------------------------------------------------------------------
     def infer(self, request: dict[str, Any], datastore: Datastore | None = None) -> dict[str, Any]:

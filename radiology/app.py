@@ -6,7 +6,6 @@ import gzip
 import logging
 import os
 import threading
-import time
 import zlib
 from collections.abc import Callable, Collection
 from pathlib import Path
@@ -41,6 +40,7 @@ from radiology.registry import MODELS
 from radiology.spec import ModelSpec
 from radiology.train import SegmentationTrainer
 from radiology.uncertainty import MCDropoutScorer
+from strategies.background import BackgroundScoring
 from strategies.ranked import DiverseStrategy, RankedStrategy
 from strategies.reservations import ReservationBook
 from strategies.scores import ScoreStore
@@ -56,7 +56,7 @@ NIFTI_PATTERNS = ("*.nii.gz", "*.nii")
 UNREADABLE = (EOFError, zlib.error, gzip.BadGzipFile, nib.filebasedimages.ImageFileError)
 
 
-class RadiologyApp(LabelingApp):
+class RadiologyApp(BackgroundScoring, LabelingApp):
     """MONAI Label app serving the models of ``radiology.registry.MODELS`` chosen by ``--conf models``.
 
     Weights: a model serves ``<app_dir>/model/<name>.pt`` once a training run has published it, and
@@ -77,8 +77,6 @@ class RadiologyApp(LabelingApp):
         # One store for the strategies, the scoring method and the new-image check, so that the
         # score file is parsed once per change and not on every next-sample request.
         self._score_store = ScoreStore(self.model_dir / f"scores_{self.settings.al_model}.json")
-        self._new_images_lock = threading.Lock()
-        self._new_images_scored_at = -float("inf")
 
     def export_bundle(self, model: str, version: int, out: Path) -> Path:
         """Version ``version`` of ``model`` as a MONAI Bundle in ``out`` (``radiology.export``)."""
@@ -362,37 +360,3 @@ class RadiologyApp(LabelingApp):
         super().on_init_complete()
         if self.settings.score_on_start and seam.scoring_methods(self):
             self.async_scoring("epistemic")
-
-    def next_sample(self, request: dict[str, Any]) -> dict[str, Any]:
-        answer = super().next_sample(request)
-        ranked = getattr(seam.strategies(self).get(request.get("strategy")), "ranks_by_score", False)
-        if ranked and self.settings.score_new_images and seam.scoring_methods(self) and self.unscored_images():
-            self._start_scoring_unless_busy()
-        return answer
-
-    def unscored_images(self) -> list[str]:
-        """Unlabelled images with no stored score that the last scoring run did not find unusable:
-        the ones added since (ranked after every scored image until they are scored)."""
-        store = self.score_store()
-        known = set(store.load()) | set(store.unusable())
-        return [i for i in self.datastore().get_unlabeled_images("final") if i not in known]
-
-    # Least seconds between two scoring runs started for new images: one run is enough for a burst
-    # of requests, and a run that fails (a PACS gone) is not restarted by every request.
-    NEW_IMAGES_SCORING_INTERVAL_S = 30.0
-
-    def _start_scoring_unless_busy(self) -> None:
-        """A scoring run in the background, unless one or a training (which rescores at its end) runs."""
-        from monailabel.utils.async_tasks.utils import processes
-
-        with self._new_images_lock:
-            now = time.monotonic()
-            if (
-                processes("scoring")
-                or processes("train")
-                or now < self._new_images_scored_at + self.NEW_IMAGES_SCORING_INTERVAL_S
-            ):
-                return
-            self._new_images_scored_at = now
-        logger.info("Unlabelled images without a score: starting a scoring run")
-        threading.Thread(target=self.async_scoring, args=("epistemic",), name="score-new-images", daemon=True).start()

@@ -10,8 +10,8 @@ from typing import Any
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.strategy import Strategy
 
-from appcore import identity
 from appcore.errors import bad_request
+from appcore.identity import ANONYMOUS, user
 from strategies.reservations import ReservationBook
 from strategies.selection import diverse_top_k, top_k
 
@@ -38,6 +38,15 @@ def request_k(request: Mapping[str, Any], default: int, book: ReservationBook | 
             f"then held for this client for {book.window_s:g} s (--conf reservation_s)"
         )
     return k
+
+
+def holder(request: Mapping[str, Any]) -> str:
+    """Who a request's picks are reserved for: the authenticated user; with authentication off
+    (every request anonymous) the request's ``client_id``, else ``anonymous``."""
+    caller = user()
+    if caller.name != ANONYMOUS.name:
+        return caller.name
+    return str(request.get("client_id") or ANONYMOUS.name)
 
 
 class RankedStrategy(Strategy):
@@ -81,13 +90,13 @@ class RankedStrategy(Strategy):
 
     def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any] | None:
         k = request_k(request, self._default_k, self._book)
-        owner = identity.user().name  # from the token, not the free-form client_id
+        client = holder(request)
         candidates = sorted(datastore.get_unlabeled_images("final"))
         if self._unusable is not None:
             unusable = set(self._unusable())
             candidates = [c for c in candidates if c not in unusable]
         scores = dict(self._scores()) if self._scores else {}
-        chosen = self._book.pick(candidates, lambda free: self.choose(free, scores, k, datastore), owner)
+        chosen = self._book.pick(candidates, lambda free: self.choose(free, scores, k, datastore), client)
         if not chosen:
             logger.info("No unlabelled image is free (%d candidates, all reserved or none)", len(candidates))
             return None

@@ -89,7 +89,7 @@ def test_the_split_keeps_every_option_somewhere() -> None:
     assert set(PathologySettings.options()) == set(Settings.options())
     assert (
         sorted(
-            ["cpu_bf16", "infer_memory_mb", "mc_samples", "score_after_train", "score_new_images", "sw_batch_size"]
+            ["cpu_bf16", "infer_memory_mb", "sw_batch_size"]
             + ["tta_samples", "val_split", "max_clicks", "train_after_labels"]
         )
         == RADIOLOGY_ONLY

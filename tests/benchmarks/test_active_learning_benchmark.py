@@ -160,3 +160,83 @@ def test_next_sample_benchmark_answers_every_strategy() -> None:
 
     table = next_sample_table(images=60, repeats=1)  # 45 picks, all reserved
     assert [line.split("|")[1].strip() for line in table.splitlines()[4:]] == list(STRATEGY_NAMES)
+
+
+def _effort(strategy: str, seed: int, pixels: list[int], scratch: list[int]) -> list[dict]:
+    return [
+        {"strategy": strategy, "seed": seed, "round": i, "case": f"c{i}", "pixels": p, "scratch_pixels": s}
+        for i, (p, s) in enumerate(zip(pixels, scratch, strict=True))
+    ]
+
+
+def test_effort_summary_counts_the_cheaper_of_correcting_and_drawing_per_case() -> None:
+    from benchmarks.active_learning import summarise_effort
+
+    rows = _effort("random", 0, [10, 50, 200], [100, 100, 100])  # the third: cleared and drawn (100)
+    rows += _effort("random", 1, [30, 50, 60], [100, 100, 100])
+    rows += _effort("bald", 0, [10, 20, 40], [100, 100, 100])
+    table = summarise_effort(rows)
+    random_line = next(line for line in table.splitlines() if line.startswith("| random |"))
+    bald_line = next(line for line in table.splitlines() if line.startswith("| bald |"))
+    # random: totals 160 and 140, mean 150 of 300 from scratch (50% saved); bald 70 (76.7%), 0.47x random's
+    assert random_line == "| random | 2 | 3 | 150 ± 10 (300) | 50.0% | 1.00x |"
+    assert bald_line == "| bald | 1 | 3 | 70 (300) | 76.7% | 0.47x |"
+    assert summarise_effort([]) == "No effort measured.\n"
+
+
+@pytest.mark.parametrize(
+    ("pred", "truth", "expected"),
+    [
+        # one wrong voxel in axial slice 1 of 3; from scratch 2 labelled voxels in 2 slices
+        ([[[0, 1, 0]], [[0, 2, 0]]], [[[1, 1, 0]], [[0, 2, 0]]], {"voxels": 1, "slices": 1, "scratch_voxels": 3}),
+        ([[[0, 0, 0]]], [[[0, 0, 0]]], {"voxels": 0, "slices": 0, "scratch_voxels": 0}),
+    ],
+)
+def test_volume_effort(pred: list, truth: list, expected: dict) -> None:
+    import numpy as np
+
+    from benchmarks.active_learning import volume_effort
+
+    got = volume_effort(np.asarray(pred), np.asarray(truth))
+    assert {k: got[k] for k in expected} == expected
+    assert got["scratch_slices"] == int((np.asarray(truth) > 0).any(axis=(0, 1)).sum())
+
+
+DSB = HIPPO.parent / "pathology" / "nuclei_dsb2018"
+
+
+@pytest.mark.skipif(not (DSB / "images").is_dir(), reason=f"the DSB2018 tiles under {DSB} are absent")
+def test_tiny_pathology_simulation_labels_the_whole_pool_and_counts_the_effort(tmp_path: Path) -> None:
+    from benchmarks.al_split import main as split_main
+
+    split = tmp_path / "split.json"
+    split_main(
+        ["--app", "pathology", "--source", str(DSB), "--out", str(split), "--pool-size", "5", "--test-size", "2"]
+    )
+    layout = json.loads(split.read_text())
+    assert (len(layout["pool"]), len(layout["test"])) == (5, 2) and not set(layout["pool"]) & set(layout["test"])
+    out = tmp_path / "out"
+    args = ["--app", "pathology", "--pool", str(DSB), "--split", str(split), "--out", str(out)]
+    args += ["--strategy", "random,bald,diversity,oracle", "--initial", "2", "--per-round", "2", "--rounds", "all"]
+    args += ["--seed", "0", "--initial-steps", "1", "--steps-per-round", "1", "--batch-size", "2", "--crop", "64"]
+    args += ["--mc-samples", "2", "--effort", "--threads", "1"]
+    main(args)
+    for strategy in ("random", "bald", "diversity", "oracle"):
+        run = json.loads((out / "runs" / f"{strategy}_seed0.json").read_text())
+        assert [r["labelled"] for r in run["rows"]] == [2, 4, 5], "rounds until the whole pool is labelled"
+        assert {"aji", "dice"} <= set(run["rows"][-1])
+        assert sorted(e["case"] for e in run["effort"]) == layout["pool"], "every pool image's effort, once"
+        assert all(e["scratch_nuclei"] > 0 and e["nuclei"] >= 0 for e in run["effort"])
+    summary = (out / "summary.md").read_text()
+    assert "### AJI" in summary and "### Dice" in summary and "### Labelling effort" in summary
+    assert (out / "learning_curves.png").stat().st_size > 10_000
+    assert (out / "learning_curves_dice.png").stat().st_size > 10_000
+    assert (out / "effort.csv").read_text().startswith("strategy,seed,round,case,nuclei_add")
+    assert (out / "effort.png").stat().st_size > 10_000
+
+
+def test_a_pathology_split_whose_pool_and_test_overlap_is_refused(tmp_path: Path) -> None:
+    split = tmp_path / "split.json"
+    split.write_text(json.dumps({"pool": ["a", "b"], "test": ["b"]}))
+    with pytest.raises(SystemExit, match="pool and test share images"):
+        main(["--app", "pathology", "--pool", str(tmp_path), "--split", str(split), "--out", str(tmp_path / "o")])

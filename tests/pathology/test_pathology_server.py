@@ -249,7 +249,7 @@ def test_next_patch_as_qupath_asks(server: tuple[httpx.Client, Path]) -> None:
             422,
         ),
         ("post", "/activelearning/unknown_strategy", {"json": {}}, 404),
-        ("post", "/scoring/any_method", {}, 404),  # this app has no scoring methods
+        ("post", "/scoring/any_method", {}, 404),  # its one scoring method is epistemic
         ("post", "/train/nuclei", {"json": {}}, 409),  # no label saved yet (the last test saves one)
         ("delete", "/datastore/image", {"params": {"id": "no_such_slide"}}, 404),
         ("post", "/infer/wsi_v2/nuclei", {"files": {"file": ("p.png", b"x")}, "data": {"wsi": "{not json"}}, 422),
