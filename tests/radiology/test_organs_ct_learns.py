@@ -1,4 +1,4 @@
-"""organs_ct starts untrained; after brief training on one real CT it finds that CT's organs."""
+"""organs_ct learns from one real CT: its organs, and the spleen of a CT it never saw."""
 
 from __future__ import annotations
 
@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 from monai.utils import set_determinism
 
+from appcore.app import request_files
 from radiology.label_mapping import load_class_map, remap_by_name
 from radiology.registry import MODELS
 from tests.apps import make_app
-from tests.conftest import TOTALSEG, dice, requires_shared
+from tests.conftest import SPLEEN, TOTALSEG, dice, requires_shared
 
 pytestmark = [requires_shared, pytest.mark.slow]
 
@@ -40,9 +41,23 @@ def test_training_on_one_real_ct_makes_predictions_overlap_its_labels(tmp_path: 
     labels = MODELS["organs_ct"].labels
     scores = {lab.name: dice(pred == lab.id, truth == lab.id) for lab in labels if (truth == lab.id).any()}
     print("Dice after", EPOCHS, "epochs:", {k: round(v, 3) for k, v in scores.items()})
-    # Measured on this machine (seed 0, 250 epochs, about 345 s): liver 0.93, spleen 0.93, stomach
-    # 0.81, kidneys 0.73 and 0.71, pancreas 0.48, gallbladder 0.09, aorta 0.02. Margins allow for
-    # other CPUs, where the seeded run is not bit-for-bit the same.
-    assert scores["liver"] > 0.7, scores
-    assert scores["spleen"] > 0.4, scores
-    assert sum(d > 0.2 for d in scores.values()) >= 3, scores
+    # Measured on this machine (seed 0, 250 epochs; 2026-12-07): liver 0.957, spleen 0.945, kidneys
+    # 0.879 and 0.853, stomach 0.866, gallbladder 0.695, aorta 0.619, pancreas 0.600 (an earlier
+    # code version: liver 0.93, spleen 0.93, stomach 0.81, kidneys 0.73 and 0.71, the rest under
+    # 0.5). Margins of about 0.1 below the lower of the two runs allow for other CPUs, where the
+    # seeded run is not bit-for-bit the same; a regression that halves what one CT teaches fails.
+    assert scores["liver"] > 0.85, scores
+    assert scores["spleen"] > 0.8, scores
+    assert sum(d > 0.5 for d in scores.values()) >= 5, scores
+
+    # The same weights on a CT they never saw (MSD spleen_2: another scanner, contrast-enhanced,
+    # labelled by other people): what one labelled CT teaches the server carries over, measured.
+    unseen = SPLEEN / "imagesTr" / "spleen_2.nii.gz"
+    with request_files({str(unseen)}):
+        other = app.infer({"model": "organs_ct", "image": str(unseen), "device": "cpu"})
+    spleen_pred = np.asarray(nib.load(other["file"]).dataobj) == labels.by_name("spleen").id
+    spleen_truth = np.asarray(nib.load(SPLEEN / "labelsTr" / "spleen_2.nii.gz").dataobj) > 0
+    unseen_dice = dice(spleen_pred, spleen_truth)
+    # Measured 0.705 (2026-12-07). One unseen case from another scanner varies more between runs
+    # than the trained CT does: margin 0.15. Untrained, the answer is empty (Dice 0).
+    assert unseen_dice > 0.55, f"spleen Dice on the unseen spleen_2: {unseen_dice:.3f}"
