@@ -27,7 +27,7 @@ from strategies.reservations import ReservationBook
 from strategies.scores import Score, ScoreStore
 from tests.conftest import SHARED
 from tests.servers import monailabel_server
-from tests.test_strategies import FakeDatastore
+from tests.strategies.test_strategies import FakeDatastore
 
 DSB = SHARED / "pathology" / "nuclei_dsb2018"
 SLIDE = SHARED / "pathology" / "wsi" / "CMU-1-Small-Region.svs"
