@@ -250,12 +250,10 @@ def test_next_patch_as_qupath_asks(server: tuple[httpx.Client, Path]) -> None:
         ),
         ("post", "/activelearning/unknown_strategy", {"json": {}}, 404),
         ("post", "/scoring/any_method", {}, 404),  # its one scoring method is epistemic
-        ("post", "/train/nuclei", {"json": {}}, 409),  # no label saved yet (the last test saves one)
         ("delete", "/datastore/image", {"params": {"id": "no_such_slide"}}, 404),
         ("post", "/infer/wsi_v2/nuclei", {"files": {"file": ("p.png", b"x")}, "data": {"wsi": "{not json"}}, 422),
         ("post", "/infer/wsi/nuclei", {"json": qupath_body([0, 0], [64, 64])}, 422),  # no image named
         ("put", "/model/nuclei", {"files": {"file": ("nuclei.pt", b"not a checkpoint")}}, 422),
-        ("delete", "/model/nuclick", {}, 404),  # only published weights are withdrawn, never the shipped ones
     ],
 )
 def test_bad_requests_get_4xx(
@@ -267,6 +265,22 @@ def test_bad_requests_get_4xx(
     assert r.status_code == status, r.text
     left = {p for p in (root / "tmp").rglob("*") if p.is_file()} - before
     assert not left, f"the refused request left {sorted(p.name for p in left)} in the server's temporary folder"
+
+
+def test_a_server_with_no_label_has_nothing_to_train_and_no_weights_to_withdraw(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """Its own server: the module's shared one gets a label and published weights from other tests,
+    in whatever order they run."""
+    root = tmp_path_factory.mktemp("pathology_fresh")
+    studies = root / "studies"
+    studies.mkdir()
+    shutil.copyfile(TILE, studies / "image04.png")
+    with monailabel_server(root, str(studies), {"score_on_start": "false"}, app="pathology") as running:
+        r = running.http.post("/train/nuclei", json={})
+        assert r.status_code == 409, r.text  # no label saved
+        r = running.http.delete("/model/nuclick")
+        assert r.status_code == 404, r.text  # only published weights are withdrawn, never the shipped ones
 
 
 def _asap(points: list[list[float]], kind: str = "Polygon") -> bytes:
