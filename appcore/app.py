@@ -853,10 +853,10 @@ class RequestChecks:
 
     def _known_model(self, model: object) -> None:
         """404 for a model that has no weights here (the weights routes)."""
+        own = sorted(m for m in seam.infers(self) if self.has_weights(m))
         if model not in seam.infers(self):
-            raise not_found(f"Unknown model {model!r}; served models: {sorted(seam.infers(self))}")
+            raise not_found(f"Unknown model {model!r}; served models: {own}")
         if not self.has_weights(str(model)):
-            own = sorted(m for m in seam.infers(self) if self.has_weights(m))
             raise not_found(f"Model {model!r} has no weights of its own; models with weights: {own}")
 
     def replace_weights(self, model: str, source: BinaryIO, client_id: str | None = None) -> dict[str, Any]:
