@@ -110,3 +110,22 @@ def _one_network(state: dict[str, Any]) -> dict[str, tuple[int, ...]]:
 
 def _count(networks: int) -> str:
     return "one network" if networks == 1 else f"{networks} networks averaged"
+
+
+class NewestWeights:
+    """Mixin of a scorer reading the newest existing file of ``weight_paths`` (oldest first: the
+    shipped weights, then the published ones), and naming it as its scores' version."""
+
+    weight_paths: list[Path]
+
+    def weights(self) -> Path | None:
+        existing = [p for p in self.weight_paths if p.exists()]
+        return existing[-1] if existing else None
+
+    def version(self) -> str:
+        """``<file>:<mtime ns>:<size>`` of the weights scored with (``untrained`` without any)."""
+        path = self.weights()
+        if path is None:
+            return "untrained"
+        st = os.stat(path)
+        return f"{path.name}:{st.st_mtime_ns}:{st.st_size}"

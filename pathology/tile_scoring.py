@@ -3,14 +3,13 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from appcore.weights import load_state_dict
+from appcore.weights import NewestWeights, load_state_dict
 from pathology.activelearning import MC_DROPOUT, MC_PASSES, box_measures, scoring_copy
 from pathology.spec import NucleiSpec
 from pathology.wsi import SlideSource, open_source
@@ -20,7 +19,7 @@ from pathology.wsi import SlideSource, open_source
 MAX_TILE_PIXELS = 8192 * 8192
 
 
-class TileScorer:
+class TileScorer(NewestWeights):
     """Every measure the image-level strategies rank by, for one tile, in one pass (``strategies.scoring.Scorer``).
 
     A tile is measured as a slide patch is (``pathology.activelearning.box_measures``): in up to four
@@ -53,17 +52,6 @@ class TileScorer:
         self.spec, self.passes, self.dropout = spec, passes, dropout
         self.weight_paths = [Path(p) for p in weight_paths]
         self._networks: dict[str, torch.nn.Module] | None = None
-
-    def weights(self) -> Path | None:
-        existing = [p for p in self.weight_paths if p.exists()]
-        return existing[-1] if existing else None
-
-    def version(self) -> str:
-        path = self.weights()
-        if path is None:
-            return "untrained"
-        st = os.stat(path)
-        return f"{path.name}:{st.st_mtime_ns}:{st.st_size}"
 
     def use_network(self, network: torch.nn.Module) -> None:
         """Score with private copies of ``network`` (already holding its weights)."""

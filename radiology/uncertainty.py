@@ -7,7 +7,6 @@ One scoring pass computes every measure, so each strategy reuses the same stored
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -24,7 +23,7 @@ from monai.transforms import Compose
 from appcore.networks import bottleneck
 from appcore.precision import autocast
 from appcore.validation import check_affine, check_infer_memory, check_resampled_size, check_scalar_voxels
-from appcore.weights import load_state_dict
+from appcore.weights import NewestWeights, load_state_dict
 from radiology.ensemble import members_of, spread_over_members
 from radiology.modality import wrong_modality
 from radiology.spec import ModelSpec
@@ -227,7 +226,7 @@ def uncertainty_from_outputs(out: torch.Tensor, num_classes: int) -> dict[str, f
     return scores
 
 
-class MCDropoutScorer:
+class MCDropoutScorer(NewestWeights):
     """Uncertainty of images under the weights a model serves now.
 
     Args:
@@ -262,17 +261,6 @@ class MCDropoutScorer:
         self.memory_budget_mb = memory_budget_mb
         self._network: torch.nn.Module | None = None
         self._pre = Compose(preprocess(spec, with_label=False))
-
-    def weights(self) -> Path | None:
-        existing = [p for p in self.weight_paths if p.exists()]
-        return existing[-1] if existing else None
-
-    def version(self) -> str:
-        path = self.weights()
-        if path is None:
-            return "untrained"
-        st = os.stat(path)
-        return f"{path.name}:{st.st_mtime_ns}:{st.st_size}"
 
     def network(self) -> torch.nn.Module:
         if self._network is None:
