@@ -25,11 +25,10 @@ from pathology.tile_scoring import TileScorer
 from pathology.train import NucleiTrainer
 from pathology.wsi import SlideSource, check_region, open_source
 from strategies.background import BackgroundScoring
-from strategies.ranked import DiverseStrategy, RankedStrategy
+from strategies.ranked import RankedStrategy, ranked_strategies
 from strategies.reservations import ReservationBook
 from strategies.scores import ScoreStore
 from strategies.scoring import UncertaintyScoring
-from strategies.selection import RANKED_STRATEGIES
 
 logger = logging.getLogger(__name__)
 
@@ -124,30 +123,11 @@ class PathologyApp(BackgroundScoring, LabelingApp):
     def _tile_strategies(self) -> dict[str, Any]:
         """Whole tiles of the folder, the radiology app's strategies over the tile scores."""
         store = self.score_store()
-        tiles: dict[str, Any] = {
-            "random": RankedStrategy(
-                "Random unlabelled tile, never one another annotator holds", book=self.book, unusable=store.unusable
-            )
-        }
-        for name, (key, what) in RANKED_STRATEGIES.items():
-            tiles[name] = RankedStrategy(
-                f"Most uncertain unlabelled tiles under the nuclei network ({what})",
-                book=self.book,
-                scores=lambda key=key: store.measure(key),
-                unusable=store.unusable,
-            )
+        tiles = ranked_strategies(self.book, store, items="tiles", under="the nuclei network")
         tiles["entropy"] = RankedStrategy(
             "The same as epistemic (the name this app's strategies use for the measure)",
             book=self.book,
             scores=lambda: store.measure(None),
-            unusable=store.unusable,
-        )
-        tiles["diversity"] = DiverseStrategy(
-            "A batch of k uncertain tiles unlike each other and the labelled ones "
-            "(foreground entropy x distance in the nuclei network's feature space)",
-            book=self.book,
-            scores=lambda: store.measure(None),
-            embeddings=store.embeddings,
             unusable=store.unusable,
         )
         return tiles

@@ -41,11 +41,10 @@ from radiology.spec import ModelSpec
 from radiology.train import SegmentationTrainer
 from radiology.uncertainty import MCDropoutScorer
 from strategies.background import BackgroundScoring
-from strategies.ranked import DiverseStrategy, RankedStrategy
+from strategies.ranked import ranked_strategies
 from strategies.reservations import ReservationBook
 from strategies.scores import ScoreStore
 from strategies.scoring import UncertaintyScoring
-from strategies.selection import RANKED_STRATEGIES
 
 logger = logging.getLogger(__name__)
 
@@ -196,28 +195,7 @@ class RadiologyApp(BackgroundScoring, LabelingApp):
         return self._score_store
 
     def init_strategies(self) -> dict[str, Any]:
-        store, model = self.score_store(), self.settings.al_model
-        strategies: dict[str, Any] = {
-            "random": RankedStrategy(
-                "Random unlabelled image, never one another client holds", book=self.book, unusable=store.unusable
-            )
-        }
-        for name, (key, what) in RANKED_STRATEGIES.items():
-            strategies[name] = RankedStrategy(
-                f"Most uncertain unlabelled images under '{model}' ({what})",
-                book=self.book,
-                scores=lambda key=key: store.measure(key),
-                unusable=store.unusable,
-            )
-        strategies["diversity"] = DiverseStrategy(
-            f"A batch of k uncertain images unlike each other and the labelled ones under '{model}' "
-            "(predictive entropy x distance in the network's feature space)",
-            book=self.book,
-            scores=lambda: store.measure(None),
-            embeddings=store.embeddings,
-            unusable=store.unusable,
-        )
-        return strategies
+        return ranked_strategies(self.book, self.score_store(), items="images", under=f"'{self.settings.al_model}'")
 
     def init_scoring_methods(self) -> dict[str, Any]:
         name, s = self.settings.al_model, self.settings

@@ -13,7 +13,8 @@ from monailabel.interfaces.tasks.strategy import Strategy
 from appcore.errors import bad_request
 from appcore.identity import ANONYMOUS, user
 from strategies.reservations import ReservationBook
-from strategies.selection import diverse_top_k, top_k
+from strategies.scores import ScoreStore
+from strategies.selection import RANKED_STRATEGIES, diverse_top_k, top_k
 
 logger = logging.getLogger(__name__)
 
@@ -127,3 +128,34 @@ class DiverseStrategy(RankedStrategy):
         held = set(datastore.get_unlabeled_images("final")) - set(free)
         covered = [*datastore.get_labeled_images("final"), *sorted(held)]
         return diverse_top_k(free, scores, self._embeddings(), k, self._rng, covered=covered)
+
+
+def ranked_strategies(book: ReservationBook, store: ScoreStore, *, items: str, under: str) -> dict[str, Strategy]:
+    """``random``, the score-ranked strategies of ``RANKED_STRATEGIES`` and ``diversity`` over the
+    scores in ``store``, all holding their picks in ``book``: what both apps serve.
+
+    Args:
+        items: what is handed out, in the plural ("images", "tiles"), for the descriptions.
+        under: the network the scores come from, for the descriptions ("'hippocampus'").
+    """
+    strategies: dict[str, Strategy] = {
+        "random": RankedStrategy(
+            f"Random unlabelled {items[:-1]}, never one another annotator holds", book=book, unusable=store.unusable
+        )
+    }
+    for name, (key, what) in RANKED_STRATEGIES.items():
+        strategies[name] = RankedStrategy(
+            f"Most uncertain unlabelled {items} under {under} ({what})",
+            book=book,
+            scores=lambda key=key: store.measure(key),
+            unusable=store.unusable,
+        )
+    strategies["diversity"] = DiverseStrategy(
+        f"A batch of k uncertain {items} unlike each other and the labelled ones under {under} "
+        "(uncertainty x distance in the network's feature space)",
+        book=book,
+        scores=lambda: store.measure(None),
+        embeddings=store.embeddings,
+        unusable=store.unusable,
+    )
+    return strategies
