@@ -101,6 +101,8 @@ def test_infer_with_nothing_to_segment_is_a_422() -> None:
         "monailabel.endpoints.model:update_model",
         "monailabel.endpoints.model:delete_model",
         "monailabel.endpoints.train:stop",
+        "monailabel.endpoints.train:run_model",  # a run is signed by the request's user
+        "monailabel.endpoints.train:run",
         "monailabel.endpoints.proxy:proxy_dicom",
         *(f"{name}:{function}" for name, function in INFER_FUNCTIONS),
         *(f"{name}:{function}" for name, function in UPLOAD_FUNCTIONS),
