@@ -279,6 +279,8 @@ class Labeling:
         app = self.app()
         models = {}
         for name in seam.infers(app):
+            if not app.has_weights(name):  # an interactive or scribbles model: its automatic model's weights
+                continue
             trainer = seam.trainers(app).get(name)
             stats = trainer.stats() if trainer is not None else {}
             models[name] = {
