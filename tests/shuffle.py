@@ -41,15 +41,25 @@ def shuffled_groups(items: Sequence[T], key: Callable[[T], Hashable], rng: rando
     return order
 
 
-def shuffle_items(items: list[pytest.Item], rng: random.Random) -> list[pytest.Item]:
-    """Modules in random order; within each, classes (and free functions) in random order; within those, tests."""
+def shuffle_items(items: list[pytest.Item], seed: int) -> list[pytest.Item]:
+    """Modules in random order; within each, classes (and free functions) in random order; within those, tests.
+
+    The order inside a module depends on the seed and the module's path only, so running one file
+    with the seed of a whole-suite run (``pytest tests/x/test_y.py --shuffle <seed>``) replays that
+    file's order as the suite ran it.
+    """
     result: list[pytest.Item] = []
-    for module in shuffled_groups(items, lambda item: item.nodeid.split("::")[0], rng):
+    for module in shuffled_groups(items, _module_of, random.Random(seed)):
+        rng = random.Random(f"{seed}:{_module_of(module[0])}")
         for group in shuffled_groups(module, lambda item: item.cls, rng):  # type: ignore[attr-defined]
             group = list(group)
             rng.shuffle(group)
             result.extend(group)
     return result
+
+
+def _module_of(item: pytest.Item) -> str:
+    return item.nodeid.split("::")[0]
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -70,4 +80,4 @@ def pytest_report_header(config: pytest.Config) -> str | None:
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     seed = _seed(config)
     if seed is not None:
-        items[:] = shuffle_items(items, random.Random(seed))
+        items[:] = shuffle_items(items, seed)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass
 
 import pytest
@@ -48,17 +47,28 @@ def contiguous(order: list[FakeItem], key) -> bool:
 
 @pytest.mark.parametrize("seed", range(20))
 def test_a_permutation_with_modules_and_classes_kept_together(seed: int) -> None:
-    order = shuffle_items(list(ITEMS), random.Random(seed))  # type: ignore[arg-type]
+    order = shuffle_items(list(ITEMS), seed)  # type: ignore[arg-type]
     assert sorted(i.nodeid for i in order) == sorted(i.nodeid for i in ITEMS)
     assert contiguous(order, lambda i: i.nodeid.split("::")[0])
     assert contiguous(order, lambda i: (i.nodeid.split("::")[0], i.cls))
 
 
 def test_the_same_seed_gives_the_same_order_and_seeds_differ() -> None:
-    orders = {tuple(i.nodeid for i in shuffle_items(list(ITEMS), random.Random(s))) for s in range(20)}  # type: ignore[arg-type]
-    again = tuple(i.nodeid for i in shuffle_items(list(ITEMS), random.Random(3)))  # type: ignore[arg-type]
-    assert again == tuple(i.nodeid for i in shuffle_items(list(ITEMS), random.Random(3)))  # type: ignore[arg-type]
+    orders = {tuple(i.nodeid for i in shuffle_items(list(ITEMS), s)) for s in range(20)}  # type: ignore[arg-type]
+    again = tuple(i.nodeid for i in shuffle_items(list(ITEMS), 3))  # type: ignore[arg-type]
+    assert again == tuple(i.nodeid for i in shuffle_items(list(ITEMS), 3))  # type: ignore[arg-type]
     assert len(orders) > 5, "shuffling must change the order"
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_one_file_run_with_a_suite_s_seed_replays_that_file_s_order(seed: int) -> None:
+    def of(order: list[FakeItem], module: str) -> list[str]:
+        return [i.nodeid for i in order if i.nodeid.startswith(module)]
+
+    whole = shuffle_items(list(ITEMS), seed)  # type: ignore[arg-type]
+    for module in ("tests/test_a.py", "tests/test_b.py", "tests/test_c.py"):
+        alone = shuffle_items([i for i in ITEMS if i.nodeid.startswith(module)], seed)  # type: ignore[arg-type]
+        assert [i.nodeid for i in alone] == of(whole, module)
 
 
 def test_a_bad_seed_is_a_usage_error(pytester: pytest.Pytester) -> None:
