@@ -6,7 +6,6 @@ import contextlib
 import fnmatch
 import logging
 import os
-import shutil
 import tempfile
 import threading
 import time
@@ -22,7 +21,7 @@ from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastor
 from appcore import seam
 from appcore.archive import dataset_members, zip_chunks
 from appcore.errors import RequestError, conflict, not_found, unprocessable
-from appcore.files import staged_beside
+from appcore.files import copy_replacing
 from appcore.history import LabelHistory, Origin, proposal_of
 from appcore.identity import User
 from appcore.validation import (
@@ -42,19 +41,6 @@ logger = logging.getLogger(__name__)
 AllowedValues = Callable[[dict[str, Any]], Collection[int]]
 # Refuses (4xx) an uploaded image by its header (named by the second argument) before its voxels are read.
 ImageCheck = Callable[[nib.Nifti1Image, str], None]
-
-
-def _atomic_copy(src: str | Path, dest: str | Path) -> None:
-    """Copy through a temporary file in the destination folder and a rename (no half-written file)."""
-    dest = Path(dest)
-    fd, tmp = staged_beside(dest)
-    os.close(fd)
-    try:
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # How the label being saved in this context came to be, and the version it restores (``LabelHistory``).
@@ -602,7 +588,7 @@ class CheckedLocalDatastore(LocalDatastore):
                     f"uploaded file's grid differs; delete it first (DELETE /datastore/image?id={image_id}) "
                     "or upload it under a new id"
                 )
-            _atomic_copy(image_filename, dest)
+            copy_replacing(image_filename, dest)
             if existing is not None and existing.image.ext != ext:  # the same image in another format
                 (Path(seam.local_index(self).image_path()) / self._filename(image_id, existing.image.ext)).unlink(
                     missing_ok=True

@@ -1,11 +1,20 @@
-"""Files written beside their destination and renamed onto it, with the mode a plain ``open`` gives."""
+"""Files written beside their destination and renamed onto it, with the mode a plain ``open`` gives.
+
+Every file the server replaces (labels, weights, records, history copies) goes through ``replacing``:
+a reader sees the old file or the whole new one, and a process killed mid-write leaves the old one.
+"""
 
 from __future__ import annotations
 
 import json
 import os
 import secrets
+import shutil
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import IO, Any
 
 
 def staged_beside(dest: Path | str, infix: str = "") -> tuple[int, str]:
@@ -25,16 +34,42 @@ def staged_beside(dest: Path | str, infix: str = "") -> tuple[int, str]:
             continue
 
 
-def write_json(path: Path | str, obj: object) -> None:
-    """Replace ``path`` with ``obj`` as JSON through a temporary file beside it and a rename: a
-    reader sees the old file or the new one, never half of one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = staged_beside(path)
+@contextmanager
+def replacing(dest: Path | str, mode: str = "wb", *, later_mtime: bool = False) -> Iterator[IO[Any]]:
+    """A file open for writing that replaces ``dest`` when the block ends: written beside it, flushed
+    to disk, then renamed onto it; removed, leaving ``dest`` as it was, if the block raises.
+
+    Args:
+        dest: the file to replace (its folder is created).
+        mode: ``"wb"`` or ``"w"``.
+        later_mtime: give the new file a modification time later than the one it replaces, even
+            within one clock tick: MONAI Label's infer tasks reload weights when ``st_mtime`` changes.
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    before = dest.stat().st_mtime_ns if later_mtime and dest.exists() else 0
+    fd, staged = staged_beside(dest)
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1)
-        os.replace(tmp, path)
+        with os.fdopen(fd, mode) as out:
+            yield out
+            out.flush()
+            os.fsync(out.fileno())
+        if later_mtime:
+            stamp = max(time.time_ns(), before + 1_000_000)
+            os.utime(staged, ns=(stamp, stamp))
+        os.replace(staged, dest)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        Path(staged).unlink(missing_ok=True)
         raise
+
+
+def copy_replacing(src: Path | str, dest: Path | str, *, later_mtime: bool = False) -> None:
+    """``dest`` becomes a copy of ``src`` by one rename (``replacing``)."""
+    with replacing(dest, later_mtime=later_mtime) as out, open(src, "rb") as inp:
+        shutil.copyfileobj(inp, out, 1 << 20)
+
+
+def write_json(path: Path | str, obj: object) -> None:
+    """Replace ``path`` with ``obj`` as JSON (``replacing``)."""
+    with replacing(path, "w") as f:
+        json.dump(obj, f, indent=1)

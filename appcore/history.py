@@ -17,8 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import shutil
 import time
 from collections.abc import Iterable
 from datetime import UTC, datetime
@@ -27,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from appcore.errors import RequestError, not_found, unprocessable
-from appcore.files import staged_beside
+from appcore.files import copy_replacing
 from appcore.identity import User, user
 from appcore.projectdb import ProjectDB
 
@@ -101,20 +99,6 @@ def sha256_of(path: str | Path) -> str:
 def _suffix(path: str | Path) -> str:
     name = Path(path).name.lower()
     return ".nii.gz" if name.endswith(".nii.gz") else Path(path).suffix.lower()
-
-
-def _copy_atomic(src: str | Path, dest: Path) -> None:
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, staged = staged_beside(dest)
-    try:
-        with os.fdopen(fd, "wb") as out, open(src, "rb") as inp:
-            shutil.copyfileobj(inp, out, 1 << 20)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(staged, dest)
-    except BaseException:
-        Path(staged).unlink(missing_ok=True)
-        raise
 
 
 def _iso(ts: float | None) -> str | None:
@@ -206,7 +190,7 @@ class LabelHistory:
                 return _answer(last)
             number = 1 if last is None else last["version"] + 1
             relative = f"{image}/{tag}/{number}{_suffix(path)}"
-            _copy_atomic(path, self.root / relative)  # under the write lock: the number is ours
+            copy_replacing(path, self.root / relative)  # under the write lock: the number is ours
             c.execute(
                 "INSERT INTO label_versions (image, tag, version, file, sha256, user, client, ts, origin, "
                 "restored_from, proposal_model, proposal_version, info) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
@@ -347,7 +331,7 @@ class LabelHistory:
                 (image, json.dumps({"info": info, "labels": labels}, default=str), user().name, time.time()),
             )
             relative = f"{REMOVED_IMAGES}/{cursor.lastrowid}/{image}{_suffix(path)}"
-            _copy_atomic(path, self.root / relative)
+            copy_replacing(path, self.root / relative)
             c.execute("UPDATE tombstones SET file = ? WHERE id = ?", (relative, cursor.lastrowid))
             row = c.execute("SELECT * FROM tombstones WHERE id = ?", (cursor.lastrowid,)).fetchone()
         return _tombstone_answer(row)

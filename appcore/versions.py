@@ -17,8 +17,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -28,7 +26,7 @@ from typing import Any
 from filelock import FileLock
 
 from appcore.errors import not_found
-from appcore.files import staged_beside, write_json
+from appcore.files import copy_replacing, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -38,25 +36,6 @@ DEFAULT_KEEP = 5  # --conf keep_versions
 
 def _now_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
-
-
-def _replace_with_copy(source: Path, dest: Path) -> None:
-    """``dest`` becomes a copy of ``source`` by one rename, with a modification time later than the
-    file it replaces: infer tasks reload their network when that time changes (MONAI Label's
-    ``BasicInferTask`` compares ``st_mtime``), and two changes within one clock tick would not."""
-    before = dest.stat().st_mtime_ns if dest.exists() else 0
-    fd, staged = staged_beside(dest)
-    try:
-        with os.fdopen(fd, "wb") as out, open(source, "rb") as src:
-            shutil.copyfileobj(src, out, 1 << 20)
-            out.flush()
-            os.fsync(out.fileno())
-        stamp = max(time.time_ns(), before + 1_000_000)
-        os.utime(staged, ns=(stamp, stamp))
-        os.replace(staged, dest)
-    except BaseException:
-        Path(staged).unlink(missing_ok=True)
-        raise
 
 
 class VersionStore:
@@ -182,7 +161,7 @@ class VersionStore:
         if not self.published.exists() or self.served_version() is not None:
             return self.served_version()
         number = max([self._state().get("last", 0), *self._numbers()]) + 1
-        _replace_with_copy(self.published, self.weights_path(number))
+        copy_replacing(self.published, self.weights_path(number), later_mtime=True)
         record = {
             "version": number,
             "source": "found",
@@ -218,7 +197,7 @@ class VersionStore:
                 "size_bytes": target.stat().st_size,
             }
             write_json(self._record_path(number), full)
-            _replace_with_copy(target, self.published)
+            copy_replacing(target, self.published, later_mtime=True)
             self._write_state(number, number)
             self._prune(number)
         logger.info("Model %s: published version %d (%s)", self.model, number, full.get("source"))
@@ -233,7 +212,7 @@ class VersionStore:
             if number == SHIPPED:
                 self.published.unlink(missing_ok=True)
             else:
-                _replace_with_copy(self.weights_path(number), self.published)
+                copy_replacing(self.weights_path(number), self.published, later_mtime=True)
             self._write_state(number, last)
         logger.info("Model %s: now serves version %d", self.model, number)
         return {**record, "served": True}

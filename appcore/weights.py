@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from appcore.files import staged_beside
+from appcore.files import replacing
 
 
 def save_weights_atomically(state_dict: dict[str, Any], path: Path | str) -> Path:
@@ -18,18 +18,8 @@ def save_weights_atomically(state_dict: dict[str, Any], path: Path | str) -> Pat
     ``os.replace`` is atomic on POSIX within one file system, so a reader (the infer task) sees either
     the old file or the complete new one, and a process killed mid-write leaves the old file intact.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = staged_beside(path)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save({"model": {k: v.detach().cpu() for k, v in state_dict.items()}}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with replacing(path) as f:
+        torch.save({"model": {k: v.detach().cpu() for k, v in state_dict.items()}}, f)
     return path
 
 
