@@ -152,7 +152,82 @@ def parse_clicks(params: Mapping[str, Any], spec: ModelSpec, shape: tuple[int, .
     return clicks
 
 
-class InteractiveInfer(BasicInferTask):
+class _EngineTask(BasicInferTask):
+    """What the interactive and scribbles tasks share: the automatic model's proposal (cached per image
+    file and served weights, so that every click of a session does not run the network again), the
+    image as finite floats, and the answer written on the image's grid. ``__call__`` is the whole
+    task (the proposal, then the engine): no MONAI transforms.
+
+    Args:
+        spec: the automatic model.
+        automatic: its infer task, whose answer is the proposal.
+        cache_size: proposals kept.
+        kwargs: ``BasicInferTask``'s (type, labels, description).
+    """
+
+    def __init__(self, spec: ModelSpec, automatic: SegmentationInfer, *, cache_size: int = 4, **kwargs: Any) -> None:
+        super().__init__(path=None, network=None, dimension=3, **kwargs)
+        self.spec, self.automatic = spec, automatic
+        self._cache: OrderedDict[tuple, np.ndarray] = OrderedDict()
+        self._cache_size = cache_size
+        self._lock = threading.Lock()
+
+    def is_valid(self) -> bool:
+        return True
+
+    def pre_transforms(self, data: Any = None) -> list:
+        return []
+
+    def post_transforms(self, data: Any = None) -> list:
+        return []
+
+    def info(self) -> dict[str, Any]:
+        info = super().info()
+        info["modality"] = self.spec.modality
+        info["automatic_model"] = self.spec.name
+        return info
+
+    @staticmethod
+    def _image(source: nib.Nifti1Image) -> np.ndarray:
+        """The voxels as float32, non-finite ones set to the lowest finite value."""
+        image = np.asarray(source.dataobj, dtype=np.float32)
+        finite = np.isfinite(image)
+        if not finite.all():
+            image = np.where(finite, image, image[finite].min() if finite.any() else 0.0)
+        return image
+
+    @staticmethod
+    def _write(label: np.ndarray, image_path: str) -> str:
+        """``label`` as a NIfTI file with the image's header, in a new temporary file."""
+        fd, out = tempfile.mkstemp(suffix=".nii.gz")
+        os.close(fd)
+        nib.save(restore_nifti_header(np.asarray(label, np.uint8), image_path), out)
+        return out
+
+    def _proposal(self, request: dict[str, Any], image_path: str) -> np.ndarray | None:
+        """The automatic model's label on the image, or ``None`` while it is untrained."""
+        weights = self.automatic.get_path()
+        if weights is None:
+            return None
+        stat, wstat = os.stat(image_path), os.stat(weights)
+        key = (image_path, stat.st_mtime_ns, stat.st_size, weights, wstat.st_mtime_ns, wstat.st_size)
+        with self._lock:
+            if key in self._cache:
+                self._cache.move_to_end(key)
+                return self._cache[key]
+        out, _ = self.automatic({**request, "model": self.spec.name})
+        try:
+            proposal = np.asarray(nib.load(out).dataobj, dtype=np.uint8)
+        finally:
+            Path(out).unlink(missing_ok=True)
+        with self._lock:
+            self._cache[key] = proposal
+            while len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+        return proposal
+
+
+class InteractiveInfer(_EngineTask):
     """``<model>_interactive``: the model's click engine on the automatic model's proposal.
 
     Args:
@@ -174,28 +249,15 @@ class InteractiveInfer(BasicInferTask):
         cache_size: int = 4,
     ) -> None:
         super().__init__(
-            path=None,
-            network=None,
+            spec,
+            automatic,
+            cache_size=cache_size,
             type=InferType.DEEPEDIT,
             labels={**spec.labels.name_to_id(), BACKGROUND: 0},
-            dimension=3,
             description=f"{spec.description}, corrected by clicks (DeepEdit contract)",
         )
-        self.spec, self.automatic, self.engine = spec, automatic, engine
+        self.engine = engine
         self.max_clicks = max_clicks
-        self._cache: OrderedDict[tuple, np.ndarray] = OrderedDict()
-        self._cache_size = cache_size
-        self._lock = threading.Lock()
-
-    def is_valid(self) -> bool:
-        return True
-
-    # ``__call__`` is the whole task (the automatic model's answer, then the engine): no transforms.
-    def pre_transforms(self, data: Any = None) -> list:
-        return []
-
-    def post_transforms(self, data: Any = None) -> list:
-        return []
 
     def check_request(self, request: Mapping[str, Any], shape: tuple[int, ...]) -> None:
         """422 for bad clicks, before any work (``parse_clicks``)."""
@@ -204,12 +266,10 @@ class InteractiveInfer(BasicInferTask):
     def info(self) -> dict[str, Any]:
         info = super().info()
         info["trained"] = self.automatic.get_path() is not None
-        info["modality"] = self.spec.modality
         info["spacing"] = list(self.spec.spacing)
         info["colors"] = {label.name: label.hex_color for label in self.spec.labels}
         info["engine"] = type(self.engine).__name__
         info["max_clicks"] = self.max_clicks
-        info["automatic_model"] = self.spec.name
         return info
 
     def __call__(self, request: dict[str, Any], callbacks: Any = None) -> tuple[str, dict[str, Any]]:
@@ -222,44 +282,16 @@ class InteractiveInfer(BasicInferTask):
             result.update({"clicks": 0, "label_names": self.labels})
             return out, result
         proposal = self._proposal(automatic, image_path)
-        image = np.asarray(source.dataobj, dtype=np.float32)
-        finite = np.isfinite(image)
-        if not finite.all():
-            image = np.where(finite, image, image[finite].min() if finite.any() else 0.0)
+        image = self._image(source)
         label = self.engine.segment(image, source.affine, clicks, proposal)
         if label.shape != image.shape:
             raise RuntimeError(f"Click engine answered shape {label.shape} for an image of shape {image.shape}")
-        fd, out = tempfile.mkstemp(suffix=".nii.gz")
-        os.close(fd)
-        nib.save(restore_nifti_header(np.asarray(label, np.uint8), image_path), out)
-        return out, {
+        return self._write(label, image_path), {
             "model_trained": proposal is not None,
             "clicks": sum(len(v) for v in clicks.values()),
             "engine": type(self.engine).__name__,
             "label_names": self.labels,
         }
-
-    def _proposal(self, request: dict[str, Any], image_path: str) -> np.ndarray | None:
-        """The automatic model's label on the image, or ``None`` while it is untrained."""
-        weights = self.automatic.get_path()
-        if weights is None:
-            return None
-        stat, wstat = os.stat(image_path), os.stat(weights)
-        key = (image_path, stat.st_mtime_ns, stat.st_size, weights, wstat.st_mtime_ns, wstat.st_size)
-        with self._lock:
-            if key in self._cache:
-                self._cache.move_to_end(key)
-                return self._cache[key]
-        out, _ = self.automatic(request)
-        try:
-            proposal = np.asarray(nib.load(out).dataobj, dtype=np.uint8)
-        finally:
-            Path(out).unlink(missing_ok=True)
-        with self._lock:
-            self._cache[key] = proposal
-            while len(self._cache) > self._cache_size:
-                self._cache.popitem(last=False)
-        return proposal
 
 
 def automatic_proposal(spec: ModelSpec) -> Callable[[Path], np.ndarray] | None:
@@ -308,7 +340,7 @@ def scribble_values(params: Mapping[str, Any], spec: ModelSpec) -> tuple[int, in
     return ids.get(FOREGROUND_SCRIBBLES, n + 2), ids.get(BACKGROUND_SCRIBBLES, n + 1), ids  # type: ignore[return-value]
 
 
-class ScribblesInfer(BasicInferTask):
+class ScribblesInfer(_EngineTask):
     """``<model>_scribbles``: one label of the model refined from foreground and background strokes.
 
     MONAI Label's scribbles contract: the request's ``label`` file is a label volume on the image's
@@ -325,29 +357,13 @@ class ScribblesInfer(BasicInferTask):
 
     def __init__(self, spec: ModelSpec, automatic: SegmentationInfer, engine: GeodesicGraphCut) -> None:
         super().__init__(
-            path=None,
-            network=None,
+            spec,
+            automatic,
             type=InferType.SCRIBBLES,
             labels=spec.labels.name_to_id(),
-            dimension=3,
             description=f"{spec.description}: one label refined from foreground/background scribbles",
         )
-        self.spec, self.automatic, self.engine = spec, automatic, engine
-
-    def is_valid(self) -> bool:
-        return True
-
-    def pre_transforms(self, data: Any = None) -> list:
-        return []
-
-    def post_transforms(self, data: Any = None) -> list:
-        return []
-
-    def info(self) -> dict[str, Any]:
-        info = super().info()
-        info["modality"] = self.spec.modality
-        info["automatic_model"] = self.spec.name
-        return info
+        self.engine = engine
 
     def check_request(self, request: Mapping[str, Any], shape: tuple[int, ...]) -> None:
         """422 for a request the scribbles cannot refine, before any work."""
@@ -374,23 +390,11 @@ class ScribblesInfer(BasicInferTask):
         if name in ids:
             proposal: np.ndarray | None = strokes == ids[name]
         else:
-            auto = self.automatic.get_path() is not None
-            proposal = None
-            if auto:
-                out, _ = self.automatic({**request, "model": self.spec.name})
-                try:
-                    proposal = np.asarray(nib.load(out).dataobj) == label_id
-                finally:
-                    Path(out).unlink(missing_ok=True)
-        image = np.asarray(source.dataobj, dtype=np.float32)
-        finite = np.isfinite(image)
-        if not finite.all():
-            image = np.where(finite, image, image[finite].min() if finite.any() else 0.0)
+            automatic = self._proposal(request, image_path)
+            proposal = None if automatic is None else automatic == label_id
+        image = self._image(source)
         mask = self.engine.refine(image, source.affine, strokes == fg_value, strokes == bg_value, proposal)
-        fd, out = tempfile.mkstemp(suffix=".nii.gz")
-        os.close(fd)
-        nib.save(restore_nifti_header(mask.astype(np.uint8), image_path), out)
-        return out, {
+        return self._write(mask, image_path), {
             "selected_label_name": name,
             "label_names": {name: 1},
             "foreground_voxels": int((strokes == fg_value).sum()),

@@ -307,3 +307,44 @@ def test_bad_scribbles_are_a_422_that_says_what(tmp_path: Path, params: dict, vo
     with pytest.raises(RequestError, match=match) as refused:
         task.check_request(request, SHAPE)
     assert refused.value.status_code == 422
+
+
+class _CountingAutomatic:
+    """An automatic model's infer task that answers ``label`` and counts its runs."""
+
+    def __init__(self, label: np.ndarray, affine: np.ndarray, weights: Path) -> None:
+        self.label, self.affine, self.weights, self.runs = label, affine, weights, 0
+
+    def get_path(self) -> str:
+        return str(self.weights)
+
+    def __call__(self, request: dict) -> tuple[str, dict]:
+        self.runs += 1
+        out = self.weights.with_name(f"proposal{self.runs}.nii.gz")
+        nib.save(nib.Nifti1Image(self.label.astype(np.uint8), self.affine), out)
+        return str(out), {}
+
+
+def test_scribbles_refine_the_trained_model_s_proposal_computed_once_per_image(tmp_path: Path) -> None:
+    from radiology.interactive import ScribblesInfer
+
+    image, truth, affine = phantom()
+    image_path = tmp_path / "image.nii.gz"
+    nib.save(nib.Nifti1Image(image, affine), image_path)
+    weights = tmp_path / "weights.pt"
+    weights.write_bytes(b"w")
+    liver = ORGANS_CT.labels.name_to_id()["liver"]
+    proposal = np.where((truth == 1) | (truth == 2), liver, 0)  # the model also took ball B as liver
+    automatic = _CountingAutomatic(proposal, affine, weights)
+    task = ScribblesInfer(ORGANS_CT, automatic, GeodesicGraphCut(ORGANS_CT.labels.name_to_id()))  # type: ignore[arg-type]
+    strokes = seed_mask(truth.shape, [B], ball_offsets(3.0, ISO)).astype(np.uint8) * 2  # background on ball B
+    strokes_path = tmp_path / "strokes.nii.gz"
+    nib.save(nib.Nifti1Image(strokes, affine), strokes_path)
+    label_info = [{"name": "background_scribbles", "id": 2}, {"name": "foreground_scribbles", "id": 3}]
+    request = {"image": str(image_path), "label": str(strokes_path), "selected_label_name": "liver"}
+    for _ in range(2):
+        out, answer = task({**request, "label_info": label_info})
+        mask = np.asarray(nib.load(out).dataobj)
+        assert answer["label_names"] == {"liver": 1} and mask.shape == truth.shape
+        assert dice(mask == 1, truth == 1) > 0.9, "the proposal kept where no stroke says otherwise, ball B removed"
+    assert automatic.runs == 1, "the second request reuses the proposal of the same image and weights"
