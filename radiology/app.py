@@ -208,6 +208,7 @@ class RadiologyApp(BackgroundScoring, LabelingApp):
                 scorer=lambda: MCDropoutScorer(
                     spec,
                     paths,
+                    others=[other for other in self.specs.values() if other is not spec],
                     samples=s.mc_samples,
                     tta_samples=s.tta_samples,
                     cpu_bf16=s.cpu_bf16,

@@ -7,7 +7,7 @@ One scoring pass computes every measure, so each strategy reuses the same stored
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import partial
@@ -29,6 +29,7 @@ from radiology.modality import wrong_modality
 from radiology.spec import ModelSpec
 from radiology.transforms import preprocess
 from radiology.windows import OVERLAP, infer_window
+from strategies.scoring import NotForThisModel
 
 _EPS = 1e-8
 _DROPOUT = (torch.nn.Dropout, torch.nn.Dropout2d, torch.nn.Dropout3d)
@@ -237,6 +238,8 @@ class MCDropoutScorer(NewestWeights):
         device: ``"cuda"`` or ``"cpu"``; CUDA runs with mixed precision.
         cpu_bf16: on the CPU, run the network in bfloat16 where the CPU computes it natively
             (``appcore.precision``); probabilities and measures are computed in float32.
+        others: the app's other served models: an image of another modality that one of them is
+            for is skipped as ``NotForThisModel`` (handed out unranked), not as unusable.
     """
 
     def __init__(
@@ -244,6 +247,7 @@ class MCDropoutScorer(NewestWeights):
         spec: ModelSpec,
         weight_paths: list[str],
         *,
+        others: Sequence[ModelSpec] = (),
         samples: int = 8,
         tta_samples: int = 4,
         device: str | None = None,
@@ -253,6 +257,7 @@ class MCDropoutScorer(NewestWeights):
         if not 0 <= tta_samples <= len(TTA_AUGMENTS):
             raise ValueError(f"tta_samples must be between 0 and {len(TTA_AUGMENTS)}, got {tta_samples}")
         self.spec = spec
+        self.others = [other for other in others if other.modality != spec.modality]
         self.weight_paths = [Path(p) for p in weight_paths]
         self.samples = samples
         self.augments = TTA_AUGMENTS[:tta_samples]
@@ -280,8 +285,13 @@ class MCDropoutScorer(NewestWeights):
         self._refuse_what_infer_refuses(image_path)
         load, *rest = self._pre.transforms
         data = load({"image": image_path})
-        why = wrong_modality(torch.as_tensor(data["image"]).numpy(), self.spec)
+        voxels = torch.as_tensor(data["image"]).numpy()
+        why = wrong_modality(voxels, self.spec)
         if why is not None:  # a CT under an MR model is out of distribution: it would top every ranking
+            meant_for = [other.name for other in self.others if wrong_modality(voxels, other) is None]
+            if meant_for:  # ... but the annotators of another served model still label it
+                others = ", ".join(meant_for)
+                raise NotForThisModel(f"{why}: strategies rank images for {self.spec.name}; handed out for {others}")
             raise ValueError(f"{why}: strategies rank images for {self.spec.name}")
         image = Compose(rest)(data)["image"]
         if image.ndim != 4:

@@ -43,10 +43,10 @@ class BackgroundScoring:
         return answer
 
     def unscored_images(self) -> list[str]:
-        """Unlabelled images with no stored score that the last scoring run did not find unusable:
-        the ones added since (ranked after every scored image until they are scored)."""
+        """Unlabelled images with no stored score that the last scoring run did not find unusable or
+        left to another model: the ones added since (ranked after every scored image until they are scored)."""
         store = self.score_store()
-        known = set(store.load()) | set(store.unusable())
+        known = set(store.load()) | set(store.unusable()) | set(store.out_of_scope())
         return [i for i in self.datastore().get_unlabeled_images("final") if i not in known]  # type: ignore[attr-defined]
 
     def _start_scoring_unless_busy(self) -> None:

@@ -118,7 +118,7 @@ class ScoreStore:
         another image. It is then unscored (ranked last, and scored by the next run). A score computed
         from the old file by a run still going (begun before now) is not taken afterwards (``update``)."""
         with self._changing():
-            for path in (self.path, self.unusable_path):
+            for path in (self.path, self.unusable_path, self.out_of_scope_path):
                 content = _json_or_empty(path)
                 if content.pop(image_id, None) is not None:
                     write_json(path, content)
@@ -145,3 +145,16 @@ class ScoreStore:
     def set_unusable(self, reasons: dict[str, str]) -> None:
         with self._changing():
             write_json(self.unusable_path, reasons)
+
+    # Images another served model is for (``strategies.scoring.NotForThisModel``), with the reason:
+    # not scored again until their file changes, and still handed out (unranked).
+    @property
+    def out_of_scope_path(self) -> Path:
+        return self.path.with_name(f"{self.path.stem}.out_of_scope.json")
+
+    def out_of_scope(self) -> dict[str, str]:
+        return self._read(self.out_of_scope_path, dict)
+
+    def set_out_of_scope(self, reasons: dict[str, str]) -> None:
+        with self._changing():
+            write_json(self.out_of_scope_path, reasons)

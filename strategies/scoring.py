@@ -17,6 +17,13 @@ from strategies.scores import Score, ScoreStore
 logger = logging.getLogger(__name__)
 
 
+class NotForThisModel(ValueError):
+    """Raised by a scorer for an image its model is not meant for but another served model is (an MR
+    series under a CT model in a PACS serving both): the image is skipped and remembered apart from
+    the unusable ones (``ScoreStore.out_of_scope``), so it is not scored again until its file
+    changes, and it is still handed out (unranked, after the scored images) to be labelled."""
+
+
 class Scorer(Protocol):
     """Computes the uncertainty of one image under the currently served model."""
 
@@ -52,10 +59,16 @@ class UncertaintyScoring(ScoringMethod):
         version = scorer.version()
         existing = self.store.load()
         images = sorted(datastore.get_unlabeled_images("final"))
-        stale = [i for i in images if i not in existing or existing[i].model_version != version]
+        # an image another model is for stays so until its file changes (``ScoreStore.forget``)
+        unlabelled = set(images)
+        known_out = {k: v for k, v in self.store.out_of_scope().items() if k in unlabelled}
+        stale = [
+            i for i in images if i not in known_out and (i not in existing or existing[i].model_version != version)
+        ]
         logger.info("Scoring %d of %d unlabelled images with model version %s", len(stale), len(images), version)
         pending: dict[str, Score] = {}
         skipped: dict[str, str] = {}
+        out_of_scope: dict[str, str] = {}
         for image in stale:
             begun = time.time()  # before the file is read: a change after it makes this score stale
             try:
@@ -64,6 +77,10 @@ class UncertaintyScoring(ScoringMethod):
                 if e.status_code >= 500:  # the datastore is unreachable (a PACS gone): every image would fail
                     raise
                 skipped[image] = str(e.detail)
+            except NotForThisModel as e:
+                out_of_scope[image] = str(e)
+                logger.info("Scoring leaves %s to another model: %s", image, e)
+                continue
             except Exception as e:  # one unreadable or unusual image must not leave the others unscored
                 cause = root_cause(e)
                 skipped[image] = f"{type(cause).__name__}: {cause}"
@@ -80,12 +97,14 @@ class UncertaintyScoring(ScoringMethod):
             self.store.update(pending)
         # Every image that cannot be scored is stale in every run, so this run has seen them all.
         self.store.set_unusable(skipped)
+        self.store.set_out_of_scope({**known_out, **out_of_scope})
         seconds = time.perf_counter() - start
         scored = len(stale) - len(skipped)
         return {
             "scored": scored,
             "unchanged": len(images) - len(stale),
             "skipped": skipped,
+            "out_of_scope": out_of_scope,
             "model_version": version,
             "seconds": round(seconds, 3),
             "seconds_per_image": round(seconds / scored, 3) if scored else None,

@@ -217,6 +217,33 @@ def test_scoring_skips_images_it_cannot_rank_and_scores_the_others(app) -> None:
 
 
 @requires_shared
+def test_a_ct_among_mr_is_left_to_the_ct_model_served_beside_and_still_handed_out(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """In a folder or PACS served by an MR and a CT model, the MR model's scoring cannot rank a CT, but
+    the CT model's annotators label it: it is not set aside as unusable (which hid every CT series
+    from every strategy once the MR model had been rescored), and not scored again each run."""
+    both = {"models": "hippocampus,organs_ct"}
+    app = make_app(tmp_path_factory.mktemp("mixed"), "hippocampus", labelled=0, conf=both)
+    shutil.copyfile(SPLEEN / "imagesTr" / "spleen_2.nii.gz", Path(app.studies) / "ct2.nii.gz")
+    app.datastore().refresh()
+    scoring, store = app._scoring_methods["epistemic"], app.score_store()
+    result = scoring({}, app.datastore())
+    assert "ct2" not in result["skipped"] and "ct2" not in store.unusable() and "ct2" not in store.load()
+    assert result["out_of_scope"]["ct2"].endswith("strategies rank images for hippocampus; handed out for organs_ct")
+    assert "ct2" not in app.unscored_images(), "next-sample requests do not start a scoring run for it"
+    for name in ("random", "epistemic"):
+        picked = app._strategies[name]({"k": 50, "client_id": name}, app.datastore())
+        assert "ct2" in picked["ids"], f"{name} never hands out the CT"
+        if name == "epistemic":
+            assert picked["ids"][-1] == "ct2", "ranked after every scored image"
+        for image_id in picked["ids"]:
+            app.book.release(image_id)
+    again = scoring({}, app.datastore())
+    assert again["out_of_scope"] == {} and store.out_of_scope().keys() == {"ct2"}, "not loaded again"
+
+
+@requires_shared
 def test_an_image_written_over_in_the_studies_folder_loses_its_score(app, tmp_path: Path) -> None:
     """The same for a file written over outside the server (a re-export into the folder): noticed when
     the datastore next reconciles (the folder watcher, or the next start)."""

@@ -15,7 +15,7 @@ from radiology.app import RadiologyApp
 from strategies.ranked import RankedStrategy
 from strategies.reservations import ReservationBook
 from strategies.scores import Score, ScoreStore
-from strategies.scoring import UncertaintyScoring
+from strategies.scoring import NotForThisModel, UncertaintyScoring
 from tests.conftest import requires_shared
 
 
@@ -183,6 +183,35 @@ def test_an_image_that_cannot_be_scored_is_skipped_not_the_run(tmp_path: Path) -
         down({}, ds)
     assert e.value.status_code == 503
     assert {k: v.model_version for k, v in store.load().items()} == {"a": "v1", "c": "v1"}, "earlier scores kept"
+
+
+class OtherModalityScorer(CountingScorer):
+    """Image ``b`` is for another served model."""
+
+    def score(self, image_path: str) -> dict[str, float]:
+        if image_path.endswith("/b.nii.gz"):
+            self.calls.append(image_path)
+            raise NotForThisModel("the image is no MR: handed out for organs_ct")
+        return super().score(image_path)
+
+
+def test_an_image_another_model_is_for_is_handed_out_and_not_scored_again_until_it_changes(tmp_path: Path) -> None:
+    store = ScoreStore(tmp_path / "scores.json")
+    ds = FakeDatastore(["a", "b", "c"], labelled=set())
+    scorer = OtherModalityScorer("v1")
+    method = UncertaintyScoring("t", scorer=lambda: scorer, store=store, key="entropy")
+    result = method({}, ds)
+    assert result["skipped"] == {} and result["out_of_scope"] == {"b": "the image is no MR: handed out for organs_ct"}
+    assert store.unusable() == {} and store.out_of_scope().keys() == {"b"} and sorted(store.load()) == ["a", "c"]
+    strategy = RankedStrategy("t", book=ReservationBook(0), scores=store.values, unusable=store.unusable)
+    assert strategy({"k": 3}, ds)["ids"][-1] == "b", "handed out, after the scored images"
+    newer = OtherModalityScorer("v2")
+    UncertaintyScoring("t", scorer=lambda: newer, store=store, key="entropy")({}, ds)
+    assert "/data/b.nii.gz" not in newer.calls, "a new model version does not make it worth loading again"
+    assert store.out_of_scope().keys() == {"b"}
+    store.forget("b")  # its file was replaced
+    assert store.out_of_scope() == {}
+    assert method({}, ds)["out_of_scope"].keys() == {"b"}, "the new file is looked at again"
 
 
 def test_score_store_roundtrip_and_filter(tmp_path: Path) -> None:
