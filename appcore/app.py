@@ -753,6 +753,7 @@ class RequestChecks:
         children_stop_with_server()  # before anything starts a task
         store = self.datastore() if hasattr(self, "datastore") else None
         if isinstance(store, CheckedLocalDatastore):
+            store.sweep_staged()  # what saves of a process killed mid-write (kill -9) left staged
             store.take_in_labels()  # labels saved before history was kept (datastore.json), or not recorded
         super().on_init_complete()
         if self.settings.expose_logs:
