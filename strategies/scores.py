@@ -88,19 +88,21 @@ class ScoreStore:
             return
         with db.transaction() as c:  # under the write lock: one process moves them, the others wait
             files = self._legacy()
-            content = {}
+            if not files:  # another thread or process moved them meanwhile
+                return
+            content: dict[Path, dict[str, Any]] = {}
             for p in files:
                 try:
-                    content[p] = json.loads(p.read_text())
-                except (OSError, ValueError) as e:  # a damaged file: what it held is rescored
+                    content[p] = dict(json.loads(p.read_text()))
+                except (OSError, ValueError, TypeError) as e:  # a damaged file: what it held is rescored
                     logger.warning("Not moving %s into the project database, which cannot be read: %s", p, e)
-            forgotten = {str(k): float(v) for k, v in content.get(self.forgotten_path, {}).items()}
+            forgotten = _entries(content.get(self.forgotten_path, {}), float)
             self._forget(c, forgotten.items(), keep_newer=True)
-            scores = {str(k): Score(**v) for k, v in content.get(self.path, {}).items()}
+            scores = _entries(content.get(self.path, {}), lambda v: Score(**v))
             self._put(c, scores, conflict="DO NOTHING")  # a score the database holds is newer
             c.executemany(
                 "INSERT INTO unusable (store, image, reason) VALUES (?, ?, ?) ON CONFLICT (store, image) DO NOTHING",
-                [(self.store, str(k), str(v)) for k, v in content.get(self.unusable_path, {}).items()],
+                [(self.store, k, v) for k, v in _entries(content.get(self.unusable_path, {}), str).items()],
             )
             self._changed(c)
         for p in files:
@@ -239,6 +241,18 @@ _REPLACE = (
     "DO UPDATE SET value = excluded.value, model_version = excluded.model_version, ts = excluded.ts, "
     "extra = excluded.extra"
 )
+
+
+def _entries(raw: dict[str, Any], parse: Any) -> dict[str, Any]:
+    """``raw``'s entries that ``parse`` reads; one that does not (an older format, a hand edit) is
+    left out with a warning, and its image is scored again by the next run."""
+    out = {}
+    for k, v in raw.items():
+        try:
+            out[str(k)] = parse(v)
+        except (TypeError, ValueError) as e:
+            logger.warning("Not moving the entry of %s into the project database: %s", k, e)
+    return out
 
 
 def _dumps(extra: dict[str, Any]) -> str:

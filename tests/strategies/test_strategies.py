@@ -443,12 +443,20 @@ def test_the_json_score_files_of_an_older_server_move_into_the_database(tmp_path
     assert "b" not in ScoreStore(model / "scores_hippocampus.json").load(), "the forgotten time was moved in too"
 
 
-def test_a_damaged_score_file_is_left_to_rescoring(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("content", "kept"),
+    [
+        ('{"a": {"value": 0.', set()),  # cut off by an older server's crash
+        ("[1, 2]", set()),  # not an object
+        ('{"a": {"value": 0.5}, "b": {"value": 0.4, "model_version": "v", "ts": 1.0, "extra": {}}}', {"b"}),
+    ],
+)
+def test_a_damaged_score_file_or_entry_is_left_to_rescoring(tmp_path: Path, content: str, kept: set[str]) -> None:
     model = tmp_path / "model"
     model.mkdir()
-    (model / "scores_tiles.json").write_text('{"a": {"value": 0.')  # cut off by an older server's crash
+    (model / "scores_tiles.json").write_text(content)
     store = ScoreStore(model / "scores_tiles.json")
-    assert store.load() == {}
+    assert set(store.load()) == kept
     assert (model / "scores_tiles.json.migrated").exists() and not (model / "scores_tiles.json").exists()
 
 
