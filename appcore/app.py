@@ -32,7 +32,7 @@ from appcore.errors import RequestError, bad_request, conflict, not_found, too_l
 from appcore.files import staged_beside
 from appcore.history import HISTORY_DIR, LabelHistory
 from appcore.lifecycle import children_stop_with_server, die_with_server, is_task_process
-from appcore.projectdb import project_db
+from appcore.projectdb import ProjectDB, project_db
 from appcore.sessions import CheckedSessions
 from appcore.settings import Settings
 from appcore.validation import MAX_ID_BYTES, check_device, check_image_id, check_upload_size, check_volume
@@ -732,10 +732,15 @@ class RequestChecks:
             store.history = self.label_history()  # saves in task processes (batch infer) are kept too
 
     # -- label history, reviews, audit (``appcore.history``) -------------------------------------
-    def label_history(self) -> LabelHistory:
-        """The label versions, reviews and tombstones in this app's model folder (``project.db``)."""
+    def project_database(self) -> ProjectDB:
+        """The project database: ``--conf database_url``, else ``project.db`` in this app's model folder."""
         model_dir = Path(getattr(self, "model_dir", None) or Path(self.app_dir) / "model")
-        return LabelHistory(project_db(model_dir), model_dir / HISTORY_DIR)
+        return project_db(model_dir, getattr(getattr(self, "settings", None), "database_url", ""))
+
+    def label_history(self) -> LabelHistory:
+        """The label versions, reviews and tombstones (their files in this app's model folder)."""
+        model_dir = Path(getattr(self, "model_dir", None) or Path(self.app_dir) / "model")
+        return LabelHistory(self.project_database(), model_dir / HISTORY_DIR)
 
     def review_gate(self, image_id: str) -> str | None:
         """Why ``image_id``'s ``final`` label is not training data by its review (``--conf train_on``), or None."""
@@ -753,6 +758,7 @@ class RequestChecks:
         children_stop_with_server()  # before anything starts a task
         store = self.datastore() if hasattr(self, "datastore") else None
         if isinstance(store, CheckedLocalDatastore):
+            store.sweep_staged()  # what saves of a process killed mid-write (kill -9) left staged
             store.take_in_labels()  # labels saved before history was kept (datastore.json), or not recorded
         super().on_init_complete()
         if self.settings.expose_logs:
@@ -1056,7 +1062,7 @@ class LabelingApp(RequestChecks, MONAILabelApp):
             self.settings.reservation_s,
             path=self.model_dir / "reservations.json",  # an older server's, moved into the database
             max_pick=self.settings.max_k,
-            db=project_db(self.model_dir),
+            db=project_db(self.model_dir, self.settings.database_url),
         )
         self.prepare()
         super().__init__(

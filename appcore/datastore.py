@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import json
 import logging
 import os
 import tempfile
@@ -12,6 +13,7 @@ import time
 from collections.abc import Callable, Collection, Iterator
 from contextvars import ContextVar
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import nibabel as nib
@@ -21,7 +23,7 @@ from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastor
 from appcore import seam
 from appcore.archive import dataset_members, zip_chunks
 from appcore.errors import RequestError, conflict, not_found, unprocessable
-from appcore.files import copy_replacing
+from appcore.files import copy_replacing, remove_stale_staged, staged_beside, staging_owner
 from appcore.history import LabelHistory, Origin, proposal_of
 from appcore.identity import User
 from appcore.validation import (
@@ -145,7 +147,7 @@ class CheckedLocalDatastore(LocalDatastore):
         super().__init__(datastore_path, **kwargs)
         handler = getattr(self, "_handler", None)  # the folder watcher, with auto_reload
         if handler is not None:
-            handler.on_moved = self._on_any_event  # a file renamed into place (rsync, editors)
+            handler.on_moved = self._on_moved_event  # a file renamed into place (rsync, editors, the records)
 
     # Attempts at reconciling after a change, and the pause between them: a request thread changing
     # the records while the watcher reads them ("dictionary changed size during iteration") passes.
@@ -176,6 +178,53 @@ class CheckedLocalDatastore(LocalDatastore):
             timer.daemon = True
             self._modified_timer = timer
             timer.start()
+
+    def _on_moved_event(self, event: Any) -> None:
+        """A file renamed into place: the records (``_update_datastore_file`` of another process) are
+        read again as MONAI Label reads them after an in-place write; anything else is reconciled."""
+        dest = str(getattr(event, "dest_path", "") or "")
+        if dest and os.path.normpath(dest) == os.path.normpath(self._datastore_config_path):
+            self._on_modify_event(SimpleNamespace(src_path=dest, is_directory=False, event_type="modified"))
+        else:
+            self._on_any_event(event)
+
+    def _init_from_datastore_file(self, throw_exception: bool = False) -> None:
+        """MONAI Label's, but a records file that cannot be read at start (cut short by a process
+        killed while MONAI Label wrote it in place) is set aside as ``<name>.damaged`` instead of
+        stopping the server: the images and labels are found again in the folders, and the label
+        history (``appcore.history``) still says who saved each version."""
+        try:
+            super()._init_from_datastore_file(throw_exception=throw_exception)
+        except ValueError as e:
+            path = Path(self._datastore_config_path)
+            aside = path.with_name(path.name + ".damaged")
+            with FileLock(self._lock_file):
+                if path.exists():
+                    os.replace(path, aside)
+            logger.warning("Records %s cannot be read (%s); set aside as %s, rebuilt from the folders", path, e, aside)
+
+    def _update_datastore_file(self, lock: bool = True) -> None:
+        """The records written beside the file and renamed onto it: MONAI Label writes them in place,
+        and a process killed meanwhile (``kill -9``) left a cut-off file that stopped the next start.
+        (No ``_ignore_event_config``: a rename sends no modification event to skip.)"""
+
+        def write() -> None:
+            text = json.dumps(seam.local_index(self).model_dump(exclude={"base_path"}), indent=2, default=str)
+            fd, staged = staged_beside(self._datastore_config_path)
+            try:
+                with os.fdopen(fd, "w") as f:
+                    f.write(text)
+                os.replace(staged, self._datastore_config_path)
+            except BaseException:
+                Path(staged).unlink(missing_ok=True)
+                raise
+            self._config_ts = os.stat(self._datastore_config_path).st_mtime
+
+        if lock:
+            with FileLock(self._lock_file):
+                write()
+        else:
+            write()
 
     def _on_any_event(self, event: Any) -> None:
         """A change in the studies folder (the watchdog thread's callback): reconcile, retrying a few
@@ -402,6 +451,15 @@ class CheckedLocalDatastore(LocalDatastore):
             "version"
         ]
 
+    def sweep_staged(self) -> int:
+        """Remove what saves and uploads of a process killed mid-write (``kill -9``) left staged in the
+        studies folder, its label folders and the label history (``appcore.files.remove_stale_staged``)."""
+        images = Path(seam.local_index(self).image_path())
+        removed = remove_stale_staged(images) + remove_stale_staged(images / "labels", recursive=True)
+        if self.history is not None:
+            removed += remove_stale_staged(self.history.root, recursive=True)
+        return len(removed)
+
     def take_in_labels(self) -> int:
         """Record every stored label whose file is not its last version (at start: labels saved before
         history was kept, listed in MONAI Label's ``datastore.json``, or by a process killed between
@@ -541,7 +599,7 @@ class CheckedLocalDatastore(LocalDatastore):
         label_dir = Path(seam.local_index(self).label_path(label_tag))
         label_dir.mkdir(parents=True, exist_ok=True)
         name = self._filename(image_id, ".nii.gz")
-        with tempfile.TemporaryDirectory(dir=label_dir, prefix=".incoming-") as staging:
+        with tempfile.TemporaryDirectory(dir=label_dir, prefix=f".incoming{staging_owner()}") as staging:
             staged = Path(staging) / name
             nib.save(out, staged)
             with self._changing_records():

@@ -192,7 +192,7 @@ class LabelHistory:
             relative = f"{image}/{tag}/{number}{_suffix(path)}"
             copy_replacing(path, self.root / relative)  # under the write lock: the number is ours
             c.execute(
-                "INSERT INTO label_versions (image, tag, version, file, sha256, user, client, ts, origin, "
+                'INSERT INTO label_versions (image, tag, version, file, sha256, "user", client, ts, origin, '
                 "restored_from, proposal_model, proposal_version, info) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (
                     image,
@@ -281,7 +281,7 @@ class LabelHistory:
                 (state, who.name, now, comment, image, tag, version),
             )
             c.execute(
-                "INSERT INTO reviews (image, tag, version, state, user, ts, comment) VALUES (?,?,?,?,?,?,?)",
+                'INSERT INTO reviews (image, tag, version, state, "user", ts, comment) VALUES (?,?,?,?,?,?,?)',
                 (image, tag, version, state, who.name, now, comment),
             )
         logger.info("Label %s/%s version %d %s by %s", tag, image, version, state, who.name)
@@ -316,24 +316,25 @@ class LabelHistory:
     def tombstone_label(self, image: str, tag: str, version: int | None) -> dict[str, Any]:
         """Note that ``image``'s ``tag`` label (last ``version``) was removed."""
         with self.db.transaction() as c:
-            cursor = c.execute(
-                "INSERT INTO tombstones (kind, image, tag, version, user, ts) VALUES ('label', ?, ?, ?, ?, ?)",
+            row = c.execute(
+                "INSERT INTO tombstones (kind, image, tag, version, \"user\", ts) VALUES ('label', ?, ?, ?, ?, ?) "
+                "RETURNING *",
                 (image, tag, version, user().name, time.time()),
-            )
-            row = c.execute("SELECT * FROM tombstones WHERE id = ?", (cursor.lastrowid,)).fetchone()
+            ).fetchone()
         return _tombstone_answer(row)
 
     def tombstone_image(self, image: str, path: str | Path, info: dict[str, Any], labels: dict[str, int]) -> dict:
         """Keep a removed image's file (``path``), its info and its labels' last versions (tag: version)."""
         with self.db.transaction() as c:
-            cursor = c.execute(
-                "INSERT INTO tombstones (kind, image, info, user, ts) VALUES ('image', ?, ?, ?, ?)",
+            tombstone_id = c.execute(
+                "INSERT INTO tombstones (kind, image, info, \"user\", ts) VALUES ('image', ?, ?, ?, ?) RETURNING id",
                 (image, json.dumps({"info": info, "labels": labels}, default=str), user().name, time.time()),
-            )
-            relative = f"{REMOVED_IMAGES}/{cursor.lastrowid}/{image}{_suffix(path)}"
+            ).fetchone()["id"]
+            relative = f"{REMOVED_IMAGES}/{tombstone_id}/{image}{_suffix(path)}"
             copy_replacing(path, self.root / relative)
-            c.execute("UPDATE tombstones SET file = ? WHERE id = ?", (relative, cursor.lastrowid))
-            row = c.execute("SELECT * FROM tombstones WHERE id = ?", (cursor.lastrowid,)).fetchone()
+            row = c.execute(
+                "UPDATE tombstones SET file = ? WHERE id = ? RETURNING *", (relative, tombstone_id)
+            ).fetchone()
         return _tombstone_answer(row)
 
     def tombstones(self, image: str | None = None, *, restored: bool = False) -> list[dict[str, Any]]:
@@ -383,7 +384,7 @@ def record_request(db: ProjectDB, entry: dict[str, Any]) -> None:
     """One audit entry: ``ts``, ``user``, ``client``, ``method``, ``path``, ``query``, ``status``, ``duration_ms``."""
     with db.transaction() as c:
         c.execute(
-            "INSERT INTO audit (ts, user, client, method, path, query, status, duration_ms) "
+            'INSERT INTO audit (ts, "user", client, method, path, query, status, duration_ms) '
             "VALUES (:ts, :user, :client, :method, :path, :query, :status, :duration_ms)",
             entry,
         )

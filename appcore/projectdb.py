@@ -1,24 +1,34 @@
-"""The project's state in one SQLite database in the model folder.
+"""The project's state in one database: SQLite in the model folder, or PostgreSQL shared by servers.
 
-Label versions, reviews, tombstones, the audit log and reservations are kept here. SQLite in WAL
+Label versions, reviews, tombstones, the audit log, reservations and uncertainty scores are kept
+here. By default in one SQLite file, ``<model folder>/project.db``; with ``--conf database_url
+postgresql://...`` in a PostgreSQL database that several server processes share. One code path
+serves both engines: the statements are written once (``?`` and ``:name`` placeholders, ``INSERT
+... ON CONFLICT`` upserts, ``RETURNING``), and a thin dialect (``SQLite``, ``Postgres``) says how to
+connect, how to take the write lock and how a statement's placeholders are spelt. SQLite in WAL
 mode lets the server's request threads, a training child and a scoring child read while
 one of them writes, and a process killed with ``kill -9`` leaves the last committed transaction
 intact (the WAL is replayed by the next connection). Each thread of each process opens its own
 connection (a connection is never shared across threads or inherited over ``fork``), waits up to
 ``BUSY_TIMEOUT_S`` for another writer, and changes the state inside ``transaction()``
 (``BEGIN IMMEDIATE``: the write lock is taken first, so two writers never both read a stale version
-number).
+number). On PostgreSQL a write transaction takes one transaction-level advisory lock first: writers
+are serialized the same way, across every server on the database.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
+import re
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import Any, Protocol
+from urllib.parse import urlsplit, urlunsplit
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +44,7 @@ _SCHEMA: tuple[str, ...] = (
         version INTEGER NOT NULL,
         file TEXT NOT NULL,              -- relative to the history folder
         sha256 TEXT NOT NULL,
-        user TEXT NOT NULL,
+        "user" TEXT NOT NULL,
         client TEXT,
         ts REAL NOT NULL,
         origin TEXT NOT NULL,            -- save, restore, pacs, found, migrated
@@ -51,7 +61,7 @@ _SCHEMA: tuple[str, ...] = (
     CREATE TABLE reviews (
         id INTEGER PRIMARY KEY AUTOINCREMENT,
         image TEXT NOT NULL, tag TEXT NOT NULL, version INTEGER NOT NULL,
-        state TEXT NOT NULL, user TEXT NOT NULL, ts REAL NOT NULL, comment TEXT
+        state TEXT NOT NULL, "user" TEXT NOT NULL, ts REAL NOT NULL, comment TEXT
     );
     CREATE TABLE tombstones (
         id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -61,7 +71,7 @@ _SCHEMA: tuple[str, ...] = (
         version INTEGER,                 -- the label version removed
         file TEXT,                       -- an image's kept file, relative to the history folder
         info TEXT NOT NULL DEFAULT '{}', -- an image's info and its labels' versions (JSON)
-        user TEXT NOT NULL,
+        "user" TEXT NOT NULL,
         ts REAL NOT NULL,
         restored_ts REAL,
         restored_by TEXT
@@ -70,7 +80,7 @@ _SCHEMA: tuple[str, ...] = (
     CREATE TABLE audit (
         id INTEGER PRIMARY KEY AUTOINCREMENT,
         ts REAL NOT NULL,
-        user TEXT NOT NULL,
+        "user" TEXT NOT NULL,
         client TEXT,
         method TEXT NOT NULL,
         path TEXT NOT NULL,
@@ -87,33 +97,79 @@ _SCHEMA: tuple[str, ...] = (
         client TEXT NOT NULL
     );
     """,
+    """
+    CREATE TABLE scores (
+        store TEXT NOT NULL,             -- which ranking: scores_<al_model>, scores_tiles
+        image TEXT NOT NULL,
+        value REAL,                      -- NULL for NaN (SQLite stores no NaN)
+        model_version TEXT NOT NULL,
+        ts REAL NOT NULL,                -- when its computation began
+        extra TEXT NOT NULL DEFAULT '{}', -- further measures and the embedding (JSON)
+        PRIMARY KEY (store, image)
+    );
+    CREATE TABLE unusable (
+        store TEXT NOT NULL,
+        image TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        PRIMARY KEY (store, image)
+    );
+    CREATE TABLE score_forgotten (
+        store TEXT NOT NULL,
+        image TEXT NOT NULL,
+        ts REAL NOT NULL,                -- a score begun before this is of another file
+        PRIMARY KEY (store, image)
+    );
+    CREATE TABLE score_changes (
+        store TEXT PRIMARY KEY,
+        n INTEGER NOT NULL               -- bumped by every change: readers parse the scores again
+    );
+    """,
+    """
+    CREATE TABLE out_of_scope (          -- images another served model is for (strategies.scoring)
+        store TEXT NOT NULL,
+        image TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        PRIMARY KEY (store, image)
+    );
+    """,
 )
 
+POSTGRES_SCHEMES = ("postgresql", "postgres")
+# The key of the advisory lock every PostgreSQL write transaction takes ("mlpd").
+_PG_WRITE_LOCK = 0x6D6C7064
 
-class ProjectDB:
-    """One SQLite file, a connection per thread and process, and its schema brought up to date.
 
-    Args:
-        path: the database file (``<model folder>/project.db``); its folder is created.
+class Dialect(Protocol):
+    """What differs between the engines; everything else is one code path."""
 
-    Examples:
-        >>> db = ProjectDB(tmp / "project.db")
-        >>> with db.transaction() as c:
-        ...     c.execute("INSERT INTO meta VALUES ('k', 'v')")
-    """
+    def connect(self) -> Any: ...
 
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        self._local = threading.local()
-        self._schema_lock = threading.Lock()
-        self._schema_ready = False
+    def begin_write(self) -> tuple[str, ...]: ...
 
-    def connection(self) -> sqlite3.Connection:
-        """This thread's connection (a new one in a child process: connections do not survive ``fork``)."""
-        held = getattr(self._local, "held", None)
-        if held is not None and held[0] == os.getpid():
-            return held[1]
+    def statement(self, sql: str) -> str: ...
+
+    def ddl(self, sql: str) -> str: ...
+
+    def schema_version(self, conn: Any) -> int: ...
+
+    def set_schema_version(self, conn: Any, version: int) -> None: ...
+
+    def integrity(self, conn: Any) -> str: ...
+
+    def usable(self, conn: Any) -> bool: ...
+
+
+class SQLite:
+    """One file; the write lock is ``BEGIN IMMEDIATE``; statements are written in its own spelling."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def connect(self) -> sqlite3.Connection:
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        # Made with the mode any file the server writes has (0666 less the umask), not SQLite's 0644:
+        # its WAL files take the same, and a second service (a backup) reads it as it reads the labels.
+        os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o666))
         conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
         conn.row_factory = sqlite3.Row
         conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
@@ -123,41 +179,251 @@ class ProjectDB:
         # before its row, is then taken in as "found" at the next start). FULL cost 7 ms per commit here.
         conn.execute("PRAGMA synchronous = NORMAL")
         conn.execute("PRAGMA foreign_keys = ON")
+        return conn
+
+    def begin_write(self) -> tuple[str, ...]:
+        return ("BEGIN IMMEDIATE",)
+
+    def statement(self, sql: str) -> str:
+        return sql
+
+    def ddl(self, sql: str) -> str:
+        return sql
+
+    def schema_version(self, conn: Any) -> int:
+        return int(conn.execute("PRAGMA user_version").fetchone()[0])
+
+    def set_schema_version(self, conn: Any, version: int) -> None:
+        conn.execute(f"PRAGMA user_version = {int(version)}")
+
+    def integrity(self, conn: Any) -> str:
+        return str(conn.execute("PRAGMA integrity_check").fetchone()[0])
+
+    def usable(self, conn: Any) -> bool:
+        return True
+
+
+class Row(dict):
+    """A PostgreSQL row read as ``sqlite3.Row`` reads: by column name, or by position."""
+
+    def __getitem__(self, key: Any) -> Any:
+        if isinstance(key, int):
+            return list(self.values())[key]
+        return super().__getitem__(key)
+
+
+def _pg_rows(cursor: Any) -> Any:
+    names = [c.name for c in cursor.description or ()]
+    return lambda values: Row(zip(names, values, strict=True))
+
+
+@functools.lru_cache(maxsize=512)
+def _pyformat(sql: str) -> str:
+    """``sql`` with SQLite's ``?`` and ``:name`` placeholders as psycopg's ``%s`` and ``%(name)s``
+    (and a literal ``%`` doubled); quoted text is left as it is."""
+    out: list[str] = []
+    quote: str | None = None
+    i = 0
+    while i < len(sql):
+        ch = sql[i]
+        if quote is not None:
+            out.append("%%" if ch == "%" else ch)
+            quote = None if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+            out.append(ch)
+        elif ch == "?":
+            out.append("%s")
+        elif ch == "%":
+            out.append("%%")
+        elif ch == ":" and (m := re.match(r":([A-Za-z_]\w*)", sql[i:])) and sql[i - 1 : i] != ":":
+            out.append(f"%({m[1]})s")
+            i += len(m[0])
+            continue
+        else:
+            out.append(ch)
+        i += 1
+    return "".join(out)
+
+
+class Postgres:
+    """A PostgreSQL database shared by several servers (``--conf database_url``); needs ``psycopg``.
+
+    Statements are bound on the client (psycopg's ``ClientCursor``), as SQLite binds them, so a
+    parameter's type is its value's (``? IS NULL`` works); every connection is in autocommit, and a
+    write transaction is ``BEGIN`` and the advisory lock ``_PG_WRITE_LOCK``."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    def connect(self) -> Any:
+        try:
+            import psycopg
+        except ImportError as e:
+            raise RuntimeError(
+                "--conf database_url postgresql://... needs the psycopg driver, which is not installed: "
+                "pip install -r requirements.txt (it pins psycopg[binary])"
+            ) from e
+        try:
+            return psycopg.connect(
+                self.url, autocommit=True, cursor_factory=psycopg.ClientCursor, row_factory=_pg_rows, connect_timeout=10
+            )
+        except psycopg.OperationalError as e:
+            where = redacted(self.url)
+            raise RuntimeError(f"Cannot connect to the project database {where} (--conf database_url): {e}") from e
+
+    def begin_write(self) -> tuple[str, ...]:
+        return ("BEGIN", f"SELECT pg_advisory_xact_lock({_PG_WRITE_LOCK})")
+
+    def statement(self, sql: str) -> str:
+        return _pyformat(sql)
+
+    def ddl(self, sql: str) -> str:
+        sql = sql.replace("INTEGER PRIMARY KEY AUTOINCREMENT", "BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY")
+        return re.sub(r"\bREAL\b", "DOUBLE PRECISION", sql)  # PostgreSQL's REAL has 4 bytes: no timestamps
+
+    def schema_version(self, conn: Any) -> int:
+        conn.execute("CREATE TABLE IF NOT EXISTS project_schema (version INTEGER NOT NULL)")
+        row = conn.execute("SELECT version FROM project_schema").fetchone()
+        if row is None:
+            conn.execute("INSERT INTO project_schema VALUES (0)")
+            return 0
+        return int(row["version"])
+
+    def set_schema_version(self, conn: Any, version: int) -> None:
+        conn.execute("UPDATE project_schema SET version = %s", (version,))
+
+    def integrity(self, conn: Any) -> str:
+        return "ok" if conn.execute("SELECT 1 AS one").fetchone()["one"] == 1 else "no answer"
+
+    def usable(self, conn: Any) -> bool:
+        return not conn.closed and not conn.broken
+
+
+def redacted(url: str) -> str:
+    """A database URL without its password (for logs and messages)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def is_database_url(target: str | Path) -> bool:
+    return isinstance(target, str) and urlsplit(target).scheme in POSTGRES_SCHEMES
+
+
+def normal_database_url(url: str) -> str:
+    """``--conf database_url``: empty (the SQLite file of the model folder) or a PostgreSQL URL.
+
+    Raises:
+        ValueError: any other scheme, or a URL that names no database.
+    """
+    if not url:
+        return url
+    how = "expected postgresql://user:password@host:port/database, or nothing for model/project.db"
+    parts = urlsplit(url)
+    if parts.scheme not in POSTGRES_SCHEMES:
+        raise ValueError(f"{how}; got {redacted(url)!r}, whose scheme {parts.scheme or 'none'!r} is not PostgreSQL's")
+    if not parts.path.strip("/") and "dbname=" not in parts.query:
+        raise ValueError(f"{how}; got {redacted(url)!r}, which names no database")
+    return url
+
+
+class Connection:
+    """A connection whose statements are written once for both engines (``?`` placeholders)."""
+
+    def __init__(self, raw: Any, dialect: Dialect) -> None:
+        self.raw = raw
+        self._dialect = dialect
+
+    def execute(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> Any:
+        """Run one statement; the cursor answers ``fetchone``, ``fetchall`` and iteration."""
+        return self.raw.execute(self._dialect.statement(sql), params)
+
+    def executemany(self, sql: str, rows: Iterable[Sequence[Any] | dict[str, Any]]) -> None:
+        rows = list(rows)
+        if rows:
+            self.raw.cursor().executemany(self._dialect.statement(sql), rows)
+
+    def close(self) -> None:
+        self.raw.close()
+
+
+class ProjectDB:
+    """The project database: a connection per thread and process, and its schema brought up to date.
+
+    Args:
+        target: the SQLite file (``<model folder>/project.db``; its folder is created), or a
+            ``postgresql://user:password@host:port/database`` URL (``--conf database_url``).
+
+    Examples:
+        >>> db = ProjectDB(tmp / "project.db")
+        >>> with db.transaction() as c:
+        ...     c.execute("INSERT INTO meta VALUES ('k', 'v')")
+    """
+
+    def __init__(self, target: str | Path) -> None:
+        if is_database_url(target):
+            self.path: Path | None = None
+            self.where = redacted(str(target))
+            self.dialect: Dialect = Postgres(str(target))
+        else:
+            self.path = Path(target)
+            self.where = str(self.path)
+            self.dialect = SQLite(self.path)
+        self._local = threading.local()
+        self._schema_lock = threading.Lock()
+        self._schema_ready = False
+
+    @property
+    def engine(self) -> str:
+        return "sqlite" if self.path is not None else "postgresql"
+
+    def connection(self) -> Connection:
+        """This thread's connection (a new one in a child process: connections do not survive ``fork``)."""
+        held = getattr(self._local, "held", None)
+        if held is not None and held[0] == os.getpid() and self.dialect.usable(held[1].raw):
+            return held[1]
+        conn = Connection(self.dialect.connect(), self.dialect)
         self._local.held = (os.getpid(), conn)
         self._ensure_schema(conn)
         return conn
 
-    def _ensure_schema(self, conn: sqlite3.Connection) -> None:
+    def _ensure_schema(self, conn: Connection) -> None:
         with self._schema_lock:
             if self._schema_ready:
                 return
-            conn.execute("BEGIN IMMEDIATE")  # two processes starting at once: one creates, the other waits
+            for statement in self.dialect.begin_write():  # two processes starting at once: one creates
+                conn.raw.execute(statement)
             try:
-                version = conn.execute("PRAGMA user_version").fetchone()[0]
+                version = self.dialect.schema_version(conn.raw)
                 for step in range(version, len(_SCHEMA)):
                     # one by one: executescript would commit the transaction first
                     for statement in filter(str.strip, _SCHEMA[step].split(";")):
-                        conn.execute(statement)
-                conn.execute(f"PRAGMA user_version = {len(_SCHEMA)}")
-                conn.execute("COMMIT")
+                        conn.raw.execute(self.dialect.ddl(statement))
+                if version != len(_SCHEMA):
+                    self.dialect.set_schema_version(conn.raw, len(_SCHEMA))
+                conn.raw.execute("COMMIT")
             except BaseException:
-                conn.execute("ROLLBACK")
+                conn.raw.execute("ROLLBACK")
                 raise
             self._schema_ready = True
 
     @contextlib.contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
-        """A write transaction (``BEGIN IMMEDIATE``), committed on leaving, rolled back on an error."""
+    def transaction(self) -> Iterator[Connection]:
+        """A write transaction (the write lock taken first), committed on leaving, rolled back on an error."""
         conn = self.connection()
-        conn.execute("BEGIN IMMEDIATE")
+        for statement in self.dialect.begin_write():
+            conn.raw.execute(statement)
         try:
             yield conn
         except BaseException:
-            conn.execute("ROLLBACK")
+            conn.raw.execute("ROLLBACK")
             raise
-        conn.execute("COMMIT")
+        conn.raw.execute("COMMIT")
 
-    def query(self, sql: str, params: tuple | dict = ()) -> list[sqlite3.Row]:
+    def query(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> list[Any]:
         """Rows of one read (a consistent snapshot of the last committed state)."""
         return self.connection().execute(sql, params).fetchall()
 
@@ -165,17 +431,17 @@ class ProjectDB:
         rows = self.query("SELECT value FROM meta WHERE key = ?", (key,))
         return rows[0]["value"] if rows else None
 
-    def set_meta(self, key: str, value: str, conn: sqlite3.Connection | None = None) -> None:
-        sql, params = "INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value)
+    def set_meta(self, key: str, value: str, conn: Connection | None = None) -> None:
+        sql = "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value"
         if conn is not None:
-            conn.execute(sql, params)
+            conn.execute(sql, (key, value))
             return
         with self.transaction() as c:
-            c.execute(sql, params)
+            c.execute(sql, (key, value))
 
     def integrity(self) -> str:
-        """SQLite's ``integrity_check``: ``ok`` for an intact file."""
-        return self.query("PRAGMA integrity_check")[0][0]
+        """``ok`` for an intact database (SQLite's ``integrity_check``)."""
+        return self.dialect.integrity(self.connection().raw)
 
     def close(self) -> None:
         """Close this thread's connection (others close when their thread ends)."""
@@ -189,10 +455,11 @@ _OPEN: dict[str, ProjectDB] = {}
 _OPEN_LOCK = threading.Lock()
 
 
-def project_db(model_dir: str | Path) -> ProjectDB:
-    """The project database of the model folder ``model_dir``, one object per file in a process."""
-    path = str((Path(model_dir) / DB_NAME).resolve())
+def project_db(model_dir: str | Path, database_url: str = "") -> ProjectDB:
+    """The project database: ``database_url`` (``--conf database_url``) when given, else the SQLite
+    file of the model folder ``model_dir``; one object per database in a process."""
+    target = database_url or str((Path(model_dir) / DB_NAME).resolve())
     with _OPEN_LOCK:
-        if path not in _OPEN:
-            _OPEN[path] = ProjectDB(path)
-        return _OPEN[path]
+        if target not in _OPEN:
+            _OPEN[target] = ProjectDB(target)
+        return _OPEN[target]

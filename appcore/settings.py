@@ -18,6 +18,7 @@ from typing import Any, ClassVar, TypeVar
 
 from appcore.cross_site import normal_host, normal_origin
 from appcore.history import TrainOn
+from appcore.projectdb import normal_database_url
 
 MAX_TTA_SAMPLES = 6  # the test-time augmentations radiology.uncertainty defines
 
@@ -100,7 +101,11 @@ def parse_option(cls: type[Settings], key: str, value: str) -> object:
     if typing.get_origin(kind) is tuple:
         return _parse_list(key, value, f)
     if kind is str:
-        return value.strip()
+        normal = f.metadata["normal"]
+        try:
+            return normal(value.strip()) if normal else value.strip()
+        except ValueError as e:
+            raise ValueError(f"--conf {key}: {e}") from None
     if isinstance(kind, type) and issubclass(kind, enum.Enum):
         choices = [str(member.value) for member in kind]
         v = value.strip().lower()
@@ -190,6 +195,14 @@ class Settings:
     allow_anonymous: bool = option(
         False,
         doc="start with authentication off on a non-loopback `--host` (refused otherwise; [auth.md](auth.md))",
+    )
+    database_url: str = option(
+        "",
+        normal=normal_database_url,
+        shown="`model/project.db`",
+        doc="project database (label versions, reviews, reservations, scores, audit log): a "
+        "`postgresql://user:password@host:port/db` URL that several servers share, or empty for the SQLite "
+        "file in the model folder ([history.md](history.md#the-project-database))",
     )
 
     @classmethod

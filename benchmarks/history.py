@@ -1,4 +1,4 @@
-"""What label history, the audit log and reservations in SQLite cost: ``python -m benchmarks.history --help``.
+"""What label history, the audit log, reservations and scores in the project database cost (``--help``).
 
 Measured through the project's own classes on a real hippocampus MR case and a synthetic CT-sized
 volume (512 x 512 x 120), alternating saves with and without history so that a loaded machine
@@ -7,12 +7,19 @@ slows both alike:
 - seconds per label save (``CheckedLocalDatastore.save_label``: checks, write, rename) with and
   without a version kept (``appcore.history``);
 - milliseconds per audit entry (``appcore.history.record_request``, one write transaction);
-- milliseconds per reservation pick, in the JSON file and in the database.
+- milliseconds per reservation pick, in the JSON file and in the database;
+- milliseconds per score flush of a scoring run (10 scores, one transaction) and per strategy read
+  of every score (parsed again after a change; cached otherwise), with a JSON file's parse of the
+  same scores beside it.
+
+The database is SQLite in a temporary folder, or ``--database-url postgresql://...`` (an empty
+database: the benchmark's tables are made in it).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import statistics
 import tempfile
@@ -26,6 +33,7 @@ from appcore.datastore import CheckedLocalDatastore
 from appcore.history import HISTORY_DIR, LabelHistory, record_request
 from appcore.projectdb import ProjectDB
 from strategies.reservations import ReservationBook
+from strategies.scores import Score, ScoreStore
 
 ROOT = Path(__file__).resolve().parents[1]
 HIPPO = ROOT.parent / "shared" / "data" / "hippocampus_mr" / "imagesTr" / "hippocampus_001.nii.gz"
@@ -54,12 +62,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--saves", type=int, default=20, help="saves per case and mode")
     parser.add_argument("--entries", type=int, default=500, help="audit entries and reservation picks")
+    parser.add_argument("--scores", type=int, default=2000, help="scored images (64-float embeddings each)")
+    parser.add_argument("--database-url", default="", help="a PostgreSQL database (default: SQLite, temporary)")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="history-bench.") as tmp:
         work = Path(tmp)
         cases = _cases(work)
-        history = LabelHistory(ProjectDB(work / "model" / "project.db"), work / "model" / HISTORY_DIR)
+        db = ProjectDB(args.database_url or work / "model" / "project.db")
+        print(f"database: {db.engine} ({db.where})")
+        history = LabelHistory(db, work / "model" / HISTORY_DIR)
         stores = {
             "without history": CheckedLocalDatastore(
                 str(work / "studies"), allowed_values=lambda p: {0, 1, 2}, auto_reload=False
@@ -111,6 +123,46 @@ def main() -> None:
                 f"reservation pick of 1 among {len(images)}, {name}, ms (median; p95): "
                 f"{statistics.median(t) * 1000:.2f}; {np.percentile(t, 95) * 1000:.2f}"
             )
+        _scores(work, db, args.scores)
+
+
+def _ms(t: list[float]) -> str:
+    return f"{statistics.median(t) * 1000:.2f}; {np.percentile(t, 95) * 1000:.2f}"
+
+
+def _scores(work: Path, db: ProjectDB, n: int) -> None:
+    rng = np.random.default_rng(0)
+    store = ScoreStore(work / "model" / "scores_bench.json", db=db)
+    scores = {
+        f"img{i}": Score(float(rng.random()), "v1", time.time(), {"bald": 0.1, "embedding": rng.random(64).tolist()})
+        for i in range(n)
+    }
+    names, flush = list(scores), []
+    for start in range(0, n, 10):
+        batch = {k: scores[k] for k in names[start : start + 10]}
+        started = time.perf_counter()
+        store.update(batch)
+        flush.append(time.perf_counter() - started)
+    print(f"score flush of 10 scores, ms (median of {len(flush)}; p95): {_ms(flush)}")
+    changed, cached = [], []
+    for i in range(20):
+        store.update({names[i]: scores[names[i]]})  # a change: the next read parses every score again
+        started = time.perf_counter()
+        assert len(store.load()) == n
+        changed.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        store.load()
+        cached.append(time.perf_counter() - started)
+    print(f"read of {n} scores after a change, ms (median of 20; p95): {_ms(changed)}")
+    print(f"read of {n} scores, nothing changed (cached), ms (median of 20; p95): {_ms(cached)}")
+    path = work / "scores.json"
+    path.write_text(json.dumps({k: vars(v) for k, v in scores.items()}))
+    parse = []
+    for _ in range(20):
+        started = time.perf_counter()
+        {k: Score(**v) for k, v in json.loads(path.read_text()).items()}
+        parse.append(time.perf_counter() - started)
+    print(f"the same {n} scores parsed from a JSON file (the old store after a change), ms: {_ms(parse)}")
 
 
 if __name__ == "__main__":

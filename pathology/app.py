@@ -14,6 +14,7 @@ from monailabel.utils.others.pathology import create_asap_annotations_xml, creat
 from appcore import seam
 from appcore.app import LabelingApp
 from appcore.errors import bad_request
+from appcore.projectdb import project_db
 from appcore.settings import PathologySettings
 from pathology.activelearning import PatchMeasures, WSIDiverse, WSIRandom, WSIUncertain
 from pathology.datastore import PathologyDatastore
@@ -59,7 +60,9 @@ class PathologyApp(BackgroundScoring, LabelingApp):
 
     def prepare(self) -> None:
         # Tile scores: one store for the strategies, the scoring method and the new-image check.
-        self._score_store = ScoreStore(self.model_dir / "scores_tiles.json")
+        self._score_store = ScoreStore(
+            self.model_dir / "scores_tiles.json", db=project_db(self.model_dir, self.settings.database_url)
+        )
 
     # -- weights ---------------------------------------------------------------------------------
     def spec(self, model: str) -> NucleiSpec:

@@ -24,6 +24,7 @@ from appcore.dicom.ohif import as_requested_format, serve_ohif
 from appcore.dicom.prepare import load_series_folder
 from appcore.errors import RequestError, not_found, root_cause, unprocessable
 from appcore.labels import LabelSet
+from appcore.projectdb import project_db
 from appcore.settings import RadiologySettings
 from appcore.validation import check_segmentable, check_volume, header_only, load_nifti, nifti_header
 from radiology.graphcut import GeodesicGraphCut
@@ -74,8 +75,11 @@ class RadiologyApp(BackgroundScoring, LabelingApp):
     def prepare(self) -> None:
         self.specs: dict[str, ModelSpec] = self.models
         # One store for the strategies, the scoring method and the new-image check, so that the
-        # score file is parsed once per change and not on every next-sample request.
-        self._score_store = ScoreStore(self.model_dir / f"scores_{self.settings.al_model}.json")
+        # scores are parsed once per change and not on every next-sample request.
+        self._score_store = ScoreStore(
+            self.model_dir / f"scores_{self.settings.al_model}.json",
+            db=project_db(self.model_dir, self.settings.database_url),
+        )
 
     def export_bundle(self, model: str, version: int, out: Path) -> Path:
         """Version ``version`` of ``model`` as a MONAI Bundle in ``out`` (``radiology.export``)."""

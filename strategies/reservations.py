@@ -89,14 +89,12 @@ class ReservationBook:
                 held = self._load()
                 with self._db.transaction() as c:
                     c.executemany(
-                        "INSERT OR IGNORE INTO reservations (item, until, client) VALUES (?, ?, ?)",
+                        "INSERT INTO reservations (item, until, client) VALUES (?, ?, ?) ON CONFLICT (item) DO NOTHING",
                         [(item, until, client) for item, (until, client) in held.items()],
                     )
                 with contextlib.suppress(FileNotFoundError):  # another process moved it first
                     self._path.rename(self._path.with_name(self._path.name + ".migrated"))
-                logger.info(
-                    "Reservations of %s moved into %s (%d held)", self._path.name, self._db.path.name, len(held)
-                )
+                logger.info("Reservations of %s moved into %s (%d held)", self._path.name, self._db.where, len(held))
             self._migrated = True
         return self._db
 
@@ -110,12 +108,13 @@ class ReservationBook:
         with self._database().transaction() as c:  # the write lock first: another process waits here
             now = self._clock()
             c.execute("DELETE FROM reservations WHERE until <= ?", (now,))
-            held = {r[0] for r in c.execute("SELECT item FROM reservations")}
+            held = {r["item"] for r in c.execute("SELECT item FROM reservations")}
             free = [x for x in candidates if x not in held]
             chosen = choose(free) if free else []
             if self.window_s > 0 and chosen:
                 c.executemany(
-                    "INSERT OR REPLACE INTO reservations (item, until, client) VALUES (?, ?, ?)",
+                    "INSERT INTO reservations (item, until, client) VALUES (?, ?, ?) "
+                    "ON CONFLICT (item) DO UPDATE SET until = excluded.until, client = excluded.client",
                     [(item, now + self.window_s, client_id) for item in chosen],
                 )
             return chosen

@@ -45,15 +45,22 @@ def monailabel_server(
     timeout: float = 180,
     http_timeout: float = 300,
     probe: str = "/info/",
+    app_dir: Path | None = None,
 ) -> Iterator[Server]:
     """``monailabel start_server`` on a copy of ``apps/<app>`` in ``root/app``, on a free port.
 
     Waits until ``probe`` answers (with authentication on, a public route such as ``/auth/``),
     failing with the server log if the process dies first, and
-    stops the whole process group on exit. The server's temporary files go to ``root/tmp``.
+    stops the whole process group on exit. The server's temporary files go to ``root/tmp``. Called
+    again on the same ``root``, it restarts the server on the folders the first one left (its model
+    folder, project database and log kept). ``app_dir``: the app folder (made there if absent) instead
+    of ``root/app``, for servers that share one (and its model folder).
     """
-    app_dir = root / "app"
-    shutil.copytree(ROOT / "apps" / app, app_dir, ignore=shutil.ignore_patterns("model", "logs", "__pycache__"))
+    root.mkdir(parents=True, exist_ok=True)
+    app_dir = app_dir or root / "app"
+    shutil.copytree(
+        ROOT / "apps" / app, app_dir, ignore=shutil.ignore_patterns("model", "logs", "__pycache__"), dirs_exist_ok=True
+    )
     port = free_port()
     launcher = Path(sys.executable).parent / "monailabel"
     cmd = [str(launcher)] if launcher.exists() else [sys.executable, "-m", "monailabel.main"]
@@ -61,7 +68,7 @@ def monailabel_server(
     for key, value in conf.items():
         cmd += ["--conf", key, value]
     tmp = root / "tmp"
-    tmp.mkdir()
+    tmp.mkdir(exist_ok=True)
     env = {
         **os.environ,
         "MONAILABEL_PYEXE": sys.executable,
@@ -70,7 +77,7 @@ def monailabel_server(
         **(env or {}),
     }
     log_path = root / "server.log"
-    log = log_path.open("w")
+    log = log_path.open("a")
     proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     http = httpx.Client(base_url=url, timeout=http_timeout)

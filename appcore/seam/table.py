@@ -304,8 +304,8 @@ ROWS: tuple[Row, ...] = (
             ("_datastore_path", "the index file's folder (DICOMweb cache)"),
             ("_extensions", "the file patterns the folder watcher notices"),
             ("_filename", "an image's or label's file name"),
-            ("_init_from_datastore_file", "reread the index"),
-            ("_update_datastore_file", "write the index"),
+            ("_datastore_config_path", "the index file, written beside and renamed into place"),
+            ("_config_ts", "the index file's time as last read or written: no re-read of its own write"),
             ("_lock_file", "the index's lock"),
             ("_to_id", "a file's image id"),
         )
@@ -316,6 +316,8 @@ ROWS: tuple[Row, ...] = (
             ("_on_any_event", "a changed file loses its score"),
             ("_on_modify_event", "a changed file loses its score"),
             ("_reconcile_datastore", "files removed from the folder lose their scores"),
+            ("_init_from_datastore_file", "a cut-off index file is set aside at start, not a failed start"),
+            ("_update_datastore_file", "the index written beside and renamed into place (kill -9 safe)"),
         )
     ),
     # -- private members of MONAI Label's tasks, read by radiology's subclasses ----------------------

@@ -47,7 +47,7 @@ def test_what_the_server_writes_has_the_umask_s_mode(tmp_path: Path, umask: int)
 
     scores = ScoreStore(tmp_path / "model" / "scores.json")
     scores.update({"case1": Score(0.5, "v", 0.0, {})})
-    assert _mode(scores.path) == expected
+    assert _mode(scores.db.path) == expected  # the project database they are kept in
 
     fd, staged = staged_beside(tmp_path / "x.bin")
     os.close(fd)

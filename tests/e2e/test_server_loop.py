@@ -5,7 +5,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
-import json
 import re
 import shutil
 import socket
@@ -24,6 +23,7 @@ import torch
 
 from radiology.infer import SegmentationInfer
 from radiology.registry import MODELS
+from strategies.scores import ScoreStore
 from tests.conftest import HIPPO, SHARED, requires_shared
 from tests.servers import monailabel_server
 
@@ -115,14 +115,11 @@ def _wait_scores(app_dir: Path, images: set[str], version: str, timeout: float =
     """Wait until every image of ``images`` has a stored score computed by exactly ``version``.
 
     The shipped and the published weights are both ``hippocampus.pt``: only time and size tell them apart."""
-    path = app_dir / "model" / "scores_hippocampus.json"
+    store = ScoreStore(app_dir / "model" / "scores_hippocampus.json")  # in the server's project database
     deadline = time.monotonic() + timeout
     while True:
-        try:
-            scores = json.loads(path.read_text())
-        except (FileNotFoundError, ValueError):  # not written yet
-            scores = {}
-        got = {i: scores.get(i, {}).get("model_version") for i in sorted(images)}
+        scores = store.load()
+        got = {i: scores[i].model_version if i in scores else None for i in sorted(images)}
         if all(v == version for v in got.values()):
             return
         assert time.monotonic() < deadline, f"not rescored under {version} within {timeout} s: {got}"
@@ -279,9 +276,9 @@ def test_active_learning_loop_over_http(
         return client.post("/activelearning/epistemic", json={"client_id": client_id}).json()
 
     # ... and epistemic hands out the images in the order of the stored scores (the new weights')
-    scores = json.loads((app_dir / "model" / "scores_hippocampus.json").read_text())
-    ranked = sorted(unlabelled, key=lambda i: scores[i]["value"], reverse=True)
-    assert len({scores[i]["value"] for i in ranked}) == len(ranked), "ties: the order would be random"
+    scores = ScoreStore(app_dir / "model" / "scores_hippocampus.json").values()
+    ranked = sorted(unlabelled, key=lambda i: scores[i], reverse=True)
+    assert len({scores[i] for i in ranked}) == len(ranked), "ties: the order would be random"
     with ThreadPoolExecutor(4) as pool:
         picks = list(pool.map(ask, ["a", "b", "c", "d"]))
     ids = [p["id"] for p in picks]
@@ -574,16 +571,16 @@ def test_an_announced_huge_upload_is_refused_before_its_body_is_sent(server) -> 
 
 def test_an_image_added_later_is_scored_when_the_next_sample_is_asked_for(server) -> None:
     client, _, app_dir = server
-    scores = app_dir / "model" / "scores_hippocampus.json"
+    scores = ScoreStore(app_dir / "model" / "scores_hippocampus.json")  # in the server's project database
     _wait_idle(client, "/scoring/")
     case = sorted((HIPPO / "imagesTr").glob("*.nii.gz"))[len(CASES)]  # not among the server's images
     r = client.put("/datastore/image", params={"image": "late_arrival"}, files={"file": (case.name, case.read_bytes())})
     assert r.status_code == 200, r.text
-    assert "late_arrival" not in json.loads(scores.read_text())
+    assert "late_arrival" not in scores.load()
     r = client.post("/activelearning/epistemic", json={"client_id": "late", "k": 1})
     assert r.status_code == 200, r.text
     deadline = time.monotonic() + 180
-    while "late_arrival" not in json.loads(scores.read_text()):
+    while "late_arrival" not in scores.load():
         assert time.monotonic() < deadline, "the new image was not scored within 180 s"
         time.sleep(1)
     _wait_idle(client, "/scoring/")

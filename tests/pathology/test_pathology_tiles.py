@@ -10,6 +10,7 @@ import shutil
 import sqlite3
 import time
 from collections.abc import Iterator
+from dataclasses import asdict
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -203,10 +204,8 @@ SERVED_TILES = 13  # enough that every test below finds free tiles while the oth
 
 
 def _scores(app_dir: Path) -> dict:
-    try:
-        return json.loads((app_dir / "model" / "scores_tiles.json").read_text())
-    except (FileNotFoundError, ValueError):  # not written yet
-        return {}
+    """The tile scores in the server's project database, as ``{tile: {"value", "model_version", ...}}``."""
+    return {k: asdict(v) for k, v in ScoreStore(app_dir / "model" / "scores_tiles.json").load().items()}
 
 
 def _wait_scored(app_dir: Path, images: set[str], version: str | None = None, timeout: float = 1200) -> dict:
@@ -268,7 +267,7 @@ def test_scoring_at_start_scored_every_tile_and_set_the_slide_aside(tile_server:
     assert {f"tile{i:02d}" for i in range(SERVED_TILES)} <= set(scores)
     assert all({"bald", "tta", "embedding"} <= set(s["extra"]) for s in scores.values())
     if SLIDE.exists():
-        unusable = json.loads((app_dir / "model" / "scores_tiles.unusable.json").read_text())
+        unusable = ScoreStore(app_dir / "model" / "scores_tiles.json").unusable()
         assert "whole-slide image" in unusable["slide"] and "slide" not in scores
 
 

@@ -351,25 +351,21 @@ def test_diversity_strategy_spreads_a_batch(tmp_path: Path) -> None:
 
 
 @requires_shared
-def test_next_sample_parses_the_score_file_once_per_change(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import json
-
+def test_next_sample_parses_the_scores_once_per_change(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from tests.apps import make_app
 
     app = make_app(tmp_path, "hippocampus", labelled=0, conf={"score_new_images": "true"})
     ids = app.datastore().get_unlabeled_images("final")
     app.score_store().update({i: Score(0.5 + n / 10, "v1", 0.0, {}) for n, i in enumerate(ids)})
-    written = app.score_store().path
-    os.utime(written, (time.time() - 60, time.time() - 60))  # a while ago (not within ScoreStore.RACY_S)
     parsed: list[str] = []
-    loads = json.loads
+    query = app.score_store().db.query
 
-    def counting(text, *args, **kwargs):
-        if isinstance(text, str) and '"model_version"' in text:
-            parsed.append(text)
-        return loads(text, *args, **kwargs)
+    def counting(sql: str, params: object = ()) -> list:
+        if "FROM scores WHERE" in sql:
+            parsed.append(sql)
+        return query(sql, params)
 
-    monkeypatch.setattr(json, "loads", counting)
+    monkeypatch.setattr(app.score_store().db, "query", counting)
     picked = [app.next_sample({"strategy": "epistemic", "k": 1, "client_id": c})["ids"] for c in ("u1", "u2")]
     assert picked == [[ids[1]], [ids[0]]], "ranked by score, never the same image twice"
     assert len(parsed) == 1, "the strategy and the new-image check share one cached store"
@@ -397,38 +393,130 @@ def test_a_restarted_app_keeps_the_reservations(tmp_path: Path) -> None:
         restarted._strategies["epistemic"]({"client_id": "bob", "k": 2}, restarted.datastore())
 
 
-def test_a_writer_with_an_old_copy_loses_no_score_where_times_are_coarse(tmp_path: Path) -> None:
-    """Two writes within one tick of a coarse clock (Linux before 6.13, NFS) leave the file's mtime
-    as it was: a store that had read the file before must still merge into the file as it is now."""
+def test_a_store_with_a_cached_copy_loses_no_score_and_revives_no_forgotten_one(tmp_path: Path) -> None:
+    """Two stores on one database (the server and a scoring process): each write merges into the
+    rows as they are, and a cached copy is read again after another's change."""
     path = tmp_path / "scores.json"
-    first, second = ScoreStore(path), ScoreStore(path)  # two processes
+    first, second = ScoreStore(path), ScoreStore(path)
     first.update({"a": Score(0.1, "v", 0.0, {})})
-    assert set(first.load()) == {"a"}  # read and kept
-    stamp = path.stat().st_mtime_ns
+    assert set(first.load()) == {"a"}  # read and cached
     second.update({"b": Score(0.2, "v", 0.0, {})})
-    os.utime(path, ns=(stamp, stamp))  # the same tick
-    assert set(first.load()) == {"a", "b"}, "a reader keyed on mtime alone keeps its old copy"
+    assert set(first.load()) == {"a", "b"}, "a reader kept its old copy after another store's write"
     first.update({"c": Score(0.3, "v", 0.0, {})})
-    assert set(ScoreStore(path).load()) == {"a", "b", "c"}
     second.forget("a")
-    os.utime(path, ns=(stamp, stamp))
     first.update({"d": Score(0.4, "v", 0.0, {})})
     assert set(ScoreStore(path).load()) == {"b", "c", "d"}, "a forgotten score came back"
+    second.set_unusable({"e": "EOFError"})
+    assert first.unusable() == {"e": "EOFError"}
 
 
-def test_a_file_written_moments_ago_is_read_again_whatever_its_stat(tmp_path: Path, monkeypatch) -> None:
-    """A freed inode number is soon reused: a file replaced within one coarse tick by one of the same
-    size may have the very stat of the one cached. Within ``RACY_S`` of a write the file is reread."""
-    path = tmp_path / "scores.json"
-    ScoreStore(path).update({"a": Score(0.1, "v", 0.0, {})})
-    store = ScoreStore(path)
-    store.load()
-    key, _ = store._cache[path]
-    store._cache[path] = (key, {})  # what an earlier file with this very stat held
-    assert set(store.load()) == {"a"}, "trusted the stat of a file written moments ago"
-    monkeypatch.setattr(ScoreStore, "RACY_S", 0.0)
-    store._cache[path] = (key, {})
-    assert store.load() == {}, "the cache is used once the file is older than RACY_S"
+def test_reads_parse_the_scores_again_only_after_a_change(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = ScoreStore(tmp_path / "scores.json")
+    store.update({"a": Score(0.1, "v", 0.0, {"bald": 0.2})})
+    reads: list[str] = []
+    query = store.db.query
+    monkeypatch.setattr(store.db, "query", lambda sql, params=(): (reads.append(sql), query(sql, params))[1])
+    for _ in range(3):
+        assert set(store.load()) == {"a"}
+    assert sum("FROM scores WHERE" in sql for sql in reads) == 1, reads
+    ScoreStore(tmp_path / "scores.json").update({"b": Score(0.2, "v", 0.0, {})})  # another process's write
+    assert set(store.load()) == {"a", "b"}
+    assert sum("FROM scores WHERE" in sql for sql in reads) == 2, reads
+
+
+def test_two_rankings_in_one_database_stay_apart(tmp_path: Path) -> None:
+    hippo, tiles = ScoreStore(tmp_path / "scores_hippocampus.json"), ScoreStore(tmp_path / "scores_tiles.json")
+    hippo.update({"a": Score(0.1, "v", 0.0, {})})
+    tiles.update({"b": Score(0.2, "v", 0.0, {})})
+    tiles.set_unusable({"c": "a whole-slide image"})
+    assert (set(hippo.load()), hippo.unusable(), set(tiles.load())) == ({"a"}, {}, {"b"})
+
+
+def test_a_nan_score_is_stored_as_nan(tmp_path: Path) -> None:
+    store = ScoreStore(tmp_path / "scores.json")
+    store.update({"a": Score(float("nan"), "v", 0.0, {"bald": float("inf")})})
+    fresh = ScoreStore(tmp_path / "scores.json").load()["a"]
+    assert fresh.value != fresh.value and fresh.extra == {"bald": float("inf")}
+
+
+def _legacy_files(folder: Path, forgotten_at: float) -> None:
+    """The score files an older server left in its model folder."""
+    import json
+
+    folder.mkdir(parents=True, exist_ok=True)
+    scores = {
+        "a": {"value": 0.9, "model_version": "v1", "ts": 1.0, "extra": {"embedding": [1.0, 2.0]}},
+        "b": {"value": 0.5, "model_version": "v1", "ts": forgotten_at - 10, "extra": {}},  # older than its file
+        "c": {"value": 0.4, "model_version": "v1", "ts": 2.0, "extra": {"bald": 0.3}},
+    }
+    (folder / "scores_hippocampus.json").write_text(json.dumps(scores))
+    (folder / "scores_hippocampus.unusable.json").write_text(json.dumps({"d": "EOFError"}))
+    (folder / "scores_hippocampus.forgotten.json").write_text(json.dumps({"b": forgotten_at}))
+
+
+def test_the_json_score_files_of_an_older_server_move_into_the_database(tmp_path: Path) -> None:
+    model = tmp_path / "model"
+    _legacy_files(model, forgotten_at=100.0)
+    ScoreStore(model / "scores_hippocampus.json").update({"c": Score(0.7, "v2", 3.0, {})})  # newer than the file's
+    store = ScoreStore(model / "scores_hippocampus.json")
+    scores = store.load()
+    assert sorted(scores) == ["a", "c"], "b was scored from the file it had before it changed"
+    assert scores["a"].extra == {"embedding": [1.0, 2.0]} and scores["c"].model_version == "v2"
+    assert store.unusable() == {"d": "EOFError"}
+    assert sorted(p.name for p in model.iterdir() if "scores" in p.name) == [
+        "scores_hippocampus.forgotten.json.migrated",
+        "scores_hippocampus.json.migrated",
+        "scores_hippocampus.unusable.json.migrated",
+    ]
+    store.update({"b": Score(0.6, "v2", 50.0, {})})
+    assert "b" not in ScoreStore(model / "scores_hippocampus.json").load(), "the forgotten time was moved in too"
+
+
+@pytest.mark.parametrize(
+    ("content", "kept"),
+    [
+        ('{"a": {"value": 0.', set()),  # cut off by an older server's crash
+        ("[1, 2]", set()),  # not an object
+        ('{"a": {"value": 0.5}, "b": {"value": 0.4, "model_version": "v", "ts": 1.0, "extra": {}}}', {"b"}),
+    ],
+)
+def test_a_damaged_score_file_or_entry_is_left_to_rescoring(tmp_path: Path, content: str, kept: set[str]) -> None:
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "scores_tiles.json").write_text(content)
+    store = ScoreStore(model / "scores_tiles.json")
+    assert set(store.load()) == kept
+    assert (model / "scores_tiles.json.migrated").exists() and not (model / "scores_tiles.json").exists()
+
+
+_PROCESS_WRITER = """
+import sys
+from strategies.scores import Score, ScoreStore
+store = ScoreStore(sys.argv[1])
+for i in range(int(sys.argv[3])):
+    store.update({f"{sys.argv[2]}_{i}": Score(0.5, "v", 0.0, {"embedding": [float(i)] * 8})})
+    if i % 5 == 0:
+        store.forget(f"{sys.argv[2]}_{i}")
+"""
+
+
+def test_scoring_processes_and_the_server_write_scores_at_once(tmp_path: Path) -> None:
+    """Scoring runs are processes of their own, beside the server's threads: nothing is lost."""
+    import subprocess
+    import sys
+
+    path, each = tmp_path / "model" / "scores_hippocampus.json", 30
+    _legacy_files(tmp_path / "model", forgotten_at=100.0)  # every process races to move them in
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[2]), *sys.path])}
+    procs = [
+        subprocess.Popen([sys.executable, "-c", _PROCESS_WRITER, str(path), name, str(each)], env=env)
+        for name in ("p", "q", "r")
+    ]
+    ScoreStore(path).update({f"s_{i}": Score(0.1, "v", 0.0, {}) for i in range(each)})  # the server meanwhile
+    assert [p.wait(timeout=300) for p in procs] == [0, 0, 0]
+    got = set(ScoreStore(path).load())
+    expected = {f"{n}_{i}" for n in "pqr" for i in range(each) if i % 5} | {f"s_{i}" for i in range(each)}
+    assert got == expected | {"a", "c"}
 
 
 def test_concurrent_score_updates_lose_nothing(tmp_path: Path) -> None:
