@@ -581,6 +581,10 @@ class AuthLayer:
 
         method = scope.get("method", "WEBSOCKET")
         needed, what = self.table.needed(method, get_route_path(scope))
+        # Anonymous until the token is verified: a request's context may start as a copy of the last
+        # one's on its connection (uvicorn resumes reading from inside that request's task), and a
+        # refused request must not be answered, or audited, as that request's user.
+        current_user.set(ANONYMOUS)
         try:
             user = await self._user(scope, needed)
             if needed > Role.PUBLIC and level(user) < needed:

@@ -367,6 +367,46 @@ def test_bad_authorization_header(header: list[tuple[bytes, bytes]], match: str)
         auth.bearer(header)
 
 
+@pytest.mark.parametrize(
+    ("token_of", "status"),
+    [
+        (None, 401),  # no token
+        (lambda realm: realm.token("anna", [ANNOTATOR], key=new_key()), 401),  # forged
+        (lambda realm: realm.token("anna", [ANNOTATOR]), 403),  # a role too low for DELETE /datastore/image
+    ],
+    ids=["no token", "forged", "role too low"],
+)
+def test_a_refused_request_is_anonymous_whatever_came_before(token_of: Any, status: int) -> None:
+    """A refused request is answered (and audited) as anonymous, even when its context holds the user
+    of an earlier request: uvicorn resumes reading a keep-alive connection from inside the last
+    request's task, so the next request's context starts as a copy of that one's."""
+    import asyncio
+
+    fake = FakeRealm()
+    headers = [] if token_of is None else [(b"authorization", f"Bearer {token_of(fake.realm)}".encode())]
+    scope = {"type": "http", "method": "DELETE", "path": "/datastore/image", "root_path": "", "headers": headers}
+    scope["query_string"] = b"id=x"
+
+    async def never_called(scope: Any, receive: Any, send: Any) -> None:
+        raise AssertionError("a refused request reached the app")
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    answered: list[tuple[int, str]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":  # where the audit layer reads the user
+            answered.append((message["status"], current_user.get().name))
+
+    async def request_after_another() -> None:
+        current_user.set(User("root", frozenset({ADMIN})))  # the previous request's user
+        await auth.AuthLayer(never_called, _verifier(fake))(scope, receive, send)
+
+    asyncio.run(request_after_another())
+    assert answered == [(status, "anonymous")]
+
+
 # -- the run's user is captured at request time --------------------------------------------------------
 
 
