@@ -4,8 +4,9 @@ A realm served on 127.0.0.1 (``tests/realm.py``) signs the tokens; the server ch
 (``MONAI_LABEL_AUTH_ENABLE``). In headless Chromium, by clicks and typing only: the page shows its
 login and asks the PACS nothing before it; after the login the study list, the next case, its
 images (DICOMweb through the server's proxy, each request with the token) and the proposal load;
-the save is stored with the user as the label's author. Then the token expires: the save asks for
-the login again, and a user without the annotator role who logs in is told why nothing was saved.
+the save is stored with the user as the label's author. A token that expires asks for the login
+again (on the study list, on a save, on a page load), and a user without the annotator role who
+logs in is told why nothing was saved.
 REST is used only to check what landed (the label's versions, the reservation). Fixtures and
 helpers are test_ohif_labeling.py's (Orthanc with three hippocampus MR studies, the browser).
 """
@@ -57,6 +58,11 @@ def bearer(realm: Realm, name: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {realm.token(name, USERS[name][1])}"}
 
 
+def expired_token(realm: Realm) -> str:
+    """Anna's token, signed by the realm, expired two minutes ago (beyond the 30 s of clock skew allowed)."""
+    return realm.token("anna", USERS["anna"][1], expires_in=-120)
+
+
 def log_in(page: Any, name: str) -> None:
     page.locator('[data-cy="labeling-login-username"]').fill(name)
     page.locator('[data-cy="labeling-login-password"]').fill(USERS[name][0])
@@ -97,8 +103,20 @@ def test_login_then_label_as_the_token_user(
     page.get_by_text(re.compile(f"^{ohif.CASES[0]}")).first.wait_for()
     ohif.shot(page, artifacts, "2-study-list")
 
+    # 2b. The token expires on the study list: OHIF's next DICOMweb request (the study's series, as
+    #     its row opens) is refused, the login is shown again, and the list is loaded again after it.
+    page.evaluate("token => sessionStorage.setItem('labeling.token', token)", expired_token(realm))
+    page.get_by_text(re.compile(f"^{ohif.CASES[0]}")).first.click()
+    login.wait_for()
+    assert "refused your login" in message.inner_text(), message.inner_text()
+    assert [p for p in proxied if p[1] == 401], "the series query was refused"
+    log_in(page, "anna")
+    login.wait_for(state="detached")
+    page.get_by_text(re.compile(f"^{ohif.CASES[0]}")).first.wait_for()
+
     # 3. The next case, its images and its proposal, each DICOMweb request with anna's token.
     ohif.open_segmentation_mode(page, server.url, ohif.CASES[0])
+    proxied.clear()  # from here on, every DICOMweb request carries a valid token
     user_line = page.locator('[data-cy="labeling-user"]')
     assert user_line.inner_text() == f"Logged in as anna ({ANNOTATOR})"
     case = ohif.press_next_case(page)
@@ -129,8 +147,7 @@ def test_login_then_label_as_the_token_user(
     # 5. The token expires: the next save asks for the login again, with the server's reason. A user
     #    without the annotator role logs in: the save is refused, saying why; the edits stay.
     held_label = ohif.viewer_label(page, case, sops)
-    expired = realm.token("anna", USERS["anna"][1], expires_in=-120)
-    page.evaluate("token => sessionStorage.setItem('labeling.token', token)", expired)
+    page.evaluate("token => sessionStorage.setItem('labeling.token', token)", expired_token(realm))
     page.locator('[data-cy="labeling-save"]').click()
     login.wait_for()
     assert "expired" in message.inner_text(), message.inner_text()
@@ -146,4 +163,14 @@ def test_login_then_label_as_the_token_user(
     r = server.http.get(versions_url, headers=bearer(realm, "ulla"))
     assert [(v["version"], v["user"]) for v in r.json()["versions"]] == [(1, "anna")], "nothing saved by ulla"
     ohif.shot(page, artifacts, "6-no-annotator-role")
+
+    # 6. A page loaded with an expired token shows the login with the server's reason, and asks the
+    #    PACS nothing.
+    page.evaluate("token => sessionStorage.setItem('labeling.token', token)", expired_token(realm))
+    proxied.clear()
+    page.goto(f"{server.url}/ohif/", wait_until="domcontentloaded")
+    login.wait_for()
+    assert "expired" in message.inner_text(), message.inner_text()
+    page.wait_for_load_state("networkidle")
+    assert proxied == [], "no DICOMweb request before the login"
     page.close()
