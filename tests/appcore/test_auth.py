@@ -574,6 +574,8 @@ ENDPOINTS: list[tuple[str, str, dict[str, Any], Role]] = [
     ("GET", "/scoring/", {}, Role.USER),
     ("GET", "/batch/infer", {}, Role.USER),
     ("GET", "/ohif/", {}, Role.PUBLIC),
+    ("GET", "/ohif/app-config.js", {}, Role.PUBLIC),
+    ("GET", "/ohif/labeling/auth.js", {}, Role.PUBLIC),  # the page's login
     ("GET", "/proxy/dicom/studies", {}, Role.USER),
     ("GET", "/labeling/status", {}, Role.USER),
     ("GET", "/proxy/dicom/wado/studies/1.2", {}, Role.USER),
