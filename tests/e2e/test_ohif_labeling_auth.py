@@ -29,7 +29,7 @@ from tests.realm import ANNOTATOR, USER, Realm, serve_realm
 
 pytestmark = ohif.pytestmark
 
-USERS = {"anna": ("pw-anna", [ANNOTATOR]), "ulla": ("pw-ulla", [USER])}
+USERS = {"anna": ("pw-anna", [ANNOTATOR]), "ulla": ("pw-ulla", [USER]), "nora": ("pw-nora", [])}
 
 # the fixtures of test_ohif_labeling.py (a module's own instances: its own Orthanc)
 pacs = ohif.pacs
@@ -92,12 +92,16 @@ def test_login_then_label_as_the_token_user(
     assert page.get_by_text(re.compile(f"^{ohif.CASES[0]}")).count() == 0, "no study listed"
     ohif.shot(page, artifacts, "1-login")
 
-    # 2. A wrong password is refused with the realm's reason; the right one opens the study list.
+    # 2. A wrong password is refused with the realm's reason, a user without any role is told which one
+    #    is needed; anna's password opens the study list.
     page.locator('[data-cy="labeling-login-username"]').fill("anna")
     page.locator('[data-cy="labeling-login-password"]').fill("wrong")
     page.locator('[data-cy="labeling-login-submit"]').click()
     message.filter(has_text="Invalid user credentials").wait_for()
-    assert proxied == []
+    log_in(page, "nora")  # the realm knows her, but she has none of MONAI Label's roles
+    message.filter(has_text="none of the MONAI Label roles").wait_for()
+    assert "needs the role 'monailabel-user'" in message.inner_text(), message.inner_text()
+    assert login.is_visible() and proxied == []
     log_in(page, "anna")
     login.wait_for(state="detached")
     page.get_by_text(re.compile(f"^{ohif.CASES[0]}")).first.wait_for()
