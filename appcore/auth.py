@@ -96,7 +96,11 @@ ROLE_TABLE: tuple[tuple[str, str, Role], ...] = (
     ("GET", "/openapi.json", P),
     ("GET", "/favicon.ico", P),
     ("GET", "/static/{path:path}", P),
-    # login (3D Slicer asks /auth/ whether to show its login, then /auth/token)
+    # OHIF's page, scripts, configuration and the labeling panel's code: files, no patient data.
+    # They load without a token so that the page can show its login; every study it then shows comes
+    # through the DICOMweb proxy, which needs a token (docs/ohif.md, "Authentication").
+    ("GET", "/ohif/{path:path}", P),
+    # login (3D Slicer asks /auth/ whether to show its login, then /auth/token; so does OHIF's page)
     ("GET", "/auth/", P),
     ("POST", "/auth/token", P),
     ("GET", "/auth/token/valid", U),
@@ -114,7 +118,6 @@ ROLE_TABLE: tuple[tuple[str, str, Role], ...] = (
     ("GET", "/train/", U),
     ("GET", "/scoring/", U),
     ("GET", "/batch/infer", U),
-    ("GET", "/ohif/{path:path}", U),
     ("GET", "/proxy/dicom/{path:path}", U),
     ("GET", "/labeling/status", U),  # the OHIF labeling panel's progress and models
     # annotating
@@ -201,7 +204,8 @@ class RoleTable:
         Every pattern matching the path counts, and the highest role wins. A path matched only for
         other methods needs USER (the router answers 405); OPTIONS (a CORS preflight, which carries no
         token) is public; a path nothing matches needs ADMIN unless it is a declared path with or
-        without its trailing ``/`` (the router redirects, and the redirected request is checked).
+        without its trailing ``/`` (the router redirects, and the redirected request is checked): that
+        one needs the role of the path it leads to, at most USER.
         """
         if method == "OPTIONS":
             return Role.PUBLIC, "OPTIONS"
@@ -214,7 +218,10 @@ class RoleTable:
             return Role.USER, f"{method} {hits[0].path} (not served)"
         other = path[:-1] if path.endswith("/") else path + "/"
         if any(p.regex.match(other) for p in self.patterns):
-            return Role.USER, f"{method} {other} (redirect)"
+            # The router only redirects (no data): the role of where it leads, at most USER
+            # (``/ohif`` is public as ``/ohif/`` is; ``/info`` needs USER).
+            target = [p.role for p in self.patterns if p.regex.match(other) and method in p.methods]
+            return min(max(target, default=Role.USER), Role.USER), f"{method} {other} (redirect)"
         return Role.ADMIN, f"{method} {path} (no row in appcore.auth.ROLE_TABLE)"
 
     def rows(self) -> list[tuple[str, str, Role]]:
@@ -574,6 +581,10 @@ class AuthLayer:
 
         method = scope.get("method", "WEBSOCKET")
         needed, what = self.table.needed(method, get_route_path(scope))
+        # Anonymous until the token is verified: a request's context may start as a copy of the last
+        # one's on its connection (uvicorn resumes reading from inside that request's task), and a
+        # refused request must not be answered, or audited, as that request's user.
+        current_user.set(ANONYMOUS)
         try:
             user = await self._user(scope, needed)
             if needed > Role.PUBLIC and level(user) < needed:

@@ -128,8 +128,11 @@ class RadiologyApp(BackgroundScoring, LabelingApp):
         return matching[0], self.specs[matching[0]].labels
 
     def init_datastore(self) -> Datastore:
+        # OHIF 3.13 at /ohif/ on a studies folder too: its files load without a token (the role
+        # table's public row), and its study list and panel say that they need a PACS; the wheel's
+        # OHIF, which also needs one, is never served.
+        serve_ohif()
         if is_dicomweb_url(self.studies):
-            serve_ohif()
             return open_dicomweb_datastore(
                 self.studies,
                 modalities=tuple(sorted({spec.modality for spec in self.specs.values()})),

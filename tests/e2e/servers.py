@@ -45,14 +45,24 @@ def loaded_orthanc(storage: Path, hippocampus_cases: tuple[str, ...]) -> Iterato
 
 
 @contextmanager
-def monailabel_server(root: Path, studies: str, conf: dict[str, str], timeout: float = 180) -> Iterator[Server]:
-    """The radiology app's server on ``studies``, with its DICOMweb cache inside ``root``."""
+def monailabel_server(
+    root: Path,
+    studies: str,
+    conf: dict[str, str],
+    timeout: float = 180,
+    *,
+    env: dict[str, str] | None = None,
+    probe: str = "/info/",
+) -> Iterator[Server]:
+    """The radiology app's server on ``studies``, with its DICOMweb cache inside ``root``; ``env``
+    adds to its environment (authentication on: probe a public route, ``/auth/``)."""
     with run_server(
         root,
         studies,
         conf,
-        env={"MONAI_LABEL_DICOMWEB_CACHE_PATH": str(root / "dicom_cache")},
+        env={"MONAI_LABEL_DICOMWEB_CACHE_PATH": str(root / "dicom_cache"), **(env or {})},
         timeout=timeout,
         http_timeout=180,
+        probe=probe,
     ) as server:
         yield server

@@ -3,12 +3,15 @@
  * OHIF reaches the PACS only through the server's DICOMweb proxy (/proxy/dicom/...), which forwards to
  * the --studies URL: the browser needs no access to the PACS and no CORS set-up there. The labeling
  * extension (viewers_config/ohif/extension/labeling.js, a plain ES module) adds its panel to the
- * segmentation mode's left side, beside the study's series (docs/ohif.md).
+ * segmentation mode's left side, beside the study's series (docs/ohif.md). With authentication on,
+ * auth.js (listed first: OHIF waits for it) asks for a login before OHIF starts and gives OHIF's
+ * requests the token; a DICOMweb request refused with a 401 asks for the login again.
  */
 window.config = {
   routerBasename: '/ohif/',
   showStudyList: true,
-  extensions: ['/ohif/labeling/labeling.js'],
+  extensions: ['/ohif/labeling/auth.js', '/ohif/labeling/labeling.js'],
+  httpErrorHandler: error => window.labelingAuth && window.labelingAuth.httpError(error),
   modes: [],
   disableConfirmationPrompts: true,
   customizationService: {

@@ -13,7 +13,12 @@
  * and the panel's controls are plain DOM inserted beside it; they survive React re-rendering the
  * marker, and are rebuilt when the panel is shown again. State that must outlive a page load (the
  * case handed out, its base) lives in sessionStorage; the annotator's name in localStorage.
+ *
+ * With authentication on (auth.js), every fetch carries the tab's bearer token (authHeaders()), a
+ * 401 shows the login again and the request is sent once more after it, and the panel shows the
+ * logged-in user instead of the annotator's name (the server takes the user from the token).
  */
+import { askLogin, authEnabled, authHeaders, currentUser, logout } from './auth.js';
 
 const ID = 'labeling';
 const MARKER = '\u2063\u2063\u2063';
@@ -52,12 +57,12 @@ function say(message, error = false) {
   render();
 }
 
-async function call(method, path, body) {
+async function call(method, path, body, again = true) {
   let response;
   try {
     response = await fetch(api(path), {
       method,
-      headers: body ? { 'Content-Type': 'application/json' } : {},
+      headers: authHeaders(body ? { 'Content-Type': 'application/json' } : {}),
       body: body ? JSON.stringify(body) : undefined,
     });
   } catch (e) {
@@ -73,6 +78,11 @@ async function call(method, path, body) {
     let detail = answer && answer.detail;
     if (Array.isArray(detail)) {
       detail = detail.map(d => `${(d.loc || []).join('.')}: ${d.msg}`).join('; ');
+    }
+    if (response.status === 401 && authEnabled() && again) {
+      await askLogin(detail || 'The server asks for a login'); // an expired or revoked token
+      render(); // the user may be another one now
+      return call(method, path, body, false);
     }
     const error = new Error(detail || `The server answered ${response.status}`);
     error.status = response.status;
@@ -410,8 +420,7 @@ function render() {
   root.replaceChildren(
     element('div', { style: 'padding:8px;color:#ddd;font-size:13px' }, [
       element('div', { 'data-cy': 'labeling-title', style: 'font-weight:bold;margin-bottom:6px' }, ['Labeling']),
-      element('label', {}, ['Annotator']),
-      name,
+      ...whoFields(name),
       element('label', {}, ['Strategy']),
       strategySelect,
       element('button', { 'data-cy': 'labeling-next', style: BUTTON, onclick: () => nextCase(strategySelect.value), ...disabled }, ['Next case']),
@@ -424,6 +433,22 @@ function render() {
       element('div', { 'data-cy': 'labeling-training', style: 'margin:6px 0' }, [ui.training]),
     ])
   );
+}
+
+// Who labels: the logged-in user with authentication on (reservations and label authors come from
+// the token), else the annotator's name typed into the panel.
+function whoFields(nameInput) {
+  const user = authEnabled() && currentUser();
+  if (!user) {
+    return [element('label', {}, ['Annotator']), nameInput];
+  }
+  const role = user.roles.length ? ` (${user.roles[user.roles.length - 1]})` : '';
+  return [
+    element('div', { style: 'margin:2px 0 6px' }, [
+      element('div', { 'data-cy': 'labeling-user' }, [`Logged in as ${user.name}${role}`]),
+      element('button', { 'data-cy': 'labeling-logout', style: BUTTON, onclick: () => logout() }, ['Log out']),
+    ]),
+  ];
 }
 
 function mount() {
