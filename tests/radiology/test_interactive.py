@@ -15,7 +15,7 @@ import pytest
 from appcore.app import _check_infer_params
 from appcore.errors import RequestError
 from appcore.settings import AppSettings
-from radiology.graphcut import GeodesicGraphCut, ball_offsets, seed_mask
+from radiology.graphcut import GeodesicGraphCut, ball_offsets, seed_mask, seed_masks
 from radiology.interactive import ENGINES, SUFFIX, base_model, click_engine, interactive_name, parse_clicks
 from radiology.organs_ct import ORGANS_CT
 from radiology.registry import MODELS
@@ -100,6 +100,80 @@ def test_click_balls_are_balls_in_mm_and_stay_inside_the_image() -> None:
     assert len(offsets) == 29 + 2 and (0, 0, 1) in offsets and (0, 1, 1) not in offsets  # 3 mm, 3 mm slices
     mask = seed_mask((4, 4, 4), [(0, 0, 0), (3, 3, 3)], ball_offsets(1.0, (1.0, 1.0, 1.0)))
     assert mask[0, 0, 0] and mask[3, 3, 3] and mask.sum() == 2 * 4  # each corner and its 3 neighbours inside
+
+
+# Balls of 3 mm on 1 mm voxels; a click 2 mm from one of the other side shares part of its ball.
+@pytest.mark.parametrize(
+    ("case", "mine", "others"),
+    [
+        ("far apart: whole balls", [(10, 10, 10)], [(20, 20, 20)]),
+        ("2 mm apart: the shared voxels go to the nearer click", [(10, 10, 10)], [(12, 10, 10)]),
+        ("1 mm apart", [(10, 10, 10)], [(10, 11, 10)]),
+        ("several clicks each side", [(10, 10, 10), (5, 5, 5)], [(10, 12, 10), (6, 5, 5)]),
+        ("clicks at the crop's corner", [(0, 0, 0)], [(0, 1, 0)]),
+    ],
+)
+def test_seed_masks_keep_every_click_on_its_side(case: str, mine: list, others: list) -> None:
+    spacing = (1.0, 1.0, 1.0)
+    fg, bg = seed_masks((24, 24, 24), mine, others, ball_offsets(3.0, spacing), spacing)
+    assert not (fg & bg).any(), case
+    assert all(fg[q] for q in mine) and all(bg[q] for q in others), case
+    grid = np.indices(fg.shape).transpose(1, 2, 3, 0).astype(float)
+
+    def distance(points: list) -> np.ndarray:
+        return np.min([np.sqrt(((grid - np.array(q)) ** 2).sum(-1)) for q in points], axis=0)
+
+    # A seed voxel is never nearer to a click of the other side than to one of its own.
+    assert (distance(mine)[fg] <= distance(others)[fg]).all(), case
+    assert (distance(others)[bg] <= distance(mine)[bg]).all(), case
+
+
+@pytest.mark.parametrize(("offset", "label"), [((2, 0, 0), "a"), ((0, 1, 0), "a"), ((0, 0, 2), "background")])
+def test_a_click_beside_one_of_the_other_side_keeps_its_voxel(offset: tuple[int, int, int], label: str) -> None:
+    """A click 1-2 mm from a click of the other side (inside its 3 mm ball) still says what its own
+    voxel is: the structure's click stays in the structure, the background's stays out."""
+    image, truth, affine = phantom()
+    first = A
+    second = tuple(c + o for c, o in zip(A, offset, strict=True))
+    other = "background" if label == "a" else "a"
+    clicks = {label: [first], other: [second]}
+    out = GeodesicGraphCut(LABELS).segment(image, affine, clicks, None)
+    inside = {"a": 1, "background": 0}
+    assert out[first] == inside[label] and out[second] == inside[other], (out[first], out[second])
+
+
+def pv_phantom(
+    organ: float, around: float, spacing: tuple[float, float, float] = (3.0, 3.0, 3.0)
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A ball of radius 15 mm (``organ``) in ``around``, each voxel the mean of a 1 mm grid (partial
+    volume, as a 3 mm CT scan has it), noise 10; image, truth (voxels at least half inside), affine."""
+    rng = np.random.default_rng(0)
+    shape = tuple(int(90 / s) for s in spacing)
+    k = [int(s) for s in spacing]
+    axes = [(np.arange(n * f) + 0.5) for n, f in zip(shape, k, strict=True)]
+    grid = np.stack(np.meshgrid(*axes, indexing="ij"), -1)
+    inside = (((grid - 45.0) ** 2).sum(-1) <= 15.0**2).astype(np.float32)
+    fraction = inside.reshape(shape[0], k[0], shape[1], k[1], shape[2], k[2]).mean((1, 3, 5))
+    image = around + (organ - around) * fraction + rng.normal(0.0, 10.0, shape)
+    return image.astype(np.float32), (fraction >= 0.5).astype(np.uint8), np.diag([*spacing, 1.0])
+
+
+# One click at the centre of a 3 mm-voxel ball. Before the intensity term (the structure's intensities
+# sampled near its clicks against the rest's) the boundary lay a voxel inside the ball: Dice 0.557,
+# 0.632 and 0.655; with it 0.654, 0.697 and 0.704 (measured). The bounds sit between the two.
+@pytest.mark.parametrize(
+    ("case", "organ", "around", "least"),
+    [
+        ("soft tissue in fat (a kidney)", 20.0, -100.0, 0.62),
+        ("bright in soft tissue", 100.0, 0.0, 0.67),
+        ("darker than its surround", 40.0, 140.0, 0.68),
+    ],
+)
+def test_one_click_finds_a_partial_volume_boundary(case: str, organ: float, around: float, least: float) -> None:
+    image, truth, affine = pv_phantom(organ, around)
+    centre = tuple(n // 2 for n in image.shape)
+    out = GeodesicGraphCut({"a": 1}).segment(image, affine, {"a": [centre]}, None)
+    assert dice(out == 1, truth == 1) >= least, (case, dice(out == 1, truth == 1))
 
 
 @pytest.mark.parametrize("model", sorted(MODELS))
