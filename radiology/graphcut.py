@@ -48,10 +48,11 @@ class GraphCutParams:
         prior: weight of the automatic proposal in the unary term, where there is one.
         refine_mm: with a proposal, the crop margin, and how far beyond the proposal a click of the
             label may add to it.
-        intensity: weight of the intensity term (a log-likelihood ratio clipped to +-3, structure
-            against the rest, from samples the geodesics give) in the unary term. At 0.5 it moves the
-            boundary across partial-volume voxels (at most 1.5 logit units, 12 units of geodesic cost)
-            but cannot flood same-intensity tissue that the clicks' geodesic does not reach.
+        intensity: weight of the intensity term in the unary term: the log-likelihood ratio of a
+            voxel's intensity, structure against the rest (samples the geodesics give), where it is
+            negative, clipped at -3. It takes out partial-volume voxels and other tissue the
+            geodesic's reach let in (at most 1.5 logit units, 12 units of geodesic cost at 0.5), and
+            never adds a voxel.
         intensity_bins: histogram bins of the intensity term, over the crop's clipped range.
         sample_mm: the structure's intensity is sampled within this distance of its clicks (and
             where its geodesic is short): far from them it may already be leaking.
@@ -340,10 +341,11 @@ class GeodesicGraphCut:
 def _intensity_logit(
     values: np.ndarray, d_fg: np.ndarray, d_bg: np.ndarray, reach: float, bins: int, near: np.ndarray
 ) -> np.ndarray:
-    """Log-likelihood ratio of each voxel's intensity, structure against the rest, from two samples
-    the geodesics give: the structure's is what its clicks reach easily (within half the reach and
-    nearer to them than to any background click), the rest's what they do not reach or a background
-    click reaches first. Zero where either sample is too small to say anything."""
+    """Log-likelihood ratio of each voxel's intensity, structure against the rest, where it is
+    negative (zero elsewhere), from two samples the geodesics give: the structure's is what its
+    clicks reach easily (within half the reach, nearer to them than to any background click, and
+    ``near`` them), the rest's what they do not reach or a background click reaches first. Zero
+    where either sample is too small to say anything."""
     inner = (d_fg <= 0.5 * reach) & (d_fg <= d_bg) & near
     outer = (d_fg > reach) | (d_bg < d_fg)
     if inner.sum() < 20 or outer.sum() < 20:
@@ -357,7 +359,10 @@ def _intensity_logit(
     bg = np.bincount(which[outer], minlength=bins).astype(np.float64)
     # Laplace smoothing: an intensity neither sample holds says nothing either way.
     ratio = np.log((fg + 1.0) / (fg.sum() + bins)) - np.log((bg + 1.0) / (bg.sum() + bins))
-    return np.clip(ratio, -3.0, 3.0)[which]
+    # Only against: an intensity can take a voxel out (a partial-volume shell, other tissue), never
+    # add one the geodesic does not reach. Letting it add (clipped to +3) flooded same-intensity
+    # tissue next to small and thin structures on the check set (docs/interactive.md).
+    return np.clip(ratio, -3.0, 0.0)[which]
 
 
 def _coarsening(shape: tuple[int, ...], spacing: np.ndarray, budget: int) -> tuple[int, ...]:
