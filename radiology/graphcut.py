@@ -5,9 +5,12 @@ with seed histograms do little after one small seed in 3D; a geodesic distance f
 what makes a click reach the whole organ. The geodesic here grows cheaply through voxels of the
 clicked intensity and pays for every intensity step it crosses, so a click floods its organ and
 stops at its boundary; a background click (or another label's click) competes for the voxels
-closer to it. The graph cut (SciPy's ``maximum_flow``, BSD; PyMaxflow is GPL) then smooths that
-decision along image edges. Everything runs on a crop (the clicks' box plus a margin), coarsened
-to a voxel budget, so a click costs about the same on any image size.
+closer to it. The voxels the geodesic reaches are then weighed by their intensity against the
+structure's and the rest's, sampled from the image (``_intensity_logit``): that takes out the
+partial-volume shell which the reach alone decided as a whole. The graph cut (SciPy's
+``maximum_flow``, BSD; PyMaxflow is GPL) then smooths that decision along image edges. Everything
+runs on a crop (the clicks' box plus a margin), coarsened to a voxel budget, so a click costs about
+the same on any image size.
 """
 
 from __future__ import annotations
