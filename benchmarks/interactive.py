@@ -7,7 +7,12 @@ engine registered for ``hippocampus``) and one session per CT organ (``spleen_ct
 TotalSegmentator example's liver, spleen and kidneys on ``example_ct_sm``, which ``example_seg``
 matches), with ``organs_ct`` untrained (no proposal).
 
-    python -m benchmarks.interactive [--data ../shared/data] [--clicks 10] [--out DIR] [--limit N]
+    python -m benchmarks.interactive [--data ../shared/data] [--clicks 10] [--out DIR] [--limit N] [--check]
+
+``--check`` adds a check set of CT structures the click engine's settings were not chosen on: the
+``dicom/ct_abdomen`` series (liver, spleen, stomach, aorta, pancreas of its TotalSegmentator labels),
+the stomach, aorta, gallbladder and pancreas of ``example_ct_sm``, and the two contrast chest crops
+(aorta, pulmonary artery).
 """
 
 from __future__ import annotations
@@ -133,6 +138,45 @@ def ct_sessions(data: Path) -> list[Session]:
     return sessions
 
 
+def check_sessions(data: Path) -> list[Session]:
+    """The CT check set (``--check``): structures and scans the engine's settings were not chosen on.
+    Each structure under an ``organs_ct`` label (the chest crops' pulmonary artery under ``aorta``'s:
+    the engine does not depend on the name)."""
+    from appcore.dicom.prepare import fill_missing_uids, read_series_folder
+    from appcore.dicom.series import load_series
+    from radiology.label_mapping import load_class_map, remap_by_name
+    from radiology.organs_ct import ORGANS_CT
+
+    ids = ORGANS_CT.labels.name_to_id()
+    class_map = load_class_map(data / "totalseg_ct" / "class_map.json")
+    sessions = []
+
+    def add(name: str, image: np.ndarray, affine: np.ndarray, truth: np.ndarray, organ: str) -> None:
+        sessions.append(
+            Session(name, image, affine, np.where(truth, ids[organ], 0).astype(np.uint8), {organ: ids[organ]})
+        )
+
+    series = fill_missing_uids(read_series_folder(data / "dicom" / "ct_abdomen"), "ct_abdomen")
+    volume = load_series(series, str(series[0].SeriesInstanceUID))
+    labels = nib.load(data / "dicom" / "ct_abdomen_labels_totalseg.nii.gz")
+    # The label file stores the rows in the other order (tests/appcore/test_dicom.py): on its grid.
+    image = np.ascontiguousarray(np.asarray(volume.data, dtype=np.float32)[:, ::-1, :])
+    seg = remap_by_name(np.asarray(labels.dataobj), class_map, ORGANS_CT.labels)
+    for organ in ("liver", "spleen", "stomach", "aorta", "pancreas"):
+        add(f"ct_abdomen {organ}", image, labels.affine, seg == ids[organ], organ)
+    ts = data / "totalseg_ct"
+    img = nib.load(ts / "example_ct_sm.nii.gz")
+    seg = remap_by_name(np.asarray(nib.load(ts / "example_seg.nii.gz").dataobj), class_map, ORGANS_CT.labels)
+    image = np.asarray(img.dataobj, dtype=np.float32)
+    for organ in ("stomach", "aorta", "gallbladder", "pancreas"):
+        add(f"totalseg example_ct_sm {organ}", image, img.affine, seg == ids[organ], organ)
+    for folder, structure in (("chest_aorta", "aorta"), ("chest_pulm", "pulmonary_artery")):
+        img = nib.load(ts / folder / "ct_cropped.nii.gz")
+        truth = np.asarray(nib.load(ts / folder / f"{structure}.nii.gz").dataobj) > 0
+        add(f"totalseg {folder} {structure}", np.asarray(img.dataobj, dtype=np.float32), img.affine, truth, "aorta")
+    return sessions
+
+
 def hippocampus_sessions(data: Path, limit: int | None, proposal: Callable[[Path], np.ndarray] | None) -> list[Session]:
     """The hippocampus test split (``research.radiology.splits``), both labels in one session."""
     from radiology.hippocampus import HIPPOCAMPUS
@@ -163,6 +207,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--limit", type=int, default=None, help="hippocampus test cases (default: all 40)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/interactive"))
     parser.add_argument("--skip", choices=("ct", "hippocampus"), action="append", default=[])
+    parser.add_argument("--check", action="store_true", help="also the CT check set (check_sessions)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     import torch
@@ -176,6 +221,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         engine = click_engine(MODELS["organs_ct"])
         groups["CT organs (organs_ct untrained)"] = [
             run_session(engine, s, args.clicks) for s in ct_sessions(args.data)
+        ]
+    if args.check:
+        engine = click_engine(MODELS["organs_ct"])
+        groups["CT check set (organs_ct untrained; not tuned on)"] = [
+            run_session(engine, s, args.clicks) for s in check_sessions(args.data)
         ]
     if "hippocampus" not in args.skip:
         from radiology.interactive import automatic_proposal
@@ -214,7 +264,7 @@ def report(groups: dict[str, list[Session]], out: Path, clicks: int) -> None:
         )
         for s in sessions:
             records[s.name] = {"dice": s.dice, "seconds": s.seconds, "voxels": int((s.truth > 0).sum())}
-            if len(sessions) <= 8:
+            if len(sessions) <= 12:
                 lines.append(
                     f"| &nbsp; {s.name} | "
                     + " | ".join(f"{s.dice[c]:.3f}" for c in shown)
@@ -242,7 +292,7 @@ def plot(groups: dict[str, list[Session]], path: Path) -> None:
     for title, sessions in groups.items():
         curves = np.array([s.dice for s in sessions])
         ax.plot(range(curves.shape[1]), curves.mean(0), marker="o", label=title)
-        if len(sessions) <= 8:
+        if len(sessions) <= 12:
             for s in sessions:
                 ax.plot(range(len(s.dice)), s.dice, color="grey", alpha=0.3, linewidth=0.8)
     ax.axhline(TARGET, color="black", linestyle=":", linewidth=0.8)
