@@ -24,6 +24,10 @@ ACCURACY_SECTION = "held-out-accuracy-hippocampus"
 PEER = RESULTS / "peer" / "quiet_2026-11-27.json"
 ACTIVE_LEARNING = RESULTS / "active_learning_gpu" / "curves.csv"
 ACTIVE_LEARNING_SECTION = "active-learning-does-it-save-labels-issue-5"
+INTERACTIVE = RESULTS / "interactive" / "sessions.json"
+INTERACTIVE_SECTION = "interactive-models-the-intensity-term-ct-clicks-reach-088-issue-26-2026-12-07"
+NUCLEI_AL = RESULTS / "al_dsb2018" / "curves.csv"
+NUCLEI_AL_SECTION = "active-learning-on-dsb2018-and-the-labelling-effort-results-issue-27-2026-12-07"
 TARGET_SHARE = 0.95  # of the whole-pool Dice (the run's full_pool rows), the level "labels to target" is read at
 
 
@@ -54,14 +58,36 @@ def peer_rows(path: Path = PEER) -> list[str]:
     return rows
 
 
-def labels_to_target(path: Path = ACTIVE_LEARNING) -> dict[str, float]:
+def interactive_rows(path: Path = INTERACTIVE) -> list[str]:
+    """Mean Dice of the simulated annotator's sessions (``benchmarks.interactive``) after the issue's
+    click counts: CT organs with no saved labels at 10 clicks, the hippocampus test split at 5."""
+    sessions = json.loads(path.read_text())
+    rows = []
+    for what, prefix, clicks, goal in (
+        ("CT organs, no saved labels", None, 10, 0.85),
+        ("hippocampus test split", "hippocampus ", 5, 0.92),
+    ):
+        dice = [
+            s["dice"][clicks]
+            for name, s in sessions.items()
+            if (name.startswith(prefix) if prefix else not name.startswith("hippocampus "))
+        ]
+        mean = float(np.mean(dice))
+        rows.append(
+            f"| interactive | {what}: mean Dice after {clicks} clicks ({len(dice)} sessions) | **{mean:.3f}** "
+            f"(goal {goal}: {'met' if mean >= goal else 'not met'}) | [Interactive](RESULTS.md#{INTERACTIVE_SECTION}) |"
+        )
+    return rows
+
+
+def labels_to_target(path: Path = ACTIVE_LEARNING, measure: str = "dice") -> dict[str, float]:
     """Per strategy, the labels at which its mean curve crosses ``TARGET_SHARE`` of the whole-pool
     Dice (mean of the ``full_pool`` rows), read between rounds (a straight line between the two
     rounds it crosses between)."""
     curves: dict[str, dict[int, list[float]]] = {}
     with path.open() as f:
         for row in csv.DictReader(f):
-            curves.setdefault(row["strategy"], {}).setdefault(int(row["labelled"]), []).append(float(row["dice"]))
+            curves.setdefault(row["strategy"], {}).setdefault(int(row["labelled"]), []).append(float(row[measure]))
     reference = float(np.mean([d for dice in curves.pop("full_pool").values() for d in dice]))
     target = TARGET_SHARE * reference
     crossing = {}
@@ -77,22 +103,30 @@ def labels_to_target(path: Path = ACTIVE_LEARNING) -> dict[str, float]:
     return crossing
 
 
-def active_learning_rows(path: Path = ACTIVE_LEARNING) -> list[str]:
-    crossing = labels_to_target(path)
-    random = crossing["random"]
-    best = min((s for s in crossing if s not in ("random", "oracle")), key=crossing.__getitem__)
-    ratio = crossing[best] / random
-    return [
-        f"| active learning | labels to {TARGET_SHARE:.0%} of whole-pool Dice, hippocampus (3 seeds, shipped "
-        f"network, GPU run) | random {random:.1f}, best `{best}` {crossing[best]:.1f}: **{ratio:.2f}x** "
-        f"(goal 0.5x: {'met' if ratio <= 0.5 else 'not met'}) | "
-        f"[Active learning](RESULTS.md#{ACTIVE_LEARNING_SECTION}) |"
-    ]
+def active_learning_rows(path: Path = ACTIVE_LEARNING, nuclei: Path = NUCLEI_AL) -> list[str]:
+    rows = []
+    for what, curves, section, measure in (
+        ("hippocampus (3 seeds, shipped network, GPU run)", path, ACTIVE_LEARNING_SECTION, "dice"),
+        ("nuclei, DSB2018 (3 seeds)", nuclei, NUCLEI_AL_SECTION, "dice"),
+        ("nuclei, DSB2018 (3 seeds)", nuclei, NUCLEI_AL_SECTION, "aji"),
+    ):
+        crossing = labels_to_target(curves, measure)
+        random = crossing["random"]
+        best = min((s for s in crossing if s not in ("random", "oracle")), key=crossing.__getitem__)
+        ratio = crossing[best] / random
+        name = "Dice" if measure == "dice" else "AJI"
+        verdict = "met" if ratio <= 0.5 else "not met"
+        rows.append(
+            f"| active learning | labels to {TARGET_SHARE:.0%} of whole-pool {name}, {what} | random {random:.1f}, "
+            f"best `{best}` {crossing[best]:.1f}: **{ratio:.2f}x** (goal 0.5x: {verdict}) | "
+            f"[Active learning](RESULTS.md#{section}) |"
+        )
+    return rows
 
 
 def headline() -> str:
     rows = ["| area | figure | value | section |", "|---|---|---|---|"]
-    rows += accuracy_rows() + peer_rows() + active_learning_rows()
+    rows += accuracy_rows() + peer_rows() + interactive_rows() + active_learning_rows()
     return "\n".join(rows) + "\n"
 
 

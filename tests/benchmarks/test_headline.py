@@ -33,7 +33,7 @@ def test_every_link_of_the_top_goes_to_a_section() -> None:
     assert links and not sorted(set(links) - ANCHORS)
 
 
-@pytest.mark.parametrize("area", ["accuracy", "speed vs sample app", "active learning"])
+@pytest.mark.parametrize("area", ["accuracy", "speed vs sample app", "interactive", "active learning"])
 def test_the_headline_covers_each_area(area: str) -> None:
     assert f"| {area} |" in headline.headline()
 
@@ -42,6 +42,8 @@ def test_the_headline_figures_are_the_recorded_ones() -> None:
     table = headline.headline()
     assert "**0.881** (95% CI 0.870-0.891" in table  # the held-out accuracy section's figures
     assert "random 8.9, best `bald` 7.4: **0.83x**" in table  # the active learning section's
+    assert "random 26.3, best `epistemic` 12.4: **0.47x**" in table  # DSB2018's (issue 27)
+    assert "after 10 clicks (5 sessions) | **0.880**" in table  # the interactive section's (issue 26)
 
 
 def test_the_maintained_benchmarks_are_the_ones_listed() -> None:
