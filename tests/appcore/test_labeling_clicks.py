@@ -21,7 +21,7 @@ from scipy import ndimage
 from appcore.dicom.series import load_series
 from radiology.label_mapping import load_class_map, remap_by_name
 from radiology.registry import MODELS
-from tests.conftest import SHARED, TOTALSEG, dice, requires_shared
+from tests.conftest import SHARED, TOTALSEG, requires_shared
 from tests.e2e.servers import (
     LoadedPacs,
     Server,
@@ -76,8 +76,8 @@ def answered(answer: dict[str, Any]) -> dict[str, np.ndarray]:
 def test_a_click_on_the_liver_lands_on_that_voxel_and_segments_the_liver(server: Server, ct: dict[str, Any]) -> None:
     liver = ct["truth"] == LIVER
     k = int(np.argmax(liver.sum(axis=(0, 1))))  # the slice with the most liver
-    inside = ndimage.distance_transform_edt(liver[..., k])
-    column, row = (int(n) for n in np.unravel_index(np.argmax(inside), inside.shape))
+    depth = ndimage.distance_transform_edt(liver[..., k])  # the liver's centre on that slice
+    column, row = (int(n) for n in np.unravel_index(np.argmax(depth), depth.shape))
     assert not liver[row, column, k], "the test needs a click whose row and column swapped is off the liver"
 
     r = clicks(
@@ -93,10 +93,8 @@ def test_a_click_on_the_liver_lands_on_that_voxel_and_segments_the_liver(server:
     label = np.stack([frames[sop] for sop in ct["sops"]]).transpose(2, 1, 0)  # [column, row, slice]
     found = label == LIVER
     inside, covered = (found & liver).sum() / found.sum(), (found & liver).sum() / liver.sum()
-    print(
-        f"liver from one click: {inside:.2f} of it in the liver, {covered:.2f} of the liver, Dice {dice(found, liver):.2f}"
-    )
-    assert inside > 0.9 and covered > 0.25, "the click segmented the liver it was on, and little else"
+    # measured: 0.99 of it in the liver, 0.34 of the liver (one click, 20 slices)
+    assert inside > 0.9 and covered > 0.25, f"{inside:.2f} of the answer is liver, {covered:.2f} of the liver found"
 
 
 def test_a_background_click_is_sent_with_the_label_s_clicks(server: Server, ct: dict[str, Any]) -> None:
