@@ -153,10 +153,12 @@ def click_voxels(
     columns, rows, _ = shape
     slice_of = {uid: k for k, uid in enumerate(sop_instance_uids)}
     valid = [*names, BACKGROUND]
+    by_name = {name.lower(): name for name in valid}  # as a save matches segment names: ignoring case
     voxels: dict[str, list[list[int]]] = {name: [] for name in valid}
     for n, click in enumerate(clicks, start=1):
         where = f"Click {n} ({click.label!r} on image {click.instance}, row {click.row}, column {click.column})"
-        if click.label not in voxels:
+        name = by_name.get(click.label.strip().lower())
+        if name is None:
             raise unprocessable(f"{where} is for no label of the model: click for one of {valid}")
         k = slice_of.get(click.instance)
         if k is None:
@@ -169,7 +171,7 @@ def click_voxels(
                 f"{where} is outside the image, whose rows run from 0 to {rows - 1} and columns from 0 to "
                 f"{columns - 1}: click on the image"
             )
-        voxels[click.label].append([click.column, click.row, k])
+        voxels[name].append([click.column, click.row, k])
     return voxels
 
 
@@ -418,8 +420,8 @@ def _answered_label(result: dict[str, Any]) -> np.ndarray:
 
 def _in_click_order(clicks: Sequence[Click], voxels: dict[str, list[list[int]]]) -> list[list[int]]:
     """Each click's voxel, in the order of the clicks (``voxels`` holds them by label, in that order)."""
-    taken = {name: iter(points) for name, points in voxels.items()}
-    return [next(taken[click.label]) for click in clicks]
+    taken = {name.lower(): iter(points) for name, points in voxels.items()}
+    return [next(taken[click.label.strip().lower()]) for click in clicks]
 
 
 def _labels_json(labels: Any) -> list[dict[str, Any]]:

@@ -278,7 +278,7 @@ def test_clicks_become_column_row_slice_voxels_keyed_by_label() -> None:
     clicks = [
         _click("anterior", "1.2.3.2", row=1, column=3),
         _click("background", "1.2.3.1", row=0, column=0),
-        _click("anterior", "1.2.3.3", row=2, column=0),
+        _click(" Anterior", "1.2.3.3", row=2, column=0),  # as a save matches segment names: ignoring case
     ]
     voxels = click_voxels(clicks, SOPS, SHAPE, ["anterior", "posterior"])
     assert voxels == {"anterior": [[3, 1, 1], [0, 2, 2]], "posterior": [], "background": [[0, 0, 0]]}
