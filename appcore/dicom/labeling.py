@@ -349,7 +349,7 @@ class Labeling:
         shape = tuple(int(n) for n in nib.load(store.get_image_uri(image)).shape[:3])
         sops = [str(h.SOPInstanceUID) for h in store.source_headers(image)]
         voxels = click_voxels(payload.clicks, sops, shape, [label.name for label in labels])  # type: ignore[arg-type]
-        result = app.infer({"model": interactive, "image": image, **voxels})
+        result = app.infer({**voxels, "model": interactive, "image": image})
         volume = _answered_label(result)
         columns, rows, _ = volume.shape
         logger.info("%d clicks on series %s by %s", len(payload.clicks), image, payload.client_id or "anonymous")

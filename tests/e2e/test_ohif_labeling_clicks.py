@@ -7,8 +7,10 @@ slice shown, computes where it is in the world from the series' DICOM headers (n
 code), turns that into a point of the canvas with the viewport's camera, and clicks there with the
 mouse. Checked: the click sent is that voxel, the labelmap changed at it, the labelmap is the proposal
 with that segment replaced by the server's answer for the session's clicks (the other segment kept),
-undo goes back, and the SEG stored by Save holds it. Screenshots go to ``$E2E_ARTIFACTS/clicks`` (emptied
-first) or a temporary folder whose path the test prints.
+undo goes back, the SEG stored by Save holds it, a click beside the image is no click and a click
+the server refuses (answered 422 by the browser's routing) is dropped with the labelmap kept.
+Screenshots go to ``$E2E_ARTIFACTS/clicks`` (emptied first) or a temporary folder whose path the
+test prints.
 """
 
 from __future__ import annotations
@@ -264,4 +266,19 @@ def test_a_click_for_a_segment_changes_the_labelmap_at_that_voxel_and_is_saved(
     stored = seg_to_label(seg, sops, LABELS, positions)
     np.testing.assert_array_equal(stored, labelled)
     assert stored[column, row, k] == label.id, "the clicked voxel is in the saved SEG"
+
+    # A click beside the image is no click; a click the server refuses is dropped, the labelmap kept.
+    page.locator('[data-cy="labeling-clicks-toggle"]').click()
+    message = page.locator('[data-cy="labeling-message"]')
+    page.mouse.click(*page.evaluate(WORLD_TO_PAGE, world_of(by_sop[sops[k]], row, -3)))
+    message.filter(has_text="outside the image (row").wait_for()
+    refusal = {"detail": "Click 2 (...) is outside the image"}
+    page.route("**/labeling/clicks?*", lambda route: route.fulfill(status=422, json=refusal))
+    page.mouse.click(*page.evaluate(WORLD_TO_PAGE, world))
+    message.filter(has_text="the last click was dropped").wait_for()
+    assert "Clicks not applied: Click 2 (...) is outside the image" in message.inner_text()
+    assert page.evaluate("document.body.dataset.labelingClicks") == "1"
+    assert "1 click;" in page.locator('[data-cy="labeling-clicks-info"]').inner_text()
+    np.testing.assert_array_equal(viewer_label(page, case, sops), labelled, "a refused click changes nothing")
+    shot(page, artifacts, "clicks-4-refused")
     page.close()

@@ -92,6 +92,7 @@ export function clickTool(panel) {
     segment: null, // the segment name clicks are made for
     segmentationId: null, // the labelmap the session's clicks belong to
     clicks: [], // {label, segment, instance, row, column}
+    applied: [], // the clicks whose answer the labelmap shows
     touched: new Set(), // segment names replaced by an answer since the snapshot
     snapshot: null, // Map: SOP Instance UID -> the labelmap frame before the session's first click
     busy: false,
@@ -99,7 +100,7 @@ export function clickTool(panel) {
   };
 
   function reset(segmentationId = null) {
-    Object.assign(state, { segmentationId, clicks: [], touched: new Set(), snapshot: null });
+    Object.assign(state, { segmentationId, clicks: [], applied: [], touched: new Set(), snapshot: null });
   }
 
   function segmentNames(c) {
@@ -237,6 +238,7 @@ export function clickTool(panel) {
           continue; // more clicks came, or another case opened: this answer is out of date
         }
         await apply(c.segmentationId, answer, sent);
+        state.applied = sent;
         window.labelingTimes = { ...(window.labelingTimes || {}), clickMs: performance.now() - started };
         if (answer) {
           document.body.dataset.labelingClick = JSON.stringify(answer.clicks[answer.clicks.length - 1]);
@@ -251,8 +253,12 @@ export function clickTool(panel) {
         );
       } while (state.again);
     } catch (e) {
-      // The click stays in the session: the next click or Undo sends it again.
-      panel.say(`Clicks not applied: ${e.message}`, true);
+      // Back to the clicks the labelmap shows: a refused click is not sent again with the next one.
+      const dropped = state.clicks.length - state.applied.length;
+      state.clicks = state.applied.slice();
+      state.touched = new Set(state.applied.map(k => k.segment));
+      const what = dropped > 0 ? `the last ${dropped === 1 ? 'click was' : `${dropped} clicks were`} dropped` : 'undo again';
+      panel.say(`Clicks not applied: ${e.message}; ${what}, the label map is as before`, true);
     } finally {
       state.busy = false;
       panel.render();
@@ -336,10 +342,11 @@ export function clickTool(panel) {
         [state.on ? 'Clicks: on' : 'Clicks: off']
       ),
       element('button', { 'data-cy': 'labeling-click-undo', style: `${BUTTON};background:#2b6cb0`, onclick: () => undo(), ...busy }, ['Undo click']),
-      element('div', {}, ['Click for segment']),
-      choice,
+      // The segment choice while clicks are on only: its options carry the segments' names, which
+      // OHIF's segment list (and whoever looks for it by name) shows too.
+      ...(state.on ? [element('div', {}, ['Click for segment']), choice] : []),
       element('div', { 'data-cy': 'labeling-clicks-info', style: 'color:#aaa' }, [
-        `${count} click${count === 1 ? '' : 's'}; Shift+click: background`,
+        `${count} click${count === 1 ? '' : 's'}${state.on ? '; Shift+click: background' : ''}`,
       ]),
     ]);
   }
