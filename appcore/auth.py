@@ -128,6 +128,7 @@ ROLE_TABLE: tuple[tuple[str, str, Role], ...] = (
     ("POST", "/labeling/next", AN),  # reserves a case, as /activelearning does
     ("GET", "/labeling/proposal", AN),  # runs the model
     ("PUT", "/labeling/label", AN),
+    ("POST", "/labeling/clicks", AN),  # runs the case's interactive model
     ("PUT", "/datastore/label", AN),
     ("PUT", "/datastore/label/info", AN),
     ("PUT", "/datastore/updatelabelinfo", AN),

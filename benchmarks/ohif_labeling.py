@@ -15,6 +15,12 @@ over REST, so that the case can be handed out again (``reservation_s 0``).
 - ``save_s``: from the click on "Save" to the panel's answer: the SEG written and stored in Orthanc
   (STOW-RS), the SEG saved before deleted, the final label cached.
 
+- ``click_s`` (hippocampus): with "Clicks" on, from a mouse click on the image (near the middle of
+  the viewport, for the first segment) to the panel's labelmap holding the interactive model's answer
+  (``data-labeling-clicks``): the request with every click so far, ``hippocampus_interactive`` (the
+  click-conditioned network, on the cached proposal), the frames back into the labelmap. One click
+  first, not counted (it loads the click network), then ``repeats`` clicks, the session growing.
+
 ``hippocampus``: five MR cases, a new one each repetition (each saved label stays, so every
 proposal is computed cold).
 ``ct_abdomen``: the one real CT series (512 x 512 x 20, JPEG 2000) with ``organs_ct`` (untrained:
@@ -44,8 +50,43 @@ ARGS = ["--no-sandbox", "--enable-unsafe-swiftshader", "--disable-background-net
 HIPPOCAMPUS = ("hippocampus_001", "hippocampus_003", "hippocampus_004", "hippocampus_006", "hippocampus_008")
 
 
-def measure(name: str, series: dict[str, Any], model: str, repeats: int, root: Path, *, again: bool) -> dict[str, Any]:
-    """``repeats`` times next case and save; ``again``: delete each saved label so the case comes back."""
+def measure_clicks(page: Any, repeats: int) -> dict[str, Any]:
+    """Clicks on, then one click not counted and ``repeats`` timed clicks around the viewport's middle."""
+    page.locator('[data-cy="labeling-clicks-toggle"]').click()
+    box = page.locator(".cornerstone-canvas").first.bounding_box()
+    x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+    offsets = [(0, 0), (12, 0), (-12, 0), (0, 12), (0, -12), (12, 12)]
+    times, in_page, first = [], [], 0.0
+    for n in range(repeats + 1):
+        dx, dy = offsets[n % len(offsets)]
+        started = time.perf_counter()
+        page.mouse.click(x + dx, y + dy)
+        page.wait_for_function(  # the answer in the labelmap, or the panel saying why not
+            f"document.body.dataset.labelingClicks === '{n + 1}' || /not applied|outside|off the case/"
+            ".test(document.querySelector('[data-cy=\"labeling-message\"]').innerText)",
+            polling=50,
+        )
+        elapsed = time.perf_counter() - started
+        if page.evaluate("document.body.dataset.labelingClicks") != str(n + 1):
+            raise RuntimeError(page.locator('[data-cy="labeling-message"]').inner_text())
+        if n:  # the first click loads the click network
+            times.append(elapsed)
+            in_page.append(page.evaluate("window.labelingTimes.clickMs") / 1000)
+        else:
+            first = elapsed
+    return {
+        "first_click_s": round(first, 3),
+        "click_s": [round(t, 3) for t in times],
+        "median_click_s": round(statistics.median(times), 3),
+        "in_page_click_s": [round(t, 3) for t in in_page],
+    }
+
+
+def measure(
+    name: str, series: dict[str, Any], model: str, repeats: int, root: Path, *, again: bool, clicks: bool = False
+) -> dict[str, Any]:
+    """``repeats`` times next case and save; ``again``: delete each saved label so the case comes back;
+    ``clicks``: then time clicks on the last case (``measure_clicks``)."""
     from playwright.sync_api import sync_playwright
 
     with Orthanc(root / "orthanc", free_port()) as orthanc:
@@ -78,8 +119,10 @@ def measure(name: str, series: dict[str, Any], model: str, repeats: int, root: P
                 if again:
                     r = server.http.delete("/datastore/label", params={"id": image, "tag": "final"})
                     assert r.status_code == 200, r.text
+            clicking = measure_clicks(page, repeats) if clicks else {}
             browser.close()
     return {
+        **clicking,
         "dataset": name,
         "model": model,
         "series": len(uids),
@@ -100,7 +143,9 @@ def main(argv: list[str] | None = None) -> None:
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         mr = hippocampus_series(SHARED, HIPPOCAMPUS)
-        results.append(measure("hippocampus MR", mr, "hippocampus", args.repeats, Path(tmp) / "h", again=False))
+        results.append(
+            measure("hippocampus MR", mr, "hippocampus", args.repeats, Path(tmp) / "h", again=False, clicks=True)
+        )
         ct = {"ct_abdomen": real_series(SHARED)["ct_abdomen"]}
         results.append(measure("ct_abdomen", ct, "organs_ct", args.repeats, Path(tmp) / "c", again=True))
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -113,6 +158,12 @@ def main(argv: list[str] | None = None) -> None:
             f"{statistics.median(r['in_page_viewer_ready_to_proposal_s']):.2f} | "
             f"{r['median_save_s']:.2f} {r['save_s']} |"
         )
+    for r in results:
+        if "click_s" in r:
+            print(
+                f"\n{r['dataset']}: click to labelmap updated, median {r['median_click_s']:.2f} s {r['click_s']} "
+                f"(in the page {statistics.median(r['in_page_click_s']):.2f} s; first click {r['first_click_s']:.2f} s)"
+            )
 
 
 if __name__ == "__main__":

@@ -15,6 +15,8 @@ order or orientation: a frame is ``rows x columns`` uint8, row-major, as the DIC
   ``base`` (409, nothing stored). Answers the progress (labelled / total).
 - ``GET /labeling/status``: progress, strategies, each model's served version, running training and
   its last run (validation Dice, published or not).
+- ``POST /labeling/clicks?image=UID``: the panel's clicks (each on an image of the series, by SOP
+  Instance UID, row and column) run through ``<model>_interactive``; answers its label as frames.
 """
 
 from __future__ import annotations
@@ -31,12 +33,15 @@ from typing import Any
 
 import nibabel as nib
 import numpy as np
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, StrictInt
 
 from appcore import seam
 from appcore.errors import RequestError, conflict, not_found, unprocessable
 
 logger = logging.getLogger(__name__)
+
+BACKGROUND = "background"
+"""The clicks' name for the background, as MONAI Label's DeepEdit contract names it."""
 
 # Proposals computed ahead (at hand-out), by (series, model, served version); the oldest are dropped.
 _KEEP_PROPOSALS = 16
@@ -115,6 +120,59 @@ def segment_values(segments: dict[str, str], labels: Any, model: str) -> np.ndar
             )
         lut[int(index)] = label_id
     return lut
+
+
+class Click(BaseModel):
+    """One click of the panel: a pixel of one of the series' images, for a label or for the background."""
+
+    label: str = Field(description="the label clicked for (a label name of the model), or 'background'")
+    instance: str = Field(description="SOP Instance UID of the image clicked on")
+    row: StrictInt = Field(description="the pixel's row in that image (0 at the top)")
+    column: StrictInt = Field(description="the pixel's column in that image (0 at the left)")
+
+
+class ClickSession(BaseModel):
+    """Every click of the panel's session so far (the DeepEdit contract sends them all each time)."""
+
+    model: str = Field(description="the case's model; its interactive model answers")
+    clicks: list[Click]
+    client_id: str = ""
+
+
+def click_voxels(
+    clicks: Sequence[Click], sop_instance_uids: Sequence[str], shape: tuple[int, int, int], names: Sequence[str]
+) -> dict[str, list[list[int]]]:
+    """The panel's clicks as the DeepEdit contract's clicks: ``[column, row, slice]`` voxel indices of the
+    series' volume (the server's label order, slices as ``sop_instance_uids``), keyed by label name or
+    ``background``; a label without clicks gets an empty list.
+
+    Raises:
+        RequestError: 422 for a click for another name, on an image that is not one of the series', or
+            off the image's rows and columns; the message says which click and what is valid.
+    """
+    columns, rows, _ = shape
+    slice_of = {uid: k for k, uid in enumerate(sop_instance_uids)}
+    valid = [*names, BACKGROUND]
+    by_name = {name.lower(): name for name in valid}  # as a save matches segment names: ignoring case
+    voxels: dict[str, list[list[int]]] = {name: [] for name in valid}
+    for n, click in enumerate(clicks, start=1):
+        where = f"Click {n} ({click.label!r} on image {click.instance}, row {click.row}, column {click.column})"
+        name = by_name.get(click.label.strip().lower())
+        if name is None:
+            raise unprocessable(f"{where} is for no label of the model: click for one of {valid}")
+        k = slice_of.get(click.instance)
+        if k is None:
+            raise unprocessable(
+                f"{where} is on an image that is not one of the case's series ({len(sop_instance_uids)} images): "
+                "click on the case's series, or open the case again"
+            )
+        if not (0 <= click.row < rows and 0 <= click.column < columns):
+            raise unprocessable(
+                f"{where} is outside the image, whose rows run from 0 to {rows - 1} and columns from 0 to "
+                f"{columns - 1}: click on the image"
+            )
+        voxels[name].append([click.column, click.row, k])
+    return voxels
 
 
 class Labeling:
@@ -274,6 +332,43 @@ class Labeling:
         logger.info("%d labels saved from the viewer: training %s started", every, model)
         return True
 
+    # -- clicks -------------------------------------------------------------------------------------
+    def clicks(self, image: str, payload: ClickSession) -> dict[str, Any]:
+        """The case's interactive model on every click of the panel's session, its answer as frames.
+
+        Raises:
+            RequestError: 422 for clicks of another model, or clicks ``click_voxels`` (the frames) or
+                the interactive model (how many) refuses; nothing is stored either way.
+        """
+        store = self.store()
+        model, labels, _ = self.model_for(image)
+        if payload.model != model:
+            raise unprocessable(f"Series {image} is labelled with {model!r}'s labels, not {payload.model!r}")
+        app = self.app()
+        interactive = interactive_model(app, model)
+        shape = tuple(int(n) for n in nib.load(store.get_image_uri(image)).shape[:3])
+        sops = [str(h.SOPInstanceUID) for h in store.source_headers(image)]
+        voxels = click_voxels(payload.clicks, sops, shape, [label.name for label in labels])  # type: ignore[arg-type]
+        result = app.infer({**voxels, "model": interactive, "image": image})
+        volume = _answered_label(result)
+        columns, rows, _ = volume.shape
+        logger.info("%d clicks on series %s by %s", len(payload.clicks), image, payload.client_id or "anonymous")
+        return {
+            "image": image,
+            "model": model,
+            "interactive_model": interactive,
+            "labels": _labels_json(labels),
+            "clicks": [
+                {**click.model_dump(), "voxel": voxel}
+                for click, voxel in zip(payload.clicks, _in_click_order(payload.clicks, voxels), strict=True)
+            ],
+            "engine": (result.get("params") or {}).get("engine"),
+            "instances": sops,
+            "rows": rows,
+            "columns": columns,
+            "data": encode_frames(volume),
+        }
+
     # -- status --------------------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
         app = self.app()
@@ -299,6 +394,36 @@ class Labeling:
         }
 
 
+def interactive_model(app: Any, model: str) -> str:
+    """The name of ``model``'s interactive (DeepEdit-type) model among the app's infers.
+
+    Raises:
+        RequestError: 404 when the app serves none for ``model``.
+    """
+    from monailabel.interfaces.tasks.infer_v2 import InferType
+
+    for name, task in seam.infers(app).items():
+        if getattr(task, "type", None) == InferType.DEEPEDIT and task.info().get("automatic_model") == model:
+            return str(name)
+    raise not_found(f"Model {model!r} has no interactive (deepedit) model on this server: clicks cannot be answered")
+
+
+def _answered_label(result: dict[str, Any]) -> np.ndarray:
+    """The label file of an infer's result, read and removed."""
+    path = result.get("file") or result.get("label")
+    try:
+        return np.asarray(nib.load(path).dataobj, dtype=np.uint8)
+    finally:
+        if path:
+            Path(path).unlink(missing_ok=True)
+
+
+def _in_click_order(clicks: Sequence[Click], voxels: dict[str, list[list[int]]]) -> list[list[int]]:
+    """Each click's voxel, in the order of the clicks (``voxels`` holds them by label, in that order)."""
+    taken = {name.lower(): iter(points) for name, points in voxels.items()}
+    return [next(taken[click.label.strip().lower()]) for click in clicks]
+
+
 def _labels_json(labels: Any) -> list[dict[str, Any]]:
     return [{"id": label.id, "name": label.name, "color": list(label.color)} for label in labels]
 
@@ -321,3 +446,7 @@ def save_label(image: str, payload: LabelFrames) -> dict[str, Any]:
 
 def status() -> dict[str, Any]:
     return LABELING.status()
+
+
+def clicks(image: str, payload: ClickSession) -> dict[str, Any]:
+    return LABELING.clicks(image, payload)

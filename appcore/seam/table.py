@@ -169,6 +169,7 @@ ROWS: tuple[Row, ...] = (
             ("GET", "/labeling/proposal", labeling.proposal, "labeling_proposal"),
             ("PUT", "/labeling/label", labeling.save_label, "labeling_save"),
             ("GET", "/labeling/status", labeling.status, "labeling_status"),
+            ("POST", "/labeling/clicks", labeling.clicks, "labeling_clicks"),
         )
     ),
     # -- names rebound in MONAI Label's endpoint modules (they look them up at each request) -----------

@@ -586,6 +586,7 @@ ENDPOINTS: list[tuple[str, str, dict[str, Any], Role]] = [
     ("POST", "/labeling/next?strategy=nostrategy&client_id=x", {}, Role.ANNOTATOR),
     ("GET", "/labeling/proposal?image=nothing", {}, Role.ANNOTATOR),
     ("PUT", "/labeling/label?image=nothing", {"json": {}}, Role.ANNOTATOR),
+    ("POST", "/labeling/clicks?image=nothing", {"json": {}}, Role.ANNOTATOR),
     ("PUT", "/datastore/label?image=nothing&tag=final", NII, Role.ANNOTATOR),
     ("PUT", "/datastore/label/info?label=nothing&tag=final", {"json": {}}, Role.ANNOTATOR),
     ("PUT", "/datastore/updatelabelinfo?label=nothing&tag=final", {"json": {}}, Role.ANNOTATOR),

@@ -3,13 +3,26 @@
 from __future__ import annotations
 
 import base64
+import json
+import re
+import shutil
+import subprocess
+import tempfile
 import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from appcore.dicom.labeling import LabelFrames, decode_frames, encode_frames, segment_values
+from appcore.dicom.labeling import (
+    Click,
+    ClickSession,
+    LabelFrames,
+    click_voxels,
+    decode_frames,
+    encode_frames,
+    segment_values,
+)
 from appcore.dicom.ohif import _rewrite_cached, dist_file, ohif_response
 from appcore.errors import RequestError
 from radiology.registry import MODELS
@@ -205,6 +218,7 @@ class _Store:
 class _PanelApp:
     def __init__(self, store: object, picked: dict[str, str]) -> None:
         self._store, self._picked = store, picked
+        self._infers: dict[str, object] = {}  # no model served, no interactive one
 
     def datastore(self) -> object:
         return self._store
@@ -228,8 +242,20 @@ class _PanelApp:
             422,
             "Series 1.2.3 is labelled with 'hippocampus''s labels, not 'organs_ct'",
         ),
+        (
+            "pacs",
+            lambda p: p.clicks("1.2.3", ClickSession(model="organs_ct", clicks=[])),
+            422,
+            "Series 1.2.3 is labelled with 'hippocampus''s labels, not 'organs_ct'",
+        ),
+        (
+            "pacs",
+            lambda p: p.clicks("1.2.3", ClickSession(model="hippocampus", clicks=[])),
+            404,
+            "Model 'hippocampus' has no interactive \\(deepedit\\) model on this server",
+        ),
     ],
-    ids=["no PACS", "no annotator", "nothing left", "other model"],
+    ids=["no PACS", "no annotator", "nothing left", "other model", "clicks of another model", "no interactive model"],
 )
 def test_panel_requests_that_cannot_be_served_say_why(
     monkeypatch: pytest.MonkeyPatch, store: str, call: object, status: int, match: str
@@ -241,3 +267,153 @@ def test_panel_requests_that_cannot_be_served_say_why(
     with pytest.raises(RequestError, match=match) as refused:
         call(labeling.Labeling())  # type: ignore[operator]
     assert refused.value.status_code == status
+
+
+# -- clicks: the panel's pixels as the DeepEdit contract's voxels --------------------------------------------
+def _click(label: str = "anterior", instance: str = "1.2.3.2", row: int = 1, column: int = 3) -> Click:
+    return Click(label=label, instance=instance, row=row, column=column)
+
+
+def test_clicks_become_column_row_slice_voxels_keyed_by_label() -> None:
+    clicks = [
+        _click("anterior", "1.2.3.2", row=1, column=3),
+        _click("background", "1.2.3.1", row=0, column=0),
+        _click(" Anterior", "1.2.3.3", row=2, column=0),  # as a save matches segment names: ignoring case
+    ]
+    voxels = click_voxels(clicks, SOPS, SHAPE, ["anterior", "posterior"])
+    assert voxels == {"anterior": [[3, 1, 1], [0, 2, 2]], "posterior": [], "background": [[0, 0, 0]]}
+    # the voxel of a click is the frame's pixel: decode_frames puts frame pixel (row, column) of the
+    # k-th instance at [column, row, k], so a label painted there and a click there meet
+    painted = np.zeros(SHAPE, np.uint8)
+    painted[3, 1, 1] = 1
+    frames = zlib.decompress(base64.b64decode(encode_frames(painted)))
+    assert np.frombuffer(frames, np.uint8).reshape(3, 3, 4)[1, 1, 3] == 1
+
+
+@pytest.mark.parametrize(
+    ("click", "match"),
+    [
+        (
+            {"label": "hippocampus"},
+            r"Click 2 \('hippocampus' on image 1.2.3.2, row 1, column 3\) is for no label of the model: "
+            r"click for one of \['anterior', 'posterior', 'background'\]",
+        ),
+        ({"instance": "9.9.9"}, r"on an image that is not one of the case's series \(3 images\)"),
+        ({"row": 3}, r"outside the image, whose rows run from 0 to 2 and columns from 0 to 3"),
+        ({"row": -1}, r"row -1, column 3\) is outside the image"),
+        ({"column": 4}, r"column 4\) is outside the image"),
+    ],
+    ids=["unknown label", "foreign image", "row past the end", "negative row", "column past the end"],
+)
+def test_clicks_off_the_series_are_a_422_naming_the_click(click: dict[str, object], match: str) -> None:
+    clicks = [_click(), _click(**click)]  # type: ignore[arg-type]  # the table's values are typed per row
+    with pytest.raises(RequestError, match=match) as refused:
+        click_voxels(clicks, SOPS, SHAPE, ["anterior", "posterior"])
+    assert refused.value.status_code == 422
+
+
+@pytest.mark.parametrize(
+    "field",
+    [{"row": 1.5}, {"row": "1"}, {"column": True}, {"column": None}],
+    ids=["fraction", "string", "boolean", "null"],
+)
+def test_click_coordinates_must_be_json_integers(field: dict[str, object]) -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="valid integer"):
+        Click(**{"label": "anterior", "instance": "1.2.3.1", "row": 1, "column": 1, **field})  # type: ignore[arg-type]
+
+
+# -- the panel's click tool (viewers_config/ohif/extension/clicks.js): a world point to a series' pixel -----
+CLICKS_JS = Path(__file__).resolve().parents[2] / "viewers_config" / "ohif" / "extension" / "clicks.js"
+NODE = shutil.which("node")
+
+
+def _oblique_series(slices: int = 5) -> list[dict[str, object]]:
+    """Planes of a series tilted about two axes, with rows 0.7 mm apart, columns 1.3 mm, slices 2.5 mm."""
+    a, b = np.deg2rad(20), np.deg2rad(35)
+    turn = np.array([[1, 0, 0], [0, np.cos(a), -np.sin(a)], [0, np.sin(a), np.cos(a)]]) @ np.array(
+        [[np.cos(b), -np.sin(b), 0], [np.sin(b), np.cos(b), 0], [0, 0, 1]]
+    )
+    along, down = turn[:, 0], turn[:, 1]
+    normal = np.cross(along, down)
+    return [
+        {
+            "position": (np.array([-40.0, 12.5, 80.0]) + 2.5 * k * normal).tolist(),
+            "orientation": [*along.tolist(), *down.tolist()],
+            "spacing": [0.7, 1.3],
+            "rows": 40,
+            "columns": 30,
+        }
+        for k in range(slices)
+    ]
+
+
+def _world(planes: list[dict[str, object]], k: int, row: float, column: float, off_plane: float = 0.0) -> list[float]:
+    p = planes[k]
+    o = np.asarray(p["orientation"])
+    along, down = o[:3], o[3:]
+    spacing = p["spacing"]
+    return (
+        np.asarray(p["position"])
+        + column * spacing[1] * along  # type: ignore[index]
+        + row * spacing[0] * down  # type: ignore[index]
+        + off_plane * np.cross(along, down)
+    ).tolist()
+
+
+def _pixel_of(world: list[float], planes: list[dict[str, object]]) -> dict[str, object]:
+    """``pixelOf`` of clicks.js run by node: ``{"k", "row", "column"}`` or ``{"error"}``."""
+    script = (
+        "const { pixelOf } = await import(process.argv[1]);"
+        "const [world, planes] = JSON.parse(process.argv[2]);"
+        "try { const f = pixelOf(world, planes);"
+        " console.log(JSON.stringify({ k: planes.findIndex(p => p === f.plane), row: f.row, column: f.column })); }"
+        "catch (e) { console.log(JSON.stringify({ error: e.message })); }"
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        module = Path(tmp) / "clicks.mjs"  # node reads a .mjs file as an ES module, as the browser does
+        shutil.copy(CLICKS_JS, module)
+        done = subprocess.run(
+            [str(NODE), "--input-type=module", "-e", script, module.as_uri(), json.dumps([world, planes])],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+@pytest.mark.skipif(NODE is None, reason="node is not installed: the panel's click geometry is not checked")
+@pytest.mark.parametrize(
+    ("k", "row", "column", "off_plane"),
+    [
+        (0, 0, 0, 0.0),
+        (2, 17, 3, 0.0),
+        (4, 39, 29, 0.0),
+        (3, 5.4, 20.45, 1.2),  # near the pixel (5, 20), within half a slice of slice 3
+        (1, 30.6, 0.3, -1.2),  # rounds to row 31, column 0
+    ],
+)
+def test_a_world_point_is_the_pixel_whose_centre_is_nearest_on_the_nearest_slice(
+    k: int, row: float, column: float, off_plane: float
+) -> None:
+    planes = _oblique_series()
+    found = _pixel_of(_world(planes, k, row, column, off_plane), planes)
+    assert found == {"k": k, "row": round(row), "column": round(column)}
+
+
+@pytest.mark.skipif(NODE is None, reason="node is not installed: the panel's click geometry is not checked")
+@pytest.mark.parametrize(
+    ("k", "row", "column", "off_plane", "match"),
+    [
+        (4, 10, 10, 1.5, "off the case series"),  # beyond the last slice by more than half a slice
+        (0, 10, 10, -1.5, "off the case series"),
+        (2, 40, 10, 0.0, r"outside the image \(row 40, column 10\)"),
+        (2, 10, -0.6, 0.0, r"outside the image \(row 10, column -1\)"),
+    ],
+)
+def test_a_point_off_the_series_is_no_click(k: int, row: float, column: float, off_plane: float, match: str) -> None:
+    planes = _oblique_series()
+    found = _pixel_of(_world(planes, k, row, column, off_plane), planes)
+    assert re.search(match, str(found.get("error"))), found

@@ -16,7 +16,6 @@ import gzip
 import json
 import os
 import re
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -94,8 +93,10 @@ def server(pacs: tuple[Orthanc, dict[str, str]], tmp_path_factory: pytest.TempPa
 def artifacts(tmp_path: Path) -> Path:
     named = os.environ.get("E2E_ARTIFACTS")
     folder = Path(named) if named else tmp_path / "artifacts"
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir(parents=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    for old in folder.iterdir():  # this test's files; a folder in it is another test's (clicks/)
+        if old.is_file():
+            old.unlink()
     print(f"OHIF screenshots and console logs: {folder}")
     return folder
 

@@ -20,6 +20,8 @@
  */
 import { askLogin, authEnabled, authHeaders, currentUser, logout } from './auth.js';
 
+import { clickTool } from './clicks.js'; // the click tool (issue 26), a file of its own
+
 const ID = 'labeling';
 const MARKER = '\u2063\u2063\u2063';
 const CASE_KEY = 'labeling.case';
@@ -425,6 +427,7 @@ function render() {
       strategySelect,
       element('button', { 'data-cy': 'labeling-next', style: BUTTON, onclick: () => nextCase(strategySelect.value), ...disabled }, ['Next case']),
       element('button', { 'data-cy': 'labeling-save', style: BUTTON, onclick: () => save(), ...disabled }, ['Save']),
+      clicks.controls(),
       element('div', { 'data-cy': 'labeling-message', style: `margin:6px 0;color:${ui.error ? '#fc8181' : '#9ae6b4'}` }, [ui.message]),
       element('div', { 'data-cy': 'labeling-progress', style: 'margin:6px 0' }, [p ? `Labelled ${p.labeled} / ${p.total}` : '']),
       element('label', {}, ['Epochs']),
@@ -482,10 +485,27 @@ async function refreshStatus() {
   }
 }
 
+// -- clicks: the click tool of clicks.js, on the panel's requests and labelmap -----------------------------
+const clicks = clickTool({
+  call,
+  services: () => services,
+  openCase() {
+    const c = storedCase();
+    return c && c.segmentationId && c.study === currentStudy() ? c : null;
+  },
+  labelmapImages,
+  sopOf,
+  inflate,
+  say,
+  render,
+  element,
+});
+
 export default {
   id: ID,
   preRegistration({ servicesManager }) {
     services = servicesManager.services;
+    clicks.listen();
     // The panel's container comes and goes with its tab; look for the marker at most every 200 ms.
     let pending = false;
     new MutationObserver(() => {

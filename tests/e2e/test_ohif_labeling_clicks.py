@@ -1,0 +1,284 @@
+"""The labeling panel's click tool in OHIF 3.13: a click on the image for a segment, Shift+click for the
+background, undo, save.
+
+A real Orthanc holds two hippocampus MR studies and the server serves ``hippocampus`` (its interactive
+model is the click-conditioned network). The test picks a voxel next to the proposal's segment on the
+slice shown, computes where it is in the world from the series' DICOM headers (not from the viewer's
+code), turns that into a point of the canvas with the viewport's camera, and clicks there with the
+mouse. Checked: the click sent is that voxel, the labelmap changed at it, the labelmap is the proposal
+with that segment replaced by the server's answer for the session's clicks (the other segment kept),
+undo goes back, the SEG stored by Save holds it, a click beside the image is no click and a click
+the server refuses (answered 422 by the browser's routing) is dropped with the labelmap kept.
+Screenshots go to ``$E2E_ARTIFACTS/clicks`` (emptied first) or a temporary folder whose path the
+test prints.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from appcore.dicom.client import DicomWebClient
+from appcore.dicom.pacs import Orthanc, hippocampus_series, load
+from appcore.dicom.seg import seg_to_label
+from radiology.registry import MODELS
+from tests.conftest import SHARED, requires_shared
+from tests.e2e.servers import Server, free_port, monailabel_server, requires_orthanc
+from tests.e2e.test_ohif_labeling import (
+    CHROMIUM,
+    CHROMIUM_ARGS,
+    OHIF_DIST,
+    annotator,
+    open_segmentation_mode,
+    pacs_segs,
+    press_next_case,
+    series_order,
+    shot,
+    to_slice,
+    viewer_label,
+)
+
+playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (requirements-dev.txt)")
+
+CASES = ("hippocampus_001", "hippocampus_003")
+LABELS = MODELS["hippocampus"].labels
+
+pytestmark = [
+    requires_shared,
+    requires_orthanc,
+    pytest.mark.slow,
+    pytest.mark.skipif(not CHROMIUM.exists(), reason=f"{CHROMIUM} is absent (make test installs chromium)"),
+    pytest.mark.skipif(not (OHIF_DIST / "index.html").is_file(), reason=f"OHIF is not in {OHIF_DIST}: run make ohif"),
+]
+
+# A world point (mm) as a point of the page: the viewport's camera (worldToCanvas) plus the canvas' place.
+WORLD_TO_PAGE = """(world) => {
+  const canvas = document.querySelector('.cornerstone-canvas');
+  const viewports = window.cornerstone.getRenderingEngines().flatMap(engine => engine.getViewports());
+  const viewport = viewports.find(v => v.canvas === canvas);
+  const [x, y] = viewport.worldToCanvas(world);
+  const box = canvas.getBoundingClientRect();
+  return [box.left + x, box.top + y];
+}"""
+
+SHOWN_SOP = """() => {
+  const canvas = document.querySelector('.cornerstone-canvas');
+  const viewports = window.cornerstone.getRenderingEngines().flatMap(engine => engine.getViewports());
+  const imageId = viewports.find(v => v.canvas === canvas).getCurrentImageId();
+  return /instances\\/([0-9.]+)/.exec(imageId)[1];
+}"""
+
+
+@pytest.fixture(scope="module")
+def pacs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Orthanc, dict[str, str]]]:
+    with Orthanc(tmp_path_factory.mktemp("orthanc"), free_port()) as orthanc:
+        yield orthanc, load(DicomWebClient(orthanc.dicomweb_url), hippocampus_series(SHARED, CASES))
+
+
+@pytest.fixture(scope="module")
+def server(pacs: tuple[Orthanc, dict[str, str]], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    conf = {"models": "hippocampus", "score_on_start": "false", "score_new_images": "false"}
+    with monailabel_server(tmp_path_factory.mktemp("server"), pacs[0].dicomweb_url, conf) as running:
+        yield running
+
+
+@pytest.fixture
+def artifacts(tmp_path: Path) -> Path:
+    named = os.environ.get("E2E_ARTIFACTS")
+    folder = Path(named) / "clicks" if named else tmp_path / "artifacts"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    print(f"OHIF screenshots and console logs: {folder}")
+    return folder
+
+
+@pytest.fixture
+def browser(artifacts: Path) -> Iterator[Any]:
+    with playwright.sync_playwright() as p:
+        launched = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+        try:
+            yield launched
+        finally:
+            launched.close()
+
+
+def headers(pacs: tuple[Orthanc, dict[str, str]], series: str) -> dict[str, Any]:
+    """The series' instances by SOP Instance UID, as the PACS holds them."""
+    client = DicomWebClient(pacs[0].dicomweb_url)
+    study = next(str(s.StudyInstanceUID) for s in client.search_series({"SeriesInstanceUID": series}))
+    return {str(d.SOPInstanceUID): d for d in client.retrieve_series(study, series)}
+
+
+def world_of(instance: Any, row: int, column: int) -> list[float]:
+    """The centre of a pixel in patient coordinates (mm), by DICOM's definitions: ImagePositionPatient is
+    the first pixel's centre; ImageOrientationPatient a row's then a column's direction; PixelSpacing
+    the distance between rows, then between columns."""
+    orientation = np.asarray(instance.ImageOrientationPatient, dtype=float)
+    spacing = np.asarray(instance.PixelSpacing, dtype=float)
+    position = np.asarray(instance.ImagePositionPatient, dtype=float)
+    return (position + column * spacing[1] * orientation[:3] + row * spacing[0] * orientation[3:]).tolist()
+
+
+def server_answer(server: Server, case: dict[str, Any], clicks: list[dict[str, Any]], sops: list[str]) -> np.ndarray:
+    """What the server answers for ``clicks`` over REST, as a ``[column, row, slice]`` volume."""
+    r = server.http.post(f"/labeling/clicks?image={case['image']}", json={"model": case["model"], "clicks": clicks})
+    assert r.status_code == 200, r.text
+    answer = r.json()
+    raw = np.frombuffer(zlib.decompress(base64.b64decode(answer["data"])), np.uint8)
+    frames = dict(zip(answer["instances"], raw.reshape(-1, answer["rows"], answer["columns"]), strict=True))
+    return np.stack([frames[sop] for sop in sops]).transpose(2, 1, 0)
+
+
+def replaced(before: np.ndarray, answer: np.ndarray, label: int) -> np.ndarray:
+    """``before`` with segment ``label`` replaced by the answer's (the other segment kept where the answer
+    does not take it)."""
+    after = before.copy()
+    after[before == label] = 0
+    after[answer == label] = label
+    return after
+
+
+def show_slice(page: Any, sops: list[str], k: int) -> None:
+    """Show the ``k``-th image of the series with the arrow keys, as a person would, the pointer on the viewport."""
+    to_slice(page, 0)  # the pointer over the viewport, the keys to it
+
+    def shown() -> int:
+        return sops.index(page.evaluate(SHOWN_SOP))
+
+    def press(key: str) -> int:
+        """Press ``key``; by how much the shown image's index changed (0 at the end of the series)."""
+        before = shown()
+        page.keyboard.press(key)
+        for _ in range(40):
+            if shown() != before:
+                break
+            page.wait_for_timeout(50)
+        return shown() - before
+
+    up = press("ArrowUp") or -press("ArrowDown")  # the index change of ArrowUp, learnt where it moves
+    assert up in (1, -1), f"the arrow keys move one image at a time, moved {up}"
+    for _ in range(2 * len(sops)):
+        if shown() == k:
+            return
+        press("ArrowUp" if (k - shown()) * up > 0 else "ArrowDown")
+    raise AssertionError(f"the arrow keys did not reach image {k} of {len(sops)}: it shows {shown()}")
+
+
+def click(page: Any, world: list[float], *, background: bool = False) -> dict[str, Any]:
+    """Click at a world point (Shift held for a background click); the click the panel sent, with the
+    voxel the server took it for, once the labelmap has the answer."""
+    count = int(page.evaluate("document.body.dataset.labelingClicks || '0'"))
+    x, y = page.evaluate(WORLD_TO_PAGE, world)
+    if background:
+        page.keyboard.down("Shift")
+    page.mouse.click(x, y)
+    if background:
+        page.keyboard.up("Shift")
+    message = page.locator('[data-cy="labeling-message"]')
+    page.wait_for_function(  # the answer in the labelmap, or the panel saying why not
+        f"""document.body.dataset.labelingClicks === '{count + 1}' || /not applied|outside|off the case|No case/
+        .test(document.querySelector('[data-cy="labeling-message"]').innerText)""",
+        timeout=300_000,
+    )
+    assert page.evaluate("document.body.dataset.labelingClicks") == str(count + 1), message.inner_text()
+    return json.loads(page.evaluate("document.body.dataset.labelingClick"))
+
+
+def test_a_click_for_a_segment_changes_the_labelmap_at_that_voxel_and_is_saved(
+    browser: Any, server: Server, pacs: tuple[Orthanc, dict[str, str]], artifacts: Path
+) -> None:
+    page = annotator(browser, artifacts, "clicks")
+    open_segmentation_mode(page, server.url, CASES[0])
+    case = press_next_case(page)
+    sops, positions = series_order(pacs, case["image"])
+    by_sop = headers(pacs, case["image"])
+    proposal = viewer_label(page, case, sops)
+
+    # The slice with the most of the proposal's larger segment, shown with the arrow keys, and the
+    # background voxel next to that segment that the most of its neighbours in the slice belong to.
+    label = max(LABELS, key=lambda lab: int((proposal == lab.id).sum()))
+    k = int(np.argmax((proposal == label.id).sum(axis=(0, 1))))
+    show_slice(page, sops, k)
+    shot(page, artifacts, "clicks-0-proposal")
+    shown = proposal[..., k]
+    neighbours = ndimage.convolve((shown == label.id).astype(int), np.ones((3, 3), int), mode="constant")
+    candidates = np.where(shown == 0, neighbours, -1)
+    column, row = (int(n) for n in np.unravel_index(np.argmax(candidates), candidates.shape))
+    assert shown[column, row] == 0 and candidates[column, row] >= 3, (
+        f"a background voxel beside the segment on slice {k}; by slice {(proposal > 0).sum(axis=(0, 1)).tolist()}"
+    )
+    sent = {"label": label.name, "instance": sops[k], "row": row, "column": column}
+    expected = replaced(proposal, server_answer(server, case, [sent], sops), label.id)
+    assert expected[column, row, k] == label.id, f"the model's answer to a click at {sent} includes it"
+
+    # Clicks on, the segment chosen, one click on that voxel.
+    page.locator('[data-cy="labeling-clicks-toggle"]').click()
+    page.locator('[data-cy="labeling-click-segment"]').select_option(label.name)
+    world = world_of(by_sop[sops[k]], row, column)
+    first = click(page, world)
+    assert first["voxel"] == [column, row, k] and first["instance"] == sops[k], first
+    assert (first["row"], first["column"], first["label"]) == (row, column, label.name)
+    after = viewer_label(page, case, sops)
+    assert proposal[column, row, k] == 0 and after[column, row, k] == label.id, "the labelmap changed at the voxel"
+    np.testing.assert_array_equal(after, expected, "the segment is the answer's, the other one is kept")
+    assert "1 click" in page.locator('[data-cy="labeling-clicks-info"]').inner_text()
+    shot(page, artifacts, "clicks-1-after-a-click")
+
+    # Shift+click: a background click, sent with the first; the labelmap is the answer to both.
+    inside = np.argwhere(after[..., k] == label.id)
+    far = inside[np.argmax(((inside - [column, row]) ** 2).sum(axis=1))]
+    second = click(page, world_of(by_sop[sops[k]], int(far[1]), int(far[0])), background=True)
+    assert second["label"] == "background" and second["voxel"] == [int(far[0]), int(far[1]), k], second
+    both = [sent, {"label": "background", "instance": sops[k], "row": int(far[1]), "column": int(far[0])}]
+    np.testing.assert_array_equal(
+        viewer_label(page, case, sops), replaced(proposal, server_answer(server, case, both, sops), label.id)
+    )
+    shot(page, artifacts, "clicks-2-background-click")
+
+    # Undo the background click, then the first: back to the answer to one click, then to the proposal.
+    page.locator('[data-cy="labeling-click-undo"]').click()
+    page.wait_for_function("document.body.dataset.labelingClicks === '1'")
+    np.testing.assert_array_equal(viewer_label(page, case, sops), expected, "undo of the background click")
+    page.locator('[data-cy="labeling-click-undo"]').click()
+    page.wait_for_function("document.body.dataset.labelingClicks === '0'")
+    np.testing.assert_array_equal(viewer_label(page, case, sops), proposal, "undo of the first click")
+
+    # Click again, turn clicks off (a click is the active tool's again), save: the SEG holds the click's label.
+    click(page, world)
+    page.locator('[data-cy="labeling-clicks-toggle"]').click()
+    assert page.locator('[data-cy="labeling-clicks-toggle"]').inner_text() == "Clicks: off"
+    labelled = viewer_label(page, case, sops)
+    np.testing.assert_array_equal(labelled, expected)
+    page.locator('[data-cy="labeling-save"]').click()
+    page.wait_for_function("document.body.dataset.labelingSaved")
+    shot(page, artifacts, "clicks-3-saved")
+    (seg,) = pacs_segs(pacs, case["image"])
+    stored = seg_to_label(seg, sops, LABELS, positions)
+    np.testing.assert_array_equal(stored, labelled)
+    assert stored[column, row, k] == label.id, "the clicked voxel is in the saved SEG"
+
+    # A click beside the image is no click; a click the server refuses is dropped, the labelmap kept.
+    page.locator('[data-cy="labeling-clicks-toggle"]').click()
+    message = page.locator('[data-cy="labeling-message"]')
+    page.mouse.click(*page.evaluate(WORLD_TO_PAGE, world_of(by_sop[sops[k]], row, -3)))
+    message.filter(has_text="outside the image (row").wait_for()
+    refusal = {"detail": "Click 2 (...) is outside the image"}
+    page.route("**/labeling/clicks?*", lambda route: route.fulfill(status=422, json=refusal))
+    page.mouse.click(*page.evaluate(WORLD_TO_PAGE, world))
+    message.filter(has_text="the last click was dropped").wait_for()
+    assert "Clicks not applied: Click 2 (...) is outside the image" in message.inner_text()
+    assert page.evaluate("document.body.dataset.labelingClicks") == "1"
+    assert "1 click;" in page.locator('[data-cy="labeling-clicks-info"]').inner_text()
+    np.testing.assert_array_equal(viewer_label(page, case, sops), labelled, "a refused click changes nothing")
+    shot(page, artifacts, "clicks-4-refused")
+    page.close()
