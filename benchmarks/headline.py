@@ -24,8 +24,10 @@ ACCURACY_SECTION = "held-out-accuracy-hippocampus"
 PEER = RESULTS / "peer" / "quiet_2026-11-27.json"
 ACTIVE_LEARNING = RESULTS / "active_learning_gpu" / "curves.csv"
 ACTIVE_LEARNING_SECTION = "active-learning-does-it-save-labels-issue-5"
-INTERACTIVE = RESULTS / "interactive" / "sessions.json"
+INTERACTIVE = RESULTS / "interactive" / "sessions.json"  # CT sessions (and the hippocampus before its correction)
 INTERACTIVE_SECTION = "interactive-models-the-intensity-term-ct-clicks-reach-088-issue-26-2026-12-07"
+CLICKS_HIPPOCAMPUS = RESULTS / "clicks" / "interactive_hippocampus" / "sessions.json"
+CLICKS_HIPPOCAMPUS_SECTION = "hippocampus-clicks-each-click-corrects-as-far-as-the-networks-disagree-with-it-2026-12-07"
 NUCLEI_AL = RESULTS / "al_dsb2018" / "curves.csv"
 NUCLEI_AL_SECTION = "active-learning-on-dsb2018-and-the-labelling-effort-results-issue-27-2026-12-07"
 TARGET_SHARE = 0.95  # of the whole-pool Dice (the run's full_pool rows), the level "labels to target" is read at
@@ -58,24 +60,33 @@ def peer_rows(path: Path = PEER) -> list[str]:
     return rows
 
 
-def interactive_rows(path: Path = INTERACTIVE) -> list[str]:
+def interactive_rows(ct: Path = INTERACTIVE, hippocampus: Path = CLICKS_HIPPOCAMPUS) -> list[str]:
     """Mean Dice of the simulated annotator's sessions (``benchmarks.interactive``) after the issue's
     click counts: CT organs with no saved labels at 10 clicks, the hippocampus test split at 5."""
-    sessions = json.loads(path.read_text())
     rows = []
-    for what, prefix, clicks, goal in (
-        ("CT organs, no saved labels", None, 10, 0.85),
-        ("hippocampus test split", "hippocampus ", 5, 0.92),
+    for what, path, section, keep, clicks, goal in (
+        (
+            "CT organs, no saved labels",
+            ct,
+            INTERACTIVE_SECTION,
+            lambda name: not name.startswith("hippocampus "),
+            10,
+            0.85,
+        ),
+        (
+            "hippocampus test split",
+            hippocampus,
+            CLICKS_HIPPOCAMPUS_SECTION,
+            lambda name: name.startswith("hippocampus "),
+            5,
+            0.92,
+        ),
     ):
-        dice = [
-            s["dice"][clicks]
-            for name, s in sessions.items()
-            if (name.startswith(prefix) if prefix else not name.startswith("hippocampus "))
-        ]
+        dice = [s["dice"][clicks] for name, s in json.loads(path.read_text()).items() if keep(name)]
         mean = float(np.mean(dice))
         rows.append(
             f"| interactive | {what}: mean Dice after {clicks} clicks ({len(dice)} sessions) | **{mean:.3f}** "
-            f"(goal {goal}: {'met' if mean >= goal else 'not met'}) | [Interactive](RESULTS.md#{INTERACTIVE_SECTION}) |"
+            f"(goal {goal}: {'met' if mean >= goal else 'not met'}) | [Interactive](RESULTS.md#{section}) |"
         )
     return rows
 

@@ -11,10 +11,11 @@ trained with simulated clicks (``research.radiology.clicks_training``).
 With no clicks at all the engine answers the automatic model's own label (the proposal when the
 caller has one, else the automatic network run here), so a session starts from the same label as
 ``/infer/<model>``. With clicks it answers, by default, the automatic model's log-probabilities
-plus what the clicks change in the click network's, plus ``click_weight`` times the guidance maps
-(``ClickNet``). Clicks arrive in voxel indices of the image as sent and are mapped to the model's
-grid through the voxel-to-world affines (reorientation and resampling included), and the answer is
-taken back to the image's grid as the automatic infer does it (``radiology.inverse``).
+plus what the clicks change in the click network's, plus a correction around each click as strong
+as the networks' disagreement with it there (``click_correction``; ``ClickNet``). Clicks arrive
+in voxel indices of the image as sent and are mapped to the model's grid through the
+voxel-to-world affines (reorientation and resampling included), and the answer is taken back to
+the image's grid as the automatic infer does it (``radiology.inverse``).
 """
 
 from __future__ import annotations
@@ -42,10 +43,14 @@ from radiology.spec import WEIGHTS_DIR, ModelSpec
 from radiology.transforms import class_index, preprocess
 
 BACKGROUND = "background"
-CLICK_WEIGHT = 3.0
-"""Default ``ClickNet.click_weight`` (the model card says how it was chosen)."""
+CLICK_WEIGHT = 0.0
+"""Default ``ClickNet.click_weight``: no fixed term, the correction below holds the clicks."""
 SIGMA = 2.0
 """Width (standard deviation, in voxels of the model's grid) of a click's guidance Gaussian."""
+CORRECTION_REACH = 3.0
+"""Default ``ClickNet.correction_reach``: width (voxels of the model's grid) of a click's correction."""
+CORRECTION_MARGIN = 2.0
+"""Default ``ClickNet.correction_margin`` (log-probability); the model card says how both were chosen."""
 
 
 def guidance_channels(spec: ModelSpec) -> list[str]:
@@ -120,6 +125,52 @@ def guidance_maps(points: Sequence[torch.Tensor], shape: Sequence[int], sigma: f
     return out
 
 
+def click_correction(
+    scores: torch.Tensor, points: Sequence[torch.Tensor], *, reach: float, margin: float
+) -> torch.Tensor:
+    """What to add to ``scores`` (``[C, *spatial]`` class log-probabilities) so that each click holds
+    and corrects the voxels around it that the networks hold no more firmly than the clicked one.
+
+    A click of class ``c`` at a point where ``c`` loses by ``d`` (the best class' score minus
+    ``c``'s at the nearest voxel; 0 where ``c`` already wins) adds ``(d + margin)`` times a Gaussian
+    of width ``reach`` centred on the click to class ``c``; several clicks of one class take the
+    largest. The clicked voxel thus takes its class whatever the networks' confidence, and a voxel
+    nearby follows it where its own disagreement is less than the click's scaled by the
+    Gaussian: a click where the networks are confidently wrong reaches as far as that confidence
+    does, instead of the fixed reach of a constant weight, which either leaves the clicked voxel
+    wrong or overrides sure voxels around an unsure one.
+
+    Args:
+        scores: class log-probabilities, ``[C, *spatial]``.
+        points: per class, its clicks as ``[K, 3]`` (fractional) voxel coordinates of ``scores``' grid.
+        reach: the Gaussian's standard deviation in voxels (more than 0).
+        margin: what the clicked class wins by at the click (0 or more).
+    """
+    if not reach > 0:
+        raise ValueError(f"the correction's reach must be more than 0 voxels, got {reach}")
+    if not margin >= 0:
+        raise ValueError(f"the correction's margin must be 0 or more, got {margin}")
+    if len(points) != scores.shape[0]:
+        raise ValueError(f"clicks for {len(points)} classes, scores for {scores.shape[0]}")
+    spatial = tuple(scores.shape[1:])
+    upper = torch.tensor(spatial, dtype=torch.float32) - 1
+    best = scores.max(dim=0).values
+    strength: list[list[float]] = []
+    for c, pts in enumerate(points):
+        pts = torch.as_tensor(pts, dtype=torch.float32).reshape(-1, 3)
+        nearest = torch.minimum(torch.clamp(pts.round(), min=0), upper).long()
+        losing = best[tuple(nearest.T)] - scores[c][tuple(nearest.T)]
+        strength.append((torch.clamp(losing, min=0) + margin).tolist())
+    out = torch.zeros_like(scores)
+    axes = [torch.arange(n, dtype=torch.float32) for n in spatial]
+    for c, pts in enumerate(points):
+        for p, s in zip(torch.as_tensor(pts, dtype=torch.float32).reshape(-1, 3), strength[c], strict=True):
+            g = [torch.exp(-((axes[a] - p[a]) ** 2) / (2 * reach**2)) for a in range(3)]
+            bump = s * g[0][:, None, None] * g[1][None, :, None] * g[2][None, None, :]
+            torch.maximum(out[c], bump.to(out.dtype), out=out[c])
+    return out
+
+
 class ClickNet:
     """A ``ClickEngine``: the click-conditioned UNet of one model, on the image's own grid.
 
@@ -131,12 +182,17 @@ class ClickNet:
         automatic_weights: candidate weights of the automatic model, oldest first, the last one that
             exists used (as ``SegmentationInfer`` serves them); its label answers a request with no
             clicks and no proposal.
+        automatic_channels: the automatic network's channels where they are not ``spec``'s (weights
+            of an earlier architecture; ``research.radiology.clicks_evaluate --automatic-channels``).
         sigma: the guidance Gaussians' width, as the network was trained with.
         click_weight: added, times each class's guidance map, to the log-probability of that class
             before the argmax, so that a click holds near it where the networks are unsure (a voxel
             whose winning margin is under ``click_weight`` times the map there takes the click's
             class; the clicked voxel itself, unless the margin there is over ``click_weight``).
-            0: the networks alone.
+            0 (the default): none; ``correction_margin`` holds the clicks.
+        correction_reach, correction_margin: each click's correction (``click_correction``): its
+            width in voxels of the model's grid, and what the clicked class wins by at the click.
+            ``correction_margin=None``: no correction (the networks and ``click_weight`` alone).
         on_automatic: apply the clicks' effect to the automatic model's answer: the automatic
             log-probabilities plus the click network's with the clicks minus its own with none.
             The automatic model (an ensemble of four for the hippocampus) is better than the one
@@ -153,8 +209,11 @@ class ClickNet:
         *,
         weights: Path,
         automatic_weights: Sequence[Path] = (),
+        automatic_channels: Sequence[int] | None = None,
         sigma: float = SIGMA,
         click_weight: float = CLICK_WEIGHT,
+        correction_reach: float = CORRECTION_REACH,
+        correction_margin: float | None = CORRECTION_MARGIN,
         on_automatic: bool = True,
         cpu_bf16: bool = True,
         device: str = "cpu",
@@ -162,11 +221,18 @@ class ClickNet:
         self.spec = spec
         self.weights = Path(weights)
         self.automatic_weights = [Path(p) for p in automatic_weights]
+        self.automatic_channels = None if automatic_channels is None else tuple(int(c) for c in automatic_channels)
         self.sigma = float(sigma)
         self.on_automatic = on_automatic
         if not click_weight >= 0:
             raise ValueError(f"click_weight must be 0 or more, got {click_weight}")
         self.click_weight = float(click_weight)
+        if not correction_reach > 0:
+            raise ValueError(f"correction_reach must be more than 0 voxels, got {correction_reach}")
+        if correction_margin is not None and not correction_margin >= 0:
+            raise ValueError(f"correction_margin must be 0 or more (or None: no correction), got {correction_margin}")
+        self.correction_reach = float(correction_reach)
+        self.correction_margin = None if correction_margin is None else float(correction_margin)
         self.cpu_bf16 = cpu_bf16
         self.device = torch.device(device)
         self.channels = guidance_channels(spec)
@@ -201,7 +267,10 @@ class ClickNet:
             if self._automatic is None or self._automatic[:2] != (path, mtime):
                 state = load_state_dict(path)
                 # One network or an ensemble, as the file holds (a training run keeps the count).
-                net = replace(self.spec, members=members_in(state)).network()
+                arch = replace(self.spec, members=members_in(state))
+                if self.automatic_channels is not None:
+                    arch = replace(arch, channels=self.automatic_channels)
+                net = arch.network()
                 net.load_state_dict(state, strict=True)
                 self._automatic = (path, mtime, net.to(self.device).eval())
             return self._automatic[2]
@@ -282,13 +351,18 @@ class ClickNet:
         if clicks is None:
             scores = self._scores(self.automatic_network(), model_image.as_tensor()[None])
         else:
-            maps = guidance_maps(self.model_points(model_image, affine, clicks), model_image.shape[1:], self.sigma)
+            points = self.model_points(model_image, affine, clicks)
+            maps = guidance_maps(points, model_image.shape[1:], self.sigma)
             scores = self._scores(self.network(), torch.cat([model_image.as_tensor(), maps])[None])
             if self.on_automatic and not alone:
                 # What the clicks change in the click network, applied to the automatic model's answer.
                 base, reference = self._base(image, affine, model_image)
                 scores = base + (scores - reference)
             scores = scores + self.click_weight * maps
+            if self.correction_margin is not None and not alone:
+                scores = scores + click_correction(
+                    scores, points, reach=self.correction_reach, margin=self.correction_margin
+                )
         pred = MetaTensor(class_index(scores).to(torch.float32), meta=dict(model_image.meta))
         out = self._invert({"image": model_image, "pred": pred})["pred"]
         return np.asarray(torch.as_tensor(out)[0].numpy(), dtype=np.uint8)

@@ -109,10 +109,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data", type=Path, required=True, help="MSD-layout folder")
     parser.add_argument("--weights", type=Path, required=True, help="the click network's weights")
     parser.add_argument("--automatic", type=Path, help="the automatic model's weights (default: shipped)")
+    parser.add_argument(
+        "--automatic-channels",
+        help="the automatic network's channels if not the model's, e.g. 16,32,64,128 (earlier weights)",
+    )
     parser.add_argument("--split", default="test", choices=["train", "val", "test", "all"])
     parser.add_argument("--clicks", type=int, default=max(REPORTED))
     parser.add_argument("--alone", action="store_true", help="the click network alone (ClickNet on_automatic=False)")
     parser.add_argument("--click-weight", type=float, help="ClickNet.click_weight (default: the engine's)")
+    parser.add_argument("--correction-reach", type=float, help="ClickNet.correction_reach (default: the engine's)")
+    parser.add_argument("--correction-margin", type=float, help="ClickNet.correction_margin (default: the engine's)")
+    parser.add_argument("--no-correction", action="store_true", help="no click correction (correction_margin=None)")
     parser.add_argument("--limit", type=int, help="only the first N cases (a smoke run)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", type=Path, help="also write per-case curves and times here")
@@ -127,8 +134,26 @@ def main(argv: list[str] | None = None) -> None:
     if args.split != "all":
         cases = split_cases(cases)[args.split]
     cases = cases[: args.limit] if args.limit else cases
-    options = {} if args.click_weight is None else {"click_weight": args.click_weight}
-    engine = ClickNet(spec, weights=args.weights, automatic_weights=[automatic], on_automatic=not args.alone, **options)
+    options: dict[str, float | None] = {
+        name: value
+        for name, value in (
+            ("click_weight", args.click_weight),
+            ("correction_reach", args.correction_reach),
+            ("correction_margin", args.correction_margin),
+        )
+        if value is not None
+    }
+    if args.no_correction:
+        options["correction_margin"] = None
+    channels = None if args.automatic_channels is None else [int(c) for c in args.automatic_channels.split(",")]
+    engine = ClickNet(
+        spec,
+        weights=args.weights,
+        automatic_weights=[automatic],
+        automatic_channels=channels,
+        on_automatic=not args.alone,
+        **options,
+    )
     per_case = {c.id: evaluate_case(engine, c.image, c.label, args.clicks) for c in cases}
     own = [no_click_network_dice(engine, c.image, c.label) for c in cases]
     summary = summarise(per_case, own)
