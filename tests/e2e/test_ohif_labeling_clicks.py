@@ -33,10 +33,10 @@ from appcore.dicom.pacs import Orthanc, hippocampus_series, load
 from appcore.dicom.seg import seg_to_label
 from radiology.registry import MODELS
 from tests.conftest import SHARED, requires_shared
-from tests.e2e.servers import Server, free_port, monailabel_server, requires_orthanc
+from tests.e2e import test_ohif_labeling as ohif
+from tests.e2e.servers import Server, free_port, requires_orthanc
 from tests.e2e.test_ohif_labeling import (
     CHROMIUM,
-    CHROMIUM_ARGS,
     OHIF_DIST,
     annotator,
     open_segmentation_mode,
@@ -85,11 +85,9 @@ def pacs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Orthanc, di
         yield orthanc, load(DicomWebClient(orthanc.dicomweb_url), hippocampus_series(SHARED, CASES))
 
 
-@pytest.fixture(scope="module")
-def server(pacs: tuple[Orthanc, dict[str, str]], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    conf = {"models": "hippocampus", "score_on_start": "false", "score_new_images": "false"}
-    with monailabel_server(tmp_path_factory.mktemp("server"), pacs[0].dicomweb_url, conf) as running:
-        yield running
+# The same server and browser as the labeling test, on this module's PACS and artifacts folder.
+server = ohif.server
+browser = ohif.browser
 
 
 @pytest.fixture
@@ -100,16 +98,6 @@ def artifacts(tmp_path: Path) -> Path:
     folder.mkdir(parents=True)
     print(f"OHIF screenshots and console logs: {folder}")
     return folder
-
-
-@pytest.fixture
-def browser(artifacts: Path) -> Iterator[Any]:
-    with playwright.sync_playwright() as p:
-        launched = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
-        try:
-            yield launched
-        finally:
-            launched.close()
 
 
 def headers(pacs: tuple[Orthanc, dict[str, str]], series: str) -> dict[str, Any]:
