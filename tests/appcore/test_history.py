@@ -352,33 +352,6 @@ def test_reservations_of_an_older_server_move_into_the_database(tmp_path: Path) 
     assert book.reserved() == {"a": "dan"}
 
 
-_PICKER = """
-import sys, time
-from appcore.projectdb import ProjectDB
-from strategies.reservations import ReservationBook
-book = ReservationBook(600, db=ProjectDB(sys.argv[1]))
-got = []
-for _ in range(10):
-    got += book.pick([f"img{i}" for i in range(40)], lambda free: free[:1], sys.argv[2])
-print(",".join(got))
-"""
-
-
-def test_server_processes_sharing_the_database_never_hand_out_one_image_twice(tmp_path: Path) -> None:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    db = tmp_path / "project.db"
-    ProjectDB(db).integrity()  # the schema, made once before the processes race
-    procs = [
-        subprocess.Popen([sys.executable, "-c", _PICKER, str(db), name], env=env, stdout=subprocess.PIPE, text=True)
-        for name in ("s1", "s2", "s3")
-    ]
-    handed = [out.strip().split(",") for out, _ in (p.communicate(timeout=120) for p in procs)]
-    every = [image for images in handed for image in images]
-    assert [len(images) for images in handed] == [10, 10, 10] and len(set(every)) == 30
-    owners = ReservationBook(600, db=ProjectDB(db)).reserved()
-    assert {owners[image] for image in handed[0]} == {"s1"}
-
-
 def _asgi_call(app, method: str, path: str, who: str) -> list[dict]:
     scope = {"type": "http", "method": method, "path": path, "query_string": b"image=a&client_id=c1", "headers": []}
     sent: list[dict] = []
