@@ -29,7 +29,7 @@ from radiology.modality import wrong_modality
 from radiology.spec import ModelSpec
 from radiology.transforms import preprocess
 from radiology.windows import OVERLAP, infer_window
-from strategies.scoring import NotForThisModel
+from strategies.scores import NotForThisModel
 
 _EPS = 1e-8
 _DROPOUT = (torch.nn.Dropout, torch.nn.Dropout2d, torch.nn.Dropout3d)

@@ -25,6 +25,13 @@ from appcore.projectdb import Connection, ProjectDB, project_db
 logger = logging.getLogger(__name__)
 
 
+class NotForThisModel(ValueError):
+    """Raised by a scorer for an image its model is not meant for but another served model is (an MR
+    series under a CT model in a PACS serving both): the image is skipped and remembered apart from
+    the unusable ones (``ScoreStore.out_of_scope``), so it is not scored again until its file
+    changes, and it is still handed out (unranked, after the scored images) to be labelled."""
+
+
 @dataclass(frozen=True)
 class Score:
     """One image's uncertainty under one model version.
@@ -231,7 +238,7 @@ class ScoreStore:
         """The images the last scoring run could not score (replacing the previous run's)."""
         self._set_reasons("unusable", reasons)
 
-    # Images another served model is for (``strategies.scoring.NotForThisModel``), with the reason:
+    # Images another served model is for (``NotForThisModel``), with the reason:
     # not scored again until their file changes (``forget``), and still handed out (unranked).
     def out_of_scope(self) -> dict[str, str]:
         return self._read("out_of_scope")

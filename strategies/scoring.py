@@ -12,16 +12,9 @@ from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.scoring import ScoringMethod
 
 from appcore.errors import root_cause
-from strategies.scores import Score, ScoreStore
+from strategies.scores import NotForThisModel, Score, ScoreStore
 
 logger = logging.getLogger(__name__)
-
-
-class NotForThisModel(ValueError):
-    """Raised by a scorer for an image its model is not meant for but another served model is (an MR
-    series under a CT model in a PACS serving both): the image is skipped and remembered apart from
-    the unusable ones (``ScoreStore.out_of_scope``), so it is not scored again until its file
-    changes, and it is still handed out (unranked, after the scored images) to be labelled."""
 
 
 class Scorer(Protocol):

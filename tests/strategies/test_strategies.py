@@ -14,8 +14,8 @@ from appcore.errors import RequestError
 from radiology.app import RadiologyApp
 from strategies.ranked import RankedStrategy
 from strategies.reservations import ReservationBook
-from strategies.scores import Score, ScoreStore
-from strategies.scoring import NotForThisModel, UncertaintyScoring
+from strategies.scores import NotForThisModel, Score, ScoreStore
+from strategies.scoring import UncertaintyScoring
 from tests.conftest import requires_shared
 
 
