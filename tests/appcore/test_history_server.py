@@ -184,7 +184,13 @@ def test_nuclei_training_leaves_out_what_review_does(tmp_path: Path, gate, kept,
 
 @pytest.mark.slow
 @requires_shared
-def test_a_training_process_trains_on_approved_labels_only(server: Server) -> None:
+def test_a_training_process_trains_on_approved_labels_only(tmp_path: Path) -> None:
+    # a server of its own: the module's server holds the review test's versions and audit entries
+    with one_case_server(tmp_path, train_on="approved") as server:
+        _train_on_approved_only(server)
+
+
+def _train_on_approved_only(server: Server) -> None:
     http = server.http
 
     def save(image: str) -> None:
