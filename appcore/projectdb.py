@@ -169,7 +169,12 @@ class SQLite:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # Made with the mode any file the server writes has (0666 less the umask), not SQLite's 0644:
         # its WAL files take the same, and a second service (a backup) reads it as it reads the labels.
-        os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o666))
+        # Only when it is absent: closing any descriptor of the file drops every POSIX lock this
+        # process holds on it (SQLite's included), and another connection then deleted the WAL
+        # index under this process's open ones ("disk I/O error" on every later request).
+        if not self.path.exists():
+            with contextlib.suppress(FileExistsError):  # another process or thread made it first
+                os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
         conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
         conn.row_factory = sqlite3.Row
         conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")

@@ -131,3 +131,32 @@ def test_a_datastore_sweeps_what_a_killed_save_left(tmp_path: Path) -> None:
     (left / "case1.nii.gz").write_bytes(b"half")
     assert store.sweep_staged() == 1 and not left.exists()
     assert store.get_labeled_images("final") == ["case1"]
+
+
+_OTHER_PROCESS = """
+import sqlite3, sys
+conn = sqlite3.connect(sys.argv[1])
+conn.execute("SELECT count(*) FROM audit").fetchone()
+conn.close()  # the last connection SQLite can see: it checkpoints and removes the WAL files
+"""
+
+
+def test_a_new_thread_s_connection_keeps_the_process_s_locks_on_the_database(tmp_path: Path) -> None:
+    """A connection a new thread opens must not drop the locks the process's other connections
+    hold: closing any descriptor of the file drops them (POSIX), and another process's connection
+    closing then removed the WAL index under them ("disk I/O error" on every later request)."""
+    import threading
+
+    from appcore.projectdb import ProjectDB
+
+    db = ProjectDB(tmp_path / "project.db")
+    db.query("SELECT count(*) FROM audit")  # this thread's connection, holding its lock on the WAL index
+    opened = threading.Thread(target=lambda: db.query("SELECT 1"))  # another thread's new connection
+    opened.start()
+    opened.join()
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    subprocess.run([sys.executable, "-c", _OTHER_PROCESS, str(tmp_path / "project.db")], check=True, env=env)
+    assert (tmp_path / "project.db-shm").exists(), "another process removed the WAL index this process uses"
+    with db.transaction() as c:
+        c.execute("INSERT INTO meta (key, value) VALUES ('k', 'v')")
+    assert db.query("SELECT value FROM meta WHERE key = 'k'")[0]["value"] == "v"
