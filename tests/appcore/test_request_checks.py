@@ -113,7 +113,9 @@ def test_infer_with_nothing_to_segment_is_a_422() -> None:
         *(f"monailabel.endpoints.session:{f}" for f in ("create_session", "get_session", "remove_session")),
     ]
     rows = [r for r in _rebinds(*{t.split(":")[0] for t in changed}) if not r.target.endswith(":json")]
-    assert _applied(rows) == changed
+    # An app made earlier in this process (another test's) may have applied some of them already.
+    first = apply(rows)
+    assert [o.row.target for o in first if o.state == "applied"] == changed, [(o.row.target, o.state) for o in first]
     assert _applied(rows) == [], "installing twice is harmless"
     for name, function in INFER_FUNCTIONS:
         run = getattr(importlib.import_module(name), function)
