@@ -32,12 +32,10 @@ from appcore.dicom.client import DicomWebClient
 from appcore.dicom.pacs import Orthanc, hippocampus_series, load
 from appcore.dicom.seg import seg_to_label
 from radiology.registry import MODELS
-from tests.conftest import SHARED, requires_shared
+from tests.conftest import SHARED
 from tests.e2e import test_ohif_labeling as ohif
-from tests.e2e.servers import Server, free_port, requires_orthanc
+from tests.e2e.servers import Server, free_port
 from tests.e2e.test_ohif_labeling import (
-    CHROMIUM,
-    OHIF_DIST,
     annotator,
     open_segmentation_mode,
     pacs_segs,
@@ -53,13 +51,7 @@ playwright = pytest.importorskip("playwright.sync_api", reason="playwright is no
 CASES = ("hippocampus_001", "hippocampus_003")
 LABELS = MODELS["hippocampus"].labels
 
-pytestmark = [
-    requires_shared,
-    requires_orthanc,
-    pytest.mark.slow,
-    pytest.mark.skipif(not CHROMIUM.exists(), reason=f"{CHROMIUM} is absent (make test installs chromium)"),
-    pytest.mark.skipif(not (OHIF_DIST / "index.html").is_file(), reason=f"OHIF is not in {OHIF_DIST}: run make ohif"),
-]
+pytestmark = ohif.pytestmark  # the labeling test's: shared data, Orthanc, Chromium and OHIF present
 
 # A world point (mm) as a point of the page: the viewport's camera (worldToCanvas) plus the canvas' place.
 WORLD_TO_PAGE = """(world) => {
