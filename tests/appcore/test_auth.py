@@ -32,6 +32,7 @@ from tests.servers import Server, monailabel_server
 
 ROOT = Path(__file__).resolve().parents[2]
 CASE = HIPPO / "imagesTr" / "hippocampus_001.nii.gz"
+FREE = HIPPO / "imagesTr" / "hippocampus_003.nii.gz"  # no test of the module server labels it
 needs_data = pytest.mark.skipif(not CASE.exists(), reason=f"needs the shared hippocampus data ({CASE})")
 
 # -- the role table covers every route ---------------------------------------------------------------
@@ -531,7 +532,8 @@ def server(realm: StandInRealm, tmp_path_factory: pytest.TempPathFactory) -> Ite
     root = tmp_path_factory.mktemp("auth")
     studies = root / "studies"
     studies.mkdir()
-    (studies / CASE.name).write_bytes(CASE.read_bytes())
+    for image in (CASE, FREE):
+        (studies / image.name).write_bytes(image.read_bytes())
     conf = {"models": "hippocampus", "score_on_start": "false", "score_new_images": "false"}
     conf["score_after_train"] = "false"
     env = {"MONAI_LABEL_AUTH_ENABLE": "true", "MONAI_LABEL_AUTH_REALM_URI": realm.url}
@@ -699,8 +701,11 @@ def test_slicer_login(server: Server, realm: StandInRealm) -> None:
 
 
 def test_reservation_owner_is_the_token_user(server: Server, realm: StandInRealm) -> None:
+    """Whatever ran before on the module server (the training test labels hippocampus_001), one
+    case stays unlabeled: the strategy hands it out and holds it for the token's user."""
     r = server.http.post("/activelearning/random", json={"client_id": "slicer-7"}, headers=_bearer(realm, "anna"))
     assert r.status_code == 200, r.text
+    assert r.json().get("id"), f"no case handed out: {r.text}"
     with contextlib.closing(sqlite3.connect(server.log.parent / "app" / "model" / "project.db")) as db:
         held = dict(db.execute("SELECT item, client FROM reservations"))
     assert held[r.json()["id"]] == "anna"
