@@ -190,31 +190,103 @@ def unfocus(page: Any) -> None:
     page.locator('[data-cy="labeling-title"]').click()
 
 
-def to_slice(page: Any, steps: int) -> None:
-    """Move ``steps`` slices up with the arrow key, the pointer over the viewport."""
+def point_at_viewport(page: Any) -> None:
+    """The pointer over the viewport and the focus off the panel's fields: arrow keys go to the viewport."""
     unfocus(page)
     box = page.locator(".cornerstone-canvas").first.bounding_box()
     page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
-    for _ in range(steps):
-        page.keyboard.press("ArrowUp")
 
 
-def stroke(page: Any, tool: str, *, vertical: bool = False) -> None:
-    """Pick ``tool`` (OHIF's Brush-btn, Eraser-btn), radius 3 mm, and drag through the viewport's
-    centre across most of its width (or height): a middle slice's hippocampus lies on that line."""
+# A world point (mm) as a point of the page: the viewport's camera (worldToCanvas) plus the canvas' place.
+WORLD_TO_PAGE = """(world) => {
+  const canvas = document.querySelector('.cornerstone-canvas');
+  const viewports = window.cornerstone.getRenderingEngines().flatMap(engine => engine.getViewports());
+  const viewport = viewports.find(v => v.canvas === canvas);
+  const [x, y] = viewport.worldToCanvas(world);
+  const box = canvas.getBoundingClientRect();
+  return [box.left + x, box.top + y];
+}"""
+
+SHOWN_SOP = """() => {
+  const canvas = document.querySelector('.cornerstone-canvas');
+  const viewports = window.cornerstone.getRenderingEngines().flatMap(engine => engine.getViewports());
+  const imageId = viewports.find(v => v.canvas === canvas).getCurrentImageId();
+  return /instances\\/([0-9.]+)/.exec(imageId)[1];
+}"""
+
+
+def headers(pacs: tuple[Orthanc, dict[str, str]], series: str) -> dict[str, Any]:
+    """The series' instances by SOP Instance UID, as the PACS holds them."""
+    client = DicomWebClient(pacs[0].dicomweb_url)
+    study = next(str(s.StudyInstanceUID) for s in client.search_series({"SeriesInstanceUID": series}))
+    return {str(d.SOPInstanceUID): d for d in client.retrieve_series(study, series)}
+
+
+def world_of(instance: Any, row: int, column: int) -> list[float]:
+    """The centre of a pixel in patient coordinates (mm), by DICOM's definitions: ImagePositionPatient is
+    the first pixel's centre; ImageOrientationPatient a row's then a column's direction; PixelSpacing
+    the distance between rows, then between columns."""
+    orientation = np.asarray(instance.ImageOrientationPatient, dtype=float)
+    spacing = np.asarray(instance.PixelSpacing, dtype=float)
+    position = np.asarray(instance.ImagePositionPatient, dtype=float)
+    return (position + column * spacing[1] * orientation[:3] + row * spacing[0] * orientation[3:]).tolist()
+
+
+def show_slice(page: Any, sops: list[str], k: int) -> None:
+    """Show the ``k``-th image of the series with the arrow keys, as a person would, the pointer on the viewport."""
+    point_at_viewport(page)
+
+    def shown() -> int:
+        return sops.index(page.evaluate(SHOWN_SOP))
+
+    def press(key: str) -> int:
+        """Press ``key``; by how much the shown image's index changed (0 at the end of the series)."""
+        before = shown()
+        page.keyboard.press(key)
+        for _ in range(40):
+            if shown() != before:
+                break
+            page.wait_for_timeout(50)
+        return shown() - before
+
+    up = press("ArrowUp") or -press("ArrowDown")  # the index change of ArrowUp, learnt where it moves
+    assert up in (1, -1), f"the arrow keys move one image at a time, moved {up}"
+    for _ in range(2 * len(sops)):
+        if shown() == k:
+            return
+        press("ArrowUp" if (k - shown()) * up > 0 else "ArrowDown")
+    raise AssertionError(f"the arrow keys did not reach image {k} of {len(sops)}: it shows {shown()}")
+
+
+def stroke(page: Any, tool: str, *, through: tuple[float, float] | None = None) -> None:
+    """Pick ``tool`` (OHIF's Brush-btn, Eraser-btn), radius 3 mm, and drag across most of the viewport's
+    width through its centre, or, given a page point ``through``, down most of its height through that point."""
     page.locator(f'[data-cy="{tool}-btn"]').click()
     radius = page.locator('[data-cy$="-radius"] input >> visible=true').first
     radius.fill("3")
     radius.press("Enter")
     unfocus(page)
     box = page.locator(".cornerstone-canvas").first.bounding_box()
-    x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
-    dx, dy = (0, 0.4 * box["height"]) if vertical else (0.4 * box["width"], 0)
-    page.mouse.move(x - dx, y - dy)
+    if through is None:
+        y = box["y"] + box["height"] / 2
+        start, end = (box["x"] + 0.1 * box["width"], y), (box["x"] + 0.9 * box["width"], y)
+    else:
+        x = through[0]
+        start, end = (x, box["y"] + 0.1 * box["height"]), (x, box["y"] + 0.9 * box["height"])
+    page.mouse.move(*start)
     page.mouse.down()
-    page.mouse.move(x + dx, y + dy, steps=24)
+    page.mouse.move(*end, steps=24)
     page.mouse.up()
     page.wait_for_timeout(500)
+
+
+def proposed_pixel(proposal: np.ndarray, k: int) -> tuple[int, int]:
+    """(row, column) of a proposed voxel of slice ``k`` (a ``[column, row, slice]`` volume): the one
+    nearest the slice's proposed voxels' centroid, so inside the structure whatever its shape."""
+    columns, rows = np.nonzero(proposal[..., k])
+    assert len(rows), f"nothing proposed on image {k}"
+    nearest = np.argmin((rows - rows.mean()) ** 2 + (columns - columns.mean()) ** 2)
+    return int(rows[nearest]), int(columns[nearest])
 
 
 def test_label_train_and_next_case_in_ohif(
@@ -243,10 +315,12 @@ def test_label_train_and_next_case_in_ohif(
     assert other["image"] != case["image"] and other["study"] != case["study"]
     shot(second, artifacts, "3-second-annotator")
 
-    # 3. Corrections on a middle slice: a posterior brush stroke across, an eraser stroke down
-    #    (through the brush stroke and the proposal); undo and redo the eraser from the keyboard.
-    to_slice(first, 17)
-    first.get_by_text("posterior", exact=True).first.click()
+    # 3. Corrections on the image with the most proposed voxels: a posterior brush stroke across, an
+    #    eraser stroke down through a proposed voxel (where it is computed from the DICOM headers, so
+    #    whichever case the strategy handed out); undo and redo the eraser from the keyboard.
+    first.get_by_text("posterior", exact=True).first.click()  # OHIF shows the segment's centre then
+    k = int(np.argmax((proposal > 0).sum(axis=(0, 1))))
+    show_slice(first, sops, k)
     stroke(first, "Brush")
     painted_label = viewer_label(first, case, sops)
     painted = painted_label != proposal
@@ -254,7 +328,13 @@ def test_label_train_and_next_case_in_ohif(
     assert np.all(painted_label[painted] == POSTERIOR), "the brush painted the posterior segment"
     (painted_slices,) = np.nonzero(painted.any(axis=(0, 1)))
     assert len(painted_slices) == 1, f"a circle brush paints one slice, painted {painted_slices}"
-    stroke(first, "Eraser", vertical=True)
+    assert painted_slices[0] == k, f"painted image {painted_slices[0]}, not the one shown ({k})"
+    row, column = proposed_pixel(proposal, k)
+    stroke(
+        first,
+        "Eraser",
+        through=first.evaluate(WORLD_TO_PAGE, world_of(headers(pacs, case["image"])[sops[k]], row, column)),
+    )
     corrected = viewer_label(first, case, sops)
     erased = corrected != painted_label
     assert erased.any() and np.all(corrected[erased] == 0), "the eraser cleared voxels"

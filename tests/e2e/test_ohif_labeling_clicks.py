@@ -36,14 +36,17 @@ from tests.conftest import SHARED
 from tests.e2e import test_ohif_labeling as ohif
 from tests.e2e.servers import Server, free_port
 from tests.e2e.test_ohif_labeling import (
+    WORLD_TO_PAGE,
     annotator,
+    headers,
     open_segmentation_mode,
     pacs_segs,
     press_next_case,
     series_order,
     shot,
-    to_slice,
+    show_slice,
     viewer_label,
+    world_of,
 )
 
 playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (requirements-dev.txt)")
@@ -52,23 +55,6 @@ CASES = ("hippocampus_001", "hippocampus_003")
 LABELS = MODELS["hippocampus"].labels
 
 pytestmark = ohif.pytestmark  # the labeling test's: shared data, Orthanc, Chromium and OHIF present
-
-# A world point (mm) as a point of the page: the viewport's camera (worldToCanvas) plus the canvas' place.
-WORLD_TO_PAGE = """(world) => {
-  const canvas = document.querySelector('.cornerstone-canvas');
-  const viewports = window.cornerstone.getRenderingEngines().flatMap(engine => engine.getViewports());
-  const viewport = viewports.find(v => v.canvas === canvas);
-  const [x, y] = viewport.worldToCanvas(world);
-  const box = canvas.getBoundingClientRect();
-  return [box.left + x, box.top + y];
-}"""
-
-SHOWN_SOP = """() => {
-  const canvas = document.querySelector('.cornerstone-canvas');
-  const viewports = window.cornerstone.getRenderingEngines().flatMap(engine => engine.getViewports());
-  const imageId = viewports.find(v => v.canvas === canvas).getCurrentImageId();
-  return /instances\\/([0-9.]+)/.exec(imageId)[1];
-}"""
 
 
 @pytest.fixture(scope="module")
@@ -92,23 +78,6 @@ def artifacts(tmp_path: Path) -> Path:
     return folder
 
 
-def headers(pacs: tuple[Orthanc, dict[str, str]], series: str) -> dict[str, Any]:
-    """The series' instances by SOP Instance UID, as the PACS holds them."""
-    client = DicomWebClient(pacs[0].dicomweb_url)
-    study = next(str(s.StudyInstanceUID) for s in client.search_series({"SeriesInstanceUID": series}))
-    return {str(d.SOPInstanceUID): d for d in client.retrieve_series(study, series)}
-
-
-def world_of(instance: Any, row: int, column: int) -> list[float]:
-    """The centre of a pixel in patient coordinates (mm), by DICOM's definitions: ImagePositionPatient is
-    the first pixel's centre; ImageOrientationPatient a row's then a column's direction; PixelSpacing
-    the distance between rows, then between columns."""
-    orientation = np.asarray(instance.ImageOrientationPatient, dtype=float)
-    spacing = np.asarray(instance.PixelSpacing, dtype=float)
-    position = np.asarray(instance.ImagePositionPatient, dtype=float)
-    return (position + column * spacing[1] * orientation[:3] + row * spacing[0] * orientation[3:]).tolist()
-
-
 def server_answer(server: Server, case: dict[str, Any], clicks: list[dict[str, Any]], sops: list[str]) -> np.ndarray:
     """What the server answers for ``clicks`` over REST, as a ``[column, row, slice]`` volume."""
     r = server.http.post(f"/labeling/clicks?image={case['image']}", json={"model": case["model"], "clicks": clicks})
@@ -126,32 +95,6 @@ def replaced(before: np.ndarray, answer: np.ndarray, label: int) -> np.ndarray:
     after[before == label] = 0
     after[answer == label] = label
     return after
-
-
-def show_slice(page: Any, sops: list[str], k: int) -> None:
-    """Show the ``k``-th image of the series with the arrow keys, as a person would, the pointer on the viewport."""
-    to_slice(page, 0)  # the pointer over the viewport, the keys to it
-
-    def shown() -> int:
-        return sops.index(page.evaluate(SHOWN_SOP))
-
-    def press(key: str) -> int:
-        """Press ``key``; by how much the shown image's index changed (0 at the end of the series)."""
-        before = shown()
-        page.keyboard.press(key)
-        for _ in range(40):
-            if shown() != before:
-                break
-            page.wait_for_timeout(50)
-        return shown() - before
-
-    up = press("ArrowUp") or -press("ArrowDown")  # the index change of ArrowUp, learnt where it moves
-    assert up in (1, -1), f"the arrow keys move one image at a time, moved {up}"
-    for _ in range(2 * len(sops)):
-        if shown() == k:
-            return
-        press("ArrowUp" if (k - shown()) * up > 0 else "ArrowDown")
-    raise AssertionError(f"the arrow keys did not reach image {k} of {len(sops)}: it shows {shown()}")
 
 
 def click(page: Any, world: list[float], *, background: bool = False) -> dict[str, Any]:
