@@ -1057,12 +1057,14 @@ class LabelingApp(RequestChecks, MONAILabelApp):
         self.settings = self.settings_class.from_conf(conf or {}, self.registry)
         self.models: dict[str, Any] = {name: self.registry[name] for name in self.settings.models}
         self.model_dir = Path(app_dir) / "model"
+        db = project_db(self.model_dir, self.settings.database_url)
+        db.connection()  # a database it cannot reach or bring up to date stops the start, saying which and why
         # Kept in a file too: a restarted server must not hand an annotator's image to another.
         self.book = self.reservation_book(
             self.settings.reservation_s,
             path=self.model_dir / "reservations.json",  # an older server's, moved into the database
             max_pick=self.settings.max_k,
-            db=project_db(self.model_dir, self.settings.database_url),
+            db=db,
         )
         self.prepare()
         super().__init__(

@@ -28,7 +28,7 @@ import threading
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 logger = logging.getLogger(__name__)
 
@@ -308,10 +308,12 @@ class Postgres:
 def redacted(url: str) -> str:
     """A database URL without its password (for logs and messages)."""
     parts = urlsplit(url)
-    if parts.password is None:
+    pairs = parse_qsl(parts.query, keep_blank_values=True)
+    if parts.password is None and not any(k.lower() == "password" for k, _ in pairs):
         return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
-    return urlunsplit(parts._replace(netloc=netloc))
+    netloc = parts.netloc if parts.password is None else parts.netloc.replace(f":{parts.password}@", ":***@")
+    query = [(k, "***" if k.lower() == "password" else v) for k, v in pairs]
+    return urlunsplit(parts._replace(netloc=netloc, query=urlencode(query, safe="*")))
 
 
 def is_database_url(target: str | Path) -> bool:
@@ -321,17 +323,29 @@ def is_database_url(target: str | Path) -> bool:
 def normal_database_url(url: str) -> str:
     """``--conf database_url``: empty (the SQLite file of the model folder) or a PostgreSQL URL.
 
+    The URL holds no password: MONAI Label writes the ``--conf`` values to its log at start
+    (``USING:: conf = ...``, and again as it builds the app) and the process list shows them to every
+    user of the machine. libpq reads the password from ``PGPASSWORD`` or a password file
+    (``~/.pgpass``, ``PGPASSFILE``) instead.
+
     Raises:
-        ValueError: any other scheme, or a URL that names no database.
+        ValueError: any other scheme, a URL that names no database, or one that holds a password.
     """
     if not url:
         return url
-    how = "expected postgresql://user:password@host:port/database, or nothing for model/project.db"
+    how = "expected postgresql://user@host:port/database, or nothing for model/project.db"
     parts = urlsplit(url)
     if parts.scheme not in POSTGRES_SCHEMES:
         raise ValueError(f"{how}; got {redacted(url)!r}, whose scheme {parts.scheme or 'none'!r} is not PostgreSQL's")
     if not parts.path.strip("/") and "dbname=" not in parts.query:
         raise ValueError(f"{how}; got {redacted(url)!r}, which names no database")
+    if parts.password is not None or any(k.lower() == "password" for k, _ in parse_qsl(parts.query)):
+        raise ValueError(
+            f"{how}; got {redacted(url)!r}, which holds a password: MONAI Label logs the --conf values and "
+            "the process list shows them. Give the URL without it and the password in PGPASSWORD or a "
+            "password file (~/.pgpass, or the file PGPASSFILE names), which the PostgreSQL driver reads; "
+            "change the password if this URL was used before"
+        )
     return url
 
 

@@ -201,8 +201,9 @@ class Settings:
         normal=normal_database_url,
         shown="`model/project.db`",
         doc="project database (label versions, reviews, reservations, scores, audit log): a "
-        "`postgresql://user:password@host:port/db` URL that several servers share, or empty for the SQLite "
-        "file in the model folder ([history.md](history.md#the-project-database))",
+        "`postgresql://user@host:port/db` URL that several servers share (the password in `PGPASSWORD` or "
+        "`~/.pgpass`, never in the URL), or empty for the SQLite file in the model folder "
+        "([history.md](history.md#the-project-database))",
     )
 
     @classmethod

@@ -8,6 +8,7 @@ where PostgreSQL or its driver is not installed.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -154,6 +155,9 @@ def test_placeholders_are_spelt_for_postgresql(sql: str, expected: str) -> None:
         ("mysql://u:secret@h/db", r"scheme 'mysql' is not PostgreSQL's"),
         ("/var/lib/project.db", r"scheme 'none' is not PostgreSQL's"),
         ("postgresql://u:secret@h:5432/", r"names no database"),
+        ("postgresql://u:secret@h:5432/project", r"holds a password: .*PGPASSWORD or a password file"),
+        ("postgresql://u@h/project?sslmode=require&PassWord=secret", r"holds a password"),
+        ("postgresql://u:@h/project", r"holds a password"),  # an empty one too: it belongs in PGPASSWORD
     ],
 )
 def test_a_database_url_that_is_not_postgresql_is_refused(url: str, match: str) -> None:
@@ -166,18 +170,68 @@ def test_a_database_url_that_is_not_postgresql_is_refused(url: str, match: str) 
 
 def test_database_url_default_and_accepted_values(tmp_path: Path) -> None:
     assert RadiologySettings.from_conf({}, ["hippocampus"]).database_url == ""
-    url = "postgresql://u:pw@db.example:5432/project"
+    url = "postgresql://u@db.example:5432/project?sslmode=require"
     assert RadiologySettings.from_conf({"database_url": url}, ["hippocampus"]).database_url == url
-    assert redacted(url) == "postgresql://u:***@db.example:5432/project"
     assert project_db(tmp_path).path == (tmp_path / "project.db").resolve()
-    assert project_db(tmp_path, url).where == redacted(url) and project_db(tmp_path, url).path is None
+    assert project_db(tmp_path, url).where == url and project_db(tmp_path, url).path is None
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("postgresql://u:pw@db.example:5432/project", "postgresql://u:***@db.example:5432/project"),
+        (
+            "postgresql://u@h/project?sslmode=require&password=pw",
+            "postgresql://u@h/project?sslmode=require&password=***",
+        ),
+        ("postgresql://u@h/project?dbname=a%20b", "postgresql://u@h/project?dbname=a%20b"),  # nothing to hide: as given
+    ],
+)
+def test_a_password_is_never_shown(url: str, shown: str) -> None:
+    assert redacted(url) == shown
 
 
 def test_an_unreachable_database_says_which_and_how(tmp_path: Path) -> None:
     pytest.importorskip("psycopg", reason="the psycopg driver (requirements.txt) is not installed")
     from tests.servers import free_port
 
-    db = ProjectDB(f"postgresql://u:secret@127.0.0.1:{free_port()}/project")
+    db = ProjectDB(
+        f"postgresql://u:secret@127.0.0.1:{free_port()}/project"
+    )  # ProjectDB takes it; the option refuses it
     with pytest.raises(RuntimeError, match=r"Cannot connect to the project database postgresql://u:\*\*\*@") as e:
         db.query("SELECT 1")
     assert "--conf database_url" in str(e.value)
+
+
+@pytest.mark.parametrize(
+    ("url", "said"),
+    [
+        (
+            "postgresql://u@127.0.0.1:{port}/project",
+            r"Cannot connect to the project database postgresql://u@127\.0\.0\.1",
+        ),
+        ("postgresql://u:secret@127.0.0.1:{port}/project", r"--conf database_url: .*holds a password"),
+    ],
+    ids=["unreachable", "password in the URL"],
+)
+def test_a_server_whose_database_is_unusable_does_not_start(tmp_path: Path, url: str, said: str) -> None:
+    """The server stops at start, saying why, instead of answering requests that fail later."""
+    pytest.importorskip("psycopg", reason="the psycopg driver (requirements.txt) is not installed")
+    from tests.servers import free_port
+
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    app_dir = tmp_path / "app"
+    app_dir.mkdir()
+    (app_dir / "main.py").write_text((ROOT / "apps" / "radiology" / "main.py").read_text())
+    launcher = Path(sys.executable).parent / "monailabel"
+    cmd = [str(launcher)] if launcher.exists() else [sys.executable, "-m", "monailabel.main"]
+    cmd += ["start_server", "--app", str(app_dir), "--studies", str(studies), "--host", "127.0.0.1"]
+    cmd += ["--port", str(free_port()), "--conf", "models", "hippocampus", "--conf", "score_on_start", "false"]
+    cmd += ["--conf", "database_url", url.format(port=free_port())]
+    env = {**os.environ, "MONAILABEL_PYEXE": sys.executable, "MONAI_LABEL_TRACKING_ENABLED": "false"}
+    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    output = done.stdout + done.stderr
+    assert done.returncode != 0, output[-3000:]
+    assert re.search(said, output), output[-3000:]
+    assert "Application startup failed" in output, output[-3000:]
