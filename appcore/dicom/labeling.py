@@ -535,8 +535,11 @@ async def store_seg(request: Any, op: str, study: str | None) -> Any:
     content_type = request.headers.get("content-type", "")
 
     def save() -> dict[str, Any]:
-        seg = stow.read_seg(stow.stow_part(content_type, b"".join(chunks)))
-        return {"seg": seg, **LABELING.save_seg(seg, study, query.get("client_id") or "ohif")}
+        content = stow.stow_part(content_type, b"".join(chunks))
+        seg = stow.read_seg(content)
+        saved = LABELING.save_seg(seg, study, query.get("client_id") or "ohif")
+        stow.RECEIVED.remember(seg, content)  # OHIF reads it back (stow.ReceivedSegs says why)
+        return {"seg": seg, **saved}
 
     saved = await run_in_threadpool(save)
     root = f"{str(request.base_url).rstrip('/')}/proxy/dicom/{op + '/' if op else ''}studies/{saved['study']}"

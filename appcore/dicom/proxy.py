@@ -2,7 +2,8 @@
 
 One write is taken, never forwarded: a STOW-RS of one DICOM SEG (OHIF's Export > DICOM SEG > Save,
 ``POST .../studies``) is saved as a label by the server (``appcore.dicom.labeling.store_seg``), which
-writes its own SEG to the PACS.
+writes its own SEG to the PACS. OHIF then reads its SEG back by its own UIDs: where the PACS answers
+404 for it, the proxy answers the bytes OHIF sent (``appcore.dicom.stow.ReceivedSegs``).
 
 MONAI Label (0.8.5) forwards any path below ``/proxy/dicom/`` to the PACS, with the server's PACS
 credentials: ``/proxy/dicom/wado/%2e%2e/system`` reached Orthanc's REST API (``requests`` removes
@@ -32,7 +33,7 @@ from fastapi import HTTPException
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
-from appcore.dicom.stow import ACCEPTED, stow_target
+from appcore.dicom.stow import ACCEPTED, RECEIVED, multipart_instance, stow_target
 from appcore.errors import RequestError, bad_request, method_not_allowed
 
 logger = logging.getLogger(__name__)
@@ -157,5 +158,9 @@ async def proxy_dicom(request: Any, op: str, path: str) -> Response:
         raise HTTPException(
             status_code=503, detail=f"The PACS at {root} did not answer the viewer's request ({type(e).__name__})"
         ) from None
+    echoed = RECEIVED.recall(path) if upstream.status_code == 404 else None
+    if echoed is not None:  # a SEG OHIF stored a moment ago, which the PACS holds as the server's SEG
+        body, media_type = multipart_instance(echoed)
+        return Response(content=body if request.method == "GET" else b"", media_type=media_type)
     kept = {k: v for k, v in upstream.headers.items() if k.lower() in KEPT_HEADERS}
     return Response(content=upstream.content, status_code=upstream.status_code, headers=kept)

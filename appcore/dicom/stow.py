@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import io
 import re
+import threading
+import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from email.message import Message
 from typing import Any
@@ -24,7 +27,7 @@ from pydicom.dataset import Dataset
 from appcore.dicom.seg import LABEL_MAP_SEG
 from appcore.errors import RequestError, bad_request, unprocessable
 
-# The Segmentation Storage SOP class (binary and fractional SEG; OHIF's "bitmap" mode).
+# The Segmentation Storage SOP class (binary and fractional SEG; OHIF's export in its "bitmap" mode).
 SEG = "1.2.840.10008.5.1.4.1.1.66.4"
 SEG_CLASSES = {SEG: "Segmentation", LABEL_MAP_SEG: "Label Map Segmentation"}
 
@@ -127,8 +130,8 @@ def read_seg(content: bytes) -> Dataset:
     """The part as a DICOM SEG (a PS3.10 file, read with pydicom without guessing: ``force=False``).
 
     Raises:
-        RequestError: 422 for a part that is not a DICOM file, or an instance of another SOP class
-            (the message names the class and the ones taken).
+        RequestError: 422 for a part that is not a DICOM file, an instance of another SOP class
+            (the message names the class and the ones taken), or a SEG without its UIDs or pixel data.
     """
     try:
         ds = pydicom.dcmread(io.BytesIO(content), force=False)
@@ -142,6 +145,9 @@ def read_seg(content: bytes) -> Dataset:
             f"The instance is of SOP class {sop_class or 'none'} ({name}), not a DICOM SEG "
             f"({', '.join(f'{uid} {n}' for uid, n in SEG_CLASSES.items())}): only segmentations are stored, as labels"
         )
+    missing = [k for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID") if not str(ds.get(k, ""))]
+    if missing:
+        raise unprocessable(f"The SEG has no {', '.join(missing)}: a stored instance names its study, series and self")
     if "PixelData" not in ds:
         raise unprocessable("The SEG has no pixel data: it segments nothing")
     return ds
@@ -276,3 +282,51 @@ def store_answer(seg: Dataset, study_url: str, stored_url: str) -> dict[str, Any
         "00081190": {"vr": "UR", "Value": [stored_url]},
     }
     return {"00081190": {"vr": "UR", "Value": [study_url]}, "00081199": {"vr": "SQ", "Value": [item]}}
+
+
+class ReceivedSegs:
+    """The SEGs OHIF stored lately, byte for byte, by (study, series, instance) UIDs: read back through the
+    proxy only where the PACS has no such instance.
+
+    OHIF shows the SEG it has just stored and fetches it again by its own UIDs (a Part 10 prefetch of
+    the whole instance). The PACS holds the server's SEG instead, under new UIDs, so that fetch got a
+    404 and OHIF's viewport stayed at "Loading SEG..." (measured: over 120 s). The proxy answers it with
+    the bytes OHIF sent (``appcore.dicom.proxy``), and only after the PACS said 404, so nothing the PACS
+    holds is ever shadowed; the PACS itself never gets them. Kept: the newest ``keep``, for ``ttl_s``.
+    """
+
+    def __init__(self, keep: int = 8, ttl_s: float = 900.0) -> None:
+        self._keep, self._ttl_s = keep, ttl_s
+        self._items: OrderedDict[tuple[str, str, str], tuple[float, bytes]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def remember(self, seg: Dataset, content: bytes) -> None:
+        key = (str(seg.StudyInstanceUID), str(seg.SeriesInstanceUID), str(seg.SOPInstanceUID))
+        with self._lock:
+            self._items.pop(key, None)
+            self._items[key] = (time.monotonic(), content)
+            while len(self._items) > self._keep:
+                self._items.popitem(last=False)
+
+    def recall(self, path: str) -> bytes | None:
+        """The bytes of the instance a WADO-RS path (``studies/{uid}/series/{uid}/instances/{uid}``) names."""
+        match = _INSTANCE_PATH.fullmatch(path)
+        if match is None:
+            return None
+        with self._lock:
+            at, content = self._items.get(match.groups(), (0.0, b""))
+            if not content or time.monotonic() - at > self._ttl_s:
+                return None
+            return content
+
+
+_INSTANCE_PATH = re.compile(rf"studies/({_UID})/series/({_UID})/instances/({_UID})")
+RECEIVED = ReceivedSegs()
+
+
+def multipart_instance(content: bytes) -> tuple[bytes, str]:
+    """One PS3.10 instance as a WADO-RS answer: the body and its Content-Type."""
+    boundary = "active-label-server-instance"
+    body = f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + content
+    media_type = f'multipart/related; type="application/dicom"; boundary={boundary}'
+    return body + f"\r\n--{boundary}--\r\n".encode(), media_type

@@ -145,6 +145,14 @@ def test_a_stored_seg_becomes_the_final_label_and_the_last_save_wins(
     assert (item.ReferencedSOPClassUID, item.ReferencedSOPInstanceUID) == (seg.SOPClassUID, seg.SOPInstanceUID)
     assert answer.RetrieveURL.endswith(f"/proxy/dicom/wado/studies/{mr['study']}")
 
+    # OHIF reads its SEG back by its own UIDs: the PACS does not hold it, the proxy answers what was sent
+    echoed = server.http.get(
+        f"/proxy/dicom/wado/studies/{seg.StudyInstanceUID}/series/{seg.SeriesInstanceUID}/instances/{seg.SOPInstanceUID}",
+        headers={"Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'},
+    )
+    assert echoed.status_code == 200, echoed.text
+    assert part10(seg) in echoed.content and echoed.headers["content-type"].startswith("multipart/related")
+
     # the stored final label is the SEG's content; the PACS holds the server's SEG of it, not OHIF's
     np.testing.assert_array_equal(final_label(server, uid), first)
     (stored,) = pacs_segs(pacs, uid)

@@ -150,7 +150,11 @@ def test_instances_that_are_no_seg_are_refused() -> None:
     ct.PixelData = b"\0" * (int(ct.Rows) * int(ct.Columns) * 2)
     no_pixels = pydicom.dcmread(io.BytesIO(part10(_seg()[0])))
     del no_pixels.PixelData
+    no_uid = pydicom.dcmread(io.BytesIO(part10(_seg()[0])))
+    no_uid.SOPInstanceUID = ""
+    del no_uid.StudyInstanceUID
     cases = [
+        (part10(no_uid), "The SEG has no StudyInstanceUID, SOPInstanceUID: a stored instance names"),
         (b"plain text, no DICOM file", "The part is no DICOM file \\(PS3.10\\) pydicom can read: InvalidDicomError"),
         (part10(ct), r"SOP class 1.2.840.10008.5.1.4.1.1.4 \(MR Image Storage\), not a DICOM SEG"),
         (part10(no_pixels), "The SEG has no pixel data"),
@@ -285,3 +289,25 @@ def test_the_store_answer_is_a_ps3_18_store_response() -> None:
     assert (item.ReferencedSOPClassUID, item.ReferencedSOPInstanceUID) == (seg.SOPClassUID, seg.SOPInstanceUID)
     assert item.RetrieveURL == "http://s/x"
     assert np.isscalar(len(answer.ReferencedSOPSequence))
+
+
+def test_received_segs_are_recalled_by_their_exact_instance_path_for_a_while(monkeypatch: pytest.MonkeyPatch) -> None:
+    seg, _ = _seg()
+    kept = stow.ReceivedSegs(keep=2, ttl_s=60.0)
+    kept.remember(seg, b"DICM bytes")
+    path = f"studies/{seg.StudyInstanceUID}/series/{seg.SeriesInstanceUID}/instances/{seg.SOPInstanceUID}"
+    assert kept.recall(path) == b"DICM bytes"
+    for other in (f"{path}/frames/1", f"{path}/metadata", path.replace("studies/", "studies/9"), "studies"):
+        assert kept.recall(other) is None, other
+    later = stow.time.monotonic() + 61
+    monkeypatch.setattr(stow.time, "monotonic", lambda: later)
+    assert kept.recall(path) is None, "forgotten after ttl_s"
+
+
+def test_only_the_newest_received_segs_are_kept() -> None:
+    kept = stow.ReceivedSegs(keep=2)
+    segs = [_seg()[0] for _ in range(3)]
+    for n, seg in enumerate(segs):
+        kept.remember(seg, bytes([n + 1]))
+    paths = [f"studies/{s.StudyInstanceUID}/series/{s.SeriesInstanceUID}/instances/{s.SOPInstanceUID}" for s in segs]
+    assert [kept.recall(p) for p in paths] == [None, b"\x02", b"\x03"]
