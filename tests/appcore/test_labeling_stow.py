@@ -12,6 +12,7 @@ import gzip
 import io
 import re
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -32,6 +33,8 @@ from tests.e2e.servers import (
     requires_dicom_data,
     requires_orthanc,
 )
+from tests.realm import ANNOTATOR, USER, serve_realm
+from tests.realm import Realm as StandInRealm
 from tests.segs import foreign_seg, label_map_seg
 
 pytestmark = [requires_shared, requires_dicom_data, requires_orthanc, pytest.mark.slow]
@@ -353,3 +356,32 @@ def test_reads_are_still_forwarded(server: Server, mr: dict[str, Any]) -> None:
     r = server.http.get(f"/proxy/dicom/qido/studies/{mr['study']}/series", headers={"Accept": "application/dicom+json"})
     assert r.status_code == 200, r.text
     assert mr["uid"] in r.text
+
+
+def test_with_authentication_the_store_needs_an_annotator_and_the_version_is_theirs(
+    pacs: LoadedPacs, mr: dict[str, Any], tmp_path: Path
+) -> None:
+    """ANNOTATOR, as the panel's save (it was ADMIN, as every write below /proxy/dicom/); the label's
+    author is the token's user, whatever the SEG or the query says."""
+    users = {"ulla": ("pw-u", [USER]), "anna": ("pw-a", [USER, ANNOTATOR])}
+    conf = {"models": "hippocampus", "score_on_start": "false", "score_new_images": "false"}
+    with serve_realm(StandInRealm(users=dict(users))) as realm:
+        env = {"MONAI_LABEL_AUTH_ENABLE": "true", "MONAI_LABEL_AUTH_REALM_URI": realm.url}
+        with monailabel_server(tmp_path, pacs.orthanc.dicomweb_url, conf, env=env, probe="/auth/") as authed:
+
+            def bearer(name: str) -> dict[str, str]:
+                return {**HEADERS, "Authorization": f"Bearer {realm.token(name, users[name][1])}"}
+
+            label = _corrected(mr["truth"], 3)
+            body = stow_body(part10(make_seg("label_map", label, mr["sources"])))
+            assert authed.http.post(STOW, content=body, headers=HEADERS).status_code == 401
+            refused = authed.http.post(STOW, content=body, headers=bearer("ulla"))
+            assert refused.status_code == 403 and "annotator" in refused.text, refused.text
+            r = authed.http.post(f"{STOW}?client_id=mallory", content=body, headers=bearer("anna"))
+            assert r.status_code == 200, r.text
+            answer = authed.http.get(
+                "/datastore/label/versions", params={"image": mr["uid"], "tag": "final"}, headers=bearer("anna")
+            )
+            assert answer.status_code == 200, answer.text
+            latest = answer.json()["versions"][-1]
+            assert latest["user"] == "anna" and latest["info"]["saved_from"] == "ohif-export", latest
