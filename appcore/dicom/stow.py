@@ -75,9 +75,11 @@ def stow_part(content_type: str, body: bytes) -> bytes:
     if root != STOW_MEDIA_TYPE:
         raise RequestError(415, f'The multipart body\'s type is "{root}", not "{STOW_MEDIA_TYPE}"; {ACCEPTED}')
     boundary = header.get_param("boundary")
-    if not isinstance(boundary, str) or not 0 < len(boundary) <= 70:
-        raise bad_request(f"The Content-Type names no boundary (1 to 70 characters) for the multipart body; {ACCEPTED}")
-    parts = _split(b"\r\n" + body, boundary.encode("latin-1"))
+    if not isinstance(boundary, str) or not 0 < len(boundary) <= 70 or not boundary.isascii():
+        raise bad_request(
+            f"The Content-Type names no boundary (1 to 70 ASCII characters) for the multipart body; {ACCEPTED}"
+        )
+    parts = _split(b"\r\n" + body, boundary.encode("ascii"))
     if len(parts) != 1:
         raise bad_request(
             f"The multipart body holds {len(parts)} parts; {ACCEPTED}. Store the SEG alone, one request per SEG"
@@ -98,7 +100,7 @@ def _split(body: bytes, boundary: bytes) -> list[tuple[dict[str, str], bytes]]:
     delimiter = b"\r\n--" + boundary
     pieces = body.split(delimiter)
     if len(pieces) < 2:
-        raise bad_request(f"The multipart body has no boundary {boundary.decode('latin-1')!r}; {ACCEPTED}")
+        raise bad_request(f"The multipart body has no boundary {boundary.decode('ascii')!r}; {ACCEPTED}")
     parts = []
     for piece in pieces[1:]:  # pieces[0] is the preamble
         if piece.startswith(b"--"):  # the close delimiter: the rest is the epilogue
@@ -121,7 +123,7 @@ def _split(body: bytes, boundary: bytes) -> list[tuple[dict[str, str], bytes]]:
             headers[name.strip().lower()] = value.strip()
         parts.append((headers, content))
     raise bad_request(
-        f"The multipart body does not end with its closing boundary '--{boundary.decode('latin-1')}--': "
+        f"The multipart body does not end with its closing boundary '--{boundary.decode('ascii')}--': "
         "it was cut off, or is not multipart"
     )
 
