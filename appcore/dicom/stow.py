@@ -225,7 +225,7 @@ def _check_frames(seg: Dataset, sources: Sequence[Dataset], series: str, labels:
     orientation = np.asarray([float(v) for v in first.ImageOrientationPatient])
     spacing = np.asarray([float(v) for v in first.PixelSpacing])
     positions = np.asarray([[float(v) for v in ds.ImagePositionPatient] for ds in sources])
-    instances = {str(ds.SOPInstanceUID) for ds in sources}
+    instances = {str(ds.SOPInstanceUID): k for k, ds in enumerate(sources)}
     _check_plane(shared, orientation, spacing, "The SEG")
     for k, group in enumerate(groups, start=1):
         what = f"The SEG's frame {k}"
@@ -244,11 +244,17 @@ def _check_frames(seg: Dataset, sources: Sequence[Dataset], series: str, labels:
         plane = group.get("PlanePositionSequence") or []
         if plane and "ImagePositionPatient" in plane[0]:
             at = np.asarray([float(v) for v in plane[0].ImagePositionPatient])
-            distance = float(np.linalg.norm(positions - at, axis=1).min())
-            if distance > POSITION_TOLERANCE_MM:
+            distances = np.linalg.norm(positions - at, axis=1)
+            nearest = int(distances.argmin())
+            if distances[nearest] > POSITION_TOLERANCE_MM:
                 raise unprocessable(
-                    f"{what} lies at {at.round(3).tolist()} mm, {distance:.2f} mm from the nearest image of series "
-                    f"{series}: its frames are not the series' slices"
+                    f"{what} lies at {at.round(3).tolist()} mm, {distances[nearest]:.2f} mm from the nearest image of "
+                    f"series {series}: its frames are not the series' slices"
+                )
+            if named and nearest not in {instances[uid] for uid in named}:
+                raise unprocessable(
+                    f"{what} lies on image {nearest + 1} of series {series} (in slice order) but is derived from "
+                    f"image {sorted(instances[uid] + 1 for uid in named)[0]}: its position and its source disagree"
                 )
         elif not named:
             raise unprocessable(f"{what} names no image of series {series} and no position: it cannot be placed")

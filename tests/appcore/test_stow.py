@@ -217,6 +217,12 @@ def _shared(keyword: str, sequence: str, value: list[float]) -> Callable[[Datase
     return change
 
 
+def _elsewhere(seg: Dataset) -> None:
+    """The first frame placed on another slice than the image it names."""
+    groups = seg.PerFrameFunctionalGroupsSequence
+    groups[0].PlanePositionSequence[0].ImagePositionPatient = groups[-1].PlanePositionSequence[0].ImagePositionPatient
+
+
 def _two_coordinates(seg: Dataset) -> None:
     _first_frame(seg).PlanePositionSequence[0].ImagePositionPatient = [1.0, 2.0]
 
@@ -238,6 +244,7 @@ def _unplaced(seg: Dataset) -> None:
         ("ohif", _foreign_source, "frame 1 is derived from instance 1.2.3.4, which is no image of series"),
         ("label_map", _moved, r"frame 1 lies at .* mm, 0.40 mm from the nearest image of series"),
         ("ohif", _unplaced, "frame 1 names no image of series .* and no position"),
+        ("label_map", _elsewhere, r"frame 1 lies on image \d+ of series .* but is derived from image \d+"),
         (
             "ohif",
             _shared("ImageOrientationPatient", "PlaneOrientationSequence", [0, 1, 0, 1, 0, 0]),
@@ -263,6 +270,7 @@ def _unplaced(seg: Dataset) -> None:
         "frame of another series",
         "frame between slices",
         "frame placed nowhere",
+        "frame placed on another image than its source",
         "orientation",
         "pixel spacing",
         "functional groups missing",
