@@ -87,8 +87,10 @@ def auth_enabled() -> bool:
 P, U, AN, RV, AD = Role.PUBLIC, Role.USER, Role.ANNOTATOR, Role.REVIEWER, Role.ADMIN
 
 # (methods, path pattern as Starlette writes it, least role). HEAD goes with GET. A request whose
-# path several patterns match needs the highest of their roles; a path no pattern matches needs
-# ADMIN, so a route added without a row here is closed, not open (and tests/appcore/test_auth.py fails).
+# path several patterns match needs the highest of their roles, except that a catch-all pattern (a
+# ``{...:path}`` parameter) gives way to the patterns without one that match the same method (the
+# STOW rows below /proxy/dicom/); a path no pattern matches needs ADMIN, so a route added without a
+# row here is closed, not open (and tests/appcore/test_auth.py fails).
 ROLE_TABLE: tuple[tuple[str, str, Role], ...] = (
     # pages of the server itself: no data
     ("GET", "/", P),
@@ -163,6 +165,13 @@ ROLE_TABLE: tuple[tuple[str, str, Role], ...] = (
     ("GET", "/logs/", AD),
     ("GET", "/logs/gpu", AD),
     ("POST", "/reload", AD),
+    # OHIF's Export > DICOM SEG > Save (STOW-RS of one SEG): a label save, never forwarded
+    # (appcore.dicom.stow); admin until issue 25, like every other write below /proxy/dicom/
+    *(
+        ("POST", f"/proxy/dicom/{root}studies{study}", AN)
+        for root in ("", "wado/", "stow/")
+        for study in ("", "/{study}")
+    ),
     ("POST,PUT,DELETE,PATCH", "/proxy/dicom/{path:path}", AD),  # never forwarded: users read, nothing else
 )
 
@@ -202,7 +211,10 @@ class RoleTable:
     def _needed(self, method: str, path: str) -> tuple[Role, str]:
         """The role ``method path`` needs and the pattern that decided it.
 
-        Every pattern matching the path counts, and the highest role wins. A path matched only for
+        Every pattern matching the path counts, and the highest role wins; a catch-all pattern (a
+        ``{...:path}`` parameter) counts only where no pattern without one matches the method and
+        path (``POST /proxy/dicom/studies`` is annotator, any other POST below /proxy/dicom/ admin).
+        A path matched only for
         other methods needs USER (the router answers 405); OPTIONS (a CORS preflight, which carries no
         token) is public; a path nothing matches needs ADMIN unless it is a declared path with or
         without its trailing ``/`` (the router redirects, and the redirected request is checked): that
@@ -212,6 +224,7 @@ class RoleTable:
             return Role.PUBLIC, "OPTIONS"
         hits = [p for p in self.patterns if p.regex.match(path)]
         chosen = [p for p in hits if method in p.methods]
+        chosen = [p for p in chosen if ":path}" not in p.path] or chosen
         if chosen:
             best = max(chosen, key=lambda p: p.role)
             return best.role, f"{method} {best.path}"

@@ -34,8 +34,11 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 from pydantic import BaseModel, Field, StrictInt
+from pydicom.dataset import Dataset
 
 from appcore import seam
+from appcore.dicom import stow
+from appcore.dicom.seg import seg_to_label
 from appcore.errors import RequestError, conflict, not_found, unprocessable
 
 logger = logging.getLogger(__name__)
@@ -303,19 +306,74 @@ class Labeling:
         if unnamed:
             raise unprocessable(f"Labelmap values {unnamed} belong to no segment the label names ({payload.segments})")
         volume = lut[frames]
+        info = {"model": model, "client_id": payload.client_id or "anonymous", "saved_from": "ohif"}
+        return self.store_final(image, volume, grid.affine, info, payload.base)
+
+    def store_final(
+        self, image: str, volume: np.ndarray, affine: np.ndarray, info: dict[str, Any], base: str | None
+    ) -> dict[str, Any]:
+        """Store ``volume`` (class ids, ``[column, row, slice]`` on the series' grid) as the series'
+        ``final`` label: a SEG in the PACS written by the server, the datastore's label, a new version
+        in the label history (``info`` recorded with it: ``model``, ``client_id``, ``saved_from``).
+
+        Every save from the viewer comes here: the panel's (``save``) and OHIF's own export
+        (``save_seg``). ``base``: the series' label when the case was handed out; someone's save
+        since is a 409 and nothing is stored. ``None``: the last save wins (the history keeps the
+        version it replaces). Answers the progress and whether a training started.
+        """
+        store = self.store()
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "label.nii.gz"
-            nib.save(nib.Nifti1Image(volume, grid.affine), path)
-            info = {"model": model, "client_id": payload.client_id or "anonymous", "saved_from": "ohif"}
-            store.save_final_if_unchanged(image, str(path), info, payload.base)
-        logger.info("Label of series %s saved from OHIF by %s", image, payload.client_id or "anonymous")
-        started = self._train_if_due(model)
+            nib.save(nib.Nifti1Image(volume, affine), path)
+            if base is None:
+                store.save_label(image, str(path), "final", info)
+            else:
+                store.save_final_if_unchanged(image, str(path), info, base)
+        logger.info("Label of series %s saved (%s) by %s", image, info.get("saved_from"), info.get("client_id"))
+        started = self._train_if_due(str(info["model"]))
         return {
             "image": image,
             "base": store.final_state(image),
             "progress": self.progress(),
             "training_started": started,
         }
+
+    def save_seg(self, seg: Dataset, study: str | None, client_id: str) -> dict[str, Any]:
+        """A DICOM SEG that OHIF's own export stored (STOW-RS, ``appcore.dicom.stow``), saved as the
+        ``final`` label of the series it segments, as the panel's save stores one (``store_final``;
+        the last save wins). Answers ``store_final``'s answer with the SEG series the server wrote.
+
+        Raises:
+            RequestError: 422 for a SEG of a series the PACS does not hold (or none of the served
+                models segments), whose frames do not fit the series' grid, or whose segments are not
+                the model's labels; nothing is stored then.
+        """
+        series = stow.referenced_series(seg, study)
+        try:
+            model, labels, info = self.model_for(series)
+        except RequestError as e:
+            raise unprocessable(f"The SEG segments series {series}, which is not labelled here: {e.detail}") from None
+        if info["StudyInstanceUID"] != str(seg.get("StudyInstanceUID", "")):
+            raise unprocessable(
+                f"The SEG is of study {seg.get('StudyInstanceUID')}, and the series it segments ({series}) of study "
+                f"{info['StudyInstanceUID']}: a SEG belongs to its series' study"
+            )
+        store = self.store()
+        grid = nib.load(store.get_image_uri(series))
+        headers = store.source_headers(series)
+        stow.check_seg_frames(seg, headers, series, len(list(labels)))
+        sops = [str(h.SOPInstanceUID) for h in headers]
+        positions = [[float(v) for v in h.ImagePositionPatient] for h in headers]
+        try:
+            volume = seg_to_label(seg, sops, labels, positions)
+        except Exception as e:  # highdicom and pydicom raise many kinds on a SEG they cannot read
+            logger.info("SEG %s for series %s refused: %r", seg.get("SOPInstanceUID"), series, e)
+            raise unprocessable(f"The SEG cannot be read as a label of series {series}: {e}") from None
+        received = {"SeriesInstanceUID": str(seg.SeriesInstanceUID), "SOPInstanceUID": str(seg.SOPInstanceUID)}
+        saved = {"model": model, "client_id": client_id, "saved_from": "ohif-export", "received_seg": received}
+        answer = self.store_final(series, volume, grid.affine, saved, None)
+        stored = store.get_label_info(series, "final").get("SegSeriesInstanceUID")
+        return {**answer, "study": info["StudyInstanceUID"], "seg_series": stored}
 
     def _train_if_due(self, model: str) -> bool:
         """Start a training of ``model`` once ``--conf train_after_labels`` labels were saved from the
@@ -450,3 +508,40 @@ def status() -> dict[str, Any]:
 
 def clicks(image: str, payload: ClickSession) -> dict[str, Any]:
     return LABELING.clicks(image, payload)
+
+
+async def store_seg(request: Any, op: str, study: str | None) -> Any:
+    """``POST /proxy/dicom/[wado/|stow/]studies[/{study}]`` (OHIF's Export > DICOM SEG > Save): the one
+    SEG of the STOW-RS body saved as its series' ``final`` label (``Labeling.save_seg``), answered
+    with the PS3.18 store response. The body is read up to ``--conf max_upload_mb`` (a 413 past it);
+    the checks and the save run in a worker thread. The client's name is the ``client_id`` query
+    parameter, else ``ohif``; the author is the request's user."""
+    from starlette.concurrency import run_in_threadpool
+    from starlette.responses import JSONResponse
+
+    from appcore.errors import too_large
+
+    limit_mb = int(LABELING.app().settings.max_upload_mb)
+    query = dict(request.query_params)
+    unknown = sorted(set(query) - {"client_id"})
+    if unknown:
+        raise unprocessable(f"Query parameter(s) {unknown} are not taken by a store; only client_id (your name)")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit_mb * 2**20:
+            raise too_large(f"The STOW-RS body passed {limit_mb} MB, the limit for uploads (--conf max_upload_mb)")
+        chunks.append(chunk)
+    content_type = request.headers.get("content-type", "")
+
+    def save() -> dict[str, Any]:
+        content = stow.stow_part(content_type, b"".join(chunks))
+        seg = stow.read_seg(content)
+        saved = LABELING.save_seg(seg, study, query.get("client_id") or "ohif")
+        stow.RECEIVED.remember(seg, content)  # OHIF reads it back (stow.ReceivedSegs says why)
+        return {"seg": seg, **saved}
+
+    saved = await run_in_threadpool(save)
+    root = f"{str(request.base_url).rstrip('/')}/proxy/dicom/{op + '/' if op else ''}studies/{saved['study']}"
+    answer = stow.store_answer(saved["seg"], root, f"{root}/series/{saved['seg_series']}")
+    return JSONResponse(answer, media_type=stow.ANSWER_MEDIA_TYPE)

@@ -1,5 +1,10 @@
 """The viewer's DICOMweb proxy (``/proxy/dicom/...``): DICOMweb reads only, without blocking the server.
 
+One write is taken, never forwarded: a STOW-RS of one DICOM SEG (OHIF's Export > DICOM SEG > Save,
+``POST .../studies``) is saved as a label by the server (``appcore.dicom.labeling.store_seg``), which
+writes its own SEG to the PACS. OHIF then reads its SEG back by its own UIDs: where the PACS answers
+404 for it, the proxy answers the bytes OHIF sent (``appcore.dicom.stow.ReceivedSegs``).
+
 MONAI Label (0.8.5) forwards any path below ``/proxy/dicom/`` to the PACS, with the server's PACS
 credentials: ``/proxy/dicom/wado/%2e%2e/system`` reached Orthanc's REST API (``requests`` removes
 the dot segments), and the same door created and deleted patients (``tools/create-dicom``,
@@ -28,6 +33,7 @@ from fastapi import HTTPException
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
+from appcore.dicom.stow import ACCEPTED, RECEIVED, multipart_instance, stow_target
 from appcore.errors import RequestError, bad_request, method_not_allowed
 
 logger = logging.getLogger(__name__)
@@ -72,10 +78,11 @@ def check_proxied(method: str, op: str, path: str, raw_path: str | None) -> None
         raw_path: the request's path as sent (``scope["raw_path"]``), percent escapes and all; None
             where the server gives none, and the decoded path alone is checked.
     """
-    if method not in FORWARDED_METHODS or op == "stow":
+    if (method not in FORWARDED_METHODS or op == "stow") and not stow_target(method, op, path)[0]:
         raise method_not_allowed(
             f"{method} /proxy/dicom/{op + '/' if op else ''}... is not forwarded: the viewer only reads from the "
-            f"PACS (labels are saved with PUT /datastore/label, which stores them as DICOM SEG). {FORWARDED}",
+            f"PACS (labels are saved with PUT /datastore/label, which stores them as DICOM SEG). {FORWARDED}. "
+            f"{ACCEPTED}",
             ", ".join(FORWARDED_METHODS),
         )
     if raw_path is not None:
@@ -117,6 +124,11 @@ async def proxy_dicom(request: Any, op: str, path: str) -> Response:
     raw_path = request.scope.get("raw_path")
     try:
         check_proxied(request.method, op, path, raw_path.decode("latin-1") if raw_path is not None else None)
+        is_store, study = stow_target(request.method, op, path)
+        if is_store:  # OHIF's Export > DICOM SEG > Save: a label save, nothing forwarded
+            from appcore.dicom.labeling import store_seg
+
+            return await store_seg(request, op, study)
         query = forwarded_query(request.scope.get("query_string", b"").decode("latin-1"))
     except RequestError as e:
         logger.warning("DICOMweb proxy refused %s %s: %s", request.method, request.url.path, e.status_code)
@@ -146,5 +158,9 @@ async def proxy_dicom(request: Any, op: str, path: str) -> Response:
         raise HTTPException(
             status_code=503, detail=f"The PACS at {root} did not answer the viewer's request ({type(e).__name__})"
         ) from None
+    echoed = RECEIVED.recall(path) if upstream.status_code == 404 else None
+    if echoed is not None:  # a SEG OHIF stored a moment ago, which the PACS holds as the server's SEG
+        body, media_type = multipart_instance(echoed)
+        return Response(content=body if request.method == "GET" else b"", media_type=media_type)
     kept = {k: v for k, v in upstream.headers.items() if k.lower() in KEPT_HEADERS}
     return Response(content=upstream.content, status_code=upstream.status_code, headers=kept)

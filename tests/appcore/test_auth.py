@@ -140,7 +140,14 @@ def test_role_table_covers_every_route() -> None:
         ("PUT", "/datastore/label/review", Role.REVIEWER),
         ("DELETE", "/datastore/image", Role.ADMIN),
         ("GET", "/proxy/dicom/studies", Role.USER),
-        ("POST", "/proxy/dicom/studies", Role.ADMIN),  # users read, nothing else
+        ("POST", "/proxy/dicom/studies", Role.ANNOTATOR),  # OHIF's export of a SEG: a label save (was ADMIN)
+        ("POST", "/proxy/dicom/wado/studies", Role.ANNOTATOR),  # where OHIF posts it (its WADO root)
+        ("POST", "/proxy/dicom/stow/studies/1.2.3", Role.ANNOTATOR),
+        ("PUT", "/proxy/dicom/studies", Role.ADMIN),  # users read, nothing else
+        ("POST", "/proxy/dicom/tools/create-dicom", Role.ADMIN),
+        ("POST", "/proxy/dicom/wado/studies/1.2.3/series", Role.ADMIN),
+        ("POST", "/proxy/dicom/qido/studies", Role.ADMIN),
+        ("GET", "/proxy/dicom/wado/studies/1.2.3", Role.USER),
         ("GET", "/proxy/dicom/wado/%2e%2e/system", Role.USER),  # the proxy refuses it after the role check
         ("GET", "/not/a/route", Role.ADMIN),  # closed, not open
         ("GET", "/info", Role.USER),  # the router redirects to /info/, which is checked again
@@ -621,7 +628,14 @@ ENDPOINTS: list[tuple[str, str, dict[str, Any], Role]] = [
     ("GET", "/logs/", {}, Role.ADMIN),
     ("GET", "/logs/gpu", {}, Role.ADMIN),
     ("POST", "/reload", {}, Role.ADMIN),  # refusals only: it would rebuild the app
-    *((m, "/proxy/dicom/studies", {}, Role.ADMIN) for m in ("POST", "PUT", "DELETE", "PATCH")),
+    # OHIF's Export > DICOM SEG > Save (STOW-RS): a label save; refused here (no PACS), nothing stored
+    *(
+        ("POST", f"/proxy/dicom/{root}studies{study}", {"content": b"x"}, Role.ANNOTATOR)
+        for root in ("", "wado/", "stow/")
+        for study in ("", "/1.2.3")
+    ),
+    ("POST", "/proxy/dicom/tools/create-dicom", {}, Role.ADMIN),
+    *((m, "/proxy/dicom/studies", {}, Role.ADMIN) for m in ("PUT", "DELETE", "PATCH")),
     ("GET", "/no/such/route", {}, Role.ADMIN),
 ]
 NOT_CALLED = {"/reload"}  # let through, these would change the server: only the refusals are checked

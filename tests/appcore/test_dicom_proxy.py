@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -185,7 +186,11 @@ REFUSED = [
     ("POST", "", "tools/create-dicom", "/proxy/dicom/tools/create-dicom", 405),
     ("POST", "wado", "tools/bulk-delete", "/proxy/dicom/wado/tools/bulk-delete", 405),
     ("POST", "qido", "studies", "/proxy/dicom/qido/studies", 405),
-    ("POST", "stow", "studies", "/proxy/dicom/stow/studies", 405),  # the viewer saves nothing through it
+    # a store is a POST of studies[/{uid}] only (a label save, appcore.dicom.stow); nothing else is written
+    ("POST", "stow", "studies/1.2/series", "/proxy/dicom/stow/studies/1.2/series", 405),
+    ("POST", "wado", "studies/1.2/series/1.3/instances", "/proxy/dicom/wado/studies/1.2/series/1.3/instances", 405),
+    ("POST", "wado", "studies", "/proxy/dicom/wado/%73tudies", 400),  # checked on the raw path as reads are
+    ("POST", "", "studies/1..2", "/proxy/dicom/studies/1..2", 405),
     ("GET", "stow", "studies", "/proxy/dicom/stow/studies", 405),
     ("DELETE", "wado", "studies/1.2", "/proxy/dicom/wado/studies/1.2", 405),
     ("PUT", "wado", "studies/1.2", "/proxy/dicom/wado/studies/1.2", 405),
@@ -199,6 +204,15 @@ def test_anything_but_a_dicomweb_read_is_refused_saying_what_is_forwarded(
     with pytest.raises(RequestError, match=r"forwards only GET \(and HEAD\) requests for DICOMweb resources") as e:
         check_proxied(method, op, path, raw)
     assert e.value.status_code == status
+
+
+@pytest.mark.parametrize(
+    ("op", "path"), [("wado", "studies"), ("", "studies"), ("stow", "studies/1.2.3"), ("wado", "studies/1.2.3")]
+)
+def test_a_store_of_studies_passes_the_proxy_check(op: str, path: str) -> None:
+    """OHIF's Export > DICOM SEG > Save (a STOW-RS to ``<wadoRoot>/studies``): read and saved as a label
+    by the server (tests/appcore/test_labeling_stow.py), never forwarded."""
+    check_proxied("POST", op, path, f"/proxy/dicom/{op + '/' if op else ''}{path}")
 
 
 @pytest.mark.parametrize(
@@ -272,7 +286,8 @@ ATTACKS = [
     ("POST", "/proxy/dicom/tools/create-dicom"),
     ("POST", "/proxy/dicom/wado/%2e%2e/tools/create-dicom"),
     ("POST", "/proxy/dicom/wado/tools/bulk-delete"),
-    ("POST", "/proxy/dicom/stow/studies"),
+    ("POST", "/proxy/dicom/stow/studies/1.2/series"),
+    ("POST", "/proxy/dicom/wado/studies/..%2F..%2Ftools/create-dicom"),
 ]
 
 
@@ -281,6 +296,28 @@ def test_a_refused_request_never_reaches_the_pacs(pacs, method: str, target: str
     status, _, body = asyncio.run(_asgi(_app(), method, target, {}))
     assert status in (400, 405), body
     assert "forwards only GET" in json.loads(body)["detail"] or "not forwarded" in json.loads(body)["detail"]
+    assert _Pacs.seen == []
+
+
+@pytest.mark.parametrize(
+    ("target", "status", "match"),
+    [
+        ("/proxy/dicom/stow/studies", 415, "The body is application/json"),
+        ("/proxy/dicom/wado/studies/1.2.3", 415, "The body is application/json"),
+        ("/proxy/dicom/studies?x=1", 422, r"Query parameter\(s\) \['x'\] are not taken by a store"),
+    ],
+)
+def test_a_store_is_read_by_the_server_and_never_reaches_the_pacs(
+    pacs, monkeypatch: pytest.MonkeyPatch, target: str, status: int, match: str
+) -> None:
+    """A STOW-RS (OHIF's export of a SEG) is the server's to read (tests/appcore/test_labeling_stow.py):
+    a body that is no SEG is refused by it, and nothing goes to the PACS."""
+    from appcore.dicom import labeling
+
+    app = type("App", (), {"settings": type("Settings", (), {"max_upload_mb": 1})()})()
+    monkeypatch.setattr(labeling.Labeling, "app", staticmethod(lambda: app))
+    answer, _, body = asyncio.run(_asgi(_app(), "POST", target, {"Content-Type": "application/json"}))
+    assert answer == status and re.search(match, json.loads(body)["detail"]), body
     assert _Pacs.seen == []
 
 

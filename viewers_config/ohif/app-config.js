@@ -57,9 +57,10 @@ window.config = {
         // plugin) cannot turn JPEG 2000 into raw pixels; the browser decodes it instead.
         acceptHeader: ['multipart/related; type=application/octet-stream; transfer-syntax=*'],
         bulkDataURI: { enabled: true, relativeResolution: 'studies' },
-        // OHIF's own export stores the classic binary SEG (uncompressed), which the server reads;
-        // the labeling panel's Save goes through the server instead (docs/ohif.md says why).
-        segmentation: { store: { defaultMode: 'bitmap', transferSyntaxUID: '1.2.840.10008.1.2.1' } },
+        // OHIF's own Export > DICOM SEG > Save stores its default, a Label Map SEG (RLE), which the
+        // server takes as a label save (docs/ohif.md). Not the binary 'bitmap' mode: OHIF 3.13.2
+        // cannot show a bit-packed SEG it has just stored ("Invalid frame length"), its viewport
+        // stayed at "Loading SEG...".
       },
     },
   ],
