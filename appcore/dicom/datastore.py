@@ -22,6 +22,7 @@ from appcore.datastore import AllowedValues, CheckedLocalDatastore, check_save_p
 from appcore.dicom.client import DicomWebClient, OrthancAdmin, PacsUnavailable
 from appcore.dicom.seg import SEG_MANUFACTURER, label_to_seg, seg_to_label
 from appcore.dicom.series import SeriesRefused, load_series, series_geometry
+from appcore.dicom.timing import Stopwatch, stage
 from appcore.errors import RequestError, bad_request, conflict, not_found, unprocessable
 from appcore.history import Origin
 from appcore.labels import LabelSet
@@ -330,13 +331,21 @@ class DicomWebDatastore(CheckedLocalDatastore):
             Path(converted).unlink(missing_ok=True)
 
     def save_final_if_unchanged(
-        self, image_id: str, label_filename: str, label_info: dict[str, Any], expected_final: str
+        self,
+        image_id: str,
+        label_filename: str,
+        label_info: dict[str, Any],
+        expected_final: str,
+        timings: Stopwatch | None = None,
     ) -> str:
         """Save a ``final`` label (a NIfTI file) unless the series' label in the PACS is no longer
-        ``expected_final`` (``final_state`` when the case was handed out): a 409 then, nothing stored."""
+        ``expected_final`` (``final_state`` when the case was handed out): a 409 then, nothing stored.
+        ``timings`` records the seconds of each stage."""
         image_uri = self.get_image_uri(image_id)
         info = check_save_params(label_info, "Save label")
-        return self._save_label(image_id, image_uri, label_filename, DefaultLabelTag.FINAL.value, info, expected_final)
+        return self._save_label(
+            image_id, image_uri, label_filename, DefaultLabelTag.FINAL.value, info, expected_final, timings
+        )
 
     def _save_label(
         self,
@@ -346,26 +355,29 @@ class DicomWebDatastore(CheckedLocalDatastore):
         label_tag: str,
         label_info: dict[str, Any],
         expected_final: str | None = None,
+        timings: Stopwatch | None = None,
     ) -> str:
         if label_tag != DefaultLabelTag.FINAL.value:
             return super().save_label(image_id, label_filename, label_tag, label_info)
 
         info = dict(label_info or {})
-        modality = str(self.get_image_info(image_id).get("Modality", ""))
-        model, labels = self._labels_for(info, modality)
-        check_upload_size(label_filename, self._max_upload_mb, "label")
-        geometry = Geometry.of(nib.load(image_uri))
-        # Judged by its header against the series' grid before any voxel is decoded.
-        label = load_nifti(
-            label_filename, "label", self._max_upload_mb, check=lambda lb: check_label_geometry(lb, geometry)
-        )
-        data = validate_label_volume(label, geometry, labels.allowed_values)
+        with stage(timings, "label checked"):
+            modality = str(self.get_image_info(image_id).get("Modality", ""))
+            model, labels = self._labels_for(info, modality)
+            check_upload_size(label_filename, self._max_upload_mb, "label")
+            geometry = Geometry.of(nib.load(image_uri))
+            # Judged by its header against the series' grid before any voxel is decoded.
+            label = load_nifti(
+                label_filename, "label", self._max_upload_mb, check=lambda lb: check_label_geometry(lb, geometry)
+            )
+            data = validate_label_volume(label, geometry, labels.allowed_values)
         # One save or removal per series at a time: two clients saving at once would each delete
         # only the SEGs listed before both stored theirs, and leave two.
         with self._lock_for(f"labels of {image_id}"):
             if expected_final is not None:
-                self._check_final_unchanged(image_id, expected_final)
-            return self._replace_seg(image_id, label_filename, data, labels, model, info)
+                with stage(timings, "conflict check (PACS)"):
+                    self._check_final_unchanged(image_id, expected_final)
+            return self._replace_seg(image_id, label_filename, data, labels, model, info, timings)
 
     def final_state(self, image_id: str) -> str:
         """What the PACS holds as the series' ``final`` label now: its SEG series uids, sorted and
@@ -393,28 +405,36 @@ class DicomWebDatastore(CheckedLocalDatastore):
         }
 
     def _replace_seg(
-        self, image_id: str, label_filename: str, data: np.ndarray, labels: LabelSet, model: str, info: dict[str, Any]
+        self,
+        image_id: str,
+        label_filename: str,
+        data: np.ndarray,
+        labels: LabelSet,
+        model: str,
+        info: dict[str, Any],
+        timings: Stopwatch | None = None,
     ) -> str:
-        self._segs.invalidate()  # SEGs this server stored a moment ago (another request) are replaced too
-        # Only this server's own SEGs are replaced: one a clinician made in another tool stays.
-        earlier = [(study, uid) for study, uid in self._segs.get().get(image_id, []) if self._ours(uid)]
+        with stage(timings, "earlier SEGs listed (PACS)"):
+            self._segs.invalidate()  # SEGs this server stored a moment ago (another request) are replaced too
+            # Only this server's own SEGs are replaced: one a clinician made in another tool stays.
+            earlier = [(study, uid) for study, uid in self._segs.get().get(image_id, []) if self._ours(uid)]
         seg_uid = generate_uid()
-        seg = label_to_seg(
-            np.asarray(data),
-            self.source_headers(image_id),
-            labels,
-            model=model,
-            series_uid=seg_uid,
-            sop_uid=generate_uid(),
-        )
+        with stage(timings, "series headers read"):
+            headers = self.source_headers(image_id)
+        with stage(timings, "SEG built (highdicom)"):
+            seg = label_to_seg(
+                np.asarray(data), headers, labels, model=model, series_uid=seg_uid, sop_uid=generate_uid()
+            )
         started = time.perf_counter()
-        self._client.store([seg])
+        with stage(timings, "SEG stored (STOW-RS)"):
+            self._client.store([seg])
         self._segs.invalidate()
         self._seg_refs[seg_uid] = (image_id, model, True)
-        for _, old in earlier:
-            if self._orthanc is not None and old != seg_uid:
-                self._orthanc.delete_series(old)
-                self._seg_refs.pop(old, None)
+        with stage(timings, "earlier SEG deleted (PACS)"):
+            for _, old in earlier:
+                if self._orthanc is not None and old != seg_uid:
+                    self._orthanc.delete_series(old)
+                    self._seg_refs.pop(old, None)
         logger.info(
             "Stored SEG %s for series %s (replaced %d) in %.2f s",
             seg_uid,
@@ -423,7 +443,8 @@ class DicomWebDatastore(CheckedLocalDatastore):
             time.perf_counter() - started,
         )
         info.update({"model": model, "SegSeriesInstanceUID": seg_uid})
-        return super().save_label(image_id, label_filename, DefaultLabelTag.FINAL.value, info)
+        with stage(timings, "label kept (datastore, version history)"):
+            return super().save_label(image_id, label_filename, DefaultLabelTag.FINAL.value, info)
 
     def _sync_final(self, image_id: str) -> None:
         """Make the cached ``final`` label of a series the one its SEG in the PACS holds (saved anywhere)."""
