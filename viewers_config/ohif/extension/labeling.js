@@ -166,12 +166,32 @@ function labelmapImages(segmentationId) {
   return data.imageIds.map(id => window.cornerstone.cache.getImage(id));
 }
 
+// Where the seconds from "Next case" to the proposal shown go (window.labelingTimes.next): each step's
+// time since the click, kept in sessionStorage so that it survives a page load too.
+const NEXT_KEY = 'labeling.nextClicked';
+
+function nextStep(name) {
+  const clicked = Number(sessionStorage.getItem(NEXT_KEY) || 0);
+  if (!clicked) {
+    return;
+  }
+  const next = { ...((window.labelingTimes || {}).next || {}), [name]: Date.now() - clicked };
+  window.labelingTimes = { ...(window.labelingTimes || {}), next };
+  performance.mark(`labeling:${name}`);
+}
+
 // Put the server's proposal (frames by SOP Instance UID) into a new labelmap on the case's series.
 async function loadProposal(c) {
   const started = performance.now();
-  const proposalRequest = call('GET', `/labeling/proposal?image=${encodeURIComponent(c.image)}`);
+  nextStep('modeEnteredMs');
+  const proposalRequest = call('GET', `/labeling/proposal?image=${encodeURIComponent(c.image)}`).then(answer => {
+    nextStep('proposalReceivedMs');
+    return answer;
+  });
   const displaySet = await until('the case series is listed', () => caseDisplaySet(c));
+  nextStep('seriesListedMs');
   const viewportId = await until('a viewport shows the case series', () => viewportShowing(displaySet));
+  nextStep('viewportReadyMs');
   const proposal = await proposalRequest;
   const frames = await inflate(proposal.data);
   const { segmentationService } = services;
@@ -207,7 +227,14 @@ async function loadProposal(c) {
   window.cornerstoneTools.segmentation.triggerSegmentationEvents.triggerSegmentationDataModified(segmentationId);
   segmentationService.setActiveSegmentation(viewportId, segmentationId);
   storeCase({ ...c, base: proposal.base, segmentationId, model: proposal.model, source: proposal.source });
-  window.labelingTimes = { ...(window.labelingTimes || {}), proposalShownMs: performance.now() - started };
+  nextStep('proposalShownMs');
+  sessionStorage.removeItem(NEXT_KEY);
+  window.labelingTimes = {
+    ...(window.labelingTimes || {}),
+    proposalShownMs: performance.now() - started,
+    proposalServer: proposal.timings,
+    proposalComputedBy: proposal.computed_by,
+  };
   const what = proposal.source === 'final' ? 'its saved label' : `the proposal of ${proposal.model} v${proposal.version}`;
   say(`Case ${c.image.slice(-8)}: ${what} is loaded; correct it and press Save`);
   document.body.dataset.labelingProposal = c.image;
@@ -228,21 +255,43 @@ function startCase() {
 }
 
 // -- actions ---------------------------------------------------------------------------------------
+// Open the study inside the single-page app: OHIF's navigateHistory command (react-router) changes the
+// URL, OHIF leaves the mode (its services drop the old case's display sets and segmentations) and
+// enters it again on the new study, whose onModeEnter runs startCase; the bundle, the WebGL context
+// and the image cache stay. Without that command (another OHIF build), a page load does the same.
+function openStudy(study) {
+  const url = new URL(window.location.href);
+  url.searchParams.set('StudyInstanceUIDs', study);
+  const base = (window.config && window.config.routerBasename) || '/';
+  const commands = window.commandsManager;
+  const inApp = url.pathname.startsWith(base) && commands && commands.getCommand && commands.getCommand('navigateHistory');
+  if (!inApp) {
+    window.location.assign(url.toString());
+    return;
+  }
+  const to = `/${url.pathname.slice(base.length).replace(/^\/+/, '')}${url.search}`;
+  commands.runCommand('navigateHistory', { to, options: { replace: false } });
+}
+
 async function nextCase(strategy) {
   ui.busy = true;
   say(`Asking the server for the next case (${strategy})…`);
+  sessionStorage.setItem(NEXT_KEY, String(Date.now()));
+  window.labelingTimes = { ...(window.labelingTimes || {}), next: {} };
   try {
     const answer = await call(
       'POST',
       `/labeling/next?strategy=${encodeURIComponent(strategy)}&client_id=${encodeURIComponent(annotator())}`
     );
+    nextStep('handedOutMs');
+    window.labelingTimes.nextServer = answer.timings;
     ui.progress = answer.progress;
+    clicks.reset(); // the old case's clicks never go with the new one
     storeCase({ image: answer.image, study: answer.study, model: answer.model });
     localStorage.setItem('labeling.strategy', strategy);
-    const url = new URL(window.location.href);
-    url.searchParams.set('StudyInstanceUIDs', answer.study);
-    window.location.assign(url.toString()); // a fresh viewer on the study; startCase loads the proposal
+    openStudy(answer.study); // startCase loads the proposal once OHIF has entered the mode on it
   } catch (e) {
+    sessionStorage.removeItem(NEXT_KEY);
     say(e.message, true);
   } finally {
     ui.busy = false;
@@ -280,6 +329,8 @@ async function save() {
         segments[index] = segment.label;
       }
     }
+    const data = await deflate(frames);
+    const requested = performance.now();
     const answer = await call('PUT', `/labeling/label?image=${encodeURIComponent(c.image)}`, {
       model: c.model,
       instances,
@@ -287,12 +338,17 @@ async function save() {
       columns: first.columns,
       segments,
       base: c.base,
-      data: await deflate(frames),
+      data,
       client_id: annotator(),
     });
     storeCase({ ...c, base: answer.base });
     ui.progress = answer.progress;
-    window.labelingTimes = { ...(window.labelingTimes || {}), savedMs: performance.now() - started };
+    window.labelingTimes = {
+      ...(window.labelingTimes || {}),
+      savedMs: performance.now() - started,
+      saveServer: answer.timings,
+      saveRequestMs: performance.now() - requested,
+    };
     const training = answer.training_started ? ' Training started (enough new labels).' : '';
     say(`Saved as the final label (SEG ${answer.base.slice(-8)} in the PACS).${training}`);
     document.body.dataset.labelingSaved = answer.base;
