@@ -241,8 +241,10 @@ class Labeling:
             model, labels, info = self.model_for(image)
         with watch.stage("proposal started"):
             current, _ = self._proposal_future(image, model, "hand-out")  # computed while the viewer loads
-        with watch.stage("next case announced"):
-            ahead = self._announce_next(request, image)
+        ahead = None
+        if getattr(self.app().settings, "proposals_ahead", True):
+            with watch.stage("next case announced"):
+                ahead = self._announce_next(request, image)
         if ahead:
             self._compute_ahead(ahead, after=current)
         with watch.stage("progress"):
@@ -286,7 +288,7 @@ class Labeling:
                     after.result()
             try:
                 model, _, _ = self.model_for(image)
-                self._proposal_future(image, model, "ahead").result()
+                self._proposal_future(image, model, "ahead")[0].result()
             except Exception as e:  # the case's own request computes it again and reports why
                 logger.warning("Proposal of series %s not computed ahead: %s", image, e)
 
@@ -379,7 +381,7 @@ class Labeling:
         with watch.stage("frames decoded"):
             frames = decode_frames(payload, sops, tuple(int(n) for n in grid.shape[:3]))
             lut = segment_values(payload.segments, labels, model)
-            painted = {int(v) for v in np.unique(frames)} - {0}
+            painted = {int(v) for v in np.flatnonzero(np.bincount(frames.ravel(), minlength=256))} - {0}
             unnamed = sorted(v for v in painted if not lut[v])
             if unnamed:
                 raise unprocessable(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -68,6 +69,7 @@ def test_the_next_case_is_the_one_announced_and_its_proposal_was_computed_ahead(
     answer = proposal(server, second["image"])
     assert (answer["computed_by"], answer["version"], answer["source"]) == ("ahead", 0, "model")
     assert answer["timings"]["model's proposal (waited)"] < 1, answer["timings"]
+    assert "not computed ahead" not in server.log.read_text()
 
 
 def test_new_weights_are_never_answered_with_a_proposal_of_the_old_ones(server: Server) -> None:
@@ -82,3 +84,14 @@ def test_new_weights_are_never_answered_with_a_proposal_of_the_old_ones(server: 
     assert second["image"] == first["ahead"]
     answer = proposal(server, second["image"])
     assert answer["version"] == 1 and answer["computed_by"] == "hand-out", answer["computed_by"]
+
+
+def test_with_proposals_ahead_off_nothing_is_computed_ahead(pacs: LoadedPacs, tmp_path: Path) -> None:
+    conf = {"models": "hippocampus", "score_on_start": "false", "proposals_ahead": "false"}
+    with monailabel_server(tmp_path, pacs.orthanc.dicomweb_url, conf) as server:
+        first = hand_out(server, "cy")
+        assert first["ahead"] is None and "timings" in first
+        assert proposal(server, first["image"])["computed_by"] == "hand-out"
+        second = hand_out(server, "cy")
+        assert proposal(server, second["image"])["computed_by"] == "hand-out"
+        assert ", ahead)" not in server.log.read_text()
