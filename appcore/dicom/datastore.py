@@ -6,6 +6,7 @@ import logging
 import tempfile
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,9 @@ from appcore.validation import (
 )
 
 logger = logging.getLogger(__name__)
+
+# Series whose instance headers are held in memory (a CT's 300 headers are a few MB).
+_KEEP_HEADERS = 16
 
 # Given a save request's parameters and the series' modality: the model name and its labels.
 LabelsFor = Callable[[dict[str, Any], str], tuple[str, LabelSet]]
@@ -128,6 +132,10 @@ class DicomWebDatastore(CheckedLocalDatastore):
         self._refusals: dict[str, str | None] = {}
         self._fetch_locks: dict[str, threading.Lock] = {}
         self._locks_lock = threading.Lock()
+        # Series uid -> its instances' headers as read from the cache folder (a save and a proposal
+        # each read them; 300 files for a CT): the newest _KEEP_HEADERS series, dropped at a fetch.
+        self._headers: OrderedDict[str, list[Dataset]] = OrderedDict()
+        self._headers_lock = threading.Lock()
 
     # -- the PACS ----------------------------------------------------------------------------------
     def name(self) -> str:
@@ -282,6 +290,8 @@ class DicomWebDatastore(CheckedLocalDatastore):
         except SeriesRefused as e:
             self._refusals[image_id] = str(e)
             raise unprocessable(str(e)) from None
+        with self._headers_lock:
+            self._headers.pop(image_id, None)
         headers = self._headers_dir(image_id)
         headers.mkdir(parents=True, exist_ok=True)
         for index, uid in enumerate(volume.sop_instance_uids):
@@ -307,7 +317,17 @@ class DicomWebDatastore(CheckedLocalDatastore):
     def source_headers(self, image_id: str) -> list[Dataset]:
         """The series' instances without pixel data, in slice order (as fetched)."""
         self.get_image_uri(image_id)
-        return [pydicom.dcmread(p) for p in sorted(self._headers_dir(image_id).glob("*.dcm"))]
+        with self._headers_lock:
+            cached = self._headers.get(image_id)
+            if cached is not None:
+                self._headers.move_to_end(image_id)
+                return list(cached)
+        headers = [pydicom.dcmread(p) for p in sorted(self._headers_dir(image_id).glob("*.dcm"))]
+        with self._headers_lock:
+            self._headers[image_id] = headers
+            while len(self._headers) > _KEEP_HEADERS:
+                self._headers.popitem(last=False)
+        return list(headers)
 
     def add_image(self, image_id: str, image_filename: str, image_info: dict[str, Any]) -> str:
         raise bad_request(f"Images come from the PACS at {self._client.url}; store the series there (STOW-RS)")
