@@ -29,7 +29,11 @@ const api = path => new URL(path, window.location.origin).toString();
 
 let services = null;
 const ui = { root: null, message: '', error: false, progress: null, training: '', busy: false, strategies: [], epochs: '' };
-let loading = null; // the promise of the proposal being put into the viewer
+// The proposal being put into the viewer: { key } of its case (image and hand-out). OHIF enters the
+// mode more than once for one study; a newer case (Next case pressed meanwhile: no page load ends
+// the old one now) supersedes it, and the old one stops at its next step.
+let loading = null;
+const SUPERSEDED = new Error('superseded by a newer case');
 
 // -- small helpers ----------------------------------------------------------------------------------
 function storedCase() {
@@ -180,20 +184,30 @@ function nextStep(name) {
   performance.mark(`labeling:${name}`);
 }
 
-// Put the server's proposal (frames by SOP Instance UID) into a new labelmap on the case's series.
-async function loadProposal(c) {
+// Put the server's proposal (frames by SOP Instance UID) into a new labelmap on the case's series;
+// current() says whether this case is still the one to show.
+async function loadProposal(c, current) {
   const started = performance.now();
+  const still = () => {
+    if (!current()) {
+      throw SUPERSEDED;
+    }
+  };
   nextStep('modeEnteredMs');
   const proposalRequest = call('GET', `/labeling/proposal?image=${encodeURIComponent(c.image)}`).then(answer => {
     nextStep('proposalReceivedMs');
     return answer;
   });
-  const displaySet = await until('the case series is listed', () => caseDisplaySet(c));
+  proposalRequest.catch(() => null); // awaited below; a superseded case's failure is no one's
+  const displaySet = await until('the case series is listed', () => !current() || caseDisplaySet(c));
+  still();
   nextStep('seriesListedMs');
-  const viewportId = await until('a viewport shows the case series', () => viewportShowing(displaySet));
+  const viewportId = await until('a viewport shows the case series', () => !current() || viewportShowing(displaySet));
+  still();
   nextStep('viewportReadyMs');
   const proposal = await proposalRequest;
   const frames = await inflate(proposal.data);
+  still();
   const { segmentationService } = services;
   for (const seg of segmentationService.getSegmentations()) {
     if (seg.segmentationId.startsWith('labeling-')) {
@@ -226,6 +240,10 @@ async function loadProposal(c) {
   }
   window.cornerstoneTools.segmentation.triggerSegmentationEvents.triggerSegmentationDataModified(segmentationId);
   segmentationService.setActiveSegmentation(viewportId, segmentationId);
+  if (!current()) {
+    segmentationService.remove(segmentationId); // made while a newer case was handed out
+    throw SUPERSEDED;
+  }
   storeCase({ ...c, base: proposal.base, segmentationId, model: proposal.model, source: proposal.source });
   nextStep('proposalShownMs');
   sessionStorage.removeItem(NEXT_KEY);
@@ -242,15 +260,20 @@ async function loadProposal(c) {
 
 function startCase() {
   const c = storedCase();
-  if (!c || !services || c.study !== currentStudy() || loading) {
+  const key = c && `${c.image} ${c.handedOutAt || ''}`;
+  if (!c || !services || c.study !== currentStudy() || (loading && loading.key === key)) {
     return;
   }
   delete document.body.dataset.labelingProposal;
   say('Loading the proposal…');
-  loading = loadProposal(c)
-    .catch(e => say(e.message, true))
+  const mine = { key };
+  loading = mine;
+  loadProposal(c, () => loading === mine)
+    .catch(e => e === SUPERSEDED || say(e.message, true))
     .finally(() => {
-      loading = null;
+      if (loading === mine) {
+        loading = null;
+      }
     });
 }
 
@@ -265,7 +288,7 @@ function openStudy(study) {
   const base = (window.config && window.config.routerBasename) || '/';
   const commands = window.commandsManager;
   const inApp = url.pathname.startsWith(base) && commands && commands.getCommand && commands.getCommand('navigateHistory');
-  if (!inApp) {
+  if (!inApp || localStorage.getItem('labeling.reloadOnNext') === 'true') { // the latter: to compare
     window.location.assign(url.toString());
     return;
   }
@@ -287,7 +310,8 @@ async function nextCase(strategy) {
     window.labelingTimes.nextServer = answer.timings;
     ui.progress = answer.progress;
     clicks.reset(); // the old case's clicks never go with the new one
-    storeCase({ image: answer.image, study: answer.study, model: answer.model });
+    storeCase({ image: answer.image, study: answer.study, model: answer.model, handedOutAt: Date.now() });
+    loading = null; // a proposal still loading is the old case's: it stops, the new one's starts
     localStorage.setItem('labeling.strategy', strategy);
     openStudy(answer.study); // startCase loads the proposal once OHIF has entered the mode on it
   } catch (e) {
@@ -308,6 +332,7 @@ async function save() {
   ui.busy = true;
   say('Saving…');
   const started = performance.now();
+  window.labelingTimes = { ...(window.labelingTimes || {}), saveHandlerAt: Date.now() };
   try {
     const segmentation = services.segmentationService.getSegmentation(c.segmentationId);
     if (!segmentation) {
