@@ -7,7 +7,9 @@ order or orientation: a frame is ``rows x columns`` uint8, row-major, as the DIC
 
 - ``POST /labeling/next?strategy=S&client_id=C``: the strategy's pick, reserved for ``C`` as
   ``/activelearning`` reserves it, with its study, model and labels; the proposal starts computing
-  at once, so it is often ready when the viewer has loaded the study.
+  at once, so it is often ready when the viewer has loaded the study. It also names the case the
+  strategy would hand the same client next (``ahead``, reserved for no one) and computes that
+  case's proposal once this one's is done (``--conf proposals_ahead``), so the next is ready too.
 - ``GET /labeling/proposal?image=UID``: the series' ``final`` label where it has one, else the served
   model's prediction, as frames; ``base`` says what the PACS held as the label then.
 - ``PUT /labeling/label?image=UID``: the viewer's labelmap, stored as the ``final`` label (a SEG in
