@@ -17,6 +17,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import nibabel as nib
+import numpy as np
 from filelock import FileLock
 from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastore
 
@@ -613,7 +614,8 @@ class CheckedLocalDatastore(LocalDatastore):
                 obj.labels[label_tag] = DataModel(info=info, ext=".nii.gz")
                 self._update_datastore_file(lock=False)
                 self._record_version(image_id, label_tag, label_dir / name, info)
-        logger.info("Saved label %s/%s (%s values %s)", label_tag, name, data.shape, sorted(set(data.ravel().tolist())))
+        values = np.flatnonzero(np.bincount(data.ravel(), minlength=1)).tolist()  # uint8: counted, not sorted
+        logger.info("Saved label %s/%s (%s values %s)", label_tag, name, data.shape, values)
         return image_id
 
     def add_image(self, image_id: str, image_filename: str, image_info: dict[str, Any]) -> str:

@@ -297,6 +297,11 @@ class RadiologySettings(Settings):
         doc="start a training once this many labels were saved from the OHIF labeling panel since the last one it "
         "started (0: only when asked; [ohif.md](ohif.md))",
     )
+    proposals_ahead: bool = option(
+        True,
+        doc="at each hand-out to the OHIF panel, compute the proposal of the case its strategy would hand the "
+        "same annotator next, after the current one's ([ohif.md](ohif.md)); `false` computes each when handed out",
+    )
 
 
 @dataclass(frozen=True)

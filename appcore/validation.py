@@ -549,6 +549,13 @@ def _stored_voxels(img: nib.spatialimages.SpatialImage, shape: tuple[int, ...]) 
     return raw.reshape(shape), slope, inter
 
 
+def _values(array: np.ndarray) -> set[int]:
+    """The distinct values of an integer array (a label's): counted for bytes (no sort), else sorted."""
+    if array.dtype == np.uint8:
+        return {int(v) for v in np.flatnonzero(np.bincount(array.ravel(), minlength=1))}
+    return {int(v) for v in np.unique(array)}
+
+
 def validate_label_volume(
     label: nib.spatialimages.SpatialImage,
     image: Geometry,
@@ -583,7 +590,7 @@ def validate_label_volume(
             if np.abs(rounded - values).max(initial=0) > LABEL_VALUE_TOLERANCE:
                 raise unprocessable("Label values must be integers (class ids); found fractional values")
             slab = rounded
-        extra |= {int(v) for v in np.unique(slab)} - allowed_set
+        extra |= _values(slab) - allowed_set
         if len(extra) > MAX_VALUES_LISTED:
             break
         if extra:

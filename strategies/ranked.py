@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import random
+import threading
 from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
@@ -14,9 +15,12 @@ from appcore.errors import bad_request
 from appcore.identity import ANONYMOUS, user
 from strategies.reservations import ReservationBook
 from strategies.scores import ScoreStore
-from strategies.selection import RANKED_STRATEGIES, diverse_top_k, top_k
+from strategies.selection import RANKED_STRATEGIES, diverse_top_k, keep_expected, top_k
 
 logger = logging.getLogger(__name__)
+
+# Announced picks kept (one per client, the oldest client dropped first).
+_EXPECTED_CLIENTS = 1024
 
 ScoreSource = Callable[[], Mapping[str, float]]
 EmbeddingSource = Callable[[], Mapping[str, Sequence[float]]]
@@ -83,21 +87,33 @@ class RankedStrategy(Strategy):
         self._rng = rng or random.Random()
         self._default_k = default_k
         self._unusable = unusable
+        self._expected: dict[str, str] = {}  # client -> the pick ``peek`` announced to it
+        self._expected_lock = threading.Lock()
 
     @property
     def ranks_by_score(self) -> bool:
         """Whether stored scores order the picks (every strategy but ``random``)."""
         return self._scores is not None
 
-    def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any] | None:
-        k = request_k(request, self._default_k, self._book)
-        client = holder(request)
+    def _candidates(self, datastore: Datastore) -> list[str]:
         candidates = sorted(datastore.get_unlabeled_images("final"))
         if self._unusable is not None:
             unusable = set(self._unusable())
             candidates = [c for c in candidates if c not in unusable]
+        return candidates
+
+    def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any] | None:
+        k = request_k(request, self._default_k, self._book)
+        client = holder(request)
+        candidates = self._candidates(datastore)
         scores = dict(self._scores()) if self._scores else {}
-        chosen = self._book.pick(candidates, lambda free: self.choose(free, scores, k, datastore), client)
+        with self._expected_lock:
+            expected = self._expected.pop(client, None)
+
+        def choose(free: list[str]) -> list[str]:
+            return keep_expected(self.choose(free, scores, k, datastore), free, scores, expected)
+
+        chosen = self._book.pick(candidates, choose, client)
         if not chosen:
             logger.info("No unlabelled image is free (%d candidates, all reserved or none)", len(candidates))
             return None
@@ -106,6 +122,25 @@ class RankedStrategy(Strategy):
     def choose(self, free: list[str], scores: Mapping[str, float], k: int, datastore: Datastore) -> list[str]:
         """The ``k`` images to hand out among the ``free`` ones (called under the reservation lock)."""
         return top_k(free, scores, k, self._rng)
+
+    def peek(self, request: Mapping[str, Any], datastore: Datastore, exclude: Collection[str] = ()) -> str | None:
+        """The image the next hand-out to the request's client (``holder``) would be, reserving nothing:
+        one nobody holds, not in ``exclude`` (the case just handed out). That hand-out keeps it if it is
+        still free and still ranks first (``keep_expected``), so that its proposal can be computed
+        meanwhile; another annotator may take it first, and a better-ranked image still goes first."""
+        client = holder(request)
+        held = set(self._book.reserved())
+        free = [c for c in self._candidates(datastore) if c not in held and c not in exclude]
+        if not free:
+            return None
+        scores = dict(self._scores()) if self._scores else {}
+        pick = self.choose(free, scores, 1, datastore)[0]
+        with self._expected_lock:
+            self._expected.pop(client, None)
+            self._expected[client] = pick
+            while len(self._expected) > _EXPECTED_CLIENTS:
+                self._expected.pop(next(iter(self._expected)))
+        return pick
 
 
 class DiverseStrategy(RankedStrategy):

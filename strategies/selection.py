@@ -30,6 +30,17 @@ def rank(candidates: Sequence[str], scores: Mapping[str, float], rng: random.Ran
     return scored + unscored
 
 
+def keep_expected(
+    chosen: list[str], free: Sequence[str], scores: Mapping[str, float], expected: str | None
+) -> list[str]:
+    """``chosen`` (one pick) as ``[expected]`` when ``expected`` is free and ranks as high as the pick:
+    the same score, or both unscored (a random pick either way). A pick announced ahead (its proposal
+    computed meanwhile) then stays the pick, and a better-ranked image still goes first."""
+    if len(chosen) != 1 or expected is None or expected == chosen[0] or expected not in free:
+        return chosen
+    return [expected] if scores.get(expected) == scores.get(chosen[0]) else chosen
+
+
 def top_k(candidates: Sequence[str], scores: Mapping[str, float], k: int, rng: random.Random) -> list[str]:
     """The ``k`` best-ranked candidates (fewer if there are fewer)."""
     if k < 1:

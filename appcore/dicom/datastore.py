@@ -6,6 +6,7 @@ import logging
 import tempfile
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from appcore.datastore import AllowedValues, CheckedLocalDatastore, check_save_p
 from appcore.dicom.client import DicomWebClient, OrthancAdmin, PacsUnavailable
 from appcore.dicom.seg import SEG_MANUFACTURER, label_to_seg, seg_to_label
 from appcore.dicom.series import SeriesRefused, load_series, series_geometry
+from appcore.dicom.timing import Stopwatch, stage
 from appcore.errors import RequestError, bad_request, conflict, not_found, unprocessable
 from appcore.history import Origin
 from appcore.labels import LabelSet
@@ -36,6 +38,9 @@ from appcore.validation import (
 )
 
 logger = logging.getLogger(__name__)
+
+# Series whose instance headers are held in memory (a CT's 300 headers are a few MB).
+_KEEP_HEADERS = 16
 
 # Given a save request's parameters and the series' modality: the model name and its labels.
 LabelsFor = Callable[[dict[str, Any], str], tuple[str, LabelSet]]
@@ -127,6 +132,10 @@ class DicomWebDatastore(CheckedLocalDatastore):
         self._refusals: dict[str, str | None] = {}
         self._fetch_locks: dict[str, threading.Lock] = {}
         self._locks_lock = threading.Lock()
+        # Series uid -> its instances' headers as read from the cache folder (a save and a proposal
+        # each read them; 300 files for a CT): the newest _KEEP_HEADERS series, dropped at a fetch.
+        self._headers: OrderedDict[str, list[Dataset]] = OrderedDict()
+        self._headers_lock = threading.Lock()
 
     # -- the PACS ----------------------------------------------------------------------------------
     def name(self) -> str:
@@ -281,6 +290,8 @@ class DicomWebDatastore(CheckedLocalDatastore):
         except SeriesRefused as e:
             self._refusals[image_id] = str(e)
             raise unprocessable(str(e)) from None
+        with self._headers_lock:
+            self._headers.pop(image_id, None)
         headers = self._headers_dir(image_id)
         headers.mkdir(parents=True, exist_ok=True)
         for index, uid in enumerate(volume.sop_instance_uids):
@@ -306,7 +317,17 @@ class DicomWebDatastore(CheckedLocalDatastore):
     def source_headers(self, image_id: str) -> list[Dataset]:
         """The series' instances without pixel data, in slice order (as fetched)."""
         self.get_image_uri(image_id)
-        return [pydicom.dcmread(p) for p in sorted(self._headers_dir(image_id).glob("*.dcm"))]
+        with self._headers_lock:
+            cached = self._headers.get(image_id)
+            if cached is not None:
+                self._headers.move_to_end(image_id)
+                return list(cached)
+        headers = [pydicom.dcmread(p) for p in sorted(self._headers_dir(image_id).glob("*.dcm"))]
+        with self._headers_lock:
+            self._headers[image_id] = headers
+            while len(self._headers) > _KEEP_HEADERS:
+                self._headers.popitem(last=False)
+        return list(headers)
 
     def add_image(self, image_id: str, image_filename: str, image_info: dict[str, Any]) -> str:
         raise bad_request(f"Images come from the PACS at {self._client.url}; store the series there (STOW-RS)")
@@ -330,13 +351,21 @@ class DicomWebDatastore(CheckedLocalDatastore):
             Path(converted).unlink(missing_ok=True)
 
     def save_final_if_unchanged(
-        self, image_id: str, label_filename: str, label_info: dict[str, Any], expected_final: str
+        self,
+        image_id: str,
+        label_filename: str,
+        label_info: dict[str, Any],
+        expected_final: str,
+        timings: Stopwatch | None = None,
     ) -> str:
         """Save a ``final`` label (a NIfTI file) unless the series' label in the PACS is no longer
-        ``expected_final`` (``final_state`` when the case was handed out): a 409 then, nothing stored."""
+        ``expected_final`` (``final_state`` when the case was handed out): a 409 then, nothing stored.
+        ``timings`` records the seconds of each stage."""
         image_uri = self.get_image_uri(image_id)
         info = check_save_params(label_info, "Save label")
-        return self._save_label(image_id, image_uri, label_filename, DefaultLabelTag.FINAL.value, info, expected_final)
+        return self._save_label(
+            image_id, image_uri, label_filename, DefaultLabelTag.FINAL.value, info, expected_final, timings
+        )
 
     def _save_label(
         self,
@@ -346,26 +375,29 @@ class DicomWebDatastore(CheckedLocalDatastore):
         label_tag: str,
         label_info: dict[str, Any],
         expected_final: str | None = None,
+        timings: Stopwatch | None = None,
     ) -> str:
         if label_tag != DefaultLabelTag.FINAL.value:
             return super().save_label(image_id, label_filename, label_tag, label_info)
 
         info = dict(label_info or {})
-        modality = str(self.get_image_info(image_id).get("Modality", ""))
-        model, labels = self._labels_for(info, modality)
-        check_upload_size(label_filename, self._max_upload_mb, "label")
-        geometry = Geometry.of(nib.load(image_uri))
-        # Judged by its header against the series' grid before any voxel is decoded.
-        label = load_nifti(
-            label_filename, "label", self._max_upload_mb, check=lambda lb: check_label_geometry(lb, geometry)
-        )
-        data = validate_label_volume(label, geometry, labels.allowed_values)
+        with stage(timings, "label checked"):
+            modality = str(self.get_image_info(image_id).get("Modality", ""))
+            model, labels = self._labels_for(info, modality)
+            check_upload_size(label_filename, self._max_upload_mb, "label")
+            geometry = Geometry.of(nib.load(image_uri))
+            # Judged by its header against the series' grid before any voxel is decoded.
+            label = load_nifti(
+                label_filename, "label", self._max_upload_mb, check=lambda lb: check_label_geometry(lb, geometry)
+            )
+            data = validate_label_volume(label, geometry, labels.allowed_values)
         # One save or removal per series at a time: two clients saving at once would each delete
         # only the SEGs listed before both stored theirs, and leave two.
         with self._lock_for(f"labels of {image_id}"):
             if expected_final is not None:
-                self._check_final_unchanged(image_id, expected_final)
-            return self._replace_seg(image_id, label_filename, data, labels, model, info)
+                with stage(timings, "conflict check (PACS)"):
+                    self._check_final_unchanged(image_id, expected_final)
+            return self._replace_seg(image_id, label_filename, data, labels, model, info, timings)
 
     def final_state(self, image_id: str) -> str:
         """What the PACS holds as the series' ``final`` label now: its SEG series uids, sorted and
@@ -393,28 +425,36 @@ class DicomWebDatastore(CheckedLocalDatastore):
         }
 
     def _replace_seg(
-        self, image_id: str, label_filename: str, data: np.ndarray, labels: LabelSet, model: str, info: dict[str, Any]
+        self,
+        image_id: str,
+        label_filename: str,
+        data: np.ndarray,
+        labels: LabelSet,
+        model: str,
+        info: dict[str, Any],
+        timings: Stopwatch | None = None,
     ) -> str:
-        self._segs.invalidate()  # SEGs this server stored a moment ago (another request) are replaced too
-        # Only this server's own SEGs are replaced: one a clinician made in another tool stays.
-        earlier = [(study, uid) for study, uid in self._segs.get().get(image_id, []) if self._ours(uid)]
+        with stage(timings, "earlier SEGs listed (PACS)"):
+            self._segs.invalidate()  # SEGs this server stored a moment ago (another request) are replaced too
+            # Only this server's own SEGs are replaced: one a clinician made in another tool stays.
+            earlier = [(study, uid) for study, uid in self._segs.get().get(image_id, []) if self._ours(uid)]
         seg_uid = generate_uid()
-        seg = label_to_seg(
-            np.asarray(data),
-            self.source_headers(image_id),
-            labels,
-            model=model,
-            series_uid=seg_uid,
-            sop_uid=generate_uid(),
-        )
+        with stage(timings, "series headers read"):
+            headers = self.source_headers(image_id)
+        with stage(timings, "SEG built (highdicom)"):
+            seg = label_to_seg(
+                np.asarray(data), headers, labels, model=model, series_uid=seg_uid, sop_uid=generate_uid()
+            )
         started = time.perf_counter()
-        self._client.store([seg])
+        with stage(timings, "SEG stored (STOW-RS)"):
+            self._client.store([seg])
         self._segs.invalidate()
         self._seg_refs[seg_uid] = (image_id, model, True)
-        for _, old in earlier:
-            if self._orthanc is not None and old != seg_uid:
-                self._orthanc.delete_series(old)
-                self._seg_refs.pop(old, None)
+        with stage(timings, "earlier SEG deleted (PACS)"):
+            for _, old in earlier:
+                if self._orthanc is not None and old != seg_uid:
+                    self._orthanc.delete_series(old)
+                    self._seg_refs.pop(old, None)
         logger.info(
             "Stored SEG %s for series %s (replaced %d) in %.2f s",
             seg_uid,
@@ -423,7 +463,8 @@ class DicomWebDatastore(CheckedLocalDatastore):
             time.perf_counter() - started,
         )
         info.update({"model": model, "SegSeriesInstanceUID": seg_uid})
-        return super().save_label(image_id, label_filename, DefaultLabelTag.FINAL.value, info)
+        with stage(timings, "label kept (datastore, version history)"):
+            return super().save_label(image_id, label_filename, DefaultLabelTag.FINAL.value, info)
 
     def _sync_final(self, image_id: str) -> None:
         """Make the cached ``final`` label of a series the one its SEG in the PACS holds (saved anywhere)."""

@@ -7,7 +7,9 @@ order or orientation: a frame is ``rows x columns`` uint8, row-major, as the DIC
 
 - ``POST /labeling/next?strategy=S&client_id=C``: the strategy's pick, reserved for ``C`` as
   ``/activelearning`` reserves it, with its study, model and labels; the proposal starts computing
-  at once, so it is often ready when the viewer has loaded the study.
+  at once, so it is often ready when the viewer has loaded the study. It also names the case the
+  strategy would hand the same client next (``ahead``, reserved for no one) and computes that
+  case's proposal once this one's is done (``--conf proposals_ahead``), so the next is ready too.
 - ``GET /labeling/proposal?image=UID``: the series' ``final`` label where it has one, else the served
   model's prediction, as frames; ``base`` says what the PACS held as the label then.
 - ``PUT /labeling/label?image=UID``: the viewer's labelmap, stored as the ``final`` label (a SEG in
@@ -22,12 +24,14 @@ order or orientation: a frame is ``rows x columns`` uint8, row-major, as the DIC
 from __future__ import annotations
 
 import base64
+import contextlib
 import logging
 import tempfile
 import threading
+import time
 import zlib
 from collections.abc import Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +42,9 @@ from pydicom.dataset import Dataset
 
 from appcore import seam
 from appcore.dicom import stow
+from appcore.dicom.proposals import ProposalCache
 from appcore.dicom.seg import seg_to_label
+from appcore.dicom.timing import Stopwatch
 from appcore.errors import RequestError, conflict, not_found, unprocessable
 
 logger = logging.getLogger(__name__)
@@ -46,8 +52,11 @@ logger = logging.getLogger(__name__)
 BACKGROUND = "background"
 """The clicks' name for the background, as MONAI Label's DeepEdit contract names it."""
 
-# Proposals computed ahead (at hand-out), by (series, model, served version); the oldest are dropped.
+# Proposals held (the cases handed out and the ones computed ahead), by (series, model, served
+# version); the oldest are dropped.
 _KEEP_PROPOSALS = 16
+# Clients whose next case is remembered (to compute its proposal again after new weights).
+_KEEP_AHEAD = 256
 
 
 class LabelFrames(BaseModel):
@@ -183,7 +192,11 @@ class Labeling:
 
     def __init__(self) -> None:
         self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="proposal")
-        self._proposals: dict[tuple[str, str, int], Future[dict[str, Any]]] = {}
+        # One proposal ahead at a time, each after the case handed out has its own: on a busy CPU
+        # the case the annotator is waiting for comes first.
+        self._ahead_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="proposal-ahead")
+        self._proposals = ProposalCache(self._executor, keep=_KEEP_PROPOSALS)
+        self._ahead: dict[str, str] = {}  # client_id -> the case its strategy would hand it next
         self._lock = threading.Lock()
         self._saved_since_training: dict[str, int] = {}
 
@@ -219,39 +232,85 @@ class Labeling:
     def next_case(self, strategy: str, client_id: str) -> dict[str, Any]:
         if not client_id.strip():
             raise unprocessable("client_id is empty: the panel sends the annotator's name, which reserves the case")
-        result = self.app().next_sample({"strategy": strategy, "client_id": client_id, "k": 1}) or {}
+        watch = Stopwatch(f"Next case ({strategy}) for {client_id}")
+        request = {"strategy": strategy, "client_id": client_id, "k": 1}
+        with watch.stage("hand-out"):
+            result = self.app().next_sample(request) or {}
         image = result.get("id")
         if not image:
             raise not_found(
                 f"No case left for {client_id!r} with strategy {strategy!r}: every series is labelled, reserved by "
                 "another annotator or cannot be loaded"
             )
-        model, labels, info = self.model_for(image)
-        self._proposal_future(image, model)  # computed while the viewer loads the study
+        with watch.stage("series info"):
+            model, labels, info = self.model_for(image)
+        with watch.stage("proposal started"):
+            current, _ = self._proposal_future(image, model, "hand-out")  # computed while the viewer loads
+        ahead = None
+        if getattr(self.app().settings, "proposals_ahead", True):
+            with watch.stage("next case announced"):
+                ahead = self._announce_next(request, image)
+        if ahead:
+            self._compute_ahead(ahead, after=current)
+        with watch.stage("progress"):
+            progress = self.progress()
         return {
             "image": image,
             "study": info["StudyInstanceUID"],
             "model": model,
             "labels": _labels_json(labels),
-            "progress": self.progress(),
+            "progress": progress,
+            "ahead": ahead,
+            "timings": watch.done(),
         }
+
+    def _announce_next(self, request: dict[str, Any], image: str) -> str | None:
+        """The case the strategy would hand this client next (``RankedStrategy.peek``), or None (a
+        strategy that cannot say, nothing left); remembered for the client."""
+        strategy = seam.strategies(self.app()).get(request["strategy"])
+        peek = getattr(strategy, "peek", None)
+        if peek is None:
+            return None
+        try:
+            ahead = peek(request, self.store(), exclude={image})
+        except Exception:  # a guess only: the hand-out itself succeeded
+            logger.exception("The next case after %s could not be guessed", image)
+            return None
+        with self._lock:
+            self._ahead.pop(request["client_id"], None)
+            if ahead:
+                self._ahead[request["client_id"]] = ahead
+                while len(self._ahead) > _KEEP_AHEAD:
+                    self._ahead.pop(next(iter(self._ahead)))
+        return ahead
+
+    def _compute_ahead(self, image: str, after: Future[dict[str, Any]] | None = None) -> None:
+        """Start ``image``'s proposal (for the served version) once ``after`` is done, in the background."""
+
+        def run() -> None:
+            if after is not None:
+                with contextlib.suppress(Exception):  # that case's own request reports its failure
+                    after.result()
+            try:
+                model, _, _ = self.model_for(image)
+                self._proposal_future(image, model, "ahead")[0].result()
+            except Exception as e:  # the case's own request computes it again and reports why
+                logger.warning("Proposal of series %s not computed ahead: %s", image, e)
+
+        self._ahead_executor.submit(run)
 
     # -- proposal ----------------------------------------------------------------------------------
     def _served_version(self, model: str) -> int:
         return int(self.app().version_store(model).served_version() or 0)
 
-    def _proposal_future(self, image: str, model: str) -> Future[dict[str, Any]]:
-        key = (image, model, self._served_version(model))
-        with self._lock:
-            future = self._proposals.get(key)
-            if future is None or (future.done() and future.exception() is not None):
-                future = self._executor.submit(self._predict, image, model, key[2])
-                self._proposals[key] = future
-                while len(self._proposals) > _KEEP_PROPOSALS:
-                    self._proposals.pop(next(iter(self._proposals)))
-            return future
+    def _proposal_future(self, image: str, model: str, why: str) -> tuple[Future[dict[str, Any]], bool]:
+        """The served version's proposal of ``image``: the one computed or being computed, else started
+        now (``why``: by whom, answered as ``computed_by``); and whether it was started before."""
+        version = self._served_version(model)
+        return self._proposals.start((image, model, version), lambda: self._predict(image, model, version, why))
 
-    def _predict(self, image: str, model: str, version: int) -> dict[str, Any]:
+    def _predict(self, image: str, model: str, version: int, why: str) -> dict[str, Any]:
+        started = time.perf_counter()
         result = self.app().infer({"model": model, "image": image})
         path = result.get("file") or result.get("label")
         try:
@@ -259,23 +318,32 @@ class Labeling:
         finally:
             if path:
                 Path(path).unlink(missing_ok=True)
-        return {"volume": volume, "version": version}
+        seconds = round(time.perf_counter() - started, 3)
+        logger.info("Proposal of series %s (%s v%d, %s) computed in %.2f s", image, model, version, why, seconds)
+        return {"volume": volume, "version": version, "computed_by": why, "infer_s": seconds}
 
     def proposal(self, image: str) -> dict[str, Any]:
+        watch = Stopwatch(f"Proposal of series {image}")
         store = self.store()
-        model, labels, info = self.model_for(image)
-        base = store.final_state(image)
-        headers = store.source_headers(image)
+        with watch.stage("series info"):
+            model, labels, info = self.model_for(image)
+        with watch.stage("label in the PACS"):
+            base = store.final_state(image)
+        with watch.stage("series headers"):
+            headers = store.source_headers(image)
+        computed_by = None
         if base:
-            volume = np.asarray(nib.load(store.get_label_uri(image, "final")).dataobj, dtype=np.uint8)
+            with watch.stage("saved label read"):
+                volume = np.asarray(nib.load(store.get_label_uri(image, "final")).dataobj, dtype=np.uint8)
             source, version = "final", None
         else:
-            try:
-                predicted = self._proposal_future(image, model).result()
-            except RequestError:
-                raise
+            with watch.stage("model's proposal (waited)"):
+                predicted = self._predicted(image, model)
             volume, source, version = predicted["volume"], "model", predicted["version"]
+            computed_by = predicted["computed_by"]
         columns, rows, slices = volume.shape
+        with watch.stage("frames encoded"):
+            data = encode_frames(volume)
         return {
             "image": image,
             "study": info["StudyInstanceUID"],
@@ -283,34 +351,59 @@ class Labeling:
             "labels": _labels_json(labels),
             "source": source,
             "version": version,
+            "computed_by": computed_by,
             "base": base,
             "instances": [str(h.SOPInstanceUID) for h in headers],
             "rows": rows,
             "columns": columns,
-            "data": encode_frames(volume),
+            "data": data,
+            "timings": watch.done(),
         }
+
+    def _predicted(self, image: str, model: str) -> dict[str, Any]:
+        """The served version's proposal, waited for; computed again when new weights (or the cache's
+        bound) dropped the one being waited for."""
+        for _ in range(3):
+            future, _ = self._proposal_future(image, model, "request")
+            try:
+                return future.result()
+            except CancelledError:
+                continue
+        return self._predict(image, model, self._served_version(model), "request")
 
     # -- save ----------------------------------------------------------------------------------------
     def save(self, image: str, payload: LabelFrames) -> dict[str, Any]:
+        watch = Stopwatch(f"Save of series {image} from OHIF by {payload.client_id or 'anonymous'}")
         store = self.store()
-        model, labels, _ = self.model_for(image)
+        with watch.stage("series info"):
+            model, labels, _ = self.model_for(image)
         if payload.model != model:
             raise unprocessable(f"Series {image} is labelled with {model!r}'s labels, not {payload.model!r}")
-        uri = store.get_image_uri(image)
-        grid = nib.load(uri)
-        sops = [str(h.SOPInstanceUID) for h in store.source_headers(image)]
-        frames = decode_frames(payload, sops, tuple(int(n) for n in grid.shape[:3]))
-        lut = segment_values(payload.segments, labels, model)
-        painted = {int(v) for v in np.unique(frames)} - {0}
-        unnamed = sorted(v for v in painted if not lut[v])
-        if unnamed:
-            raise unprocessable(f"Labelmap values {unnamed} belong to no segment the label names ({payload.segments})")
-        volume = lut[frames]
+        with watch.stage("series headers"):
+            uri = store.get_image_uri(image)
+            grid = nib.load(uri)
+            sops = [str(h.SOPInstanceUID) for h in store.source_headers(image)]
+        with watch.stage("frames decoded"):
+            frames = decode_frames(payload, sops, tuple(int(n) for n in grid.shape[:3]))
+            lut = segment_values(payload.segments, labels, model)
+            painted = {int(v) for v in np.flatnonzero(np.bincount(frames.ravel(), minlength=256))} - {0}
+            unnamed = sorted(v for v in painted if not lut[v])
+            if unnamed:
+                raise unprocessable(
+                    f"Labelmap values {unnamed} belong to no segment the label names ({payload.segments})"
+                )
+            volume = lut[frames]
         info = {"model": model, "client_id": payload.client_id or "anonymous", "saved_from": "ohif"}
-        return self.store_final(image, volume, grid.affine, info, payload.base)
+        return self.store_final(image, volume, grid.affine, info, payload.base, watch)
 
     def store_final(
-        self, image: str, volume: np.ndarray, affine: np.ndarray, info: dict[str, Any], base: str | None
+        self,
+        image: str,
+        volume: np.ndarray,
+        affine: np.ndarray,
+        info: dict[str, Any],
+        base: str | None,
+        watch: Stopwatch | None = None,
     ) -> dict[str, Any]:
         """Store ``volume`` (class ids, ``[column, row, slice]`` on the series' grid) as the series'
         ``final`` label: a SEG in the PACS written by the server, the datastore's label, a new version
@@ -319,23 +412,34 @@ class Labeling:
         Every save from the viewer comes here: the panel's (``save``) and OHIF's own export
         (``save_seg``). ``base``: the series' label when the case was handed out; someone's save
         since is a 409 and nothing is stored. ``None``: the last save wins (the history keeps the
-        version it replaces). Answers the progress and whether a training started.
+        version it replaces). Answers the progress, whether a training started and the stages'
+        seconds (``watch``'s, or a new watch's).
         """
+        watch = watch or Stopwatch(f"Save of series {image} ({info.get('saved_from')}) by {info.get('client_id')}")
         store = self.store()
         with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "label.nii.gz"
-            nib.save(nib.Nifti1Image(volume, affine), path)
-            if base is None:
-                store.save_label(image, str(path), "final", info)
-            else:
-                store.save_final_if_unchanged(image, str(path), info, base)
-        logger.info("Label of series %s saved (%s) by %s", image, info.get("saved_from"), info.get("client_id"))
+            with watch.stage("label written"):
+                path = Path(tmp) / "label.nii.gz"
+                nib.save(nib.Nifti1Image(volume, affine), path)
+            with watch.stage("checked, SEG built and stored, label kept"):
+                if base is None:
+                    store.save_label(image, str(path), "final", info)
+                else:
+                    store.save_final_if_unchanged(image, str(path), info, base, timings=watch)
         started = self._train_if_due(str(info["model"]))
+        client = str(info.get("client_id"))
+        with self._lock:
+            ahead = self._ahead.get(client)
+        if ahead:  # its proposal again if new weights were published since the hand-out (else a hit)
+            self._compute_ahead(ahead)
+        with watch.stage("answer (label in the PACS, progress)"):
+            base, progress = store.final_state(image), self.progress()
         return {
             "image": image,
-            "base": store.final_state(image),
-            "progress": self.progress(),
+            "base": base,
+            "progress": progress,
             "training_started": started,
+            "timings": watch.done(),
         }
 
     def save_seg(self, seg: Dataset, study: str | None, client_id: str) -> dict[str, Any]:

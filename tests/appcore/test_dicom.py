@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import shutil
+from io import BytesIO
 
 import nibabel as nib
 import numpy as np
 import pytest
+from pydicom import dcmread
+from pydicom.dataset import Dataset
 
 from appcore.dicom.prepare import fill_missing_uids, load_series_folder, nifti_to_series, read_series_folder, stable_uid
 from appcore.dicom.seg import LABEL_MAP_SEG, dicom_lab_to_rgb, label_to_seg, rgb_to_dicom_lab, seg_to_label
@@ -171,6 +174,31 @@ def test_seg_describes_every_label_and_round_trips(model: str) -> None:
         if lab.snomed:
             assert (code.CodeValue, code.CodingSchemeDesignator) == (lab.snomed, "SCT")
     assert np.array_equal(seg_to_label(seg, volume.sop_instance_uids, labels), label)
+
+
+@pytest.mark.parametrize("model", sorted(MODELS))
+def test_an_empty_label_is_a_seg_of_one_empty_frame_over_every_source_image(model: str) -> None:
+    """highdicom writes every frame of every segment for an empty label (it cannot omit them all):
+    slices x segments frames, seconds to build for a CT; one empty frame says the same."""
+    labels = MODELS[model].labels
+    series = phantom_series(np.diag([-0.8, 0.8, 2.5, 1.0]))
+    volume = load_series(series, str(series[0].SeriesInstanceUID))
+    by_uid = {str(ds.SOPInstanceUID): ds for ds in series}
+    sources = [by_uid[uid] for uid in volume.sop_instance_uids]
+    label = np.zeros(volume.data.shape, np.uint8)
+    seg = label_to_seg(label, sources, labels, model=model, series_uid=stable_uid("s"), sop_uid=stable_uid("i"))
+    assert seg.NumberOfFrames == 1 and not any(seg.PixelData)
+    referenced = {str(r.ReferencedSOPInstanceUID) for r in seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence}
+    assert referenced == set(volume.sop_instance_uids)
+    assert [s.SegmentLabel for s in seg.SegmentSequence] == [lab.name for lab in labels]
+    read = seg_to_label(dcmread(BytesIO(_written(seg))), volume.sop_instance_uids, labels)
+    assert read.shape == label.shape and not read.any()
+
+
+def _written(ds: Dataset) -> bytes:
+    buffer = BytesIO()
+    ds.save_as(buffer)
+    return buffer.getvalue()
 
 
 def test_seg_refuses_values_the_model_does_not_have() -> None:

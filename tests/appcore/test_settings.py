@@ -90,7 +90,7 @@ def test_the_split_keeps_every_option_somewhere() -> None:
     assert (
         sorted(
             ["cpu_bf16", "infer_memory_mb", "sw_batch_size"]
-            + ["tta_samples", "val_split", "max_clicks", "train_after_labels"]
+            + ["tta_samples", "val_split", "max_clicks", "train_after_labels", "proposals_ahead"]
         )
         == RADIOLOGY_ONLY
     )

@@ -136,13 +136,18 @@ def open_segmentation_mode(page: Any, url: str, patient: str) -> None:
 
 
 def press_next_case(page: Any) -> dict[str, Any]:
-    """Click "Next case"; the case handed out once its proposal is in the viewer."""
-    page.evaluate("delete document.body.dataset.labelingProposal")  # set again by the page the click opens
+    """Click "Next case"; the case handed out once its proposal is in the viewer. The study opens
+    inside OHIF's single-page app (no page load: a mark set before the click is still there), and
+    the viewer then holds one segmentation, the new case's, on its series only."""
+    page.evaluate("delete document.body.dataset.labelingProposal; window.labelingSamePage = true")
     page.locator('[data-cy="labeling-next"]').click()
     page.wait_for_function("document.body && document.body.dataset.labelingProposal", timeout=300_000)
     case = json.loads(page.evaluate("sessionStorage.getItem('labeling.case')"))
     assert page.evaluate("document.body.dataset.labelingProposal") == case["image"]
     assert f"StudyInstanceUIDs={case['study']}" in page.url
+    assert page.evaluate("window.labelingSamePage === true"), "Next case loaded the page again"
+    segmentations = page.evaluate("window.services.segmentationService.getSegmentations().map(s => s.segmentationId)")
+    assert segmentations == [case["segmentationId"]], f"the old case's segmentation stays: {segmentations}"
     return case
 
 

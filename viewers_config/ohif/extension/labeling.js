@@ -29,7 +29,11 @@ const api = path => new URL(path, window.location.origin).toString();
 
 let services = null;
 const ui = { root: null, message: '', error: false, progress: null, training: '', busy: false, strategies: [], epochs: '' };
-let loading = null; // the promise of the proposal being put into the viewer
+// The proposal being put into the viewer: { key } of its case (image and hand-out). OHIF enters the
+// mode more than once for one study; a newer case (Next case pressed meanwhile: no page load ends
+// the old one now) supersedes it, and the old one stops at its next step.
+let loading = null;
+const SUPERSEDED = new Error('superseded by a newer case');
 
 // -- small helpers ----------------------------------------------------------------------------------
 function storedCase() {
@@ -166,14 +170,44 @@ function labelmapImages(segmentationId) {
   return data.imageIds.map(id => window.cornerstone.cache.getImage(id));
 }
 
-// Put the server's proposal (frames by SOP Instance UID) into a new labelmap on the case's series.
-async function loadProposal(c) {
+// Where the seconds from "Next case" to the proposal shown go (window.labelingTimes.next): each step's
+// time since the click, kept in sessionStorage so that it survives a page load too.
+const NEXT_KEY = 'labeling.nextClicked';
+
+function nextStep(name) {
+  const clicked = Number(sessionStorage.getItem(NEXT_KEY) || 0);
+  if (!clicked) {
+    return;
+  }
+  const next = { ...((window.labelingTimes || {}).next || {}), [name]: Date.now() - clicked };
+  window.labelingTimes = { ...(window.labelingTimes || {}), next };
+  performance.mark(`labeling:${name}`);
+}
+
+// Put the server's proposal (frames by SOP Instance UID) into a new labelmap on the case's series;
+// current() says whether this case is still the one to show.
+async function loadProposal(c, current) {
   const started = performance.now();
-  const proposalRequest = call('GET', `/labeling/proposal?image=${encodeURIComponent(c.image)}`);
-  const displaySet = await until('the case series is listed', () => caseDisplaySet(c));
-  const viewportId = await until('a viewport shows the case series', () => viewportShowing(displaySet));
+  const still = () => {
+    if (!current()) {
+      throw SUPERSEDED;
+    }
+  };
+  nextStep('modeEnteredMs');
+  const proposalRequest = call('GET', `/labeling/proposal?image=${encodeURIComponent(c.image)}`).then(answer => {
+    nextStep('proposalReceivedMs');
+    return answer;
+  });
+  proposalRequest.catch(() => null); // awaited below; a superseded case's failure is no one's
+  const displaySet = await until('the case series is listed', () => !current() || caseDisplaySet(c));
+  still();
+  nextStep('seriesListedMs');
+  const viewportId = await until('a viewport shows the case series', () => !current() || viewportShowing(displaySet));
+  still();
+  nextStep('viewportReadyMs');
   const proposal = await proposalRequest;
   const frames = await inflate(proposal.data);
+  still();
   const { segmentationService } = services;
   for (const seg of segmentationService.getSegmentations()) {
     if (seg.segmentationId.startsWith('labeling-')) {
@@ -206,8 +240,19 @@ async function loadProposal(c) {
   }
   window.cornerstoneTools.segmentation.triggerSegmentationEvents.triggerSegmentationDataModified(segmentationId);
   segmentationService.setActiveSegmentation(viewportId, segmentationId);
+  if (!current()) {
+    segmentationService.remove(segmentationId); // made while a newer case was handed out
+    throw SUPERSEDED;
+  }
   storeCase({ ...c, base: proposal.base, segmentationId, model: proposal.model, source: proposal.source });
-  window.labelingTimes = { ...(window.labelingTimes || {}), proposalShownMs: performance.now() - started };
+  nextStep('proposalShownMs');
+  sessionStorage.removeItem(NEXT_KEY);
+  window.labelingTimes = {
+    ...(window.labelingTimes || {}),
+    proposalShownMs: performance.now() - started,
+    proposalServer: proposal.timings,
+    proposalComputedBy: proposal.computed_by,
+  };
   const what = proposal.source === 'final' ? 'its saved label' : `the proposal of ${proposal.model} v${proposal.version}`;
   say(`Case ${c.image.slice(-8)}: ${what} is loaded; correct it and press Save`);
   document.body.dataset.labelingProposal = c.image;
@@ -215,34 +260,62 @@ async function loadProposal(c) {
 
 function startCase() {
   const c = storedCase();
-  if (!c || !services || c.study !== currentStudy() || loading) {
+  const key = c && `${c.image} ${c.handedOutAt || ''}`;
+  if (!c || !services || c.study !== currentStudy() || (loading && loading.key === key)) {
     return;
   }
   delete document.body.dataset.labelingProposal;
   say('Loading the proposal…');
-  loading = loadProposal(c)
-    .catch(e => say(e.message, true))
+  const mine = { key };
+  loading = mine;
+  loadProposal(c, () => loading === mine)
+    .catch(e => e === SUPERSEDED || say(e.message, true))
     .finally(() => {
-      loading = null;
+      if (loading === mine) {
+        loading = null;
+      }
     });
 }
 
 // -- actions ---------------------------------------------------------------------------------------
+// Open the study inside the single-page app: OHIF's navigateHistory command (react-router) changes the
+// URL, OHIF leaves the mode (its services drop the old case's display sets and segmentations) and
+// enters it again on the new study, whose onModeEnter runs startCase; the bundle, the WebGL context
+// and the image cache stay. Without that command (another OHIF build), a page load does the same.
+function openStudy(study) {
+  const url = new URL(window.location.href);
+  url.searchParams.set('StudyInstanceUIDs', study);
+  const base = (window.config && window.config.routerBasename) || '/';
+  const commands = window.commandsManager;
+  const inApp = url.pathname.startsWith(base) && commands && commands.getCommand && commands.getCommand('navigateHistory');
+  if (!inApp || localStorage.getItem('labeling.reloadOnNext') === 'true') { // the latter: to compare
+    window.location.assign(url.toString());
+    return;
+  }
+  const to = `/${url.pathname.slice(base.length).replace(/^\/+/, '')}${url.search}`;
+  commands.runCommand('navigateHistory', { to, options: { replace: false } });
+}
+
 async function nextCase(strategy) {
   ui.busy = true;
   say(`Asking the server for the next case (${strategy})…`);
+  sessionStorage.setItem(NEXT_KEY, String(Date.now()));
+  window.labelingTimes = { ...(window.labelingTimes || {}), next: {} };
   try {
     const answer = await call(
       'POST',
       `/labeling/next?strategy=${encodeURIComponent(strategy)}&client_id=${encodeURIComponent(annotator())}`
     );
+    nextStep('handedOutMs');
+    window.labelingTimes.nextServer = answer.timings;
     ui.progress = answer.progress;
-    storeCase({ image: answer.image, study: answer.study, model: answer.model });
+    clicks.reset(); // the old case's clicks never go with the new one
+    storeCase({ image: answer.image, study: answer.study, model: answer.model, handedOutAt: Date.now() });
+    loading = null; // a proposal still loading is the old case's: it stops, the new one's starts
     localStorage.setItem('labeling.strategy', strategy);
-    const url = new URL(window.location.href);
-    url.searchParams.set('StudyInstanceUIDs', answer.study);
-    window.location.assign(url.toString()); // a fresh viewer on the study; startCase loads the proposal
+    openStudy(answer.study); // startCase loads the proposal once OHIF has entered the mode on it
   } catch (e) {
+    sessionStorage.removeItem(NEXT_KEY);
     say(e.message, true);
   } finally {
     ui.busy = false;
@@ -259,6 +332,7 @@ async function save() {
   ui.busy = true;
   say('Saving…');
   const started = performance.now();
+  window.labelingTimes = { ...(window.labelingTimes || {}), saveHandlerAt: Date.now() };
   try {
     const segmentation = services.segmentationService.getSegmentation(c.segmentationId);
     if (!segmentation) {
@@ -280,6 +354,8 @@ async function save() {
         segments[index] = segment.label;
       }
     }
+    const data = await deflate(frames);
+    const requested = performance.now();
     const answer = await call('PUT', `/labeling/label?image=${encodeURIComponent(c.image)}`, {
       model: c.model,
       instances,
@@ -287,12 +363,17 @@ async function save() {
       columns: first.columns,
       segments,
       base: c.base,
-      data: await deflate(frames),
+      data,
       client_id: annotator(),
     });
     storeCase({ ...c, base: answer.base });
     ui.progress = answer.progress;
-    window.labelingTimes = { ...(window.labelingTimes || {}), savedMs: performance.now() - started };
+    window.labelingTimes = {
+      ...(window.labelingTimes || {}),
+      savedMs: performance.now() - started,
+      saveServer: answer.timings,
+      saveRequestMs: performance.now() - requested,
+    };
     const training = answer.training_started ? ' Training started (enough new labels).' : '';
     say(`Saved as the final label (SEG ${answer.base.slice(-8)} in the PACS).${training}`);
     document.body.dataset.labelingSaved = answer.base;
