@@ -25,6 +25,7 @@ import os
 import re
 import sqlite3
 import threading
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -178,7 +179,7 @@ class SQLite:
         conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
         conn.row_factory = sqlite3.Row
         conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
-        conn.execute("PRAGMA journal_mode = WAL")
+        _use_wal(conn)
         # WAL with NORMAL: a commit survives the process being killed (kill -9, the OOM killer) and the
         # file is never corrupted; a power cut may roll back the last commits (a version's file, synced
         # before its row, is then taken in as "found" at the next start). FULL cost 7 ms per commit here.
@@ -303,6 +304,23 @@ class Postgres:
 
     def usable(self, conn: Any) -> bool:
         return not conn.closed and not conn.broken
+
+
+def _use_wal(conn: sqlite3.Connection) -> None:
+    """Put the database in WAL mode (kept in the file: done once, by its first connection).
+
+    Switching takes the database's exclusive lock, and SQLite answers "database is locked" at once
+    (without waiting ``busy_timeout``) when other connections opening the new file at the same time
+    hold it: the switch is retried until it is done or ``BUSY_TIMEOUT_S`` has passed."""
+    deadline = time.monotonic() + BUSY_TIMEOUT_S
+    while conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+        try:
+            conn.execute("PRAGMA journal_mode = WAL")
+            return  # switched, or a file system without WAL kept the mode it had (as before)
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
 
 
 def redacted(url: str) -> str:

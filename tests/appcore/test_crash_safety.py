@@ -160,3 +160,34 @@ def test_a_new_thread_s_connection_keeps_the_process_s_locks_on_the_database(tmp
     with db.transaction() as c:
         c.execute("INSERT INTO meta (key, value) VALUES ('k', 'v')")
     assert db.query("SELECT value FROM meta WHERE key = 'k'")[0]["value"] == "v"
+
+
+def test_connections_opening_a_new_database_at_once_all_get_in(tmp_path: Path) -> None:
+    """The first connections to a new database each switch it to WAL, which takes its exclusive lock;
+    SQLite answers "database is locked" at once to the others (no busy wait), and a scoring run's
+    writers starting together lost their scores that way. Each switch now waits its turn."""
+    import threading
+
+    from appcore.projectdb import ProjectDB
+
+    openers, rounds = 12, 120
+    for n in range(rounds):
+        path = tmp_path / f"project{n}.db"
+        start, failed = threading.Barrier(openers), []
+
+        def open_and_write(k: int, path: Path = path, start: threading.Barrier = start, failed: list = failed) -> None:
+            db = ProjectDB(path)  # each its own, as each process has
+            start.wait()
+            try:
+                db.set_meta(f"k{k}", "v")
+            except Exception as e:  # noqa: BLE001 - what a writer met is the finding
+                failed.append(repr(e))
+
+        threads = [threading.Thread(target=open_and_write, args=(k,)) for k in range(openers)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not failed, f"round {n}: {failed}"
+        assert len(ProjectDB(path).query("SELECT key FROM meta WHERE key LIKE 'k%'")) == openers
+        assert ProjectDB(path).query("PRAGMA journal_mode")[0][0] == "wal"
