@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import io
 import logging
 from collections.abc import Iterable, Iterator
@@ -28,6 +29,24 @@ class PacsUnavailable(HTTPException):
 
     def __str__(self) -> str:
         return f"503: {self.detail}"
+
+
+def _closed_under_it(error: requests.ConnectionError) -> bool:
+    """Whether the PACS closed a connection the request was sent on (no answer, no time-out): not a
+    refused connection or an unknown host, which a second try would meet again."""
+    if isinstance(error, requests.Timeout):
+        return False
+    stack: list[BaseException] = [error]
+    seen: set[int] = set()
+    while stack:  # the causes, contexts and wrapped errors (urllib3's ProtocolError holds the cause)
+        e = stack.pop()
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError)):
+            return True
+        stack.extend(x for x in (e.__cause__, e.__context__, *e.args) if isinstance(x, BaseException))
+    return False
 
 
 def is_dicomweb_url(studies: str) -> bool:
@@ -67,7 +86,16 @@ class DicomWebClient:
         url = f"{self.url}/{path.lstrip('/')}"
         kwargs.setdefault("timeout", self._timeout)
         try:
-            response = self._session.request(method, url, **kwargs)
+            try:
+                response = self._session.request(method, url, **kwargs)
+            except requests.ConnectionError as e:
+                if not _closed_under_it(e):
+                    raise
+                # A PACS closes kept-alive connections it found idle (Orthanc after its KeepAliveTimeout);
+                # a request sent on one as it closed gets no answer. Sent again, on a new connection:
+                # the reads are safe to repeat, and so is a STOW-RS (an instance stored twice is one).
+                logger.info("PACS at %s closed the connection while %s; sent again (%s)", self.url, what, e)
+                response = self._session.request(method, url, **kwargs)
         except requests.RequestException as e:
             raise PacsUnavailable(f"PACS at {self.url} did not answer while {what} ({type(e).__name__}: {e})") from e
         if response.status_code >= 500:
