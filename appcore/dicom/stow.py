@@ -31,6 +31,15 @@ from appcore.errors import RequestError, bad_request, unprocessable
 SEG = "1.2.840.10008.5.1.4.1.1.66.4"
 SEG_CLASSES = {SEG: "Segmentation", LABEL_MAP_SEG: "Label Map Segmentation"}
 
+# The transfer syntaxes a SEG is taken in: those OHIF and highdicom write. Not Deflated Explicit VR
+# Little Endian: pydicom inflates a whole deflated dataset before reading it, so a 0.4 MB part became
+# 400 MB of memory (a zip bomb); nor the image compressions, which no SEG writer here uses.
+SEG_SYNTAXES = {
+    "1.2.840.10008.1.2": "Implicit VR Little Endian",
+    "1.2.840.10008.1.2.1": "Explicit VR Little Endian",
+    "1.2.840.10008.1.2.5": "RLE Lossless",
+}
+
 _UID = r"\d{1,64}(?:\.\d{1,64}){0,63}"
 # The proxy paths a STOW-RS client posts to: <root>/studies[/{study}] below the bare proxy, its WADO
 # root (OHIF's stow root when none is configured) or its STOW root.
@@ -135,6 +144,18 @@ def read_seg(content: bytes) -> Dataset:
         RequestError: 422 for a part that is not a DICOM file, an instance of another SOP class
             (the message names the class and the ones taken), or a SEG without its UIDs or pixel data.
     """
+    try:
+        fp = io.BytesIO(content)
+        pydicom.filereader.read_preamble(fp, False)
+        syntax = str(pydicom.filereader._read_file_meta_info(fp).get("TransferSyntaxUID", ""))
+    except Exception as e:  # pydicom raises many kinds on a malformed file; any of them is bad input
+        raise unprocessable(f"The part is no DICOM file (PS3.10) pydicom can read: {type(e).__name__}: {e}") from None
+    if syntax not in SEG_SYNTAXES:
+        name = getattr(pydicom.uid.UID(syntax), "name", syntax) if syntax else "none"
+        raise unprocessable(
+            f"The SEG is encoded in transfer syntax {syntax or 'none'} ({name}); taken: "
+            f"{', '.join(f'{uid} ({n})' for uid, n in SEG_SYNTAXES.items())}, as OHIF and highdicom write SEGs"
+        )
     try:
         ds = pydicom.dcmread(io.BytesIO(content), force=False)
         sop_class = str(ds.get("SOPClassUID", ""))

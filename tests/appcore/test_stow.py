@@ -167,6 +167,21 @@ def test_instances_that_are_no_seg_are_refused() -> None:
         assert refused.value.status_code == 422
 
 
+def test_a_deflated_seg_is_refused_before_it_is_inflated() -> None:
+    """Deflated Explicit VR Little Endian: pydicom inflates the whole dataset as it reads it, so a small
+    part became hundreds of MB (here 0.4 MB of zeros inflating to 200 MB). Refused from its file meta."""
+    seg, _ = _seg()
+    seg.PixelData = bytes(200_000_000)
+    seg.file_meta.TransferSyntaxUID = pydicom.uid.DeflatedExplicitVRLittleEndian
+    seg.is_little_endian, seg.is_implicit_VR = True, False
+    content = part10(seg)
+    assert len(content) < 1_000_000, "a zip bomb: small on the wire"
+    match = r"transfer syntax 1.2.840.10008.1.2.1.99 \(Deflated Explicit VR Little Endian\); taken: "
+    with pytest.raises(RequestError, match=match) as refused:
+        stow.read_seg(stow.stow_part(OHIF_TYPE, ohif_body(content)))
+    assert refused.value.status_code == 422
+
+
 def _other_series(seg: Dataset) -> None:
     extra = Dataset()
     extra.SeriesInstanceUID = "1.2.3.4.5"
