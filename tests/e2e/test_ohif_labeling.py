@@ -16,6 +16,7 @@ import gzip
 import json
 import os
 import re
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -75,11 +76,33 @@ READ_LABELMAP = """(segmentationId) => {
 }"""
 
 
-@pytest.fixture(scope="module")
-def pacs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Orthanc, dict[str, str]]]:
-    with Orthanc(tmp_path_factory.mktemp("orthanc"), free_port()) as orthanc:
-        series = load(DicomWebClient(orthanc.dicomweb_url), hippocampus_series(SHARED, CASES))
-        yield orthanc, series
+def pacs_of(cases: tuple[str, ...]) -> Any:
+    """A module's PACS fixture: a real Orthanc holding the hippocampus studies ``cases``."""
+
+    @pytest.fixture(scope="module")
+    def pacs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Orthanc, dict[str, str]]]:
+        with Orthanc(tmp_path_factory.mktemp("orthanc"), free_port()) as orthanc:
+            yield orthanc, load(DicomWebClient(orthanc.dicomweb_url), hippocampus_series(SHARED, cases))
+
+    return pacs
+
+
+def artifacts_in(subfolder: str) -> Any:
+    """Another module's artifacts fixture: ``$E2E_ARTIFACTS/<subfolder>`` (emptied first) or a temporary folder."""
+
+    @pytest.fixture
+    def artifacts(tmp_path: Path) -> Path:
+        named = os.environ.get("E2E_ARTIFACTS")
+        folder = Path(named) / subfolder if named else tmp_path / "artifacts"
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        print(f"OHIF screenshots and console logs: {folder}")
+        return folder
+
+    return artifacts
+
+
+pacs = pacs_of(CASES)
 
 
 @pytest.fixture(scope="module")

@@ -17,10 +17,7 @@ from __future__ import annotations
 
 import base64
 import json
-import os
-import shutil
 import zlib
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,13 +25,11 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from appcore.dicom.client import DicomWebClient
-from appcore.dicom.pacs import Orthanc, hippocampus_series, load
+from appcore.dicom.pacs import Orthanc
 from appcore.dicom.seg import seg_to_label
 from radiology.registry import MODELS
-from tests.conftest import SHARED
 from tests.e2e import test_ohif_labeling as ohif
-from tests.e2e.servers import Server, free_port
+from tests.e2e.servers import Server
 from tests.e2e.test_ohif_labeling import (
     WORLD_TO_PAGE,
     annotator,
@@ -57,10 +52,7 @@ LABELS = MODELS["hippocampus"].labels
 pytestmark = ohif.pytestmark  # the labeling test's: shared data, Orthanc, Chromium and OHIF present
 
 
-@pytest.fixture(scope="module")
-def pacs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Orthanc, dict[str, str]]]:
-    with Orthanc(tmp_path_factory.mktemp("orthanc"), free_port()) as orthanc:
-        yield orthanc, load(DicomWebClient(orthanc.dicomweb_url), hippocampus_series(SHARED, CASES))
+pacs = ohif.pacs_of(CASES)
 
 
 # The same server and browser as the labeling test, on this module's PACS and artifacts folder.
@@ -68,14 +60,7 @@ server = ohif.server
 browser = ohif.browser
 
 
-@pytest.fixture
-def artifacts(tmp_path: Path) -> Path:
-    named = os.environ.get("E2E_ARTIFACTS")
-    folder = Path(named) / "clicks" if named else tmp_path / "artifacts"
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir(parents=True)
-    print(f"OHIF screenshots and console logs: {folder}")
-    return folder
+artifacts = ohif.artifacts_in("clicks")
 
 
 def server_answer(server: Server, case: dict[str, Any], clicks: list[dict[str, Any]], sops: list[str]) -> np.ndarray:

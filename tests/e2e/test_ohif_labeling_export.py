@@ -13,10 +13,7 @@ or a temporary folder whose path the test prints.
 from __future__ import annotations
 
 import gzip
-import os
 import re
-import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,13 +21,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from appcore.dicom.client import DicomWebClient
-from appcore.dicom.pacs import Orthanc, hippocampus_series, load
+from appcore.dicom.pacs import Orthanc
 from appcore.dicom.seg import SEG_MANUFACTURER, seg_to_label
 from radiology.registry import MODELS
-from tests.conftest import SHARED
 from tests.e2e import test_ohif_labeling as ohif
-from tests.e2e.servers import Server, free_port
+from tests.e2e.servers import Server
 from tests.e2e.test_ohif_labeling import (
     annotator,
     open_segmentation_mode,
@@ -53,10 +48,7 @@ LABELS = MODELS["hippocampus"].labels
 pytestmark = ohif.pytestmark  # the labeling test's: shared data, Orthanc, Chromium and OHIF present
 
 
-@pytest.fixture(scope="module")
-def pacs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Orthanc, dict[str, str]]]:
-    with Orthanc(tmp_path_factory.mktemp("orthanc"), free_port()) as orthanc:
-        yield orthanc, load(DicomWebClient(orthanc.dicomweb_url), hippocampus_series(SHARED, CASES))
+pacs = ohif.pacs_of(CASES)
 
 
 # The same server and browser as the labeling test, on this module's PACS and artifacts folder.
@@ -64,14 +56,7 @@ server = ohif.server
 browser = ohif.browser
 
 
-@pytest.fixture
-def artifacts(tmp_path: Path) -> Path:
-    named = os.environ.get("E2E_ARTIFACTS")
-    folder = Path(named) / "export" if named else tmp_path / "artifacts"
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir(parents=True)
-    print(f"OHIF screenshots and console logs: {folder}")
-    return folder
+artifacts = ohif.artifacts_in("export")
 
 
 def final_label(server: Server, image: str) -> np.ndarray:

@@ -8,20 +8,15 @@ viewer; then it is let through, and must change nothing.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from appcore.dicom.client import DicomWebClient
-from appcore.dicom.pacs import Orthanc, hippocampus_series, load
-from tests.conftest import SHARED
+from appcore.dicom.pacs import Orthanc
 from tests.e2e import test_ohif_labeling as ohif
-from tests.e2e.servers import Server, free_port
+from tests.e2e.servers import Server
 from tests.e2e.test_ohif_labeling import annotator, open_segmentation_mode, series_order, shot, viewer_label
 
 playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (requirements-dev.txt)")
@@ -31,10 +26,7 @@ CASES = ("hippocampus_001", "hippocampus_003", "hippocampus_004")
 pytestmark = ohif.pytestmark  # the labeling test's: shared data, Orthanc, Chromium and OHIF present
 
 
-@pytest.fixture(scope="module")
-def pacs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Orthanc, dict[str, str]]]:
-    with Orthanc(tmp_path_factory.mktemp("orthanc"), free_port()) as orthanc:
-        yield orthanc, load(DicomWebClient(orthanc.dicomweb_url), hippocampus_series(SHARED, CASES))
+pacs = ohif.pacs_of(CASES)
 
 
 # The same server and browser as the labeling test, on this module's PACS and artifacts folder.
@@ -42,14 +34,7 @@ server = ohif.server
 browser = ohif.browser
 
 
-@pytest.fixture
-def artifacts(tmp_path: Path) -> Path:
-    named = os.environ.get("E2E_ARTIFACTS")
-    folder = Path(named) / "next" if named else tmp_path / "artifacts"
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir(parents=True)
-    print(f"OHIF screenshots and console logs: {folder}")
-    return folder
+artifacts = ohif.artifacts_in("next")
 
 
 def stored_case(page: Any) -> dict[str, Any] | None:
