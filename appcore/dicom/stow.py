@@ -11,12 +11,13 @@ response a STOW-RS client (OHIF) reads as success.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import re
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from email.message import Message
 from typing import Any
 
@@ -137,6 +138,20 @@ def _split(body: bytes, boundary: bytes) -> list[tuple[dict[str, str], bytes]]:
     )
 
 
+@contextlib.contextmanager
+def _read_as_part10() -> Iterator[None]:
+    """A 422 for whatever pydicom raises reading the part: it raises many kinds on a malformed file."""
+    try:
+        yield
+    except Exception as e:
+        raise unprocessable(f"The part is no DICOM file (PS3.10) pydicom can read: {type(e).__name__}: {e}") from None
+
+
+def _uid_name(uid: str) -> str:
+    """The name pydicom knows a UID by (the UID itself if none), or ``none`` for an empty one."""
+    return getattr(pydicom.uid.UID(uid), "name", uid) if uid else "none"
+
+
 def read_seg(content: bytes) -> Dataset:
     """The part as a DICOM SEG (a PS3.10 file, read with pydicom without guessing: ``force=False``).
 
@@ -144,28 +159,22 @@ def read_seg(content: bytes) -> Dataset:
         RequestError: 422 for a part that is not a DICOM file, an instance of another SOP class
             (the message names the class and the ones taken), or a SEG without its UIDs or pixel data.
     """
-    try:
+    with _read_as_part10():
         fp = io.BytesIO(content)
         pydicom.filereader.read_preamble(fp, False)
         syntax = str(pydicom.filereader._read_file_meta_info(fp).get("TransferSyntaxUID", ""))
-    except Exception as e:  # pydicom raises many kinds on a malformed file; any of them is bad input
-        raise unprocessable(f"The part is no DICOM file (PS3.10) pydicom can read: {type(e).__name__}: {e}") from None
     if syntax not in SEG_SYNTAXES:
-        name = getattr(pydicom.uid.UID(syntax), "name", syntax) if syntax else "none"
         raise unprocessable(
-            f"The SEG is encoded in transfer syntax {syntax or 'none'} ({name}); taken: "
+            f"The SEG is encoded in transfer syntax {syntax or 'none'} ({_uid_name(syntax)}); taken: "
             f"{', '.join(f'{uid} ({n})' for uid, n in SEG_SYNTAXES.items())}, as OHIF and highdicom write SEGs"
         )
-    try:
+    with _read_as_part10():
         ds = pydicom.dcmread(io.BytesIO(content), force=False)
         sop_class = str(ds.get("SOPClassUID", ""))
         ds.get("PixelData")  # read now: a cut-off file fails here, not later
-    except Exception as e:  # pydicom raises many kinds on a malformed file; any of them is bad input
-        raise unprocessable(f"The part is no DICOM file (PS3.10) pydicom can read: {type(e).__name__}: {e}") from None
     if sop_class not in SEG_CLASSES:
-        name = getattr(pydicom.uid.UID(sop_class), "name", sop_class) if sop_class else "none"
         raise unprocessable(
-            f"The instance is of SOP class {sop_class or 'none'} ({name}), not a DICOM SEG "
+            f"The instance is of SOP class {sop_class or 'none'} ({_uid_name(sop_class)}), not a DICOM SEG "
             f"({', '.join(f'{uid} {n}' for uid, n in SEG_CLASSES.items())}): only segmentations are stored, as labels"
         )
     missing = [k for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID") if not str(ds.get(k, ""))]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 from io import BytesIO
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -152,19 +153,24 @@ def test_display_colour_survives_cielab(rgb: tuple[int, int, int]) -> None:
     assert max(abs(a - b) for a, b in zip(back, rgb, strict=True)) <= 1
 
 
-@pytest.mark.parametrize("model", sorted(MODELS))
-def test_seg_describes_every_label_and_round_trips(model: str) -> None:
-    labels = MODELS[model].labels
+def _phantom_volume() -> tuple[Any, list]:
+    """A phantom series loaded as the server loads one, and its instances in the volume's slice order."""
     series = phantom_series(np.diag([-0.8, 0.8, 2.5, 1.0]))
     volume = load_series(series, str(series[0].SeriesInstanceUID))
     by_uid = {str(ds.SOPInstanceUID): ds for ds in series}
-    sources = [by_uid[uid] for uid in volume.sop_instance_uids]
+    return volume, [by_uid[uid] for uid in volume.sop_instance_uids]
+
+
+@pytest.mark.parametrize("model", sorted(MODELS))
+def test_seg_describes_every_label_and_round_trips(model: str) -> None:
+    labels = MODELS[model].labels
+    volume, sources = _phantom_volume()
     label = np.zeros(volume.data.shape, np.uint8)
     for k, label_id in enumerate(labels.ids):
         label[k % 12, 2:6, k % 8] = label_id
     seg = label_to_seg(label, sources, labels, model=model, series_uid=stable_uid("s"), sop_uid=stable_uid("i"))
 
-    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == series[0].SeriesInstanceUID
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == sources[0].SeriesInstanceUID
     referenced = {str(r.ReferencedSOPInstanceUID) for r in seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence}
     assert referenced == set(volume.sop_instance_uids)
     assert [s.SegmentLabel for s in seg.SegmentSequence] == [lab.name for lab in labels]
@@ -181,10 +187,7 @@ def test_an_empty_label_is_a_seg_of_one_empty_frame_over_every_source_image(mode
     """highdicom writes every frame of every segment for an empty label (it cannot omit them all):
     slices x segments frames, seconds to build for a CT; one empty frame says the same."""
     labels = MODELS[model].labels
-    series = phantom_series(np.diag([-0.8, 0.8, 2.5, 1.0]))
-    volume = load_series(series, str(series[0].SeriesInstanceUID))
-    by_uid = {str(ds.SOPInstanceUID): ds for ds in series}
-    sources = [by_uid[uid] for uid in volume.sop_instance_uids]
+    volume, sources = _phantom_volume()
     label = np.zeros(volume.data.shape, np.uint8)
     seg = label_to_seg(label, sources, labels, model=model, series_uid=stable_uid("s"), sop_uid=stable_uid("i"))
     assert seg.NumberOfFrames == 1 and not any(seg.PixelData)
@@ -291,26 +294,18 @@ def test_a_seg_another_program_wrote_reads_as_the_label_it_holds(kind: str) -> N
     """Segments matched by name whatever their order and codes; a fractional SEG's voxel belongs to a
     segment from 0.5 on (the threshold), so a voxel a segment only touches (0.3) stays background."""
     labels = MODELS["hippocampus"].labels
-    series = phantom_series(np.diag([-0.8, 0.8, 2.5, 1.0]))
-    volume = load_series(series, str(series[0].SeriesInstanceUID))
-    by_uid = {str(ds.SOPInstanceUID): ds for ds in series}
-    sources = [by_uid[uid] for uid in volume.sop_instance_uids]
-    label = np.zeros(volume.data.shape, np.uint8)
-    label[2:6, 2:5, 1:4] = 1  # anterior
-    label[6:10, 5:8, 3:7] = 2  # posterior
+    label, sources, volume = _hippocampus_phantom()
     seg = foreign_seg(label, sources, kind=kind)
     assert [s.SegmentLabel for s in seg.SegmentSequence] == ["Posterior", "anterior "]
     assert np.array_equal(seg_to_label(seg, volume.sop_instance_uids, labels), label)
 
 
 def _hippocampus_phantom() -> tuple[np.ndarray, list, object]:
-    series = phantom_series(np.diag([-0.8, 0.8, 2.5, 1.0]))
-    volume = load_series(series, str(series[0].SeriesInstanceUID))
-    by_uid = {str(ds.SOPInstanceUID): ds for ds in series}
+    volume, sources = _phantom_volume()
     label = np.zeros(volume.data.shape, np.uint8)
     label[2:6, 2:5, 1:4] = 1  # anterior
     label[6:10, 5:8, 3:7] = 2  # posterior
-    return label, [by_uid[uid] for uid in volume.sop_instance_uids], volume
+    return label, sources, volume
 
 
 @pytest.mark.parametrize(("rle", "by_position"), [(True, False), (False, False), (True, True)])
