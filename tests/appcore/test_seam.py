@@ -390,3 +390,10 @@ def test_each_way_of_reaching_into_monai_label_is_found(
     monkeypatch.setattr(sys.modules[__name__], "_sources", lambda: iter([("appcore/new.py", code)]))
     found = outside_uses()
     assert len(found) == 1 and reported in found[0], found
+
+
+@pytest.mark.parametrize("layer", [r.name for r in ROWS if r.kind is Kind.MIDDLEWARE])
+def test_the_request_flow_names_every_layer(layer: str) -> None:
+    assert layer in (ROOT / "docs" / "architecture.md").read_text(), (
+        "add it to the request's way in docs/architecture.md"
+    )
