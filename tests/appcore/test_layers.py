@@ -104,3 +104,22 @@ def test_the_serving_packages_keep_no_offline_tool() -> None:
         if path.name != "__main__.py" and 'if __name__ == "__main__"' in path.read_text()
     }
     assert found == set(COMMANDS), "move offline tools to research/, or say here why the server needs it"
+
+
+# Test folders that are not a package's: whole-server runs through a browser, shared across packages.
+NOT_A_PACKAGE = {"tests/e2e": "the whole server with a PACS and a browser (OHIF)"}
+
+
+def test_the_test_folders_mirror_the_packages() -> None:
+    """``tests/appcore/dicom/`` tests ``appcore/dicom/``, and so on: every test folder names a package folder."""
+    folders = {
+        path.parent.relative_to(ROOT).as_posix()
+        for path in (ROOT / "tests").rglob("test_*.py")
+        if path.parent != ROOT / "tests"
+    }
+    unmatched = [
+        f
+        for f in sorted(folders)
+        if f not in NOT_A_PACKAGE and not (ROOT / f.removeprefix("tests/") / "__init__.py").is_file()
+    ]
+    assert unmatched == []
