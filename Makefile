@@ -14,7 +14,7 @@ STAMP := $(VENV)/.installed-$(TORCH)
 PACS_PORT ?= 8042
 # Test order: `random` (a new seed each run, printed in pytest's header), a seed to replay one, or `off`.
 SHUFFLE ?= random
-# Debian packages for the PACS and browser tests (tests/appcore/test_pacs.py, tests/appcore/test_dicom_proxy.py, tests/e2e)
+# Debian packages for the PACS and browser tests (tests/appcore/dicom/test_pacs.py, tests/appcore/dicom/test_dicom_proxy.py, tests/e2e)
 # and PostgreSQL for --conf database_url (tests/appcore/test_projectdb_engines.py, test_postgres_servers.py):
 # installed once per list (the stamp names the list's checksum, so a package added here is installed).
 SYSDEPS_PKGS := orthanc orthanc-dicomweb chromium postgresql

@@ -38,11 +38,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from monai.inferers import sliding_window_inference
-from monai.losses import DiceCELoss
 from monai.transforms import Compose
 from monai.utils import set_determinism
 
 from appcore.precision import training_autocast
+from radiology import recipe
 from radiology.registry import MODELS
 from radiology.spec import ModelSpec
 from radiology.transforms import augment, class_index, preprocess
@@ -115,8 +115,8 @@ class Learner:
     def __init__(self, spec: ModelSpec, lr: float, device: torch.device, cpu_bf16: bool) -> None:
         self.spec, self.device, self.cpu_bf16 = spec, device, cpu_bf16
         self.network = spec.network().to(device)
-        self.optimizer = torch.optim.AdamW(self.network.parameters(), lr=lr, weight_decay=1e-5)
-        self.loss = DiceCELoss(to_onehot_y=True, softmax=True)
+        self.optimizer = recipe.optimizer(self.network.parameters(), lr)
+        self.loss = recipe.loss()
 
     def state(self) -> dict:
         return {"network": self.network.state_dict(), "optimizer": self.optimizer.state_dict()}

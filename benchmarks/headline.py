@@ -30,6 +30,8 @@ CLICKS_HIPPOCAMPUS = RESULTS / "clicks" / "interactive_hippocampus" / "sessions.
 CLICKS_HIPPOCAMPUS_SECTION = "hippocampus-clicks-each-click-corrects-as-far-as-the-networks-disagree-with-it-2026-12-07"
 NUCLEI_AL = RESULTS / "al_dsb2018" / "curves.csv"
 NUCLEI_AL_SECTION = "active-learning-on-dsb2018-and-the-labelling-effort-results-issue-27-2026-12-07"
+OHIF_LABELING = RESULTS / "ohif_labeling" / "2026-12-07.json"  # transcribed: see its "source"
+NUCLEI = RESULTS / "nuclei" / "2026-12-07.json"  # transcribed: see its "source"
 TARGET_SHARE = 0.95  # of the whole-pool Dice (the run's full_pool rows), the level "labels to target" is read at
 
 
@@ -43,6 +45,39 @@ def accuracy_rows(path: Path = ACCURACY, resamples: int = 10_000) -> list[str]:
         f"| accuracy | `hippocampus` held-out Dice, {result['cases']} MSD test cases | "
         f"**{result['mean_of_classes']:.3f}** (95% CI {low:.3f}-{high:.3f}; {classes}) | "
         f"[Held-out accuracy](RESULTS.md#{ACCURACY_SECTION}) |"
+    ]
+
+
+def nuclei_rows(path: Path = NUCLEI) -> list[str]:
+    """Held-out Dice / AJI of the shipped nuclei model on each dataset."""
+    result = json.loads(path.read_text())
+    figures = "; ".join(f"{name} {v['dice']:.3f} / {v['aji']:.3f}" for name, v in result["held_out"].items())
+    return [
+        f"| accuracy | `nuclei` held-out Dice / AJI, shipped weights | {figures} | "
+        f"[Nuclei](RESULTS.md#{result['section']}) |"
+    ]
+
+
+def ohif_rows(path: Path = OHIF_LABELING) -> list[str]:
+    """Seconds in the browser (``benchmarks.ohif_labeling``): next case to proposal and save, then a click."""
+    result = json.loads(path.read_text())
+    speed, clicks = result["speed"], result["clicks"]
+    link = f"[OHIF labeling speed](RESULTS.md#{speed['section']})"
+    nxt, save = float(np.median(speed["next_case_to_proposal_s"])), speed["save_in_page_median_s"]
+    at_once = float(np.median(speed["next_case_saved_at_once_s"]))
+    click = float(np.median(clicks["click_to_label_map_s"]))
+
+    def verdict(value: float, goal: float) -> str:
+        return f"goal {goal:g} s: {'met' if value <= goal else 'not met'}"
+
+    return [
+        f"| OHIF labeling | {speed['dataset']}: *Next case* to proposal shown, 5 s on each case (median of "
+        f"{len(speed['next_case_to_proposal_s'])}) | **{nxt:.2f} s** ({verdict(nxt, speed['next_case_goal_s'])}; "
+        f"saved at once: {at_once:.2f} s, {verdict(at_once, speed['next_case_goal_s']).split(': ')[1]}) | {link} |",
+        f"| OHIF labeling | {speed['dataset']}: *Save* to SEG stored, in the page (median of 5) | **{save:.2f} s** "
+        f"({verdict(save, speed['save_goal_s'])}) | {link} |",
+        f"| OHIF labeling | {clicks['dataset']}: click to label map updated (median of "
+        f"{len(clicks['click_to_label_map_s'])}) | **{click:.2f} s** | [OHIF clicks](RESULTS.md#{clicks['section']}) |",
     ]
 
 
@@ -137,7 +172,8 @@ def active_learning_rows(path: Path = ACTIVE_LEARNING, nuclei: Path = NUCLEI_AL)
 
 def headline() -> str:
     rows = ["| area | figure | value | section |", "|---|---|---|---|"]
-    rows += accuracy_rows() + peer_rows() + interactive_rows() + active_learning_rows()
+    rows += accuracy_rows() + nuclei_rows() + peer_rows() + interactive_rows() + active_learning_rows()
+    rows += ohif_rows()
     return "\n".join(rows) + "\n"
 
 

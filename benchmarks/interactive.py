@@ -159,7 +159,7 @@ def check_sessions(data: Path) -> list[Session]:
     series = fill_missing_uids(read_series_folder(data / "dicom" / "ct_abdomen"), "ct_abdomen")
     volume = load_series(series, str(series[0].SeriesInstanceUID))
     labels = nib.load(data / "dicom" / "ct_abdomen_labels_totalseg.nii.gz")
-    # The label file stores the rows in the other order (tests/appcore/test_dicom.py): on its grid.
+    # The label file stores the rows in the other order (tests/appcore/dicom/test_dicom.py): on its grid.
     image = np.ascontiguousarray(np.asarray(volume.data, dtype=np.float32)[:, ::-1, :])
     seg = remap_by_name(np.asarray(labels.dataobj), class_map, ORGANS_CT.labels)
     for organ in ("liver", "spleen", "stomach", "aorta", "pancreas"):

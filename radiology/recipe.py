@@ -25,8 +25,8 @@ def loss() -> torch.nn.Module:
     return DiceCELoss(to_onehot_y=True, softmax=True)
 
 
-def optimizer(params: Iterable[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
-    """AdamW at learning rate ``lr`` (the server's: ``ModelSpec.learning_rate``)."""
+def optimizer(params: Iterable[torch.nn.Parameter] | Iterable[dict], lr: float) -> torch.optim.Optimizer:
+    """AdamW at learning rate ``lr`` (the server's: ``ModelSpec.learning_rate``), over parameters or groups."""
     return torch.optim.AdamW(params, lr=lr, weight_decay=WEIGHT_DECAY)
 
 

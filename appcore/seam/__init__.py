@@ -374,9 +374,37 @@ def ROWS() -> Sequence[Row]:  # noqa: N802 - the table, imported late: its rows 
     return rows
 
 
+# The packages whose routes and ASGI layers must each be a row of the table.
+OURS = ("appcore", "radiology", "pathology", "strategies", "apps")
+
+
+def _ours(what: Any) -> bool:
+    return getattr(what, "__module__", "").split(".")[0] in OURS
+
+
+def undeclared() -> list[str]:
+    """Routes and ASGI layers of ours in the running server that no row of the table names: each
+    change to MONAI Label's router or stack is declared, whichever module made it."""
+    rows = ROWS()
+    routes = {r.name for r in rows if r.kind is Kind.ROUTE_IN_FRONT}
+    layers = {r.name for r in rows if r.kind is Kind.MIDDLEWARE}
+    found = [
+        f"route {getattr(r, 'name', None)!r} ({getattr(r, 'path', '?')}) is not a row of the table"
+        for r in server_routes() or []
+        if _ours(getattr(r, "endpoint", None) or getattr(r, "app", None)) and getattr(r, "name", None) not in routes
+    ]
+    found += [
+        f"ASGI layer {type(layer).__name__} is not a row of the table"
+        for layer in stack_layers(server_stack())
+        if _ours(type(layer)) and type(layer).__name__ not in layers
+    ]
+    return found
+
+
 def check(report: Report) -> None:
-    """Raise ``SeamError`` unless the installed monailabel is ``MONAILABEL_VERSION`` and every row
-    that applied is in place (in a server: every row that was not skipped by its setting)."""
+    """Raise ``SeamError`` unless the installed monailabel is ``MONAILABEL_VERSION``, every row
+    that applied is in place (in a server: every row that was not skipped by its setting), and, in a
+    server, every route and ASGI layer of ours is a row (``undeclared``)."""
     problems = [f"{o.row.key}: {o.reason}" for o in report.failed()]
     in_server = server_app() is not None
     for outcome in report.outcomes:
@@ -384,13 +412,20 @@ def check(report: Report) -> None:
             why = _in_place(outcome.row)
             if why is not None:
                 problems.append(f"{outcome.row.key}: {why}")
+    unlisted = undeclared() if in_server else []
     if report.version != MONAILABEL_VERSION or problems:
-        rows = "\n".join(f"  - {p}" for p in problems) or "  (none)"
+        rows = "\n".join(f"  - {p}" for p in problems + unlisted) or "  (none)"
         raise SeamError(
             f"monailabel {report.version} is installed; this server's changes to MONAI Label "
             f"(appcore/seam/table.py) were written for monailabel {MONAILABEL_VERSION}. Rows that did not "
             f"apply:\n{rows}\nInstall monailabel=={MONAILABEL_VERSION} (requirements.txt), or check each row "
             "against the new version and raise MONAILABEL_VERSION in appcore/seam/__init__.py"
+        )
+    if unlisted:
+        rows = "\n".join(f"  - {p}" for p in unlisted)
+        raise SeamError(
+            f"Changes to MONAI Label's router or ASGI stack that appcore/seam/table.py does not declare:\n{rows}\n"
+            "Add a row for each to the table (then python -m appcore.seam > docs/seam.md)"
         )
 
 
@@ -453,7 +488,8 @@ def markdown(rows: Sequence[Row] | None = None) -> str:
         "Generated from `appcore/seam/table.py` by `python -m appcore.seam > docs/seam.md`; a test checks",
         "that it is current. Every row was written for monailabel "
         f"{MONAILABEL_VERSION}: at start the server checks the",
-        "installed version and that every row applied, and stops with a message naming the rows that did not.",
+        "installed version and that every row applied, and stops with a message naming the rows that did not;",
+        "a route or ASGI layer of this project's packages that no row names stops it too.",
         "MONAI Label builds its FastAPI application (routes, CORS) when `monailabel.app` is imported, before it",
         "creates the app, and Starlette has built the middleware stack before the app's `on_init_complete`",
         "runs: `add_middleware` and `include_router` are refused or come too late then, so routes go in",

@@ -1,1 +1,1 @@
-"""Pathology research: offline training of the nuclei network and its metrics."""
+"""Pathology research: offline training of the nuclei network, its metrics, and the DSB2018 split."""

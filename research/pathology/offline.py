@@ -17,11 +17,11 @@ import numpy as np
 import torch
 
 from pathology.data import HELD_OUT, Tile, cpm_tiles, split_tiles
-from pathology.dsb2018 import ImageType, dsb_tiles
 from pathology.predict import instances, predict_instances, predict_maps
 from pathology.spec import NUCLEI, NucleiSpec
 from pathology.training import Augment, Example, train_steps
 from pathology.weights import load_network, save_weights_atomically
+from research.pathology.dsb2018 import ImageType, dsb_tiles
 from research.pathology.metrics import aji, dice
 
 logger = logging.getLogger(__name__)
@@ -207,7 +207,8 @@ def main(argv: list[str] | None = None) -> None:
     u.add_argument("--weights", type=Path, default=NUCLEI.shipped_weights_path)
     for p in (t, e, u):
         p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-        p.add_argument("--dsb", type=Path, help="nuclei_dsb2018 folder; its split is pathology/splits/dsb2018.txt")
+        split = "research/pathology/splits/dsb2018.txt"
+        p.add_argument("--dsb", type=Path, help=f"nuclei_dsb2018 folder; its split is {split}")
     args = parser.parse_args(argv)
     if args.command == "evaluate" and args.data is None and args.dsb is None:
         parser.error("evaluate needs --data (CPM-15 held-out tiles) or --dsb (a DSB2018 split)")

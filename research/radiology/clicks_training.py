@@ -34,12 +34,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from monai.losses import DiceCELoss
 from monai.utils import set_determinism
 from scipy import ndimage
 
 from appcore.precision import training_autocast
 from appcore.weights import load_state_dict, save_weights_atomically
+from radiology import recipe
 from radiology.clicknet import SIGMA, click_network, guidance_maps, member_state, widen_input
 from radiology.registry import MODELS
 from radiology.spec import ModelSpec
@@ -169,8 +169,8 @@ def train(spec: ModelSpec, args: argparse.Namespace) -> dict:
         {"params": [named[k] for k in sorted(first)], "scale": args.input_lr_scale},
         {"params": [p for k, p in named.items() if k not in first], "scale": 1.0},
     ]
-    optimizer = torch.optim.AdamW(groups, lr=args.lr, weight_decay=1e-5)
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    optimizer = recipe.optimizer(groups, args.lr)  # AdamW over the two groups, each keeping its scale
+    loss_fn = recipe.loss()
     budget = 60 * args.minutes
 
     history: dict = {"args": {k: str(v) for k, v in vars(args).items()}, "validations": [], "best": None}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import re
 from pathlib import Path
 
 import pytest
@@ -70,6 +71,33 @@ def test_pathology_ranks_patches_under_al_model(tmp_path: Path, monkeypatch: pyt
 def test_pathology_refuses_a_radiology_only_option(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"\['infer_memory_mb'\] for the pathology app \(infer_memory_mb is an option"):
         _pathology(tmp_path, {"infer_memory_mb": "4096"})
+
+
+@pytest.mark.parametrize(
+    ("app", "settings", "name"),
+    [(RadiologyApp, RadiologySettings, "radiology"), (PathologyApp, PathologySettings, "pathology")],
+)
+def test_each_app_refuses_an_option_it_does_not_know_naming_its_own(
+    tmp_path: Path, app: type, settings: type, name: str
+) -> None:
+    """At the app's start, with the full list of that app's options (not the other app's)."""
+    (tmp_path / "s").mkdir()
+    valid = re.escape(str(sorted(settings.options())))
+    with pytest.raises(
+        ValueError, match=rf"Unknown --conf option\(s\) \['epochs'\] for the {name} app; valid options: {valid}$"
+    ):
+        unwatched_app(tmp_path / "a", tmp_path / "s", {"score_on_start": "false", "epochs": "3"}, app)
+
+
+@pytest.mark.parametrize(
+    ("app", "model", "registry"),
+    [(RadiologyApp, "nuclei", RADIOLOGY_MODELS), (PathologyApp, "hippocampus", PATHOLOGY_MODELS)],
+)
+def test_each_app_picks_models_from_its_own_registry(tmp_path: Path, app: type, model: str, registry: dict) -> None:
+    (tmp_path / "s").mkdir()
+    valid = re.escape(str(list(registry)))
+    with pytest.raises(ValueError, match=rf"--conf models: unknown model\(s\) \['{model}'\]; valid choices: {valid}"):
+        unwatched_app(tmp_path / "a", tmp_path / "s", {"score_on_start": "false", "models": model}, app)
 
 
 def test_radiology_models_have_their_own_published_file(tmp_path: Path) -> None:

@@ -1,4 +1,7 @@
-"""Contract of each registered pathology model through the app, in-process on real data.
+"""Contract of each registered pathology model through the app, in-process.
+
+Each model runs it on a phantom built from its ``NucleiSpec`` (always runs) and on a real CPM-15 tile
+(the slow tier, where ``../shared/data`` is present).
 
 The shipped network alone (CPU and CUDA) is in ``tests/pathology/test_pathology_network.py``.
 """
@@ -15,12 +18,13 @@ from PIL import Image
 
 import pathology.infer
 import pathology.weights
+from appcore import seam
 from appcore.errors import RequestError
 from appcore.weights import load_state_dict
 from pathology.app import PathologyApp
 from pathology.data import cpm_tiles
 from pathology.registry import MODELS
-from pathology.spec import NUCLEI
+from pathology.spec import NUCLEI, NucleiSpec
 from pathology.weights import load_network
 from research.pathology.metrics import aji
 from tests.apps import unwatched_app
@@ -31,13 +35,42 @@ SLIDE = SHARED / "pathology" / "wsi" / "CMU-1-Small-Region.svs"
 requires_pathology = pytest.mark.skipif(not (CPM / "images").exists(), reason=f"real tiles {CPM} are absent")
 
 
+def phantom(spec: NucleiSpec, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """An H&E-like tile of ``spec.patch`` pixels and its instance mask: dark purple nuclei (discs well
+    above ``spec.min_area``), apart from each other, on a pink background, with noise."""
+    rng = np.random.default_rng(seed)
+    size, radius = spec.patch, 7
+    yy, xx = np.mgrid[:size, :size]
+    mask = np.zeros((size, size), np.uint16)
+    centres = [(y, x) for y in range(24, size - 16, 40) for x in range(24, size - 16, 40)]
+    for i, (y, x) in enumerate(centres, start=1):
+        jitter = rng.integers(-6, 7, 2)
+        mask[(yy - y - jitter[0]) ** 2 + (xx - x - jitter[1]) ** 2 <= radius**2] = i
+    image = np.where(mask[..., None] > 0, (95, 55, 135), (235, 195, 215)).astype(np.float64)
+    image += rng.normal(0, 8, image.shape)
+    return np.clip(image, 0, 255).astype(np.uint8), mask
+
+
+@pytest.mark.parametrize("model", sorted(MODELS))
+def test_model_contract_on_a_phantom(tmp_path: Path, model: str) -> None:
+    image, mask = phantom(MODELS[model].spec, 0)
+    _check_contract(tmp_path, model, image, mask)
+
+
 @requires_pathology
+@pytest.mark.slow
 @pytest.mark.parametrize("model", sorted(MODELS))
 def test_model_contract(tmp_path: Path, model: str) -> None:
+    tile = cpm_tiles(CPM, ("image04",))[0]
+    _check_contract(tmp_path, model, tile.image[:192, :192], tile.mask[:192, :192])
+
+
+def _check_contract(tmp_path: Path, model: str, image: np.ndarray, truth: np.ndarray) -> None:
+    """Listed in /info; infer answers a mask of the tile's size (one nucleus for a click); one tiny
+    training step on ``truth`` publishes weights, and the next infer serves exactly them."""
     studies, app_dir = tmp_path / "studies", tmp_path / "app"
     studies.mkdir()
-    tile = cpm_tiles(CPM, ("image04",))[0]
-    Image.fromarray(tile.image[:192, :192]).save(studies / "tile.png")
+    Image.fromarray(image).save(studies / "tile.png")
     conf = {"models": model, "max_epochs": "1", "train_batch_size": "2"}
     app = unwatched_app(app_dir, studies, conf, PathologyApp)
 
@@ -47,23 +80,23 @@ def test_model_contract(tmp_path: Path, model: str) -> None:
 
     request = {"model": model, "image": "tile"}
     if MODELS[model].nuclick:
-        ys, xs = np.nonzero(tile.mask[:192, :192] == np.bincount(tile.mask[:192, :192].ravel())[1:].argmax() + 1)
+        ys, xs = np.nonzero(truth == np.bincount(truth.ravel())[1:].argmax() + 1)
         request["foreground"] = [[int(xs.mean()), int(ys.mean())]]
     result = app.infer(request)
     mask = np.asarray(Image.open(result["file"]))
-    assert mask.shape == (192, 192) and mask.dtype == np.uint16
+    assert mask.shape == truth.shape and mask.dtype == np.uint16
     assert result["params"]["count"] == len(np.unique(mask)) - 1 >= 1
     if MODELS[model].nuclick:
         assert result["params"]["count"] == 1
 
     label = tmp_path / "label.png"
-    Image.fromarray(tile.mask[:192, :192].astype(np.uint16)).save(label)
+    Image.fromarray(truth.astype(np.uint16)).save(label)
     app.datastore().save_label("tile", str(label), "final", {})
     assert not app.published_weights(model).exists()
     stats = app.train({"model": model, "max_epochs": 1, "train_batch_size": 2, "device": "cpu"})
     assert stats["steps"] == 1 and app.published_weights(model).exists(), "a completed run publishes its weights"
     app.infer(request)
-    served = app._infers[model].network().state_dict()
+    served = seam.infers(app)[model].network().state_dict()
     published = load_state_dict(app.published_weights(model))
     for key, value in served.items():
         assert torch.equal(value.cpu(), published[key]), f"infer does not serve the new weights ({key})"

@@ -424,7 +424,7 @@ def test_tile_infer_on_a_dsb2018_image_however_it_is_encoded(server: tuple[httpx
     A camera's 16-bit greyscale PNG is read stretched from its own range; Pillow alone clipped it
     to white and the network found nothing.
     """
-    from pathology.dsb2018 import ImageType, split_ids
+    from research.pathology.dsb2018 import ImageType, split_ids
     from research.pathology.metrics import dice
 
     image_id = min(i for i, t in split_ids("test").items() if t is ImageType.BRIGHTFIELD_COLOUR)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import json
 import subprocess
@@ -112,3 +113,31 @@ def test_the_validation_window_is_the_model_roi_blended_as_at_inference(model: s
     window = recipe.validation_window(MODELS[model], sw_batch_size=batch)
     assert (tuple(window.roi_size), window.sw_batch_size, window.overlap) == (MODELS[model].roi_size, batch, 0.25)
     assert str(window.mode) in ("gaussian", "BlendMode.GAUSSIAN")
+
+
+# Code that builds a radiology loss or optimiser of its own, and why it is not training with the recipe.
+OWN_RECIPE = {
+    "benchmarks/gpu.py": "times a training step on the GPU (lr 1e-4): its figure is seconds, not a trained network",
+    "benchmarks/training_precision.py": "times float32 against bfloat16 training steps: seconds and memory",
+}
+_RECIPE_PARTS = {"DiceCELoss", "DiceLoss", "AdamW", "Adam", "SGD"}
+
+
+def _builds_its_own(path: Path) -> list[str]:
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Call):
+            name = getattr(node.func, "id", getattr(node.func, "attr", None))
+            if name in _RECIPE_PARTS:
+                found.append(f"{path.relative_to(ROOT)} {name}")
+    return found
+
+
+def test_every_radiology_training_takes_loss_and_optimiser_from_the_recipe() -> None:
+    """Server, offline, click network and the active learning simulation: ``radiology.recipe``
+    (nnU-Net's SGD variant of the offline trainer is the one other optimiser, and says so)."""
+    files = [*(ROOT / "radiology").rglob("*.py"), *(ROOT / "research" / "radiology").rglob("*.py")]
+    files += list((ROOT / "benchmarks").glob("*.py"))
+    skipped = {ROOT / "radiology" / "recipe.py", *(ROOT / f for f in OWN_RECIPE)}
+    found = [hit for path in sorted(files) if path not in skipped for hit in _builds_its_own(path)]
+    assert found == ["research/radiology/offline.py SGD"], "use radiology.recipe.loss() / optimizer()"

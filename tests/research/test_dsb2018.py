@@ -9,7 +9,8 @@ import pytest
 from PIL import Image
 
 from pathology.data import read_rgb
-from pathology.dsb2018 import (
+from pathology.training import Augment, Example, random_crop, train_steps
+from research.pathology.dsb2018 import (
     SPLIT_FILE,
     SPLITS,
     Entry,
@@ -21,7 +22,6 @@ from pathology.dsb2018 import (
     read_split,
     split_ids,
 )
-from pathology.training import Augment, Example, random_crop, train_steps
 from tests.conftest import SHARED
 
 DSB = SHARED / "pathology" / "nuclei_dsb2018"

@@ -53,7 +53,7 @@ def server(pacs: LoadedPacs, tmp_path_factory: pytest.TempPathFactory) -> Iterat
 @pytest.fixture(scope="module")
 def ct(pacs: LoadedPacs) -> dict[str, Any]:
     """The CT series as the PACS holds it: its instances in slice order and its TotalSegmentator organs
-    on the series' ``[column, row, slice]`` grid (tests/appcore/test_pacs.py checks that alignment)."""
+    on the series' ``[column, row, slice]`` grid (tests/appcore/dicom/test_pacs.py checks that alignment)."""
     uid = pacs.series["ct_abdomen"]
     study = str(pacs.client.search_series({"SeriesInstanceUID": uid})[0].StudyInstanceUID)
     volume = load_series(pacs.client.retrieve_series(study, uid), uid)

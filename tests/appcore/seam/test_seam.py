@@ -155,6 +155,30 @@ def test_a_route_behind_monai_labels_own_is_reported(fake_server: Starlette) -> 
         seam.check(report)
 
 
+def _of_ours(what: object) -> object:
+    what.__module__ = "appcore.new_feature"  # type: ignore[attr-defined]
+    return what
+
+
+@pytest.mark.usefixtures("fake_server")
+def test_a_route_of_ours_without_a_row_stops_the_start() -> None:
+    from starlette.routing import Route as StarletteRoute
+
+    async def endpoint(request: object) -> None:
+        raise AssertionError("not called")
+
+    assert seam.insert_first(StarletteRoute("/labeling/new", _of_ours(endpoint), name="new_feature"))
+    with pytest.raises(SeamError, match=r"route 'new_feature' \(/labeling/new\) is not a row of the table\nAdd a row"):
+        seam.install(None, [])
+
+
+def test_an_asgi_layer_of_ours_without_a_row_stops_the_start(fake_server: Starlette) -> None:
+    layer = _of_ours(type("_NewLayer", (), {"__init__": lambda self, app: setattr(self, "app", app)}))
+    seam.set_server_stack(layer(fake_server.middleware_stack))  # type: ignore[operator]
+    with pytest.raises(SeamError, match=r"ASGI layer _NewLayer is not a row of the table"):
+        seam.install(None, [])
+
+
 def test_the_doc_lists_every_row() -> None:
     doc = (ROOT / "docs" / "seam.md").read_text()
     assert doc == seam.markdown(), "docs/seam.md is out of date: python -m appcore.seam > docs/seam.md"
@@ -264,3 +288,112 @@ def test_apps_read_monai_labels_registries_through_the_seam() -> None:
     )
     found = [f"{name}: {m.group(0)}" for name, text in _sources() for m in private.finditer(text)]
     assert found == []
+
+
+def _theirs(tree: ast.AST) -> set[str]:
+    """The names a module binds to MONAI Label's modules, classes and functions (at any depth)."""
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {(a.asname or a.name.split(".")[0]) for a in node.names if a.name.split(".")[0] == "monailabel"}
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "monailabel":
+            names |= {a.asname or a.name for a in node.names}
+    return names
+
+
+def _monai_label_private_names() -> dict[str, set[str]]:
+    """Every private member of MONAI Label's loaded classes, with the classes that define or assign it."""
+    import pathology.app  # noqa: F401 - loads what the apps use of MONAI Label
+    import radiology.app  # noqa: F401
+
+    owners: dict[str, set[str]] = {}
+    for name, module in list(sys.modules.items()):
+        if not name.startswith("monailabel"):
+            continue
+        for cls in vars(module).values():
+            if inspect.isclass(cls) and cls.__module__ == name:
+                try:
+                    members = _monai_label_private(cls).get(cls.__name__, set())
+                except (OSError, TypeError):  # no source
+                    members = {n for n in vars(cls) if n.startswith("_") and not n.startswith("__")}
+                for member in members:
+                    owners.setdefault(member, set()).add(cls.__name__)
+    return owners
+
+
+def _self_or_super(node: ast.expr) -> bool:
+    if isinstance(node, ast.Name):
+        return node.id in ("self", "cls")
+    return isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "super"
+
+
+def outside_uses() -> list[str]:
+    """What code outside ``appcore/seam`` does to MONAI Label, in any function or class, other than its
+    own classes' members (``test_every_private_member_our_classes_touch_is_a_row``): a private
+    member read on another object than ``self`` (``app._trainers``: the seam's accessors read those), a
+    private name imported or read from its modules, a name of its modules or classes assigned,
+    deleted or ``setattr``'d (``endpoints.train.run = ...``)."""
+    private, found = _monai_label_private_names(), []
+    for name, text in _sources():
+        tree = ast.parse(text)
+        theirs = _theirs(tree)
+        for node in ast.walk(tree):
+            where = f"{name}:{getattr(node, 'lineno', '?')}"
+            if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "monailabel":
+                found += [f"{where} imports {a.name}" for a in node.names if a.name.startswith("_")]
+            elif isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
+                if isinstance(node.value, ast.Name) and node.value.id in theirs:
+                    found.append(f"{where} reads {node.value.id}.{node.attr}")
+                elif not _self_or_super(node.value) and node.attr in private:
+                    # on another object than self, even a tabled member is read through the seam's accessor
+                    found.append(f"{where} reads {ast.unparse(node)} ({', '.join(sorted(private[node.attr]))})")
+            targets: list[ast.expr] = []
+            if isinstance(node, ast.Assign | ast.Delete):
+                targets = list(node.targets)
+            elif isinstance(node, ast.AugAssign | ast.AnnAssign):
+                targets = [node.target]
+            elif (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Name)
+                and node.func.id in ("setattr", "delattr")
+            ):
+                targets = [ast.Attribute(value=node.args[0], attr="?")] if node.args else []
+            for target in targets:
+                root = target
+                while isinstance(root, ast.Attribute | ast.Subscript):
+                    root = root.value
+                if target is not root and isinstance(root, ast.Name) and root.id in theirs:
+                    found.append(f"{where} rebinds {ast.unparse(target)}")
+    return sorted(found)
+
+
+def test_no_other_code_reads_privates_or_rebinds_names_of_monai_label() -> None:
+    assert outside_uses() == [], "go through an accessor of appcore.seam, or add a row to appcore/seam/table.py"
+
+
+_OUTSIDE = (
+    ("def f(app):\n    return app._trainers\n", "reads app._trainers (MONAILabelApp)"),
+    ("def f(task):\n    return task._model_dir\n", "reads task._model_dir (BasicTrainTask"),
+    ("from monailabel.utils.async_tasks.utils import _x\n", "imports _x"),
+    ("from monailabel.endpoints import train\ntrain._helper()\n", "reads train._helper"),
+    ("from monailabel.endpoints import train\ntrain.run = len\n", "rebinds train.run"),
+    ("import monailabel.endpoints.train\nmonailabel.endpoints.train.run = len\n", "rebinds monailabel.endpoints"),
+    ("from monailabel.config import settings\nsetattr(settings, 'X', 1)\n", "rebinds settings.?"),
+    ("from monailabel.interfaces.app import MONAILabelApp\nMONAILabelApp.info = len\n", "rebinds MONAILabelApp"),
+)
+
+
+@pytest.mark.parametrize(("code", "reported"), _OUTSIDE, ids=[r for _, r in _OUTSIDE])
+def test_each_way_of_reaching_into_monai_label_is_found(
+    code: str, reported: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sys.modules[__name__], "_sources", lambda: iter([("appcore/new.py", code)]))
+    found = outside_uses()
+    assert len(found) == 1 and reported in found[0], found
+
+
+@pytest.mark.parametrize("layer", [r.name for r in ROWS if r.kind is Kind.MIDDLEWARE])
+def test_the_request_flow_names_every_layer(layer: str) -> None:
+    assert layer in (ROOT / "docs" / "architecture.md").read_text(), (
+        "add it to the request's way in docs/architecture.md"
+    )

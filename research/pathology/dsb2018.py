@@ -1,7 +1,7 @@
 """The fixed train / validation / test split of ``nuclei_dsb2018``, stratified by image type.
 
-``python -m pathology.dsb2018 --data ../shared/data/pathology/nuclei_dsb2018`` rewrites
-``pathology/splits/dsb2018.txt`` (and says whether it changed); the committed file is the split.
+``python -m research.pathology.dsb2018 --data ../shared/data/pathology/nuclei_dsb2018`` rewrites
+``research/pathology/splits/dsb2018.txt`` (and says whether it changed); the committed file is the split.
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ def make_split(types: dict[str, ImageType], seed: int = SEED) -> list[Entry]:
 
 HEADER = """\
 # nuclei_dsb2018 split: <split> <image type> <image id>, one image a line.
-# Made by `python -m pathology.dsb2018 --data ../shared/data/pathology/nuclei_dsb2018` (pathology/dsb2018.py):
+# Made by `python -m research.pathology.dsb2018 --data ../shared/data/pathology/nuclei_dsb2018`:
 # image type from colour statistics (median pixel < 80: fluorescence; else mean channel spread > 1: brightfield
 # colour; else brightfield grey), then per type a shuffle seeded with 2018 of the sorted ids: 20% test,
 # 10% validation, the rest train. Test images are never used for training, checkpoint choice or thresholds.

@@ -325,7 +325,7 @@ def test_click_coordinates_must_be_json_integers(field: dict[str, object]) -> No
 
 
 # -- the panel's click tool (viewers_config/ohif/extension/clicks.js): a world point to a series' pixel -----
-CLICKS_JS = Path(__file__).resolve().parents[2] / "viewers_config" / "ohif" / "extension" / "clicks.js"
+CLICKS_JS = Path(__file__).resolve().parents[3] / "viewers_config" / "ohif" / "extension" / "clicks.js"
 NODE = shutil.which("node")
 
 

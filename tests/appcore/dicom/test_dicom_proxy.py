@@ -211,7 +211,7 @@ def test_anything_but_a_dicomweb_read_is_refused_saying_what_is_forwarded(
 )
 def test_a_store_of_studies_passes_the_proxy_check(op: str, path: str) -> None:
     """OHIF's Export > DICOM SEG > Save (a STOW-RS to ``<wadoRoot>/studies``): read and saved as a label
-    by the server (tests/appcore/test_labeling_stow.py), never forwarded."""
+    by the server (tests/appcore/dicom/test_labeling_stow.py), never forwarded."""
     check_proxied("POST", op, path, f"/proxy/dicom/{op + '/' if op else ''}{path}")
 
 
@@ -310,7 +310,7 @@ def test_a_refused_request_never_reaches_the_pacs(pacs, method: str, target: str
 def test_a_store_is_read_by_the_server_and_never_reaches_the_pacs(
     pacs, monkeypatch: pytest.MonkeyPatch, target: str, status: int, match: str
 ) -> None:
-    """A STOW-RS (OHIF's export of a SEG) is the server's to read (tests/appcore/test_labeling_stow.py):
+    """A STOW-RS (OHIF's export of a SEG) is the server's to read (tests/appcore/dicom/test_labeling_stow.py):
     a body that is no SEG is refused by it, and nothing goes to the PACS."""
     from appcore.dicom import labeling
 

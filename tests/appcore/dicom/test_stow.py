@@ -12,7 +12,7 @@ from pydicom.dataset import Dataset
 
 from appcore.dicom import stow
 from appcore.errors import RequestError
-from tests.appcore.test_dicom import _hippocampus_phantom
+from tests.appcore.dicom.test_dicom import _hippocampus_phantom
 from tests.segs import foreign_seg, label_map_seg
 
 BOUNDARY = "b0undary-1234"
