@@ -290,9 +290,24 @@ def test_valid_token_gives_user_and_roles(document_key: bool, jwks: bool, kid: s
     assert auth.granted_names(user) == [USER, ANNOTATOR]
 
 
-def test_role_less_token_is_no_role() -> None:
+ROLE_LESS_TOKENS = {
+    "no roles": {},
+    # Keycloak's client roles: MONAI Label reads realm_access.roles (MONAI_LABEL_AUTH_TOKEN_ROLES) only
+    "roles only in resource_access": {
+        "realm_access": None,
+        "resource_access": {"monailabel-app": {"roles": [ADMIN]}, "account": {"roles": [ADMIN]}},
+    },
+    "realm_access without roles": {"realm_access": {}},
+    "roles not a list": {"realm_access": {"roles": ADMIN}},
+    "roles as a top-level claim": {"realm_access": None, "roles": [ADMIN]},
+    "names close to the roles": {"realm_access": {"roles": ["monailabel-admins", "MONAILABEL-ADMIN", "admin"]}},
+}
+
+
+@pytest.mark.parametrize("claims", ROLE_LESS_TOKENS.values(), ids=ROLE_LESS_TOKENS)
+def test_role_less_token_is_no_role(claims: dict[str, Any]) -> None:
     fake = FakeRealm()
-    user = _verifier(fake).check(fake.realm.token("carol", []))
+    user = _verifier(fake).check(fake.realm.token("carol", [], claims=claims))
     assert auth.level(user) is Role.PUBLIC
     error = auth.forbidden_role(user, Role.USER, "GET /info/")
     assert error.status_code == 403
@@ -376,18 +391,20 @@ def test_bad_authorization_header(header: list[tuple[bytes, bytes]], match: str)
 
 
 @pytest.mark.parametrize(
-    ("token_of", "status"),
+    ("token_of", "status", "who"),
     [
-        (None, 401),  # no token
-        (lambda realm: realm.token("anna", [ANNOTATOR], key=new_key()), 401),  # forged
-        (lambda realm: realm.token("anna", [ANNOTATOR]), 403),  # a role too low for DELETE /datastore/image
+        (None, 401, "anonymous"),  # no token
+        (lambda realm: realm.token("anna", [ANNOTATOR], key=new_key()), 401, "anonymous"),  # forged
+        # a role too low for DELETE /datastore/image: the token verified, so the audit log names who tried
+        (lambda realm: realm.token("anna", [ANNOTATOR]), 403, "anna"),
     ],
     ids=["no token", "forged", "role too low"],
 )
-def test_a_refused_request_is_anonymous_whatever_came_before(token_of: Any, status: int) -> None:
-    """A refused request is answered (and audited) as anonymous, even when its context holds the user
-    of an earlier request: uvicorn resumes reading a keep-alive connection from inside the last
-    request's task, so the next request's context starts as a copy of that one's."""
+def test_a_refused_request_is_never_the_previous_request_s_user(token_of: Any, status: int, who: str) -> None:
+    """A refused request is answered (and audited) as anonymous when its token did not verify, as
+    its token's user when only the role was too low, never as the user of an earlier request held
+    in its context: uvicorn resumes reading a keep-alive connection from inside the last request's
+    task, so the next request's context starts as a copy of that one's."""
     import asyncio
 
     fake = FakeRealm()
@@ -412,7 +429,7 @@ def test_a_refused_request_is_anonymous_whatever_came_before(token_of: Any, stat
         await auth.AuthLayer(never_called, _verifier(fake))(scope, receive, send)
 
     asyncio.run(request_after_another())
-    assert answered == [(status, "anonymous")]
+    assert answered == [(status, who)]
 
 
 # -- the run's user is captured at request time --------------------------------------------------------
@@ -669,6 +686,7 @@ def test_endpoint_roles(
         assert anonymous.headers["WWW-Authenticate"].startswith("Bearer")
         role_less = http.request(method, url, headers=_bearer(realm, "nora"), **kwargs)
         assert role_less.status_code == 403, role_less.text
+        assert role_less.headers["WWW-Authenticate"].startswith('Bearer realm="monailabel", error="insufficient_scope"')
         if method != "HEAD":
             assert "none of the MONAI Label roles" in role_less.text, role_less.text
     for role, name in TOKEN_OF_ROLE.items():
@@ -796,12 +814,20 @@ def test_refused_before_the_body_is_read(server: Server) -> None:
 
 
 def test_the_audit_log_names_the_token_user(server: Server, realm: StandInRealm) -> None:
-    """The audit layer (outside the auth layer) records the token's user, and a refused request as anonymous."""
-    anna, root = _bearer(realm, "anna"), _bearer(realm, "root")
+    """The audit layer (outside the auth layer) records the token's user, for a request refused for
+    its role (403) too; a request whose token did not verify (401) is recorded as anonymous."""
+    anna, root, nora = _bearer(realm, "anna"), _bearer(realm, "root"), _bearer(realm, "nora")
     saved = server.http.put("/datastore/label/info?label=nothing&tag=final", json={}, headers=anna)
-    refused = server.http.delete("/datastore/image?id=nothing", headers=anna)
+    refused = server.http.delete("/datastore/image?id=audit-anna", headers=anna)
     assert refused.status_code == 403, refused.text
+    role_less = server.http.post("/train/hippocampus?client_id=audit-nora", json={}, headers=nora)
+    assert role_less.status_code == 403, role_less.text
+    forged = {"Authorization": f"Bearer {realm.token('root', [ADMIN], key=new_key())}"}
+    unverified = server.http.delete("/datastore/image?id=audit-forged", headers=forged)
+    assert unverified.status_code == 401, unverified.text
     entries = server.http.get("/audit/", params={"limit": 1000}, headers=root).json()["entries"]
-    mine = {(e["method"], e["path"], e["status"]): e["user"] for e in entries}
-    assert mine[("PUT", "/datastore/label/info", saved.status_code)] == "anna", entries
-    assert mine[("DELETE", "/datastore/image", 403)] in ("anonymous", None), entries
+    mine = {(e["method"], e["path"], e["query"], e["status"]): e["user"] for e in entries}
+    assert mine[("PUT", "/datastore/label/info", "label=nothing&tag=final", saved.status_code)] == "anna", entries
+    assert mine[("DELETE", "/datastore/image", "id=audit-anna", 403)] == "anna", entries
+    assert mine[("POST", "/train/hippocampus", "client_id=audit-nora", 403)] == "nora", entries
+    assert mine[("DELETE", "/datastore/image", "id=audit-forged", 401)] == "anonymous", entries
