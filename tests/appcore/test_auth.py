@@ -743,6 +743,32 @@ def test_reservation_owner_is_the_token_user(server: Server, realm: StandInRealm
     assert held[r.json()["id"]] == "anna"
 
 
+def test_a_label_s_author_is_the_token_user(server: Server, realm: StandInRealm) -> None:
+    """A save's version and the stored label's info name the token's user, whatever ``client_id`` and
+    the save's parameters say; so does an info update (MONAI Label's, which names its caller)."""
+    anna = _bearer(realm, "anna")
+    label = (HIPPO / "labelsTr" / CASE.name).read_bytes()
+    spoof = json.dumps({"client_id": "mallory", "user": "mallory"})
+    r = server.http.put(
+        "/datastore/label",
+        params={"image": "hippocampus_001", "tag": "final", "client_id": "mallory"},
+        files={"label": (CASE.name, label)},
+        data={"params": spoof},
+        headers=anna,
+    )
+    assert r.status_code == 200, r.text
+    listing = server.http.get("/datastore/label/versions", params={"image": "hippocampus_001"}, headers=anna).json()
+    latest = listing["versions"][-1]
+    assert (latest["user"], latest["client"]) == ("anna", "monailabel-app"), latest  # the token's user and azp
+    where = {"label": "hippocampus_001", "tag": "final"}
+    info = server.http.get("/datastore/label/info", params=where, headers=anna).json()
+    assert info["user"] == "anna", info
+    r = server.http.put("/datastore/label/info", params=where, data={"info": spoof}, headers=anna)
+    assert r.status_code == 200, r.text
+    info = server.http.get("/datastore/label/info", params=where, headers=anna).json()
+    assert (info["user"], info["client_id"]) == ("anna", "mallory"), info
+
+
 def test_weights_upload_and_training_started_by_token_user(server: Server, realm: StandInRealm) -> None:
     """An upload's and a training's version record name the token's user, not the client_id sent."""
     admin = _bearer(realm, "root")
