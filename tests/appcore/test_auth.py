@@ -769,6 +769,27 @@ def test_a_label_s_author_is_the_token_user(server: Server, realm: StandInRealm)
     assert (info["user"], info["client_id"]) == ("anna", "mallory"), info
 
 
+def test_a_batch_infer_s_labels_are_authored_by_the_token_user(server: Server, realm: StandInRealm) -> None:
+    """The labels a batch infer saves (in a task process of its own) are versions of the admin who
+    asked for it; a ``started_by`` sent by the client is refused. hippocampus_003 is never labelled
+    ``final`` here: its ``original`` label does not make it labelled."""
+    root = _bearer(realm, "root")
+    body = {"device": "cpu", "label_tag": "original", "max_workers": 1}
+    refused = server.http.post("/batch/infer/hippocampus", json={**body, "started_by": "mallory"}, headers=root)
+    assert refused.status_code == 422 and "'started_by' is set by the server" in refused.text, refused.text
+    r = server.http.post("/batch/infer/hippocampus", params={"images": "unlabeled"}, json=body, headers=root)
+    assert r.status_code == 200, r.text
+    deadline = time.monotonic() + 900  # a hang guard: one infer in a fresh process on a loaded 2-core machine
+    while (status := server.http.get("/batch/infer", headers=root).json()).get("status") not in ("DONE", "ERROR"):
+        assert time.monotonic() < deadline, status
+        time.sleep(1)
+    assert status["status"] == "DONE", status
+    where = {"image": FREE.name.removesuffix(".nii.gz"), "tag": "original"}
+    versions = server.http.get("/datastore/label/versions", params=where, headers=root)
+    assert versions.status_code == 200, versions.text
+    assert {v["user"] for v in versions.json()["versions"]} == {"root"}, versions.json()["versions"]
+
+
 def test_weights_upload_and_training_started_by_token_user(server: Server, realm: StandInRealm) -> None:
     """An upload's and a training's version record name the token's user, not the client_id sent."""
     admin = _bearer(realm, "root")
