@@ -509,9 +509,11 @@ def test_open_door(host: str | None, enabled: bool, allow_anonymous: bool, refus
 
 
 @needs_data
-def test_server_refuses_to_listen_on_the_network_without_auth(tmp_path: Path) -> None:
-    """``start_server --host <not loopback>`` with auth off stops before it binds (192.0.2.1 is no
-    address of this machine: nothing ever listens on the network here)."""
+@pytest.mark.parametrize("allow_anonymous", [False, True], ids=["refused", "allow_anonymous true"])
+def test_server_refuses_to_listen_on_the_network_without_auth(tmp_path: Path, allow_anonymous: bool) -> None:
+    """``start_server --host <not loopback>`` with auth off stops before it binds, saying why;
+    ``--conf allow_anonymous true`` lets it start up and go on to bind (192.0.2.1 is no address of
+    this machine: the bind fails, so nothing ever listens on the network here)."""
     studies = tmp_path / "studies"
     studies.mkdir()
     (studies / CASE.name).write_bytes(CASE.read_bytes())
@@ -522,13 +524,19 @@ def test_server_refuses_to_listen_on_the_network_without_auth(tmp_path: Path) ->
     cmd = [str(launcher)] if launcher.exists() else [sys.executable, "-m", "monailabel.main"]
     cmd += ["start_server", "--app", str(app_dir), "--studies", str(studies), "--host", "192.0.2.1", "--port", "8000"]
     cmd += ["--conf", "models", "hippocampus", "--conf", "score_on_start", "false"]
+    cmd += ["--conf", "allow_anonymous", str(allow_anonymous).lower()]
     env = {**os.environ, "MONAILABEL_PYEXE": sys.executable, "MONAI_LABEL_TRACKING_ENABLED": "false"}
     env.pop("MONAI_LABEL_AUTH_ENABLE", None)
-    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     output = done.stdout + done.stderr
     assert done.returncode != 0, output[-3000:]
-    assert "Refusing to listen on 192.0.2.1 with authentication off" in output, output[-3000:]
-    assert "MONAI_LABEL_AUTH_ENABLE" in output and "--conf allow_anonymous true" in output
+    if allow_anonymous:
+        assert "Refusing to listen" not in output, output[-3000:]
+        assert "Application startup complete" in output, output[-3000:]  # then the bind on 192.0.2.1 fails
+        assert "192.0.2.1" in output and "bind" in output, output[-3000:]
+    else:
+        assert "Refusing to listen on 192.0.2.1 with authentication off" in output, output[-3000:]
+        assert "MONAI_LABEL_AUTH_ENABLE" in output and "--conf allow_anonymous true" in output
 
 
 # -- a real server with authentication on ---------------------------------------------------------------
