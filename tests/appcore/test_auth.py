@@ -544,6 +544,7 @@ def test_server_refuses_to_listen_on_the_network_without_auth(tmp_path: Path, al
 USERS = {
     "ulla": ("pw-user", [USER]),
     "anna": ("pw-annotator", [ANNOTATOR]),
+    "arne": ("pw-annotator-2", [ANNOTATOR]),  # a second annotator, on the same case as anna
     "rita": ("pw-reviewer", [REVIEWER]),
     "root": ("pw-admin", [ADMIN]),
     "nora": ("pw-none", []),
@@ -775,6 +776,78 @@ def test_a_label_s_author_is_the_token_user(server: Server, realm: StandInRealm)
     assert r.status_code == 200, r.text
     info = server.http.get("/datastore/label/info", params=where, headers=anna).json()
     assert (info["user"], info["client_id"]) == ("anna", "mallory"), info
+
+
+def test_two_annotators_on_one_case_a_review_and_a_restore_over_http(
+    server: Server, realm: StandInRealm, tmp_path: Path
+) -> None:
+    """Anna and Arne save the same case; both versions are kept with their author, time, client and
+    proposal, each served by number; an annotator cannot review, the reviewer rejects Arne's with a
+    comment; Anna restores hers: a new version by her, the current label again."""
+    import nibabel as nib
+    import numpy as np
+
+    anna, arne, rita = _bearer(realm, "anna"), _bearer(realm, "arne"), _bearer(realm, "rita")
+    image, where = "hippocampus_001", {"image": "hippocampus_001", "tag": "final"}
+    full = nib.load(HIPPO / "labelsTr" / CASE.name)
+    anterior = tmp_path / CASE.name
+    data = np.asarray(full.dataobj).copy()
+    data[data == 2] = 0
+    nib.save(nib.Nifti1Image(data, full.affine, full.header), anterior)
+
+    def save(who: dict[str, str], path: Path, proposal: dict[str, Any] | None) -> None:
+        params = json.dumps({"model": "hippocampus"} | ({"proposal": proposal} if proposal else {}))
+        r = server.http.put(
+            "/datastore/label", params=where, files={"label": (CASE.name, path.read_bytes())}, data={"params": params}
+        )
+        assert r.status_code == 401, r.text  # no token, nothing stored
+        r = server.http.put(
+            "/datastore/label",
+            params=where,
+            files={"label": (CASE.name, path.read_bytes())},
+            data={"params": params},
+            headers=who,
+        )
+        assert r.status_code == 200, r.text
+
+    def values(content: bytes) -> set[int]:
+        kept = tmp_path / "kept.nii.gz"
+        kept.write_bytes(content)
+        return set(np.unique(np.asarray(nib.load(kept).dataobj)).tolist())
+
+    save(anna, anterior, {"model": "hippocampus", "version": 0})
+    save(arne, HIPPO / "labelsTr" / CASE.name, None)
+    listing = server.http.get("/datastore/label/versions", params=where, headers=_bearer(realm, "ulla")).json()
+    hers, his = listing["versions"][-2:]
+    assert (hers["user"], his["user"]) == ("anna", "arne"), listing
+    assert listing["current"] == his["version"] == hers["version"] + 1
+    assert hers["proposal"] == {"model": "hippocampus", "version": 0} and his["proposal"] is None
+    assert hers["client"] == his["client"] == "monailabel-app" and hers["time"] <= his["time"]
+    assert hers["review"]["state"] == his["review"]["state"] == "submitted"
+    for version, expected in ((hers["version"], {0, 1}), (his["version"], {0, 1, 2})):
+        kept = {"label": image, "tag": "final", "version": version}
+        r = server.http.get("/datastore/label", params=kept, headers=anna)
+        assert r.status_code == 200 and values(r.content) == expected, (version, r.status_code)
+
+    review = {**where, "version": his["version"], "state": "rejected", "comment": "posterior overlaps the fornix"}
+    refused = server.http.put("/datastore/label/review", params=review, headers=anna)
+    assert refused.status_code == 403 and "monailabel-reviewer" in refused.text, refused.text
+    r = server.http.put("/datastore/label/review", params=review, headers=rita)
+    assert r.status_code == 200, r.text
+    assert r.json()["review"] | {"time": None} == {
+        "state": "rejected",
+        "reviewer": "rita",
+        "time": None,
+        "comment": "posterior overlaps the fornix",
+    }
+
+    r = server.http.post("/datastore/label/restore", params={**where, "version": hers["version"]}, headers=anna)
+    assert r.status_code == 200, r.text
+    restored = r.json()
+    assert (restored["user"], restored["origin"], restored["restored_from"]) == ("anna", "restore", hers["version"])
+    assert restored["review"]["state"] == "submitted"
+    current = server.http.get("/datastore/label", params={"label": image, "tag": "final"}, headers=anna)
+    assert values(current.content) == {0, 1}
 
 
 def test_a_batch_infer_s_labels_are_authored_by_the_token_user(server: Server, realm: StandInRealm) -> None:
