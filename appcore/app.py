@@ -66,6 +66,8 @@ def _bad_batch_infer(params: dict[str, Any], body: bytes) -> RequestError | None
 def _bad_task_param(key: str, value: Any, what: str, name_key: str, name: str | None) -> RequestError | None:
     if key == "bundle_path":  # MONAI Label adds it to the task process's PYTHONPATH
         return unprocessable(f"{what} parameter 'bundle_path' is not accepted from requests: it names server code")
+    if key == "started_by":  # the author of a batch infer's labels (``_signed_by_user``)
+        return unprocessable(f"{what} parameter 'started_by' is set by the server to the request's user; leave it out")
     if key == name_key and value != name:
         return unprocessable(f"{what} parameter {key!r} ({value!r}) differs from the one in the path ({name!r})")
     if key == "gpus" and not (
@@ -370,10 +372,12 @@ def _records_stops(stop: Any) -> Any:
 
 
 def _signed_by_user(run: Any) -> Any:
-    """``monailabel.endpoints.train.run_model`` or ``run`` (``POST /train/...``), with the request's
-    user (``appcore.identity``, set from its token) as the run's ``started_by``: the request is
-    written for the training process here, at request time, as the process cannot see the token.
-    A client cannot send ``started_by`` itself (``_TRAIN_REFUSED``)."""
+    """``monailabel.endpoints.train.run_model`` or ``run`` (``POST /train/...``), or
+    ``monailabel.endpoints.batch_infer.run`` (``POST /batch/infer/...``), with the request's user
+    (``appcore.identity``, set from its token) as the run's ``started_by``: the request is written
+    for the task process here, at request time, as the process cannot see the token (a batch infer's
+    labels are saved as that user). A client cannot send ``started_by`` itself (``_TRAIN_REFUSED``,
+    ``_bad_task_param``)."""
     signature = inspect.signature(run)
 
     def signed(*args: Any, **kwargs: Any) -> Any:
@@ -1002,11 +1006,18 @@ class RequestChecks:
             request = {**request, "multi_gpu": False, "device": "cpu"}
 
         def infer_or_skip(req: dict[str, Any], store: Datastore) -> dict[str, Any]:
+            # The labels it saves are authored by the user who asked for the batch (``started_by``,
+            # written at request time: this runs in a task process, in MONAI Label's worker threads).
+            started_by = req.get("started_by")
+            signed = identity.current_user.set(identity.User(str(started_by))) if started_by else None
             try:
                 return self.infer(req, store)
             except HTTPException as e:  # a refused series, a corrupt file, an unreachable PACS
                 logger.warning("Batch infer skips %s: %s", req.get("image"), e.detail)
                 return {"skipped": e.detail}
+            finally:
+                if signed is not None:
+                    identity.current_user.reset(signed)
 
         return seam.batch_infer(self, request, datastore or self.datastore(), infer_or_skip)
 

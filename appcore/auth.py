@@ -542,12 +542,14 @@ def granted_names(user: User) -> list[str]:
 
 
 def forbidden_role(user: User, needed: Role, what: str) -> AuthError:
+    """A 403 naming the role ``what`` needs and those ``user`` holds (``error="insufficient_scope"``, RFC 6750)."""
     names = role_names()
     return AuthError(
         403,
         f"{what} needs the role {names[needed]!r} (or a higher one); user {user.name!r} has "
         f"{sorted(r for r in user.roles if r in names.values()) or 'none of the MONAI Label roles'}. "
         "Ask the realm's administrator to grant it",
+        error="insufficient_scope",
     )
 
 
@@ -602,6 +604,7 @@ class AuthLayer:
         try:
             user = await self._user(scope, needed)
             if needed > Role.PUBLIC and level(user) < needed:
+                current_user.set(user)  # verified: a 403 is audited as who tried, a 401 as anonymous
                 raise forbidden_role(user, needed, what)
         except HTTPException as e:
             logger.warning("Refused %s %s: %s", method, scope.get("path"), e.detail)

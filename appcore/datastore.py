@@ -26,7 +26,7 @@ from appcore.archive import dataset_members, zip_chunks
 from appcore.errors import RequestError, conflict, not_found, unprocessable
 from appcore.files import copy_replacing, remove_stale_staged, staged_beside, staging_owner
 from appcore.history import LabelHistory, Origin, proposal_of
-from appcore.identity import User
+from appcore.identity import User, user
 from appcore.validation import (
     Geometry,
     check_image_id,
@@ -63,6 +63,10 @@ def saving_as(origin: Origin, restored_from: int | None = None) -> Iterator[None
 # Info fields the datastore keeps itself: when the file was stored, its file name, the version of the
 # file it last saw (``CheckedLocalDatastore.FILE_VERSION``) and (in answers only) its path on the server.
 SERVER_INFO_FIELDS = ("ts", "name", "file_version", "path")
+# A stored label's author: the request's user (``appcore.identity``, the token's with authentication
+# on), written by the server at every store whatever a save's parameters say. MONAI Label's info
+# update (PUT /datastore/label/info) sets it to its own caller, the token's user too.
+AUTHOR_FIELD = "user"
 
 
 def check_save_params(params: object, what: str) -> dict[str, Any]:
@@ -444,7 +448,7 @@ class CheckedLocalDatastore(LocalDatastore):
             return latest["version"] if latest else None
         versions = self.history.versions(image_id, tag)
         info = dict(label.info)
-        who = User(str(info.get("user") or "unknown"))
+        who = User(str(info.get(AUTHOR_FIELD) or "unknown"))
         origin = Origin.found if versions else Origin.migrated
         # A migrated label's time is its save's; a found one's is now (its file's time is not known).
         ts = info.get("ts") if not versions and isinstance(info.get("ts"), int | float) else None
@@ -611,6 +615,7 @@ class CheckedLocalDatastore(LocalDatastore):
                 info = dict(label_info or {})
                 info["ts"] = int(time.time())
                 info["name"] = name
+                info[AUTHOR_FIELD] = user().name
                 obj.labels[label_tag] = DataModel(info=info, ext=".nii.gz")
                 self._update_datastore_file(lock=False)
                 self._record_version(image_id, label_tag, label_dir / name, info)

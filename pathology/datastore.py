@@ -21,9 +21,10 @@ from monailabel.datastore.local import DataModel, LocalDatastore
 from PIL import Image
 
 from appcore import seam
-from appcore.datastore import CheckedLocalDatastore, check_save_params
+from appcore.datastore import AUTHOR_FIELD, CheckedLocalDatastore, check_save_params
 from appcore.errors import unprocessable
 from appcore.files import staged_beside
+from appcore.identity import user
 from appcore.validation import check_image_id, check_upload_size
 from pathology.annotations import Polygon, Shape, parse_asap_xml, parse_json
 from pathology.postprocess import rasterize
@@ -221,6 +222,7 @@ class PathologyDatastore(CheckedLocalDatastore):
                 stored = dict(info or {})
                 stored["ts"] = int(time.time())
                 stored["name"] = name
+                stored[AUTHOR_FIELD] = user().name
                 obj.labels[tag] = DataModel(info=stored, ext=ext)
                 self._update_datastore_file(lock=False)
                 self._record_version(image_id, tag, label_dir / name, stored)

@@ -47,9 +47,10 @@ def request_k(request: Mapping[str, Any], default: int, book: ReservationBook | 
 
 def holder(request: Mapping[str, Any]) -> str:
     """Who a request's picks are reserved for: the authenticated user; with authentication off
-    (every request anonymous) the request's ``client_id``, else ``anonymous``."""
+    (every request anonymous) the request's ``client_id``, else ``anonymous``. A realm user named
+    ``anonymous`` is a signed-in user like any other: told apart from ``ANONYMOUS`` by identity."""
     caller = user()
-    if caller.name != ANONYMOUS.name:
+    if caller is not ANONYMOUS:
         return caller.name
     return str(request.get("client_id") or ANONYMOUS.name)
 

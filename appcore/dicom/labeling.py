@@ -46,6 +46,7 @@ from appcore.dicom.proposals import ProposalCache
 from appcore.dicom.seg import seg_to_label
 from appcore.dicom.timing import Stopwatch
 from appcore.errors import RequestError, conflict, not_found, unprocessable
+from appcore.history import PROPOSAL_KEY, proposal_of
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +71,11 @@ class LabelFrames(BaseModel):
     base: str = Field(description="the label the case had when handed out: the proposal's 'base'")
     data: str = Field(description="base64 of the zlib-compressed frames")
     client_id: str = ""
+    proposal: dict[str, Any] | None = Field(
+        None,
+        description="the model's proposal the label was corrected from: its 'model' and 'version' (the proposal "
+        "answer's), kept with the label's version (appcore.history); left out when the case opened on a saved label",
+    )
 
 
 def encode_frames(volume: np.ndarray) -> str:
@@ -374,6 +380,7 @@ class Labeling:
     # -- save ----------------------------------------------------------------------------------------
     def save(self, image: str, payload: LabelFrames) -> dict[str, Any]:
         watch = Stopwatch(f"Save of series {image} from OHIF by {payload.client_id or 'anonymous'}")
+        proposal_of({PROPOSAL_KEY: payload.proposal})  # 422 for a malformed one, before anything is decoded
         store = self.store()
         with watch.stage("series info"):
             model, labels, _ = self.model_for(image)
@@ -394,6 +401,8 @@ class Labeling:
                 )
             volume = lut[frames]
         info = {"model": model, "client_id": payload.client_id or "anonymous", "saved_from": "ohif"}
+        if payload.proposal is not None:
+            info[PROPOSAL_KEY] = payload.proposal
         return self.store_final(image, volume, grid.affine, info, payload.base, watch)
 
     def store_final(

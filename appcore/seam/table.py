@@ -196,6 +196,9 @@ ROWS: tuple[Row, ...] = (
         _rebind(f"{_EP}.train:{function}", checks._signed_by_user, "a run names no user", wraps=True)
         for function in ("run_model", "run")
     ),
+    _rebind(
+        f"{_EP}.batch_infer:run", checks._signed_by_user, "a batch infer's labels were saved as anonymous", wraps=True
+    ),
     _rebind(f"{_EP}.proxy:proxy_dicom", dicom_proxy.proxy_dicom, "a slow PACS blocks the server's event loop"),
     *(
         _rebind(f"{module}:{function}", checks._needs_input, "an infer with nothing to segment is a 500", wraps=True)

@@ -290,9 +290,24 @@ def test_valid_token_gives_user_and_roles(document_key: bool, jwks: bool, kid: s
     assert auth.granted_names(user) == [USER, ANNOTATOR]
 
 
-def test_role_less_token_is_no_role() -> None:
+ROLE_LESS_TOKENS = {
+    "no roles": {},
+    # Keycloak's client roles: MONAI Label reads realm_access.roles (MONAI_LABEL_AUTH_TOKEN_ROLES) only
+    "roles only in resource_access": {
+        "realm_access": None,
+        "resource_access": {"monailabel-app": {"roles": [ADMIN]}, "account": {"roles": [ADMIN]}},
+    },
+    "realm_access without roles": {"realm_access": {}},
+    "roles not a list": {"realm_access": {"roles": ADMIN}},
+    "roles as a top-level claim": {"realm_access": None, "roles": [ADMIN]},
+    "names close to the roles": {"realm_access": {"roles": ["monailabel-admins", "MONAILABEL-ADMIN", "admin"]}},
+}
+
+
+@pytest.mark.parametrize("claims", ROLE_LESS_TOKENS.values(), ids=ROLE_LESS_TOKENS)
+def test_role_less_token_is_no_role(claims: dict[str, Any]) -> None:
     fake = FakeRealm()
-    user = _verifier(fake).check(fake.realm.token("carol", []))
+    user = _verifier(fake).check(fake.realm.token("carol", [], claims=claims))
     assert auth.level(user) is Role.PUBLIC
     error = auth.forbidden_role(user, Role.USER, "GET /info/")
     assert error.status_code == 403
@@ -376,18 +391,20 @@ def test_bad_authorization_header(header: list[tuple[bytes, bytes]], match: str)
 
 
 @pytest.mark.parametrize(
-    ("token_of", "status"),
+    ("token_of", "status", "who"),
     [
-        (None, 401),  # no token
-        (lambda realm: realm.token("anna", [ANNOTATOR], key=new_key()), 401),  # forged
-        (lambda realm: realm.token("anna", [ANNOTATOR]), 403),  # a role too low for DELETE /datastore/image
+        (None, 401, "anonymous"),  # no token
+        (lambda realm: realm.token("anna", [ANNOTATOR], key=new_key()), 401, "anonymous"),  # forged
+        # a role too low for DELETE /datastore/image: the token verified, so the audit log names who tried
+        (lambda realm: realm.token("anna", [ANNOTATOR]), 403, "anna"),
     ],
     ids=["no token", "forged", "role too low"],
 )
-def test_a_refused_request_is_anonymous_whatever_came_before(token_of: Any, status: int) -> None:
-    """A refused request is answered (and audited) as anonymous, even when its context holds the user
-    of an earlier request: uvicorn resumes reading a keep-alive connection from inside the last
-    request's task, so the next request's context starts as a copy of that one's."""
+def test_a_refused_request_is_never_the_previous_request_s_user(token_of: Any, status: int, who: str) -> None:
+    """A refused request is answered (and audited) as anonymous when its token did not verify, as
+    its token's user when only the role was too low, never as the user of an earlier request held
+    in its context: uvicorn resumes reading a keep-alive connection from inside the last request's
+    task, so the next request's context starts as a copy of that one's."""
     import asyncio
 
     fake = FakeRealm()
@@ -412,7 +429,7 @@ def test_a_refused_request_is_anonymous_whatever_came_before(token_of: Any, stat
         await auth.AuthLayer(never_called, _verifier(fake))(scope, receive, send)
 
     asyncio.run(request_after_another())
-    assert answered == [(status, "anonymous")]
+    assert answered == [(status, who)]
 
 
 # -- the run's user is captured at request time --------------------------------------------------------
@@ -492,9 +509,11 @@ def test_open_door(host: str | None, enabled: bool, allow_anonymous: bool, refus
 
 
 @needs_data
-def test_server_refuses_to_listen_on_the_network_without_auth(tmp_path: Path) -> None:
-    """``start_server --host <not loopback>`` with auth off stops before it binds (192.0.2.1 is no
-    address of this machine: nothing ever listens on the network here)."""
+@pytest.mark.parametrize("allow_anonymous", [False, True], ids=["refused", "allow_anonymous true"])
+def test_server_refuses_to_listen_on_the_network_without_auth(tmp_path: Path, allow_anonymous: bool) -> None:
+    """``start_server --host <not loopback>`` with auth off stops before it binds, saying why;
+    ``--conf allow_anonymous true`` lets it start up and go on to bind (192.0.2.1 is no address of
+    this machine: the bind fails, so nothing ever listens on the network here)."""
     studies = tmp_path / "studies"
     studies.mkdir()
     (studies / CASE.name).write_bytes(CASE.read_bytes())
@@ -505,13 +524,19 @@ def test_server_refuses_to_listen_on_the_network_without_auth(tmp_path: Path) ->
     cmd = [str(launcher)] if launcher.exists() else [sys.executable, "-m", "monailabel.main"]
     cmd += ["start_server", "--app", str(app_dir), "--studies", str(studies), "--host", "192.0.2.1", "--port", "8000"]
     cmd += ["--conf", "models", "hippocampus", "--conf", "score_on_start", "false"]
+    cmd += ["--conf", "allow_anonymous", str(allow_anonymous).lower()]
     env = {**os.environ, "MONAILABEL_PYEXE": sys.executable, "MONAI_LABEL_TRACKING_ENABLED": "false"}
     env.pop("MONAI_LABEL_AUTH_ENABLE", None)
-    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     output = done.stdout + done.stderr
     assert done.returncode != 0, output[-3000:]
-    assert "Refusing to listen on 192.0.2.1 with authentication off" in output, output[-3000:]
-    assert "MONAI_LABEL_AUTH_ENABLE" in output and "--conf allow_anonymous true" in output
+    if allow_anonymous:
+        assert "Refusing to listen" not in output, output[-3000:]
+        assert "Application startup complete" in output, output[-3000:]  # then the bind on 192.0.2.1 fails
+        assert "192.0.2.1" in output and "bind" in output, output[-3000:]
+    else:
+        assert "Refusing to listen on 192.0.2.1 with authentication off" in output, output[-3000:]
+        assert "MONAI_LABEL_AUTH_ENABLE" in output and "--conf allow_anonymous true" in output
 
 
 # -- a real server with authentication on ---------------------------------------------------------------
@@ -519,6 +544,7 @@ def test_server_refuses_to_listen_on_the_network_without_auth(tmp_path: Path) ->
 USERS = {
     "ulla": ("pw-user", [USER]),
     "anna": ("pw-annotator", [ANNOTATOR]),
+    "arne": ("pw-annotator-2", [ANNOTATOR]),  # a second annotator, on the same case as anna
     "rita": ("pw-reviewer", [REVIEWER]),
     "root": ("pw-admin", [ADMIN]),
     "nora": ("pw-none", []),
@@ -669,6 +695,7 @@ def test_endpoint_roles(
         assert anonymous.headers["WWW-Authenticate"].startswith("Bearer")
         role_less = http.request(method, url, headers=_bearer(realm, "nora"), **kwargs)
         assert role_less.status_code == 403, role_less.text
+        assert role_less.headers["WWW-Authenticate"].startswith('Bearer realm="monailabel", error="insufficient_scope"')
         if method != "HEAD":
             assert "none of the MONAI Label roles" in role_less.text, role_less.text
     for role, name in TOKEN_OF_ROLE.items():
@@ -723,6 +750,125 @@ def test_reservation_owner_is_the_token_user(server: Server, realm: StandInRealm
     with contextlib.closing(sqlite3.connect(server.log.parent / "app" / "model" / "project.db")) as db:
         held = dict(db.execute("SELECT item, client FROM reservations"))
     assert held[r.json()["id"]] == "anna"
+
+
+def test_a_label_s_author_is_the_token_user(server: Server, realm: StandInRealm) -> None:
+    """A save's version and the stored label's info name the token's user, whatever ``client_id`` and
+    the save's parameters say; so does an info update (MONAI Label's, which names its caller)."""
+    anna = _bearer(realm, "anna")
+    label = (HIPPO / "labelsTr" / CASE.name).read_bytes()
+    spoof = json.dumps({"client_id": "mallory", "user": "mallory"})
+    r = server.http.put(
+        "/datastore/label",
+        params={"image": "hippocampus_001", "tag": "final", "client_id": "mallory"},
+        files={"label": (CASE.name, label)},
+        data={"params": spoof},
+        headers=anna,
+    )
+    assert r.status_code == 200, r.text
+    listing = server.http.get("/datastore/label/versions", params={"image": "hippocampus_001"}, headers=anna).json()
+    latest = listing["versions"][-1]
+    assert (latest["user"], latest["client"]) == ("anna", "monailabel-app"), latest  # the token's user and azp
+    where = {"label": "hippocampus_001", "tag": "final"}
+    info = server.http.get("/datastore/label/info", params=where, headers=anna).json()
+    assert info["user"] == "anna", info
+    r = server.http.put("/datastore/label/info", params=where, data={"info": spoof}, headers=anna)
+    assert r.status_code == 200, r.text
+    info = server.http.get("/datastore/label/info", params=where, headers=anna).json()
+    assert (info["user"], info["client_id"]) == ("anna", "mallory"), info
+
+
+def test_two_annotators_on_one_case_a_review_and_a_restore_over_http(
+    server: Server, realm: StandInRealm, tmp_path: Path
+) -> None:
+    """Anna and Arne save the same case; both versions are kept with their author, time, client and
+    proposal, each served by number; an annotator cannot review, the reviewer rejects Arne's with a
+    comment; Anna restores hers: a new version by her, the current label again."""
+    import nibabel as nib
+    import numpy as np
+
+    anna, arne, rita = _bearer(realm, "anna"), _bearer(realm, "arne"), _bearer(realm, "rita")
+    image, where = "hippocampus_001", {"image": "hippocampus_001", "tag": "final"}
+    full = nib.load(HIPPO / "labelsTr" / CASE.name)
+    anterior = tmp_path / CASE.name
+    data = np.asarray(full.dataobj).copy()
+    data[data == 2] = 0
+    nib.save(nib.Nifti1Image(data, full.affine, full.header), anterior)
+
+    def save(who: dict[str, str], path: Path, proposal: dict[str, Any] | None) -> None:
+        params = json.dumps({"model": "hippocampus"} | ({"proposal": proposal} if proposal else {}))
+        r = server.http.put(
+            "/datastore/label", params=where, files={"label": (CASE.name, path.read_bytes())}, data={"params": params}
+        )
+        assert r.status_code == 401, r.text  # no token, nothing stored
+        r = server.http.put(
+            "/datastore/label",
+            params=where,
+            files={"label": (CASE.name, path.read_bytes())},
+            data={"params": params},
+            headers=who,
+        )
+        assert r.status_code == 200, r.text
+
+    def values(content: bytes) -> set[int]:
+        kept = tmp_path / "kept.nii.gz"
+        kept.write_bytes(content)
+        return set(np.unique(np.asarray(nib.load(kept).dataobj)).tolist())
+
+    save(anna, anterior, {"model": "hippocampus", "version": 0})
+    save(arne, HIPPO / "labelsTr" / CASE.name, None)
+    listing = server.http.get("/datastore/label/versions", params=where, headers=_bearer(realm, "ulla")).json()
+    hers, his = listing["versions"][-2:]
+    assert (hers["user"], his["user"]) == ("anna", "arne"), listing
+    assert listing["current"] == his["version"] == hers["version"] + 1
+    assert hers["proposal"] == {"model": "hippocampus", "version": 0} and his["proposal"] is None
+    assert hers["client"] == his["client"] == "monailabel-app" and hers["time"] <= his["time"]
+    assert hers["review"]["state"] == his["review"]["state"] == "submitted"
+    for version, expected in ((hers["version"], {0, 1}), (his["version"], {0, 1, 2})):
+        kept = {"label": image, "tag": "final", "version": version}
+        r = server.http.get("/datastore/label", params=kept, headers=anna)
+        assert r.status_code == 200 and values(r.content) == expected, (version, r.status_code)
+
+    review = {**where, "version": his["version"], "state": "rejected", "comment": "posterior overlaps the fornix"}
+    refused = server.http.put("/datastore/label/review", params=review, headers=anna)
+    assert refused.status_code == 403 and "monailabel-reviewer" in refused.text, refused.text
+    r = server.http.put("/datastore/label/review", params=review, headers=rita)
+    assert r.status_code == 200, r.text
+    assert r.json()["review"] | {"time": None} == {
+        "state": "rejected",
+        "reviewer": "rita",
+        "time": None,
+        "comment": "posterior overlaps the fornix",
+    }
+
+    r = server.http.post("/datastore/label/restore", params={**where, "version": hers["version"]}, headers=anna)
+    assert r.status_code == 200, r.text
+    restored = r.json()
+    assert (restored["user"], restored["origin"], restored["restored_from"]) == ("anna", "restore", hers["version"])
+    assert restored["review"]["state"] == "submitted"
+    current = server.http.get("/datastore/label", params={"label": image, "tag": "final"}, headers=anna)
+    assert values(current.content) == {0, 1}
+
+
+def test_a_batch_infer_s_labels_are_authored_by_the_token_user(server: Server, realm: StandInRealm) -> None:
+    """The labels a batch infer saves (in a task process of its own) are versions of the admin who
+    asked for it; a ``started_by`` sent by the client is refused. hippocampus_003 is never labelled
+    ``final`` here: its ``original`` label does not make it labelled."""
+    root = _bearer(realm, "root")
+    body = {"device": "cpu", "label_tag": "original", "max_workers": 1}
+    refused = server.http.post("/batch/infer/hippocampus", json={**body, "started_by": "mallory"}, headers=root)
+    assert refused.status_code == 422 and "'started_by' is set by the server" in refused.text, refused.text
+    r = server.http.post("/batch/infer/hippocampus", params={"images": "unlabeled"}, json=body, headers=root)
+    assert r.status_code == 200, r.text
+    deadline = time.monotonic() + 900  # a hang guard: one infer in a fresh process on a loaded 2-core machine
+    while (status := server.http.get("/batch/infer", headers=root).json()).get("status") not in ("DONE", "ERROR"):
+        assert time.monotonic() < deadline, status
+        time.sleep(1)
+    assert status["status"] == "DONE", status
+    where = {"image": FREE.name.removesuffix(".nii.gz"), "tag": "original"}
+    versions = server.http.get("/datastore/label/versions", params=where, headers=root)
+    assert versions.status_code == 200, versions.text
+    assert {v["user"] for v in versions.json()["versions"]} == {"root"}, versions.json()["versions"]
 
 
 def test_weights_upload_and_training_started_by_token_user(server: Server, realm: StandInRealm) -> None:
@@ -796,12 +942,20 @@ def test_refused_before_the_body_is_read(server: Server) -> None:
 
 
 def test_the_audit_log_names_the_token_user(server: Server, realm: StandInRealm) -> None:
-    """The audit layer (outside the auth layer) records the token's user, and a refused request as anonymous."""
-    anna, root = _bearer(realm, "anna"), _bearer(realm, "root")
+    """The audit layer (outside the auth layer) records the token's user, for a request refused for
+    its role (403) too; a request whose token did not verify (401) is recorded as anonymous."""
+    anna, root, nora = _bearer(realm, "anna"), _bearer(realm, "root"), _bearer(realm, "nora")
     saved = server.http.put("/datastore/label/info?label=nothing&tag=final", json={}, headers=anna)
-    refused = server.http.delete("/datastore/image?id=nothing", headers=anna)
+    refused = server.http.delete("/datastore/image?id=audit-anna", headers=anna)
     assert refused.status_code == 403, refused.text
+    role_less = server.http.post("/train/hippocampus?client_id=audit-nora", json={}, headers=nora)
+    assert role_less.status_code == 403, role_less.text
+    forged = {"Authorization": f"Bearer {realm.token('root', [ADMIN], key=new_key())}"}
+    unverified = server.http.delete("/datastore/image?id=audit-forged", headers=forged)
+    assert unverified.status_code == 401, unverified.text
     entries = server.http.get("/audit/", params={"limit": 1000}, headers=root).json()["entries"]
-    mine = {(e["method"], e["path"], e["status"]): e["user"] for e in entries}
-    assert mine[("PUT", "/datastore/label/info", saved.status_code)] == "anna", entries
-    assert mine[("DELETE", "/datastore/image", 403)] in ("anonymous", None), entries
+    mine = {(e["method"], e["path"], e["query"], e["status"]): e["user"] for e in entries}
+    assert mine[("PUT", "/datastore/label/info", "label=nothing&tag=final", saved.status_code)] == "anna", entries
+    assert mine[("DELETE", "/datastore/image", "id=audit-anna", 403)] == "anna", entries
+    assert mine[("POST", "/train/hippocampus", "client_id=audit-nora", 403)] == "nora", entries
+    assert mine[("DELETE", "/datastore/image", "id=audit-forged", 401)] == "anonymous", entries

@@ -221,6 +221,7 @@ def test_a_training_task_takes_monai_labels_own_configuration() -> None:
         ({"images": ["/etc/passwd"]}, "Batch infer", "model", "hippocampus", "contains a path"),
         ({"images": 3}, "Batch infer", "model", "hippocampus", "'images' must be"),
         ({"gpus": "x"}, "Batch infer", "model", "hippocampus", "'gpus' must be"),
+        ({"started_by": "mallory"}, "Batch infer", "model", "hippocampus", "'started_by' is set by the server"),
     ],
 )
 def test_scoring_and_batch_parameters_name_no_server_path(

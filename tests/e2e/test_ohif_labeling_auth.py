@@ -146,6 +146,9 @@ def test_login_then_label_as_the_token_user(
     r = server.http.get(versions_url, headers=bearer(realm, "ulla"))
     assert r.status_code == 200, r.text
     assert [(v["version"], v["user"]) for v in r.json()["versions"]] == [(1, "anna")]
+    started_from = r.json()["versions"][0]["proposal"]  # the model's proposal the panel showed, kept with it
+    assert started_from is not None and started_from["model"] == case["model"], r.json()["versions"][0]
+    assert isinstance(started_from["version"], int), started_from
     ohif.shot(page, artifacts, "4-saved")
 
     # 5. The token expires: the next save asks for the login again, with the server's reason. A user

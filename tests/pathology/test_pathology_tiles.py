@@ -105,6 +105,7 @@ def test_correction_effort_refuses(pred: np.ndarray, truth: np.ndarray, iou: flo
         (None, {}, "anonymous"),
         (User("alice"), {"client_id": "reader1"}, "alice"),  # signed in: the user, whatever the client says
         (User("alice"), {}, "alice"),
+        (User("anonymous", frozenset({"monailabel-annotator"})), {"client_id": "mallory"}, "anonymous"),  # a realm user
     ],
 )
 def test_picks_are_held_for_the_signed_in_user_else_the_client(

@@ -269,6 +269,72 @@ def test_panel_requests_that_cannot_be_served_say_why(
     assert refused.value.status_code == status
 
 
+class _SavingStore:
+    """The series' grid and instances, as the DICOMweb datastore answers them."""
+
+    def __init__(self, uri: Path) -> None:
+        self.uri = uri
+
+    def get_image_uri(self, image_id: str) -> str:
+        return str(self.uri)
+
+    def source_headers(self, image_id: str) -> list[object]:
+        from types import SimpleNamespace
+
+        return [SimpleNamespace(SOPInstanceUID=sop) for sop in SOPS]
+
+
+@pytest.mark.parametrize(
+    ("proposal", "recorded"),
+    [
+        (None, None),  # the case opened on a saved label
+        ({"model": "hippocampus", "version": 3}, {"model": "hippocampus", "version": 3}),
+        ({"model": "hippocampus", "version": None}, {"model": "hippocampus", "version": None}),  # untrained
+    ],
+    ids=["saved label", "model v3", "untrained model"],
+)
+def test_a_panel_save_keeps_the_proposal_it_corrected(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, proposal: dict | None, recorded: dict | None
+) -> None:
+    """The panel's save names the model's proposal it started from; the label's version keeps it
+    (``appcore.history``: ``proposal``), as a save over /datastore/label with ``params.proposal`` does."""
+    import nibabel as nib
+
+    from appcore.dicom import labeling
+
+    nib.save(nib.Nifti1Image(np.zeros(SHAPE, np.int16), np.eye(4)), tmp_path / "series.nii.gz")
+    store, stored = _SavingStore(tmp_path / "series.nii.gz"), []
+    monkeypatch.setattr(labeling.Labeling, "store", lambda self: store)
+    monkeypatch.setattr(labeling.Labeling, "model_for", lambda self, image: ("hippocampus", LABELS, {}))
+    monkeypatch.setattr(labeling.Labeling, "store_final", lambda self, *args, **kwargs: stored.append(args[3]) or {})
+    labeling.Labeling().save("1.2.3", frames_of(volume(), proposal=proposal))
+    assert stored[0].get("proposal") == recorded
+    assert stored[0]["model"] == "hippocampus" and stored[0]["saved_from"] == "ohif"
+
+
+@pytest.mark.parametrize(
+    ("proposal", "match"),
+    [
+        ({"model": "hippocampus", "version": -1}, "its version is -1"),
+        ({"model": "hippocampus", "version": "3"}, "its version is '3'"),
+        ({"model": 3, "version": 1}, "its model is 3"),
+        ({"model": "hippocampus", "version": 1, "by": "x"}, "got"),
+    ],
+)
+def test_a_panel_save_with_a_malformed_proposal_is_a_422(
+    monkeypatch: pytest.MonkeyPatch, proposal: dict, match: str
+) -> None:
+    from appcore.dicom import labeling
+
+    def untouched(self: object) -> object:
+        raise AssertionError("the store was asked for before the proposal was checked")
+
+    monkeypatch.setattr(labeling.Labeling, "store", untouched)
+    with pytest.raises(RequestError, match=match) as refused:
+        labeling.Labeling().save("1.2.3", frames_of(volume(), proposal=proposal))
+    assert refused.value.status_code == 422
+
+
 # -- clicks: the panel's pixels as the DeepEdit contract's voxels --------------------------------------------
 def _click(label: str = "anterior", instance: str = "1.2.3.2", row: int = 1, column: int = 3) -> Click:
     return Click(label=label, instance=instance, row=row, column=column)

@@ -244,7 +244,14 @@ async function loadProposal(c, current) {
     segmentationService.remove(segmentationId); // made while a newer case was handed out
     throw SUPERSEDED;
   }
-  storeCase({ ...c, base: proposal.base, segmentationId, model: proposal.model, source: proposal.source });
+  storeCase({
+    ...c,
+    base: proposal.base,
+    segmentationId,
+    model: proposal.model,
+    source: proposal.source,
+    version: proposal.version,
+  });
   nextStep('proposalShownMs');
   sessionStorage.removeItem(NEXT_KEY);
   window.labelingTimes = {
@@ -365,6 +372,8 @@ async function save() {
       base: c.base,
       data,
       client_id: annotator(),
+      // the model's proposal the label was corrected from, kept with the label's version (not for a saved label's)
+      proposal: c.source === 'model' ? { model: c.model, version: c.version } : undefined,
     });
     storeCase({ ...c, base: answer.base });
     ui.progress = answer.progress;
