@@ -30,7 +30,7 @@ from appcore.datastore import CheckedLocalDatastore
 from appcore.dicom.client import is_dicomweb_url
 from appcore.errors import RequestError, bad_request, conflict, not_found, too_large, too_many, unprocessable
 from appcore.files import staged_beside
-from appcore.history import HISTORY_DIR, LabelHistory
+from appcore.history import HISTORY_DIR, SERVED, LabelHistory
 from appcore.lifecycle import children_stop_with_server, die_with_server, is_task_process
 from appcore.projectdb import ProjectDB, project_db
 from appcore.sessions import CheckedSessions
@@ -957,7 +957,19 @@ class RequestChecks:
         """MONAI Label's infer, at most ``infer_concurrency`` at once (requests run in worker threads
         now, ``THREADED_ROUTES``; before, the event loop ran one at a time)."""
         with self._infer_slot():
-            return super().infer(request, datastore)  # type: ignore[misc]
+            result = super().infer(request, datastore)  # type: ignore[misc]
+        image, model = request.get("image"), request.get("model")
+        if isinstance(image, str) and isinstance(model, str):  # what a later save started from
+            SERVED.note(image, model, self._served_version_or_none(model))
+        return result
+
+    def _served_version_or_none(self, model: str) -> int | None:
+        """The weights version ``model`` serves; None for a model without versions of its own (an
+        interactive or scribbles model)."""
+        try:
+            return self.version_store(model).served_version()
+        except Exception:  # no published weights of its own: not a versioned model
+            return None
 
     def train(self, request: dict[str, Any]) -> dict[str, Any]:
         """MONAI Label's train. In the server's process it runs only for ``run_sync=true``, in a worker

@@ -14,11 +14,15 @@ image's file with its info and its labels' versions, from which ``restore`` puts
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
+import threading
 import time
-from collections.abc import Iterable
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator
+from contextvars import ContextVar
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
@@ -88,6 +92,56 @@ def proposal_of(params: dict[str, Any]) -> tuple[str | None, int | None]:
     return model, version
 
 
+# Info key of a version whose proposal the server noted (the last infer it served), not the client.
+PROPOSAL_FROM = "proposal_from"
+
+
+class ServedProposals:
+    """The last proposal this server process served for each image to each user: the model and
+    weights version of an infer (``/infer/<model>?image=<id>``, the OHIF panel's proposal or clicks).
+
+    A save that names no proposal (3D Slicer's module and OHIF's own *Export* send none) records the
+    last one served for its image to the same user (``appcore.identity``; with authentication off
+    every caller is ``anonymous``, so the last one served to anyone), marked ``proposal_from:
+    "server"``. Kept in memory, the ``keep`` most recent (user, image) pairs; a restart forgets them.
+    """
+
+    def __init__(self, keep: int = 4096) -> None:
+        self.keep = keep
+        self._last: OrderedDict[tuple[str, str], tuple[str, int | None]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def note(self, image: str, model: str, version: int | None, who: User | None = None) -> None:
+        """``model`` at weights ``version`` answered ``image`` to ``who`` (default: the request's user),
+        unless inside :func:`not_served` (a proposal computed ahead, which nobody was shown yet)."""
+        if not _SERVING.get():
+            return
+        key = ((who or user()).name, image)
+        with self._lock:
+            self._last[key] = (model, version)
+            self._last.move_to_end(key)
+            while len(self._last) > self.keep:
+                self._last.popitem(last=False)
+
+    def last(self, image: str, who: User) -> tuple[str, int | None] | None:
+        with self._lock:
+            return self._last.get((who.name, image))
+
+
+_SERVING: ContextVar[bool] = ContextVar("serving_proposals", default=True)
+SERVED = ServedProposals()
+
+
+@contextlib.contextmanager
+def not_served() -> Iterator[None]:
+    """Infers inside are computed for later, not shown to anyone: ``SERVED`` does not note them."""
+    token = _SERVING.set(False)
+    try:
+        yield
+    finally:
+        _SERVING.reset(token)
+
+
 def sha256_of(path: str | Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -107,6 +161,12 @@ def _iso(ts: float | None) -> str | None:
 
 def _answer(row: Any) -> dict[str, Any]:
     """A version's row as the API answers it."""
+    info = json.loads(row["info"])
+    proposal = (
+        {"model": row["proposal_model"], "version": row["proposal_version"]}
+        if row["proposal_model"] is not None or row["proposal_version"] is not None
+        else None
+    )
     return {
         "version": row["version"],
         "user": row["user"],
@@ -115,11 +175,11 @@ def _answer(row: Any) -> dict[str, Any]:
         "time": _iso(row["ts"]),
         "origin": row["origin"],
         "restored_from": row["restored_from"],
-        "proposal": {"model": row["proposal_model"], "version": row["proposal_version"]}
-        if row["proposal_model"] is not None or row["proposal_version"] is not None
-        else None,
+        "proposal": proposal,
+        # who named it: the client in its save parameters, or the server (the last infer it served)
+        "proposal_from": (info.get(PROPOSAL_FROM) or "client") if proposal else None,
         "sha256": row["sha256"],
-        "info": json.loads(row["info"]),
+        "info": info,
         "review": {
             "state": row["state"],
             "reviewer": row["reviewer"],
@@ -175,11 +235,14 @@ class LabelHistory:
         ``who`` defaults to the request's user (``appcore.identity``); ``unless_same``: nothing is
         recorded when the file is the last version's content (a label found again on disk)."""
         who = who or user()
-        info = {k: v for k, v in (info or {}).items() if k not in ("ts", "name", "path", "file_version")}
+        info = {k: v for k, v in (info or {}).items() if k not in ("ts", "name", "path", "file_version", PROPOSAL_FROM)}
         try:
             model, version = proposal_of(info)
         except RequestError:  # checked when saved; an older server's record may hold anything
             model, version = None, None
+        served = SERVED.last(image, who) if origin == Origin.save and PROPOSAL_KEY not in info else None
+        if served is not None:
+            (model, version), info[PROPOSAL_FROM] = served, "server"
         digest = sha256_of(path)
         client = who.client or (info.get("client_id") if isinstance(info.get("client_id"), str) else None)
         with self.db.transaction() as c:

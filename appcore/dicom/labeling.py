@@ -46,7 +46,7 @@ from appcore.dicom.proposals import ProposalCache
 from appcore.dicom.seg import seg_to_label
 from appcore.dicom.timing import Stopwatch
 from appcore.errors import RequestError, conflict, not_found, unprocessable
-from appcore.history import PROPOSAL_KEY, proposal_of
+from appcore.history import PROPOSAL_KEY, SERVED, not_served, proposal_of
 
 logger = logging.getLogger(__name__)
 
@@ -317,7 +317,8 @@ class Labeling:
 
     def _predict(self, image: str, model: str, version: int, why: str) -> dict[str, Any]:
         started = time.perf_counter()
-        result = self.app().infer({"model": model, "image": image})
+        with not_served():  # noted when a client is given it (``proposal``), which may be never
+            result = self.app().infer({"model": model, "image": image})
         path = result.get("file") or result.get("label")
         try:
             volume = np.asarray(nib.load(path).dataobj, dtype=np.uint8)
@@ -347,6 +348,7 @@ class Labeling:
                 predicted = self._predicted(image, model)
             volume, source, version = predicted["volume"], "model", predicted["version"]
             computed_by = predicted["computed_by"]
+            SERVED.note(image, model, version)
         columns, rows, slices = volume.shape
         with watch.stage("frames encoded"):
             data = encode_frames(volume)

@@ -850,6 +850,27 @@ def test_two_annotators_on_one_case_a_review_and_a_restore_over_http(
     assert values(current.content) == {0, 1}
 
 
+def test_a_save_without_a_proposal_records_the_infer_served_to_its_user(server: Server, realm: StandInRealm) -> None:
+    """3D Slicer's module infers, then saves without naming the proposal: the version records the
+    infer the server served that user for that image, marked as noted by the server."""
+    rita = _bearer(realm, "rita")  # a reviewer may also infer and save
+    where = {"image": "hippocampus_001", "tag": "final"}
+    served = server.http.get("/info/", headers=rita).json()["models"]["hippocampus"]["served_version"]
+    r = server.http.post("/infer/hippocampus", params={"image": "hippocampus_001", "output": "json"}, headers=rita)
+    assert r.status_code == 200, r.text
+    r = server.http.put(
+        "/datastore/label",
+        params=where,
+        files={"label": (CASE.name, (HIPPO / "labelsTr" / CASE.name).read_bytes())},
+        data={"params": json.dumps({"client_id": "3D Slicer"})},
+        headers=rita,
+    )
+    assert r.status_code == 200, r.text
+    mine = server.http.get("/datastore/label/versions", params=where, headers=rita).json()["versions"][-1]
+    assert mine["user"] == "rita", mine
+    assert (mine["proposal"], mine["proposal_from"]) == ({"model": "hippocampus", "version": served}, "server")
+
+
 def test_a_batch_infer_s_labels_are_authored_by_the_token_user(server: Server, realm: StandInRealm) -> None:
     """The labels a batch infer saves (in a task process of its own) are versions of the admin who
     asked for it; a ``started_by`` sent by the client is refused. hippocampus_003 is never labelled

@@ -17,10 +17,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from appcore import history as history_module
 from appcore import seam
 from appcore.datastore import CheckedLocalDatastore
 from appcore.errors import RequestError
-from appcore.history import HISTORY_DIR, LabelHistory, Origin, TrainOn, sha256_of
+from appcore.history import HISTORY_DIR, LabelHistory, Origin, ServedProposals, TrainOn, not_served, sha256_of
 from appcore.history_routes import _AuditLog
 from appcore.identity import User, current_user
 from appcore.projectdb import ProjectDB
@@ -93,6 +94,59 @@ def test_two_annotators_saving_one_case_keep_both_versions(
     assert all(v["review"]["state"] == "submitted" for v in versions)
     np.testing.assert_array_equal(_voxels(store.history.file("case1", "final", 1)), first)
     assert sha256_of(store.history.file("case1", "final", 2)) == sha256_of(store.get_label_uri("case1", "final"))
+
+
+@pytest.fixture
+def served(monkeypatch: pytest.MonkeyPatch) -> ServedProposals:
+    """A fresh record of the proposals served, so that no other test's infers are in it."""
+    fresh = ServedProposals(keep=3)
+    monkeypatch.setattr(history_module, "SERVED", fresh)
+    return fresh
+
+
+def test_a_save_naming_no_proposal_records_the_last_one_served_to_its_user(
+    store: CheckedLocalDatastore, tmp_path: Path, oblique_affine: np.ndarray, as_user, served: ServedProposals
+) -> None:
+    """3D Slicer's module and OHIF's Export name no proposal: the version says which infer the
+    server last served its user for that image, and that the server (not the client) said so."""
+    served.note("case1", "hippocampus", 2, who=User("alice"))
+    served.note("case1", "hippocampus", 3, who=User("alice"))  # the last one counts
+    served.note("case1", "organs_ct", 7, who=User("carol"))  # another user's infer is not alice's
+    as_user("alice")
+    store.save_label("case1", _label(tmp_path, oblique_affine, 1), "final", {"client_id": "slicer"})
+    as_user("bob")  # was served nothing
+    store.save_label("case1", _label(tmp_path, oblique_affine, 2), "final", {})
+    as_user("carol")  # names its own: the client's word is kept
+    mine = {"model": "hippocampus", "version": 1}
+    store.save_label("case1", _label(tmp_path, oblique_affine, 1), "final", {"proposal": mine})
+
+    alice, bob, carol = store.history.versions("case1", "final")
+    assert (alice["proposal"], alice["proposal_from"]) == ({"model": "hippocampus", "version": 3}, "server")
+    assert (bob["proposal"], bob["proposal_from"]) == (None, None)
+    assert (carol["proposal"], carol["proposal_from"]) == (mine, "client")
+
+
+def test_a_client_cannot_claim_the_server_noted_its_proposal(
+    store: CheckedLocalDatastore, tmp_path: Path, oblique_affine: np.ndarray, as_user, served: ServedProposals
+) -> None:
+    as_user("alice")
+    proposal = {"model": "hippocampus", "version": 1}
+    store.save_label(
+        "case1", _label(tmp_path, oblique_affine, 1), "final", {"proposal": proposal, "proposal_from": "server"}
+    )
+    (version,) = store.history.versions("case1", "final")
+    assert (version["proposal"], version["proposal_from"]) == (proposal, "client")
+    assert "proposal_from" not in version["info"]
+
+
+def test_proposals_computed_ahead_are_not_served_and_the_record_is_bounded(served: ServedProposals) -> None:
+    alice = User("alice")
+    with not_served():
+        served.note("a", "hippocampus", 1, who=alice)
+    assert served.last("a", alice) is None
+    for image in ("a", "b", "c", "d"):  # keep=3: the oldest pair goes
+        served.note(image, "hippocampus", 4, who=alice)
+    assert served.last("a", alice) is None and served.last("d", alice) == ("hippocampus", 4)
 
 
 def test_restore_is_a_save_of_the_old_version(
