@@ -244,6 +244,7 @@ async function loadProposal(c, current) {
     segmentationService.remove(segmentationId); // made while a newer case was handed out
     throw SUPERSEDED;
   }
+  clicks.track(segmentationId); // the labelmap as proposed: hand edits are counted from it
   storeCase({ ...c, base: proposal.base, segmentationId, model: proposal.model, source: proposal.source });
   nextStep('proposalShownMs');
   sessionStorage.removeItem(NEXT_KEY);
