@@ -113,10 +113,7 @@ export function clickTool(panel) {
   };
 
   const markers = clickMarkers({
-    clicks: () => {
-      const c = panel.openCase();
-      return c && state.segmentationId === c.segmentationId ? state.clicks : [];
-    },
+    clicks: () => sessionClicks(),
     colorOf,
     sopOf: panel.sopOf,
   });
@@ -271,7 +268,7 @@ export function clickTool(panel) {
       const images = panel.labelmapImages(c.segmentationId).map(image => image.referencedImageId);
       const pixel = pixelAt(world, images);
       if (!state.snapshot) {
-        state.snapshot = new Map([...framesBySop(c.segmentationId)].map(([sop, pixels]) => [sop, pixels.slice()]));
+        state.snapshot = copies(framesBySop(c.segmentationId));
       }
       state.clicks.push({ label: event.shiftKey ? BACKGROUND : segment, segment, ...pixel });
       state.undone = '';
@@ -283,6 +280,7 @@ export function clickTool(panel) {
     }
   }
 
+  // The clicks of the session, if it is the open case's (none once another case is shown).
   function sessionClicks() {
     const c = panel.openCase();
     return c && state.segmentationId === c.segmentationId ? state.clicks : [];
