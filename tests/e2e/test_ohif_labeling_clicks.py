@@ -36,17 +36,20 @@ from tests.e2e.test_ohif_labeling import (
     headers,
     open_segmentation_mode,
     pacs_segs,
+    point_at_viewport,
     press_next_case,
+    proposed_pixel,
     series_order,
     shot,
     show_slice,
+    stroke,
     viewer_label,
     world_of,
 )
 
 playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (requirements-dev.txt)")
 
-CASES = ("hippocampus_001", "hippocampus_003")
+CASES = ("hippocampus_001", "hippocampus_003", "hippocampus_004")
 LABELS = MODELS["hippocampus"].labels
 
 pytestmark = ohif.pytestmark  # the labeling test's: shared data, Orthanc, Chromium and OHIF present
@@ -189,4 +192,171 @@ def test_a_click_for_a_segment_changes_the_labelmap_at_that_voxel_and_is_saved(
     assert "1 click;" in page.locator('[data-cy="labeling-clicks-info"]').inner_text()
     np.testing.assert_array_equal(viewer_label(page, case, sops), labelled, "a refused click changes nothing")
     shot(page, artifacts, "clicks-4-refused")
+    page.close()
+
+
+# The click markers drawn over the viewport: [{label, segment, row, column, x, y (page), fill, stroke}].
+MARKERS = """() => [...document.querySelectorAll('[data-cy="labeling-click-marker"]')].map(g => {
+  const box = g.getBoundingClientRect();
+  const shape = g.querySelector('circle:last-of-type');
+  return { label: g.dataset.label, segment: g.dataset.segment, row: Number(g.dataset.row),
+           column: Number(g.dataset.column), x: box.left + box.width / 2, y: box.top + box.height / 2,
+           fill: shape.getAttribute('fill'), stroke: shape.getAttribute('stroke') };
+})"""
+
+# What the page has under a point: the element the mouse would reach, and whether it is in a marker layer.
+UNDER = """([x, y]) => {
+  const hit = document.elementFromPoint(x, y);
+  return { tag: hit.tagName.toLowerCase(), inMarkers: Boolean(hit.closest('[data-cy="labeling-click-markers"]')) };
+}"""
+
+
+def markers(page: Any) -> list[dict[str, Any]]:
+    return page.evaluate(MARKERS)
+
+
+def pixel_colour(page: Any, x: float, y: float) -> tuple[int, int, int]:
+    """The colour the screen shows at a page point (a screenshot of that one pixel)."""
+    from io import BytesIO
+
+    from PIL import Image
+
+    png = page.screenshot(clip={"x": round(x), "y": round(y), "width": 1, "height": 1})
+    return Image.open(BytesIO(png)).convert("RGB").getpixel((0, 0))
+
+
+ACTIVE_SEGMENT = "(id) => window.cornerstoneTools.segmentation.segmentIndex.getActiveSegmentIndex(id)"
+
+
+def choose_segment(page: Any, case: dict[str, Any], index: int, name: str) -> None:
+    """Choose the segment OHIF's brush paints in its segment list, until it stays chosen (OHIF may make the
+    proposal's first segment active once more while it finishes showing the new labelmap)."""
+    for _ in range(5):
+        page.get_by_text(name, exact=True).first.click()
+        page.wait_for_timeout(1000)
+        if page.evaluate(ACTIVE_SEGMENT, case["segmentationId"]) == index:
+            return
+    raise AssertionError(f"segment {name} does not stay chosen in OHIF's list")
+
+
+def check_markers(page: Any, by_sop: dict[str, Any], k_sop: str, expected: list[dict[str, Any]]) -> None:
+    """The markers shown are the clicks ``expected`` ({label, segment, row, column}), each at its pixel's
+    centre on the screen (the viewport's camera now), a segment's in its colour, the background's a white ring."""
+    shown = markers(page)
+    assert [(m["label"], m["segment"], m["row"], m["column"]) for m in shown] == [
+        (e["label"], e["segment"], e["row"], e["column"]) for e in expected
+    ], shown
+    colours = {label.name: label.color for label in LABELS}
+    for m in shown:
+        x, y = page.evaluate(WORLD_TO_PAGE, world_of(by_sop[k_sop], m["row"], m["column"]))
+        assert abs(m["x"] - x) < 1.5 and abs(m["y"] - y) < 1.5, f"marker at {m}, its pixel at {(x, y)}"
+        assert page.evaluate(UNDER, [x, y])["inMarkers"] is False, "a marker catches the mouse"
+        seen = pixel_colour(page, x, y)
+        if m["label"] == "background":
+            assert (m["fill"], m["stroke"]) == ("none", "#fff"), m
+        else:
+            assert m["fill"] == "rgb({},{},{})".format(*colours[m["segment"]]), m
+            assert max(abs(a - b) for a, b in zip(seen, colours[m["segment"]], strict=True)) < 40, (seen, m)
+
+
+def test_clicks_are_drawn_undone_with_ctrl_z_and_keep_the_hand_edits(
+    browser: Any, server: Server, pacs: tuple[Orthanc, dict[str, str]], artifacts: Path
+) -> None:
+    page = annotator(browser, artifacts, "hand")
+    open_segmentation_mode(page, server.url, CASES[0])
+    case = press_next_case(page)
+    sops, _ = series_order(pacs, case["image"])
+    by_sop = headers(pacs, case["image"])
+    proposal = viewer_label(page, case, sops)
+    label = max(LABELS, key=lambda lab: int((proposal == lab.id).sum()))
+    k = int(np.argmax((proposal == label.id).sum(axis=(0, 1))))
+
+    # Hand edits first: a brush stroke of the segment across the image, an eraser stroke down through it.
+    choose_segment(page, case, label.id, label.name)
+    show_slice(page, sops, k)  # choosing a segment in OHIF's list shows its centre: back to image k
+    assert page.evaluate(ACTIVE_SEGMENT, case["segmentationId"]) == label.id
+    stroke(page, "Brush")
+    painted = viewer_label(page, case, sops)
+    row, column = proposed_pixel(np.where(painted == label.id, painted, 0), k)
+    stroke(page, "Eraser", through=page.evaluate(WORLD_TO_PAGE, world_of(by_sop[sops[k]], row, column)))
+    edited = viewer_label(page, case, sops)
+    hand = edited != proposal
+    assert (edited[hand] == label.id).any() and (edited[hand] == 0).any(), "painted and erased by hand"
+
+    # A click elsewhere: a background voxel no hand edit touched, beside the segment.
+    shown = edited[..., k]
+    neighbours = ndimage.convolve((shown == label.id).astype(int), np.ones((3, 3), int), mode="constant")
+    candidates = np.where((shown == 0) & ~hand[..., k], neighbours, -1)
+    column, row = (int(n) for n in np.unravel_index(np.argmax(candidates), candidates.shape))
+    assert candidates[column, row] >= 1, f"a background voxel beside the segment on slice {k}"
+    sent = {"label": label.name, "instance": sops[k], "row": row, "column": column}
+    answer = server_answer(server, case, [sent], sops)
+    expected = replaced(edited, answer, label.id)
+    assert (expected[hand] != edited[hand]).any(), "the answer alone would undo hand edits: the test means something"
+    expected[hand] = edited[hand]
+
+    page.locator('[data-cy="labeling-clicks-toggle"]').click()
+    page.locator('[data-cy="labeling-click-segment"]').select_option(label.name)
+    made = click(page, world_of(by_sop[sops[k]], row, column))
+    assert made["voxel"] == [column, row, k] and made["instance"] == sops[k], made
+    np.testing.assert_array_equal(viewer_label(page, case, sops), expected, "the answer, the hand edits kept")
+    one = [{"label": label.name, "segment": label.name, "row": row, "column": column}]
+    check_markers(page, by_sop, sops[k], one)
+
+    # Shift+click inside the segment, away from the first: a background marker too.
+    inside = np.argwhere((viewer_label(page, case, sops)[..., k] == label.id) & ~hand[..., k])
+    far = inside[np.argmax(((inside - [column, row]) ** 2).sum(axis=1))]
+    click(page, world_of(by_sop[sops[k]], int(far[1]), int(far[0])), background=True)
+    two = [*one, {"label": "background", "segment": label.name, "row": int(far[1]), "column": int(far[0])}]
+    check_markers(page, by_sop, sops[k], two)
+    assert np.array_equal(viewer_label(page, case, sops)[hand], edited[hand]), "hand edits kept after two clicks"
+    shot(page, artifacts, "hand-1-two-clicks-drawn")
+
+    # Another slice shows none of them; back on the slice, zoomed in (right-drag), they follow the image.
+    other = k + 1 if k + 1 < len(sops) else k - 1
+    show_slice(page, sops, other)
+    assert markers(page) == [], "the clicks are drawn on their own image only"
+    show_slice(page, sops, k)
+    before = markers(page)
+    box = page.locator(".cornerstone-canvas").first.bounding_box()
+    page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+    page.mouse.down(button="right")
+    page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 4, steps=8)
+    page.mouse.up(button="right")
+    page.wait_for_timeout(500)
+    assert markers(page)[0]["x"] != before[0]["x"] or markers(page)[0]["y"] != before[0]["y"], "the view zoomed"
+    check_markers(page, by_sop, sops[k], two)
+    shot(page, artifacts, "hand-2-zoomed")
+
+    # Ctrl+Z undoes the background click, Cmd+Z the first; the panel says which; the hand edits stay.
+    point_at_viewport(page)
+    message = page.locator('[data-cy="labeling-message"]')
+    page.keyboard.press("Control+z")
+    page.wait_for_function("document.body.dataset.labelingClicks === '1'")
+    assert f"Undone (Ctrl+Z): the background click (for {label.name}) at row {far[1]}, column {far[0]}" in (
+        message.inner_text()
+    )
+    np.testing.assert_array_equal(viewer_label(page, case, sops), expected)
+    check_markers(page, by_sop, sops[k], one)
+    page.keyboard.press("Meta+z")
+    page.wait_for_function("document.body.dataset.labelingClicks === '0'")
+    assert f"Undone (Cmd+Z): the click for {label.name} at row {row}, column {column}" in message.inner_text()
+    np.testing.assert_array_equal(viewer_label(page, case, sops), edited, "no click: the hand-edited labelmap")
+    assert markers(page) == []
+
+    # No click left: Ctrl+Z is OHIF's undo again (the eraser stroke).
+    page.keyboard.press("Control+z")
+    np.testing.assert_array_equal(viewer_label(page, case, sops), painted, "OHIF's undo of the eraser stroke")
+
+    # The Undo click button takes a marker away too; Next case clears them.
+    click(page, world_of(by_sop[sops[k]], row, column))
+    click(page, world_of(by_sop[sops[k]], int(far[1]), int(far[0])), background=True)
+    page.locator('[data-cy="labeling-click-undo"]').click()
+    page.wait_for_function("document.body.dataset.labelingClicks === '1'")
+    assert "Undone: the background click" in message.inner_text()
+    check_markers(page, by_sop, sops[k], one)
+    press_next_case(page)
+    page.wait_for_timeout(500)
+    assert markers(page) == [], "the old case's clicks are not drawn on the new one"
+    assert "0 clicks" in page.locator('[data-cy="labeling-clicks-info"]').inner_text()
     page.close()

@@ -438,8 +438,11 @@ def _pixel_of(world: list[float], planes: list[dict[str, object]]) -> dict[str, 
         "catch (e) { console.log(JSON.stringify({ error: e.message })); }"
     )
     with tempfile.TemporaryDirectory() as tmp:
-        module = Path(tmp) / "clicks.mjs"  # node reads a .mjs file as an ES module, as the browser does
-        shutil.copy(CLICKS_JS, module)
+        # The extension's modules (clicks.js imports markers.js), read as ES modules, as the browser does.
+        (Path(tmp) / "package.json").write_text('{"type": "module"}')
+        for source in CLICKS_JS.parent.glob("*.js"):
+            shutil.copy(source, Path(tmp) / source.name)
+        module = Path(tmp) / CLICKS_JS.name
         done = subprocess.run(
             [str(NODE), "--input-type=module", "-e", script, module.as_uri(), json.dumps([world, planes])],
             capture_output=True,

@@ -12,10 +12,18 @@
  * click is wrong) and answers the interactive model's label as frames. Each segment that has clicks is
  * then replaced by the answer's label of that name; the other segments stay as they are.
  *
- * Undo removes the last click and sends the others again; a segment left with no click gets back what it
- * was before the session's first click (a snapshot of the labelmap taken then). The session belongs to
- * the open case's labelmap: another case (Next case) starts with no click. Save stores the result.
+ * Undo (the button, or Ctrl+Z / Cmd+Z while the session has clicks) removes the last click and sends the
+ * others again; a segment left with no click gets back what it was before the session's first click (a
+ * snapshot of the labelmap taken then). The session belongs to the open case's labelmap: another case
+ * (Next case) starts with no click. Save stores the result.
+ *
+ * Hand edits win: a voxel the person changed by hand (brush, eraser, OHIF's undo...) since the labelmap
+ * was last written here (the proposal, or the last answer applied) keeps its hand value when an answer is
+ * applied, and keeps it for the rest of the case. Every click of the session is drawn on the viewport
+ * showing its image (markers.js).
  */
+
+import { clickMarkers } from './markers.js';
 
 const BACKGROUND = 'background';
 
@@ -91,16 +99,80 @@ export function clickTool(panel) {
     on: false,
     segment: null, // the segment name clicks are made for
     segmentationId: null, // the labelmap the session's clicks belong to
-    clicks: [], // {label, segment, instance, row, column}
+    clicks: [], // {label, segment, instance, row, column, world, halfPixel}
     applied: [], // the clicks whose answer the labelmap shows
     touched: new Set(), // segment names replaced by an answer since the snapshot
     snapshot: null, // Map: SOP Instance UID -> the labelmap frame before the session's first click
+    // Hand edits, for the whole case (not only the click session):
+    handOf: null, // the labelmap they belong to
+    written: null, // Map: SOP Instance UID -> the frame as last written here (the proposal, an answer)
+    hand: new Map(), // SOP Instance UID -> mask (1: changed by hand since), frames with a hand edit only
     busy: false,
     again: false,
+    undone: '', // what the last undo took back, said until its answer is applied
   };
 
-  function reset(segmentationId = null) {
+  const markers = clickMarkers({
+    clicks: () => sessionClicks(),
+    colorOf,
+    sopOf: panel.sopOf,
+  });
+
+  // A new click session on a labelmap: no click (the hand edits of the case stay known).
+  function newSession(segmentationId) {
     Object.assign(state, { segmentationId, clicks: [], applied: [], touched: new Set(), snapshot: null });
+  }
+
+  /** Forget everything: another case is opened, or none (the markers go too). */
+  function reset() {
+    newSession(null);
+    Object.assign(state, { handOf: null, written: null, hand: new Map() });
+    markers.draw();
+  }
+
+  /** The labelmap as the proposal put it (called once it is loaded): hand edits are counted from it. */
+  function track(segmentationId) {
+    reset();
+    Object.assign(state, { handOf: segmentationId, written: copies(framesBySop(segmentationId)) });
+  }
+
+  function copies(frames) {
+    return new Map([...frames].map(([sop, pixels]) => [sop, pixels.slice()]));
+  }
+
+  // Mark what changed since the labelmap was last written here as hand edits (kept for the case).
+  function noteHandEdits(segmentationId, current) {
+    if (state.handOf !== segmentationId || !state.written) {
+      Object.assign(state, { handOf: segmentationId, written: copies(current), hand: new Map() });
+      return; // nothing known before: no hand edit
+    }
+    for (const [sop, pixels] of current) {
+      const written = state.written.get(sop);
+      if (!written) {
+        continue; // a frame not known before (none is added to a labelmap): no hand edit known
+      }
+      let mask = state.hand.get(sop);
+      for (let p = 0; p < pixels.length; p++) {
+        if (pixels[p] !== written[p]) {
+          if (!mask) {
+            mask = new Uint8Array(pixels.length);
+            state.hand.set(sop, mask);
+          }
+          mask[p] = 1;
+        }
+      }
+    }
+  }
+
+  function colorOf(viewport, name) {
+    const c = panel.openCase();
+    try {
+      const index = segmentIndex(c.segmentationId, name);
+      const color = panel.services().segmentationService.getSegmentColor(viewport.id, c.segmentationId, index);
+      return color ? `rgb(${color[0]},${color[1]},${color[2]})` : '#ff0';
+    } catch {
+      return '#ff0'; // a segment renamed or deleted meanwhile: still shown
+    }
   }
 
   function segmentNames(c) {
@@ -159,9 +231,11 @@ export function clickTool(panel) {
     };
   }
 
+  // The pixel under a world point, with its centre (where its marker is drawn) and half its size.
   function pixelAt(world, imageIds) {
-    const found = pixelOf(world, imageIds.map(plane));
-    return { instance: panel.sopOf(found.plane.imageId), row: found.row, column: found.column };
+    const { plane: p, row, column } = pixelOf(world, imageIds.map(plane));
+    const centre = [0, 1, 2].map(i => p.position[i] + column * p.spacing[1] * p.orientation[i] + row * p.spacing[0] * p.orientation[3 + i]);
+    return { instance: panel.sopOf(p.imageId), row, column, world: centre, halfPixel: Math.min(...p.spacing) / 2 };
   }
 
   // -- a click ---------------------------------------------------------------------------------------
@@ -183,7 +257,7 @@ export function clickTool(panel) {
         throw new Error('No case is open here: press Next case first');
       }
       if (state.segmentationId !== c.segmentationId) {
-        reset(c.segmentationId);
+        newSession(c.segmentationId);
       }
       const segment = state.segment || segmentNames(c)[0];
       if (!segment) {
@@ -194,24 +268,59 @@ export function clickTool(panel) {
       const images = panel.labelmapImages(c.segmentationId).map(image => image.referencedImageId);
       const pixel = pixelAt(world, images);
       if (!state.snapshot) {
-        state.snapshot = new Map([...framesBySop(c.segmentationId)].map(([sop, pixels]) => [sop, pixels.slice()]));
+        state.snapshot = copies(framesBySop(c.segmentationId));
       }
       state.clicks.push({ label: event.shiftKey ? BACKGROUND : segment, segment, ...pixel });
+      state.undone = '';
       state.touched.add(segment);
+      markers.draw();
       update(c, started);
     } catch (e) {
       panel.say(e.message, true);
     }
   }
 
-  function undo() {
+  // The clicks of the session, if it is the open case's (none once another case is shown).
+  function sessionClicks() {
     const c = panel.openCase();
-    if (!c || state.segmentationId !== c.segmentationId || !state.clicks.length) {
+    return c && state.segmentationId === c.segmentationId ? state.clicks : [];
+  }
+
+  function describe(click) {
+    const what = click.label === BACKGROUND ? `the background click (for ${click.segment})` : `the click for ${click.segment}`;
+    return `${what} at row ${click.row}, column ${click.column}`;
+  }
+
+  function undo(how = '') {
+    const c = panel.openCase();
+    if (!sessionClicks().length) {
       panel.say('No click to undo', true);
       return;
     }
-    state.clicks.pop();
+    const click = state.clicks.pop();
+    markers.draw();
+    const left = state.clicks.length;
+    state.undone = `Undone${how}: ${describe(click)}; ${left} click${left === 1 ? '' : 's'} left`;
+    panel.say(state.undone);
     update(c, performance.now());
+  }
+
+  // Ctrl+Z (Cmd+Z) undoes the last click while the session has clicks, before OHIF's hotkeys (on the
+  // document) see it; without clicks, or in a text field, it is OHIF's (or the field's) undo.
+  function onKeyDown(event) {
+    const z = event.key === 'z' || event.key === 'Z';
+    if (!z || !(event.ctrlKey || event.metaKey) || event.shiftKey || event.altKey) {
+      return;
+    }
+    const field = event.target && event.target.closest && event.target.closest('input, textarea, select, [contenteditable="true"]');
+    if (field || !sessionClicks().length) {
+      return;
+    }
+    event.preventDefault();
+    event.stopImmediatePropagation();
+    if (!event.repeat) {
+      undo(` (${event.metaKey ? 'Cmd' : 'Ctrl'}+Z)`);
+    }
   }
 
   // Send every click (one request at a time; clicks made meanwhile go with the next one).
@@ -226,7 +335,8 @@ export function clickTool(panel) {
       do {
         state.again = false;
         const sent = state.clicks.slice();
-        panel.say(sent.length ? `Segmenting from ${sent.length} click${sent.length > 1 ? 's' : ''}…` : 'Undoing…');
+        const segmenting = sent.length ? `Segmenting from ${sent.length} click${sent.length > 1 ? 's' : ''}…` : 'Undoing…';
+        panel.say(state.undone ? `${state.undone}. ${segmenting}` : segmenting);
         const answer = sent.length
           ? await panel.call('POST', `/labeling/clicks?image=${encodeURIComponent(c.image)}`, {
               model: c.model,
@@ -246,18 +356,20 @@ export function clickTool(panel) {
           delete document.body.dataset.labelingClick;
         }
         document.body.dataset.labelingClicks = String(sent.length);
-        panel.say(
-          sent.length
-            ? `${sent.length} click${sent.length > 1 ? 's' : ''}: ${[...new Set(sent.map(k => k.segment))].join(', ')} from ${answer.interactive_model}; Save keeps it`
-            : 'No click left: the segments are as before the first click'
-        );
+        const shown = sent.length
+          ? `${sent.length} click${sent.length > 1 ? 's' : ''}: ${[...new Set(sent.map(k => k.segment))].join(', ')} from ${answer.interactive_model}; Save keeps it`
+          : 'No click left: the segments are as before the first click (with your hand edits)';
+        panel.say(state.undone ? `${state.undone}. ${shown}` : shown);
+        state.undone = '';
       } while (state.again);
     } catch (e) {
       // Back to the clicks the labelmap shows: a refused click is not sent again with the next one.
       const dropped = state.clicks.length - state.applied.length;
       state.clicks = state.applied.slice();
       state.touched = new Set(state.applied.map(k => k.segment));
+      markers.draw();
       const what = dropped > 0 ? `the last ${dropped === 1 ? 'click was' : `${dropped} clicks were`} dropped` : 'undo again';
+      state.undone = '';
       panel.say(`Clicks not applied: ${e.message}; ${what}, the label map is as before`, true);
     } finally {
       state.busy = false;
@@ -268,7 +380,8 @@ export function clickTool(panel) {
   /**
    * Replace each touched segment by the answer's label of that name (a segment whose clicks were all
    * undone: by its snapshot). A voxel the segment loses gets back what it held before the session's
-   * first click (another segment's, or nothing); the other segments stay.
+   * first click (another segment's, or nothing); the other segments stay. A voxel changed by hand since
+   * the labelmap was last written here keeps its hand value (hand edits win over the model).
    */
   async function apply(segmentationId, answer, sent) {
     const frames = answer ? await panel.inflate(answer.data) : null;
@@ -277,6 +390,7 @@ export function clickTool(panel) {
     const clicked = new Set(sent.map(k => k.segment));
     const labelIds = new Map(((answer && answer.labels) || []).map(label => [label.name.toLowerCase(), label.id]));
     const current = framesBySop(segmentationId);
+    noteHandEdits(segmentationId, current);
     for (const name of state.touched) {
       const value = segmentIndex(segmentationId, name);
       const labelId = labelIds.get(name.toLowerCase());
@@ -291,7 +405,11 @@ export function clickTool(panel) {
         }
         const target = clicked.has(name) ? frames.subarray(k * size, (k + 1) * size) : before;
         const wanted = clicked.has(name) ? labelId : value;
+        const hand = state.hand.get(sop);
         for (let p = 0; p < pixels.length; p++) {
+          if (hand && hand[p]) {
+            continue; // the person's value
+          }
           if (target[p] === wanted) {
             pixels[p] = value;
           } else if (pixels[p] === value) {
@@ -301,8 +419,9 @@ export function clickTool(panel) {
       }
     }
     state.touched = clicked;
+    state.written = copies(current);
     if (!sent.length) {
-      reset(segmentationId); // the next click takes a new snapshot (with any painting done meanwhile)
+      newSession(segmentationId); // the next click takes a new snapshot (with any painting done meanwhile)
     }
     window.cornerstoneTools.segmentation.triggerSegmentationEvents.triggerSegmentationDataModified(segmentationId);
   }
@@ -352,9 +471,12 @@ export function clickTool(panel) {
   }
 
   function listen() {
-    // On the window, in the capture phase: before cornerstone's listeners on the viewport element.
+    // On the window, in the capture phase: before cornerstone's listeners on the viewport element, and
+    // before OHIF's hotkeys (Mousetrap, on the document).
     window.addEventListener('mousedown', onMouseDown, true);
+    window.addEventListener('keydown', onKeyDown, true);
+    markers.listen();
   }
 
-  return { controls, listen, reset, state };
+  return { controls, listen, reset, track, state };
 }

@@ -25,6 +25,7 @@ import { clickTool } from './clicks.js'; // the click tool (issue 26), a file of
 const ID = 'labeling';
 const MARKER = '\u2063\u2063\u2063';
 const CASE_KEY = 'labeling.case';
+const CASES_KEY = 'labeling.cases'; // the cases handed out in this tab, by study: Back and Forward find them
 const api = path => new URL(path, window.location.origin).toString();
 
 let services = null;
@@ -46,6 +47,22 @@ function storedCase() {
 
 function storeCase(c) {
   sessionStorage.setItem(CASE_KEY, JSON.stringify(c));
+}
+
+// The cases handed out in this tab, by study (c, when given, is added; the newest 32 are kept).
+function handedOut(c) {
+  let cases = {};
+  try {
+    cases = JSON.parse(sessionStorage.getItem(CASES_KEY) || '{}');
+  } catch {
+    cases = {};
+  }
+  if (c) {
+    const { image, study, model, handedOutAt } = c;
+    cases = { ...cases, [study]: { image, study, model, handedOutAt } };
+    sessionStorage.setItem(CASES_KEY, JSON.stringify(Object.fromEntries(Object.entries(cases).slice(-32))));
+  }
+  return cases;
 }
 
 function annotator() {
@@ -244,6 +261,7 @@ async function loadProposal(c, current) {
     segmentationService.remove(segmentationId); // made while a newer case was handed out
     throw SUPERSEDED;
   }
+  clicks.track(segmentationId); // the labelmap as proposed: hand edits are counted from it
   storeCase({
     ...c,
     base: proposal.base,
@@ -265,8 +283,29 @@ async function loadProposal(c, current) {
   document.body.dataset.labelingProposal = c.image;
 }
 
-function startCase() {
+// The study shown is not the open case's (the browser's Back or Forward, a study opened from the list):
+// the case handed out here for that study becomes the open one and its proposal (or saved label) is
+// loaded, as Next case does; a study never handed out here is said to have no proposal.
+function followStudy() {
+  const study = currentStudy();
   const c = storedCase();
+  if (!study || !c || c.study === study) {
+    return c;
+  }
+  clicks.reset();
+  loading = null;
+  delete document.body.dataset.labelingProposal;
+  const known = handedOut()[study];
+  if (known) {
+    storeCase(known);
+    return known;
+  }
+  say(`This study is not a case handed out here: no proposal is loaded (Save is off). Press Next case, or go back to case ${c.image.slice(-8)}`);
+  return null;
+}
+
+function startCase() {
+  const c = followStudy();
   const key = c && `${c.image} ${c.handedOutAt || ''}`;
   if (!c || !services || c.study !== currentStudy() || (loading && loading.key === key)) {
     return;
@@ -317,7 +356,9 @@ async function nextCase(strategy) {
     window.labelingTimes.nextServer = answer.timings;
     ui.progress = answer.progress;
     clicks.reset(); // the old case's clicks never go with the new one
-    storeCase({ image: answer.image, study: answer.study, model: answer.model, handedOutAt: Date.now() });
+    const c = { image: answer.image, study: answer.study, model: answer.model, handedOutAt: Date.now() };
+    storeCase(c);
+    handedOut(c);
     loading = null; // a proposal still loading is the old case's: it stops, the new one's starts
     localStorage.setItem('labeling.strategy', strategy);
     openStudy(answer.study); // startCase loads the proposal once OHIF has entered the mode on it
