@@ -116,8 +116,8 @@ def clicks_to(curve: Sequence[float], target: float = TARGET) -> int | None:
 
 def ct_sessions(data: Path) -> list[Session]:
     """The five CT organ sessions, each with ``organs_ct``'s ids and one organ."""
-    from radiology.label_mapping import load_class_map, remap_by_name
     from radiology.organs_ct import ORGANS_CT
+    from research.radiology.label_mapping import load_class_map, remap_by_name
 
     ids = ORGANS_CT.labels.name_to_id()
     sessions = []
@@ -144,8 +144,8 @@ def check_sessions(data: Path) -> list[Session]:
     the engine does not depend on the name)."""
     from appcore.dicom.prepare import fill_missing_uids, read_series_folder
     from appcore.dicom.series import load_series
-    from radiology.label_mapping import load_class_map, remap_by_name
     from radiology.organs_ct import ORGANS_CT
+    from research.radiology.label_mapping import load_class_map, remap_by_name
 
     ids = ORGANS_CT.labels.name_to_id()
     class_map = load_class_map(data / "totalseg_ct" / "class_map.json")

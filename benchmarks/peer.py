@@ -407,8 +407,8 @@ class Volumes:
 
 def prepare_volumes(shared: Path, work: Path, mr_cases: int, big_ct: bool) -> Volumes:
     """The real volumes both apps see, and labelled CT pairs with labels in ``organs_ct`` ids."""
-    from radiology.label_mapping import load_class_map, remap_by_name
     from radiology.registry import MODELS
+    from research.radiology.label_mapping import load_class_map, remap_by_name
     from research.radiology.splits import msd_cases, split_cases
 
     totalseg, spleen = shared / "totalseg_ct", shared / "spleen_ct"

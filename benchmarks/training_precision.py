@@ -35,12 +35,12 @@ from monailabel.config import settings as ml_settings
 
 from appcore.precision import cpu_has_native_bf16
 from benchmarks.radiology import labelled_app
-from radiology.label_mapping import load_class_map, remap_by_name
 from radiology.registry import MODELS
 from radiology.train import CpuForward
 from radiology.transforms import class_index
 from radiology.uncertainty import torch_seeded_rng
 from research.radiology.evaluate import evaluate
+from research.radiology.label_mapping import load_class_map, remap_by_name
 from research.radiology.offline import batched_data
 from research.radiology.splits import Case, msd_cases, split_cases
 

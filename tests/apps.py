@@ -12,8 +12,8 @@ from monailabel.config import settings as ml_settings
 from monailabel.interfaces.app import MONAILabelApp
 
 from radiology.app import RadiologyApp
-from radiology.label_mapping import load_class_map, remap_by_name
 from radiology.registry import MODELS
+from research.radiology.label_mapping import load_class_map, remap_by_name
 from tests.conftest import HIPPO, SPLEEN, TOTALSEG
 
 A = TypeVar("A", bound=MONAILabelApp)

@@ -313,7 +313,7 @@ def test_slicer_clicks_through_the_client_on_a_real_server(tmp_path: Path) -> No
 
 
 def remapped_truth() -> np.ndarray:
-    from radiology.label_mapping import load_class_map, remap_by_name
+    from research.radiology.label_mapping import load_class_map, remap_by_name
 
     seg = np.asarray(nib.load(TOTALSEG / "example_seg.nii.gz").dataobj)
     return remap_by_name(seg, load_class_map(TOTALSEG / "class_map.json"), ORGANS_CT.labels)

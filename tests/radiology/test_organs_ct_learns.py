@@ -11,8 +11,8 @@ import pytest
 from monai.utils import set_determinism
 
 from appcore.app import request_files
-from radiology.label_mapping import load_class_map, remap_by_name
 from radiology.registry import MODELS
+from research.radiology.label_mapping import load_class_map, remap_by_name
 from tests.apps import make_app
 from tests.conftest import SPLEEN, TOTALSEG, dice, requires_shared
 

@@ -19,8 +19,8 @@ import pytest
 from scipy import ndimage
 
 from appcore.dicom.series import load_series
-from radiology.label_mapping import load_class_map, remap_by_name
 from radiology.registry import MODELS
+from research.radiology.label_mapping import load_class_map, remap_by_name
 from tests.conftest import SHARED, TOTALSEG, requires_shared
 from tests.e2e.servers import (
     LoadedPacs,

@@ -20,8 +20,8 @@ import pytest
 from appcore.dicom.client import DicomWebClient
 from appcore.dicom.seg import SEG_MANUFACTURER, dicom_lab_to_rgb, seg_to_label
 from appcore.dicom.series import load_series
-from radiology.label_mapping import load_class_map, remap_by_name
 from radiology.registry import MODELS
+from research.radiology.label_mapping import load_class_map, remap_by_name
 from research.radiology.splits import msd_cases, split_cases
 from tests.conftest import HIPPO, SHARED, TOTALSEG, dice, requires_shared
 from tests.e2e.servers import (

@@ -6,8 +6,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from radiology.label_mapping import load_class_map, remap_by_name
 from radiology.registry import MODELS
+from research.radiology.label_mapping import load_class_map, remap_by_name
 from research.radiology.offline import dice_per_class
 from tests.conftest import TOTALSEG, requires_shared
 
