@@ -58,6 +58,9 @@ NOT_CURRENT = {
     "active-learning-on-a-varied-pool-nuclei-of-dsb2018-rules-committed-before-runs-issue-27-2026-12-07": (
         "the rules, written before the runs; the results section holds the figures"
     ),
+    "hippocampus-clicks-feature-space-refinement-2026-12-07": (
+        "an experiment not shipped (validation only); the engine's figures are 'each click corrects ...'"
+    ),
 }
 
 
