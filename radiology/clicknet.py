@@ -20,7 +20,6 @@ the image's grid as the automatic infer does it (``radiology.inverse``).
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import threading
 from collections.abc import Mapping, Sequence
@@ -52,15 +51,6 @@ CORRECTION_REACH = 3.0
 """Default ``ClickNet.correction_reach``: width (voxels of the model's grid) of a click's correction."""
 CORRECTION_MARGIN = 2.0
 """Default ``ClickNet.correction_margin`` (log-probability); the model card says how both were chosen."""
-REFINE_STEPS = 0
-"""Default ``ClickNet.refine_steps``: 0, no feature-space refinement (it did not beat the engine on the
-validation stand-in within a click's time budget; model card, 2026-12-07). 10 was the one tried."""
-REFINE_MARGIN = 2.0
-"""Default ``ClickNet.refine_margin``: what each clicked voxel's class should win by after refinement."""
-REFINE_DECAY = 10.0
-"""Default ``ClickNet.refine_decay``: weight of the pull back to the unchanged features."""
-REFINE_REACH: float | None = 10.0
-"""Default ``ClickNet.refine_reach``: width (voxels of the model's grid) of the refinement's reach."""
 
 
 def guidance_channels(spec: ModelSpec) -> list[str]:
@@ -181,197 +171,6 @@ def click_correction(
     return out
 
 
-def clicked_voxels(points: Sequence[torch.Tensor], spatial: Sequence[int]) -> list[tuple[int, tuple[int, int, int]]]:
-    """``(class, voxel)`` for every click: the nearest voxel of a grid of shape ``spatial``."""
-    upper = torch.tensor(list(spatial), dtype=torch.float32) - 1
-    out = []
-    for c, pts in enumerate(points):
-        pts = torch.as_tensor(pts, dtype=torch.float32).reshape(-1, 3)
-        for v in torch.minimum(torch.clamp(pts.round(), min=0), upper).long().tolist():
-            out.append((c, (v[0], v[1], v[2])))
-    return out
-
-
-def unet_parts(network: torch.nn.Module) -> list[tuple[torch.nn.Module, torch.nn.Module]]:
-    """Each member UNet of ``network`` (one MONAI ``UNet`` or a ``MeanOfMembers``) split as
-    ``(body, head)``: the body ends with the top level's skip concatenation (half resolution), the
-    head is the last up-sampling layer (transposed convolution and the output unit).
-
-    Raises ``ValueError`` for a network of another layout.
-    """
-    members = list(getattr(network, "members", [network]))
-    parts = []
-    for member in members:
-        model = getattr(member, "model", None)
-        if not isinstance(model, torch.nn.Sequential) or len(model) != 3:
-            raise ValueError(f"feature refinement needs MONAI UNets (model = down, skip, up), got {type(member)}")
-        parts.append((torch.nn.Sequential(model[0], model[1]), model[2]))
-    return parts
-
-
-class _FrozenHead(torch.nn.Module):
-    """A UNet's last up-sampling layer with its instance normalisation's statistics fixed to those
-    of the unchanged features: the layer is then local (each output voxel reads a few feature
-    voxels), so a click's loss needs only a small crop around it, and scale 1, bias 0 give the
-    network's own answer exactly."""
-
-    CROP = 7  # feature voxels per side read for one output voxel, with room (the transposed conv and the 3^3 conv)
-
-    def __init__(self, head: torch.nn.Module, features: torch.Tensor) -> None:
-        super().__init__()
-        layer, unit = head[0], head[1]
-        conv, adn = getattr(layer, "conv", None), getattr(layer, "adn", None)
-        if not isinstance(conv, torch.nn.ConvTranspose3d) or adn is None:
-            raise ValueError(f"feature refinement needs a UNet's transposed-conv top layer, got {type(layer)}")
-        self.conv, self.adn, self.unit = conv, adn, unit
-        with torch.no_grad():
-            y = conv(features)
-            self.mean = y.mean(dim=(2, 3, 4), keepdim=True)
-            norm = getattr(adn, "N", None)
-            eps = float(getattr(norm, "eps", 1e-5))
-            self.std = (y.var(dim=(2, 3, 4), unbiased=False, keepdim=True) + eps).sqrt()
-
-    def forward(self, f: torch.Tensor, *, frozen: bool = True) -> torch.Tensor:
-        """The layer on ``f``; ``frozen=False``: normalised with ``f``'s own statistics (the network as it is)."""
-        y = self.conv(f)
-        for name, module in self.adn.named_children():
-            y = (y - self.mean) / self.std if name == "N" and frozen else module(y)
-        return self.unit(y)
-
-
-class FeatureRefiner:
-    """Backpropagating refinement in feature space (f-BRS, Sofiiuk et al. 2020) of one image.
-
-    The automatic network's features at the input of its last layer (the top level's skip
-    concatenation, half resolution) are computed once per image; per request a per-channel scale
-    and bias on them (one set per ensemble member) is optimised by L-BFGS so that each clicked
-    voxel's class wins by ``margin`` in the final scores, pulled back to the unchanged features by
-    ``decay``. Voxels whose features resemble the clicked ones follow. The last layer's
-    normalisation keeps the unchanged features' statistics (``_FrozenHead``), so the loss reads
-    only a small crop around each click.
-
-    Args:
-        network: the automatic network (a MONAI ``UNet`` or a ``MeanOfMembers`` of them).
-        x: the model-grid image, ``[1, channels, *spatial]``.
-        window: the inferer's window for ``x`` (one window must cover it).
-        cpu_bf16, device: as ``ClickNet``'s.
-        frozen_norm: keep the last layer's normalisation statistics of the unchanged features (fast:
-            the loss reads crops); ``False``: recompute them from the changed features over the
-            whole window at every step (the network as it is; several times slower).
-    """
-
-    def __init__(
-        self,
-        network: torch.nn.Module,
-        x: torch.Tensor,
-        window: Sequence[int],
-        *,
-        cpu_bf16: bool,
-        device: torch.device,
-        frozen_norm: bool = True,
-    ) -> None:
-        spatial = tuple(x.shape[2:])
-        if any(w < n for w, n in zip(window, spatial, strict=True)):
-            raise ValueError(f"the image {spatial} needs several windows of {tuple(window)}")
-        # Padded as MONAI's sliding window pads an input smaller than its window.
-        self.low = [(w - n) // 2 for w, n in zip(window, spatial, strict=True)]
-        self.crop = [slice(lo, lo + n) for lo, n in zip(self.low, spatial, strict=True)]
-        pad: list[int] = []
-        for w, n, lo in reversed(list(zip(window, spatial, self.low, strict=True))):
-            pad.extend([lo, w - n - lo])
-        self.ensemble = hasattr(network, "members")
-        self.frozen_norm = frozen_norm
-        with torch.inference_mode(False):
-            # Copies made outside inference mode: a network loaded inside it holds inference
-            # tensors, which autograd may not save; the heads' own weights stay fixed.
-            padded = torch.nn.functional.pad(x.to(device).clone(), pad)
-            self.features, self.heads = [], []
-            for body, head in unet_parts(network):
-                with torch.no_grad(), autocast(device, cpu_bf16=cpu_bf16):
-                    features = body(padded).float().clone()
-                head = copy.deepcopy(head).float().requires_grad_(False)
-                self.features.append(features)
-                self.heads.append(_FrozenHead(head, features))
-
-    def _combine(self, logits: list[torch.Tensor]) -> torch.Tensor:
-        """Members' logits ``[..., C, ...]`` (class axis 0) to the model's log-probabilities."""
-        if not self.ensemble:
-            return torch.log_softmax(logits[0], dim=0)
-        return torch.stack([torch.softmax(z, dim=0) for z in logits]).mean(0).clamp_min(1e-12).log()
-
-    def scores(self, scale: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        """Class log-probabilities ``[C, *spatial]`` with each member's features scaled and shifted
-        (``scale``, ``bias``: ``[members, feature channels]``)."""
-        logits = []
-        for i, head in enumerate(self.heads):
-            f = self.features[i] * scale[i][None, :, None, None, None] + bias[i][None, :, None, None, None]
-            logits.append(head(f, frozen=self.frozen_norm)[(0, slice(None), *self.crop)].float())
-        return self._combine(logits)
-
-    def _crops(self, voxels: Sequence[tuple[int, int, int]]) -> tuple[list[torch.Tensor], list[tuple[int, int, int]]]:
-        """Per member, the features around each voxel ``[K, channels, 7, 7, 7]``, and each voxel's
-        index in its crop's output."""
-        size = _FrozenHead.CROP
-        half = tuple(self.features[0].shape[2:])
-        starts, inside = [], []
-        for v in voxels:
-            padded = [v[a] + self.low[a] for a in range(3)]
-            start = [min(max(padded[a] // 2 - size // 2, 0), half[a] - size) for a in range(3)]
-            starts.append(start)
-            inside.append((padded[0] - 2 * start[0], padded[1] - 2 * start[1], padded[2] - 2 * start[2]))
-        crops = [
-            torch.cat([f[:, :, s[0] : s[0] + size, s[1] : s[1] + size, s[2] : s[2] + size] for s in starts])
-            for f in self.features
-        ]
-        return crops, inside
-
-    def refine(
-        self,
-        offset: torch.Tensor,
-        clicked: Sequence[tuple[int, tuple[int, int, int]]],
-        *,
-        steps: int,
-        margin: float,
-        decay: float,
-    ) -> torch.Tensor:
-        """The refined log-probabilities: ``steps`` L-BFGS iterations on scale and bias so that at
-        each ``(class, voxel)`` of ``clicked`` the class wins by ``margin`` in these scores plus
-        ``offset`` (``[C, *spatial]``, held fixed)."""
-        members, channels = len(self.heads), self.features[0].shape[1]
-        with torch.inference_mode(False), torch.enable_grad():
-            scale = torch.ones((members, channels), requires_grad=True)
-            bias = torch.zeros((members, channels), requires_grad=True)
-            if not clicked:
-                return self.scores(scale, bias).detach()
-            classes = torch.tensor([c for c, _ in clicked])
-            where = tuple(torch.tensor([v[a] for _, v in clicked]) for a in range(3))
-            fixed = offset[(slice(None), *where)].T.clone()  # [clicks, C]
-            crops, inside = self._crops([v for _, v in clicked])
-            pick = (torch.arange(len(clicked)), slice(None), *(torch.tensor([i[a] for i in inside]) for a in range(3)))
-            optimiser = torch.optim.LBFGS([scale, bias], lr=1.0, max_iter=steps, line_search_fn="strong_wolfe")
-
-            def closure() -> torch.Tensor:
-                optimiser.zero_grad()
-                if self.frozen_norm:
-                    logits = []
-                    for i, head in enumerate(self.heads):
-                        f = crops[i] * scale[i][None, :, None, None, None] + bias[i][None, :, None, None, None]
-                        logits.append(head(f)[pick].T)  # [C, clicks]
-                    s = self._combine(logits).T + fixed
-                else:
-                    s = self.scores(scale, bias)[(slice(None), *where)].T + fixed
-                own = s.gather(1, classes[:, None])[:, 0]
-                others = s.scatter(1, classes[:, None], float("-inf")).max(dim=1).values
-                loss = torch.nn.functional.softplus(margin - (own - others)).sum()
-                loss = loss + decay * (((scale - 1) ** 2).sum() + (bias**2).sum())
-                loss.backward()
-                return loss
-
-            optimiser.step(closure)
-            with torch.no_grad():
-                return self.scores(scale, bias).detach().clone()
-
-
 class ClickNet:
     """A ``ClickEngine``: the click-conditioned UNet of one model, on the image's own grid.
 
@@ -394,14 +193,6 @@ class ClickNet:
         correction_reach, correction_margin: each click's correction (``click_correction``): its
             width in voxels of the model's grid, and what the clicked class wins by at the click.
             ``correction_margin=None``: no correction (the networks and ``click_weight`` alone).
-        refine_steps: L-BFGS iterations of a feature-space refinement of the automatic network per
-            request (``FeatureRefiner``, applied with ``on_automatic``); 0 (the default): none.
-        refine_margin, refine_decay: what each clicked voxel's class is made to win by, and the
-            weight of the pull back to the unchanged features.
-        refine_reach: the refined answer is taken with a weight of a Gaussian of this width
-            (voxels of the model's grid) around the clicks, the unrefined one beyond; ``None``:
-            everywhere (far voxels then changed with it on the validation stand-in).
-        refine_frozen_norm: ``FeatureRefiner``'s ``frozen_norm``.
         on_automatic: apply the clicks' effect to the automatic model's answer: the automatic
             log-probabilities plus the click network's with the clicks minus its own with none.
             The automatic model (an ensemble of four for the hippocampus) is better than the one
@@ -424,11 +215,6 @@ class ClickNet:
         correction_reach: float = CORRECTION_REACH,
         correction_margin: float | None = CORRECTION_MARGIN,
         on_automatic: bool = True,
-        refine_steps: int = REFINE_STEPS,
-        refine_margin: float = REFINE_MARGIN,
-        refine_decay: float = REFINE_DECAY,
-        refine_reach: float | None = REFINE_REACH,
-        refine_frozen_norm: bool = True,
         cpu_bf16: bool = True,
         device: str = "cpu",
     ) -> None:
@@ -447,19 +233,6 @@ class ClickNet:
             raise ValueError(f"correction_margin must be 0 or more (or None: no correction), got {correction_margin}")
         self.correction_reach = float(correction_reach)
         self.correction_margin = None if correction_margin is None else float(correction_margin)
-        if not (isinstance(refine_steps, int) and refine_steps >= 0):
-            raise ValueError(f"refine_steps must be a whole number, 0 or more (0: no refinement), got {refine_steps!r}")
-        if not refine_margin >= 0:
-            raise ValueError(f"refine_margin must be 0 or more, got {refine_margin}")
-        if not refine_decay >= 0:
-            raise ValueError(f"refine_decay must be 0 or more, got {refine_decay}")
-        self.refine_steps = refine_steps
-        self.refine_margin = float(refine_margin)
-        self.refine_decay = float(refine_decay)
-        if refine_reach is not None and not refine_reach > 0:
-            raise ValueError(f"refine_reach must be more than 0 voxels (or None: everywhere), got {refine_reach}")
-        self.refine_reach = None if refine_reach is None else float(refine_reach)
-        self.refine_frozen_norm = refine_frozen_norm
         self.cpu_bf16 = cpu_bf16
         self.device = torch.device(device)
         self.channels = guidance_channels(spec)
@@ -468,7 +241,7 @@ class ClickNet:
         self._lock = threading.Lock()
         self._network: torch.nn.Module | None = None
         self._automatic: tuple[Path, float, torch.nn.Module] | None = None
-        self._cache: tuple[tuple, torch.Tensor, torch.Tensor, FeatureRefiner | None] | None = None
+        self._cache: tuple[tuple, torch.Tensor, torch.Tensor] | None = None
 
     def network(self) -> torch.nn.Module:
         """The click network, loaded at the first call."""
@@ -544,10 +317,9 @@ class ClickNet:
 
     def _base(
         self, image: np.ndarray, affine: np.ndarray, model_image: MetaTensor
-    ) -> tuple[torch.Tensor, torch.Tensor, FeatureRefiner | None]:
-        """The automatic model's log-probabilities, the click network's with no clicks, and the
-        automatic network's features (``refine_steps`` > 0 and one window covers the image), for
-        this image; the last image's are kept, as a session sends the same image with every click."""
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The automatic model's log-probabilities and the click network's with no clicks, for this
+        image; the last image's are kept, as a session sends the same image with every click."""
         automatic = self.automatic_network()
         key = (
             hashlib.blake2b(np.ascontiguousarray(image).tobytes(), digest_size=16).hexdigest(),
@@ -558,24 +330,13 @@ class ClickNet:
         )
         cached = self._cache
         if cached is not None and cached[0] == key:
-            return cached[1], cached[2], cached[3]
+            return cached[1], cached[2]
         x = model_image.as_tensor()[None]
         base = self._scores(automatic, x)
         silent = torch.zeros((1, self.spec.num_classes, *x.shape[2:]))
         reference = self._scores(self.network(), torch.cat([x, silent], dim=1))
-        refiner = None
-        window = window_inferer(self.spec).window(tuple(x.shape[2:]))
-        if self.refine_steps > 0 and all(w >= n for w, n in zip(window, x.shape[2:], strict=True)):
-            refiner = FeatureRefiner(
-                automatic,
-                x,
-                window,
-                cpu_bf16=self.cpu_bf16,
-                device=self.device,
-                frozen_norm=self.refine_frozen_norm,
-            )
-        self._cache = (key, base, reference, refiner)
-        return base, reference, refiner
+        self._cache = (key, base, reference)
+        return base, reference
 
     @torch.inference_mode()
     def _run(self, image: np.ndarray, affine: np.ndarray, clicks: Clicks | None, *, alone: bool = False) -> np.ndarray:
@@ -595,23 +356,8 @@ class ClickNet:
             scores = self._scores(self.network(), torch.cat([model_image.as_tensor(), maps])[None])
             if self.on_automatic and not alone:
                 # What the clicks change in the click network, applied to the automatic model's answer.
-                base, reference, refiner = self._base(image, affine, model_image)
-                change = scores - reference
-                if refiner is not None:
-                    refined = refiner.refine(
-                        change,
-                        clicked_voxels(points, tuple(base.shape[1:])),
-                        steps=self.refine_steps,
-                        margin=self.refine_margin,
-                        decay=self.refine_decay,
-                    )
-                    if self.refine_reach is None:
-                        base = refined
-                    else:
-                        # The features change everywhere; only the clicks' surroundings take it.
-                        near = guidance_maps(points, tuple(base.shape[1:]), self.refine_reach).amax(dim=0)
-                        base = base + near * (refined - base)
-                scores = base + change
+                base, reference = self._base(image, affine, model_image)
+                scores = base + (scores - reference)
             scores = scores + self.click_weight * maps
             if self.correction_margin is not None and not alone:
                 scores = scores + click_correction(

@@ -119,15 +119,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--click-weight", type=float, help="ClickNet.click_weight (default: the engine's)")
     parser.add_argument("--correction-reach", type=float, help="ClickNet.correction_reach (default: the engine's)")
     parser.add_argument("--correction-margin", type=float, help="ClickNet.correction_margin (default: the engine's)")
-    parser.add_argument("--refine-steps", type=int, help="ClickNet.refine_steps (default: the engine's)")
-    parser.add_argument("--refine-margin", type=float, help="ClickNet.refine_margin (default: the engine's)")
-    parser.add_argument("--refine-decay", type=float, help="ClickNet.refine_decay (default: the engine's)")
-    parser.add_argument("--refine-reach", type=float, help="ClickNet.refine_reach (default: the engine's)")
-    parser.add_argument(
-        "--refine-exact-norm",
-        action="store_true",
-        help="ClickNet.refine_frozen_norm=False: the last layer's statistics recomputed at every step (slower)",
-    )
     parser.add_argument("--no-correction", action="store_true", help="no click correction (correction_margin=None)")
     parser.add_argument("--limit", type=int, help="only the first N cases (a smoke run)")
     parser.add_argument("--threads", type=int, default=1)
@@ -143,21 +134,15 @@ def main(argv: list[str] | None = None) -> None:
     if args.split != "all":
         cases = split_cases(cases)[args.split]
     cases = cases[: args.limit] if args.limit else cases
-    options: dict[str, float | int | bool | None] = {
+    options: dict[str, float | None] = {
         name: value
         for name, value in (
             ("click_weight", args.click_weight),
             ("correction_reach", args.correction_reach),
             ("correction_margin", args.correction_margin),
-            ("refine_steps", args.refine_steps),
-            ("refine_margin", args.refine_margin),
-            ("refine_decay", args.refine_decay),
-            ("refine_reach", args.refine_reach),
         )
         if value is not None
     }
-    if args.refine_exact_norm:
-        options["refine_frozen_norm"] = False
     if args.no_correction:
         options["correction_margin"] = None
     channels = None if args.automatic_channels is None else [int(c) for c in args.automatic_channels.split(",")]
