@@ -103,6 +103,7 @@ def test_infer_with_nothing_to_segment_is_a_422() -> None:
         "monailabel.endpoints.train:stop",
         "monailabel.endpoints.train:run_model",  # a run is signed by the request's user
         "monailabel.endpoints.train:run",
+        "monailabel.endpoints.batch_infer:run",  # a batch infer's labels are authored by the request's user
         "monailabel.endpoints.proxy:proxy_dicom",
         *(f"{name}:{function}" for name, function in INFER_FUNCTIONS),
         *(f"{name}:{function}" for name, function in UPLOAD_FUNCTIONS),
