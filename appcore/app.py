@@ -960,16 +960,10 @@ class RequestChecks:
             result = super().infer(request, datastore)  # type: ignore[misc]
         image, model = request.get("image"), request.get("model")
         if isinstance(image, str) and isinstance(model, str):  # what a later save started from
-            SERVED.note(image, model, self._served_version_or_none(model))
+            # no version for a model without weights of its own (an interactive or scribbles model)
+            version = self.version_store(model).served_version() if self.has_weights(model) else None
+            SERVED.note(image, model, version)
         return result
-
-    def _served_version_or_none(self, model: str) -> int | None:
-        """The weights version ``model`` serves; None for a model without versions of its own (an
-        interactive or scribbles model)."""
-        try:
-            return self.version_store(model).served_version()
-        except Exception:  # no published weights of its own: not a versioned model
-            return None
 
     def train(self, request: dict[str, Any]) -> dict[str, Any]:
         """MONAI Label's train. In the server's process it runs only for ``run_sync=true``, in a worker
